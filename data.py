@@ -52,3 +52,621 @@ def hu_to_unit(x, hu_min: float = -1000.0, hu_max: float = 1000.0):
     except ImportError:  # pragma: no cover
         pass
     return ((np.clip(np.asarray(x, dtype=np.float32), hu_min, hu_max) - hu_min) * scale).astype(np.float32)
+
+
+# --- geometry: world mm <-> voxel index -------------------------------------
+
+def _world_to_index_matrix(scan: CTScan) -> np.ndarray:
+    """3x3 matrix M with ``index = M @ (world - origin)``."""
+    return np.diag(1.0 / np.asarray(scan.spacing, float)) @ np.linalg.inv(np.asarray(scan.direction, float))
+
+
+def world_to_index(world_xyz: np.ndarray, scan: CTScan) -> np.ndarray:
+    """World mm points ``(N, 3)`` as (x, y, z) -> continuous ITK index ``(N, 3)`` as (i, j, k).
+
+    Uses origin, spacing and the full direction matrix. The array element is ``hu[k, j, i]``.
+    """
+    world_xyz = np.atleast_2d(np.asarray(world_xyz, float))
+    return (world_xyz - np.asarray(scan.origin, float)) @ _world_to_index_matrix(scan).T
+
+
+def index_to_world(index_ijk: np.ndarray, scan: CTScan) -> np.ndarray:
+    """Continuous ITK index ``(N, 3)`` as (i, j, k) -> world mm ``(N, 3)`` as (x, y, z)."""
+    index_ijk = np.atleast_2d(np.asarray(index_ijk, float))
+    step = np.asarray(scan.direction, float) @ np.diag(np.asarray(scan.spacing, float))
+    return index_ijk @ step.T + np.asarray(scan.origin, float)
+
+
+def _axis_permutation(scan: CTScan, tol: float = 1e-5):
+    """If each world axis maps onto one index axis (a signed permutation), return ``perm`` with
+    ``perm[world_axis] = index_axis``; else None (an oblique direction matrix)."""
+    direction = np.asarray(scan.direction, float)
+    perm = np.abs(direction).argmax(axis=0)  # index axis c points along world axis perm_inv[c]
+    if sorted(perm) != [0, 1, 2]:
+        return None
+    off_axis = np.abs(direction).copy()
+    off_axis[perm, [0, 1, 2]] = 0.0
+    if off_axis.max() > tol:
+        return None
+    world_to_index_axis = np.empty(3, int)
+    world_to_index_axis[perm] = [0, 1, 2]
+    return world_to_index_axis
+
+
+# --- patch extraction ------------------------------------------------------
+
+def patch_offsets_mm(patch_size: int, spacing_mm: float) -> np.ndarray:
+    """World-mm offsets ``(P,)`` of the patch samples along each world axis; sample ``P//2`` is at 0."""
+    return (np.arange(patch_size) - patch_size // 2) * float(spacing_mm)
+
+
+def _validate_patch_args(patch_size: int, spacing_mm: float) -> None:
+    if patch_size < 2:
+        raise ValueError(f"patch_size must be at least 2, got {patch_size}")
+    if not spacing_mm > 0:
+        raise ValueError(f"spacing_mm must be positive, got {spacing_mm}")
+
+
+def patch_overlaps_scan(scan: CTScan, world_xyz: np.ndarray, patch_size: int, spacing_mm: float) -> np.ndarray:
+    """Boolean ``(N,)``: does the cube of each world point (x, y, z) intersect the scan's voxels at all?"""
+    half = patch_offsets_mm(patch_size, spacing_mm)[[0, -1]]
+    corners = np.array(np.meshgrid(half, half, half, indexing="ij")).reshape(3, -1).T  # (8, 3) world offsets
+    world_xyz = np.atleast_2d(np.asarray(world_xyz, float))
+    corner_index = world_to_index(world_xyz[:, None, :] + corners[None], scan).reshape(len(world_xyz), 8, 3)
+    size_ijk = np.array(scan.hu.shape[::-1])
+    below = corner_index.max(axis=1) < -1 + 1e-6           # every sample more than a voxel before the first
+    above = corner_index.min(axis=1) > size_ijk - 1e-6     # or after the last
+    return ~(below | above).any(axis=1)
+
+
+def _linear_taps(positions: np.ndarray, size: int):
+    """Two-tap linear interpolation along one axis of length ``size``.
+
+    Returns ``(start, stop, rel0, rel1, w0, w1)``: the block ``[start, stop)`` to read and, per
+    sample, the two block-relative indices and weights. Taps outside the axis get weight 0, which
+    reads as air because samples are taken from ``HU + 1000``.
+    """
+    lo = np.floor(positions).astype(np.int64)
+    frac = (positions - lo).astype(np.float32)
+    hi = lo + 1
+    valid_lo = (lo >= 0) & (lo < size)
+    valid_hi = (hi >= 0) & (hi < size)
+    start = int(np.clip(lo.min(), 0, size - 1))
+    stop = int(np.clip(hi.max(), 0, size - 1)) + 1
+    rel0 = np.clip(lo - start, 0, stop - start - 1)
+    rel1 = np.clip(hi - start, 0, stop - start - 1)
+    return start, stop, rel0, rel1, (1.0 - frac) * valid_lo, frac * valid_hi
+
+
+def _extract_one_axis_aligned(hu: np.ndarray, positions_kji: list) -> np.ndarray:
+    """Trilinear samples on a tensor-product grid, one axis at a time (exact for trilinear).
+
+    ``positions_kji`` holds the continuous index positions ``(P,)`` along array axes k, j, i.
+    Returns float32 ``HU + 1000`` samples indexed ``[k-sample, j-sample, i-sample]``.
+    """
+    taps = [_linear_taps(pos, size) for pos, size in zip(positions_kji, hu.shape)]
+    (k0, k1, *tk), (j0, j1, *tj), (i0, i1, *ti) = taps
+    block = hu[k0:k1, j0:j1, i0:i1].astype(np.float32)
+    block += 1000.0
+    rel0, rel1, w0, w1 = ti
+    block = block[:, :, rel0] * w0 + block[:, :, rel1] * w1
+    rel0, rel1, w0, w1 = tj
+    block = block[:, rel0, :] * w0[:, None] + block[:, rel1, :] * w1[:, None]
+    rel0, rel1, w0, w1 = tk
+    return block[rel0] * w0[:, None, None] + block[rel1] * w1[:, None, None]
+
+
+def _extract_one_oblique(hu: np.ndarray, sample_ijk: np.ndarray) -> np.ndarray:
+    """Trilinear samples at arbitrary continuous indices ``(P, P, P, 3)`` (i, j, k order).
+
+    Returns float32 ``HU + 1000`` samples with the grid's own axis order.
+    """
+    import torch
+    import torch.nn.functional as F
+    lo = np.clip(np.floor(sample_ijk.reshape(-1, 3).min(axis=0)).astype(int), 0, np.array(hu.shape[::-1]) - 1)
+    hi = np.clip(np.floor(sample_ijk.reshape(-1, 3).max(axis=0)).astype(int) + 2, 1, np.array(hu.shape[::-1]))
+    block = hu[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]].astype(np.float32) + 1000.0
+    # Pad by one air voxel on each side so every block axis has at least 2 samples.
+    block = np.pad(block, 1)
+    rel = sample_ijk - lo + 1
+    size_ijk = np.array(block.shape[::-1], float)
+    grid = torch.from_numpy((2.0 * rel / (size_ijk - 1) - 1.0).astype(np.float32))[None]
+    out = F.grid_sample(torch.from_numpy(block)[None, None], grid, mode="bilinear",
+                        padding_mode="zeros", align_corners=True)
+    return out[0, 0].numpy()
+
+
+def extract_patches(scan: CTScan, world_xyz: np.ndarray, patch_size: int = 64,
+                    spacing_mm: float = 1.0) -> np.ndarray:
+    """Isotropic cubes around world points, resampled trilinearly from the scan.
+
+    world_xyz: ``(N, 3)`` world mm (x, y, z), ITK/LPS physical points as in the LUNA16 CSVs.
+    Returns int16 HU ``(N, P, P, P)`` indexed ``[z, y, x]`` along increasing world z, y, x with
+    ``spacing_mm`` between samples; each point sits exactly at voxel ``[P//2, P//2, P//2]``.
+    Samples outside the scan are air (-1000 HU). Only each point's neighbourhood is read.
+    """
+    _validate_patch_args(patch_size, spacing_mm)
+    world_xyz = np.atleast_2d(np.asarray(world_xyz, float))
+    if world_xyz.shape[1:] != (3,):
+        raise ValueError(f"world_xyz must have shape (N, 3), got {world_xyz.shape}")
+    out = np.empty((len(world_xyz), patch_size, patch_size, patch_size), np.int16)
+    base_ijk = world_to_index(world_xyz, scan)
+    offsets = patch_offsets_mm(patch_size, spacing_mm)
+    index_per_world = _world_to_index_matrix(scan)  # column a: index step per mm along world axis a
+    perm = _axis_permutation(scan)
+    for n, base in enumerate(base_ijk):
+        if perm is not None:
+            # World axis a maps to index axis perm[a]: sample positions along each array axis.
+            positions = [None, None, None]
+            for world_axis in range(3):
+                c = perm[world_axis]
+                positions[2 - c] = base[c] + index_per_world[c, world_axis] * offsets
+            samples = _extract_one_axis_aligned(scan.hu, positions)
+            # samples[k, j, i] holds world axes (perm^-1 of k, j, i); reorder to world [z, y, x].
+            samples = samples.transpose(2 - perm[2], 2 - perm[1], 2 - perm[0])
+        else:
+            oz, oy, ox = np.meshgrid(offsets, offsets, offsets, indexing="ij")
+            offsets_xyz = np.stack([ox, oy, oz], axis=-1)  # [z, y, x, (x, y, z)] world mm
+            samples = _extract_one_oblique(scan.hu, base + offsets_xyz @ index_per_world.T)
+        np.rint(samples - 1000.0, out=samples)
+        out[n] = samples
+    return out
+
+
+# --- reading and writing CTs -------------------------------------------------
+
+def _image_to_scan(image, name: str) -> CTScan:
+    import SimpleITK as sitk
+    if image.GetDimension() != 3:
+        raise UserError(f"{name}: expected a 3-D image, got {image.GetDimension()}-D")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise UserError(f"{name}: expected one value per voxel, got {image.GetNumberOfComponentsPerPixel()}")
+    array = sitk.GetArrayFromImage(image)
+    if array.dtype != np.int16:
+        array = np.clip(np.rint(array), -32768, 32767).astype(np.int16)
+    return CTScan(hu=array, origin=np.array(image.GetOrigin(), float),
+                  spacing=np.array(image.GetSpacing(), float),
+                  direction=np.array(image.GetDirection(), float).reshape(3, 3), name=name)
+
+
+_META_BYTES = {"MET_UCHAR": 1, "MET_CHAR": 1, "MET_USHORT": 2, "MET_SHORT": 2, "MET_UINT": 4, "MET_INT": 4,
+               "MET_FLOAT": 4, "MET_DOUBLE": 8, "MET_ULONG": 8, "MET_LONG": 8}
+
+
+def check_metaimage(path: Path) -> None:
+    """Raise :class:`UserError` with a plain reason when a ``.mhd`` header or its data file is broken
+    (checked before SimpleITK, whose own messages are long and printed twice)."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the header ({err.strerror})") from None
+    header = {}
+    for line in lines:
+        key, sep, value = line.partition("=")
+        if sep:
+            header[key.strip()] = value.strip()
+    try:
+        dims = [int(v) for v in header["DimSize"].split()]
+        ndims = int(header.get("NDims", len(dims)))
+    except (KeyError, ValueError):
+        raise UserError(f"{path}: broken MetaImage header (no valid NDims/DimSize)") from None
+    if ndims != 3 or len(dims) != 3:
+        raise UserError(f"{path}: expected a 3-D image, the header says NDims = {header.get('NDims')}")
+    data_name = header.get("ElementDataFile", "")
+    if not data_name:
+        raise UserError(f"{path}: broken MetaImage header (no ElementDataFile)")
+    if data_name.upper() == "LOCAL":
+        return
+    data_file = path.parent / data_name
+    if not data_file.is_file():
+        raise UserError(f"{path}: its data file {data_file.name} is missing")
+    width = _META_BYTES.get(header.get("ElementType", ""))
+    compressed = header.get("CompressedData", "False").lower() == "true"
+    if width and not compressed:
+        expected = width * int(np.prod(dims))
+        actual = data_file.stat().st_size
+        if actual < expected:
+            raise UserError(f"{path}: data file {data_file.name} is truncated ({actual} bytes, the header needs {expected})")
+
+
+def read_ct(path) -> CTScan:
+    """Read a CT in HU from a ``.mhd``/``.mha``, a NIfTI file or a DICOM series folder.
+
+    DICOM rescale slope/intercept are applied by the reader. A folder with several series reads
+    the one with the most slices. Raises :class:`UserError` naming the file and the reason.
+    """
+    import SimpleITK as sitk
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    try:
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            series = reader.GetGDCMSeriesIDs(str(path)) or ()
+            files = max((reader.GetGDCMSeriesFileNames(str(path), s) for s in series), key=len, default=())
+            if not files:
+                raise UserError(f"{path}: no DICOM series in this folder")
+            reader.SetFileNames(files)
+            image = reader.Execute()
+        else:
+            if path.suffix.lower() == ".mhd":
+                check_metaimage(path)
+            image = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        reason = " ".join(str(err).split())
+        raise UserError(f"{path}: cannot read this scan ({reason[-300:]})") from None
+    return _image_to_scan(image, str(path))
+
+
+def write_mhd(scan: CTScan, path) -> None:
+    """Write ``scan`` as MetaImage (``.mhd`` + ``.raw``), int16 HU with its origin, spacing and direction."""
+    import SimpleITK as sitk
+    image = sitk.GetImageFromArray(np.asarray(scan.hu, np.int16))
+    image.SetOrigin(tuple(float(v) for v in scan.origin))
+    image.SetSpacing(tuple(float(v) for v in scan.spacing))
+    image.SetDirection(tuple(float(v) for v in np.asarray(scan.direction).ravel()))
+    sitk.WriteImage(image, str(path))
+
+
+# --- LUNA16 files ------------------------------------------------------------
+
+@dataclass
+class PointTable:
+    """Rows of a LUNA16-style point CSV (annotations, candidates, submissions).
+
+    seriesuid: ``(N,)`` str; world_xyz: ``(N, 3)`` float64 world mm (x, y, z);
+    value: ``(N,)`` float64 (class, diameter_mm or probability); line: ``(N,)`` 1-based file lines.
+    """
+    seriesuid: np.ndarray
+    world_xyz: np.ndarray
+    value: np.ndarray
+    line: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.seriesuid)
+
+    def take(self, rows) -> "PointTable":
+        return PointTable(self.seriesuid[rows], self.world_xyz[rows], self.value[rows], self.line[rows])
+
+
+def read_point_csv(path, value_column: str) -> tuple[PointTable, list[str]]:
+    """Read ``seriesuid,coordX,coordY,coordZ,<value_column>`` (extra columns ignored).
+
+    Rows with an empty or non-numeric field are skipped and described in the returned problem
+    list with their line numbers. A missing file or missing columns raise :class:`UserError`.
+    """
+    import csv
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    wanted = ["seriesuid", "coordX", "coordY", "coordZ", value_column]
+    uids, numbers, lines, problems = [], [], [], []
+    with open(path, newline="") as handle:
+        reader = csv.reader(handle)
+        header = [name.strip() for name in next(reader, [])]
+        missing = [name for name in wanted if name not in header]
+        if missing:
+            raise UserError(f"{path}: missing column(s) {', '.join(missing)} (header: {','.join(header) or 'empty'})")
+        columns = [header.index(name) for name in wanted]
+        for line_number, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            try:
+                fields = [row[c].strip() for c in columns]
+                values = [float(v) for v in fields[1:]]
+                if not fields[0] or not np.all(np.isfinite(values)):
+                    raise ValueError
+            except (IndexError, ValueError):
+                problems.append(f"{path.name} line {line_number}: unparseable row {','.join(row)[:120]!r}, skipped")
+                continue
+            uids.append(fields[0])
+            numbers.append(values)
+            lines.append(line_number)
+    numbers = np.array(numbers, float).reshape(-1, 4)
+    table = PointTable(np.array(uids, dtype=object), numbers[:, :3], numbers[:, 3], np.array(lines, int))
+    return table, problems
+
+
+def read_seriesuids(path) -> list[str]:
+    """One seriesuid per line (no header, as LUNA16's ``seriesuids.csv``; a ``seriesuid`` header is skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    uids = [line.split(",")[0].strip() for line in path.read_text().splitlines()]
+    return [uid for uid in uids if uid and uid != "seriesuid"]
+
+
+def scan_subset_map(data_dir) -> dict[str, int]:
+    """``{seriesuid: subset number}`` for every ``subset<k>/<seriesuid>.mhd`` under the LUNA16 root."""
+    found = {}
+    for mhd in sorted(Path(data_dir).glob("subset*/*.mhd")):
+        suffix = mhd.parent.name[len("subset"):]
+        if suffix.isdigit():
+            found[mhd.stem] = int(suffix)
+    return found
+
+
+def find_scan(data_dir, seriesuid: str):
+    """Path of ``subset*/<seriesuid>.mhd`` under the LUNA16 root, or None."""
+    hits = sorted(Path(data_dir).glob(f"subset*/{seriesuid}.mhd"))
+    return hits[0] if hits else None
+
+
+def candidates_file(data_dir) -> Path:
+    """``candidates_V2.csv`` of the LUNA16 root, else ``candidates.csv``."""
+    for name in ("candidates_V2.csv", "candidates.csv"):
+        if (Path(data_dir) / name).is_file():
+            return Path(data_dir) / name
+    raise UserError(f"{data_dir}: neither candidates_V2.csv nor candidates.csv found "
+                    "(set --data-dir or LUNA16_DIR to the LUNA16 folder, or run 'python luna_cli.py synth')")
+
+
+def match_diameters(candidates: PointTable, annotations: PointTable) -> np.ndarray:
+    """Diameter (mm) of the nearest annotation whose sphere holds each candidate, else NaN."""
+    diameters = np.full(len(candidates), np.nan)
+    by_scan: dict = {}
+    for row, uid in enumerate(annotations.seriesuid):
+        by_scan.setdefault(uid, []).append(row)
+    for row, uid in enumerate(candidates.seriesuid):
+        rows = by_scan.get(uid)
+        if not rows:
+            continue
+        squared = ((annotations.world_xyz[rows] - candidates.world_xyz[row]) ** 2).sum(axis=1)
+        radius_sq = (annotations.value[rows] / 2.0) ** 2
+        inside = np.flatnonzero(squared < radius_sq)
+        if len(inside):
+            diameters[row] = annotations.value[rows][inside[np.argmin(squared[inside])]]
+    return diameters
+
+
+# --- atomic files --------------------------------------------------------------
+
+def atomic_write_text(path, text: str) -> None:
+    """Write text to ``path`` through a temporary file and a rename: never a half-written file."""
+    import os
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path, payload) -> None:
+    import json
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def atomic_save_npy(path, array: np.ndarray) -> None:
+    """``numpy.save`` through a temporary file and a rename."""
+    import os
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        np.save(handle, array)
+    os.replace(tmp, path)
+
+
+# --- the extract stage -------------------------------------------------------------
+
+INDEX_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "label", "diameter_mm"]
+CACHE_PARAMETERS = ("patch_size", "spacing_mm", "seed", "negatives_per_positive", "all_candidates")
+
+
+@dataclass
+class ExtractSummary:
+    subset: int
+    cache_dir: Path
+    n_patches: int
+    n_positive: int
+    scans_done: int
+    scans_new: int
+    failed: dict
+    problems: list
+
+
+def subset_dir(work_dir, subset: int) -> Path:
+    """``W/patches/subset<k>``: ``patches.npy``, ``index.csv`` and ``manifest.json`` of one subset."""
+    return Path(work_dir) / "patches" / f"subset{subset}"
+
+
+def select_candidates(candidates: PointTable, uids: set, subset: int, seed: int,
+                      negatives_per_positive: float, all_candidates: bool) -> np.ndarray:
+    """Rows of ``candidates`` to extract for the scans ``uids``: every positive plus a seeded
+    sample of ``negatives_per_positive`` negatives per positive (all rows with ``all_candidates``)."""
+    in_subset = np.array([uid in uids for uid in candidates.seriesuid], bool)
+    rows = np.flatnonzero(in_subset)
+    if all_candidates:
+        return rows
+    positives = rows[candidates.value[rows] > 0.5]
+    negatives = rows[candidates.value[rows] <= 0.5]
+    keep = min(len(negatives), int(round(negatives_per_positive * len(positives))))
+    rng = np.random.default_rng([seed, subset])
+    return np.sort(np.concatenate([positives, rng.choice(negatives, keep, replace=False)]))
+
+
+def _check_parameters(found: dict, wanted: dict, where: Path) -> None:
+    differing = {k: (found.get(k), wanted[k]) for k in CACHE_PARAMETERS if found.get(k) != wanted[k]}
+    if differing:
+        shown = "; ".join(f"{k}: cache has {a}, this run asks for {b}" for k, (a, b) in differing.items())
+        raise UserError(f"{where} was made with other parameters ({shown}). "
+                        "Use another --work-dir, or delete that folder to rebuild it.")
+
+
+def _read_cache_index(cache: Path) -> list[list[str]]:
+    import csv
+    with open(cache / "index.csv", newline="") as handle:
+        return list(csv.reader(handle))[1:]
+
+
+def _assemble_cache(cache: Path, scans: list[str], parts: Path, manifest: dict) -> tuple[int, int]:
+    """Merge the finished cache and the per-scan parts into ``patches.npy`` + ``index.csv``,
+    one scan after the other in ``scans`` order; returns ``(n_patches, n_positive)``."""
+    import csv
+    import io
+    import os
+    old_rows, old_patches, old_start = [], None, {}
+    if (cache / "index.csv").is_file() and (cache / "patches.npy").is_file():
+        old_rows = _read_cache_index(cache)
+        old_patches = np.load(cache / "patches.npy", mmap_mode="r")
+        for position, row in enumerate(old_rows):
+            old_start.setdefault(row[0], []).append(position)
+    sources, rows = [], []
+    for uid in scans:
+        part = parts / f"{uid}.npy"
+        if part.is_file():
+            sources.append(np.load(part, mmap_mode="r"))
+            rows.extend(json_rows for json_rows in _read_part_rows(parts / f"{uid}.json"))
+        elif uid in old_start:
+            positions = old_start[uid]
+            sources.append(old_patches[positions[0]:positions[-1] + 1])
+            rows.extend(old_rows[p] for p in positions)
+    size = manifest["patch_size"]
+    total = sum(len(s) for s in sources)
+    tmp = cache / "patches.npy.tmp"
+    merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int16, shape=(total, size, size, size))
+    start = 0
+    for source in sources:
+        merged[start:start + len(source)] = source
+        start += len(source)
+    merged.flush()
+    del merged, old_patches, sources
+    os.replace(tmp, cache / "patches.npy")
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(INDEX_COLUMNS)
+    writer.writerows(rows)
+    atomic_write_text(cache / "index.csv", text.getvalue())
+    n_positive = sum(1 for row in rows if row[4] == "1")
+    return total, n_positive
+
+
+def _read_part_rows(path: Path) -> list[list[str]]:
+    import json
+    return json.loads(path.read_text())
+
+
+def _format_index_rows(uid: str, world_xyz: np.ndarray, labels: np.ndarray, diameters: np.ndarray):
+    return [[uid, repr(float(x)), repr(float(y)), repr(float(z)), str(int(label)),
+             "" if np.isnan(d) else repr(float(d))]
+            for (x, y, z), label, d in zip(world_xyz, labels, diameters)]
+
+
+def _read_scan_or_error(path: Path):
+    """``(scan, None)`` or ``(None, reason)``: one unreadable scan must not stop the others."""
+    try:
+        return read_ct(path), None
+    except UserError as err:
+        return None, str(err)
+    except (OSError, MemoryError, ValueError) as err:
+        return None, f"{path}: cannot read this scan ({err})"
+
+
+def extract_subset(data_dir, work_dir, subset: int, patch_size: int = 64, spacing_mm: float = 1.0,
+                   negatives_per_positive: float = 10.0, all_candidates: bool = False, seed: int = 0,
+                   show_progress: bool = True, console=None) -> ExtractSummary:
+    """Build (or complete) the patch cache of one LUNA16 subset.
+
+    Writes ``W/patches/subset<k>/patches.npy`` (int16 HU, ``(N, P, P, P)``, ``[z, y, x]`` world axes,
+    ``spacing_mm`` apart, candidate at ``P//2``), ``index.csv`` (same row order) and ``manifest.json``.
+    Each scan is read once; finished scans are kept as parts, so an interrupted run resumes and a
+    rerun adds nothing twice. Unreadable scans are reported in ``summary.failed``.
+    """
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn)
+
+    _validate_patch_args(patch_size, spacing_mm)
+    if negatives_per_positive < 0:
+        raise ValueError(f"negatives_per_positive must be >= 0, got {negatives_per_positive}")
+    console = console or Console(stderr=True)
+    data_dir, cache = Path(data_dir), subset_dir(work_dir, subset)
+    wanted = dict(patch_size=patch_size, spacing_mm=float(spacing_mm), seed=seed,
+                  negatives_per_positive=float(negatives_per_positive), all_candidates=all_candidates)
+    manifest_path, parts = cache / "manifest.json", cache / "parts"
+    manifest = {}
+    if manifest_path.is_file():
+        import json
+        manifest = json.loads(manifest_path.read_text())
+        _check_parameters(manifest, wanted, cache)
+    if (parts / "parameters.json").is_file():
+        import json
+        _check_parameters(json.loads((parts / "parameters.json").read_text()), wanted, parts)
+
+    subset_scans = {uid: None for uid, k in scan_subset_map(data_dir).items() if k == subset}
+    if not subset_scans:
+        raise UserError(f"no scans in {data_dir / f'subset{subset}'} (expected <seriesuid>.mhd files; "
+                        "set --data-dir or LUNA16_DIR, or run 'python luna_cli.py synth')")
+    candidates, problems = read_point_csv(candidates_file(data_dir), "class")
+    known = set(scan_subset_map(data_dir))
+    unknown = sorted(set(candidates.seriesuid) - known)
+    if unknown:
+        problems.append(f"{len(unknown)} seriesuid(s) of the candidates file have no scan under {data_dir} "
+                        "(not downloaded, or in another folder)")
+    annotations_path = data_dir / "annotations.csv"
+    if annotations_path.is_file():
+        annotations, annotation_problems = read_point_csv(annotations_path, "diameter_mm")
+        problems += annotation_problems
+    else:
+        annotations = PointTable(np.array([], object), np.zeros((0, 3)), np.zeros(0), np.zeros(0, int))
+        problems.append(f"{annotations_path}: not found, diameter_mm left empty")
+    selected = candidates.take(select_candidates(candidates, set(subset_scans), subset, seed,
+                                                 negatives_per_positive, all_candidates))
+    diameters = match_diameters(selected, annotations)
+    rows_by_scan: dict = {}
+    for row, uid in enumerate(selected.seriesuid):
+        rows_by_scan.setdefault(uid, []).append(row)
+
+    scans = sorted(subset_scans)
+    done = set(manifest.get("scans", [])) | {p.stem for p in parts.glob("*.npy")}
+    todo = [uid for uid in scans if uid not in done]
+    failed: dict = {}
+    if todo:
+        parts.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(parts / "parameters.json", wanted)
+    columns = [TextColumn("[bold]subset {task.fields[subset]}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("scans"), TextColumn("{task.fields[rate]:.0f} patches/s"), TimeElapsedColumn()]
+    import time
+    started, n_new = time.perf_counter(), 0
+    with Progress(*columns, console=console, disable=not show_progress) as progress, \
+            ThreadPoolExecutor(max_workers=1) as reader:
+        task = progress.add_task("extract", total=len(todo), subset=subset, rate=0.0)
+        paths = [find_scan(data_dir, uid) for uid in todo]
+        pending = reader.submit(_read_scan_or_error, paths[0]) if todo else None
+        for position, uid in enumerate(todo):
+            scan, reason = pending.result()
+            if position + 1 < len(todo):  # read the next scan while this one is cut into patches
+                pending = reader.submit(_read_scan_or_error, paths[position + 1])
+            if scan is None:
+                failed[uid] = reason
+                console.print(f"[red]scan {uid}: {reason}[/]")
+                progress.advance(task)
+                continue
+            rows = np.array(rows_by_scan.get(uid, []), int)
+            points = selected.world_xyz[rows].reshape(-1, 3)
+            inside = patch_overlaps_scan(scan, points, patch_size, spacing_mm) if len(rows) else np.zeros(0, bool)
+            for row in rows[~inside]:
+                problems.append(f"candidate on line {selected.line[row]} ({uid}) lies wholly outside its scan, skipped")
+            rows = rows[inside]
+            patches = extract_patches(scan, selected.world_xyz[rows].reshape(-1, 3), patch_size, spacing_mm)
+            index_rows = _format_index_rows(uid, selected.world_xyz[rows].reshape(-1, 3),
+                                            selected.value[rows], diameters[rows])
+            atomic_write_json(parts / f"{uid}.json", index_rows)
+            atomic_save_npy(parts / f"{uid}.npy", patches)  # the .npy marks the scan as done
+            n_new += len(rows)
+            progress.update(task, advance=1, rate=n_new / max(time.perf_counter() - started, 1e-9))
+
+    finished = [uid for uid in scans if uid in done or (parts / f"{uid}.npy").is_file()]
+    if todo or not (cache / "patches.npy").is_file():
+        manifest = dict(wanted, subset=subset, dtype="int16", axis_order="z,y,x (world axes, increasing)",
+                        units="HU", outside_value=AIR_HU, candidates_file=candidates_file(data_dir).name,
+                        scans=finished)
+        n_patches, n_positive = _assemble_cache(cache, finished, parts, manifest)
+        manifest.update(n_patches=n_patches, n_positive=n_positive, failed=failed)
+        atomic_write_json(manifest_path, manifest)
+        shutil.rmtree(parts, ignore_errors=True)
+    for message in problems:
+        console.print(f"[yellow]{message}[/]")
+    return ExtractSummary(subset, cache, manifest["n_patches"], manifest["n_positive"], len(finished),
+                          len(todo) - len(failed), failed, problems)
