@@ -138,42 +138,43 @@ def _linear_taps(positions: np.ndarray, size: int):
     return start, stop, rel0, rel1, (1.0 - frac) * valid_lo, frac * valid_hi
 
 
-def _extract_one_axis_aligned(hu: np.ndarray, positions_kji: list) -> np.ndarray:
-    """Trilinear samples on a tensor-product grid, one axis at a time (exact for trilinear).
-
-    ``positions_kji`` holds the continuous index positions ``(P,)`` along array axes k, j, i.
-    Returns float32 ``HU + 1000`` samples indexed ``[k-sample, j-sample, i-sample]``.
-    """
-    taps = [_linear_taps(pos, size) for pos, size in zip(positions_kji, hu.shape)]
-    (k0, k1, *tk), (j0, j1, *tj), (i0, i1, *ti) = taps
-    block = hu[k0:k1, j0:j1, i0:i1].astype(np.float32)
-    block += 1000.0
-    rel0, rel1, w0, w1 = ti
-    block = block[:, :, rel0] * w0 + block[:, :, rel1] * w1
-    rel0, rel1, w0, w1 = tj
-    block = block[:, rel0, :] * w0[:, None] + block[:, rel1, :] * w1[:, None]
-    rel0, rel1, w0, w1 = tk
-    return block[rel0] * w0[:, None, None] + block[rel1] * w1[:, None, None]
+def _normalised(positions: np.ndarray, size: int):
+    """Continuous indices along an axis of ``size`` voxels -> grid_sample coordinates (align_corners)."""
+    import torch
+    return torch.from_numpy((2.0 * positions / max(size - 1, 1) - 1.0).astype(np.float32))
 
 
-def _extract_one_oblique(hu: np.ndarray, sample_ijk: np.ndarray) -> np.ndarray:
-    """Trilinear samples at arbitrary continuous indices ``(P, P, P, 3)`` (i, j, k order).
+def _sample_axis_aligned(volume, positions_kji: list):
+    """Trilinear samples on a tensor-product grid: bilinear in-plane over the slices that the
+    patch needs, then linear across slices (exactly trilinear).
 
-    Returns float32 ``HU + 1000`` samples with the grid's own axis order.
+    ``volume`` is a float32 torch tensor ``[z, y, x]`` holding ``HU + 1000`` (air = 0, so zero
+    padding reads as air); ``positions_kji`` holds continuous index positions ``(P,)`` along array
+    axes k, j, i. Returns samples ``(Pk, Pj, Pi)`` of ``HU + 1000``.
     """
     import torch
     import torch.nn.functional as F
-    lo = np.clip(np.floor(sample_ijk.reshape(-1, 3).min(axis=0)).astype(int), 0, np.array(hu.shape[::-1]) - 1)
-    hi = np.clip(np.floor(sample_ijk.reshape(-1, 3).max(axis=0)).astype(int) + 2, 1, np.array(hu.shape[::-1]))
-    block = hu[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]].astype(np.float32) + 1000.0
-    # Pad by one air voxel on each side so every block axis has at least 2 samples.
-    block = np.pad(block, 1)
-    rel = sample_ijk - lo + 1
-    size_ijk = np.array(block.shape[::-1], float)
-    grid = torch.from_numpy((2.0 * rel / (size_ijk - 1) - 1.0).astype(np.float32))[None]
-    out = F.grid_sample(torch.from_numpy(block)[None, None], grid, mode="bilinear",
-                        padding_mode="zeros", align_corners=True)
-    return out[0, 0].numpy()
+    pos_k, pos_j, pos_i = positions_kji
+    k_start, k_stop, rel0, rel1, w0, w1 = _linear_taps(pos_k, volume.shape[0])
+    slab = volume[k_start:k_stop]  # (slices, y, x): the slices as channels share one in-plane grid
+    grid_x = _normalised(pos_i, volume.shape[2])
+    grid_y = _normalised(pos_j, volume.shape[1])
+    grid = torch.stack(torch.broadcast_tensors(grid_x[None, :], grid_y[:, None]), dim=-1)
+    planes = F.grid_sample(slab[None], grid[None], mode="bilinear", padding_mode="zeros",
+                           align_corners=True)[0]
+    w0, w1 = torch.from_numpy(w0)[:, None, None], torch.from_numpy(w1)[:, None, None]
+    return planes.index_select(0, torch.from_numpy(rel0)) * w0 + planes.index_select(0, torch.from_numpy(rel1)) * w1
+
+
+def _sample_oblique(volume, sample_ijk: np.ndarray):
+    """Trilinear samples at arbitrary continuous indices ``(..., 3)`` in (i, j, k) order, from a
+    float32 ``HU + 1000`` volume ``[z, y, x]``; returns samples shaped like ``sample_ijk[..., 0]``."""
+    import torch
+    import torch.nn.functional as F
+    grid = torch.stack([_normalised(sample_ijk[..., axis], volume.shape[2 - axis]) for axis in range(3)], dim=-1)
+    grid = grid.reshape(1, -1, 1, 1, 3)
+    out = F.grid_sample(volume[None, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out.reshape(sample_ijk.shape[:-1])
 
 
 def extract_patches(scan: CTScan, world_xyz: np.ndarray, patch_size: int = 64,
@@ -183,34 +184,38 @@ def extract_patches(scan: CTScan, world_xyz: np.ndarray, patch_size: int = 64,
     world_xyz: ``(N, 3)`` world mm (x, y, z), ITK/LPS physical points as in the LUNA16 CSVs.
     Returns int16 HU ``(N, P, P, P)`` indexed ``[z, y, x]`` along increasing world z, y, x with
     ``spacing_mm`` between samples; each point sits exactly at voxel ``[P//2, P//2, P//2]``.
-    Samples outside the scan are air (-1000 HU). Only each point's neighbourhood is read.
+    Samples outside the scan are air (-1000 HU). Only each point's neighbourhood is sampled.
     """
+    import torch
     _validate_patch_args(patch_size, spacing_mm)
     world_xyz = np.atleast_2d(np.asarray(world_xyz, float))
     if world_xyz.shape[1:] != (3,):
         raise ValueError(f"world_xyz must have shape (N, 3), got {world_xyz.shape}")
-    out = np.empty((len(world_xyz), patch_size, patch_size, patch_size), np.int16)
+    out = torch.empty((len(world_xyz), patch_size, patch_size, patch_size), dtype=torch.int16)
+    if not len(world_xyz):
+        return out.numpy()
+    # One float copy of the scan, shifted so that air is 0 and zero padding reads as air.
+    volume = torch.from_numpy(np.ascontiguousarray(scan.hu)).to(torch.float32).add_(-AIR_HU)
     base_ijk = world_to_index(world_xyz, scan)
     offsets = patch_offsets_mm(patch_size, spacing_mm)
     index_per_world = _world_to_index_matrix(scan)  # column a: index step per mm along world axis a
     perm = _axis_permutation(scan)
+    if perm is None:
+        oz, oy, ox = np.meshgrid(offsets, offsets, offsets, indexing="ij")
+        offsets_ijk = np.stack([ox, oy, oz], axis=-1) @ index_per_world.T  # [z, y, x, (i, j, k)]
     for n, base in enumerate(base_ijk):
         if perm is not None:
-            # World axis a maps to index axis perm[a]: sample positions along each array axis.
+            # World axis a maps onto index axis perm[a] (array axis 2 - perm[a]).
             positions = [None, None, None]
             for world_axis in range(3):
                 c = perm[world_axis]
                 positions[2 - c] = base[c] + index_per_world[c, world_axis] * offsets
-            samples = _extract_one_axis_aligned(scan.hu, positions)
-            # samples[k, j, i] holds world axes (perm^-1 of k, j, i); reorder to world [z, y, x].
-            samples = samples.transpose(2 - perm[2], 2 - perm[1], 2 - perm[0])
+            samples = _sample_axis_aligned(volume, positions)
+            samples = samples.permute(2 - perm[2], 2 - perm[1], 2 - perm[0])  # to world [z, y, x]
         else:
-            oz, oy, ox = np.meshgrid(offsets, offsets, offsets, indexing="ij")
-            offsets_xyz = np.stack([ox, oy, oz], axis=-1)  # [z, y, x, (x, y, z)] world mm
-            samples = _extract_one_oblique(scan.hu, base + offsets_xyz @ index_per_world.T)
-        np.rint(samples - 1000.0, out=samples)
-        out[n] = samples
-    return out
+            samples = _sample_oblique(volume, base + offsets_ijk)
+        out[n] = samples.add_(AIR_HU).round_()
+    return out.numpy()
 
 
 # --- reading and writing CTs -------------------------------------------------
