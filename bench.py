@@ -16,6 +16,11 @@ bench_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Timing
 console = Console()
 
 
+@bench_app.callback()
+def main() -> None:
+    """Timing benchmarks of the toolkit's stages; each prints medians, ratios and the machine."""
+
+
 def machine_description() -> str:
     """One line naming the CPU count, torch threads and GPU (if any) the numbers came from."""
     import torch
@@ -37,6 +42,348 @@ def median_seconds(func, repeats: int = 5, warmup: int = 1) -> float:
 
 
 # --- benchmarks (one section per stage) -----------------------------------
+
+
+def _naive_extract(scan_path, world_xyz, patch_size: int, spacing_mm: float):
+    """The slow reference: resample the whole scan to the target spacing, then crop at rounded voxels."""
+    import SimpleITK as sitk
+    import numpy as np
+    image = sitk.ReadImage(str(scan_path))
+    size = np.array(image.GetSize()) * np.array(image.GetSpacing()) / spacing_mm
+    resampled = sitk.Resample(image, [int(v) for v in np.ceil(size)], sitk.Transform(), sitk.sitkLinear,
+                              image.GetOrigin(), (spacing_mm,) * 3, image.GetDirection(), -1000, sitk.sitkInt16)
+    volume = sitk.GetArrayViewFromImage(resampled)
+    half = patch_size // 2
+    padded = np.pad(volume, half, constant_values=-1000)
+    out = []
+    for point in world_xyz:
+        i, j, k = np.rint(resampled.TransformPhysicalPointToContinuousIndex(tuple(point))).astype(int) + half
+        out.append(padded[k - half:k - half + patch_size, j - half:j - half + patch_size, i - half:i - half + patch_size])
+    return np.stack(out)
+
+
+@bench_app.command("extract")
+def bench_extract(patch_size: int = 64, spacing_mm: float = 1.0, repeats: int = 5, seed: int = 0):
+    """Patch extraction on a 512 x 512 x 250 phantom scan: 30 and 800 candidates against the bare
+    read and against resampling the whole scan first."""
+    import tempfile
+    from pathlib import Path
+    import numpy as np
+    from rich.table import Table
+    import data
+    import phantom
+    rng = np.random.default_rng(seed)
+    case = phantom.make_phantom_scan(rng, phantom.SIZES["realistic"], direction_kind="identity")
+    folder = Path(tempfile.mkdtemp(prefix="bench_extract_"))
+    data.write_mhd(case.scan, folder / "scan.mhd")
+    size_ijk = np.array(case.scan.hu.shape[::-1])
+    read_s = median_seconds(lambda: data.read_ct(folder / "scan.mhd"), repeats)
+    table = Table(title=f"extract, {patch_size}^3 at {spacing_mm} mm, scan {tuple(case.scan.hu.shape)} [z,y,x], "
+                        f"spacing {tuple(np.round(case.scan.spacing, 2))} mm")
+    for column in ("candidates", "read only (s)", "read + extract (s)", "ratio to read", "naive (s)", "naive / ours"):
+        table.add_column(column, justify="right")
+    for count in (30, 800):
+        points = data.index_to_world(rng.uniform(0.1, 0.9, (count, 3)) * size_ijk, case.scan)
+        ours = median_seconds(lambda: data.extract_patches(data.read_ct(folder / "scan.mhd"), points,
+                                                           patch_size, spacing_mm), repeats)
+        naive = median_seconds(lambda: _naive_extract(folder / "scan.mhd", points, patch_size, spacing_mm),
+                               max(1, repeats // 2))
+        table.add_row(str(count), f"{read_s:.3f}", f"{ours:.3f}", f"{ours / read_s:.2f}x",
+                      f"{naive:.3f}", f"{naive / ours:.2f}x")
+    console.print(table)
+    console.print(f"medians of {repeats} runs, page cache warm; machine: {machine_description()}")
+
+
+def _synthetic_submission(path, n_rows: int, seed: int = 0):
+    """A LUNA16-sized submission: jittered nodule points plus random marks over the real 888 seriesuids
+    (or synthetic uids and nodules when ../shared is absent). Returns (annotations, excluded, seriesuids) paths."""
+    from pathlib import Path
+    import numpy as np
+    shared = Path(__file__).resolve().parent.parent / "shared" / "data" / "luna16"
+    rng = np.random.default_rng(seed)
+    folder = Path(path).parent
+    if (shared / "annotations.csv").is_file():
+        files = (shared / "annotations.csv", shared / "annotations_excluded.csv", shared / "seriesuids.csv")
+        uids = [u for u in (shared / "seriesuids.csv").read_text().split() if u]
+    else:
+        uids = [f"1.2.826.0.1.3680043.8.498.{n}" for n in range(888)]
+        header = "seriesuid,coordX,coordY,coordZ,diameter_mm\n"
+        nodules = "".join(f"{uids[rng.integers(888)]},{x},{y},{z},{d}\n" for (x, y, z), d in
+                          zip(rng.uniform(-150, 150, (1186, 3)).tolist(), rng.uniform(3, 30, 1186).tolist()))
+        others = "".join(f"{uids[rng.integers(888)]},{x},{y},{z},-1\n" for x, y, z in
+                         rng.uniform(-150, 150, (35000, 3)).tolist())
+        files = (folder / "annotations.csv", folder / "annotations_excluded.csv", folder / "seriesuids.csv")
+        files[0].write_text(header + nodules)
+        files[1].write_text(header + others)
+        files[2].write_text("".join(u + "\n" for u in uids))
+    table = [line.split(",") for line in files[0].read_text().splitlines()[1:]]
+    near = [(row[0], *[float(v) + rng.normal(0, 1.5) for v in row[1:4]]) for row in table for _ in range(3)]
+    scan = rng.integers(len(uids), size=n_rows - len(near))
+    xyz = rng.uniform(-180, 180, (len(scan), 3)).tolist()
+    probability = np.concatenate([rng.beta(5, 2, len(near)), rng.beta(1, 8, len(scan))]).tolist()
+    with open(path, "w") as handle:
+        handle.write("seriesuid,coordX,coordY,coordZ,probability\n")
+        rows = [(u, x, y, z) for u, x, y, z in near] + [(uids[s], *p) for s, p in zip(scan.tolist(), xyz)]
+        handle.writelines(f"{u},{x!r},{y!r},{z!r},{p!r}\n" for (u, x, y, z), p in zip(rows, probability))
+    return files
+
+
+@bench_app.command("froc")
+def bench_froc(rows: int = 754_975, repeats: int = 3, bootstrap: int = 1000, seed: int = 0):
+    """LUNA16 FROC/CPM scoring of a candidates_V2-sized submission: parsing (ours against csv.DictReader),
+    scoring, and the bootstrap intervals timed separately."""
+    import csv
+    import tempfile
+    from pathlib import Path
+    from rich.table import Table
+    import evaluate
+    folder = Path(tempfile.mkdtemp(prefix="bench_froc_"))
+    submission = folder / "submission.csv"
+    annotations, excluded, seriesuids = _synthetic_submission(submission, rows, seed)
+    reference = (evaluate.read_findings(annotations), evaluate.read_findings(excluded, excluded=True),
+                 evaluate.read_seriesuid_list(seriesuids))
+
+    def dict_reader():
+        with open(submission, newline="") as handle:
+            return [(r["seriesuid"], float(r["coordX"]), float(r["coordY"]), float(r["coordZ"]),
+                     float(r["probability"])) for r in csv.DictReader(handle)]
+
+    marks = evaluate.read_submission(submission)
+    parse_s = median_seconds(lambda: evaluate.read_submission(submission), repeats)
+    dict_s = median_seconds(dict_reader, repeats)
+    score_s = median_seconds(lambda: evaluate.score_marks(marks, reference[2], reference[0], reference[1],
+                                                          bootstrap=0), repeats)
+    with_bootstrap_s = median_seconds(lambda: evaluate.score_marks(marks, reference[2], reference[0], reference[1],
+                                                                   bootstrap=bootstrap, seed=seed), repeats)
+    result = evaluate.score_marks(marks, reference[2], reference[0], reference[1], bootstrap=0)
+    table = Table(title=f"FROC scoring of {len(marks):,} marks over {len(reference[2])} scans "
+                        f"({result['n_marks_scored']:,} kept by the 100-per-scan cap, CPM {result['cpm']:.3f})")
+    table.add_column("step")
+    table.add_column("median (s)", justify="right")
+    table.add_column("note", justify="right")
+    table.add_row("parse (numpy loadtxt)", f"{parse_s:.3f}", f"csv.DictReader {dict_s:.3f} s = {dict_s / parse_s:.1f}x")
+    table.add_row("score (cap, match, FROC, CPM)", f"{score_s:.3f}", "")
+    table.add_row("parse + score", f"{parse_s + score_s:.3f}", "")
+    table.add_row(f"bootstrap ({bootstrap} resamples)", f"{with_bootstrap_s - score_s:.3f}",
+                  f"score + bootstrap {with_bootstrap_s:.3f} s")
+    console.print(table)
+    console.print(f"medians of {repeats} runs, page cache warm; machine: {machine_description()}")
+
+
+@bench_app.command("evaluate")
+def bench_evaluate(device: str = "cpu", bf16: bool = False, size: int = 32, feature_size: int = 12,
+                   window_size: int = 4, batch_size: int = 64, workers: int = 2, scans: int = 4,
+                   negatives_per_scan: int = 40, scan_shape: str = "small", repeats: int = 3, seed: int = 0,
+                   in_process: bool = True):
+    """Whole-subset model evaluation (read, extract, model) in candidates/s on a phantom subset: with worker
+    processes reading ahead against none, and the model alone on ready patches; projects all 754,975
+    LUNA16 candidates. GPU: --device cuda --bf16 --size 64 --feature-size 48."""
+    import tempfile
+    from pathlib import Path
+    import numpy as np
+    import torch
+    from rich.table import Table
+    import data
+    import evaluate
+    import head
+    import phantom
+    all_candidates = 754_975
+    folder = Path(tempfile.mkdtemp(prefix="bench_evaluate_"))
+    phantom.write_luna_folder(folder / "luna16", n_subsets=1, scans_per_subset=scans, shape=phantom.SIZES[scan_shape],
+                              seed=seed, negatives_per_scan=negatives_per_scan)
+    torch.manual_seed(seed)
+    config = {"encoder": {"feature_size": feature_size, "window_size": window_size}, "pooling": "avg",
+              "patch_size": size}
+    preprocess = {"patch_size": size, "spacing_mm": 1.0, "hu_min": -1000.0, "hu_max": 1000.0}
+    checkpoint = folder / "model.pt"
+    head.save_checkpoint(checkpoint, {"format": head.CHECKPOINT_FORMAT, "model": head.build_classifier(config).state_dict(),
+                                      "config": config, "preprocess": preprocess, "cutoff": 0.5, "epoch": 0})
+    runs = iter(range(10**6))
+    loop_rates = {}
+
+    def evaluation(n_workers: int):
+        result = evaluate.evaluate_model(checkpoint, folder / "luna16", [0], folder / f"eval{next(runs)}",
+                                         batch_size=batch_size, workers=n_workers, device=device, bf16=bf16,
+                                         bootstrap=0)
+        loop_rates.setdefault(n_workers, []).append(result["candidates_per_second"])
+        return result
+
+    n_candidates = evaluation(workers)["n_candidates"]
+    timings = {f"evaluate, {workers} reader process(es)": median_seconds(lambda: evaluation(workers), repeats, 0)}
+    if workers and in_process:
+        timings["evaluate, reading in the model's process"] = median_seconds(lambda: evaluation(0), repeats, 0)
+    scan_path = next((folder / "luna16" / "subset0").glob("*.mhd"))
+    scan = data.read_ct(scan_path)
+    table_csv, _ = data.read_point_csv(folder / "luna16" / "candidates_V2.csv", "class")
+    points = table_csv.world_xyz[table_csv.seriesuid == scan_path.stem]
+    patches = data.extract_patches(scan, points, size, 1.0)
+    ready = np.concatenate([patches] * max(1, -(-4 * batch_size // len(patches))))  # at least 4 full batches
+    model, meta = head.load_classifier(checkpoint, device=device)
+    model_s = median_seconds(lambda: evaluate.predict_patches(model, ready, meta["preprocess"], device, batch_size,
+                                                              bf16=bf16), repeats)
+    extract_s = median_seconds(lambda: data.extract_patches(data.read_ct(scan_path), points, size, 1.0), repeats)
+    table = Table(title=f"evaluate: {n_candidates} candidates of {scans} phantom scans {phantom.SIZES[scan_shape]}, "
+                        f"{size}^3 patches, feature size {feature_size}, {device}{' bf16' if bf16 else ''}")
+    for column in ("what", "median (s)", "candidates/s", "projected 754,975 candidates"):
+        table.add_column(column, justify="right")
+    base = None
+    for label, seconds in timings.items():
+        rate = n_candidates / seconds
+        base = base or seconds
+        table.add_row(f"{label} ({seconds / base:.2f}x)", f"{seconds:.2f}", f"{rate:.1f}",
+                      f"{all_candidates / rate / 3600:.2f} h")
+    for n_workers, rates in loop_rates.items():
+        rate = float(np.median(rates))
+        table.add_row(f"scoring loop alone, {n_workers} reader(s) (no start-up or FROC)", f"{n_candidates / rate:.2f}",
+                      f"{rate:.1f}", f"{all_candidates / rate / 3600:.2f} h")
+    for label, seconds, count in ((f"model only, {len(ready)} patches ready", model_s, len(ready)),
+                                  ("read + extract only, one scan", extract_s, len(points))):
+        rate = count / seconds
+        table.add_row(label, f"{seconds:.2f}", f"{rate:.1f}", f"{all_candidates / rate / 3600:.2f} h")
+    console.print(table)
+    console.print(f"medians of {repeats} runs; machine: {machine_description()}")
+
+
+@bench_app.command("encoder")
+def bench_encoder(size: int = 64, feature_size: int = 48, batch: int = 2, window: int = 7, device: str = "cpu",
+                  bf16: bool = False, repeats: int = 3, seed: int = 0):
+    """Swin encoder inference and training step (forward + backward) against MONAI's SwinTransformer
+    with the same weights when MONAI is importable (it is not a dependency: run with an environment that has
+    it). GPU: --device cuda --bf16 --size 96."""
+    import contextlib
+    import torch
+    from rich.table import Table
+    import swin_encoder
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    ours = swin_encoder.SwinEncoder(1, feature_size, window_size=window).to(dev)
+    models = {"ours": ours}
+    try:
+        from monai.networks.nets.swin_unetr import SwinTransformer
+        reference = SwinTransformer(in_chans=1, embed_dim=feature_size, window_size=(window,) * 3,
+                                    patch_size=(2,) * 3, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24),
+                                    downsample="merging").to(dev)
+        reference.load_state_dict(ours.state_dict())
+        models = {"MONAI SwinTransformer": reference, "ours": ours}
+    except ImportError:
+        console.print("[yellow]MONAI not importable: timing our encoder only[/]")
+    x = torch.rand(batch, 1, size, size, size, device=dev)
+
+    def autocast():
+        return torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    def synced(func):
+        def run():
+            func()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+        return run
+
+    def infer(model):
+        model.eval()
+        with torch.no_grad(), autocast():
+            return model(x)
+
+    def train_step(model):
+        model.train()
+        model.zero_grad(set_to_none=True)
+        with autocast():
+            outputs = model(x)
+        sum(o.float().square().mean() for o in outputs).backward()
+
+    results = {name: (median_seconds(synced(lambda m=m: infer(m)), repeats),
+                      median_seconds(synced(lambda m=m: train_step(m)), repeats)) for name, m in models.items()}
+    table = Table(title=f"Swin encoder, batch {batch} x 1 x {size}^3, feature size {feature_size}, window {window}, "
+                        f"{device}{' bf16' if bf16 else ' float32'}")
+    for column in ("model", "inference (s)", "images/s", "train step (s)", "images/s"):
+        table.add_column(column, justify="right")
+    for name, (infer_s, train_s) in results.items():
+        table.add_row(name, f"{infer_s:.3f}", f"{batch / infer_s:.1f}", f"{train_s:.3f}", f"{batch / train_s:.1f}")
+    console.print(table)
+    if len(models) == 2:
+        (ref_infer, ref_train), (our_infer, our_train) = results.values()
+        expected, got = infer(models["MONAI SwinTransformer"]), infer(ours)
+        error = max(float((a.float() - b.float()).abs().max() / a.float().abs().max()) for a, b in zip(expected, got))
+        console.print(f"speed-up: inference {ref_infer / our_infer:.2f}x, train step {ref_train / our_train:.2f}x; "
+                      f"max relative output difference {error:.2e}")
+    console.print(f"medians of {repeats} runs; machine: {machine_description()}")
+
+def _train_step_speed(patch_size: int, feature_size: int, window_size: int, batch_size: int, device: str,
+                      precision: str, repeats: int) -> dict:
+    """Samples/s of one fine-tuning step (augment + forward + loss + backward + AdamW) on in-memory batches,
+    and peak memory: CUDA max allocated, or on the CPU the peak RSS of this (fresh) process."""
+    import resource
+    import torch
+    import head
+    import train
+    torch.manual_seed(0)
+    config = {"encoder": train.encoder_config(feature_size, window_size), "pooling": "avg", "patch_size": patch_size}
+    model = head.build_classifier(config).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    hu = torch.randint(-1000, 400, (batch_size, patch_size, patch_size, patch_size), dtype=torch.int16)
+    labels = (torch.arange(batch_size) % 2).float()
+    torch_device = torch.device(device)
+    if torch_device.type == "cuda":
+        hu, labels = hu.to(device), labels.to(device)
+        torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        x = train.training_inputs(hu, labels, generator, -1000.0, 1000.0, True, 3)
+        with train.autocast(torch_device, precision):
+            logits = model(x)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if torch_device.type == "cuda":
+            torch.cuda.synchronize()
+
+    seconds = median_seconds(step, repeats, warmup=2)
+    if torch_device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2 ** 20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"samples_per_s": batch_size / seconds, "step_s": seconds, "peak_mb": peak_mb}
+
+
+def _train_step_speed_child(queue, *args) -> None:
+    queue.put(_train_step_speed(*args))
+
+
+@bench_app.command("train")
+def bench_train(device: str = "cpu", repeats: int = 3, small_batch: int = 0, large_batch: int = 0):
+    """Fine-tuning speed and peak memory at 32^3 / feature_size 12 / window 4 and at 64^3 / feature_size 48 /
+    window 7 (the published weights' model). On CUDA, bf16 autocast against fp32 in the same run.
+    Each case runs in a fresh process so its peak memory is its own. Batches: 8 and 4 on the CPU, 32 and 32
+    on a GPU, unless given."""
+    import multiprocessing
+    from rich.table import Table
+    on_gpu = device.startswith("cuda")
+    cases = [(32, 12, 4, small_batch or (32 if on_gpu else 8)), (64, 48, 7, large_batch or (32 if on_gpu else 4))]
+    precisions = ["fp32", "bf16"] if on_gpu else ["fp32"]
+    context = multiprocessing.get_context("spawn")
+    table = Table(title=f"fine-tuning step (augment, forward, backward, AdamW) on {device}")
+    for column in ("patch", "features", "window", "batch", "precision", "step s", "samples/s", "peak MiB",
+                   "vs fp32"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for patch, feature_size, window, batch in cases:
+        baseline = None
+        for precision in precisions:
+            queue = context.Queue()
+            child = context.Process(target=_train_step_speed_child,
+                                    args=(queue, patch, feature_size, window, batch, device, precision, repeats))
+            child.start()
+            result = queue.get()
+            child.join()
+            baseline = baseline or result["samples_per_s"]
+            table.add_row(f"{patch}^3", str(feature_size), str(window), str(batch), precision,
+                          f"{result['step_s']:.3f}", f"{result['samples_per_s']:.3g}", f"{result['peak_mb']:.0f}",
+                          f"{result['samples_per_s'] / baseline:.2f}x")
+    console.print(table)
+    memory = "torch.cuda.max_memory_allocated" if on_gpu else "peak RSS of the whole process (torch included)"
+    console.print(f"medians of {repeats} steps after 2 warm-up steps, in-memory batches (no disk reads); "
+                  f"memory: {memory}; machine: {machine_description()}")
 
 
 if __name__ == "__main__":

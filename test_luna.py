@@ -483,6 +483,219 @@ def _rows_of(table):
     return [(u, *xyz, v) for u, xyz, v in zip(table.seriesuid, table.world_xyz.tolist(), table.value.tolist())]
 
 
+EVAL_PHANTOM_SHAPE = (48, 96, 96)
+
+
+@pytest.fixture(scope="module")
+def eval_phantom(tmp_path_factory) -> Path:
+    """Two subsets of two small phantom scans each, few candidates: enough for whole-subset evaluation."""
+    import phantom
+    root = tmp_path_factory.mktemp("eval_phantom") / "luna16"
+    phantom.write_luna_folder(root, n_subsets=2, scans_per_subset=2, shape=EVAL_PHANTOM_SHAPE, seed=11,
+                              negatives_per_scan=6, nodules_per_scan=(1, 2))
+    return root
+
+
+def _tiny_checkpoint(path: Path, cutoff: float = 0.5) -> Path:
+    import torch
+    import head
+    torch.manual_seed(0)
+    config = {"encoder": {"feature_size": 12, "window_size": 4}, "pooling": "avg", "patch_size": 32}
+    model = head.build_classifier(config)
+    head.save_checkpoint(path, {"format": head.CHECKPOINT_FORMAT, "model": model.state_dict(), "config": config,
+                                "preprocess": {"patch_size": 32, "spacing_mm": 1.25, "hu_min": -1000.0,
+                                               "hu_max": 1000.0},
+                                "cutoff": cutoff, "epoch": 3})
+    return path
+
+
+def _subset_candidates(root: Path, subset: int) -> list[list[str]]:
+    uids = {p.stem for p in (root / f"subset{subset}").glob("*.mhd")}
+    lines = (root / "candidates_V2.csv").read_text().splitlines()[1:]
+    return [line.split(",") for line in lines if line.split(",")[0] in uids]
+
+
+def test_evaluate_model_scores_every_candidate_and_resumes(eval_phantom, tmp_path, monkeypatch):
+    import json
+    import data
+    import evaluate
+    import head
+    checkpoint = _tiny_checkpoint(tmp_path / "tiny.pt")
+    out = tmp_path / "eval"
+    result = evaluate.evaluate_model(checkpoint, eval_phantom, [1], out, workers=1, batch_size=32, bootstrap=50)
+    expected = _subset_candidates(eval_phantom, 1)
+    rows = [line.split(",") for line in (out / "submission.csv").read_text().splitlines()]
+    assert rows[0] == ["seriesuid", "coordX", "coordY", "coordZ", "probability"] and len(rows) == len(expected) + 1
+    for got, want in zip(rows[1:], expected):
+        assert got[0] == want[0] and [float(v) for v in got[1:4]] == [float(v) for v in want[1:4]]
+    saved = json.loads((out / "metrics.json").read_text())
+    for key in ("auc", "accuracy", "sensitivity", "specificity", "cpm", "froc_sensitivities", "at_cutoff"):
+        assert key in saved and key in result
+    assert saved["n_candidates"] == len(expected) and saved["n_scans"] == 2 and saved["unreadable_scans"] == {}
+    assert sorted(saved["froc_sensitivities"]) == sorted(["0.125", "0.25", "0.5", "1", "2", "4", "8"])
+    for figure in ("roc.png", "froc.png"):
+        assert (out / figure).read_bytes()[:4] == b"\x89PNG"
+    # The probabilities are the model's on freshly extracted patches, written at full precision.
+    model, meta = head.load_classifier(checkpoint)
+    uid = expected[0][0]
+    points = np.array([[float(v) for v in r[1:4]] for r in expected if r[0] == uid])
+    patches = data.extract_patches(data.read_ct(eval_phantom / "subset1" / f"{uid}.mhd"), points, 32, 1.25)
+    direct = evaluate.predict_patches(model, patches, meta["preprocess"], batch_size=32)
+    written = np.array([float(r[4]) for r in rows[1:] if r[0] == uid])
+    np.testing.assert_allclose(written, direct, rtol=1e-6)
+    assert all(repr(float(r[4])) == r[4] for r in rows[1:])
+    # A run cut short (the last scan half written) resumes: only that scan is read again.
+    predictions = out / "predictions.csv"
+    lines = predictions.read_text().splitlines()
+    predictions.write_text("\n".join(lines[:-2]) + "\n" + lines[-2][:20])
+    reads = []
+    monkeypatch.setattr(data, "read_ct", lambda path, _read=data.read_ct: reads.append(path) or _read(path))
+    evaluate.evaluate_model(checkpoint, eval_phantom, [1], out, workers=0, batch_size=32, bootstrap=50)
+    assert len(reads) == 1 and reads[0].stem == lines[-1].split(",")[0]
+    again = [line.split(",") for line in (out / "submission.csv").read_text().splitlines()]
+    np.testing.assert_allclose([float(r[4]) for r in again[1:]], [float(r[4]) for r in rows[1:]], rtol=1e-6)
+
+
+def test_evaluate_cli_model_skips_an_unreadable_scan(eval_phantom, tmp_path):
+    import json
+    import shutil
+    from typer.testing import CliRunner
+    import luna_cli
+    root = tmp_path / "luna16"
+    shutil.copytree(eval_phantom, root)
+    broken = sorted((root / "subset0").glob("*.raw"))[0]
+    broken.write_bytes(broken.read_bytes()[:5000])
+    (tmp_path / "work" / "runs" / "tiny").mkdir(parents=True)
+    _tiny_checkpoint(tmp_path / "work" / "runs" / "tiny" / "best.pt", cutoff=0.3)
+    result = CliRunner().invoke(luna_cli.app, ["evaluate", "--run", "tiny", "--subsets", "0", "--data-dir", str(root),
+                                               "--work-dir", str(tmp_path / "work"), "--workers", "1",
+                                               "--bootstrap", "20", "--device", "cpu"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert broken.stem in text and "Traceback" not in result.output and "CPM" in text
+    out = tmp_path / "work" / "eval" / "tiny_subsets0"
+    saved = json.loads((out / "metrics.json").read_text())
+    assert list(saved["unreadable_scans"]) == [broken.stem] and saved["n_scans"] == 1
+    assert saved["at_cutoff"]["cutoff"] == 0.3
+    rows = (out / "submission.csv").read_text().splitlines()[1:]
+    assert rows and not any(r.startswith(broken.stem) for r in rows)
+    assert len(rows) == sum(r[0] != broken.stem for r in _subset_candidates(root, 0))
+
+
+def test_tta_probability_does_not_change_when_the_patch_is_flipped():
+    import torch
+    import evaluate
+    import head
+    torch.manual_seed(1)
+    config = {"encoder": {"feature_size": 12, "window_size": 4}, "pooling": "avg", "patch_size": 32}
+    model = head.build_classifier(config).eval()
+    preprocess = {"hu_min": -1000.0, "hu_max": 1000.0}
+    patches = np.random.default_rng(0).integers(-1000, 400, (2, 32, 32, 32)).astype(np.int16)
+    assert len(set(evaluate.TTA_FLIPS)) == 8
+    both = np.concatenate([patches, np.flip(patches, (1, 3))])  # originals, then flipped along z and x
+    averaged = evaluate.predict_patches(model, both, preprocess, tta=True)
+    np.testing.assert_allclose(averaged[2:], averaged[:2], rtol=1e-5)
+    plain = evaluate.predict_patches(model, both, preprocess)
+    assert plain.dtype == np.float64 and not np.array_equal(plain[2:], plain[:2])
+
+
+def test_candidate_metrics_count_ties_and_thresholds():
+    import evaluate
+    rng = np.random.default_rng(5)
+    labels = rng.random(200) < 0.3
+    scores = np.round(rng.random(200) * 4) / 4 + labels * 0.25  # heavy ties
+    pairs = [(1.0 if p > n else 0.5 if p == n else 0.0) for p in scores[labels] for n in scores[~labels]]
+    assert evaluate.roc_auc(labels, scores) == pytest.approx(np.mean(pairs), abs=1e-12)
+    assert evaluate.roc_auc(np.zeros(4, bool), np.arange(4.0)) is None
+    metrics = evaluate.threshold_metrics(np.array([1, 1, 0, 0, 0]), np.array([0.9, 0.4, 0.5, 0.2, 0.1]), 0.5)
+    assert (metrics["tp"], metrics["fn"], metrics["fp"], metrics["tn"]) == (1, 1, 1, 2)
+    assert metrics["accuracy"] == 0.6 and metrics["sensitivity"] == 0.5 and metrics["specificity"] == 2 / 3
+
+
+def _write_dicom_series(scan, folder: Path) -> None:
+    """One CT slice per file, with the position and orientation tags a DICOM reader sorts and places by."""
+    import SimpleITK as sitk
+    folder.mkdir(parents=True)
+    image = sitk.GetImageFromArray(scan.hu)
+    image.SetOrigin(tuple(scan.origin))
+    image.SetSpacing(tuple(scan.spacing))
+    image.SetDirection(tuple(np.asarray(scan.direction).ravel()))
+    direction = np.asarray(scan.direction)
+    orientation = "\\".join(f"{v:.10f}" for v in np.concatenate([direction[:, 0], direction[:, 1]]))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(image.GetDepth()):
+        piece = image[:, :, k]
+        position = image.TransformIndexToPhysicalPoint((0, 0, k))
+        for tag, value in (("0008|0060", "CT"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"),
+                           ("0020|000e", "1.2.826.0.1.3680043.2.1125.1.2"), ("0020|0013", str(k + 1)),
+                           ("0020|0032", "\\".join(f"{v:.10f}" for v in position)), ("0020|0037", orientation),
+                           ("0028|0030", f"{scan.spacing[1]:.10f}\\{scan.spacing[0]:.10f}"),
+                           ("0018|0050", f"{scan.spacing[2]:.10f}"), ("0028|1052", "0"), ("0028|1053", "1"),
+                           ("0008|0018", f"1.2.826.0.1.3680043.2.1125.1.3.{k + 1}")):
+            piece.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{k:04d}.dcm"))
+        writer.Execute(piece)
+
+
+def test_predict_points_on_mhd_and_on_a_dicom_series_agree(eval_phantom, tmp_path):
+    import data
+    import predict
+    checkpoint = _tiny_checkpoint(tmp_path / "tiny.pt", cutoff=0.5)
+    mhd = sorted((eval_phantom / "subset0").glob("*.mhd"))[1]
+    scan = data.read_ct(mhd)
+    inside = data.index_to_world(np.array(scan.hu.shape[::-1]) / 2.0, scan)[0]
+    corner = data.index_to_world([[2, 2, 2]], scan)[0]                       # air around the body
+    points = np.array([inside, corner, inside + 5000.0])
+    from_mhd = predict.predict_points(checkpoint, mhd, points, device="cpu")
+    assert [bool(r["warning"]) for r in from_mhd] == [False, True, True]
+    assert "air" in from_mhd[1]["warning"] and from_mhd[2]["warning"] == "outside the scan"
+    assert all(0.0 < r["probability"] < 1.0 for r in from_mhd)
+    assert all(r["follow_up"] == (r["probability"] >= 0.5) for r in from_mhd)
+    _write_dicom_series(scan, tmp_path / "dicom")
+    from_dicom = predict.predict_points(checkpoint, tmp_path / "dicom", points, device="cpu")
+    np.testing.assert_allclose([r["probability"] for r in from_dicom], [r["probability"] for r in from_mhd],
+                               rtol=1e-4)
+    assert [r["warning"] for r in from_dicom] == [r["warning"] for r in from_mhd]
+
+
+def test_predict_cli_reads_a_candidates_file_and_rejects_bad_points(eval_phantom, tmp_path):
+    from typer.testing import CliRunner
+    import luna_cli
+    checkpoint = _tiny_checkpoint(tmp_path / "tiny.pt")
+    mhd = sorted((eval_phantom / "subset1").glob("*.mhd"))[0]
+    base = ["predict", "--checkpoint", str(checkpoint), "--scan", str(mhd), "--device", "cpu"]
+    result = CliRunner().invoke(luna_cli.app, base + ["--candidates", str(eval_phantom / "candidates_V2.csv"),
+                                                      "--out", str(tmp_path / "preds.csv")])
+    assert result.exit_code == 0, result.output
+    rows = (tmp_path / "preds.csv").read_text().splitlines()
+    assert rows[0].startswith("coordX,coordY,coordZ,probability,follow_up")
+    assert len(rows) - 1 == sum(r[0] == mhd.stem for r in _subset_candidates(eval_phantom, 1))
+    result = CliRunner().invoke(luna_cli.app, base + ["--coord", "1,2"])
+    assert result.exit_code == 1 and "X,Y,Z" in result.output and "Traceback" not in result.output
+    bad = tmp_path / "bad.csv"
+    bad.write_text("coordX,coordY,coordZ\n1,2,3\n4,five,6\n")
+    result = CliRunner().invoke(luna_cli.app, base + ["--candidates", str(bad)])
+    assert result.exit_code == 1 and "line 3" in result.output
+
+
+REAL_CT = SHARED_DATA / "real_ct" / "LIDC-IDRI-0001"
+
+
+@pytest.mark.skipif(not REAL_CT.is_dir(), reason="real CT not in ../shared")
+def test_predict_on_a_real_dicom_series(tmp_path):
+    import data
+    import predict
+    series = next(p.parent for p in REAL_CT.rglob("*.dcm"))
+    scan = data.read_ct(series)
+    checkpoint = _tiny_checkpoint(tmp_path / "tiny.pt")
+    centre = data.index_to_world(np.array(scan.hu.shape[::-1]) / 2.0, scan)[0]
+    corner = data.index_to_world([[3, 3, scan.hu.shape[0] // 2]], scan)[0]
+    rows = predict.predict_points(checkpoint, series, np.array([centre, corner]), device="cpu")
+    assert all(0.0 < r["probability"] < 1.0 for r in rows)
+    assert "air" in rows[1]["warning"] or "outside" in rows[1]["warning"]
+
+
 # --- phantom --------------------------------------------------------------------
 
 PHANTOM_SHAPE = (48, 96, 96)   # small scans keep these tests fast; the geometry is the same at any size
@@ -639,3 +852,437 @@ def test_synth_cli_writes_and_refuses_to_overwrite(tmp_path):
     result = CliRunner().invoke(luna_cli.app, ["synth", "--data-dir", str(foreign), "--force"])
     assert result.exit_code == 1 and "not made by synth" in result.output
     assert (foreign / "subset0" / "scan.mhd").exists()
+
+
+# --- training -------------------------------------------------------------------
+# Patch caches for these tests are written directly in the extract format (patches.npy, index.csv,
+# manifest.json): positives hold a bright ball at the centre, negatives a tube through it, with noise.
+
+def _train_cache(work_dir, subsets=(0, 1, 2), scans=3, positives=3, negatives=6, patch_size=32, spacing_mm=1.0,
+                 seed=0):
+    import json
+    rng = np.random.default_rng(seed)
+    grid = np.indices((patch_size,) * 3).astype(np.float32) - (patch_size - 1) / 2.0
+    for k in subsets:
+        folder = Path(work_dir) / "patches" / f"subset{k}"
+        folder.mkdir(parents=True, exist_ok=True)
+        patches, lines = [], ["seriesuid,coordX,coordY,coordZ,label,diameter_mm"]
+        for s in range(scans):
+            uid = f"1.3.6.1.4.1.14519.5.2.1.{k}.{s}"
+            for label in [1] * positives + [0] * negatives:
+                d = grid - rng.uniform(-1.5, 1.5, 3)[:, None, None, None]
+                if label:
+                    body = np.sqrt((d ** 2).sum(0)) < rng.uniform(3.0, 5.0)
+                else:
+                    axis = int(rng.integers(3))
+                    body = np.sqrt(sum(d[a] ** 2 for a in range(3) if a != axis)) < rng.uniform(1.5, 2.5)
+                hu = np.where(body, 40.0, -850.0) + rng.normal(0, 60, (patch_size,) * 3)
+                patches.append(hu.astype(np.int16))
+                lines.append(f"{uid},{rng.uniform(-99, 99):.1f},{rng.uniform(-99, 99):.1f},"
+                             f"{rng.uniform(-300, 0):.1f},{label},{'6.0' if label else ''}")
+        np.save(folder / "patches.npy", np.stack(patches))
+        (folder / "index.csv").write_text("\n".join(lines) + "\n")
+        (folder / "manifest.json").write_text(json.dumps({"patch_size": patch_size, "spacing_mm": spacing_mm,
+                                                          "subset": k}))
+    return Path(work_dir)
+
+
+SMALL_MODEL = dict(feature_size=12, window_size=4)
+
+
+def test_split_by_scan_never_puts_a_scan_on_both_sides(tmp_path):
+    import train
+    from data import UserError
+    work = _train_cache(tmp_path / "w", subsets=(0, 1, 2, 3), scans=4, positives=1, negatives=2)
+    (work / "patches" / "subset3" / "index.csv").write_text("not,a,valid\nindex\n")  # test subset: never read
+    caches, split, patch_size, _ = train.load_split(work, [2], [3], seed=0)
+    assert split.method == "subsets" and sorted(caches) == [0, 1, 2] and patch_size == 32
+    uids = lambda side: {u for k, rows in side.items() for u in caches[k].seriesuids[rows]}
+    assert uids(split.train) and uids(split.val) and not uids(split.train) & uids(split.val)
+    assert sum(len(r) for r in split.train.values()) + sum(len(r) for r in split.val.values()) == 3 * 12
+    # only subset 0 extracted: 80:20 by seriesuid, with a note, and every scan's patches on one side
+    only0 = _train_cache(tmp_path / "one", subsets=(0,), scans=10, positives=1, negatives=2, seed=1)
+    caches, split, _, _ = train.load_split(only0, [8], [9], seed=0)
+    assert split.method == "seriesuid" and "seriesuid" in split.note
+    train_uids, val_uids = uids(split.train), uids(split.val)
+    assert len(val_uids) == 2 and len(train_uids) == 8 and not train_uids & val_uids
+    for k, cache in caches.items():
+        for uid in set(cache.seriesuids):
+            rows = set(np.flatnonzero(cache.seriesuids == uid))
+            assert rows <= set(split.train[k]) or rows <= set(split.val[k])
+    assert train.load_split(only0, [8], [9], seed=0)[1].val[0].tolist() == split.val[0].tolist()
+    with pytest.raises(UserError, match="extract --subset"):
+        train.load_split(tmp_path / "empty", [8], [9], seed=0)
+    with pytest.raises(UserError, match="validation and test"):
+        train.load_split(work, [2], [2, 3], seed=0)
+
+
+def test_cube_symmetries_are_48_distinct_and_applied_with_labels(tmp_path):
+    import torch
+    import train
+    cube = torch.arange(4 ** 3, dtype=torch.float32).reshape(4, 4, 4)  # no symmetry of its own
+    images = train.apply_symmetry(cube.expand(48, 4, 4, 4), torch.arange(48))
+    flat = images.reshape(48, -1)
+    assert len({tuple(row.tolist()) for row in flat}) == 48
+    assert torch.equal(flat.sort(dim=1).values, cube.reshape(1, -1).expand(48, -1))  # same voxels, moved
+    assert torch.equal(images[0], cube) and torch.equal(images[1], cube.flip(0))
+    assert torch.equal(images[8 * train.AXIS_PERMUTATIONS.index((2, 1, 0))], cube.permute(2, 1, 0))
+    # a batch: each patch holds a value set of its own; augmentation moves voxels but keeps rows with labels
+    generator = torch.Generator().manual_seed(0)
+    base = torch.rand(16, 8, 8, 8, generator=generator) * 500
+    labels = torch.tensor([1.0, 0.0] * 8)
+    hu = base + labels[:, None, None, None] * 1000.0
+    out = train.training_inputs(hu.to(torch.int16), labels, generator, -1000.0, 1000.0, True, 0)
+    assert out.shape == (16, 1, 8, 8, 8)
+    expected = train.data.hu_to_unit(hu.to(torch.int16).float(), -1000.0, 1000.0)
+    assert not torch.equal(out[:, 0], expected)  # the augmentation is applied, not discarded
+    assert torch.equal(out[:, 0].reshape(16, -1).sort(dim=1).values, expected.reshape(16, -1).sort(dim=1).values)
+    plain = train.training_inputs(hu.to(torch.int16), labels, generator, -1000.0, 1000.0, False, 0)
+    assert torch.equal(plain[:, 0], expected)
+    # shifts: content moves by the shift, the uncovered border is air
+    marker = torch.full((2, 8, 8, 8), 100.0)
+    marker[:, 4, 4, 4] = 500.0
+    moved = train.shift_patches(marker, torch.tensor([[1, -2, 0], [0, 0, 0]]))
+    assert moved[0, 5, 2, 4] == 500.0 and torch.equal(moved[1], marker[1])
+    assert (moved[0, 0] == -1000).all() and (moved[0, :, 6:] == -1000).all() and (moved[0, 1:, :6] == 100).sum() > 0
+    shifted = train.augment_batch(marker.clone(), torch.tensor([1.0, 0.0]), torch.Generator().manual_seed(3), 2)
+    assert (shifted[1] != -1000).all() and (shifted[0] == -1000).any()
+
+
+def test_roc_auc_with_ties_and_sensitivity_cutoff():
+    import train
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    scores = np.round(rng.normal(labels * 0.8, 1.0), 1)  # many ties
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    pairs = (pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()
+    assert abs(train.roc_auc(labels, scores) - pairs) < 1e-12
+    assert np.isnan(train.roc_auc(np.ones(3), np.arange(3.0)))
+    probs = rng.uniform(size=200)
+    cutoff = train.cutoff_for_sensitivity(labels, probs, 0.9)
+    assert (probs[labels == 1] >= cutoff).mean() >= 0.9
+    assert (probs[labels == 1] >= np.nextafter(cutoff, 2)).mean() < 0.9
+    metrics = train.binary_metrics(np.array([1, 1, 0, 0]), np.array([2.0, -1.0, -3.0, 0.5]))
+    assert metrics["accuracy"] == 0.5 and metrics["sensitivity"] == 0.5 and metrics["specificity"] == 0.5
+
+
+def test_cached_features_head_and_finetune_learn(tmp_path):
+    import json
+    import torch
+    import head
+    import train
+    work = _train_cache(tmp_path / "w", subsets=(0, 1, 2, 3), scans=2, positives=3, negatives=5)
+    tag = train.cache_features(work, subsets=[0, 1, 2], batch_size=16, chunk_rows=10, quiet=True, **SMALL_MODEL)
+    features = np.load(work / "patches" / "subset0" / f"features_{tag}.npy")
+    assert features.dtype == np.float16 and features.shape == (16, 16 * 12)
+    meta = json.loads((work / "patches" / "subset0" / f"features_{tag}.json").read_text())
+    assert meta["encoder"]["feature_size"] == 12 and meta["weights"] is None
+    assert not (work / "patches" / "subset3" / f"features_{tag}.npy").exists()
+    assert train.cache_features(work, quiet=True, subsets=[0], **SMALL_MODEL) == tag  # up to date: skipped
+    assert train.cache_features(work, quiet=True, subsets=[0], pooling="flatten", **SMALL_MODEL) != tag
+
+    run_dir = train.train_head(work, val_subsets=[2], test_subsets=[3], epochs=10, batch_size=16, run="head",
+                               quiet=True, **SMALL_MODEL)
+    history = train.read_history(run_dir / "history.csv")
+    assert len(history) >= 3 and max(row["val_auc"] for row in history) > 0.9
+    assert (run_dir / "history.png").stat().st_size > 1000
+    model, meta = head.load_classifier(run_dir / "best.pt")
+    assert meta["preprocess"] == {"patch_size": 32, "spacing_mm": 1.0, "hu_min": -1000.0, "hu_max": 1000.0}
+    best = max(history, key=lambda row: row["val_auc"])
+    assert meta["epoch"] == best["epoch"] and abs(meta["cutoff"] - best["cutoff"]) < 1e-12
+    # the saved classifier on raw patches scores the validation subset as the head did on cached features
+    patches = torch.from_numpy(np.load(work / "patches" / "subset2" / "patches.npy"))
+    labels = train.read_subset_cache(work, 2).labels
+    with torch.no_grad():
+        probs = torch.sigmoid(model(train.data.hu_to_unit(patches).unsqueeze(1))).numpy()
+    assert abs(train.roc_auc(labels, probs) - best["val_auc"]) < 0.02
+
+    tuned = train.finetune(work, epochs=1, batch_size=8, epoch_samples=8, lr=1e-4, head_from="head",
+                           val_subsets=[2], test_subsets=[3], run="tuned", device="cpu", quiet=True, **SMALL_MODEL)
+    row = train.read_history(tuned / "history.csv")[0]
+    assert np.isfinite(row["train_loss"]) and row["val_auc"] > 0.9
+    config = json.loads((tuned / "config.json").read_text())
+    assert config["resolved"]["sources"]["head_from"].endswith("best.pt")
+    assert config["resolved"]["split"]["val"]["subsets"] == [2] and config["resolved"]["split"]["train"]["scans"] == 4
+
+
+def test_finetune_resume_repeats_the_uninterrupted_run(tmp_path):
+    import torch
+    import head
+    import train
+    work = _train_cache(tmp_path / "w", subsets=(0, 1), scans=2, positives=1, negatives=1, seed=3)
+    settings = dict(epochs=4, batch_size=1, accumulate=2, epoch_samples=2, lr=3e-4, val_subsets=[1],
+                    test_subsets=[9], device="cpu", quiet=True, warmup_epochs=1.0, **SMALL_MODEL)
+    whole = train.finetune(work, run="whole", **settings)
+    part = train.finetune(work, run="part", stop_after=2, **settings)
+    assert len(train.read_history(part / "history.csv")) == 2
+    first = torch.load(part / "last.pt", weights_only=True)
+    assert first["epoch"] == 2 and isinstance(first["rng"][0]["numpy"]["keys"], torch.Tensor)
+    train.finetune(work, run="part", resume=True, device="cpu", quiet=True)
+    a, b = train.read_history(whole / "history.csv"), train.read_history(part / "history.csv")
+    assert [r["epoch"] for r in b] == [1, 2, 3, 4]
+    for row_a, row_b in zip(a, b):
+        for key in ("train_loss", "val_loss", "val_auc", "lr"):
+            assert abs(row_a[key] - row_b[key]) <= 1e-6, (key, row_a, row_b)
+    last_a = torch.load(whole / "last.pt", weights_only=True)
+    last_b = torch.load(part / "last.pt", weights_only=True)
+    assert all(torch.allclose(last_a["model"][k], last_b["model"][k], atol=1e-6) for k in last_a["model"])
+    assert last_b["preprocess"]["patch_size"] == 32 and 0.0 <= last_b["cutoff"] <= 1.0
+    assert "optimizer" not in torch.load(whole / "best.pt", weights_only=True)
+    model, meta = head.load_classifier(whole / "last.pt")
+    assert meta["epoch"] == 4 and meta["config"]["encoder"]["window_size"] == 4
+    # a finished run resumed again does nothing
+    train.finetune(work, run="whole", resume=True, device="cpu", quiet=True)
+    assert len(train.read_history(whole / "history.csv")) == 4
+
+
+def test_finetune_two_processes_with_gloo(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    import torch
+    work = _train_cache(tmp_path / "w", subsets=(0, 1), scans=2, positives=1, negatives=1, seed=4)
+    repo = Path(__file__).resolve().parent
+    # "--" keeps torchrun from reading the toolkit's --run as its own --run-path
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--",
+               str(repo / "luna_cli.py"), "finetune", "--work-dir", str(work), "--epochs", "2", "--batch-size", "1",
+               "--accumulate", "2", "--epoch-samples", "4", "--feature-size", "12", "--window-size", "4", "--val-subsets", "1",
+               "--test-subsets", "9", "--device", "cpu", "--run", "ddp"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8")
+    for _ in range(2):  # a second try only when the local rendezvous lost a race for its port
+        done = subprocess.run(command, cwd=tmp_path, capture_output=True, encoding="utf-8", errors="replace",
+                              timeout=120, env=env)
+        if done.returncode == 0 or "address already in use" not in (done.stdout + done.stderr).lower():
+            break
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    run_dir = work / "runs" / "ddp"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["resolved"]["world_size"] == 2 and config["resolved"]["effective_batch"] == 4
+    assert len((run_dir / "history.csv").read_text().splitlines()) == 3
+    state = torch.load(run_dir / "last.pt", weights_only=True)
+    assert len(state["rng"]) == 2 and not any(k.startswith("module.") for k in state["model"])
+
+
+def test_training_refuses_bad_inputs(tmp_path, monkeypatch):
+    import json
+    import torch
+    import head
+    import train
+    from data import UserError
+    with pytest.raises(UserError, match=r"extract --subset"):
+        train.finetune(tmp_path / "nothing", epochs=1, device="cpu", quiet=True, **SMALL_MODEL)
+    work = _train_cache(tmp_path / "w", subsets=(0, 1), scans=2, positives=1, negatives=2, seed=5)
+    common = dict(epochs=2, batch_size=2, epoch_samples=2, val_subsets=[1], test_subsets=[9], device="cpu",
+                  quiet=True, **SMALL_MODEL)
+    with pytest.raises(UserError, match="cache-features"):
+        train.train_head(work, **{k: v for k, v in common.items() if k != "epoch_samples"})
+    text = tmp_path / "weights.pt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(UserError, match="weights.pt"):
+        train.finetune(work, weights=text, run="bad", **common)
+    assert not (work / "runs" / "bad" / "last.pt").exists()
+    import swin_encoder
+    other = tmp_path / "other.pt"
+    torch.save(swin_encoder.SwinEncoder(feature_size=24, window_size=4).state_dict(), other)
+    with pytest.raises(UserError, match="does not fit"):
+        train.finetune(work, weights=other, run="bad", **common)
+    with pytest.raises(UserError, match="not a classifier checkpoint|not a readable"):
+        head.load_classifier(text)
+    # a classifier trained on other patches is refused, naming both geometries
+    foreign = head.build_classifier({"encoder": {"feature_size": 12, "window_size": 4}, "patch_size": 64})
+    head.save_checkpoint(tmp_path / "foreign.pt", {
+        "format": head.CHECKPOINT_FORMAT, "model": foreign.state_dict(), "config": {
+            "encoder": {"feature_size": 12, "window_size": 4}, "pooling": "avg", "patch_size": 64},
+        "preprocess": {"patch_size": 64, "spacing_mm": 0.8, "hu_min": -1000.0, "hu_max": 1000.0},
+        "cutoff": 0.5, "epoch": 1})
+    with pytest.raises(UserError, match=r"64 voxels at 0.8 mm.*32 voxels at 1.0 mm"):
+        train.finetune(work, head_from=str(tmp_path / "foreign.pt"), run="bad", **common)
+    # NaN loss: stops with a message, the last good checkpoint stays
+    run_dir = train.finetune(work, run="nan", stop_after=1, **common)
+    before = (run_dir / "last.pt").read_bytes()
+    monkeypatch.setattr(head.MLPHead, "forward", lambda self, f: f.sum(dim=1) * float("nan"))
+    with pytest.raises(UserError, match="NaN.*last good checkpoint"):
+        train.finetune(work, run="nan", resume=True, device="cpu", quiet=True)
+    assert (run_dir / "last.pt").read_bytes() == before
+    monkeypatch.undo()
+    with pytest.raises(UserError, match="already holds a run"):
+        train.finetune(work, run="nan", **common)
+    # subsets extracted with other patch parameters
+    manifest = work / "patches" / "subset1" / "manifest.json"
+    manifest.write_text(json.dumps({"patch_size": 32, "spacing_mm": 0.7, "subset": 1}))
+    with pytest.raises(UserError, match="subset0: patch_size 32, spacing_mm 1.0, subset1: patch_size 32, spacing_mm 0.7"):
+        train.finetune(work, run="mixed", **common)
+
+
+def test_synth_interrupted_folder_is_finished_by_a_forced_rerun(tmp_path, monkeypatch):
+    import phantom
+    real_make, calls = phantom.make_phantom_scan, []
+
+    def failing_make(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_make(*args, **kwargs)
+
+    monkeypatch.setattr(phantom, "make_phantom_scan", failing_make)
+    root = tmp_path / "luna16"
+    with pytest.raises(KeyboardInterrupt):
+        phantom.write_luna_folder(root, 1, 2, shape=PHANTOM_SHAPE)
+    assert len(list(root.glob("subset0/*.mhd"))) == 1 and not (root / "phantom_manifest.json").exists()
+    assert not (root / "candidates_V2.csv").exists()
+    monkeypatch.setattr(phantom, "make_phantom_scan", real_make)
+    summary = phantom.write_luna_folder(root, 1, 2, shape=PHANTOM_SHAPE, force=True)
+    assert summary["scans"] == 2 and len(list(root.glob("subset0/*.mhd"))) == 2
+    assert (root / "phantom_manifest.json").exists() and not (root / phantom.UNFINISHED_MARK).exists()
+
+
+# --- swin encoder ---------------------------------------------------------------
+
+SWIN_FIXTURE = Path(__file__).resolve().parent / "swin_fixture.pt"
+
+
+def _swin_fixture():
+    import torch
+    return torch.load(SWIN_FIXTURE, weights_only=True)
+
+
+def _max_relative_error(outputs, expected):
+    return max(float((o - e).abs().max() / e.abs().max()) for o, e in zip(outputs, expected))
+
+
+def _encoder_outputs(encoder, x):
+    import torch
+    encoder.eval()
+    with torch.no_grad():
+        return encoder(x)
+
+
+@pytest.mark.parametrize("case_name", ["w4", "w7"])
+def test_swin_encoder_matches_reference_outputs(tmp_path, case_name):
+    import torch
+    from swin_encoder import SwinEncoder, load_pretrained
+    case = _swin_fixture()[case_name]
+    path = tmp_path / "swin_unetr.pt"
+    torch.save(case["checkpoint"], path)
+    encoder = SwinEncoder(in_channels=case["in_channels"], feature_size=12, window_size=case["window"])
+    report = load_pretrained(encoder, path)
+    assert len(report["loaded"]) == len([k for k in encoder.state_dict() if "relative_position_index" not in k])
+    assert all(not key.startswith("swinViT.") for key in report["ignored"])
+    outputs = _encoder_outputs(encoder, case["input"])
+    assert [tuple(o.shape) for o in outputs] == [tuple(e.shape) for e in case["outputs"]]
+    assert _max_relative_error(outputs, case["outputs"]) < 1e-5
+
+
+def test_swin_encoder_sums_multichannel_patch_embedding_for_one_channel(tmp_path):
+    import torch
+    from swin_encoder import SwinEncoder, load_pretrained
+    case = _swin_fixture()["w4"]
+    path = tmp_path / "brats.pt"
+    torch.save(case["checkpoint"], path)
+    encoder = SwinEncoder(in_channels=1, feature_size=12, window_size=4)
+    report = load_pretrained(encoder, path)
+    assert any("summed over 4 input channels" in note for note in report["converted"])
+    outputs = _encoder_outputs(encoder, case["single_channel_input"])
+    assert _max_relative_error(outputs, case["single_channel_outputs"]) < 1e-5
+
+
+def test_swin_encoder_loads_self_supervised_checkpoint_format(tmp_path):
+    import torch
+    from swin_encoder import SwinEncoder, load_pretrained
+    case = _swin_fixture()["w7"]
+    state = {}
+    for key, value in case["checkpoint"]["state_dict"].items():
+        key = key.replace("swinViT.", "module.", 1).replace(".mlp.linear1.", ".mlp.fc1.").replace(".mlp.linear2.", ".mlp.fc2.")
+        state[key] = value
+    state["module.rotation_head.weight"] = torch.zeros(4, 192)
+    state["module.contrastive_head.weight"] = torch.zeros(512, 192)
+    state["module.conv.0.weight"] = torch.zeros(96, 192, 3, 3, 3)
+    path = tmp_path / "model_swinvit.pt"
+    torch.save({"epoch": 3, "state_dict": state}, path)
+    encoder = SwinEncoder(in_channels=1, feature_size=12, window_size=7)
+    report = load_pretrained(encoder, path)
+    assert sorted(report["ignored"]) == ["module.contrastive_head.weight", "module.conv.0.weight",
+                                         "module.rotation_head.weight"]
+    assert _max_relative_error(_encoder_outputs(encoder, case["input"]), case["outputs"]) < 1e-5
+    # a bare state dict and one under "model" load too
+    for wrapped in (state, {"model": state}):
+        torch.save(wrapped, path)
+        load_pretrained(SwinEncoder(in_channels=1, feature_size=12, window_size=7), path)
+
+
+def test_swin_encoder_refuses_unusable_checkpoints(tmp_path):
+    import torch
+    from data import UserError
+    from swin_encoder import SwinEncoder, load_pretrained
+    case = _swin_fixture()["w7"]
+    encoder = SwinEncoder(in_channels=1, feature_size=12, window_size=4)
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    wrong_window = tmp_path / "window7.pt"
+    torch.save(case["checkpoint"], wrong_window)
+    with pytest.raises(UserError, match=r"window7\.pt.*relative_position_bias_table"):
+        load_pretrained(encoder, wrong_window)
+    unrelated = tmp_path / "unrelated.pt"
+    torch.save({"state_dict": {"backbone.conv1.weight": torch.zeros(3)}}, unrelated)
+    with pytest.raises(UserError, match=r"unrelated\.pt: matches none .*backbone\.conv1\.weight"):
+        load_pretrained(encoder, unrelated)
+    partial = tmp_path / "partial.pt"
+    state = {k: v for k, v in case["checkpoint"]["state_dict"].items() if "layers4" not in k}
+    torch.save({"state_dict": state}, partial)
+    with pytest.raises(UserError, match=r"partial\.pt.*not in the file: layers4\.0\."):
+        load_pretrained(SwinEncoder(in_channels=1, feature_size=12, window_size=7), partial)
+    empty = tmp_path / "empty.pt"
+    torch.save({}, empty)
+    with pytest.raises(UserError, match=r"empty\.pt"):
+        load_pretrained(encoder, empty)
+    for name, content in (("notes.pt", b"just some text\n"), ("garbage.pt", bytes(range(256)) * 4)):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(UserError, match=rf"{name}: not a readable PyTorch checkpoint"):
+            load_pretrained(encoder, tmp_path / name)
+    with pytest.raises(UserError, match="not found"):
+        load_pretrained(encoder, tmp_path / "missing.pt")
+    assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"feature_size": 16}, "feature_size"), ({"depths": (2, 2, 2)}, "depths"), ({"num_heads": (3, 6, 12, 0)}, "num_heads"),
+    ({"num_heads": (5, 6, 12, 24)}, "not divisible by 5 heads"), ({"window_size": 1}, "window_size"),
+    ({"in_channels": 0}, "in_channels"), ({"patch_size": 0}, "patch_size")])
+def test_swin_encoder_rejects_bad_arguments(kwargs, message):
+    from swin_encoder import SwinEncoder
+    with pytest.raises(ValueError, match=message):
+        SwinEncoder(**{"feature_size": 12, "window_size": 4, **kwargs})
+
+
+def test_swin_encoder_rejects_bad_inputs():
+    import torch
+    from swin_encoder import SwinEncoder
+    encoder = SwinEncoder(feature_size=12, window_size=4)
+    for shape, message in (((1, 1, 32, 32, 48), "multiples of 32"), ((1, 2, 32, 32, 32), "1 input channels"),
+                           ((1, 32, 32, 32), r"\(B, C, D, H, W\)")):
+        with pytest.raises(ValueError, match=message):
+            encoder(torch.zeros(shape))
+
+
+def test_swin_encoder_trains_on_cpu_with_checkpointing_and_caches_only_in_eval():
+    import torch
+    from swin_encoder import SwinEncoder
+    torch.manual_seed(0)
+    plain = SwinEncoder(feature_size=12, window_size=4)
+    checkpointed = SwinEncoder(feature_size=12, window_size=4, use_checkpoint=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.rand(1, 1, 32, 32, 64)
+    weights = [torch.randn(o.shape) for o in _encoder_outputs(plain, x)]
+    for model in (plain, checkpointed):
+        model.train()
+        sum((o * w).sum() for o, w in zip(model(x), weights)).backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        assert a.grad is not None and torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name
+    # eval caches the bias masks; changing the bias table must change the output
+    first = [o.clone() for o in _encoder_outputs(plain, x)]
+    with torch.no_grad():
+        plain.layers1[0].blocks[1].attn.relative_position_bias_table.add_(1.0)
+    assert not torch.allclose(_encoder_outputs(plain, x)[2], first[2])
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        low = plain.eval()(x[..., :32])
+    assert all(torch.isfinite(o.float()).all() for o in low) and low[4].shape == (1, 192, 1, 1, 1)

@@ -1,0 +1,178 @@
+"""Classifier = Swin encoder + MLP head, and its checkpoint format.
+
+Input to the model: HU patches scaled with ``data.hu_to_unit`` to float32 ``(B, 1, P, P, P)``, array axes
+``[z, y, x]`` along increasing world z, y, x (voxels of ``spacing_mm``). Output: one logit per patch, ``(B,)``;
+``sigmoid(logit)`` is the probability that the candidate is a nodule.
+
+Checkpoints are ``torch.save`` dicts of plain Python values and tensors only (loadable with
+``torch.load(weights_only=True)``)::
+
+    {"format": CHECKPOINT_FORMAT, "model": state_dict, "config": {...}, "preprocess": {...},
+     "cutoff": float, "epoch": int, ...train state for resuming...}
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, Tuple
+
+import torch
+from torch import nn
+
+from data import UserError
+
+CHECKPOINT_FORMAT = "luna16-classifier/1"
+POOLINGS = ("avg", "flatten")
+ENCODER_DEFAULTS: Dict[str, Any] = {"in_channels": 1, "feature_size": 48, "depths": [2, 2, 2, 2],
+                                    "num_heads": [3, 6, 12, 24], "window_size": 7, "patch_size": 2,
+                                    "use_checkpoint": False}
+
+
+class MLPHead(nn.Module):
+    """Features ``(B, F)`` -> logits ``(B,)``: Linear 512, ReLU, dropout, Linear 256, ReLU, dropout, Linear 1.
+
+    The features are first standardised with the fixed buffers ``feature_mean`` / ``feature_std`` (identity
+    until ``set_standardisation``; train-head sets them from the training features). The encoder's pooled
+    features differ far more between feature channels than between patches, and without this the head
+    learns slowly.
+    """
+
+    def __init__(self, in_features: int, dropout: float = 0.3):
+        super().__init__()
+        if in_features < 1:
+            raise ValueError(f"in_features must be positive, got {in_features}")
+        self.register_buffer("feature_mean", torch.zeros(in_features))
+        self.register_buffer("feature_std", torch.ones(in_features))
+        self.layers = nn.Sequential(
+            nn.Linear(in_features, 512), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(512, 256), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(256, 1))
+
+    def set_standardisation(self, features: torch.Tensor) -> None:
+        """Per-feature mean and standard deviation of ``(N, F)`` training features."""
+        features = features.float()
+        self.feature_mean.copy_(features.mean(dim=0))
+        self.feature_std.copy_(features.std(dim=0, unbiased=False).clamp(min=1e-6))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        standardised = (features - self.feature_mean) / self.feature_std
+        return self.layers(standardised).squeeze(-1)
+
+
+class Classifier(nn.Module):
+    """Swin encoder + MLP head on the encoder's last stage (``16 * feature_size`` channels at ``P / 32``).
+
+    pooling ``"avg"``: global average over the last stage's voxels -> ``16 * feature_size`` features;
+    ``"flatten"``: all of its voxels in order ``[channel, z, y, x]`` -> ``16 * feature_size * (P / 32) ** 3``.
+    """
+
+    def __init__(self, encoder: nn.Module, head: nn.Module, pooling: str = "avg"):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.encoder = encoder
+        self.head = head
+        self.pooling = pooling
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, P, P, P)`` unit-scaled patches -> ``(B, F)`` features."""
+        last = self.encoder(x)[-1]
+        if self.pooling == "avg":
+            return last.mean(dim=(2, 3, 4))
+        return last.flatten(1)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """``(B, F)`` features -> ``(B,)`` logits."""
+        return self.head(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def resolve_config(config: Dict[str, Any]) -> Dict[str, Any]:
+    """Fill defaults and validate a model config ``{"encoder": {...}, "pooling": ..., "patch_size": P}``."""
+    encoder = dict(ENCODER_DEFAULTS)
+    encoder.update(config.get("encoder", {}))
+    encoder["depths"] = [int(d) for d in encoder["depths"]]
+    encoder["num_heads"] = [int(h) for h in encoder["num_heads"]]
+    pooling = config.get("pooling", "avg")
+    patch_size = int(config.get("patch_size", 64))
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if patch_size < 32 or patch_size % 32:
+        raise ValueError(f"patch_size must be a positive multiple of 32 (five halvings), got {patch_size}")
+    if int(encoder["feature_size"]) < 1:
+        raise ValueError(f"feature_size must be positive, got {encoder['feature_size']}")
+    return {"encoder": encoder, "pooling": pooling, "patch_size": patch_size}
+
+
+def feature_dim(config: Dict[str, Any]) -> int:
+    """Number of features the head sees for a (resolved) model config."""
+    config = resolve_config(config)
+    channels = 16 * int(config["encoder"]["feature_size"])
+    if config["pooling"] == "avg":
+        return channels
+    return channels * (config["patch_size"] // 32) ** 3
+
+
+def build_encoder(encoder_config: Dict[str, Any]) -> nn.Module:
+    """A randomly initialised ``swin_encoder.SwinEncoder`` from its keyword arguments."""
+    import swin_encoder
+    kwargs = dict(encoder_config)
+    kwargs["depths"] = tuple(kwargs["depths"])
+    kwargs["num_heads"] = tuple(kwargs["num_heads"])
+    return swin_encoder.SwinEncoder(**kwargs)
+
+
+def build_classifier(config: Dict[str, Any]) -> Classifier:
+    """Randomly initialised classifier for ``config = {"encoder": {SwinEncoder kwargs}, "pooling", "patch_size"}``."""
+    config = resolve_config(config)
+    return Classifier(build_encoder(config["encoder"]), MLPHead(feature_dim(config)), config["pooling"])
+
+
+def save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:
+    """``torch.save(payload)`` atomically: a ``.tmp`` file beside ``path`` renamed over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def strip_module_prefix(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Remove the ``module.`` prefix DistributedDataParallel adds to parameter names."""
+    return {(key[len("module."):] if key.startswith("module.") else key): value for key, value in state.items()}
+
+
+def read_checkpoint(path: Path) -> Dict[str, Any]:
+    """Load one of our checkpoint dicts on the CPU (``weights_only=True``), or raise UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling/zip errors: not a torch file, or one that needs unsafe loading
+        raise UserError(f"{path} is not a readable classifier checkpoint ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT or "model" not in payload:
+        raise UserError(f"{path} is not a classifier checkpoint of this toolkit "
+                        f"(expected best.pt/last.pt written by train-head or finetune)")
+    return payload
+
+
+def load_classifier(path: Path, device: str = "cpu") -> Tuple[Classifier, Dict[str, Any]]:
+    """Checkpoint -> (classifier in eval mode on ``device``, meta).
+
+    meta: ``config`` (model config), ``preprocess`` {patch_size, spacing_mm, hu_min, hu_max},
+    ``cutoff`` (probability threshold chosen on validation), ``epoch``, plus ``metrics`` and ``kind`` when present.
+    """
+    payload = read_checkpoint(path)
+    try:
+        model = build_classifier(payload["config"])
+        model.load_state_dict(strip_module_prefix(payload["model"]))
+    except (RuntimeError, ValueError, TypeError, KeyError) as err:
+        raise UserError(f"{path}: weights do not fit the model config stored with them ({err})") from None
+    model.to(device).eval()
+    meta = {key: payload[key] for key in ("config", "preprocess", "cutoff", "epoch", "metrics", "kind", "run")
+            if key in payload}
+    return model, meta

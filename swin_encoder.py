@@ -1,0 +1,670 @@
+"""Swin Transformer encoder of Swin UNETR (3D), able to load the published Swin UNETR weights.
+
+Tensor layout: the input is ``(B, C, D, H, W)``; for CT patches D, H, W are the array axes
+``[z, y, x]`` in voxels. ``SwinEncoder.forward`` returns five feature maps, stage ``i`` of shape
+``(B, feature_size * 2**i, D / 2**(i+1), H / 2**(i+1), W / 2**(i+1))``, each layer-normalised over
+channels without affine parameters. Inside the encoder, tokens are kept channels-last,
+``(B, D', H', W', C)``, so that the stage outputs are returned as channels-last-3d views.
+
+Module and parameter names follow the ``swinViT`` part of the Swin UNETR reference implementation
+(``patch_embed.proj``, ``layers1.0.blocks.0.attn.qkv``, ``layers1.0.downsample.reduction`` ...),
+so its state dicts map one to one. Numerically the encoder equals that implementation (with the
+"merging" downsampling of releases up to 1.4, which the published weights were trained with); it is
+faster because window attention runs through ``scaled_dot_product_attention`` with the relative
+position bias and the shifted-window mask folded into one additive mask.
+
+Reference: Hatamizadeh et al., "Swin UNETR: Swin Transformers for Semantic Segmentation of Brain
+Tumors in MRI Images" (2022); Liu et al., "Swin Transformer: Hierarchical Vision Transformer using
+Shifted Windows" (2021).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils import checkpoint as torch_checkpoint
+
+MASKED_SCORE = -100.0  # added to attention scores between tokens of different shifted regions
+NUM_STAGES = 4
+
+
+# --- geometry of windows ------------------------------------------------------
+
+@dataclass(frozen=True)
+class WindowGeometry:
+    """How one stage's token grid ``(d, h, w)`` is cut into attention windows.
+
+    window: window edge per axis (shrunk to the grid size where the grid is not larger).
+    shift: cyclic shift per axis of the shifted blocks (0 where the window was shrunk).
+    padded: grid size after zero padding to whole windows.
+    groups: for shifted blocks, boxes of windows ``((d0, d1), (h0, h1), (w0, w1))`` in window-grid
+        units that share one shift mask; ``group_masks[g]`` is that ``(N, N)`` mask (0 or -100).
+    """
+    size: Tuple[int, int, int]
+    window: Tuple[int, int, int]
+    shift: Tuple[int, int, int]
+    padded: Tuple[int, int, int]
+    groups: Tuple[Tuple[Tuple[int, int], ...], ...]
+    group_masks: Optional[torch.Tensor]
+
+    @property
+    def tokens_per_window(self) -> int:
+        return self.window[0] * self.window[1] * self.window[2]
+
+    @property
+    def window_count(self) -> int:
+        return (self.padded[0] // self.window[0]) * (self.padded[1] // self.window[1]) * (self.padded[2] // self.window[2])
+
+    @property
+    def needs_padding(self) -> bool:
+        return self.padded != self.size or self.shifted
+
+    @property
+    def shifted(self) -> bool:
+        return any(s > 0 for s in self.shift)
+
+
+def effective_window(size: Sequence[int], window: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """Window and shift per axis: an axis not longer than the window gets one window and no shift."""
+    windows = tuple(n if n <= window else window for n in size)
+    shifts = tuple(0 if n <= window else window // 2 for n in size)
+    return windows, shifts
+
+
+def region_labels(padded: Sequence[int], window: Sequence[int], shift: Sequence[int]) -> torch.Tensor:
+    """Label ``(Dp, Hp, Wp)`` of the cyclically shifted regions, as the shifted-window scheme defines them."""
+    labels = torch.zeros(tuple(padded), dtype=torch.int64)
+    count = 0
+    cuts = [(slice(-w), slice(-w, -s), slice(-s, None)) for w, s in zip(window, shift)]
+    for d_cut in cuts[0]:
+        for h_cut in cuts[1]:
+            for w_cut in cuts[2]:
+                labels[d_cut, h_cut, w_cut] = count
+                count += 1
+    return labels
+
+
+def _window_grid(tensor: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
+    """View ``(Dp, Hp, Wp, ...)`` as ``(nd, nh, nw, N, ...)`` windows (copies)."""
+    dp, hp, wp = tensor.shape[:3]
+    rest = tensor.shape[3:]
+    w0, w1, w2 = window
+    grid = tensor.reshape(dp // w0, w0, hp // w1, w1, wp // w2, w2, *rest)
+    order = (0, 2, 4, 1, 3, 5) + tuple(range(6, 6 + len(rest)))
+    return grid.permute(order).reshape(dp // w0, hp // w1, wp // w2, w0 * w1 * w2, *rest)
+
+
+def build_geometry(size: Sequence[int], window: int) -> WindowGeometry:
+    """Window geometry of a token grid ``size = (d, h, w)``; masks are float32 on the CPU."""
+    windows, shifts = effective_window(size, window)
+    padded = tuple(-(-n // w) * w for n, w in zip(size, windows))
+    counts = [p // w for p, w in zip(padded, windows)]
+    if not any(s > 0 for s in shifts):
+        return WindowGeometry(tuple(size), windows, shifts, padded, (tuple((0, c) for c in counts),), None)
+    labels = _window_grid(region_labels(padded, windows, shifts), windows)  # (nd, nh, nw, N)
+    all_masks = (labels.unsqueeze(-1) != labels.unsqueeze(-2))  # (nd, nh, nw, N, N)
+    # Only the last window along a shifted axis straddles regions, so windows fall into at most
+    # eight boxes that share one mask each; attention then runs once per box with a small mask.
+    segments = [[(0, c - 1), (c - 1, c)] if s > 0 and c > 1 else [(0, c)] for c, s in zip(counts, shifts)]
+    groups, masks = [], []
+    for box in itertools.product(*segments):
+        block = all_masks[box[0][0]:box[0][1], box[1][0]:box[1][1], box[2][0]:box[2][1]]
+        first = block[0, 0, 0]
+        if not bool((block == first).all()):
+            raise RuntimeError(f"windows of box {box} do not share one shift mask")
+        groups.append(box)
+        masks.append(first.to(torch.float32) * MASKED_SCORE)
+    return WindowGeometry(tuple(size), windows, shifts, padded, tuple(groups), torch.stack(masks))
+
+
+def _segments(length: int, padded: int, shift: int) -> List[Tuple[slice, slice]]:
+    """(padded+rolled slice, unpadded slice) pairs along one axis for a cyclic shift by ``-shift``."""
+    if shift == 0:
+        return [(slice(0, length), slice(0, length))]
+    return [(slice(0, length - shift), slice(shift, length)), (slice(padded - shift, padded), slice(0, shift))]
+
+
+def pad_and_roll(x: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
+    """Zero-pad ``(B, d, h, w, C)`` to whole windows and roll by ``-shift`` in one copy."""
+    b, c = x.shape[0], x.shape[-1]
+    if geometry.padded == geometry.size and not geometry.shifted:
+        return x
+    out = x.new_empty((b, *geometry.padded, c))
+    # After the roll, the padding along each axis is one slab [n - shift, p - shift).
+    for axis, (n, p, s) in enumerate(zip(geometry.size, geometry.padded, geometry.shift)):
+        if p > n:
+            out.narrow(axis + 1, n - s, p - n).zero_()
+    per_axis = [_segments(n, p, s) for n, p, s in zip(geometry.size, geometry.padded, geometry.shift)]
+    for (dd, sd), (dh, sh), (dw, sw) in itertools.product(*per_axis):
+        out[:, dd, dh, dw] = x[:, sd, sh, sw]
+    return out
+
+
+def unroll_and_crop(x: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
+    """Inverse of :func:`pad_and_roll`: ``(B, Dp, Hp, Wp, C)`` back to ``(B, d, h, w, C)``."""
+    if not geometry.shifted:
+        d, h, w = geometry.size
+        return x[:, :d, :h, :w]
+    out = x.new_empty((x.shape[0], *geometry.size, x.shape[-1]))
+    per_axis = [_segments(n, p, s) for n, p, s in zip(geometry.size, geometry.padded, geometry.shift)]
+    for (dd, sd), (dh, sh), (dw, sw) in itertools.product(*per_axis):
+        out[:, sd, sh, sw] = x[:, dd, dh, dw]
+    return out
+
+
+def partition_windows(x: torch.Tensor, geometry: WindowGeometry, parts: int, heads: int) -> torch.Tensor:
+    """``(B, Dp, Hp, Wp, parts*heads*hd)`` -> ``(parts, windows, heads, N, hd)``, boxes one after another.
+
+    Windows are ordered box by box (``geometry.groups``), inside a box by (batch, d, h, w).
+    """
+    b = x.shape[0]
+    (dp, hp, wp), (w0, w1, w2) = geometry.padded, geometry.window
+    head_dim = x.shape[-1] // (parts * heads)
+    grid = x.view(b, dp // w0, w0, hp // w1, w1, wp // w2, w2, parts, heads, head_dim)
+    order = (7, 0, 1, 3, 5, 8, 2, 4, 6, 9)
+    n = geometry.tokens_per_window
+    if len(geometry.groups) == 1:
+        return grid.permute(order).reshape(parts, -1, heads, n, head_dim)
+    out = x.new_empty(parts, b * geometry.window_count, heads, n, head_dim)
+    start = 0
+    for (d0, d1), (h0, h1), (k0, k1) in geometry.groups:
+        count = b * (d1 - d0) * (h1 - h0) * (k1 - k0)
+        target = out[:, start:start + count].view(parts, b, d1 - d0, h1 - h0, k1 - k0, heads, w0, w1, w2, head_dim)
+        target.copy_(grid[:, d0:d1, :, h0:h1, :, k0:k1].permute(order))
+        start += count
+    return out
+
+
+def merge_windows(windows: torch.Tensor, geometry: WindowGeometry, batch: int) -> torch.Tensor:
+    """Inverse of :func:`partition_windows`: ``(parts, windows, heads, N, hd)`` -> ``(B, Dp, Hp, Wp, C)``."""
+    parts, _, heads, _, head_dim = windows.shape
+    (dp, hp, wp), (w0, w1, w2) = geometry.padded, geometry.window
+    counts = (dp // w0, hp // w1, wp // w2)
+    order = (1, 2, 6, 3, 7, 4, 8, 0, 5, 9)
+    if len(geometry.groups) == 1:
+        grid = windows.reshape(parts, batch, *counts, heads, w0, w1, w2, head_dim).permute(order)
+        return grid.reshape(batch, dp, hp, wp, parts * heads * head_dim)
+    out = windows.new_empty(batch, counts[0], w0, counts[1], w1, counts[2], w2, parts, heads, head_dim)
+    start = 0
+    for (d0, d1), (h0, h1), (k0, k1) in geometry.groups:
+        count = batch * (d1 - d0) * (h1 - h0) * (k1 - k0)
+        source = windows[:, start:start + count].reshape(parts, batch, d1 - d0, h1 - h0, k1 - k0, heads, w0, w1, w2,
+                                                          head_dim)
+        out[:, d0:d1, :, h0:h1, :, k0:k1].copy_(source.permute(order))
+        start += count
+    return out.view(batch, dp, hp, wp, parts * heads * head_dim)
+
+
+class _PadRoll(torch.autograd.Function):
+    """:func:`pad_and_roll` with its exact adjoint as backward (autograd of slices would zero-fill per slice)."""
+
+    @staticmethod
+    def forward(ctx, x, geometry):
+        ctx.geometry = geometry
+        return pad_and_roll(x, geometry)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return unroll_and_crop(grad, ctx.geometry).contiguous(), None
+
+
+class _UnrollCrop(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, geometry):
+        ctx.geometry = geometry
+        return unroll_and_crop(x, geometry).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return pad_and_roll(grad, ctx.geometry), None
+
+
+class _Partition(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, geometry, parts, heads):
+        ctx.geometry, ctx.batch = geometry, x.shape[0]
+        return partition_windows(x, geometry, parts, heads)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return merge_windows(grad, ctx.geometry, ctx.batch), None, None, None
+
+
+class _Merge(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, windows, geometry, batch):
+        ctx.geometry, ctx.heads = geometry, windows.shape[2]
+        return merge_windows(windows, geometry, batch)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return partition_windows(grad.contiguous(), ctx.geometry, 1, ctx.heads), None, None
+
+
+def relative_position_index(window: int) -> torch.Tensor:
+    """``(N, N)`` index into the bias table for token pairs of a ``window**3`` window (row-major d, h, w)."""
+    coords = torch.stack(torch.meshgrid(*[torch.arange(window)] * 3, indexing="ij")).flatten(1)  # (3, N)
+    delta = (coords[:, :, None] - coords[:, None, :]) + (window - 1)  # (3, N, N), each in 0..2w-2
+    span = 2 * window - 1
+    return delta[0] * span * span + delta[1] * span + delta[2]
+
+
+def _aligned_mask(mask: torch.Tensor) -> torch.Tensor:
+    """On CUDA, store the mask with rows padded to 16 elements so fused attention need not copy it."""
+    if mask.device.type != "cuda" or mask.shape[-1] % 16 == 0:
+        return mask
+    extra = 16 - mask.shape[-1] % 16
+    return F.pad(mask, (0, extra))[..., :mask.shape[-1]]
+
+
+class _AttentionWithBiasGrad(torch.autograd.Function):
+    """Fused attention forward with a hand-written backward that also returns the mask gradient.
+
+    On the CPU, ``scaled_dot_product_attention`` falls back to its unfused path whenever the additive
+    mask needs a gradient (the learned relative position bias in training). Here the forward stays
+    fused and the backward recomputes the probabilities once.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask):
+        # detached: the fused kernel is only chosen for inputs that do not require a gradient
+        out = F.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), attn_mask=mask.detach())
+        ctx.save_for_backward(q, k, v, mask, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, mask, out = ctx.saved_tensors
+        scale = q.shape[-1] ** -0.5
+        probs = torch.softmax(torch.matmul(q, k.transpose(-2, -1)).mul_(scale).add_(mask), dim=-1)
+        grad_v = torch.matmul(probs.transpose(-2, -1), grad_out)
+        grad_probs = torch.matmul(grad_out, v.transpose(-2, -1))
+        delta = (grad_out * out).sum(dim=-1, keepdim=True)
+        grad_scores = probs.mul_(grad_probs.sub_(delta))  # softmax backward, in place
+        grad_mask = None
+        if ctx.needs_input_grad[3]:
+            grad_mask = grad_scores.sum(dim=0, keepdim=True) if mask.shape[0] == 1 else grad_scores
+        grad_q = torch.matmul(grad_scores, k).mul_(scale)
+        grad_k = torch.matmul(grad_scores.transpose(-2, -1), q).mul_(scale)
+        return grad_q, grad_k, grad_v, grad_mask
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax attention ``(Bw, heads, N, hd)`` with additive ``mask`` ``(1, heads, N, N)``."""
+    if mask.requires_grad and torch.is_grad_enabled() and q.device.type == "cpu":
+        return _AttentionWithBiasGrad.apply(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+# --- modules --------------------------------------------------------------------
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping ``patch_size**3`` patches to ``embed_dim`` features (a strided convolution)."""
+
+    def __init__(self, in_channels: int, embed_dim: int, patch_size: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv3d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, D, H, W)`` -> channels-last tokens ``(B, D/p, H/p, W/p, embed_dim)``."""
+        b, c, d, h, w = x.shape
+        p = self.patch_size
+        patches = x.reshape(b, c, d // p, p, h // p, p, w // p, p).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        patches = patches.reshape(b, d // p, h // p, w // p, c * p * p * p)
+        return F.linear(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside windows with a learned relative position bias."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 3, num_heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.register_buffer("relative_position_index", relative_position_index(window_size))
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim)
+        self.register_buffer("query_bias_only", torch.cat([torch.ones(dim), torch.zeros(2 * dim)]), persistent=False)
+        self._mask_cache: Dict[tuple, torch.Tensor] = {}
+
+    def clear_cache(self) -> None:
+        self._mask_cache.clear()
+
+    def train(self, mode: bool = True):
+        self.clear_cache()
+        return super().train(mode)
+
+    def _masks(self, geometry: WindowGeometry, dtype: torch.dtype) -> torch.Tensor:
+        """Additive masks ``(G, heads, N, N)``: relative position bias plus each box's shift mask."""
+        table = self.relative_position_bias_table
+        cacheable = not self.training and not (torch.is_grad_enabled() and table.requires_grad)
+        key = (geometry.size, table.device, dtype, table.data_ptr(), table._version)
+        if cacheable and key in self._mask_cache:
+            return self._mask_cache[key]
+        n = geometry.tokens_per_window
+        index = self.relative_position_index[:n, :n].reshape(-1)
+        bias = table[index].reshape(n, n, self.num_heads).permute(2, 0, 1)  # (heads, N, N)
+        if geometry.shifted:
+            masks = bias.unsqueeze(0) + geometry.group_masks.to(table.device).unsqueeze(1)
+        else:
+            masks = bias.unsqueeze(0)
+        masks = _aligned_mask(masks.to(dtype).contiguous())
+        if cacheable:
+            if len(self._mask_cache) >= 8:
+                self._mask_cache.clear()
+            self._mask_cache[key] = masks
+        return masks
+
+    def forward(self, x: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
+        """Attention over windows of normalised tokens ``(B, d, h, w, C)``; returns the same shape.
+
+        The key bias of ``qkv`` shifts every score of a query by one constant, which softmax ignores,
+        and the value bias passes through attention unchanged (weights sum to one) and is folded into
+        ``proj``; so the projection runs on the unpadded tokens and padding stays zero.
+        """
+        b, c = x.shape[0], self.dim
+        heads, head_dim = self.num_heads, self.dim // self.num_heads
+        qkv = F.linear(x, self.qkv.weight, self.qkv.bias * self.query_bias_only)
+        if geometry.needs_padding:
+            qkv = _PadRoll.apply(qkv, geometry)  # (B, Dp, Hp, Wp, 3C)
+        q, k, v = _Partition.apply(qkv, geometry, 3, heads).unbind(0)  # each (windows, heads, N, hd)
+        masks = self._masks(geometry, q.dtype)
+        if len(geometry.groups) == 1:
+            attended = window_attention(q, k, v, masks)
+        else:
+            sizes = [b * (d1 - d0) * (h1 - h0) * (k1 - k0) for (d0, d1), (h0, h1), (k0, k1) in geometry.groups]
+            attended = torch.cat([window_attention(*qkv_box, masks[g:g + 1]) for g, qkv_box in
+                                  enumerate(zip(q.split(sizes), k.split(sizes), v.split(sizes)))])
+        out = _Merge.apply(attended.unsqueeze(0), geometry, b)  # (B, Dp, Hp, Wp, C)
+        if geometry.needs_padding:
+            out = _UnrollCrop.apply(out, geometry)
+        value_bias = self.qkv.bias[2 * c:]
+        return F.linear(out, self.proj.weight, self.proj.bias + F.linear(value_bias, self.proj.weight))
+
+
+class MLPBlock(nn.Module):
+    """Two linear layers with exact GELU in between."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(dim, hidden_dim)
+        self.linear2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(F.gelu(self.linear1(x)))
+
+
+class SwinTransformerBlock(nn.Module):
+    """Pre-norm window attention and MLP, each with a residual connection, on ``(B, d, h, w, C)``."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, shifted: bool, use_checkpoint: bool) -> None:
+        super().__init__()
+        self.shifted = shifted
+        self.use_checkpoint = use_checkpoint
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, window_size)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLPBlock(dim, 4 * dim)
+
+    def _attention_part(self, x: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
+        return self.attn(self.norm1(x), geometry)
+
+    def _mlp_part(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.norm2(x))
+
+    def forward(self, x: torch.Tensor, geometry: WindowGeometry, plain: WindowGeometry) -> torch.Tensor:
+        use_geometry = geometry if self.shifted else plain
+        if self.use_checkpoint and torch.is_grad_enabled():
+            x = x + torch_checkpoint.checkpoint(self._attention_part, x, use_geometry, use_reentrant=False)
+            return x + torch_checkpoint.checkpoint(self._mlp_part, x, use_reentrant=False)
+        x = x + self._attention_part(x, use_geometry)
+        return x + self._mlp_part(x)
+
+
+class PatchMerging(nn.Module):
+    """2x downsampling: concatenate 8 sub-grids (legacy order of the published weights), norm, linear."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(8 * dim)
+        self.reduction = nn.Linear(8 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, d, h, w, C)`` -> ``(B, ceil(d/2), ceil(h/2), ceil(w/2), 2C)``; odd sizes are zero-padded."""
+        _, d, h, w, _ = x.shape
+        if d % 2 or h % 2 or w % 2:
+            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2, 0, d % 2))
+        # The order (with sub-grids 5 and 6 repeating 2 and 3) is what the pretrained weights expect.
+        offsets = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 0), (0, 0, 1), (1, 1, 1))
+        x = torch.cat([x[:, i::2, j::2, k::2, :] for i, j, k in offsets], dim=-1)
+        return self.reduction(self.norm(x))
+
+
+class BasicLayer(nn.Module):
+    """One stage: ``depth`` blocks alternating plain and shifted windows, then patch merging."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, use_checkpoint: bool) -> None:
+        super().__init__()
+        self.window_size = window_size
+        self.blocks = nn.ModuleList([
+            SwinTransformerBlock(dim, num_heads, window_size, shifted=(i % 2 == 1), use_checkpoint=use_checkpoint)
+            for i in range(depth)])
+        self.downsample = PatchMerging(dim)
+        self._geometry_cache: Dict[tuple, Tuple[WindowGeometry, WindowGeometry]] = {}
+
+    def geometries(self, size: Tuple[int, int, int]) -> Tuple[WindowGeometry, WindowGeometry]:
+        """(shifted, plain) window geometry of a token grid; cached per size."""
+        if size not in self._geometry_cache:
+            shifted = build_geometry(size, self.window_size)
+            plain = WindowGeometry(shifted.size, shifted.window, (0, 0, 0), shifted.padded,
+                                   (tuple((0, p // w) for p, w in zip(shifted.padded, shifted.window)),), None)
+            self._geometry_cache[size] = (shifted, plain)
+        return self._geometry_cache[size]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Channels-last tokens ``(B, d, h, w, C)`` -> ``(B, d/2, h/2, w/2, 2C)``."""
+        shifted, plain = self.geometries(tuple(x.shape[1:4]))
+        for block in self.blocks:
+            x = block(x, shifted, plain)
+        return self.downsample(x)
+
+
+class SwinEncoder(nn.Module):
+    """3D Swin Transformer encoder of Swin UNETR (the ``swinViT`` sub-module), without decoder.
+
+    Args:
+        in_channels: input channels C of ``(B, C, D, H, W)``.
+        feature_size: channels of the first stage; must be divisible by 12 (as for the published models).
+        depths, num_heads: blocks and attention heads of each of the 4 stages.
+        window_size: attention window edge in tokens (7 for the published weights).
+        patch_size: edge of the non-overlapping patches embedded as tokens.
+        use_checkpoint: recompute activations in the backward pass to save memory.
+    """
+
+    def __init__(self, in_channels: int = 1, feature_size: int = 48, depths: Sequence[int] = (2, 2, 2, 2),
+                 num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7, patch_size: int = 2,
+                 use_checkpoint: bool = False) -> None:
+        super().__init__()
+        depths, num_heads = tuple(depths), tuple(num_heads)
+        _validate_arguments(in_channels, feature_size, depths, num_heads, window_size, patch_size)
+        self.in_channels = in_channels
+        self.feature_size = feature_size
+        self.window_size = window_size
+        self.patch_size = patch_size
+        self.size_multiple = patch_size * 2 ** NUM_STAGES
+        self.patch_embed = PatchEmbed(in_channels, feature_size, patch_size)
+        for i in range(NUM_STAGES):
+            layer = BasicLayer(feature_size * 2 ** i, depths[i], num_heads[i], window_size, use_checkpoint)
+            setattr(self, f"layers{i + 1}", nn.ModuleList([layer]))
+
+    @property
+    def out_channels(self) -> List[int]:
+        """Channels of the five outputs of :meth:`forward`."""
+        return [self.feature_size * 2 ** i for i in range(NUM_STAGES + 1)]
+
+    def clear_cache(self) -> None:
+        """Drop cached attention masks (done automatically when parameters change or in training)."""
+        for module in self.modules():
+            if isinstance(module, WindowAttention):
+                module.clear_cache()
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 5:
+            raise ValueError(f"expected input (B, C, D, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"expected {self.in_channels} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+        if any(n % self.size_multiple for n in x.shape[2:]) or min(x.shape[2:]) == 0:
+            raise ValueError(f"spatial sizes must be positive multiples of {self.size_multiple}, got {tuple(x.shape[2:])}")
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """``(B, C, D, H, W)`` -> five channel-normalised maps ``(B, feature_size * 2**i, D/2**(i+1), ...)``."""
+        self.check_input(x)
+        tokens = self.patch_embed(x)
+        outputs = [_normalised(tokens)]
+        for i in range(NUM_STAGES):
+            tokens = getattr(self, f"layers{i + 1}")[0](tokens)
+            outputs.append(_normalised(tokens))
+        return outputs
+
+
+def _normalised(tokens: torch.Tensor) -> torch.Tensor:
+    """Layer norm over channels (no affine) of ``(B, d, h, w, C)``, returned as a ``(B, C, d, h, w)`` view."""
+    return F.layer_norm(tokens, tokens.shape[-1:]).permute(0, 4, 1, 2, 3)
+
+
+def _validate_arguments(in_channels: int, feature_size: int, depths: tuple, num_heads: tuple,
+                        window_size: int, patch_size: int) -> None:
+    if not isinstance(in_channels, int) or in_channels < 1:
+        raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
+    if not isinstance(feature_size, int) or feature_size < 12 or feature_size % 12:
+        raise ValueError(f"feature_size must be a positive multiple of 12, got {feature_size!r}")
+    if len(depths) != NUM_STAGES or any(not isinstance(n, int) or n < 1 for n in depths):
+        raise ValueError(f"depths must be {NUM_STAGES} positive integers, got {depths!r}")
+    if len(num_heads) != NUM_STAGES or any(not isinstance(n, int) or n < 1 for n in num_heads):
+        raise ValueError(f"num_heads must be {NUM_STAGES} positive integers, got {num_heads!r}")
+    for i, heads in enumerate(num_heads):
+        if (feature_size * 2 ** i) % heads:
+            raise ValueError(f"stage {i + 1} has {feature_size * 2 ** i} channels, not divisible by {heads} heads")
+    if not isinstance(window_size, int) or window_size < 2:
+        raise ValueError(f"window_size must be an integer >= 2, got {window_size!r}")
+    if not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f"patch_size must be a positive integer, got {patch_size!r}")
+
+
+# --- pretrained weights -----------------------------------------------------------
+
+_ENCODER_PREFIXES = ("swinViT.", "swin_vit.")
+_SHOWN_NAMES = 8
+
+
+def _listing(names: Sequence[str]) -> str:
+    names = list(names)
+    shown = ", ".join(names[:_SHOWN_NAMES])
+    return shown + (f" ... ({len(names)} in all)" if len(names) > _SHOWN_NAMES else "")
+
+
+def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file: a bare state dict or one under "state_dict" / "model"."""
+    from data import UserError
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many kinds for text, truncated or unsafe files
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
+    for _ in range(2):
+        if isinstance(obj, dict):
+            inner = obj.get("state_dict", obj.get("model"))
+            if isinstance(inner, dict):
+                obj = inner
+    if not isinstance(obj, dict) or not obj:
+        raise UserError(f"{path}: holds no state dict (found {type(obj).__name__})")
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise UserError(f"{path}: holds no tensors")
+    return tensors
+
+
+def encoder_key(checkpoint_key: str) -> str:
+    """Encoder parameter name of a checkpoint key: strips ``module.`` and ``swinViT.``, fc1/fc2 -> linear1/2."""
+    key = checkpoint_key
+    while key.startswith("module."):
+        key = key[len("module."):]
+    for prefix in _ENCODER_PREFIXES:
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+            break
+    return key.replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2.")
+
+
+def load_pretrained(encoder: SwinEncoder, path, verbose: bool = False) -> dict:
+    """Load Swin UNETR encoder weights from ``path`` into ``encoder`` (all or nothing).
+
+    Accepts full Swin UNETR checkpoints (``swinViT.*`` keys; other keys ignored), the self-supervised
+    ``module.*`` checkpoint (``mlp.fc1``/``fc2`` names; heads ignored), bare state dicts and dicts under
+    "state_dict" or "model". A patch embedding trained on several input channels is summed over them for
+    a 1-channel encoder, so one channel gives what the original gives for that channel copied into all.
+    Raises ``data.UserError`` naming the file when any encoder tensor is missing or has another shape.
+    Returns a report: "loaded", "ignored" (checkpoint keys not used), "converted" notes and "summary".
+    """
+    from data import UserError
+    path = Path(path)
+    tensors = _read_state_dict(path)
+    own = encoder.state_dict()
+    wanted = {name for name in own if not name.endswith("relative_position_index")}
+    new_state: Dict[str, torch.Tensor] = {}
+    sources: Dict[str, str] = {}
+    ignored, mismatched, converted = [], [], []
+    for key, value in tensors.items():
+        name = encoder_key(key)
+        if name not in own:
+            ignored.append(key)
+            continue
+        if name in sources:
+            raise UserError(f"{path}: keys {sources[name]} and {key} both map to encoder tensor {name}")
+        sources[name] = key
+        expected = own[name].shape
+        if name == "patch_embed.proj.weight" and value.dim() == 5 and value.shape != expected \
+                and expected[1] == 1 and value.shape[:1] + value.shape[2:] == expected[:1] + expected[2:]:
+            converted.append(f"{key}: summed over {value.shape[1]} input channels for a 1-channel encoder")
+            value = value.sum(dim=1, keepdim=True)
+        if value.shape != expected:
+            mismatched.append(f"{key} {tuple(value.shape)} vs {tuple(expected)}")
+        elif name.endswith("relative_position_index"):
+            if not torch.equal(value.to(own[name].dtype), own[name]):
+                mismatched.append(f"{key} (values differ from this window size's index)")
+        else:
+            new_state[name] = value
+    if not new_state and not mismatched:
+        raise UserError(f"{path}: matches none of the encoder's {len(wanted)} tensors; keys in the file: "
+                        f"{_listing(sorted(tensors))}")
+    missing = sorted(wanted - set(new_state) - {encoder_key(m.split(' ')[0]) for m in mismatched})
+    problems = []
+    if mismatched:
+        problems.append(f"shape or value mismatch for {_listing(mismatched)}")
+    if missing:
+        problems.append(f"encoder tensors not in the file: {_listing(missing)}")
+    if problems:
+        raise UserError(f"{path}: does not fit this encoder (feature_size={encoder.feature_size}, "
+                        f"window_size={encoder.window_size}, in_channels={encoder.in_channels}): "
+                        + "; ".join(problems))
+    for name in own:
+        new_state.setdefault(name, own[name])
+    encoder.load_state_dict(new_state, strict=True)
+    encoder.clear_cache()
+    summary = (f"{path}: loaded {len(wanted)} encoder tensors, ignored {len(ignored)} other keys"
+               + (f"; {'; '.join(converted)}" if converted else ""))
+    if verbose:
+        print(summary)
+    return {"path": str(path), "loaded": sorted(wanted), "ignored": sorted(ignored),
+            "converted": converted, "summary": summary}
