@@ -424,6 +424,21 @@ def match_diameters(candidates: PointTable, annotations: PointTable) -> np.ndarr
     return diameters
 
 
+def parse_subsets(text: str, option: str = "--subsets") -> list[int]:
+    """Subset numbers from ``"9"``, ``"7,8"`` or ``"0-4"`` (sorted, unique); ``""`` or ``"none"`` -> []."""
+    text = str(text).strip().lower().replace(" ", "")
+    if text in ("", "none"):
+        return []
+    subsets = set()
+    try:
+        for part in filter(None, text.split(",")):
+            low, _, high = part.partition("-")
+            subsets.update(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise UserError(f"{option} takes subset numbers like 9, 7,8 or 0-4; got {text!r}") from None
+    return sorted(subsets)
+
+
 # --- atomic files --------------------------------------------------------------
 
 def atomic_write_text(path, text: str) -> None:

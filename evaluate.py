@@ -543,17 +543,12 @@ PREDICTION_COLUMNS = "seriesuid,coordX,coordY,coordZ,probability,class"
 
 
 def parse_subsets(text: str) -> list[int]:
-    """``"9"``, ``"8,9"`` or ``"0-4"`` -> sorted subset numbers (LUNA16 has subset0..subset9)."""
-    subsets = set()
-    try:
-        for part in str(text).replace(" ", "").split(","):
-            low, _, high = part.partition("-")
-            subsets.update(range(int(low), int(high or low) + 1))
-    except ValueError:
-        raise UserError(f"--subsets takes numbers like 9, 8,9 or 0-4; got {text!r}") from None
-    if not subsets or min(subsets) < 0 or max(subsets) > 9:
-        raise UserError(f"--subsets must name subsets 0..9, got {text!r}")
-    return sorted(subsets)
+    """``"9"``, ``"8,9"`` or ``"0-4"`` -> sorted subset numbers; at least one is required here."""
+    import data
+    subsets = data.parse_subsets(text, "--subsets")
+    if not subsets:
+        raise UserError(f"--subsets must name at least one subset, got {text!r}")
+    return subsets
 
 
 def subset_scans(data_dir, subsets: Sequence[int]) -> dict:

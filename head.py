@@ -22,7 +22,7 @@ from torch import nn
 from data import UserError
 
 CHECKPOINT_FORMAT = "luna16-classifier/1"
-POOLINGS = ("avg", "flatten")
+POOLINGS = ("avg", "flatten", "centre")
 ENCODER_DEFAULTS: Dict[str, Any] = {"in_channels": 1, "feature_size": 48, "depths": [2, 2, 2, 2],
                                     "num_heads": [3, 6, 12, 24], "window_size": 7, "patch_size": 2,
                                     "use_checkpoint": False}
@@ -63,7 +63,10 @@ class Classifier(nn.Module):
     """Swin encoder + MLP head on the encoder's last stage (``16 * feature_size`` channels at ``P / 32``).
 
     pooling ``"avg"``: global average over the last stage's voxels -> ``16 * feature_size`` features;
-    ``"flatten"``: all of its voxels in order ``[channel, z, y, x]`` -> ``16 * feature_size * (P / 32) ** 3``.
+    ``"flatten"``: all of its voxels in order ``[channel, z, y, x]`` -> ``16 * feature_size * (P / 32) ** 3``;
+    ``"centre"``: every stage's mean over its central ``2^3`` voxels (the one centre voxel of an odd-sized
+    map) -> ``31 * feature_size`` features. A candidate sits at the patch centre, and a global average
+    dilutes what is there with its surroundings; the centre of each stage keeps fine and coarse views of it.
     """
 
     def __init__(self, encoder: nn.Module, head: nn.Module, pooling: str = "avg"):
@@ -76,6 +79,8 @@ class Classifier(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 1, P, P, P)`` unit-scaled patches -> ``(B, F)`` features."""
+        if self.pooling == "centre":
+            return torch.cat([centre_mean(stage) for stage in self.encoder(x)], dim=1)
         last = self.encoder(x)[-1]
         if self.pooling == "avg":
             return last.mean(dim=(2, 3, 4))
@@ -87,6 +92,14 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def centre_mean(stage: torch.Tensor) -> torch.Tensor:
+    """``(B, C, D, H, W)`` -> ``(B, C)``: mean over the central 2 voxels of each even axis (1 of an odd one)."""
+    for axis in (2, 3, 4):
+        size = stage.shape[axis]
+        stage = stage.narrow(axis, (size - 1) // 2, 2 - size % 2)
+    return stage.mean(dim=(2, 3, 4))
 
 
 def resolve_config(config: Dict[str, Any]) -> Dict[str, Any]:
@@ -110,6 +123,8 @@ def feature_dim(config: Dict[str, Any]) -> int:
     """Number of features the head sees for a (resolved) model config."""
     config = resolve_config(config)
     channels = 16 * int(config["encoder"]["feature_size"])
+    if config["pooling"] == "centre":
+        return 31 * int(config["encoder"]["feature_size"])
     if config["pooling"] == "avg":
         return channels
     return channels * (config["patch_size"] // 32) ** 3

@@ -243,7 +243,7 @@ def cache_features_command(
     subset: List[int] = typer.Option([], "--subset", help="Subset(s) to process (repeat; default: every extracted subset)."),
     feature_size: int = typer.Option(48, help="Encoder feature size (48 for the published weights; 12 for small CPU models)."),
     window_size: int = typer.Option(7, help="Attention window (7 for the published weights)."),
-    pooling: str = typer.Option("avg", help="avg (16*feature_size values) or flatten (the whole last stage)."),
+    pooling: str = typer.Option("avg", help="avg (16*feature_size values), flatten (the whole last stage) or centre (each stage's centre, 31*feature_size values)."),
     hu_min: float = typer.Option(-1000.0, help="HU mapped to 0."),
     hu_max: float = typer.Option(1000.0, help="HU mapped to 1."),
     batch_size: int = typer.Option(32, help="Patches per forward pass."),
@@ -267,7 +267,7 @@ def train_head_command(
     weights: Optional[Path] = typer.Option(None, help="The --weights given to cache-features (selects its features)."),
     feature_size: int = typer.Option(48, help="Encoder feature size used by cache-features."),
     window_size: int = typer.Option(7, help="Attention window used by cache-features."),
-    pooling: str = typer.Option("avg", help="Pooling used by cache-features: avg or flatten."),
+    pooling: str = typer.Option("avg", help="Pooling used by cache-features: avg, flatten or centre."),
     hu_min: float = typer.Option(-1000.0, help="HU window used by cache-features (lower end)."),
     hu_max: float = typer.Option(1000.0, help="HU window used by cache-features (upper end)."),
     val_subsets: str = typer.Option("8", help="Validation subset(s), e.g. 8 or 7,8."),
@@ -283,11 +283,12 @@ def train_head_command(
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
 ):
     """Train the MLP head on cached features (class-balanced, early stopping on validation AUC)."""
+    import data
     import train
     run_dir = train.train_head(
         work_dir_option(work_dir), weights=weights, feature_size=feature_size, window_size=window_size,
-        pooling=pooling, hu_min=hu_min, hu_max=hu_max, val_subsets=train.parse_subsets(val_subsets),
-        test_subsets=train.parse_subsets(test_subsets, "--test-subsets"), epochs=epochs, batch_size=batch_size,
+        pooling=pooling, hu_min=hu_min, hu_max=hu_max, val_subsets=data.parse_subsets(val_subsets, "--val-subsets"),
+        test_subsets=data.parse_subsets(test_subsets, "--test-subsets"), epochs=epochs, batch_size=batch_size,
         lr=lr, patience=patience, epoch_samples=epoch_samples, seed=seed, run=run, resume=resume, device=device)
     console.print(f"run folder: [bold]{run_dir}[/] (best.pt, last.pt, history.csv, history.png, config.json)")
 
@@ -306,7 +307,7 @@ def finetune_command(
     head_from: Optional[str] = typer.Option(None, help="Start from this run's best.pt (a train-head run name or a .pt path)."),
     feature_size: int = typer.Option(48, help="Encoder feature size (48 for the published weights; 12 on CPU)."),
     window_size: int = typer.Option(7, help="Attention window (7 for the published weights; 4 for 32^3 CPU models)."),
-    pooling: str = typer.Option("avg", help="avg or flatten."),
+    pooling: str = typer.Option("avg", help="avg, flatten or centre (see cache-features)."),
     grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Recompute activations to save GPU memory."),
     val_subsets: str = typer.Option("8", help="Validation subset(s), e.g. 8 or 7,8."),
     test_subsets: str = typer.Option("9", help="Held-out test subset(s), never read here ('none' for none)."),
@@ -325,12 +326,13 @@ def finetune_command(
     workers: Optional[int] = typer.Option(None, help="Loader processes (default: 4 on GPU, 0 on CPU)."),
 ):
     """Train encoder + head end to end (class-balanced, augmented, mixed precision on GPUs; torchrun for several GPUs)."""
+    import data
     import train
     run_dir = train.finetune(
         work_dir_option(work_dir), epochs=epochs, batch_size=batch_size, accumulate=accumulate, lr=lr,
         weight_decay=weight_decay, warmup_epochs=warmup_epochs, feature_size=feature_size, window_size=window_size,
         pooling=pooling, grad_checkpoint=grad_checkpoint, weights=weights, head_from=head_from,
-        val_subsets=train.parse_subsets(val_subsets), test_subsets=train.parse_subsets(test_subsets, "--test-subsets"),
+        val_subsets=data.parse_subsets(val_subsets, "--val-subsets"), test_subsets=data.parse_subsets(test_subsets, "--test-subsets"),
         hu_min=hu_min, hu_max=hu_max, augment=augment, max_shift_mm=max_shift_mm, precision=precision,
         patience=patience, epoch_samples=epoch_samples, seed=seed, run=run, resume=resume, device=device,
         workers=workers, stop_after=stop_after)

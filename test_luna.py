@@ -1286,3 +1286,17 @@ def test_swin_encoder_trains_on_cpu_with_checkpointing_and_caches_only_in_eval()
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         low = plain.eval()(x[..., :32])
     assert all(torch.isfinite(o.float()).all() for o in low) and low[4].shape == (1, 192, 1, 1, 1)
+
+
+def test_centre_pooling_reads_the_middle_of_every_stage():
+    import torch
+    import head
+    stage = torch.zeros(1, 2, 4, 4, 5)
+    stage[:, :, 1:3, 1:3, 2] = 1.0        # the central 2 x 2 x 1 voxels (odd last axis: its one centre)
+    stage[:, 1] *= 3.0
+    assert torch.equal(head.centre_mean(stage), torch.tensor([[1.0, 3.0]]))
+    model = head.build_classifier({"encoder": {"feature_size": 12, "window_size": 4}, "pooling": "centre",
+                                   "patch_size": 32})
+    features = model.forward_features(torch.rand(2, 1, 32, 32, 32))
+    assert features.shape == (2, 31 * 12) == (2, head.feature_dim({"encoder": {"feature_size": 12},
+                                                                    "pooling": "centre", "patch_size": 32}))

@@ -151,20 +151,6 @@ def check_preprocess_matches(stored: Dict[str, Any], patch_size: int, spacing_mm
                         f"checkpoint's parameters or train a new model")
 
 
-def parse_subsets(text: str, option: str = "--val-subsets") -> List[int]:
-    """``"8"`` or ``"7,8"`` -> [7, 8]; ``""`` or ``"none"`` -> []."""
-    text = text.strip().lower()
-    if text in ("", "none"):
-        return []
-    try:
-        subsets = sorted({int(part) for part in text.split(",") if part.strip()})
-    except ValueError:
-        raise UserError(f"{option}: expected subset numbers separated by commas, e.g. 7,8; got {text!r}") from None
-    if any(k < 0 for k in subsets):
-        raise UserError(f"{option}: subset numbers cannot be negative, got {text!r}")
-    return subsets
-
-
 # --- splits by scan -----------------------------------------------------------
 
 @dataclass
