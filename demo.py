@@ -23,17 +23,19 @@ MONTAGE_PER_GROUP = 6
 class DemoSettings:
     """Sizes chosen so that the demo runs in a few minutes on 2 CPU cores."""
     subsets: int = 5
-    scans_per_subset: int = 4
+    scans_per_subset: int = 8
     negatives_per_scan: int = 40
     seed: int = 0
     patch_size: int = 32
-    spacing_mm: float = 1.25
+    spacing_mm: float = 1.0
     feature_size: int = 12
     window_size: int = 4
+    pooling: str = "centre"
     head_epochs: int = 40
-    finetune_epochs: int = 6
+    finetune_epochs: int = 4
+    finetune_samples: int = 512
     finetune_batch_size: int = 16
-    finetune_lr: float = 5e-4
+    finetune_lr: float = 1e-4
     timings: dict = field(default_factory=dict)
 
 
@@ -50,6 +52,7 @@ def run_demo(work_dir: Path, settings: DemoSettings | None = None, console=None)
     Subsets ``0..n-3`` train, ``n-2`` validates (model selection, cutoff), ``n-1`` is the held-out test.
     """
     import evaluate
+    import head
     import phantom
     import train
     settings = settings or DemoSettings()
@@ -58,7 +61,7 @@ def run_demo(work_dir: Path, settings: DemoSettings | None = None, console=None)
     work_dir = Path(work_dir)
     data_dir = work_dir / "luna16"
     val, test = [settings.subsets - 2], [settings.subsets - 1]
-    model = dict(feature_size=settings.feature_size, window_size=settings.window_size)
+    model = dict(feature_size=settings.feature_size, window_size=settings.window_size, pooling=settings.pooling)
     if not (data_dir / "phantom_manifest.json").is_file():
         _timed(settings, "synth", phantom.write_luna_folder, data_dir, n_subsets=settings.subsets,
                scans_per_subset=settings.scans_per_subset, seed=settings.seed,
@@ -68,20 +71,29 @@ def run_demo(work_dir: Path, settings: DemoSettings | None = None, console=None)
         data.extract_subset(data_dir, work_dir, k, settings.patch_size, settings.spacing_mm,
                             all_candidates=True, seed=settings.seed, console=console)
     settings.timings["extract"] = time.perf_counter() - start
+    for old in ("runs/demo-head", "runs/demo-finetune", "eval/demo-head", "eval/demo-finetune", "report"):
+        shutil.rmtree(work_dir / old, ignore_errors=True)  # the demo's own runs: a rerun trains afresh
     _timed(settings, "cache-features", train.cache_features, work_dir, seed=settings.seed, **model)
-    _timed(settings, "train-head", train.train_head, work_dir, val_subsets=val, test_subsets=test,
-           epochs=settings.head_epochs, seed=settings.seed, run="demo-head", **model)
-    run_dir = _timed(settings, "finetune", train.finetune, work_dir, epochs=settings.finetune_epochs,
-                     batch_size=settings.finetune_batch_size, lr=settings.finetune_lr, head_from="demo-head",
-                     val_subsets=val, test_subsets=test, seed=settings.seed, run="demo-finetune",
-                     device="cpu", **model)
-    eval_dir = work_dir / "eval" / "demo-finetune"
-    metrics = _timed(settings, "evaluate", evaluate.evaluate_model, run_dir / "best.pt", data_dir, test, eval_dir,
-                     device="cpu", console=console)
+    head_run = _timed(settings, "train-head", train.train_head, work_dir, val_subsets=val, test_subsets=test,
+                      epochs=settings.head_epochs, seed=settings.seed, run="demo-head", **model)
+    tuned_run = _timed(settings, "finetune", train.finetune, work_dir, epochs=settings.finetune_epochs,
+                       batch_size=settings.finetune_batch_size, lr=settings.finetune_lr, head_from="demo-head",
+                       epoch_samples=settings.finetune_samples, val_subsets=val, test_subsets=test,
+                       seed=settings.seed, run="demo-finetune", device="cpu", **model)
+    # The model for the report is chosen on validation AUC, never on the held-out subset.
+    validation_auc = {run: head.read_checkpoint(run / "best.pt")["metrics"]["auc"] for run in (head_run, tuned_run)}
+    chosen = max(validation_auc, key=validation_auc.get)
     start = time.perf_counter()
-    report = write_report(work_dir / "report", run_dir, eval_dir, data_dir)
+    results = {}
+    for run in (head_run, tuned_run):
+        results[run.name] = evaluate.evaluate_model(run / "best.pt", data_dir, test, work_dir / "eval" / run.name,
+                                                    device="cpu", console=console)
+    settings.timings["evaluate"] = time.perf_counter() - start
+    start = time.perf_counter()
+    report = write_report(work_dir / "report", chosen, work_dir / "eval" / chosen.name, data_dir)
     settings.timings["report"] = time.perf_counter() - start
-    return dict(metrics=metrics, timings=dict(settings.timings), report=report, run_dir=run_dir, eval_dir=eval_dir)
+    return dict(metrics=results[chosen.name], all_metrics=results, validation_auc={r.name: a for r, a in validation_auc.items()},
+                chosen=chosen.name, timings=dict(settings.timings), report=report)
 
 
 # --- report -----------------------------------------------------------------------

@@ -1300,3 +1300,20 @@ def test_centre_pooling_reads_the_middle_of_every_stage():
     features = model.forward_features(torch.rand(2, 1, 32, 32, 32))
     assert features.shape == (2, 31 * 12) == (2, head.feature_dim({"encoder": {"feature_size": 12},
                                                                     "pooling": "centre", "patch_size": 32}))
+
+
+# --- demo: the whole pipeline end to end ----------------------------------------
+
+def test_demo_runs_every_stage_and_writes_the_report(tmp_path):
+    import demo
+    settings = demo.DemoSettings(subsets=3, scans_per_subset=2, negatives_per_scan=10, head_epochs=3,
+                                 finetune_epochs=1, finetune_samples=32, finetune_batch_size=8)
+    result = demo.run_demo(tmp_path / "demo", settings)
+    assert set(result["timings"]) >= {"synth", "extract", "cache-features", "train-head", "finetune", "evaluate"}
+    assert result["chosen"] in result["all_metrics"] and set(result["all_metrics"]) == {"demo-head", "demo-finetune"}
+    metrics = result["metrics"]
+    assert metrics["subsets"] == [2] and metrics["n_candidates"] > 0 and 0.0 <= metrics["cpm"] <= 1.0
+    page = result["report"].read_text()
+    for picture in ("training.png", "roc.png", "froc.png", "true_positives.png", "false_positives.png",
+                    "false_negatives.png"):
+        assert f'src="{picture}"' in page and (result["report"].parent / picture).stat().st_size > 1000
