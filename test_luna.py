@@ -218,6 +218,26 @@ def test_extract_bad_inputs_are_reported_not_fatal(tmp_path):
     assert len(rows) == 5 and all(r.startswith(info["uids"][3]) for r in rows)
 
 
+
+@pytest.mark.skipif(not (SHARED_DATA / "real_ct").is_dir(), reason="real LIDC-IDRI scans in ../shared/data absent")
+def test_real_lidc_nodules_sit_at_the_patch_centre():
+    """LIDC-IDRI DICOM series (CC BY 3.0) with their LUNA16 annotations: each nodule is dense at the centre."""
+    import data
+    annotations, _ = data.read_point_csv(SHARED_DATA / "luna16" / "annotations.csv", "diameter_mm")
+    checked = 0
+    for series in sorted(p for p in (SHARED_DATA / "real_ct").glob("*/*/*") if p.is_dir()):
+        rows = np.flatnonzero(annotations.seriesuid == series.name)
+        if not len(rows):
+            continue
+        scan = data.read_ct(series)
+        patches = data.extract_patches(scan, annotations.world_xyz[rows], 48, 1.0).astype(float)
+        for patch in patches:
+            centre = patch[22:27, 22:27, 22:27].mean()
+            assert centre > -300 and centre > patch.mean() + 200
+            checked += 1
+    assert checked >= 4
+
+
 # --- evaluation ---------------------------------------------------------------
 
 LUNA16_REFERENCE = SHARED_DATA / "luna16"
