@@ -508,9 +508,13 @@ def start_processes(device: str) -> Tuple[Dist, torch.device]:
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, owns), resolved
 
 
-def stop_processes(job: Dist) -> None:
+def stop_processes(job: Dist, together: bool = True) -> None:
+    """Leave the torchrun job; ``together`` first waits for every rank, since a rank that tears gloo
+    down while rank 0 still writes its files can abort the whole job."""
     if job.owns_group:
         import torch.distributed as dist
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -1195,9 +1199,12 @@ def finetune(work_dir: Path, *, epochs: int = 30, batch_size: int = 32, accumula
     _check_options(options)
     job, torch_device = start_processes(device)
     try:
-        return _finetune(work_dir, options, run, resume, job, torch_device)
-    finally:
-        stop_processes(job)
+        run_dir = _finetune(work_dir, options, run, resume, job, torch_device)
+    except BaseException:
+        stop_processes(job, together=False)  # a failed rank must not wait for the others
+        raise
+    stop_processes(job)
+    return run_dir
 
 
 def _finetune(work_dir: Path, options: Dict[str, Any], run: Optional[str], resume: bool, job: Dist,
