@@ -36,6 +36,7 @@ class DemoSettings:
     finetune_samples: int = 512
     finetune_batch_size: int = 16
     finetune_lr: float = 1e-4
+    tta: bool = True
     timings: dict = field(default_factory=dict)
 
 
@@ -87,7 +88,7 @@ def run_demo(work_dir: Path, settings: DemoSettings | None = None, console=None)
     results = {}
     for run in (head_run, tuned_run):
         results[run.name] = evaluate.evaluate_model(run / "best.pt", data_dir, test, work_dir / "eval" / run.name,
-                                                    device="cpu", console=console)
+                                                    tta=settings.tta, device="cpu", console=console)
     settings.timings["evaluate"] = time.perf_counter() - start
     start = time.perf_counter()
     report = write_report(work_dir / "report", chosen, work_dir / "eval" / chosen.name, data_dir)

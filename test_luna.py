@@ -1327,7 +1327,8 @@ def test_centre_pooling_reads_the_middle_of_every_stage():
 def test_demo_runs_every_stage_and_writes_the_report(tmp_path):
     import demo
     settings = demo.DemoSettings(subsets=3, scans_per_subset=2, negatives_per_scan=10, head_epochs=3,
-                                 finetune_epochs=1, finetune_samples=32, finetune_batch_size=8)
+                                 finetune_epochs=1, finetune_samples=32, finetune_batch_size=8,
+                                 tta=False)
     result = demo.run_demo(tmp_path / "demo", settings)
     assert set(result["timings"]) >= {"synth", "extract", "cache-features", "train-head", "finetune", "evaluate"}
     assert result["chosen"] in result["all_metrics"] and set(result["all_metrics"]) == {"demo-head", "demo-finetune"}
