@@ -372,7 +372,7 @@ class WindowAttention(nn.Module):
         ``proj``; so the projection runs on the unpadded tokens and padding stays zero.
         """
         b, c = x.shape[0], self.dim
-        heads, head_dim = self.num_heads, self.dim // self.num_heads
+        heads = self.num_heads
         qkv = F.linear(x, self.qkv.weight, self.qkv.bias * self.query_bias_only)
         if geometry.needs_padding:
             qkv = _PadRoll.apply(qkv, geometry)  # (B, Dp, Hp, Wp, 3C)

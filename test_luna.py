@@ -145,7 +145,7 @@ def _cache_files(work: Path) -> dict:
 def test_extract_writes_cache_and_rerun_is_idempotent(tmp_path):
     import csv
     import data
-    info = _mini_luna(tmp_path / "luna")
+    _mini_luna(tmp_path / "luna")
     summary = data.extract_subset(tmp_path / "luna", tmp_path / "work", 0, patch_size=16, spacing_mm=1.0,
                                   show_progress=False)
     cache = tmp_path / "work" / "patches" / "subset0"
@@ -190,7 +190,6 @@ def test_extract_resumes_after_interruption(tmp_path, monkeypatch):
 
 
 def test_extract_bad_inputs_are_reported_not_fatal(tmp_path):
-    import data
     from typer.testing import CliRunner
     import luna_cli
     info = _mini_luna(tmp_path / "luna", n_scans=4)
