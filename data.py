@@ -467,6 +467,18 @@ def atomic_save_npy(path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+
+def atomic_save_figure(fig, path, dpi: int = 110) -> None:
+    """Save a matplotlib figure through a temporary file and a rename, then close it."""
+    import os
+    import matplotlib.pyplot as plt
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
 # --- the extract stage -------------------------------------------------------------
 
 INDEX_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "label", "diameter_mm"]

@@ -153,8 +153,7 @@ def draw_montage(path: Path, groups: dict, patches: dict, probability: np.ndarra
     if not rows:
         axes[0, 1].text(0.5, 0.5, "no examples", ha="center", va="center")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    data.atomic_save_figure(fig, path, dpi=90)
 
 
 def write_report(report_dir: Path, run_dir: Path, eval_dir: Path, data_dir: Path) -> Path:

@@ -30,6 +30,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+import data
 from data import PointTable, UserError
 
 FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -472,17 +473,6 @@ def score_submission(submission, annotations, excluded, seriesuids: Union[Path, 
 
 # --- figures and tables ----------------------------------------------------------------------
 
-def _save_figure(fig, path: Path) -> None:
-    import os
-    import matplotlib.pyplot as plt
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 def plot_froc(result: dict, path: Path, title: str = "") -> None:
     """FROC curve (log2 FP/scan axis, 1/8 .. 8) with its bootstrap band and the CPM, as an image file."""
     import matplotlib
@@ -504,7 +494,7 @@ def plot_froc(result: dict, path: Path, title: str = "") -> None:
     ax.set_title(f"FROC {title}".strip())
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
-    _save_figure(fig, path)
+    data.atomic_save_figure(fig, path)
 
 
 def froc_table(result: dict, title: str = "LUNA16 FROC"):
@@ -720,7 +710,7 @@ def plot_roc(labels: np.ndarray, probability: np.ndarray, path: Path, title: str
     ax.set_ylabel("sensitivity")
     ax.set_title(f"ROC {title}".strip())
     ax.grid(True, alpha=0.3)
-    _save_figure(fig, path)
+    data.atomic_save_figure(fig, path)
 
 
 def _candidates_of(data_dir: Path, scans: dict) -> tuple[PointTable, list[str]]:

@@ -799,10 +799,7 @@ def plot_history(path: Path, history: List[Dict[str, float]]) -> None:
     ax_val.set_ylim(0.0, 1.02)
     ax_val.legend(loc="lower right")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    data.atomic_save_figure(fig, path, dpi=100)
 
 
 def rng_state() -> Dict[str, Any]:
