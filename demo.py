@@ -31,6 +31,7 @@ class DemoSettings:
     feature_size: int = 12
     window_size: int = 4
     pooling: str = "centre"
+    views: int = 8
     head_epochs: int = 40
     finetune_epochs: int = 4
     finetune_samples: int = 512
@@ -74,9 +75,11 @@ def run_demo(work_dir: Path, settings: DemoSettings | None = None, console=None)
     settings.timings["extract"] = time.perf_counter() - start
     for old in ("runs/demo-head", "runs/demo-finetune", "eval/demo-head", "eval/demo-finetune", "report"):
         shutil.rmtree(work_dir / old, ignore_errors=True)  # the demo's own runs: a rerun trains afresh
-    _timed(settings, "cache-features", train.cache_features, work_dir, seed=settings.seed, **model)
+    _timed(settings, "cache-features", train.cache_features, work_dir, seed=settings.seed,
+           subsets=range(settings.subsets - 1), views=settings.views, **model)
     head_run = _timed(settings, "train-head", train.train_head, work_dir, val_subsets=val, test_subsets=test,
-                      epochs=settings.head_epochs, seed=settings.seed, run="demo-head", **model)
+                      epochs=settings.head_epochs, seed=settings.seed, run="demo-head", views=settings.views,
+                      **model)
     tuned_run = _timed(settings, "finetune", train.finetune, work_dir, epochs=settings.finetune_epochs,
                        batch_size=settings.finetune_batch_size, lr=settings.finetune_lr, head_from="demo-head",
                        epoch_samples=settings.finetune_samples, val_subsets=val, test_subsets=test,

@@ -260,13 +260,14 @@ def cache_features_command(
     precision: str = typer.Option("auto", help="auto (bf16 on recent GPUs, fp16 on older ones, fp32 on CPU), fp32, bf16 or fp16."),
     workers: Optional[int] = typer.Option(None, help="Loader processes (default: 4 on GPU, 0 on CPU)."),
     seed: int = typer.Option(0, help="Seed of a random-init encoder (no --weights)."),
+    views: int = typer.Option(1, help="Flips of each patch to encode (1-8); train-head learns from all of them."),
 ):
     """Run the frozen encoder over the patch cache once; store float16 features beside each subset's index."""
     import train
     train.cache_features(work_dir_option(work_dir), weights=weights, subsets=subset or None,
                          feature_size=feature_size, window_size=window_size, pooling=pooling, hu_min=hu_min,
                          hu_max=hu_max, batch_size=batch_size, device=device, precision=precision, workers=workers,
-                         seed=seed)
+                         seed=seed, views=views)
 
 
 @app.command("train-head")
@@ -290,6 +291,7 @@ def train_head_command(
     run: Optional[str] = typer.Option(None, help="Run folder name under W/runs (default: train-head-<time>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run from its last.pt."),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+    views: int = typer.Option(1, help="Flipped views per patch, as given to cache-features."),
 ):
     """Train the MLP head on cached features (class-balanced, early stopping on validation AUC)."""
     import data
@@ -298,7 +300,8 @@ def train_head_command(
         work_dir_option(work_dir), weights=weights, feature_size=feature_size, window_size=window_size,
         pooling=pooling, hu_min=hu_min, hu_max=hu_max, val_subsets=data.parse_subsets(val_subsets, "--val-subsets"),
         test_subsets=data.parse_subsets(test_subsets, "--test-subsets"), epochs=epochs, batch_size=batch_size,
-        lr=lr, patience=patience, epoch_samples=epoch_samples, seed=seed, run=run, resume=resume, device=device)
+        lr=lr, patience=patience, epoch_samples=epoch_samples, seed=seed, run=run, resume=resume, device=device,
+        views=views)
     console.print(f"run folder: [bold]{run_dir}[/] (best.pt, last.pt, history.csv, history.png, config.json)")
 
 

@@ -1337,3 +1337,25 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path):
     for picture in ("training.png", "roc.png", "froc.png", "true_positives.png", "false_positives.png",
                     "false_negatives.png"):
         assert f'src="{picture}"' in page and (result["report"].parent / picture).stat().st_size > 1000
+
+
+def test_cached_flipped_views_sit_side_by_side_and_train_the_head(tmp_path):
+    import json
+    import train
+    work = _train_cache(tmp_path / "w", subsets=(0, 1), scans=2, positives=2, negatives=2, seed=6)
+    one = train.cache_features(work, seed=0, quiet=True, **SMALL_MODEL)
+    two = train.cache_features(work, seed=0, views=2, quiet=True, **SMALL_MODEL)
+    assert one != two
+    single = np.load(train.feature_paths(work, 0, one)[0]).astype(np.float32)
+    paired = np.load(train.feature_paths(work, 0, two)[0]).astype(np.float32)
+    width = single.shape[1]
+    assert paired.shape == (single.shape[0], 2 * width)
+    np.testing.assert_allclose(paired[:, :width], single, rtol=1e-2, atol=1e-2)   # view 0 is the patch itself
+    assert np.abs(paired[:, width:] - single).max() > 1e-2                        # view 1 is a flip
+    assert json.loads(train.feature_paths(work, 0, two)[1].read_text())["views"] == 2
+    run = train.train_head(work, seed=0, views=2, epochs=2, val_subsets=[1], test_subsets=[9], run="views",
+                           quiet=True, **SMALL_MODEL)
+    assert (run / "best.pt").is_file()
+    with pytest.raises(train.UserError, match="--views 3"):
+        train.train_head(work, seed=0, views=3, epochs=1, val_subsets=[1], test_subsets=[9], run="missing",
+                         quiet=True, **SMALL_MODEL)

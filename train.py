@@ -578,14 +578,32 @@ def encoder_config(feature_size: int, window_size: int, grad_checkpoint: bool = 
 
 
 def feature_identity(encoder_cfg: Dict[str, Any], pooling: str, weights: Optional[Path], seed: int,
-                     hu_min: float, hu_max: float) -> Dict[str, Any]:
+                     hu_min: float, hu_max: float, views: int = 1) -> Dict[str, Any]:
     """What determines cached features: encoder architecture, its weights (file hash, or the random-init seed),
-    pooling and HU window."""
+    pooling, HU window and the number of flipped views per patch (named only when above 1)."""
     architecture = {k: v for k, v in encoder_cfg.items() if k != "use_checkpoint"}
     weights_part = ({"weights": str(weights), "weights_sha256": file_sha256(Path(weights))} if weights
                     else {"weights": None, "init_seed": int(seed)})
+    views_part = {"views": int(views)} if views > 1 else {}
     return {"encoder": architecture, "pooling": pooling, "hu_min": float(hu_min), "hu_max": float(hu_max),
-            **weights_part}
+            **weights_part, **views_part}
+
+
+VIEW_FLIPS = tuple(tuple(axis for axis, bit in zip((1, 2, 3), bits) if bit)
+                   for bits in itertools.product((0, 1), repeat=3))  # flips of the z, y, x axes of (B, P, P, P)
+
+
+def check_views(views: int) -> int:
+    if not 1 <= int(views) <= len(VIEW_FLIPS):
+        raise UserError(f"--views must be 1..{len(VIEW_FLIPS)} (flips of the cube), got {views}")
+    return int(views)
+
+
+def view_features(extractor: nn.Module, x: torch.Tensor, views: int) -> torch.Tensor:
+    """Features of the first ``views`` flips of unit-scaled patches ``(B, P, P, P)``, side by side:
+    ``(B, views * F)``; view 0 is the patch itself."""
+    return torch.cat([extractor.forward_features((torch.flip(x, flip) if flip else x).unsqueeze(1))
+                      for flip in VIEW_FLIPS[:views]], dim=1)
 
 
 def feature_tag(identity: Dict[str, Any]) -> str:
@@ -646,8 +664,12 @@ def cache_features(work_dir: Path, *, weights: Optional[Path] = None, feature_si
                    pooling: str = "avg", hu_min: float = -1000.0, hu_max: float = 1000.0, seed: int = 0,
                    subsets: Optional[Sequence[int]] = None, batch_size: int = 32, device: str = "auto",
                    precision: str = "auto", workers: Optional[int] = None, chunk_rows: int = 2048,
-                   quiet: bool = False) -> str:
+                   views: int = 1, quiet: bool = False) -> str:
     """Run the frozen encoder over the patch cache; store float16 features ``(N, F)`` per subset.
+
+    ``views`` > 1 stores the features of that many flips of each patch side by side, ``(N, views * F)``:
+    train-head then learns from every view (augmentation for a frozen encoder) and validates on their
+    average, as ``evaluate --tta`` scores.
 
     Output beside each subset's index: ``features_<tag>.npy`` (row i = patch i of patches.npy) and
     ``features_<tag>.json`` (encoder config, weights file and hash, pooling, HU window); the tag names the
@@ -669,7 +691,8 @@ def cache_features(work_dir: Path, *, weights: Optional[Path] = None, feature_si
     caches = {k: read_subset_cache(work_dir, k) for k in chosen}
     torch_device = resolve_device(device)
     precision = resolve_precision(precision, torch_device)
-    identity = feature_identity(encoder_config(feature_size, window_size), pooling, weights, seed, hu_min, hu_max)
+    identity = feature_identity(encoder_config(feature_size, window_size), pooling, weights, seed, hu_min, hu_max,
+                                check_views(views))
     tag = feature_tag(identity)
     encoder = _prepare_feature_encoder(work_dir, identity, tag, weights, seed).to(torch_device).eval()
     extractor = head_mod.Classifier(encoder, nn.Identity(), pooling)
@@ -723,7 +746,8 @@ def _cache_subset_features(work_dir: Path, cache: SubsetCache, tag: str, identit
         for hu, _ in batch_loader(pool, batches, workers, device.type == "cuda"):
             x = data.hu_to_unit(hu.to(device, non_blocking=True), identity["hu_min"], identity["hu_max"])
             with autocast(device, precision):
-                chunk.append(extractor.forward_features(x.unsqueeze(1)).float().cpu().numpy().astype(np.float16))
+                features = view_features(extractor, x, identity.get("views", 1))
+                chunk.append(features.float().cpu().numpy().astype(np.float16))
             advance(len(hu))
         data.atomic_save_npy(part, np.concatenate(chunk))
     first = np.load(parts / f"rows_{0:010d}.npy", mmap_mode="r")
@@ -1076,8 +1100,11 @@ def train_head(work_dir: Path, *, weights: Optional[Path] = None, feature_size: 
                batch_size: int = 256, accumulate: int = 1, lr: float = 1e-3, weight_decay: float = 1e-4,
                warmup_epochs: float = 1.0, patience: int = 10, epoch_samples: int = 0, seed: int = 0,
                target_sensitivity: float = 0.9, run: Optional[str] = None, resume: bool = False,
-               device: str = "cpu", stop_after: Optional[int] = None, quiet: bool = False) -> Path:
+               device: str = "cpu", stop_after: Optional[int] = None, views: int = 1, quiet: bool = False) -> Path:
     """Train the MLP head on cached encoder features (see ``cache_features``; same encoder options select them).
+
+    With ``views`` > 1 every cached flip of a training patch is a training sample, and a validation patch
+    scores the average probability of its views.
 
     Class-balanced sampling, early stopping on validation AUC (``patience`` epochs; 0 = off). The run folder
     holds ``best.pt``/``last.pt`` with the full classifier (frozen encoder + head), so ``head.load_classifier``
@@ -1088,7 +1115,7 @@ def train_head(work_dir: Path, *, weights: Optional[Path] = None, feature_size: 
                    test_subsets=list(test_subsets), epochs=epochs, batch_size=batch_size, accumulate=accumulate,
                    lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, patience=patience,
                    epoch_samples=epoch_samples, seed=seed, target_sensitivity=target_sensitivity, device=device,
-                   stop_after=stop_after, quiet=quiet)
+                   stop_after=stop_after, quiet=quiet, views=check_views(views))
     _check_options(options)
     job = Dist()
     run_dir, options, resume_payload = _open_run(work_dir, "train-head", options, run, resume, job)
@@ -1096,11 +1123,16 @@ def train_head(work_dir: Path, *, weights: Optional[Path] = None, feature_size: 
     caches, split, patch_size, spacing_mm = load_split(work_dir, options["val_subsets"], options["test_subsets"],
                                                        options["seed"])
     weights_path = Path(options["weights"]) if options["weights"] else None
+    views = options.get("views", 1)
     identity = feature_identity(encoder_config(options["feature_size"], options["window_size"]), options["pooling"],
-                                weights_path, options["seed"], options["hu_min"], options["hu_max"])
+                                weights_path, options["seed"], options["hu_min"], options["hu_max"], views)
     tag = feature_tag(identity)
     train_x, train_y = _load_features(work_dir, caches, split.train, tag, options)
     val_x, val_y = _load_features(work_dir, caches, split.val, tag, options)
+    # One training sample per view; validation keeps a patch's views together: (N, views, F).
+    train_x = train_x.reshape(len(train_y) * views, -1)
+    train_y = train_y.repeat_interleave(views)
+    val_x = val_x.reshape(len(val_y), views, -1)
     preprocess = _preprocess(patch_size, spacing_mm, options)
     config = head_mod.resolve_config({"encoder": dict(identity["encoder"], use_checkpoint=False),
                                       "pooling": options["pooling"], "patch_size": patch_size})
@@ -1130,8 +1162,9 @@ def train_head(work_dir: Path, *, weights: Optional[Path] = None, feature_size: 
     @torch.no_grad()
     def val_logits():
         module.eval()
-        chunks = [module(val_x[i:i + 4096].to(torch_device).float()).float().cpu() for i in range(0, len(val_y), 4096)]
-        return torch.cat(chunks).numpy(), val_y.numpy()
+        chunks = [torch.sigmoid(module(val_x[i:i + 4096].to(torch_device).float()).float()).mean(dim=1).cpu()
+                  for i in range(0, len(val_y), 4096)]
+        return torch.logit(torch.cat(chunks).double(), eps=1e-12).numpy(), val_y.numpy()
 
     if split.method == "seriesuid" and not quiet:
         console.print(f"[yellow]{split.note}[/]")
@@ -1157,7 +1190,8 @@ def _load_features(work_dir: Path, caches: Dict[int, SubsetCache], rows_by_subse
         if not _features_complete(work_dir, k, tag, len(caches[k])):
             hint = (f"python luna_cli.py cache-features --subset {k} --feature-size {options['feature_size']} "
                     f"--window-size {options['window_size']} --pooling {options['pooling']}"
-                    + (f" --weights {options['weights']}" if options["weights"] else f" --seed {options['seed']}"))
+                    + (f" --weights {options['weights']}" if options["weights"] else f" --seed {options['seed']}")
+                    + (f" --views {options['views']}" if options.get("views", 1) > 1 else ""))
             raise UserError(f"no cached features for these encoder settings (tag {tag}) in subset {k}; "
                             f"run `{hint}` first")
         array = np.load(feature_paths(work_dir, k, tag)[0], mmap_mode="r")
