@@ -258,11 +258,9 @@ def bench_encoder(size: int = 64, feature_size: int = 48, batch: int = 2, window
     dev = torch.device(device)
     ours = swin_encoder.SwinEncoder(1, feature_size, window_size=window).to(dev)
     models = {"ours": ours}
-    try:
-        from monai.networks.nets.swin_unetr import SwinTransformer
-        reference = SwinTransformer(in_chans=1, embed_dim=feature_size, window_size=(window,) * 3,
-                                    patch_size=(2,) * 3, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24),
-                                    downsample="merging").to(dev)
+    try:  # make_swin_fixture is the one file that imports MONAI; without MONAI it does not import
+        from make_swin_fixture import reference_encoder
+        reference = reference_encoder(feature_size, window).to(dev)
         reference.load_state_dict(ours.state_dict())
         models = {"MONAI SwinTransformer": reference, "ours": ours}
     except ImportError:

@@ -31,6 +31,13 @@ from monai.networks.nets.swin_unetr import SwinTransformer
 DECODER_LIMIT = 5_000
 
 
+def reference_encoder(feature_size: int, window_size: int) -> torch.nn.Module:
+    """MONAI 1.4's SwinTransformer configured like ``swin_encoder.SwinEncoder(1, feature_size, window_size)``
+    (used by ``bench.py encoder`` for the side-by-side timing)."""
+    return SwinTransformer(in_chans=1, embed_dim=feature_size, window_size=(window_size,) * 3, patch_size=(2,) * 3,
+                           depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24), downsample="merging")
+
+
 def randomise(module: torch.nn.Module, generator: torch.Generator) -> None:
     """Seeded random values for every parameter, scaled so each layer matters in the outputs."""
     with torch.no_grad():
