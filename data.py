@@ -11,6 +11,7 @@ all direction maths of the project lives in :func:`world_to_index` and :func:`in
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -441,14 +442,26 @@ def parse_subsets(text: str, option: str = "--subsets") -> list[int]:
 
 # --- atomic files --------------------------------------------------------------
 
-def atomic_write_text(path, text: str) -> None:
-    """Write text to ``path`` through a temporary file and a rename: never a half-written file."""
+@contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside ``path``; when the block succeeds, rename it over ``path``.
+
+    Readers never see a half-written file; a failed block leaves the old file and no temporary one.
+    """
     import os
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def atomic_write_json(path, payload) -> None:
@@ -457,27 +470,32 @@ def atomic_write_json(path, payload) -> None:
 
 
 def atomic_save_npy(path, array: np.ndarray) -> None:
-    """``numpy.save`` through a temporary file and a rename."""
-    import os
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         np.save(handle, array)
-    os.replace(tmp, path)
 
+
+def atomic_concatenate_npy(path, blocks: list, row_shape: tuple, dtype) -> int:
+    """Write the row-wise concatenation of ``blocks`` (arrays or memory maps) as one ``.npy``,
+    block by block through a memory map, atomically; returns the number of rows."""
+    total = sum(len(block) for block in blocks)
+    with atomic_path(path) as tmp:
+        merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(total, *row_shape))
+        start = 0
+        for block in blocks:
+            merged[start:start + len(block)] = block
+            start += len(block)
+        merged.flush()
+        del merged
+    return total
 
 
 def atomic_save_figure(fig, path, dpi: int = 110) -> None:
     """Save a matplotlib figure through a temporary file and a rename, then close it."""
-    import os
     import matplotlib.pyplot as plt
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
+
 
 # --- the extract stage -------------------------------------------------------------
 
@@ -536,7 +554,6 @@ def _assemble_cache(cache: Path, scans: list[str], parts: Path, manifest: dict) 
     one scan after the other in ``scans`` order; returns ``(n_patches, n_positive)``."""
     import csv
     import io
-    import os
     old_rows, old_patches, old_start = [], None, {}
     if (cache / "index.csv").is_file() and (cache / "patches.npy").is_file():
         old_rows = _read_cache_index(cache)
@@ -548,22 +565,14 @@ def _assemble_cache(cache: Path, scans: list[str], parts: Path, manifest: dict) 
         part = parts / f"{uid}.npy"
         if part.is_file():
             sources.append(np.load(part, mmap_mode="r"))
-            rows.extend(json_rows for json_rows in _read_part_rows(parts / f"{uid}.json"))
+            rows.extend(_read_part_rows(parts / f"{uid}.json"))
         elif uid in old_start:
             positions = old_start[uid]
             sources.append(old_patches[positions[0]:positions[-1] + 1])
             rows.extend(old_rows[p] for p in positions)
     size = manifest["patch_size"]
-    total = sum(len(s) for s in sources)
-    tmp = cache / "patches.npy.tmp"
-    merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int16, shape=(total, size, size, size))
-    start = 0
-    for source in sources:
-        merged[start:start + len(source)] = source
-        start += len(source)
-    merged.flush()
-    del merged, old_patches, sources
-    os.replace(tmp, cache / "patches.npy")
+    total = atomic_concatenate_npy(cache / "patches.npy", sources, (size, size, size), np.int16)
+    del old_patches, sources
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(INDEX_COLUMNS)

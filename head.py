@@ -12,14 +12,13 @@ Checkpoints are ``torch.save`` dicts of plain Python values and tensors only (lo
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
 import torch
 from torch import nn
 
-from data import UserError
+from data import UserError, atomic_path
 
 CHECKPOINT_FORMAT = "luna16-classifier/1"
 POOLINGS = ("avg", "flatten", "centre")
@@ -147,11 +146,8 @@ def build_classifier(config: Dict[str, Any]) -> Classifier:
 
 def save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:
     """``torch.save(payload)`` atomically: a ``.tmp`` file beside ``path`` renamed over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def strip_module_prefix(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

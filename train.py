@@ -750,17 +750,10 @@ def _cache_subset_features(work_dir: Path, cache: SubsetCache, tag: str, identit
                 chunk.append(features.float().cpu().numpy().astype(np.float16))
             advance(len(hu))
         data.atomic_save_npy(part, np.concatenate(chunk))
-    first = np.load(parts / f"rows_{0:010d}.npy", mmap_mode="r")
-    tmp = npy.with_name(npy.name + ".tmp")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(cache), first.shape[1]))
-    for start in starts:
-        block = np.load(parts / f"rows_{start:010d}.npy")
-        out[start:start + len(block)] = block
-    out.flush()
-    del out
-    os.replace(tmp, npy)
+    blocks = [np.load(parts / f"rows_{start:010d}.npy", mmap_mode="r") for start in starts]
+    data.atomic_concatenate_npy(npy, blocks, blocks[0].shape[1:], np.float16)
     data.atomic_write_json(meta, {"format": FEATURE_FORMAT, "tag": tag, "rows": len(cache),
-                                  "feature_dim": int(first.shape[1]), "patch_size": cache.patch_size,
+                                  "feature_dim": int(blocks[0].shape[1]), "patch_size": cache.patch_size,
                                   "spacing_mm": cache.spacing_mm, "precision": precision,
                                   "encoder_state": str(encoder_state_path(work_dir, tag)), **identity})
     shutil.rmtree(parts, ignore_errors=True)
