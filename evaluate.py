@@ -32,6 +32,7 @@ import torch
 
 import data
 from data import PointTable, UserError
+from train import roc_auc as rank_auc, threshold_metrics
 
 FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 MAX_MARKS_PER_SCAN = 100
@@ -635,20 +636,8 @@ def stream_scan_patches(scans: list, patch_size: int, spacing_mm: float, workers
     return iter(loader)
 
 
-def threshold_metrics(labels: np.ndarray, probability: np.ndarray, cutoff: float) -> dict:
-    """Accuracy, sensitivity and specificity when ``probability >= cutoff`` calls a candidate a nodule."""
-    positive = np.asarray(labels).astype(bool)
-    called = np.asarray(probability) >= cutoff
-    tp, fn = int((called & positive).sum()), int((~called & positive).sum())
-    tn, fp = int((~called & ~positive).sum()), int((called & ~positive).sum())
-    return {"cutoff": float(cutoff), "accuracy": (tp + tn) / len(positive) if len(positive) else None,
-            "sensitivity": tp / (tp + fn) if tp + fn else None, "specificity": tn / (tn + fp) if tn + fp else None,
-            "tp": tp, "fp": fp, "tn": tn, "fn": fn}
-
-
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> Optional[float]:
     """ROC AUC with tied scores counted as half (average ranks); None without both classes."""
-    from train import roc_auc as rank_auc
     value = rank_auc(labels, scores)
     return None if math.isnan(value) else value
 

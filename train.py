@@ -421,18 +421,28 @@ def cutoff_for_sensitivity(labels: np.ndarray, probs: np.ndarray, target: float 
     return float(positives[max(needed, 1) - 1])
 
 
+def threshold_metrics(labels: np.ndarray, probability: np.ndarray, cutoff: float) -> dict:
+    """Accuracy, sensitivity and specificity when ``probability >= cutoff`` calls a candidate a nodule."""
+    positive = np.asarray(labels).astype(bool)
+    called = np.asarray(probability) >= cutoff
+    tp, fn = int((called & positive).sum()), int((~called & positive).sum())
+    tn, fp = int((~called & ~positive).sum()), int((called & ~positive).sum())
+    return {"cutoff": float(cutoff), "accuracy": (tp + tn) / len(positive) if len(positive) else None,
+            "sensitivity": tp / (tp + fn) if tp + fn else None, "specificity": tn / (tn + fp) if tn + fp else None,
+            "tp": tp, "fp": fp, "tn": tn, "fn": fn}
+
+
 def binary_metrics(labels: np.ndarray, logits: np.ndarray, threshold: float = 0.5) -> Dict[str, float]:
-    """Mean BCE loss, and accuracy, sensitivity, specificity at ``threshold`` and ROC AUC of sigmoid(logits)."""
+    """Mean BCE loss, and accuracy, sensitivity, specificity at ``threshold`` and ROC AUC of sigmoid(logits);
+    NaN where a measure is undefined (history.csv keeps one number per cell)."""
     labels = np.asarray(labels).astype(np.float64)
     logits = np.asarray(logits, dtype=np.float64)
     loss = np.maximum(logits, 0) - logits * labels + np.log1p(np.exp(-np.abs(logits)))
     probs = 1.0 / (1.0 + np.exp(-logits))
-    predicted = probs >= threshold
-    positive = labels == 1
+    at = threshold_metrics(labels, probs, threshold)
     return {"loss": float(loss.mean()) if len(loss) else float("nan"),
-            "accuracy": float(np.mean(predicted == positive)) if len(labels) else float("nan"),
-            "sensitivity": float(predicted[positive].mean()) if positive.any() else float("nan"),
-            "specificity": float((~predicted[~positive]).mean()) if (~positive).any() else float("nan"),
+            **{key: float("nan") if at[key] is None else float(at[key])
+               for key in ("accuracy", "sensitivity", "specificity")},
             "auc": roc_auc(labels, probs)}
 
 
