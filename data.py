@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numba
 import numpy as np
 
 AIR_HU = -1000
@@ -120,62 +121,76 @@ def patch_overlaps_scan(scan: CTScan, world_xyz: np.ndarray, patch_size: int, sp
     return ~(below | above).any(axis=1)
 
 
-def _linear_taps(positions: np.ndarray, size: int):
-    """Two-tap linear interpolation along one axis of length ``size``.
+def _axis_taps(positions: np.ndarray, size: int):
+    """Two-tap linear interpolation along one array axis of length ``size``, for ``(N, P)`` continuous
+    index positions.
 
-    Returns ``(start, stop, rel0, rel1, w0, w1)``: the block ``[start, stop)`` to read and, per
-    sample, the two block-relative indices and weights. Taps outside the axis get weight 0, which
-    reads as air because samples are taken from ``HU + 1000``.
+    Returns ``(lo, hi, w_lo, w_hi, start, length)``: tap indices clipped into the axis (int32), their
+    float32 weights (0 for a tap outside the axis, so it reads as air) and each row's block
+    ``[start, start + length)`` of the axis.
     """
-    lo = np.floor(positions).astype(np.int64)
+    lo = np.floor(positions)
     frac = (positions - lo).astype(np.float32)
+    lo = lo.astype(np.int64)
     hi = lo + 1
-    valid_lo = (lo >= 0) & (lo < size)
-    valid_hi = (hi >= 0) & (hi < size)
-    start = int(np.clip(lo.min(), 0, size - 1))
-    stop = int(np.clip(hi.max(), 0, size - 1)) + 1
-    rel0 = np.clip(lo - start, 0, stop - start - 1)
-    rel1 = np.clip(hi - start, 0, stop - start - 1)
-    return start, stop, rel0, rel1, (1.0 - frac) * valid_lo, frac * valid_hi
+    w_lo = ((1.0 - frac) * ((lo >= 0) & (lo < size))).astype(np.float32)
+    w_hi = (frac * ((hi >= 0) & (hi < size))).astype(np.float32)
+    lo, hi = np.clip(lo, 0, size - 1), np.clip(hi, 0, size - 1)
+    start = lo.min(axis=1)
+    return lo.astype(np.int32), hi.astype(np.int32), w_lo, w_hi, start, hi.max(axis=1) + 1 - start
 
 
-def _normalised(positions: np.ndarray, size: int):
-    """Continuous indices along an axis of ``size`` voxels -> grid_sample coordinates (align_corners)."""
-    import torch
-    return torch.from_numpy((2.0 * positions / max(size - 1, 1) - 1.0).astype(np.float32))
+def _row_taps(positions: np.ndarray, size: int):
+    """Taps along the array's last axis, read from a row buffer that holds the block with one air
+    value before it and two after it.
 
-
-def _sample_axis_aligned(volume, positions_kji: list):
-    """Trilinear samples on a tensor-product grid: bilinear in-plane over the slices that the
-    patch needs, then linear across slices (exactly trilinear).
-
-    ``volume`` is a float32 torch tensor ``[z, y, x]`` holding ``HU + 1000`` (air = 0, so zero
-    padding reads as air); ``positions_kji`` holds continuous index positions ``(P,)`` along array
-    axes k, j, i. Returns samples ``(Pk, Pj, Pi)`` of ``HU + 1000``.
+    Returns ``(lo, frac, start, length)``: the lower tap's position in that buffer (int32), its
+    fraction towards the next tap (float32), and each row's block ``[start, start + length)``.
     """
-    import torch
-    import torch.nn.functional as F
-    pos_k, pos_j, pos_i = positions_kji
-    k_start, k_stop, rel0, rel1, w0, w1 = _linear_taps(pos_k, volume.shape[0])
-    slab = volume[k_start:k_stop]  # (slices, y, x): the slices as channels share one in-plane grid
-    grid_x = _normalised(pos_i, volume.shape[2])
-    grid_y = _normalised(pos_j, volume.shape[1])
-    grid = torch.stack(torch.broadcast_tensors(grid_x[None, :], grid_y[:, None]), dim=-1)
-    planes = F.grid_sample(slab[None], grid[None], mode="bilinear", padding_mode="zeros",
-                           align_corners=True)[0]
-    w0, w1 = torch.from_numpy(w0)[:, None, None], torch.from_numpy(w1)[:, None, None]
-    return planes.index_select(0, torch.from_numpy(rel0)) * w0 + planes.index_select(0, torch.from_numpy(rel1)) * w1
+    positions = np.clip(positions, -1.0, float(size))  # beyond the edge a tap reads only air
+    lo = np.floor(positions)
+    frac = (positions - lo).astype(np.float32)
+    lo = lo.astype(np.int64)
+    start = np.clip(lo.min(axis=1), 0, size - 1)
+    stop = np.clip(lo.max(axis=1) + 2, 1, size)
+    return (lo - start[:, None] + 1).astype(np.int32), frac, start, stop - start
 
 
-def _sample_oblique(volume, sample_ijk: np.ndarray):
-    """Trilinear samples at arbitrary continuous indices ``(..., 3)`` in (i, j, k) order, from a
-    float32 ``HU + 1000`` volume ``[z, y, x]``; returns samples shaped like ``sample_ijk[..., 0]``."""
-    import torch
-    import torch.nn.functional as F
-    grid = torch.stack([_normalised(sample_ijk[..., axis], volume.shape[2 - axis]) for axis in range(3)], dim=-1)
-    grid = grid.reshape(1, -1, 1, 1, 3)
-    out = F.grid_sample(volume[None, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    return out.reshape(sample_ijk.shape[:-1])
+def _spatial_order(index_kji: np.ndarray, cell_voxels: int = 16) -> np.ndarray:
+    """Cube order along a Z-order curve of ``cell_voxels``-sized cells, so that cubes cut one after
+    the other share most of their voxels in the CPU caches."""
+    cells = np.clip(np.floor(index_kji / cell_voxels), 0, 1023).astype(np.int64)
+    code = np.zeros(len(cells), np.int64)
+    for bit in range(10):
+        for axis in range(3):
+            code |= ((cells[:, axis] >> bit) & 1) << (3 * bit + axis)
+    return np.argsort(code, kind="stable")
+
+
+_extraction_threads = None
+
+
+def set_extraction_threads(threads: int | None) -> None:
+    """Threads that :func:`extract_patches` uses (None: one per CPU this process may run on)."""
+    global _extraction_threads
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    _extraction_threads = threads
+
+
+def _run_in_threads(kernel, order: np.ndarray, *args) -> None:
+    """Run ``kernel(order_part, *args)`` over interleaved parts of ``order`` on parallel threads
+    (the kernels release the GIL); neighbouring cubes go to different threads at the same time."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+    threads = _extraction_threads or len(os.sched_getaffinity(0))
+    threads = max(1, min(threads, len(order)))
+    if threads == 1:
+        kernel(order, *args)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        for done in [pool.submit(kernel, order[t::threads], *args) for t in range(threads)]:
+            done.result()
 
 
 def extract_patches(scan: CTScan, world_xyz: np.ndarray, patch_size: int = 64,
@@ -185,41 +200,157 @@ def extract_patches(scan: CTScan, world_xyz: np.ndarray, patch_size: int = 64,
     world_xyz: ``(N, 3)`` world mm (x, y, z), ITK/LPS physical points as in the LUNA16 CSVs.
     Returns int16 HU ``(N, P, P, P)`` indexed ``[z, y, x]`` along increasing world z, y, x with
     ``spacing_mm`` between samples; each point sits exactly at voxel ``[P//2, P//2, P//2]``.
-    Samples outside the scan are air (-1000 HU). Only each point's neighbourhood is sampled.
+    Samples outside the scan are air (-1000 HU). Only each point's neighbourhood is read; when
+    each world axis runs along one array axis (any flips and permutations), trilinear sampling is
+    done as three passes of linear interpolation along the array axes.
     """
-    import torch
     _validate_patch_args(patch_size, spacing_mm)
     world_xyz = np.atleast_2d(np.asarray(world_xyz, float))
     if world_xyz.shape[1:] != (3,):
         raise ValueError(f"world_xyz must have shape (N, 3), got {world_xyz.shape}")
-    out = torch.empty((len(world_xyz), patch_size, patch_size, patch_size), dtype=torch.int16)
+    out = np.empty((len(world_xyz), patch_size, patch_size, patch_size), np.int16)
     if not len(world_xyz):
-        return out.numpy()
-    # One float copy of the scan, shifted so that air is 0 and zero padding reads as air.
-    volume = torch.from_numpy(np.ascontiguousarray(scan.hu)).to(torch.float32).add_(-AIR_HU)
+        return out
+    volume = np.ascontiguousarray(scan.hu, dtype=np.int16)
     base_ijk = world_to_index(world_xyz, scan)
+    order = _spatial_order(base_ijk[:, ::-1])
     offsets = patch_offsets_mm(patch_size, spacing_mm)
     index_per_world = _world_to_index_matrix(scan)  # column a: index step per mm along world axis a
     perm = _axis_permutation(scan)
     if perm is None:
-        oz, oy, ox = np.meshgrid(offsets, offsets, offsets, indexing="ij")
-        offsets_ijk = np.stack([ox, oy, oz], axis=-1) @ index_per_world.T  # [z, y, x, (i, j, k)]
-    for n, base in enumerate(base_ijk):
-        if perm is not None:
-            # World axis a maps onto index axis perm[a] (array axis 2 - perm[a]).
-            positions = [None, None, None]
-            for world_axis in range(3):
-                c = perm[world_axis]
-                positions[2 - c] = base[c] + index_per_world[c, world_axis] * offsets
-            samples = _sample_axis_aligned(volume, positions)
-            samples = samples.permute(2 - perm[2], 2 - perm[1], 2 - perm[0])  # to world [z, y, x]
-        else:
-            samples = _sample_oblique(volume, base + offsets_ijk)
-        out[n] = samples.add_(AIR_HU).round_()
-    return out.numpy()
+        steps = (index_per_world * spacing_mm).T[::-1].copy()  # row a: index (i, j, k) step per sample along z, y, x
+        first = base_ijk - (patch_size // 2) * steps.sum(axis=0)  # index of sample [0, 0, 0]
+        _run_in_threads(_sample_oblique, order, volume, first, steps, out)
+        return out
+    # World axis a runs along index axis perm[a], i.e. array axis 2 - perm[a].
+    positions = [None, None, None]
+    for world_axis in range(3):
+        c = perm[world_axis]
+        positions[2 - c] = base_ijk[:, c:c + 1] + index_per_world[c, world_axis] * offsets[None, :]
+    k_lo, k_hi, k_wlo, k_whi, _, _ = _axis_taps(positions[0], volume.shape[0])
+    j_lo, j_hi, j_wlo, j_whi, _, _ = _axis_taps(positions[1], volume.shape[1])
+    i_lo, i_frac, i_start, i_len = _row_taps(positions[2], volume.shape[2])
+    # The kernel writes samples in array-axis order; this view puts them on world [z, y, x].
+    out_axis_of_array_axis = [2 - int(np.flatnonzero(perm == 2 - axis)[0]) for axis in range(3)]
+    target = out.transpose(0, *(1 + np.array(out_axis_of_array_axis)))
+    _run_in_threads(_sample_separable, order, volume, k_lo, k_hi, k_wlo, k_whi,
+                    j_lo, j_hi, j_wlo, j_whi, i_lo, i_frac, i_start, i_len, target)
+    return out
+
+
+# --- compiled sampling kernels ------------------------------------------------
+# Each kernel takes ``cubes`` (the cube numbers it should fill) first, releases the GIL and writes
+# into ``out``; values are interpolated as ``HU + 1000`` so that a tap outside the scan (weight 0,
+# or a zero in a row buffer) reads as air.
+
+_JIT = dict(nogil=True, cache=True, fastmath=True, error_model="numpy", boundscheck=False)
+
+
+@numba.njit(**_JIT)
+def _interpolate_rows(volume, k, j_lo, j_hi, j_wlo, j_whi, start, length, slab):
+    """``slab[b, x]``: slice ``k`` interpolated between rows ``j_lo[b]`` and ``j_hi[b]`` at columns
+    ``start + x``, as ``HU + 1000`` (float32)."""
+    plane = volume[k]
+    air = np.float32(-AIR_HU)
+    for b in range(j_lo.shape[0]):
+        row_lo = plane[j_lo[b], start:start + length]
+        row_hi = plane[j_hi[b], start:start + length]
+        w_lo, w_hi = j_wlo[b], j_whi[b]
+        shift = air * (w_lo + w_hi)
+        dest = slab[b]
+        for x in range(length):
+            dest[x] = w_lo * np.float32(row_lo[x]) + w_hi * np.float32(row_hi[x]) + shift
+
+
+@numba.njit(**_JIT)
+def _sample_separable(cubes, volume, k_lo, k_hi, k_wlo, k_whi, j_lo, j_hi, j_wlo, j_whi,
+                      i_lo, i_frac, i_start, i_len, out):
+    """Trilinear cubes on tensor-product grids of an int16 ``volume[k, j, i]``: rows first (linear
+    along j, contiguous in i), then across slices (k), then along each row (i). ``out[n]`` is
+    indexed in array-axis order (k, j, i) samples; taps come from :func:`_axis_taps` (k, j) and
+    :func:`_row_taps` (i)."""
+    n_k, n_j, n_i = k_lo.shape[1], j_lo.shape[1], i_lo.shape[1]
+    width = i_len.max() + 3
+    slabs = np.empty((4, n_j, width), np.float32)  # the slices interpolated so far, by k % 4
+    slab_k = np.full(4, -1, np.int64)
+    row = np.zeros(width, np.float32)  # [air, block..., air, air]
+    air = np.float32(-AIR_HU)
+    for n in cubes:
+        start, length = i_start[n], i_len[n]
+        lo, frac = i_lo[n], i_frac[n]
+        slab_k[:] = -1
+        row[length + 1] = 0.0
+        row[length + 2] = 0.0
+        for a in range(n_k):
+            ka, kb = k_lo[n, a], k_hi[n, a]
+            if slab_k[ka & 3] != ka:
+                _interpolate_rows(volume, ka, j_lo[n], j_hi[n], j_wlo[n], j_whi[n], start, length, slabs[ka & 3])
+                slab_k[ka & 3] = ka
+            if slab_k[kb & 3] != kb:
+                _interpolate_rows(volume, kb, j_lo[n], j_hi[n], j_wlo[n], j_whi[n], start, length, slabs[kb & 3])
+                slab_k[kb & 3] = kb
+            slab_lo, slab_hi = slabs[ka & 3], slabs[kb & 3]
+            w_lo, w_hi = k_wlo[n, a], k_whi[n, a]
+            plane = out[n, a]
+            for b in range(n_j):
+                above, below = slab_lo[b], slab_hi[b]
+                for x in range(length):
+                    row[x + 1] = w_lo * above[x] + w_hi * below[x]
+                dest = plane[b]
+                for c in range(n_i):
+                    left = row[lo[c]]
+                    dest[c] = np.int16(np.rint(left + frac[c] * (row[lo[c] + 1] - left) - air))
+
+
+@numba.njit(**_JIT)
+def _sample_oblique(cubes, volume, first_ijk, steps_ijk, out):
+    """Trilinear cubes on grids that are oblique to the voxel axes: sample ``[a, b, c]`` of cube ``n``
+    sits at index ``first_ijk[n] + a * steps_ijk[0] + b * steps_ijk[1] + c * steps_ijk[2]`` (i, j, k)."""
+    n_k, n_j, n_i = volume.shape
+    size = out.shape[1]
+    air = np.float32(-AIR_HU)
+    for n in cubes:
+        for a in range(size):
+            for b in range(size):
+                for c in range(size):
+                    p = first_ijk[n] + a * steps_ijk[0] + b * steps_ijk[1] + c * steps_ijk[2]
+                    i0, j0, k0 = int(np.floor(p[0])), int(np.floor(p[1])), int(np.floor(p[2]))
+                    fi, fj, fk = p[0] - i0, p[1] - j0, p[2] - k0
+                    total = 0.0
+                    for dk in range(2):
+                        k = k0 + dk
+                        if k < 0 or k >= n_k:
+                            continue
+                        wk = fk if dk else 1.0 - fk
+                        for dj in range(2):
+                            j = j0 + dj
+                            if j < 0 or j >= n_j:
+                                continue
+                            wj = wk * (fj if dj else 1.0 - fj)
+                            for di in range(2):
+                                i = i0 + di
+                                if 0 <= i < n_i:
+                                    total += wj * (fi if di else 1.0 - fi) * (volume[k, j, i] + 1000.0)
+                    out[n, a, b, c] = np.int16(np.rint(np.float32(total) - air))
 
 
 # --- reading and writing CTs -------------------------------------------------
+
+def _as_int16_hu(array: np.ndarray) -> np.ndarray:
+    if array.dtype == np.int16 and array.dtype.isnative:
+        return array
+    if np.issubdtype(array.dtype, np.floating):
+        array = np.rint(array)
+    return np.clip(array, -32768, 32767).astype(np.int16)
+
+
+def _to_scan(geometry, voxels: np.ndarray, name: str) -> CTScan:
+    """A :class:`CTScan` from the origin, spacing and direction of ``geometry`` (a SimpleITK image or
+    header reader) and its voxels ``[z, y, x]``."""
+    return CTScan(hu=_as_int16_hu(voxels), origin=np.array(geometry.GetOrigin(), float),
+                  spacing=np.array(geometry.GetSpacing(), float),
+                  direction=np.array(geometry.GetDirection(), float).reshape(3, 3), name=name)
+
 
 def _image_to_scan(image, name: str) -> CTScan:
     import SimpleITK as sitk
@@ -227,21 +358,14 @@ def _image_to_scan(image, name: str) -> CTScan:
         raise UserError(f"{name}: expected a 3-D image, got {image.GetDimension()}-D")
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise UserError(f"{name}: expected one value per voxel, got {image.GetNumberOfComponentsPerPixel()}")
-    array = sitk.GetArrayFromImage(image)
-    if array.dtype != np.int16:
-        array = np.clip(np.rint(array), -32768, 32767).astype(np.int16)
-    return CTScan(hu=array, origin=np.array(image.GetOrigin(), float),
-                  spacing=np.array(image.GetSpacing(), float),
-                  direction=np.array(image.GetDirection(), float).reshape(3, 3), name=name)
+    return _to_scan(image, sitk.GetArrayFromImage(image), name)
 
 
-_META_BYTES = {"MET_UCHAR": 1, "MET_CHAR": 1, "MET_USHORT": 2, "MET_SHORT": 2, "MET_UINT": 4, "MET_INT": 4,
-               "MET_FLOAT": 4, "MET_DOUBLE": 8, "MET_ULONG": 8, "MET_LONG": 8}
+_META_DTYPES = {"MET_UCHAR": "u1", "MET_CHAR": "i1", "MET_USHORT": "u2", "MET_SHORT": "i2", "MET_UINT": "u4",
+                "MET_INT": "i4", "MET_FLOAT": "f4", "MET_DOUBLE": "f8", "MET_ULONG": "u8", "MET_LONG": "i8"}
 
 
-def check_metaimage(path: Path) -> None:
-    """Raise :class:`UserError` with a plain reason when a ``.mhd`` header or its data file is broken
-    (checked before SimpleITK, whose own messages are long and printed twice)."""
+def _metaimage_header(path: Path) -> dict:
     try:
         lines = path.read_text(errors="replace").splitlines()
     except OSError as err:
@@ -251,6 +375,13 @@ def check_metaimage(path: Path) -> None:
         key, sep, value = line.partition("=")
         if sep:
             header[key.strip()] = value.strip()
+    return header
+
+
+def check_metaimage(path: Path) -> dict:
+    """Raise :class:`UserError` with a plain reason when a ``.mhd`` header or its data file is broken
+    (checked before SimpleITK, whose own messages are long and printed twice); return the header."""
+    header = _metaimage_header(path)
     try:
         dims = [int(v) for v in header["DimSize"].split()]
         ndims = int(header.get("NDims", len(dims)))
@@ -262,24 +393,49 @@ def check_metaimage(path: Path) -> None:
     if not data_name:
         raise UserError(f"{path}: broken MetaImage header (no ElementDataFile)")
     if data_name.upper() == "LOCAL":
-        return
+        return header
     data_file = path.parent / data_name
     if not data_file.is_file():
         raise UserError(f"{path}: its data file {data_file.name} is missing")
-    width = _META_BYTES.get(header.get("ElementType", ""))
+    dtype = _META_DTYPES.get(header.get("ElementType", ""))
     compressed = header.get("CompressedData", "False").lower() == "true"
-    if width and not compressed:
-        expected = width * int(np.prod(dims))
+    if dtype and not compressed:
+        expected = np.dtype(dtype).itemsize * int(np.prod(dims))
         actual = data_file.stat().st_size
         if actual < expected:
             raise UserError(f"{path}: data file {data_file.name} is truncated ({actual} bytes, the header needs {expected})")
+    return header
+
+
+def _read_raw_voxels(path: Path, header: dict, size_ijk: tuple) -> np.ndarray | None:
+    """The voxels ``[z, y, x]`` of a plain MetaImage (one uncompressed data file holding exactly the
+    voxels, one value each) read straight into one array; None for any other layout, which
+    SimpleITK then reads. Saves SimpleITK's second copy of the scan."""
+    def flag(key):
+        return header.get(key, "False").strip().lower() == "true"
+    data_name = header.get("ElementDataFile", "")
+    dtype = _META_DTYPES.get(header.get("ElementType", ""))
+    if (not dtype or flag("CompressedData") or data_name.upper() in ("LOCAL", "LIST") or " " in data_name
+            or "%" in data_name or header.get("HeaderSize", "0").strip() not in ("0", "")
+            or header.get("ElementNumberOfChannels", "1").strip() != "1"
+            or header.get("BinaryData", "True").strip().lower() != "true"):
+        return None
+    big_endian = flag("ElementByteOrderMSB") or flag("BinaryDataByteOrderMSB")
+    dtype = np.dtype(dtype).newbyteorder(">" if big_endian else "<")
+    data_file = path.parent / data_name
+    count = int(np.prod(size_ijk))
+    if data_file.stat().st_size != count * dtype.itemsize:
+        return None
+    return np.fromfile(data_file, dtype, count).reshape(tuple(size_ijk)[::-1])
 
 
 def read_ct(path) -> CTScan:
     """Read a CT in HU from a ``.mhd``/``.mha``, a NIfTI file or a DICOM series folder.
 
     DICOM rescale slope/intercept are applied by the reader. A folder with several series reads
-    the one with the most slices. Raises :class:`UserError` naming the file and the reason.
+    the one with the most slices. A plain ``.mhd`` + ``.raw`` pair (as in LUNA16) is read with one
+    copy: geometry from SimpleITK's header reader, voxels straight from the data file. Raises
+    :class:`UserError` naming the file and the reason.
     """
     import SimpleITK as sitk
     path = Path(path)
@@ -293,15 +449,20 @@ def read_ct(path) -> CTScan:
             if not files:
                 raise UserError(f"{path}: no DICOM series in this folder")
             reader.SetFileNames(files)
-            image = reader.Execute()
-        else:
-            if path.suffix.lower() == ".mhd":
-                check_metaimage(path)
-            image = sitk.ReadImage(str(path))
+            return _image_to_scan(reader.Execute(), str(path))
+        if path.suffix.lower() == ".mhd":
+            header = check_metaimage(path)
+            info = sitk.ImageFileReader()
+            info.SetFileName(str(path))
+            info.ReadImageInformation()
+            if info.GetDimension() == 3 and info.GetNumberOfComponents() == 1:
+                voxels = _read_raw_voxels(path, header, info.GetSize())
+                if voxels is not None:
+                    return _to_scan(info, voxels, str(path))
+        return _image_to_scan(sitk.ReadImage(str(path)), str(path))
     except RuntimeError as err:
         reason = " ".join(str(err).split())
         raise UserError(f"{path}: cannot read this scan ({reason[-300:]})") from None
-    return _image_to_scan(image, str(path))
 
 
 def write_mhd(scan: CTScan, path) -> None:
