@@ -178,19 +178,21 @@ def set_extraction_threads(threads: int | None) -> None:
     _extraction_threads = threads
 
 
-def _run_in_threads(kernel, order: np.ndarray, *args) -> None:
-    """Run ``kernel(order_part, *args)`` over interleaved parts of ``order`` on parallel threads
-    (the kernels release the GIL); neighbouring cubes go to different threads at the same time."""
+def _run_in_threads(kernel, items: tuple, *args) -> None:
+    """Run ``kernel(*item_parts, *args)`` on parallel threads (the kernels release the GIL), each
+    thread taking every T-th entry of the arrays in ``items``, so neighbouring cubes are cut at
+    the same time."""
     import os
     from concurrent.futures import ThreadPoolExecutor
     threads = _extraction_threads or len(os.sched_getaffinity(0))
-    threads = max(1, min(threads, len(order)))
+    threads = max(1, min(threads, len(items[0])))
     if threads == 1:
-        kernel(order, *args)
+        kernel(*items, *args)
         return
     with ThreadPoolExecutor(threads) as pool:
-        for done in [pool.submit(kernel, order[t::threads], *args) for t in range(threads)]:
-            done.result()
+        runs = [pool.submit(kernel, *(x[t::threads] for x in items), *args) for t in range(threads)]
+        for run in runs:
+            run.result()
 
 
 def extract_patches(scan: CTScan, world_xyz: np.ndarray, patch_size: int = 64,
@@ -220,22 +222,44 @@ def extract_patches(scan: CTScan, world_xyz: np.ndarray, patch_size: int = 64,
     if perm is None:
         steps = (index_per_world * spacing_mm).T[::-1].copy()  # row a: index (i, j, k) step per sample along z, y, x
         first = base_ijk - (patch_size // 2) * steps.sum(axis=0)  # index of sample [0, 0, 0]
-        _run_in_threads(_sample_oblique, order, volume, first, steps, out)
+        _run_in_threads(_sample_oblique, (order,), volume, first, steps, out)
         return out
     # World axis a runs along index axis perm[a], i.e. array axis 2 - perm[a].
     positions = [None, None, None]
     for world_axis in range(3):
         c = perm[world_axis]
         positions[2 - c] = base_ijk[:, c:c + 1] + index_per_world[c, world_axis] * offsets[None, :]
-    k_lo, k_hi, k_wlo, k_whi, _, _ = _axis_taps(positions[0], volume.shape[0])
-    j_lo, j_hi, j_wlo, j_whi, _, _ = _axis_taps(positions[1], volume.shape[1])
-    i_lo, i_frac, i_start, i_len = _row_taps(positions[2], volume.shape[2])
     # The kernel writes samples in array-axis order; this view puts them on world [z, y, x].
     out_axis_of_array_axis = [2 - int(np.flatnonzero(perm == 2 - axis)[0]) for axis in range(3)]
     target = out.transpose(0, *(1 + np.array(out_axis_of_array_axis)))
-    _run_in_threads(_sample_separable, order, volume, k_lo, k_hi, k_wlo, k_whi,
-                    j_lo, j_hi, j_wlo, j_whi, i_lo, i_frac, i_start, i_len, target)
+    if positions[0][0, -1] < positions[0][0, 0]:  # the kernel walks each cube with slices rising
+        positions[0], target = positions[0][:, ::-1], target[:, ::-1]
+    taps = (*_axis_taps(positions[0], volume.shape[0])[:4], *_axis_taps(positions[1], volume.shape[1])[:4],
+            *_row_taps(positions[2], volume.shape[2]))
+    _sample_separable_in_slabs(volume, taps, order, target)
     return out
+
+
+def _sample_separable_in_slabs(volume: np.ndarray, taps: tuple, order: np.ndarray, target: np.ndarray,
+                               batch: int = 256, slab_bytes: int = 8 << 20) -> None:
+    """Drive :func:`_sample_separable` through the volume a slab of slices at a time, every cube of a
+    batch taking the slices it needs from the current slab while those are still in the CPU caches:
+    the volume is streamed once per batch instead of once per cube."""
+    k_lo, k_hi, i_len = taps[0], taps[1], taps[-1]
+    n_slices, n_planes = volume.shape[0], k_lo.shape[1]
+    step = max(1, slab_bytes // max(1, volume[0].nbytes))
+    for first in range(0, len(order), batch):
+        cubes = order[first:first + batch]
+        slabs = np.empty((len(cubes), 2, taps[4].shape[1], int(i_len[cubes].max()) + 3), np.float32)
+        slab_k = np.full((len(cubes), 2), -1, np.int64)
+        next_a = np.zeros(len(cubes), np.int64)
+        slots = np.arange(len(cubes))
+        for k_end in range(int(k_lo[cubes, 0].min()) + step, n_slices + step, step):
+            waiting = next_a < n_planes
+            waiting[waiting] = k_hi[cubes[waiting], next_a[waiting]] < k_end
+            if waiting.any():
+                _run_in_threads(_sample_separable, (cubes[waiting], slots[waiting]), k_end, volume, *taps,
+                                slabs, slab_k, next_a, target)
 
 
 # --- compiled sampling kernels ------------------------------------------------
@@ -263,43 +287,43 @@ def _interpolate_rows(volume, k, j_lo, j_hi, j_wlo, j_whi, start, length, slab):
 
 
 @numba.njit(**_JIT)
-def _sample_separable(cubes, volume, k_lo, k_hi, k_wlo, k_whi, j_lo, j_hi, j_wlo, j_whi,
-                      i_lo, i_frac, i_start, i_len, out):
-    """Trilinear cubes on tensor-product grids of an int16 ``volume[k, j, i]``: rows first (linear
-    along j, contiguous in i), then across slices (k), then along each row (i). ``out[n]`` is
-    indexed in array-axis order (k, j, i) samples; taps come from :func:`_axis_taps` (k, j) and
-    :func:`_row_taps` (i)."""
+def _sample_separable(cubes, slots, k_end, volume, k_lo, k_hi, k_wlo, k_whi, j_lo, j_hi, j_wlo, j_whi,
+                      i_lo, i_frac, i_start, i_len, slabs, slab_k, next_a, out):
+    """Trilinear cubes on tensor-product grids of an int16 ``volume[k, j, i]``, carried on up to
+    slice ``k_end``: rows first (linear along j, contiguous in i), then across slices (k), then along
+    each row (i). Cube ``cubes[m]`` keeps its state in slot ``slots[m]``: the two slices last
+    interpolated along j (``slabs``, their slice numbers in ``slab_k``) and its next output plane
+    (``next_a``); its taps come from :func:`_axis_taps` (k, j; k rising with the plane number) and
+    :func:`_row_taps` (i). ``out[n]`` is indexed in array-axis order (k, j, i)."""
     n_k, n_j, n_i = k_lo.shape[1], j_lo.shape[1], i_lo.shape[1]
-    width = i_len.max() + 3
-    slabs = np.empty((4, n_j, width), np.float32)  # the slices interpolated so far, by k % 4
-    slab_k = np.full(4, -1, np.int64)
-    row = np.zeros(width, np.float32)  # [air, block..., air, air]
+    row = np.zeros(slabs.shape[3], np.float32)  # [air, block..., air, air]
     air = np.float32(-AIR_HU)
-    for n in cubes:
+    for m in range(cubes.shape[0]):
+        n, slot = cubes[m], slots[m]
         start, length = i_start[n], i_len[n]
         lo, frac = i_lo[n], i_frac[n]
-        slab_k[:] = -1
         row[length + 1] = 0.0
         row[length + 2] = 0.0
-        for a in range(n_k):
-            ka, kb = k_lo[n, a], k_hi[n, a]
-            if slab_k[ka & 3] != ka:
-                _interpolate_rows(volume, ka, j_lo[n], j_hi[n], j_wlo[n], j_whi[n], start, length, slabs[ka & 3])
-                slab_k[ka & 3] = ka
-            if slab_k[kb & 3] != kb:
-                _interpolate_rows(volume, kb, j_lo[n], j_hi[n], j_wlo[n], j_whi[n], start, length, slabs[kb & 3])
-                slab_k[kb & 3] = kb
-            slab_lo, slab_hi = slabs[ka & 3], slabs[kb & 3]
+        a = next_a[slot]
+        while a < n_k and k_hi[n, a] < k_end:
+            for k in (k_lo[n, a], k_hi[n, a]):
+                if slab_k[slot, k & 1] != k:
+                    _interpolate_rows(volume, k, j_lo[n], j_hi[n], j_wlo[n], j_whi[n], start, length,
+                                      slabs[slot, k & 1])
+                    slab_k[slot, k & 1] = k
+            above, below = slabs[slot, k_lo[n, a] & 1], slabs[slot, k_hi[n, a] & 1]
             w_lo, w_hi = k_wlo[n, a], k_whi[n, a]
             plane = out[n, a]
             for b in range(n_j):
-                above, below = slab_lo[b], slab_hi[b]
+                row_above, row_below = above[b], below[b]
                 for x in range(length):
-                    row[x + 1] = w_lo * above[x] + w_hi * below[x]
+                    row[x + 1] = w_lo * row_above[x] + w_hi * row_below[x]
                 dest = plane[b]
                 for c in range(n_i):
                     left = row[lo[c]]
                     dest[c] = np.int16(np.rint(left + frac[c] * (row[lo[c] + 1] - left) - air))
+            a += 1
+        next_a[slot] = a
 
 
 @numba.njit(**_JIT)
