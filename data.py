@@ -178,21 +178,29 @@ def set_extraction_threads(threads: int | None) -> None:
     _extraction_threads = threads
 
 
-def _run_in_threads(kernel, items: tuple, *args) -> None:
-    """Run ``kernel(*item_parts, *args)`` on parallel threads (the kernels release the GIL), each
-    thread taking every T-th entry of the arrays in ``items``, so neighbouring cubes are cut at
-    the same time."""
+@contextmanager
+def _kernel_threads():
+    """Yield ``run(kernel, items, *args)``, which calls ``kernel(*item_parts, *args)`` on parallel
+    threads (the kernels release the GIL), each thread taking every T-th entry of the arrays in
+    ``items`` so that neighbouring cubes are cut at the same time. The threads live as long as the
+    ``with`` block, never across a fork."""
     import os
     from concurrent.futures import ThreadPoolExecutor
     threads = _extraction_threads or len(os.sched_getaffinity(0))
-    threads = max(1, min(threads, len(items[0])))
-    if threads == 1:
-        kernel(*items, *args)
-        return
-    with ThreadPoolExecutor(threads) as pool:
-        runs = [pool.submit(kernel, *(x[t::threads] for x in items), *args) for t in range(threads)]
-        for run in runs:
-            run.result()
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+
+    def run(kernel, items: tuple, *args) -> None:
+        parts = min(threads, len(items[0]))
+        if parts <= 1:
+            kernel(*items, *args)
+            return
+        for done in [pool.submit(kernel, *(x[t::parts] for x in items), *args) for t in range(parts)]:
+            done.result()
+    try:
+        yield run
+    finally:
+        if pool is not None:
+            pool.shutdown()
 
 
 def extract_patches(scan: CTScan, world_xyz: np.ndarray, patch_size: int = 64,
@@ -222,7 +230,8 @@ def extract_patches(scan: CTScan, world_xyz: np.ndarray, patch_size: int = 64,
     if perm is None:
         steps = (index_per_world * spacing_mm).T[::-1].copy()  # row a: index (i, j, k) step per sample along z, y, x
         first = base_ijk - (patch_size // 2) * steps.sum(axis=0)  # index of sample [0, 0, 0]
-        _run_in_threads(_sample_oblique, (order,), volume, first, steps, out)
+        with _kernel_threads() as run:
+            run(_sample_oblique, (order,), volume, first, steps, out)
         return out
     # World axis a runs along index axis perm[a], i.e. array axis 2 - perm[a].
     positions = [None, None, None]
@@ -240,26 +249,32 @@ def extract_patches(scan: CTScan, world_xyz: np.ndarray, patch_size: int = 64,
     return out
 
 
-def _sample_separable_in_slabs(volume: np.ndarray, taps: tuple, order: np.ndarray, target: np.ndarray,
-                               batch: int = 256, slab_bytes: int = 8 << 20) -> None:
+CUBES_PER_BATCH = 256        # cubes that stream through the volume together (their state: ~70 kB each)
+SLAB_BYTES = 8 << 20         # slices per step of that stream: about this many bytes of the volume
+
+
+def _sample_separable_in_slabs(volume: np.ndarray, taps: tuple, order: np.ndarray, target: np.ndarray) -> None:
     """Drive :func:`_sample_separable` through the volume a slab of slices at a time, every cube of a
     batch taking the slices it needs from the current slab while those are still in the CPU caches:
-    the volume is streamed once per batch instead of once per cube."""
+    the volume is streamed once per batch of cubes instead of once per cube."""
+    step = max(1, SLAB_BYTES // max(1, volume[0].nbytes))
+    with _kernel_threads() as run:
+        for first in range(0, len(order), CUBES_PER_BATCH):
+            _sample_batch(run, volume, taps, order[first:first + CUBES_PER_BATCH], target, step)
+
+
+def _sample_batch(run, volume: np.ndarray, taps: tuple, cubes: np.ndarray, target: np.ndarray, step: int) -> None:
     k_lo, k_hi, i_len = taps[0], taps[1], taps[-1]
     n_slices, n_planes = volume.shape[0], k_lo.shape[1]
-    step = max(1, slab_bytes // max(1, volume[0].nbytes))
-    for first in range(0, len(order), batch):
-        cubes = order[first:first + batch]
-        slabs = np.empty((len(cubes), 2, taps[4].shape[1], int(i_len[cubes].max()) + 3), np.float32)
-        slab_k = np.full((len(cubes), 2), -1, np.int64)
-        next_a = np.zeros(len(cubes), np.int64)
-        slots = np.arange(len(cubes))
-        for k_end in range(int(k_lo[cubes, 0].min()) + step, n_slices + step, step):
-            waiting = next_a < n_planes
-            waiting[waiting] = k_hi[cubes[waiting], next_a[waiting]] < k_end
-            if waiting.any():
-                _run_in_threads(_sample_separable, (cubes[waiting], slots[waiting]), k_end, volume, *taps,
-                                slabs, slab_k, next_a, target)
+    slabs = np.empty((len(cubes), 2, taps[4].shape[1], int(i_len[cubes].max()) + 3), np.float32)
+    slab_k = np.full((len(cubes), 2), -1, np.int64)
+    next_a = np.zeros(len(cubes), np.int64)
+    slots = np.arange(len(cubes))
+    for k_end in range(int(k_lo[cubes, 0].min()) + step, n_slices + step, step):
+        waiting = next_a < n_planes
+        waiting[waiting] = k_hi[cubes[waiting], next_a[waiting]] < k_end
+        if waiting.any():
+            run(_sample_separable, (cubes[waiting], slots[waiting]), k_end, volume, *taps, slabs, slab_k, next_a, target)
 
 
 # --- compiled sampling kernels ------------------------------------------------
@@ -315,13 +330,11 @@ def _sample_separable(cubes, slots, k_end, volume, k_lo, k_hi, k_wlo, k_whi, j_l
             w_lo, w_hi = k_wlo[n, a], k_whi[n, a]
             plane = out[n, a]
             for b in range(n_j):
-                row_above, row_below = above[b], below[b]
                 for x in range(length):
-                    row[x + 1] = w_lo * row_above[x] + w_hi * row_below[x]
-                dest = plane[b]
+                    row[x + 1] = w_lo * above[b, x] + w_hi * below[b, x]
                 for c in range(n_i):
                     left = row[lo[c]]
-                    dest[c] = np.int16(np.rint(left + frac[c] * (row[lo[c] + 1] - left) - air))
+                    plane[b, c] = np.int16(np.rint(left + frac[c] * (row[lo[c] + 1] - left) - air))
             a += 1
         next_a[slot] = a
 

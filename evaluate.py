@@ -624,7 +624,9 @@ def _as_is(item):
 
 
 def _one_thread(_worker_id: int) -> None:
+    import data
     torch.set_num_threads(1)
+    data.set_extraction_threads(1)  # the reader processes already run side by side
 
 
 def stream_scan_patches(scans: list, patch_size: int, spacing_mm: float, workers: int, chunk: int = 256):
