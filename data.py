@@ -125,9 +125,8 @@ def _axis_taps(positions: np.ndarray, size: int):
     """Two-tap linear interpolation along one array axis of length ``size``, for ``(N, P)`` continuous
     index positions.
 
-    Returns ``(lo, hi, w_lo, w_hi, start, length)``: tap indices clipped into the axis (int32), their
-    float32 weights (0 for a tap outside the axis, so it reads as air) and each row's block
-    ``[start, start + length)`` of the axis.
+    Returns ``(lo, hi, w_lo, w_hi)``: tap indices clipped into the axis (int32) and their float32
+    weights (0 for a tap outside the axis, so that it reads as air).
     """
     lo = np.floor(positions)
     frac = (positions - lo).astype(np.float32)
@@ -136,8 +135,7 @@ def _axis_taps(positions: np.ndarray, size: int):
     w_lo = ((1.0 - frac) * ((lo >= 0) & (lo < size))).astype(np.float32)
     w_hi = (frac * ((hi >= 0) & (hi < size))).astype(np.float32)
     lo, hi = np.clip(lo, 0, size - 1), np.clip(hi, 0, size - 1)
-    start = lo.min(axis=1)
-    return lo.astype(np.int32), hi.astype(np.int32), w_lo, w_hi, start, hi.max(axis=1) + 1 - start
+    return lo.astype(np.int32), hi.astype(np.int32), w_lo, w_hi
 
 
 def _row_taps(positions: np.ndarray, size: int):
@@ -243,7 +241,7 @@ def extract_patches(scan: CTScan, world_xyz: np.ndarray, patch_size: int = 64,
     target = out.transpose(0, *(1 + np.array(out_axis_of_array_axis)))
     if positions[0][0, -1] < positions[0][0, 0]:  # the kernel walks each cube with slices rising
         positions[0], target = positions[0][:, ::-1], target[:, ::-1]
-    taps = (*_axis_taps(positions[0], volume.shape[0])[:4], *_axis_taps(positions[1], volume.shape[1])[:4],
+    taps = (*_axis_taps(positions[0], volume.shape[0]), *_axis_taps(positions[1], volume.shape[1]),
             *_row_taps(positions[2], volume.shape[2]))
     _sample_separable_in_slabs(volume, taps, order, target)
     return out
@@ -264,6 +262,7 @@ def _sample_separable_in_slabs(volume: np.ndarray, taps: tuple, order: np.ndarra
 
 
 def _sample_batch(run, volume: np.ndarray, taps: tuple, cubes: np.ndarray, target: np.ndarray, step: int) -> None:
+    """One batch of cubes through the volume, ``step`` slices further each round."""
     k_lo, k_hi, i_len = taps[0], taps[1], taps[-1]
     n_slices, n_planes = volume.shape[0], k_lo.shape[1]
     slabs = np.empty((len(cubes), 2, taps[4].shape[1], int(i_len[cubes].max()) + 3), np.float32)
