@@ -176,8 +176,11 @@ def set_extraction_threads(threads: int | None) -> None:
     _extraction_threads = threads
 
 
+CUBES_PER_THREAD = 64  # fewer cubes than this per thread are not worth another thread
+
+
 @contextmanager
-def _kernel_threads():
+def _kernel_threads(n_cubes: int):
     """Yield ``run(kernel, items, *args)``, which calls ``kernel(*item_parts, *args)`` on parallel
     threads (the kernels release the GIL), each thread taking every T-th entry of the arrays in
     ``items`` so that neighbouring cubes are cut at the same time. The threads live as long as the
@@ -185,6 +188,7 @@ def _kernel_threads():
     import os
     from concurrent.futures import ThreadPoolExecutor
     threads = _extraction_threads or len(os.sched_getaffinity(0))
+    threads = max(1, min(threads, n_cubes // CUBES_PER_THREAD))
     pool = ThreadPoolExecutor(threads) if threads > 1 else None
 
     def run(kernel, items: tuple, *args) -> None:
@@ -212,6 +216,12 @@ def extract_patches(scan: CTScan, world_xyz: np.ndarray, patch_size: int = 64,
     each world axis runs along one array axis (any flips and permutations), trilinear sampling is
     done as three passes of linear interpolation along the array axes.
     """
+    return _cut_patches(scan, world_xyz, patch_size, spacing_mm, lambda n_slices: None)
+
+
+def _cut_patches(scan: CTScan, world_xyz, patch_size: int, spacing_mm: float, load_until) -> np.ndarray:
+    """:func:`extract_patches` on a scan whose slices may still be arriving: ``load_until(k)`` returns
+    once slices ``[0, k)`` of ``scan.hu`` hold their voxels."""
     _validate_patch_args(patch_size, spacing_mm)
     world_xyz = np.atleast_2d(np.asarray(world_xyz, float))
     if world_xyz.shape[1:] != (3,):
@@ -228,7 +238,8 @@ def extract_patches(scan: CTScan, world_xyz: np.ndarray, patch_size: int = 64,
     if perm is None:
         steps = (index_per_world * spacing_mm).T[::-1].copy()  # row a: index (i, j, k) step per sample along z, y, x
         first = base_ijk - (patch_size // 2) * steps.sum(axis=0)  # index of sample [0, 0, 0]
-        with _kernel_threads() as run:
+        load_until(volume.shape[0])
+        with _kernel_threads(len(order)) as run:
             run(_sample_oblique, (order,), volume, first, steps, out)
         return out
     # World axis a runs along index axis perm[a], i.e. array axis 2 - perm[a].
@@ -243,7 +254,12 @@ def extract_patches(scan: CTScan, world_xyz: np.ndarray, patch_size: int = 64,
         positions[0], target = positions[0][:, ::-1], target[:, ::-1]
     taps = (*_axis_taps(positions[0], volume.shape[0]), *_axis_taps(positions[1], volume.shape[1]),
             *_row_taps(positions[2], volume.shape[2]))
-    _sample_separable_in_slabs(volume, taps, order, target)
+    if target.flags.c_contiguous:  # identity and in-plane flips: the kernel writes straight into out
+        _sample_separable_in_slabs(volume, taps, order, target, load_until)
+    else:
+        samples = np.empty(target.shape, np.int16)
+        _sample_separable_in_slabs(volume, taps, order, samples, load_until)
+        target[...] = samples
     return out
 
 
@@ -251,17 +267,19 @@ CUBES_PER_BATCH = 256        # cubes that stream through the volume together (th
 SLAB_BYTES = 8 << 20         # slices per step of that stream: about this many bytes of the volume
 
 
-def _sample_separable_in_slabs(volume: np.ndarray, taps: tuple, order: np.ndarray, target: np.ndarray) -> None:
+def _sample_separable_in_slabs(volume: np.ndarray, taps: tuple, order: np.ndarray, target: np.ndarray,
+                               load_until) -> None:
     """Drive :func:`_sample_separable` through the volume a slab of slices at a time, every cube of a
     batch taking the slices it needs from the current slab while those are still in the CPU caches:
     the volume is streamed once per batch of cubes instead of once per cube."""
     step = max(1, SLAB_BYTES // max(1, volume[0].nbytes))
-    with _kernel_threads() as run:
+    with _kernel_threads(len(order)) as run:
         for first in range(0, len(order), CUBES_PER_BATCH):
-            _sample_batch(run, volume, taps, order[first:first + CUBES_PER_BATCH], target, step)
+            _sample_batch(run, volume, taps, order[first:first + CUBES_PER_BATCH], target, step, load_until)
 
 
-def _sample_batch(run, volume: np.ndarray, taps: tuple, cubes: np.ndarray, target: np.ndarray, step: int) -> None:
+def _sample_batch(run, volume: np.ndarray, taps: tuple, cubes: np.ndarray, target: np.ndarray, step: int,
+                  load_until) -> None:
     """One batch of cubes through the volume, ``step`` slices further each round."""
     k_lo, k_hi, i_len = taps[0], taps[1], taps[-1]
     n_slices, n_planes = volume.shape[0], k_lo.shape[1]
@@ -273,6 +291,7 @@ def _sample_batch(run, volume: np.ndarray, taps: tuple, cubes: np.ndarray, targe
         waiting = next_a < n_planes
         waiting[waiting] = k_hi[cubes[waiting], next_a[waiting]] < k_end
         if waiting.any():
+            load_until(min(k_end, n_slices))
             run(_sample_separable, (cubes[waiting], slots[waiting]), k_end, volume, *taps, slabs, slab_k, next_a, target)
 
 
@@ -285,19 +304,23 @@ _JIT = dict(nogil=True, cache=True, fastmath=True, error_model="numpy", boundsch
 
 
 @numba.njit(**_JIT)
-def _interpolate_rows(volume, k, j_lo, j_hi, j_wlo, j_whi, start, length, slab):
-    """``slab[b, x]``: slice ``k`` interpolated between rows ``j_lo[b]`` and ``j_hi[b]`` at columns
-    ``start + x``, as ``HU + 1000`` (float32)."""
-    plane = volume[k]
+def _interpolate_rows(voxels, row_stride, slice_stride, k, j_lo, j_hi, j_wlo, j_whi, start, length,
+                      slab_values, slab_first, slab_width):
+    """One slice ``k`` interpolated between rows ``j_lo[b]`` and ``j_hi[b]`` at columns
+    ``start + x``, as ``HU + 1000`` (float32), into ``slab_values[slab_first + b * slab_width + x]``.
+    ``voxels`` is the volume flattened; offsets are unsigned, which spares the loops numba's
+    negative-index checks."""
     air = np.float32(-AIR_HU)
+    first = np.uint64(k) * np.uint64(slice_stride) + np.uint64(start)
     for b in range(j_lo.shape[0]):
-        row_lo = plane[j_lo[b], start:start + length]
-        row_hi = plane[j_hi[b], start:start + length]
+        row_lo = first + np.uint64(j_lo[b]) * np.uint64(row_stride)
+        row_hi = first + np.uint64(j_hi[b]) * np.uint64(row_stride)
         w_lo, w_hi = j_wlo[b], j_whi[b]
         shift = air * (w_lo + w_hi)
-        dest = slab[b]
-        for x in range(length):
-            dest[x] = w_lo * np.float32(row_lo[x]) + w_hi * np.float32(row_hi[x]) + shift
+        dest = np.uint64(slab_first) + np.uint64(b) * np.uint64(slab_width)
+        for x in range(np.uint64(length)):
+            slab_values[dest + x] = (w_lo * np.float32(voxels[row_lo + x]) + w_hi * np.float32(voxels[row_hi + x])
+                                     + shift)
 
 
 @numba.njit(**_JIT)
@@ -308,32 +331,42 @@ def _sample_separable(cubes, slots, k_end, volume, k_lo, k_hi, k_wlo, k_whi, j_l
     each row (i). Cube ``cubes[m]`` keeps its state in slot ``slots[m]``: the two slices last
     interpolated along j (``slabs``, their slice numbers in ``slab_k``) and its next output plane
     (``next_a``); its taps come from :func:`_axis_taps` (k, j; k rising with the plane number) and
-    :func:`_row_taps` (i). ``out[n]`` is indexed in array-axis order (k, j, i)."""
+    :func:`_row_taps` (i). ``out`` (C-contiguous) is indexed ``[n, k, j, i]`` in array-axis order.
+    The arrays are indexed flat with unsigned offsets: views made in the inner loops would cost
+    reference counting, and signed indices numba's negative-index checks."""
     n_k, n_j, n_i = k_lo.shape[1], j_lo.shape[1], i_lo.shape[1]
-    row = np.zeros(slabs.shape[3], np.float32)  # [air, block..., air, air]
+    voxels, slab_values, out_values = volume.reshape(-1), slabs.reshape(-1), out.reshape(-1)
+    row_stride, slice_stride = volume.shape[2], volume.shape[1] * volume.shape[2]
+    width = slabs.shape[3]
+    slab_size = n_j * width
+    row = np.zeros(width, np.float32)  # [air, block..., air, air]
     air = np.float32(-AIR_HU)
+    one = np.uint64(1)
     for m in range(cubes.shape[0]):
         n, slot = cubes[m], slots[m]
         start, length = i_start[n], i_len[n]
-        lo, frac = i_lo[n], i_frac[n]
         row[length + 1] = 0.0
         row[length + 2] = 0.0
         a = next_a[slot]
         while a < n_k and k_hi[n, a] < k_end:
             for k in (k_lo[n, a], k_hi[n, a]):
                 if slab_k[slot, k & 1] != k:
-                    _interpolate_rows(volume, k, j_lo[n], j_hi[n], j_wlo[n], j_whi[n], start, length,
-                                      slabs[slot, k & 1])
+                    _interpolate_rows(voxels, row_stride, slice_stride, k, j_lo[n], j_hi[n], j_wlo[n], j_whi[n],
+                                      start, length, slab_values, (2 * slot + (k & 1)) * slab_size, width)
                     slab_k[slot, k & 1] = k
-            above, below = slabs[slot, k_lo[n, a] & 1], slabs[slot, k_hi[n, a] & 1]
+            above = np.uint64((2 * slot + (k_lo[n, a] & 1)) * slab_size)
+            below = np.uint64((2 * slot + (k_hi[n, a] & 1)) * slab_size)
             w_lo, w_hi = k_wlo[n, a], k_whi[n, a]
-            plane = out[n, a]
-            for b in range(n_j):
-                for x in range(length):
-                    row[x + 1] = w_lo * above[b, x] + w_hi * below[b, x]
-                for c in range(n_i):
-                    left = row[lo[c]]
-                    plane[b, c] = np.int16(np.rint(left + frac[c] * (row[lo[c] + 1] - left) - air))
+            plane = np.uint64(((n * n_k) + a) * n_j * n_i)
+            for b in range(np.uint64(n_j)):
+                row_above, row_below = above + b * np.uint64(width), below + b * np.uint64(width)
+                for x in range(np.uint64(length)):
+                    row[x + one] = w_lo * slab_values[row_above + x] + w_hi * slab_values[row_below + x]
+                dest = plane + b * np.uint64(n_i)
+                for c in range(np.uint64(n_i)):
+                    tap = np.uint64(i_lo[n, c])
+                    left = row[tap]
+                    out_values[dest + c] = np.int16(np.rint(left + i_frac[n, c] * (row[tap + one] - left) - air))
             a += 1
         next_a[slot] = a
 
@@ -443,26 +476,26 @@ def check_metaimage(path: Path) -> dict:
     return header
 
 
-def _read_raw_voxels(path: Path, header: dict, size_ijk: tuple) -> np.ndarray | None:
-    """The voxels ``[z, y, x]`` of a plain MetaImage (one uncompressed data file holding exactly the
-    voxels, one value each) read straight into one array; None for any other layout, which
-    SimpleITK then reads. Saves SimpleITK's second copy of the scan."""
+def _plain_voxel_source(path: Path, header: dict, info) -> tuple[Path, np.dtype] | None:
+    """``(data file, dtype)`` of a plain 3-D MetaImage (one uncompressed data file holding exactly
+    the voxels, one value each, ``[z, y, x]`` with x fastest); None for any other layout, which
+    SimpleITK then reads."""
     def flag(key):
         return header.get(key, "False").strip().lower() == "true"
     data_name = header.get("ElementDataFile", "")
     dtype = _META_DTYPES.get(header.get("ElementType", ""))
-    if (not dtype or flag("CompressedData") or data_name.upper() in ("LOCAL", "LIST") or " " in data_name
-            or "%" in data_name or header.get("HeaderSize", "0").strip() not in ("0", "")
+    if (info.GetDimension() != 3 or info.GetNumberOfComponents() != 1 or not dtype or flag("CompressedData")
+            or data_name.upper() in ("LOCAL", "LIST") or " " in data_name or "%" in data_name
+            or header.get("HeaderSize", "0").strip() not in ("0", "")
             or header.get("ElementNumberOfChannels", "1").strip() != "1"
             or header.get("BinaryData", "True").strip().lower() != "true"):
         return None
     big_endian = flag("ElementByteOrderMSB") or flag("BinaryDataByteOrderMSB")
     dtype = np.dtype(dtype).newbyteorder(">" if big_endian else "<")
     data_file = path.parent / data_name
-    count = int(np.prod(size_ijk))
-    if data_file.stat().st_size != count * dtype.itemsize:
+    if data_file.stat().st_size != int(np.prod(info.GetSize())) * dtype.itemsize:
         return None
-    return np.fromfile(data_file, dtype, count).reshape(tuple(size_ijk)[::-1])
+    return data_file, dtype
 
 
 def read_ct(path) -> CTScan:
@@ -491,14 +524,78 @@ def read_ct(path) -> CTScan:
             info = sitk.ImageFileReader()
             info.SetFileName(str(path))
             info.ReadImageInformation()
-            if info.GetDimension() == 3 and info.GetNumberOfComponents() == 1:
-                voxels = _read_raw_voxels(path, header, info.GetSize())
-                if voxels is not None:
-                    return _to_scan(info, voxels, str(path))
+            source = _plain_voxel_source(path, header, info)
+            if source is not None:
+                voxels = np.fromfile(source[0], source[1], int(np.prod(info.GetSize())))
+                return _to_scan(info, voxels.reshape(tuple(info.GetSize())[::-1]), str(path))
         return _image_to_scan(sitk.ReadImage(str(path)), str(path))
     except RuntimeError as err:
         reason = " ".join(str(err).split())
         raise UserError(f"{path}: cannot read this scan ({reason[-300:]})") from None
+
+
+def read_and_extract(path, world_xyz: np.ndarray, patch_size: int = 64,
+                     spacing_mm: float = 1.0) -> tuple[CTScan, np.ndarray]:
+    """``read_ct(path)`` and ``extract_patches`` of that scan, overlapped.
+
+    For a plain ``.mhd`` + ``.raw`` pair of int16 voxels (LUNA16's format) a reader thread fills the
+    scan slab by slab while the cubes are cut from the slices already in; anything else is read
+    whole first. Returns ``(scan, patches)`` exactly as the two calls would.
+    """
+    import threading
+    import SimpleITK as sitk
+    path = Path(path)
+    source = None
+    if path.is_file() and path.suffix.lower() == ".mhd":
+        header = check_metaimage(path)
+        info = sitk.ImageFileReader()
+        info.SetFileName(str(path))
+        try:
+            info.ReadImageInformation()
+        except RuntimeError as err:
+            raise UserError(f"{path}: cannot read this scan ({' '.join(str(err).split())[-300:]})") from None
+        source = _plain_voxel_source(path, header, info)
+    if source is None or source[1] != np.dtype(np.int16):
+        scan = read_ct(path)
+        return scan, extract_patches(scan, world_xyz, patch_size, spacing_mm)
+    scan = _to_scan(info, np.empty(tuple(info.GetSize())[::-1], np.int16), str(path))
+    slices = scan.hu.reshape(len(scan.hu), -1)
+    step = max(1, SLAB_BYTES // max(1, slices[0].nbytes))
+    state = {"loaded": 0, "error": None}
+    arrived = threading.Condition()
+
+    def read_slabs() -> None:
+        try:
+            with open(source[0], "rb") as stream:
+                for first in range(0, len(slices), step):
+                    view = memoryview(slices[first:first + step]).cast("B")
+                    while len(view):
+                        got = stream.readinto(view)
+                        if not got:
+                            raise UserError(f"{path}: data file {source[0].name} ended early")
+                        view = view[got:]
+                    with arrived:
+                        state["loaded"] = min(len(slices), first + step)
+                        arrived.notify_all()
+        except (OSError, UserError) as err:
+            with arrived:
+                state["error"] = err
+                arrived.notify_all()
+
+    def load_until(n_slices: int) -> None:
+        with arrived:
+            arrived.wait_for(lambda: state["loaded"] >= n_slices or state["error"] is not None)
+            if state["error"] is not None:
+                raise state["error"]
+
+    reader = threading.Thread(target=read_slabs, name=f"read {path.name}", daemon=True)
+    reader.start()
+    try:
+        patches = _cut_patches(scan, world_xyz, patch_size, spacing_mm, load_until)
+        load_until(len(slices))
+    finally:
+        reader.join()
+    return scan, patches
 
 
 def write_mhd(scan: CTScan, path) -> None:
@@ -790,10 +887,10 @@ def _format_index_rows(uid: str, world_xyz: np.ndarray, labels: np.ndarray, diam
             for (x, y, z), label, d in zip(world_xyz, labels, diameters)]
 
 
-def _read_scan_or_error(path: Path):
-    """``(scan, None)`` or ``(None, reason)``: one unreadable scan must not stop the others."""
+def _read_and_cut_or_error(path: Path, world_xyz: np.ndarray, patch_size: int, spacing_mm: float):
+    """``((scan, patches), None)`` or ``(None, reason)``: one unreadable scan must not stop the others."""
     try:
-        return read_ct(path), None
+        return read_and_extract(path, world_xyz, patch_size, spacing_mm), None
     except UserError as err:
         return None, str(err)
     except (OSError, MemoryError, ValueError) as err:
@@ -871,23 +968,29 @@ def extract_subset(data_dir, work_dir, subset: int, patch_size: int = 64, spacin
             ThreadPoolExecutor(max_workers=1) as reader:
         task = progress.add_task("extract", total=len(todo), subset=subset, rate=0.0)
         paths = [find_scan(data_dir, uid) for uid in todo]
-        pending = reader.submit(_read_scan_or_error, paths[0]) if todo else None
+        rows_todo = [np.array(rows_by_scan.get(uid, []), int) for uid in todo]
+
+        def read_and_cut(position: int):
+            points = selected.world_xyz[rows_todo[position]].reshape(-1, 3)
+            return _read_and_cut_or_error(paths[position], points, patch_size, spacing_mm)
+        pending = reader.submit(read_and_cut, 0) if todo else None
         for position, uid in enumerate(todo):
-            scan, reason = pending.result()
-            if position + 1 < len(todo):  # read the next scan while this one is cut into patches
-                pending = reader.submit(_read_scan_or_error, paths[position + 1])
-            if scan is None:
+            result, reason = pending.result()
+            if position + 1 < len(todo):  # read and cut the next scan while this one is written
+                pending = reader.submit(read_and_cut, position + 1)
+            if result is None:
                 failed[uid] = reason
                 console.print(f"[red]scan {uid}: {reason}[/]")
                 progress.advance(task)
                 continue
-            rows = np.array(rows_by_scan.get(uid, []), int)
-            points = selected.world_xyz[rows].reshape(-1, 3)
-            inside = patch_overlaps_scan(scan, points, patch_size, spacing_mm) if len(rows) else np.zeros(0, bool)
+            scan, patches = result
+            rows = rows_todo[position]
+            inside = (patch_overlaps_scan(scan, selected.world_xyz[rows].reshape(-1, 3), patch_size, spacing_mm)
+                      if len(rows) else np.zeros(0, bool))
             for row in rows[~inside]:
                 problems.append(f"candidate on line {selected.line[row]} ({uid}) lies wholly outside its scan, skipped")
-            rows = rows[inside]
-            patches = extract_patches(scan, selected.world_xyz[rows].reshape(-1, 3), patch_size, spacing_mm)
+            if not inside.all():
+                rows, patches = rows[inside], patches[inside]
             index_rows = _format_index_rows(uid, selected.world_xyz[rows].reshape(-1, 3),
                                             selected.value[rows], diameters[rows])
             atomic_write_json(parts / f"{uid}.json", index_rows)

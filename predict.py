@@ -113,8 +113,8 @@ def predict_points(checkpoint, scan_path, world_xyz, device: Optional[str] = Non
     model, meta = head.load_classifier(Path(checkpoint), device=device)
     preprocess = meta["preprocess"]
     cutoff = float(meta.get("cutoff", 0.5) if meta.get("cutoff") is not None else 0.5)
-    scan = data.read_ct(scan_path)
-    patches = data.extract_patches(scan, world_xyz, int(preprocess["patch_size"]), float(preprocess["spacing_mm"]))
+    scan, patches = data.read_and_extract(scan_path, world_xyz, int(preprocess["patch_size"]),
+                                          float(preprocess["spacing_mm"]))
     probability = evaluate.predict_patches(model, patches, preprocess, device, batch_size, tta)
     centre = int(preprocess["patch_size"]) // 2
     lo, hi = centre - CENTRE_MM // 2, centre + CENTRE_MM // 2 + 1

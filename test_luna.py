@@ -128,6 +128,7 @@ def test_patches_match_simpleitk_resampling_voxel_for_voxel(name, monkeypatch):
     import data
     monkeypatch.setattr(data, "CUBES_PER_BATCH", 5)
     monkeypatch.setattr(data, "SLAB_BYTES", 1)
+    monkeypatch.setattr(data, "CUBES_PER_THREAD", 1)
     rng = np.random.default_rng(4)
     scan = _scan(DIRECTIONS[name], hu=rng.integers(-1000, 1500, (40, 90, 80)).astype(np.int16))
     points = data.index_to_world(rng.uniform([25, 25, 10], [55, 65, 30], (12, 3)), scan)  # cubes inside the scan
@@ -140,6 +141,31 @@ def test_patches_match_simpleitk_resampling_voxel_for_voxel(name, monkeypatch):
     for point, patch in zip(points, patches[1]):
         reference = _simpleitk_patch(scan, point, 12, 1.3)
         assert np.abs(patch - np.rint(reference)).max() <= 1
+
+
+@pytest.mark.parametrize("name", ["identity", "permuted_flipped", "oblique"])
+def test_read_and_extract_equals_reading_then_extracting(name, tmp_path, monkeypatch):
+    """The overlapped read (a reader thread filling slabs of slices while cubes are cut) gives the
+    same scan and the same patches as read_ct then extract_patches, also for a compressed file
+    (read whole first) and for no points at all."""
+    import SimpleITK as sitk
+    import data
+    monkeypatch.setattr(data, "SLAB_BYTES", 1)  # one slice per slab: the reader and the cutter interleave
+    rng = np.random.default_rng(6)
+    scan = _scan(DIRECTIONS[name], hu=rng.integers(-1000, 1500, (40, 50, 60)).astype(np.int16))
+    data.write_mhd(scan, tmp_path / "plain.mhd")
+    sitk.WriteImage(sitk.ReadImage(str(tmp_path / "plain.mhd")), str(tmp_path / "packed.mhd"), useCompression=True)
+    points = data.index_to_world(rng.uniform(-5, 45, (9, 3)), scan)
+    for file in ("plain.mhd", "packed.mhd"):
+        expected_scan = data.read_ct(tmp_path / file)
+        expected = data.extract_patches(expected_scan, points, 10, 1.5)
+        got_scan, got = data.read_and_extract(tmp_path / file, points, 10, 1.5)
+        np.testing.assert_array_equal(got, expected)
+        np.testing.assert_array_equal(got_scan.hu, expected_scan.hu)
+        np.testing.assert_allclose(got_scan.direction, expected_scan.direction)
+    got_scan, got = data.read_and_extract(tmp_path / "plain.mhd", np.zeros((0, 3)), 10, 1.5)
+    assert got.shape == (0, 10, 10, 10)
+    np.testing.assert_array_equal(got_scan.hu, scan.hu)
 
 
 def test_extraction_threads_are_validated():
@@ -245,7 +271,7 @@ def test_extract_resumes_after_interruption(tmp_path, monkeypatch):
     _mini_luna(tmp_path / "luna")
     data.extract_subset(tmp_path / "luna", tmp_path / "reference", 0, patch_size=16, show_progress=False)
     calls = {"n": 0}
-    original = data.extract_patches
+    original = data.read_and_extract
 
     def interrupted_after_one_scan(*args, **kwargs):
         calls["n"] += 1
@@ -253,12 +279,12 @@ def test_extract_resumes_after_interruption(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(data, "extract_patches", interrupted_after_one_scan)
+    monkeypatch.setattr(data, "read_and_extract", interrupted_after_one_scan)
     with pytest.raises(KeyboardInterrupt):
         data.extract_subset(tmp_path / "luna", tmp_path / "work", 0, patch_size=16, show_progress=False)
     cache = tmp_path / "work" / "patches" / "subset0"
     assert not (cache / "patches.npy").exists() and len(list((cache / "parts").glob("*.npy"))) == 1
-    monkeypatch.setattr(data, "extract_patches", original)
+    monkeypatch.setattr(data, "read_and_extract", original)
     summary = data.extract_subset(tmp_path / "luna", tmp_path / "work", 0, patch_size=16, show_progress=False)
     assert summary.scans_new == 2
     assert _cache_files(tmp_path / "work") == _cache_files(tmp_path / "reference")
