@@ -63,12 +63,14 @@ def _naive_extract(scan_path, world_xyz, patch_size: int, spacing_mm: float):
     return np.stack(out)
 
 
-def interleaved_medians(funcs: dict, repeats: int) -> dict:
+def interleaved_medians(funcs: dict, repeats: int, before=None) -> dict:
     """Median wall time of each function, run in turn ``repeats`` times after one untimed round, so
-    that a noisy neighbour slows every contender alike."""
+    that a noisy neighbour slows every contender alike; ``before()`` (untimed) runs before each call."""
     times = {name: [] for name in funcs}
     for round_ in range(repeats + 1):
         for name, func in funcs.items():
+            if before is not None:
+                before()
             start = time.perf_counter()
             func()
             if round_:
@@ -76,8 +78,19 @@ def interleaved_medians(funcs: dict, repeats: int) -> dict:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def _evict_from_page_cache(path) -> None:
+    """Ask the kernel to drop a file's cached pages, so that the next read comes from the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 @bench_app.command("extract")
-def bench_extract(patch_size: int = 64, spacing_mm: float = 1.0, repeats: int = 7, seed: int = 0):
+def bench_extract(patch_size: int = 64, spacing_mm: float = 1.0, repeats: int = 7, seed: int = 0,
+                  cold: bool = typer.Option(False, help="evict the scan from the page cache before every call")):
     """Patch extraction on a 512 x 512 x 250 phantom scan: 30 and 800 candidates, against the bare
     read and against resampling the whole scan first. The same voxels are timed at the phantom's
     own fine spacing and at a coarser one."""
@@ -110,12 +123,13 @@ def bench_extract(patch_size: int = 64, spacing_mm: float = 1.0, repeats: int = 
                 "read": lambda: data.read_ct(path),
                 "ours": lambda: data.read_and_extract(path, points, patch_size, spacing_mm),
                 "naive": lambda: _naive_extract(path, points, patch_size, spacing_mm),
-                "sitk": lambda: sitk.GetArrayFromImage(sitk.ReadImage(str(path)))}, repeats)
+                "sitk": lambda: sitk.GetArrayFromImage(sitk.ReadImage(str(path)))}, repeats,
+                before=(lambda: _evict_from_page_cache(path.with_suffix(".raw"))) if cold else None)
             table.add_row(" x ".join(f"{v:.2f}" for v in scan.spacing), str(count), f"{timed['read']:.3f}",
                           f"{timed['ours']:.3f}", f"{timed['ours'] / timed['read']:.2f}x", f"{timed['naive']:.3f}",
                           f"{timed['naive'] / timed['ours']:.2f}x", f"{timed['sitk']:.3f}")
     console.print(table)
-    console.print(f"medians of {repeats} interleaved runs, page cache warm; read = data.read_ct (voxels straight "
+    console.print(f"medians of {repeats} interleaved runs, page cache {'evicted before each call' if cold else 'warm'}; read = data.read_ct (voxels straight "
                   f"from the .raw); read + extract = data.read_and_extract; machine: {machine_description()}")
 
 

@@ -264,7 +264,7 @@ def _cut_patches(scan: CTScan, world_xyz, patch_size: int, spacing_mm: float, lo
 
 
 CUBES_PER_BATCH = 256        # cubes that stream through the volume together (their state: ~70 kB each)
-SLAB_BYTES = 8 << 20         # slices per step of that stream: about this many bytes of the volume
+SLAB_BYTES = 8 << 20         # slices per step of that stream (and per read): about this many bytes
 
 
 def _sample_separable_in_slabs(volume: np.ndarray, taps: tuple, order: np.ndarray, target: np.ndarray,
