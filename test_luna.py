@@ -669,7 +669,8 @@ def test_evaluate_model_scores_every_candidate_and_resumes(eval_phantom, tmp_pat
     lines = predictions.read_text().splitlines()
     predictions.write_text("\n".join(lines[:-2]) + "\n" + lines[-2][:20])
     reads = []
-    monkeypatch.setattr(data, "read_ct", lambda path, _read=data.read_ct: reads.append(path) or _read(path))
+    monkeypatch.setattr(data, "read_and_extract",
+                        lambda path, *args, _read=data.read_and_extract: reads.append(path) or _read(path, *args))
     evaluate.evaluate_model(checkpoint, eval_phantom, [1], out, workers=0, batch_size=32, bootstrap=50)
     assert len(reads) == 1 and reads[0].stem == lines[-1].split(",")[0]
     again = [line.split(",") for line in (out / "submission.csv").read_text().splitlines()]
