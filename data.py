@@ -180,7 +180,7 @@ CUBES_PER_THREAD = 64  # fewer cubes than this per thread are not worth another 
 
 
 @contextmanager
-def _kernel_threads(n_cubes: int):
+def _kernel_threads(n_cubes: int, cubes_per_thread: int = CUBES_PER_THREAD):
     """Yield ``run(kernel, items, *args)``, which calls ``kernel(*item_parts, *args)`` on parallel
     threads (the kernels release the GIL), each thread taking every T-th entry of the arrays in
     ``items`` so that neighbouring cubes are cut at the same time. The threads live as long as the
@@ -188,7 +188,7 @@ def _kernel_threads(n_cubes: int):
     import os
     from concurrent.futures import ThreadPoolExecutor
     threads = _extraction_threads or len(os.sched_getaffinity(0))
-    threads = max(1, min(threads, n_cubes // CUBES_PER_THREAD))
+    threads = max(1, min(threads, n_cubes // cubes_per_thread))
     pool = ThreadPoolExecutor(threads) if threads > 1 else None
 
     def run(kernel, items: tuple, *args) -> None:
@@ -239,7 +239,7 @@ def _cut_patches(scan: CTScan, world_xyz, patch_size: int, spacing_mm: float, lo
         steps = (index_per_world * spacing_mm).T[::-1].copy()  # row a: index (i, j, k) step per sample along z, y, x
         first = base_ijk - (patch_size // 2) * steps.sum(axis=0)  # index of sample [0, 0, 0]
         load_until(volume.shape[0])
-        with _kernel_threads(len(order)) as run:
+        with _kernel_threads(len(order), cubes_per_thread=1) as run:
             run(_sample_oblique, (order,), volume, first, steps, out)
         return out
     # World axis a runs along index axis perm[a], i.e. array axis 2 - perm[a].
@@ -381,25 +381,36 @@ def _sample_oblique(cubes, volume, first_ijk, steps_ijk, out):
     for n in cubes:
         for a in range(size):
             for b in range(size):
+                row_start = first_ijk[n] + a * steps_ijk[0] + b * steps_ijk[1]
                 for c in range(size):
-                    p = first_ijk[n] + a * steps_ijk[0] + b * steps_ijk[1] + c * steps_ijk[2]
-                    i0, j0, k0 = int(np.floor(p[0])), int(np.floor(p[1])), int(np.floor(p[2]))
-                    fi, fj, fk = p[0] - i0, p[1] - j0, p[2] - k0
+                    pi = row_start[0] + c * steps_ijk[2, 0]
+                    pj = row_start[1] + c * steps_ijk[2, 1]
+                    pk = row_start[2] + c * steps_ijk[2, 2]
+                    i0, j0, k0 = int(np.floor(pi)), int(np.floor(pj)), int(np.floor(pk))
+                    fi, fj, fk = pi - i0, pj - j0, pk - k0
                     total = 0.0
-                    for dk in range(2):
-                        k = k0 + dk
-                        if k < 0 or k >= n_k:
-                            continue
-                        wk = fk if dk else 1.0 - fk
-                        for dj in range(2):
-                            j = j0 + dj
-                            if j < 0 or j >= n_j:
+                    if 0 <= i0 and i0 + 1 < n_i and 0 <= j0 and j0 + 1 < n_j and 0 <= k0 and k0 + 1 < n_k:
+                        for dk in range(2):  # all eight neighbours inside: no bounds checks
+                            wk = fk if dk else 1.0 - fk
+                            for dj in range(2):
+                                wj = wk * (fj if dj else 1.0 - fj)
+                                total += wj * ((1.0 - fi) * (volume[k0 + dk, j0 + dj, i0] + 1000.0)
+                                               + fi * (volume[k0 + dk, j0 + dj, i0 + 1] + 1000.0))
+                    else:
+                        for dk in range(2):
+                            k = k0 + dk
+                            if k < 0 or k >= n_k:
                                 continue
-                            wj = wk * (fj if dj else 1.0 - fj)
-                            for di in range(2):
-                                i = i0 + di
-                                if 0 <= i < n_i:
-                                    total += wj * (fi if di else 1.0 - fi) * (volume[k, j, i] + 1000.0)
+                            wk = fk if dk else 1.0 - fk
+                            for dj in range(2):
+                                j = j0 + dj
+                                if j < 0 or j >= n_j:
+                                    continue
+                                wj = wk * (fj if dj else 1.0 - fj)
+                                for di in range(2):
+                                    i = i0 + di
+                                    if 0 <= i < n_i:
+                                        total += wj * (fi if di else 1.0 - fi) * (volume[k, j, i] + 1000.0)
                     out[n, a, b, c] = np.int16(np.rint(np.float32(total) - air))
 
 
