@@ -89,7 +89,7 @@ def _evict_from_page_cache(path) -> None:
 
 
 @bench_app.command("extract")
-def bench_extract(patch_size: int = 64, spacing_mm: float = 1.0, repeats: int = 7, seed: int = 0,
+def bench_extract(patch_size: int = 64, spacing_mm: float = 1.0, repeats: int = 9, seed: int = 0,
                   cold: bool = typer.Option(False, help="evict the scan from the page cache before every call")):
     """Patch extraction on a 512 x 512 x 250 phantom scan: 30 and 800 candidates, against the bare
     read and against resampling the whole scan first. The same voxels are timed at the phantom's
