@@ -217,12 +217,6 @@ def extract_patches(scan: CTScan, world_xyz: np.ndarray, patch_size: int = 64,
     each world axis runs along one array axis (any flips and permutations), trilinear sampling is
     done as three passes of linear interpolation along the array axes.
     """
-    return _cut_patches(scan, world_xyz, patch_size, spacing_mm, lambda n_slices: None)
-
-
-def _cut_patches(scan: CTScan, world_xyz, patch_size: int, spacing_mm: float, load_until) -> np.ndarray:
-    """:func:`extract_patches` on a scan whose slices may still be arriving: ``load_until(k)`` returns
-    once slices ``[0, k)`` of ``scan.hu`` hold their voxels."""
     _validate_patch_args(patch_size, spacing_mm)
     world_xyz = np.atleast_2d(np.asarray(world_xyz, float))
     if world_xyz.shape[1:] != (3,):
@@ -239,7 +233,6 @@ def _cut_patches(scan: CTScan, world_xyz, patch_size: int, spacing_mm: float, lo
     if perm is None:
         steps = (index_per_world * spacing_mm).T[::-1].copy()  # row a: index (i, j, k) step per sample along z, y, x
         first = base_ijk - (patch_size // 2) * steps.sum(axis=0)  # index of sample [0, 0, 0]
-        load_until(volume.shape[0])
         with _kernel_threads(len(order), cubes_per_thread=1) as run:
             run(_sample_oblique, (order,), volume, first, steps, out)
         return out
@@ -256,31 +249,29 @@ def _cut_patches(scan: CTScan, world_xyz, patch_size: int, spacing_mm: float, lo
     taps = (*_axis_taps(positions[0], volume.shape[0]), *_axis_taps(positions[1], volume.shape[1]),
             *_row_taps(positions[2], volume.shape[2]))
     if target.flags.c_contiguous:  # identity and in-plane flips: the kernel writes straight into out
-        _sample_separable_in_slabs(volume, taps, order, target, load_until)
+        _sample_separable_in_slabs(volume, taps, order, target)
     else:
         samples = np.empty(target.shape, np.int16)
-        _sample_separable_in_slabs(volume, taps, order, samples, load_until)
+        _sample_separable_in_slabs(volume, taps, order, samples)
         target[...] = samples
     return out
 
 
 CUBES_PER_BATCH = 256        # cubes that stream through the volume together (their state: ~70 kB each)
-SLAB_BYTES = 8 << 20         # slices per step of that stream (and per read): about this many bytes
+SLAB_BYTES = 8 << 20         # slices per step of that stream: about this many bytes of the volume
 
 
-def _sample_separable_in_slabs(volume: np.ndarray, taps: tuple, order: np.ndarray, target: np.ndarray,
-                               load_until) -> None:
+def _sample_separable_in_slabs(volume: np.ndarray, taps: tuple, order: np.ndarray, target: np.ndarray) -> None:
     """Drive :func:`_sample_separable` through the volume a slab of slices at a time, every cube of a
     batch taking the slices it needs from the current slab while those are still in the CPU caches:
     the volume is streamed once per batch of cubes instead of once per cube."""
     step = max(1, SLAB_BYTES // max(1, volume[0].nbytes))
     with _kernel_threads(len(order)) as run:
         for first in range(0, len(order), CUBES_PER_BATCH):
-            _sample_batch(run, volume, taps, order[first:first + CUBES_PER_BATCH], target, step, load_until)
+            _sample_batch(run, volume, taps, order[first:first + CUBES_PER_BATCH], target, step)
 
 
-def _sample_batch(run, volume: np.ndarray, taps: tuple, cubes: np.ndarray, target: np.ndarray, step: int,
-                  load_until) -> None:
+def _sample_batch(run, volume: np.ndarray, taps: tuple, cubes: np.ndarray, target: np.ndarray, step: int) -> None:
     """One batch of cubes through the volume, ``step`` slices further each round."""
     k_lo, k_hi, i_len = taps[0], taps[1], taps[-1]
     n_slices, n_planes = volume.shape[0], k_lo.shape[1]
@@ -292,7 +283,6 @@ def _sample_batch(run, volume: np.ndarray, taps: tuple, cubes: np.ndarray, targe
         waiting = next_a < n_planes
         waiting[waiting] = k_hi[cubes[waiting], next_a[waiting]] < k_end
         if waiting.any():
-            load_until(min(k_end, n_slices))
             run(_sample_separable, (cubes[waiting], slots[waiting]), k_end, volume, *taps, slabs, slab_k, next_a, target)
 
 
@@ -548,16 +538,17 @@ def read_ct(path) -> CTScan:
 
 def read_and_extract(path, world_xyz: np.ndarray, patch_size: int = 64,
                      spacing_mm: float = 1.0) -> tuple[CTScan, np.ndarray]:
-    """``read_ct(path)`` and ``extract_patches`` of that scan, overlapped.
+    """``read_ct(path)`` and ``extract_patches`` of that scan, reading only what the cubes need.
 
-    For a plain ``.mhd`` + ``.raw`` pair of int16 voxels (LUNA16's format) a reader thread fills the
-    scan slab by slab while the cubes are cut from the slices already in; anything else is read
-    whole first. Returns ``(scan, patches)`` exactly as the two calls would.
+    A plain ``.mhd`` + ``.raw`` pair (LUNA16's format) is memory-mapped instead of copied: the cubes
+    read the voxels straight from the operating system's file cache, and the kernel is asked to read
+    the whole file ahead in the background. The returned ``scan.hu`` is then a read-only view of the
+    file. Anything else is read whole first. Returns ``(scan, patches)`` with the same values as the
+    two calls.
     """
-    import threading
+    import mmap
     import SimpleITK as sitk
     path = Path(path)
-    source = None
     if path.is_file() and path.suffix.lower() == ".mhd":
         header = check_metaimage(path)
         info = sitk.ImageFileReader()
@@ -567,47 +558,14 @@ def read_and_extract(path, world_xyz: np.ndarray, patch_size: int = 64,
         except RuntimeError as err:
             raise UserError(f"{path}: cannot read this scan ({' '.join(str(err).split())[-300:]})") from None
         source = _plain_voxel_source(path, header, info)
-    if source is None or source[1] != np.dtype(np.int16):
-        scan = read_ct(path)
-        return scan, extract_patches(scan, world_xyz, patch_size, spacing_mm)
-    scan = _to_scan(info, np.empty(tuple(info.GetSize())[::-1], np.int16), str(path))
-    slices = scan.hu.reshape(len(scan.hu), -1)
-    step = max(1, SLAB_BYTES // max(1, slices[0].nbytes))
-    state = {"loaded": 0, "error": None}
-    arrived = threading.Condition()
-
-    def read_slabs() -> None:
-        try:
-            with open(source[0], "rb") as stream:
-                for first in range(0, len(slices), step):
-                    view = memoryview(slices[first:first + step]).cast("B")
-                    while len(view):
-                        got = stream.readinto(view)
-                        if not got:
-                            raise UserError(f"{path}: data file {source[0].name} ended early")
-                        view = view[got:]
-                    with arrived:
-                        state["loaded"] = min(len(slices), first + step)
-                        arrived.notify_all()
-        except (OSError, UserError) as err:
-            with arrived:
-                state["error"] = err
-                arrived.notify_all()
-
-    def load_until(n_slices: int) -> None:
-        with arrived:
-            arrived.wait_for(lambda: state["loaded"] >= n_slices or state["error"] is not None)
-            if state["error"] is not None:
-                raise state["error"]
-
-    reader = threading.Thread(target=read_slabs, name=f"read {path.name}", daemon=True)
-    reader.start()
-    try:
-        patches = _cut_patches(scan, world_xyz, patch_size, spacing_mm, load_until)
-        load_until(len(slices))
-    finally:
-        reader.join()
-    return scan, patches
+        if source is not None and source[1] == np.dtype(np.int16):
+            voxels = np.memmap(source[0], dtype=np.int16, mode="r", shape=tuple(info.GetSize())[::-1])
+            if hasattr(mmap, "MADV_WILLNEED"):
+                voxels._mmap.madvise(mmap.MADV_WILLNEED)
+            scan = _to_scan(info, voxels, str(path))
+            return scan, extract_patches(scan, world_xyz, patch_size, spacing_mm)
+    scan = read_ct(path)
+    return scan, extract_patches(scan, world_xyz, patch_size, spacing_mm)
 
 
 def write_mhd(scan: CTScan, path) -> None:

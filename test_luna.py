@@ -145,12 +145,12 @@ def test_patches_match_simpleitk_resampling_voxel_for_voxel(name, monkeypatch):
 
 @pytest.mark.parametrize("name", ["identity", "permuted_flipped", "oblique"])
 def test_read_and_extract_equals_reading_then_extracting(name, tmp_path, monkeypatch):
-    """The overlapped read (a reader thread filling slabs of slices while cubes are cut) gives the
-    same scan and the same patches as read_ct then extract_patches, also for a compressed file
-    (read whole first) and for no points at all."""
+    """Cutting from the memory-mapped file, one slice per slab of the stream, gives the same scan and
+    the same patches as read_ct then extract_patches, also for a compressed file (read whole first)
+    and for no points at all."""
     import SimpleITK as sitk
     import data
-    monkeypatch.setattr(data, "SLAB_BYTES", 1)  # one slice per slab: the reader and the cutter interleave
+    monkeypatch.setattr(data, "SLAB_BYTES", 1)  # one slice per step of the stream
     rng = np.random.default_rng(6)
     scan = _scan(DIRECTIONS[name], hu=rng.integers(-1000, 1500, (40, 50, 60)).astype(np.int16))
     data.write_mhd(scan, tmp_path / "plain.mhd")
