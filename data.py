@@ -29,7 +29,8 @@ class UserError(ValueError):
 class CTScan:
     """A CT volume with its geometry.
 
-    hu: int16 Hounsfield units, indexed ``[z, y, x]`` (array axes = ITK index k, j, i).
+    hu: int16 Hounsfield units, indexed ``[z, y, x]`` (array axes = ITK index k, j, i); a read-only
+        view of the file when :func:`read_and_extract` mapped it.
     origin: world mm of voxel index (0, 0, 0), ordered (x, y, z).
     spacing: voxel size in mm along index axes (i, j, k).
     direction: 3x3 ITK direction matrix; column c is the world direction of index axis c.
