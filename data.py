@@ -501,6 +501,28 @@ def _plain_voxel_source(path: Path, header: dict, info) -> tuple[Path, np.dtype]
     return data_file, dtype
 
 
+@contextmanager
+def _simpleitk_errors(path: Path):
+    """SimpleITK's RuntimeError as a :class:`UserError` naming ``path`` (its last 300 characters)."""
+    try:
+        yield
+    except RuntimeError as err:
+        reason = " ".join(str(err).split())
+        raise UserError(f"{path}: cannot read this scan ({reason[-300:]})") from None
+
+
+def _metaimage_layout(path: Path):
+    """``(info, source)`` of a ``.mhd``: SimpleITK's header reader (geometry, size) and the
+    :func:`_plain_voxel_source` of its voxels (None when SimpleITK must read them)."""
+    import SimpleITK as sitk
+    header = check_metaimage(path)
+    info = sitk.ImageFileReader()
+    info.SetFileName(str(path))
+    with _simpleitk_errors(path):
+        info.ReadImageInformation()
+    return info, _plain_voxel_source(path, header, info)
+
+
 def read_ct(path) -> CTScan:
     """Read a CT in HU from a ``.mhd``/``.mha``, a NIfTI file or a DICOM series folder.
 
@@ -509,32 +531,40 @@ def read_ct(path) -> CTScan:
     copy: geometry from SimpleITK's header reader, voxels straight from the data file. Raises
     :class:`UserError` naming the file and the reason.
     """
-    import SimpleITK as sitk
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file or folder")
-    try:
-        if path.is_dir():
-            reader = sitk.ImageSeriesReader()
-            series = reader.GetGDCMSeriesIDs(str(path)) or ()
-            files = max((reader.GetGDCMSeriesFileNames(str(path), s) for s in series), key=len, default=())
-            if not files:
-                raise UserError(f"{path}: no DICOM series in this folder")
-            reader.SetFileNames(files)
-            return _image_to_scan(reader.Execute(), str(path))
-        if path.suffix.lower() == ".mhd":
-            header = check_metaimage(path)
-            info = sitk.ImageFileReader()
-            info.SetFileName(str(path))
-            info.ReadImageInformation()
-            source = _plain_voxel_source(path, header, info)
-            if source is not None:
-                voxels = np.fromfile(source[0], source[1], int(np.prod(info.GetSize())))
-                return _to_scan(info, voxels.reshape(tuple(info.GetSize())[::-1]), str(path))
+    if path.is_dir():
+        return _read_dicom_series(path)
+    if path.suffix.lower() == ".mhd":
+        return _read_metaimage(path, *_metaimage_layout(path))
+    return _read_with_simpleitk(path)
+
+
+def _read_dicom_series(path: Path) -> CTScan:
+    import SimpleITK as sitk
+    with _simpleitk_errors(path):
+        reader = sitk.ImageSeriesReader()
+        series = reader.GetGDCMSeriesIDs(str(path)) or ()
+        files = max((reader.GetGDCMSeriesFileNames(str(path), s) for s in series), key=len, default=())
+        if not files:
+            raise UserError(f"{path}: no DICOM series in this folder")
+        reader.SetFileNames(files)
+        return _image_to_scan(reader.Execute(), str(path))
+
+
+def _read_with_simpleitk(path: Path) -> CTScan:
+    import SimpleITK as sitk
+    with _simpleitk_errors(path):
         return _image_to_scan(sitk.ReadImage(str(path)), str(path))
-    except RuntimeError as err:
-        reason = " ".join(str(err).split())
-        raise UserError(f"{path}: cannot read this scan ({reason[-300:]})") from None
+
+
+def _read_metaimage(path: Path, info, source) -> CTScan:
+    """A ``.mhd`` whose header :func:`_metaimage_layout` has read: plain voxels in one copy, else SimpleITK."""
+    if source is None:
+        return _read_with_simpleitk(path)
+    voxels = np.fromfile(source[0], source[1], int(np.prod(info.GetSize())))
+    return _to_scan(info, voxels.reshape(tuple(info.GetSize())[::-1]), str(path))
 
 
 def read_and_extract(path, world_xyz: np.ndarray, patch_size: int = 64,
@@ -548,24 +578,18 @@ def read_and_extract(path, world_xyz: np.ndarray, patch_size: int = 64,
     two calls.
     """
     import mmap
-    import SimpleITK as sitk
     path = Path(path)
     if path.is_file() and path.suffix.lower() == ".mhd":
-        header = check_metaimage(path)
-        info = sitk.ImageFileReader()
-        info.SetFileName(str(path))
-        try:
-            info.ReadImageInformation()
-        except RuntimeError as err:
-            raise UserError(f"{path}: cannot read this scan ({' '.join(str(err).split())[-300:]})") from None
-        source = _plain_voxel_source(path, header, info)
+        info, source = _metaimage_layout(path)
         if source is not None and source[1] == np.dtype(np.int16):
             voxels = np.memmap(source[0], dtype=np.int16, mode="r", shape=tuple(info.GetSize())[::-1])
             if hasattr(mmap, "MADV_WILLNEED"):
                 voxels._mmap.madvise(mmap.MADV_WILLNEED)
             scan = _to_scan(info, voxels, str(path))
-            return scan, extract_patches(scan, world_xyz, patch_size, spacing_mm)
-    scan = read_ct(path)
+        else:
+            scan = _read_metaimage(path, info, source)
+    else:
+        scan = read_ct(path)
     return scan, extract_patches(scan, world_xyz, patch_size, spacing_mm)
 
 
