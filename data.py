@@ -593,14 +593,20 @@ def read_and_extract(path, world_xyz: np.ndarray, patch_size: int = 64,
     return scan, extract_patches(scan, world_xyz, patch_size, spacing_mm)
 
 
-def write_mhd(scan: CTScan, path) -> None:
-    """Write ``scan`` as MetaImage (``.mhd`` + ``.raw``), int16 HU with its origin, spacing and direction."""
+def scan_to_image(scan: CTScan):
+    """``scan`` as a SimpleITK image: int16 HU with its origin, spacing and direction."""
     import SimpleITK as sitk
     image = sitk.GetImageFromArray(np.asarray(scan.hu, np.int16))
     image.SetOrigin(tuple(float(v) for v in scan.origin))
     image.SetSpacing(tuple(float(v) for v in scan.spacing))
     image.SetDirection(tuple(float(v) for v in np.asarray(scan.direction).ravel()))
-    sitk.WriteImage(image, str(path))
+    return image
+
+
+def write_mhd(scan: CTScan, path) -> None:
+    """Write ``scan`` as MetaImage (``.mhd`` + ``.raw``), int16 HU with its origin, spacing and direction."""
+    import SimpleITK as sitk
+    sitk.WriteImage(scan_to_image(scan), str(path))
 
 
 # --- LUNA16 files ------------------------------------------------------------

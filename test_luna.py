@@ -56,9 +56,7 @@ def test_world_index_round_trip_matches_simpleitk(name):
     index = rng.uniform(-5, 60, (50, 3))
     world = data.index_to_world(index, scan)
     np.testing.assert_allclose(data.world_to_index(world, scan), index, atol=1e-9)
-    image = sitk.GetImageFromArray(scan.hu)
-    image.SetOrigin(tuple(scan.origin)); image.SetSpacing(tuple(scan.spacing))
-    image.SetDirection(tuple(scan.direction.ravel()))
+    image = data.scan_to_image(scan)
     expected = [image.TransformContinuousIndexToPhysicalPoint(tuple(map(float, i))) for i in index]
     np.testing.assert_allclose(world, expected, atol=1e-9)
 
@@ -112,9 +110,8 @@ def test_outside_the_scan_is_air_not_zero():
 def _simpleitk_patch(scan, point, size: int, spacing: float) -> np.ndarray:
     """An independent reference: SimpleITK's linear resampler on a world-aligned grid around ``point``."""
     import SimpleITK as sitk
-    image = sitk.GetImageFromArray(scan.hu)
-    image.SetOrigin(tuple(map(float, scan.origin))); image.SetSpacing(tuple(map(float, scan.spacing)))
-    image.SetDirection(tuple(map(float, scan.direction.ravel())))
+    import data
+    image = data.scan_to_image(scan)
     corner = np.asarray(point, float) - (size // 2) * spacing
     patch = sitk.Resample(image, [size] * 3, sitk.Transform(), sitk.sitkLinear, tuple(corner), (spacing,) * 3,
                           (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0), -1000, sitk.sitkFloat32)
@@ -736,11 +733,9 @@ def test_candidate_metrics_count_ties_and_thresholds():
 def _write_dicom_series(scan, folder: Path) -> None:
     """One CT slice per file, with the position and orientation tags a DICOM reader sorts and places by."""
     import SimpleITK as sitk
+    import data
     folder.mkdir(parents=True)
-    image = sitk.GetImageFromArray(scan.hu)
-    image.SetOrigin(tuple(scan.origin))
-    image.SetSpacing(tuple(scan.spacing))
-    image.SetDirection(tuple(np.asarray(scan.direction).ravel()))
+    image = data.scan_to_image(scan)
     direction = np.asarray(scan.direction)
     orientation = "\\".join(f"{v:.10f}" for v in np.concatenate([direction[:, 0], direction[:, 1]]))
     writer = sitk.ImageFileWriter()
