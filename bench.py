@@ -129,7 +129,8 @@ def bench_extract(patch_size: int = 64, spacing_mm: float = 1.0, repeats: int = 
                           f"{timed['ours']:.3f}", f"{timed['ours'] / timed['read']:.2f}x", f"{timed['naive']:.3f}",
                           f"{timed['naive'] / timed['ours']:.2f}x", f"{timed['sitk']:.3f}")
     console.print(table)
-    console.print(f"medians of {repeats} interleaved runs, page cache {'evicted before each call' if cold else 'warm'}; read = data.read_ct (voxels straight "
+    cache = "evicted before each call" if cold else "warm"
+    console.print(f"medians of {repeats} interleaved runs, page cache {cache}; read = data.read_ct (voxels straight "
                   f"from the .raw); read + extract = data.read_and_extract; machine: {machine_description()}")
 
 

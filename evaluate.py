@@ -594,8 +594,9 @@ def predict_patches(model, patches, preprocess: dict, device: str = "cpu", batch
 class ScanPatchStream(torch.utils.data.IterableDataset):
     """Iterable over ``(seriesuid, first_row, patches int16 (n, P, P, P) tensor, error)`` chunks.
 
-    Each scan is read once (``data.read_and_extract``, which cuts the first chunk while reading) and cut
-    into patches around its candidates' world mm points in chunks of at most ``chunk`` patches; with DataLoader workers, worker w takes scans w, w + W, ...
+    Each scan is opened once (``data.read_and_extract``, which cuts the first chunk straight from the
+    mapped file) and cut into patches around its candidates' world mm points in chunks of at most
+    ``chunk`` patches; with DataLoader workers, worker w takes scans w, w + W, ...
     A scan that cannot be read or cut yields an item with ``patches`` None and the reason in ``error``.
     """
 
@@ -610,7 +611,7 @@ class ScanPatchStream(torch.utils.data.IterableDataset):
         mine = self.scans[info.id::info.num_workers] if info else self.scans
         for uid, path, world_xyz in mine:
             try:
-                # the first chunk is cut while the scan is read, the others from the scan in memory
+                # the first chunk comes with the scan, the others are cut from it
                 scan, patches = data.read_and_extract(path, world_xyz[:self.chunk], self.patch_size, self.spacing_mm)
                 for first in range(0, len(world_xyz), self.chunk):
                     if first:
