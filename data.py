@@ -970,10 +970,10 @@ def extract_subset(data_dir, work_dir, subset: int, patch_size: int = 64, spacin
         task = progress.add_task("extract", total=len(todo), subset=subset, rate=0.0)
         paths = [find_scan(data_dir, uid) for uid in todo]
         rows_todo = [np.array(rows_by_scan.get(uid, []), int) for uid in todo]
+        points_todo = [selected.world_xyz[rows].reshape(-1, 3) for rows in rows_todo]
 
         def read_and_cut(position: int):
-            points = selected.world_xyz[rows_todo[position]].reshape(-1, 3)
-            return _read_and_cut_or_error(paths[position], points, patch_size, spacing_mm)
+            return _read_and_cut_or_error(paths[position], points_todo[position], patch_size, spacing_mm)
         pending = reader.submit(read_and_cut, 0) if todo else None
         for position, uid in enumerate(todo):
             result, reason = pending.result()
@@ -985,15 +985,13 @@ def extract_subset(data_dir, work_dir, subset: int, patch_size: int = 64, spacin
                 progress.advance(task)
                 continue
             scan, patches = result
-            rows = rows_todo[position]
-            inside = (patch_overlaps_scan(scan, selected.world_xyz[rows].reshape(-1, 3), patch_size, spacing_mm)
-                      if len(rows) else np.zeros(0, bool))
+            rows, points = rows_todo[position], points_todo[position]
+            inside = patch_overlaps_scan(scan, points, patch_size, spacing_mm) if len(rows) else np.zeros(0, bool)
             for row in rows[~inside]:
                 problems.append(f"candidate on line {selected.line[row]} ({uid}) lies wholly outside its scan, skipped")
             if not inside.all():
-                rows, patches = rows[inside], patches[inside]
-            index_rows = _format_index_rows(uid, selected.world_xyz[rows].reshape(-1, 3),
-                                            selected.value[rows], diameters[rows])
+                rows, points, patches = rows[inside], points[inside], patches[inside]
+            index_rows = _format_index_rows(uid, points, selected.value[rows], diameters[rows])
             atomic_write_json(parts / f"{uid}.json", index_rows)
             atomic_save_npy(parts / f"{uid}.npy", patches)  # the .npy marks the scan as done
             n_new += len(rows)
