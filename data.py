@@ -15,10 +15,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numba
 import numpy as np
 
-AIR_HU = -1000
+import resample
+from resample import AIR_HU
 
 
 class UserError(ValueError):
@@ -103,108 +103,20 @@ def patch_offsets_mm(patch_size: int, spacing_mm: float) -> np.ndarray:
     return (np.arange(patch_size) - patch_size // 2) * float(spacing_mm)
 
 
-def _validate_patch_args(patch_size: int, spacing_mm: float) -> None:
+def validate_patch_args(patch_size: int, spacing_mm: float) -> None:
     if patch_size < 2:
-        raise ValueError(f"patch_size must be at least 2, got {patch_size}")
+        raise UserError(f"--patch-size must be at least 2, got {patch_size}")
     if not spacing_mm > 0:
-        raise ValueError(f"spacing_mm must be positive, got {spacing_mm}")
+        raise UserError(f"--spacing-mm must be positive, got {spacing_mm}")
 
 
-def patch_overlaps_scan(scan: CTScan, world_xyz: np.ndarray, patch_size: int, spacing_mm: float) -> np.ndarray:
-    """Boolean ``(N,)``: does the cube of each world point (x, y, z) intersect the scan's voxels at all?"""
-    half = patch_offsets_mm(patch_size, spacing_mm)[[0, -1]]
-    corners = np.array(np.meshgrid(half, half, half, indexing="ij")).reshape(3, -1).T  # (8, 3) world offsets
-    world_xyz = np.atleast_2d(np.asarray(world_xyz, float))
-    corner_index = world_to_index(world_xyz[:, None, :] + corners[None], scan).reshape(len(world_xyz), 8, 3)
+def inside_scan(scan: CTScan, world_xyz: np.ndarray, reach_mm: float = 0.0) -> np.ndarray:
+    """Boolean ``(N,)``: does each world point (x, y, z), or with ``reach_mm`` the cube of that half-side
+    around it, meet the scan's voxels (their centres, extended by half a voxel)?"""
+    index = world_to_index(world_xyz, scan)
+    reach = reach_mm * np.abs(_world_to_index_matrix(scan)).sum(axis=1)  # largest index step over the cube
     size_ijk = np.array(scan.hu.shape[::-1])
-    below = corner_index.max(axis=1) < -1 + 1e-6           # every sample more than a voxel before the first
-    above = corner_index.min(axis=1) > size_ijk - 1e-6     # or after the last
-    return ~(below | above).any(axis=1)
-
-
-def _axis_taps(positions: np.ndarray, size: int):
-    """Two-tap linear interpolation along one array axis of length ``size``, for ``(N, P)`` continuous
-    index positions.
-
-    Returns ``(lo, hi, w_lo, w_hi)``: tap indices clipped into the axis (int32) and their float32
-    weights (0 for a tap outside the axis, so that it reads as air).
-    """
-    lo = np.floor(positions)
-    frac = (positions - lo).astype(np.float32)
-    lo = lo.astype(np.int64)
-    hi = lo + 1
-    w_lo = ((1.0 - frac) * ((lo >= 0) & (lo < size))).astype(np.float32)
-    w_hi = (frac * ((hi >= 0) & (hi < size))).astype(np.float32)
-    lo, hi = np.clip(lo, 0, size - 1), np.clip(hi, 0, size - 1)
-    return lo.astype(np.int32), hi.astype(np.int32), w_lo, w_hi
-
-
-def _row_taps(positions: np.ndarray, size: int):
-    """Taps along the array's last axis, read from a row buffer that holds the block with one air
-    value before it and two after it.
-
-    Returns ``(lo, frac, start, length)``: the lower tap's position in that buffer (int32), its
-    fraction towards the next tap (float32), and each row's block ``[start, start + length)``.
-    """
-    positions = np.clip(positions, -1.0, float(size))  # beyond the edge a tap reads only air
-    lo = np.floor(positions)
-    frac = (positions - lo).astype(np.float32)
-    lo = lo.astype(np.int64)
-    start = np.clip(lo.min(axis=1), 0, size - 1)
-    stop = np.clip(lo.max(axis=1) + 2, 1, size)
-    return (lo - start[:, None] + 1).astype(np.int32), frac, start, stop - start
-
-
-def _spatial_order(index_kji: np.ndarray, cell_voxels: int = 16) -> np.ndarray:
-    """Cube order along a Z-order curve of ``cell_voxels``-sized cells, so that cubes cut one after
-    the other share most of their voxels in the CPU caches."""
-    cells = np.clip(np.floor(index_kji / cell_voxels), 0, 1023).astype(np.int64)
-    code = np.zeros(len(cells), np.int64)
-    for bit in range(10):
-        for axis in range(3):
-            code |= ((cells[:, axis] >> bit) & 1) << (3 * bit + axis)
-    return np.argsort(code, kind="stable")
-
-
-_extraction_threads = None
-
-
-def set_extraction_threads(threads: int | None) -> None:
-    """Most threads that :func:`extract_patches` uses (None: one per CPU this process may run on); it
-    takes one per ``CUBES_PER_THREAD`` cubes up to that."""
-    global _extraction_threads
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads must be at least 1, got {threads}")
-    _extraction_threads = threads
-
-
-CUBES_PER_THREAD = 64  # fewer cubes than this per thread are not worth another thread
-
-
-@contextmanager
-def _kernel_threads(n_cubes: int, cubes_per_thread: int = CUBES_PER_THREAD):
-    """Yield ``run(kernel, items, *args)``, which calls ``kernel(*item_parts, *args)`` on parallel
-    threads (the kernels release the GIL), each thread taking every T-th entry of the arrays in
-    ``items`` so that neighbouring cubes are cut at the same time. The threads live as long as the
-    ``with`` block, never across a fork."""
-    import os
-    from concurrent.futures import ThreadPoolExecutor
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, min(_extraction_threads or cpus, n_cubes // cubes_per_thread))
-    pool = ThreadPoolExecutor(threads) if threads > 1 else None
-
-    def run(kernel, items: tuple, *args) -> None:
-        parts = min(threads, len(items[0]))
-        if parts <= 1:
-            kernel(*items, *args)
-            return
-        for done in [pool.submit(kernel, *(x[t::parts] for x in items), *args) for t in range(parts)]:
-            done.result()
-    try:
-        yield run
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    return ((index + reach >= -0.5) & (index - reach <= size_ijk - 0.5)).all(axis=1)
 
 
 def extract_patches(scan: CTScan, world_xyz: np.ndarray, patch_size: int = 64,
@@ -218,7 +130,7 @@ def extract_patches(scan: CTScan, world_xyz: np.ndarray, patch_size: int = 64,
     each world axis runs along one array axis (any flips and permutations), trilinear sampling is
     done as three passes of linear interpolation along the array axes.
     """
-    _validate_patch_args(patch_size, spacing_mm)
+    validate_patch_args(patch_size, spacing_mm)
     world_xyz = np.atleast_2d(np.asarray(world_xyz, float))
     if world_xyz.shape[1:] != (3,):
         raise ValueError(f"world_xyz must have shape (N, 3), got {world_xyz.shape}")
@@ -227,15 +139,14 @@ def extract_patches(scan: CTScan, world_xyz: np.ndarray, patch_size: int = 64,
         return out
     volume = np.ascontiguousarray(scan.hu, dtype=np.int16)
     base_ijk = world_to_index(world_xyz, scan)
-    order = _spatial_order(base_ijk[:, ::-1])
+    order = resample.spatial_order(base_ijk[:, ::-1])
     offsets = patch_offsets_mm(patch_size, spacing_mm)
     index_per_world = _world_to_index_matrix(scan)  # column a: index step per mm along world axis a
     perm = _axis_permutation(scan)
     if perm is None:
         steps = (index_per_world * spacing_mm).T[::-1].copy()  # row a: index (i, j, k) step per sample along z, y, x
         first = base_ijk - (patch_size // 2) * steps.sum(axis=0)  # index of sample [0, 0, 0]
-        with _kernel_threads(len(order), cubes_per_thread=1) as run:
-            run(_sample_oblique, (order,), volume, first, steps, out)
+        resample.sample_oblique(volume, first, steps, order, out)
         return out
     # World axis a runs along index axis perm[a], i.e. array axis 2 - perm[a].
     positions = [None, None, None]
@@ -247,163 +158,8 @@ def extract_patches(scan: CTScan, world_xyz: np.ndarray, patch_size: int = 64,
     target = out.transpose(0, *(1 + np.array(out_axis_of_array_axis)))
     if positions[0][0, -1] < positions[0][0, 0]:  # the kernel walks each cube with slices rising
         positions[0], target = positions[0][:, ::-1], target[:, ::-1]
-    taps = (*_axis_taps(positions[0], volume.shape[0]), *_axis_taps(positions[1], volume.shape[1]),
-            *_row_taps(positions[2], volume.shape[2]))
-    if target.flags.c_contiguous:  # identity and in-plane flips: the kernel writes straight into out
-        _sample_separable_in_slabs(volume, taps, order, target)
-    else:
-        samples = np.empty(target.shape, np.int16)
-        _sample_separable_in_slabs(volume, taps, order, samples)
-        target[...] = samples
+    resample.sample_separable(volume, positions, order, target)
     return out
-
-
-CUBES_PER_BATCH = 256        # cubes that stream through the volume together (their state: ~70 kB each)
-SLAB_BYTES = 8 << 20         # slices per step of that stream: about this many bytes of the volume
-
-
-def _sample_separable_in_slabs(volume: np.ndarray, taps: tuple, order: np.ndarray, target: np.ndarray) -> None:
-    """Drive :func:`_sample_separable` through the volume a slab of slices at a time, every cube of a
-    batch taking the slices it needs from the current slab while those are still in the CPU caches:
-    the volume is streamed once per batch of cubes instead of once per cube."""
-    step = max(1, SLAB_BYTES // max(1, volume[0].nbytes))
-    with _kernel_threads(len(order)) as run:
-        for first in range(0, len(order), CUBES_PER_BATCH):
-            _sample_batch(run, volume, taps, order[first:first + CUBES_PER_BATCH], target, step)
-
-
-def _sample_batch(run, volume: np.ndarray, taps: tuple, cubes: np.ndarray, target: np.ndarray, step: int) -> None:
-    """One batch of cubes through the volume, ``step`` slices further each round."""
-    k_lo, k_hi, i_len = taps[0], taps[1], taps[-1]
-    n_slices, n_planes = volume.shape[0], k_lo.shape[1]
-    slabs = np.empty((len(cubes), 2, taps[4].shape[1], int(i_len[cubes].max()) + 3), np.float32)
-    slab_k = np.full((len(cubes), 2), -1, np.int64)
-    next_a = np.zeros(len(cubes), np.int64)
-    slots = np.arange(len(cubes))
-    for k_end in range(int(k_lo[cubes, 0].min()) + step, n_slices + step, step):
-        waiting = next_a < n_planes
-        waiting[waiting] = k_hi[cubes[waiting], next_a[waiting]] < k_end
-        if waiting.any():
-            run(_sample_separable, (cubes[waiting], slots[waiting]), k_end, volume, *taps, slabs, slab_k, next_a, target)
-
-
-# --- compiled sampling kernels ------------------------------------------------
-# Each kernel takes ``cubes`` (the cube numbers it should fill) first, releases the GIL and writes
-# into ``out``; values are interpolated as ``HU + 1000`` so that a tap outside the scan (weight 0,
-# or a zero in a row buffer) reads as air.
-
-_JIT = dict(nogil=True, cache=True, fastmath=True, error_model="numpy", boundscheck=False)
-
-
-@numba.njit(**_JIT)
-def _interpolate_rows(voxels, row_stride, slice_stride, k, j_lo, j_hi, j_wlo, j_whi, start, length,
-                      slab_values, slab_first, slab_width):
-    """One slice ``k`` interpolated between rows ``j_lo[b]`` and ``j_hi[b]`` at columns
-    ``start + x``, as ``HU + 1000`` (float32), into ``slab_values[slab_first + b * slab_width + x]``.
-    ``voxels`` is the volume flattened; offsets are unsigned, which spares the loops numba's
-    negative-index checks."""
-    air = np.float32(-AIR_HU)
-    first = np.uint64(k) * np.uint64(slice_stride) + np.uint64(start)
-    for b in range(j_lo.shape[0]):
-        row_lo = first + np.uint64(j_lo[b]) * np.uint64(row_stride)
-        row_hi = first + np.uint64(j_hi[b]) * np.uint64(row_stride)
-        w_lo, w_hi = j_wlo[b], j_whi[b]
-        shift = air * (w_lo + w_hi)
-        dest = np.uint64(slab_first) + np.uint64(b) * np.uint64(slab_width)
-        for x in range(np.uint64(length)):
-            slab_values[dest + x] = (w_lo * np.float32(voxels[row_lo + x]) + w_hi * np.float32(voxels[row_hi + x])
-                                     + shift)
-
-
-@numba.njit(**_JIT)
-def _sample_separable(cubes, slots, k_end, volume, k_lo, k_hi, k_wlo, k_whi, j_lo, j_hi, j_wlo, j_whi,
-                      i_lo, i_frac, i_start, i_len, slabs, slab_k, next_a, out):
-    """Trilinear cubes on tensor-product grids of an int16 ``volume[k, j, i]``, carried on up to
-    slice ``k_end``: rows first (linear along j, contiguous in i), then across slices (k), then along
-    each row (i). Cube ``cubes[m]`` keeps its state in slot ``slots[m]``: the two slices last
-    interpolated along j (``slabs``, their slice numbers in ``slab_k``) and its next output plane
-    (``next_a``); its taps come from :func:`_axis_taps` (k, j; k rising with the plane number) and
-    :func:`_row_taps` (i). ``out`` (C-contiguous) is indexed ``[n, k, j, i]`` in array-axis order.
-    The arrays are indexed flat with unsigned offsets, which keeps numba's negative-index checks and
-    per-row view objects out of the inner loops (about 10% faster here)."""
-    n_k, n_j, n_i = k_lo.shape[1], j_lo.shape[1], i_lo.shape[1]
-    voxels, slab_values, out_values = volume.reshape(-1), slabs.reshape(-1), out.reshape(-1)
-    row_stride, slice_stride = volume.shape[2], volume.shape[1] * volume.shape[2]
-    width = slabs.shape[3]
-    slab_size = n_j * width
-    row = np.zeros(width, np.float32)  # [air, block..., air, air]
-    air = np.float32(-AIR_HU)
-    one = np.uint64(1)
-    for m in range(cubes.shape[0]):
-        n, slot = cubes[m], slots[m]
-        start, length = i_start[n], i_len[n]
-        row[length + 1] = 0.0
-        row[length + 2] = 0.0
-        a = next_a[slot]
-        while a < n_k and k_hi[n, a] < k_end:
-            for k in (k_lo[n, a], k_hi[n, a]):
-                if slab_k[slot, k & 1] != k:
-                    _interpolate_rows(voxels, row_stride, slice_stride, k, j_lo[n], j_hi[n], j_wlo[n], j_whi[n],
-                                      start, length, slab_values, (2 * slot + (k & 1)) * slab_size, width)
-                    slab_k[slot, k & 1] = k
-            above = np.uint64((2 * slot + (k_lo[n, a] & 1)) * slab_size)
-            below = np.uint64((2 * slot + (k_hi[n, a] & 1)) * slab_size)
-            w_lo, w_hi = k_wlo[n, a], k_whi[n, a]
-            plane = np.uint64(((n * n_k) + a) * n_j * n_i)
-            for b in range(np.uint64(n_j)):
-                row_above, row_below = above + b * np.uint64(width), below + b * np.uint64(width)
-                for x in range(np.uint64(length)):
-                    row[x + one] = w_lo * slab_values[row_above + x] + w_hi * slab_values[row_below + x]
-                dest = plane + b * np.uint64(n_i)
-                for c in range(np.uint64(n_i)):
-                    tap = np.uint64(i_lo[n, c])
-                    left = row[tap]
-                    out_values[dest + c] = np.int16(np.rint(left + i_frac[n, c] * (row[tap + one] - left) - air))
-            a += 1
-        next_a[slot] = a
-
-
-@numba.njit(**_JIT)
-def _sample_oblique(cubes, volume, first_ijk, steps_ijk, out):
-    """Trilinear cubes on grids that are oblique to the voxel axes: sample ``[a, b, c]`` of cube ``n``
-    sits at index ``first_ijk[n] + a * steps_ijk[0] + b * steps_ijk[1] + c * steps_ijk[2]`` (i, j, k)."""
-    n_k, n_j, n_i = volume.shape
-    size = out.shape[1]
-    air = np.float32(-AIR_HU)
-    for n in cubes:
-        for a in range(size):
-            for b in range(size):
-                row_start = first_ijk[n] + a * steps_ijk[0] + b * steps_ijk[1]
-                for c in range(size):
-                    pi = row_start[0] + c * steps_ijk[2, 0]
-                    pj = row_start[1] + c * steps_ijk[2, 1]
-                    pk = row_start[2] + c * steps_ijk[2, 2]
-                    i0, j0, k0 = int(np.floor(pi)), int(np.floor(pj)), int(np.floor(pk))
-                    fi, fj, fk = pi - i0, pj - j0, pk - k0
-                    total = 0.0
-                    if 0 <= i0 and i0 + 1 < n_i and 0 <= j0 and j0 + 1 < n_j and 0 <= k0 and k0 + 1 < n_k:
-                        for dk in range(2):  # all eight neighbours inside: no bounds checks
-                            wk = fk if dk else 1.0 - fk
-                            for dj in range(2):
-                                wj = wk * (fj if dj else 1.0 - fj)
-                                total += wj * ((1.0 - fi) * (volume[k0 + dk, j0 + dj, i0] + 1000.0)
-                                               + fi * (volume[k0 + dk, j0 + dj, i0 + 1] + 1000.0))
-                    else:
-                        for dk in range(2):
-                            k = k0 + dk
-                            if k < 0 or k >= n_k:
-                                continue
-                            wk = fk if dk else 1.0 - fk
-                            for dj in range(2):
-                                j = j0 + dj
-                                if j < 0 or j >= n_j:
-                                    continue
-                                wj = wk * (fj if dj else 1.0 - fj)
-                                for di in range(2):
-                                    i = i0 + di
-                                    if 0 <= i < n_i:
-                                        total += wj * (fi if di else 1.0 - fi) * (volume[k, j, i] + 1000.0)
-                    out[n, a, b, c] = np.int16(np.rint(np.float32(total) - air))
 
 
 # --- reading and writing CTs -------------------------------------------------
@@ -582,9 +338,11 @@ def read_and_extract(path, world_xyz: np.ndarray, patch_size: int = 64,
     if path.is_file() and path.suffix.lower() == ".mhd":
         info, source = _metaimage_layout(path)
         if source is not None and source[1] == np.dtype(np.int16):
-            voxels = np.memmap(source[0], dtype=np.int16, mode="r", shape=tuple(info.GetSize())[::-1])
+            with open(source[0], "rb") as handle:
+                mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
             if hasattr(mmap, "MADV_WILLNEED"):
-                voxels._mmap.madvise(mmap.MADV_WILLNEED)
+                mapped.madvise(mmap.MADV_WILLNEED)
+            voxels = np.frombuffer(mapped, np.int16).reshape(tuple(info.GetSize())[::-1])
             scan = _to_scan(info, voxels, str(path))
         else:
             scan = _read_metaimage(path, info, source)
@@ -611,9 +369,12 @@ def write_mhd(scan: CTScan, path) -> None:
 
 # --- LUNA16 files ------------------------------------------------------------
 
+MAX_LISTED_PROBLEMS = 10
+
+
 @dataclass
 class PointTable:
-    """Rows of a LUNA16-style point CSV (annotations, candidates, submissions).
+    """Rows of a LUNA16-style point CSV (annotations, candidates, submissions, a scan's points).
 
     seriesuid: ``(N,)`` str; world_xyz: ``(N, 3)`` float64 world mm (x, y, z);
     value: ``(N,)`` float64 (class, diameter_mm or probability); line: ``(N,)`` 1-based file lines.
@@ -629,43 +390,99 @@ class PointTable:
     def take(self, rows) -> "PointTable":
         return PointTable(self.seriesuid[rows], self.world_xyz[rows], self.value[rows], self.line[rows])
 
+    @classmethod
+    def empty(cls) -> "PointTable":
+        return cls(np.array([], object), np.zeros((0, 3)), np.zeros(0), np.zeros(0, int))
 
-def read_point_csv(path, value_column: str) -> tuple[PointTable, list[str]]:
-    """Read ``seriesuid,coordX,coordY,coordZ,<value_column>`` (extra columns ignored).
+    def rows_by_scan(self) -> dict:
+        """``{seriesuid: row numbers}`` in file order."""
+        groups: dict = {}
+        for row, uid in enumerate(self.seriesuid):
+            groups.setdefault(uid, []).append(row)
+        return {uid: np.array(rows) for uid, rows in groups.items()}
 
-    Rows with an empty or non-numeric field are skipped and described in the returned problem
-    list with their line numbers. A missing file or missing columns raise :class:`UserError`.
+
+def problems_message(path, problems: list[str], what: str = "row(s)") -> str:
+    shown = "\n  ".join(problems[:MAX_LISTED_PROBLEMS])
+    more = f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
+    return f"{path}: {len(problems)} bad {what}:\n  {shown}{more}"
+
+
+def read_point_csv(path, value_column: str | None, strict: bool = True,
+                   need_uid: bool = True) -> tuple[PointTable, list[str]]:
+    """Read ``seriesuid,coordX,coordY,coordZ[,<value_column>]`` (any column order, extra columns ignored).
+
+    A row with a missing, empty, non-numeric or non-finite field is named by its line: with ``strict``
+    the file is refused (:class:`UserError` listing them), else the row is skipped and described in the
+    returned problem list. A missing file or column is always refused. Without ``need_uid`` the seriesuid
+    column may be absent (every seriesuid is then ""); without ``value_column`` every value is 0.
+    Well-formed files are parsed at C speed; anything odd goes through the row-by-row reader.
     """
-    import csv
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
-    wanted = ["seriesuid", "coordX", "coordY", "coordZ", value_column]
-    uids, numbers, lines, problems = [], [], [], []
-    with open(path, newline="") as handle:
-        reader = csv.reader(handle)
-        header = [name.strip() for name in next(reader, [])]
-        missing = [name for name in wanted if name not in header]
-        if missing:
-            raise UserError(f"{path}: missing column(s) {', '.join(missing)} (header: {','.join(header) or 'empty'})")
-        columns = [header.index(name) for name in wanted]
-        for line_number, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            try:
-                fields = [row[c].strip() for c in columns]
-                values = [float(v) for v in fields[1:]]
-                if not fields[0] or not np.all(np.isfinite(values)):
-                    raise ValueError
-            except (IndexError, ValueError):
-                problems.append(f"{path.name} line {line_number}: unparseable row {','.join(row)[:120]!r}, skipped")
-                continue
-            uids.append(fields[0])
-            numbers.append(values)
-            lines.append(line_number)
-    numbers = np.array(numbers, float).reshape(-1, 4)
-    table = PointTable(np.array(uids, dtype=object), numbers[:, :3], numbers[:, 3], np.array(lines, int))
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text CSV file") from None
+    header = [name.strip().strip('"') for name in lines[0].split(",")] if lines else []
+    wanted = ["seriesuid", "coordX", "coordY", "coordZ"] + ([value_column] if value_column else [])
+    missing = [name for name in wanted if name not in header and (need_uid or name != "seriesuid")]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)} "
+                        f"(header: {','.join(header)[:200] or 'empty file'}; expected {','.join(wanted)})")
+    columns = [header.index(name) if name in header else None for name in wanted]
+    table = _read_regular_rows(lines, len(header), columns)
+    problems: list[str] = []
+    if table is None:
+        table, problems = _read_rows_one_by_one(path, lines, columns)
+    if problems and strict:
+        raise UserError(problems_message(path, problems, "line(s)"))
     return table, problems
+
+
+def _read_regular_rows(lines: list[str], width: int, columns: list) -> PointTable | None:
+    """The rows of a file whose lines all have ``width`` plain fields, finite numbers and a seriesuid;
+    None for anything else."""
+    numbered = [(n, line) for n, line in enumerate(lines[1:], start=2) if line.strip()]
+    if not numbered:
+        return PointTable.empty()
+    if any(line.count(",") != width - 1 or '"' in line for _, line in numbered):
+        return None
+    body = [line for _, line in numbered]
+    uid_column, number_columns = columns[0], columns[1:]
+    try:
+        numbers = np.loadtxt(body, delimiter=",", usecols=number_columns, dtype=np.float64, ndmin=2,
+                             comments=None)
+    except ValueError:
+        return None
+    uids = np.array([line.split(",")[uid_column].strip() if uid_column is not None else "" for line in body],
+                    dtype=object)
+    if not np.isfinite(numbers).all() or (uid_column is not None and not all(uids)):
+        return None
+    values = numbers[:, 3].copy() if numbers.shape[1] > 3 else np.zeros(len(body))
+    return PointTable(uids, np.ascontiguousarray(numbers[:, :3]), values, np.array([n for n, _ in numbered], int))
+
+
+def _read_rows_one_by_one(path: Path, lines: list[str], columns: list) -> tuple[PointTable, list[str]]:
+    import csv
+    uids, numbers, line_numbers, problems = [], [], [], []
+    for line_number, row in enumerate(csv.reader(lines[1:]), start=2):
+        if not "".join(row).strip():
+            continue
+        try:
+            fields = ["" if c is None else row[c].strip() for c in columns]
+            values = [float(v) for v in fields[1:]] + [0.0] * (5 - len(fields))
+            if (columns[0] is not None and not fields[0]) or not np.all(np.isfinite(values)):
+                raise ValueError
+        except (IndexError, ValueError):
+            problems.append(f"{path.name} line {line_number}: unparseable row {','.join(row)[:120]!r}")
+            continue
+        uids.append(fields[0])
+        numbers.append(values)
+        line_numbers.append(line_number)
+    numbers = np.array(numbers, float).reshape(-1, 4)
+    return PointTable(np.array(uids, dtype=object), numbers[:, :3], numbers[:, 3], np.array(line_numbers, int)), problems
 
 
 def read_seriesuids(path) -> list[str]:
@@ -674,7 +491,10 @@ def read_seriesuids(path) -> list[str]:
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     uids = [line.split(",")[0].strip() for line in path.read_text().splitlines()]
-    return [uid for uid in uids if uid and uid != "seriesuid"]
+    uids = [uid for uid in uids if uid and uid != "seriesuid"]
+    if not uids:
+        raise UserError(f"{path}: no seriesuids in this file")
+    return uids
 
 
 def scan_subset_map(data_dir) -> dict[str, int]:
@@ -687,10 +507,15 @@ def scan_subset_map(data_dir) -> dict[str, int]:
     return found
 
 
-def find_scan(data_dir, seriesuid: str):
-    """Path of ``subset*/<seriesuid>.mhd`` under the LUNA16 root, or None."""
-    hits = sorted(Path(data_dir).glob(f"subset*/{seriesuid}.mhd"))
-    return hits[0] if hits else None
+def subset_scans(data_dir, subsets) -> dict:
+    """``{seriesuid: .mhd path}`` of the scans in the ``subset<k>`` folders of the LUNA16 root, k in ``subsets``."""
+    data_dir = Path(data_dir)
+    found = {uid: data_dir / f"subset{k}" / f"{uid}.mhd"
+             for uid, k in sorted(scan_subset_map(data_dir).items()) if k in set(subsets)}
+    if not found:
+        raise UserError(f"no scans in {', '.join(str(data_dir / f'subset{k}') for k in subsets)} (expected "
+                        "<seriesuid>.mhd files; set --data-dir or LUNA16_DIR, or run 'python luna_cli.py synth')")
+    return found
 
 
 def candidates_file(data_dir) -> Path:
@@ -705,37 +530,34 @@ def candidates_file(data_dir) -> Path:
 def match_diameters(candidates: PointTable, annotations: PointTable) -> np.ndarray:
     """Diameter (mm) of the nearest annotation whose sphere holds each candidate, else NaN."""
     diameters = np.full(len(candidates), np.nan)
-    by_scan: dict = {}
-    for row, uid in enumerate(annotations.seriesuid):
-        by_scan.setdefault(uid, []).append(row)
+    by_scan = annotations.rows_by_scan()
     for row, uid in enumerate(candidates.seriesuid):
         rows = by_scan.get(uid)
-        if not rows:
+        if rows is None:
             continue
         squared = ((annotations.world_xyz[rows] - candidates.world_xyz[row]) ** 2).sum(axis=1)
-        radius_sq = (annotations.value[rows] / 2.0) ** 2
-        inside = np.flatnonzero(squared < radius_sq)
+        inside = np.flatnonzero(squared < (annotations.value[rows] / 2.0) ** 2)
         if len(inside):
             diameters[row] = annotations.value[rows][inside[np.argmin(squared[inside])]]
     return diameters
 
 
-def parse_subsets(text: str, option: str = "--subsets") -> list[int]:
-    """Subset numbers from ``"9"``, ``"7,8"`` or ``"0-4"`` (sorted, unique); ``""`` or ``"none"`` -> []."""
+def parse_subsets(text, option: str = "--subsets", required: bool = False) -> list[int]:
+    """Subset numbers from ``"9"``, ``"7,8"`` or ``"0-7,9"`` (sorted, unique); ``""``/``"none"`` -> []."""
     text = str(text).strip().lower().replace(" ", "")
-    if text in ("", "none"):
-        return []
-    subsets = set()
+    subsets: set = set()
     try:
-        for part in filter(None, text.split(",")):
+        for part in filter(None, text.split(",") if text != "none" else []):
             low, _, high = part.partition("-")
             subsets.update(range(int(low), int(high or low) + 1))
     except ValueError:
-        raise UserError(f"{option} takes subset numbers like 9, 7,8 or 0-4; got {text!r}") from None
+        raise UserError(f"{option} takes subset numbers like 9, 7,8 or 0-7,9; got {text!r}") from None
+    if required and not subsets:
+        raise UserError(f"{option} must name at least one subset, got {text!r}")
     return sorted(subsets)
 
 
-# --- atomic files --------------------------------------------------------------
+# --- atomic files and resumable parts ------------------------------------------------
 
 @contextmanager
 def atomic_path(path):
@@ -792,6 +614,45 @@ def atomic_save_figure(fig, path, dpi: int = 110) -> None:
     plt.close(fig)
 
 
+class Parts:
+    """The finished pieces of a long job (extract, cache-features, evaluate), so that a killed run resumes.
+
+    A folder of ``<name>.npy`` arrays, each with an optional ``<name>.json`` beside it, written atomically
+    (the ``.npy`` last: it marks the piece done), and ``key.json``: what made them. Pieces made under
+    another key are discarded when the folder is opened.
+    """
+
+    def __init__(self, folder, key: dict):
+        import json
+        import shutil
+        self.folder = Path(folder)
+        key_path = self.folder / "key.json"
+        if self.folder.is_dir() and (not key_path.is_file() or json.loads(key_path.read_text()) != key):
+            shutil.rmtree(self.folder)
+        self.key = key
+
+    def done(self) -> set:
+        return {path.stem for path in self.folder.glob("*.npy")}
+
+    def save(self, name: str, array: np.ndarray, meta=None) -> None:
+        if not (self.folder / "key.json").is_file():
+            atomic_write_json(self.folder / "key.json", self.key)
+        if meta is not None:
+            atomic_write_json(self.folder / f"{name}.json", meta)
+        atomic_save_npy(self.folder / f"{name}.npy", array)
+
+    def load(self, name: str) -> np.ndarray:
+        return np.load(self.folder / f"{name}.npy", mmap_mode="r")
+
+    def meta(self, name: str):
+        import json
+        return json.loads((self.folder / f"{name}.json").read_text())
+
+    def remove(self) -> None:
+        import shutil
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 # --- the extract stage -------------------------------------------------------------
 
 INDEX_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "label", "diameter_mm"]
@@ -819,8 +680,7 @@ def select_candidates(candidates: PointTable, uids: set, subset: int, seed: int,
                       negatives_per_positive: float, all_candidates: bool) -> np.ndarray:
     """Rows of ``candidates`` to extract for the scans ``uids``: every positive plus a seeded
     sample of ``negatives_per_positive`` negatives per positive (all rows with ``all_candidates``)."""
-    in_subset = np.array([uid in uids for uid in candidates.seriesuid], bool)
-    rows = np.flatnonzero(in_subset)
+    rows = np.flatnonzero(np.isin(candidates.seriesuid, list(uids)))
     if all_candidates:
         return rows
     positives = rows[candidates.value[rows] > 0.5]
@@ -830,62 +690,38 @@ def select_candidates(candidates: PointTable, uids: set, subset: int, seed: int,
     return np.sort(np.concatenate([positives, rng.choice(negatives, keep, replace=False)]))
 
 
-def _check_parameters(found: dict, wanted: dict, where: Path) -> None:
-    differing = {k: (found.get(k), wanted[k]) for k in CACHE_PARAMETERS if found.get(k) != wanted[k]}
+def _read_manifest(cache: Path, wanted: dict) -> dict:
+    """The finished cache's manifest ({} when there is none); refused when made with other parameters."""
+    import json
+    path = cache / "manifest.json"
+    if not path.is_file():
+        return {}
+    manifest = json.loads(path.read_text())
+    differing = {k: (manifest.get(k), wanted[k]) for k in CACHE_PARAMETERS if manifest.get(k) != wanted[k]}
     if differing:
         shown = "; ".join(f"{k}: cache has {a}, this run asks for {b}" for k, (a, b) in differing.items())
-        raise UserError(f"{where} was made with other parameters ({shown}). "
+        raise UserError(f"{cache} was made with other parameters ({shown}). "
                         "Use another --work-dir, or delete that folder to rebuild it.")
+    return manifest
 
 
-def _read_cache_index(cache: Path) -> list[list[str]]:
-    import csv
-    with open(cache / "index.csv", newline="") as handle:
-        return list(csv.reader(handle))[1:]
-
-
-def _assemble_cache(cache: Path, scans: list[str], parts: Path, manifest: dict) -> tuple[int, int]:
-    """Merge the finished cache and the per-scan parts into ``patches.npy`` + ``index.csv``,
-    one scan after the other in ``scans`` order; returns ``(n_patches, n_positive)``."""
-    import csv
-    import io
-    old_rows, old_patches, old_start = [], None, {}
-    if (cache / "index.csv").is_file() and (cache / "patches.npy").is_file():
-        old_rows = _read_cache_index(cache)
-        old_patches = np.load(cache / "patches.npy", mmap_mode="r")
-        for position, row in enumerate(old_rows):
-            old_start.setdefault(row[0], []).append(position)
-    sources, rows = [], []
-    for uid in scans:
-        part = parts / f"{uid}.npy"
-        if part.is_file():
-            sources.append(np.load(part, mmap_mode="r"))
-            rows.extend(_read_part_rows(parts / f"{uid}.json"))
-        elif uid in old_start:
-            positions = old_start[uid]
-            sources.append(old_patches[positions[0]:positions[-1] + 1])
-            rows.extend(old_rows[p] for p in positions)
-    size = manifest["patch_size"]
-    total = atomic_concatenate_npy(cache / "patches.npy", sources, (size, size, size), np.int16)
-    del old_patches, sources
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(INDEX_COLUMNS)
-    writer.writerows(rows)
-    atomic_write_text(cache / "index.csv", text.getvalue())
-    n_positive = sum(1 for row in rows if row[4] == "1")
-    return total, n_positive
-
-
-def _read_part_rows(path: Path) -> list[list[str]]:
-    import json
-    return json.loads(path.read_text())
-
-
-def _format_index_rows(uid: str, world_xyz: np.ndarray, labels: np.ndarray, diameters: np.ndarray):
-    return [[uid, repr(float(x)), repr(float(y)), repr(float(z)), str(int(label)),
-             "" if np.isnan(d) else repr(float(d))]
-            for (x, y, z), label, d in zip(world_xyz, labels, diameters)]
+def _subset_candidates(data_dir: Path, scans: dict, subset: int, wanted: dict):
+    """``(selected candidates, their annotated diameters (NaN off nodules), problems met)`` of one subset."""
+    candidates, problems = read_point_csv(candidates_file(data_dir), "class", strict=False)
+    unknown = set(candidates.seriesuid) - set(scan_subset_map(data_dir))
+    if unknown:
+        problems.append(f"{len(unknown)} seriesuid(s) of the candidates file have no scan under {data_dir} "
+                        "(not downloaded, or in another folder)")
+    annotations_path = data_dir / "annotations.csv"
+    annotations = PointTable.empty()
+    if annotations_path.is_file():
+        annotations, more = read_point_csv(annotations_path, "diameter_mm", strict=False)
+        problems += more
+    else:
+        problems.append(f"{annotations_path}: not found, diameter_mm left empty")
+    selected = candidates.take(select_candidates(candidates, set(scans), subset, wanted["seed"],
+                                                 wanted["negatives_per_positive"], wanted["all_candidates"]))
+    return selected, match_diameters(selected, annotations), problems
 
 
 def _read_and_cut_or_error(path: Path, world_xyz: np.ndarray, patch_size: int, spacing_mm: float):
@@ -898,6 +734,85 @@ def _read_and_cut_or_error(path: Path, world_xyz: np.ndarray, patch_size: int, s
         return None, f"{path}: cannot read this scan ({err})"
 
 
+def progress_bar(*columns, console=None, disable: bool = False, transient: bool = False):
+    """A rich progress bar: description, bar, done/total, the given columns, elapsed time."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *columns,
+                    TimeElapsedColumn(), console=console, disable=disable, transient=transient)
+
+
+def _extract_scans(paths: dict, todo: list, selected: PointTable, diameters: np.ndarray, parts: Parts,
+                   wanted: dict, problems: list, console, show_progress: bool) -> dict:
+    """Cut each scan of ``todo`` once into a part (the next scan is read while one is written);
+    returns ``{seriesuid: reason}`` of the scans that could not be read."""
+    from concurrent.futures import ThreadPoolExecutor
+    from rich.progress import TextColumn
+    rows_of = selected.rows_by_scan()
+    rows_todo = [rows_of.get(uid, np.zeros(0, int)) for uid in todo]
+    size, spacing = wanted["patch_size"], wanted["spacing_mm"]
+
+    def read_and_cut(n: int):
+        return _read_and_cut_or_error(paths[todo[n]], selected.world_xyz[rows_todo[n]], size, spacing)
+    failed: dict = {}
+    with progress_bar(TextColumn("scans"), console=console, disable=not show_progress) as progress, \
+            ThreadPoolExecutor(max_workers=1) as reader:
+        task = progress.add_task(f"[bold]subset {wanted['subset']}", total=len(todo))
+        pending = reader.submit(read_and_cut, 0) if todo else None
+        for n, uid in enumerate(todo):
+            result, reason = pending.result()
+            if n + 1 < len(todo):
+                pending = reader.submit(read_and_cut, n + 1)
+            progress.advance(task)
+            if result is None:
+                failed[uid] = reason
+                console.print(f"[red]scan {uid}: {reason}[/]")
+                continue
+            scan, patches = result
+            rows = rows_todo[n]
+            inside = inside_scan(scan, selected.world_xyz[rows], (size // 2) * spacing)
+            problems.extend(f"candidate on line {selected.line[row]} ({uid}) lies wholly outside its scan, skipped"
+                            for row in rows[~inside])
+            rows = rows[inside]
+            parts.save(uid, patches[inside], _index_rows(uid, selected.world_xyz[rows], selected.value[rows],
+                                                         diameters[rows]))
+    return failed
+
+
+def _index_rows(uid: str, world_xyz: np.ndarray, labels: np.ndarray, diameters: np.ndarray) -> list:
+    return [[uid, repr(float(x)), repr(float(y)), repr(float(z)), str(int(label)),
+             "" if np.isnan(d) else repr(float(d))]
+            for (x, y, z), label, d in zip(world_xyz, labels, diameters)]
+
+
+def _assemble_cache(cache: Path, scans: list[str], parts: Parts, patch_size: int) -> tuple[int, int]:
+    """Merge the finished cache and the parts into ``patches.npy`` + ``index.csv``, one scan after the
+    other in ``scans`` order; returns ``(n_patches, n_positive)``."""
+    import csv
+    import io
+    old_rows, old_patches, old_rows_of = [], None, {}
+    if (cache / "index.csv").is_file() and (cache / "patches.npy").is_file():
+        with open(cache / "index.csv", newline="") as handle:
+            old_rows = list(csv.reader(handle))[1:]
+        old_patches = np.load(cache / "patches.npy", mmap_mode="r")
+        for position, row in enumerate(old_rows):
+            old_rows_of.setdefault(row[0], []).append(position)
+    sources, rows, new = [], [], parts.done()
+    for uid in scans:
+        if uid in new:
+            sources.append(parts.load(uid))
+            rows.extend(parts.meta(uid))
+        elif uid in old_rows_of:
+            positions = old_rows_of[uid]
+            sources.append(old_patches[positions[0]:positions[-1] + 1])
+            rows.extend(old_rows[p] for p in positions)
+    total = atomic_concatenate_npy(cache / "patches.npy", sources, (patch_size,) * 3, np.int16)
+    del old_patches, sources
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows([INDEX_COLUMNS] + rows)
+    atomic_write_text(cache / "index.csv", text.getvalue())
+    return total, sum(1 for row in rows if row[4] == "1")
+
+
 def extract_subset(data_dir, work_dir, subset: int, patch_size: int = 64, spacing_mm: float = 1.0,
                    negatives_per_positive: float = 10.0, all_candidates: bool = False, seed: int = 0,
                    show_progress: bool = True, console=None) -> ExtractSummary:
@@ -908,104 +823,31 @@ def extract_subset(data_dir, work_dir, subset: int, patch_size: int = 64, spacin
     Each scan is read once; finished scans are kept as parts, so an interrupted run resumes and a
     rerun adds nothing twice. Unreadable scans are reported in ``summary.failed``.
     """
-    import shutil
-    from concurrent.futures import ThreadPoolExecutor
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn)
-
-    _validate_patch_args(patch_size, spacing_mm)
+    validate_patch_args(patch_size, spacing_mm)
     if negatives_per_positive < 0:
-        raise ValueError(f"negatives_per_positive must be >= 0, got {negatives_per_positive}")
+        raise UserError(f"--negatives-per-positive must be >= 0, got {negatives_per_positive}")
     console = console or Console(stderr=True)
     data_dir, cache = Path(data_dir), subset_dir(work_dir, subset)
     wanted = dict(patch_size=patch_size, spacing_mm=float(spacing_mm), seed=seed,
                   negatives_per_positive=float(negatives_per_positive), all_candidates=all_candidates)
-    manifest_path, parts = cache / "manifest.json", cache / "parts"
-    manifest = {}
-    if manifest_path.is_file():
-        import json
-        manifest = json.loads(manifest_path.read_text())
-        _check_parameters(manifest, wanted, cache)
-    if (parts / "parameters.json").is_file():
-        import json
-        _check_parameters(json.loads((parts / "parameters.json").read_text()), wanted, parts)
-
-    subset_scans = {uid: None for uid, k in scan_subset_map(data_dir).items() if k == subset}
-    if not subset_scans:
-        raise UserError(f"no scans in {data_dir / f'subset{subset}'} (expected <seriesuid>.mhd files; "
-                        "set --data-dir or LUNA16_DIR, or run 'python luna_cli.py synth')")
-    candidates, problems = read_point_csv(candidates_file(data_dir), "class")
-    known = set(scan_subset_map(data_dir))
-    unknown = sorted(set(candidates.seriesuid) - known)
-    if unknown:
-        problems.append(f"{len(unknown)} seriesuid(s) of the candidates file have no scan under {data_dir} "
-                        "(not downloaded, or in another folder)")
-    annotations_path = data_dir / "annotations.csv"
-    if annotations_path.is_file():
-        annotations, annotation_problems = read_point_csv(annotations_path, "diameter_mm")
-        problems += annotation_problems
-    else:
-        annotations = PointTable(np.array([], object), np.zeros((0, 3)), np.zeros(0), np.zeros(0, int))
-        problems.append(f"{annotations_path}: not found, diameter_mm left empty")
-    selected = candidates.take(select_candidates(candidates, set(subset_scans), subset, seed,
-                                                 negatives_per_positive, all_candidates))
-    diameters = match_diameters(selected, annotations)
-    rows_by_scan: dict = {}
-    for row, uid in enumerate(selected.seriesuid):
-        rows_by_scan.setdefault(uid, []).append(row)
-
-    scans = sorted(subset_scans)
-    done = set(manifest.get("scans", [])) | {p.stem for p in parts.glob("*.npy")}
+    manifest = _read_manifest(cache, wanted)
+    scans = subset_scans(data_dir, [subset])
+    selected, diameters, problems = _subset_candidates(data_dir, scans, subset, wanted)
+    parts = Parts(cache / "parts", wanted)
+    done = set(manifest.get("scans", [])) | parts.done()
     todo = [uid for uid in scans if uid not in done]
-    failed: dict = {}
-    if todo:
-        parts.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(parts / "parameters.json", wanted)
-    columns = [TextColumn("[bold]subset {task.fields[subset]}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("scans"), TextColumn("{task.fields[rate]:.0f} patches/s"), TimeElapsedColumn()]
-    import time
-    started, n_new = time.perf_counter(), 0
-    with Progress(*columns, console=console, disable=not show_progress) as progress, \
-            ThreadPoolExecutor(max_workers=1) as reader:
-        task = progress.add_task("extract", total=len(todo), subset=subset, rate=0.0)
-        paths = [find_scan(data_dir, uid) for uid in todo]
-        rows_todo = [np.array(rows_by_scan.get(uid, []), int) for uid in todo]
-        points_todo = [selected.world_xyz[rows].reshape(-1, 3) for rows in rows_todo]
-
-        def read_and_cut(position: int):
-            return _read_and_cut_or_error(paths[position], points_todo[position], patch_size, spacing_mm)
-        pending = reader.submit(read_and_cut, 0) if todo else None
-        for position, uid in enumerate(todo):
-            result, reason = pending.result()
-            if position + 1 < len(todo):  # read and cut the next scan while this one is written
-                pending = reader.submit(read_and_cut, position + 1)
-            if result is None:
-                failed[uid] = reason
-                console.print(f"[red]scan {uid}: {reason}[/]")
-                progress.advance(task)
-                continue
-            scan, patches = result
-            rows, points = rows_todo[position], points_todo[position]
-            inside = patch_overlaps_scan(scan, points, patch_size, spacing_mm) if len(rows) else np.zeros(0, bool)
-            for row in rows[~inside]:
-                problems.append(f"candidate on line {selected.line[row]} ({uid}) lies wholly outside its scan, skipped")
-            if not inside.all():
-                rows, points, patches = rows[inside], points[inside], patches[inside]
-            index_rows = _format_index_rows(uid, points, selected.value[rows], diameters[rows])
-            atomic_write_json(parts / f"{uid}.json", index_rows)
-            atomic_save_npy(parts / f"{uid}.npy", patches)  # the .npy marks the scan as done
-            n_new += len(rows)
-            progress.update(task, advance=1, rate=n_new / max(time.perf_counter() - started, 1e-9))
-
-    finished = [uid for uid in scans if uid in done or (parts / f"{uid}.npy").is_file()]
+    failed = _extract_scans(scans, todo, selected, diameters, parts, dict(wanted, subset=subset), problems,
+                            console, show_progress)
+    finished = [uid for uid in scans if uid in done or uid in parts.done()]
     if todo or not (cache / "patches.npy").is_file():
         manifest = dict(wanted, subset=subset, dtype="int16", axis_order="z,y,x (world axes, increasing)",
                         units="HU", outside_value=AIR_HU, candidates_file=candidates_file(data_dir).name,
                         scans=finished)
-        n_patches, n_positive = _assemble_cache(cache, finished, parts, manifest)
+        n_patches, n_positive = _assemble_cache(cache, finished, parts, patch_size)
         manifest.update(n_patches=n_patches, n_positive=n_positive, failed=failed)
-        atomic_write_json(manifest_path, manifest)
-        shutil.rmtree(parts, ignore_errors=True)
+        atomic_write_json(cache / "manifest.json", manifest)
+        parts.remove()
     for message in problems:
         console.print(f"[yellow]{message}[/]")
     return ExtractSummary(subset, cache, manifest["n_patches"], manifest["n_positive"], len(finished),

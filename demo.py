@@ -54,6 +54,7 @@ def run_demo(work_dir: Path, settings: DemoSettings | None = None, console=None)
     Subsets ``0..n-3`` train, ``n-2`` validates (model selection, cutoff), ``n-1`` is the held-out test.
     """
     import evaluate
+    import features
     import head
     import phantom
     import train
@@ -75,11 +76,10 @@ def run_demo(work_dir: Path, settings: DemoSettings | None = None, console=None)
     settings.timings["extract"] = time.perf_counter() - start
     for old in ("runs/demo-head", "runs/demo-finetune", "eval/demo-head", "eval/demo-finetune", "report"):
         shutil.rmtree(work_dir / old, ignore_errors=True)  # the demo's own runs: a rerun trains afresh
-    _timed(settings, "cache-features", train.cache_features, work_dir, seed=settings.seed,
-           subsets=range(settings.subsets - 1), views=settings.views, **model)
-    head_run = _timed(settings, "train-head", train.train_head, work_dir, val_subsets=val, test_subsets=test,
-                      epochs=settings.head_epochs, seed=settings.seed, run="demo-head", views=settings.views,
-                      **model)
+    tag = _timed(settings, "cache-features", features.cache_features, work_dir, seed=settings.seed,
+                 subsets=range(settings.subsets - 1), views=settings.views, **model)
+    head_run = _timed(settings, "train-head", train.train_head, work_dir, features=tag, val_subsets=val,
+                      test_subsets=test, epochs=settings.head_epochs, seed=settings.seed, run="demo-head")
     tuned_run = _timed(settings, "finetune", train.finetune, work_dir, epochs=settings.finetune_epochs,
                        batch_size=settings.finetune_batch_size, lr=settings.finetune_lr, head_from="demo-head",
                        epoch_samples=settings.finetune_samples, val_subsets=val, test_subsets=test,
@@ -91,7 +91,8 @@ def run_demo(work_dir: Path, settings: DemoSettings | None = None, console=None)
     results = {}
     for run in (head_run, tuned_run):
         results[run.name] = evaluate.evaluate_model(run / "best.pt", data_dir, test, work_dir / "eval" / run.name,
-                                                    tta=settings.tta, device="cpu", console=console)
+                                                    views=settings.views if settings.tta else 1, device="cpu",
+                                                    console=console)
     settings.timings["evaluate"] = time.perf_counter() - start
     start = time.perf_counter()
     report = write_report(work_dir / "report", chosen, work_dir / "eval" / chosen.name, data_dir)
@@ -126,13 +127,12 @@ def _example_patches(marks: data.PointTable, rows: list, data_dir: Path, patch_s
     by_scan: dict = {}
     for row in rows:
         by_scan.setdefault(marks.seriesuid[row], []).append(row)
+    paths = {uid: path for uid, path in data.scan_subset_map(data_dir).items()}
     for uid, scan_rows in by_scan.items():
-        path = data.find_scan(data_dir, uid)
-        if path is None:
-            continue
-        scan = data.read_ct(path)
-        for row, patch in zip(scan_rows, data.extract_patches(scan, marks.world_xyz[scan_rows], patch_size, spacing_mm)):
-            patches[row] = patch
+        if uid in paths:
+            _, cut = data.read_and_extract(data_dir / f"subset{paths[uid]}" / f"{uid}.mhd", marks.world_xyz[scan_rows],
+                                           patch_size, spacing_mm)
+            patches.update(zip(scan_rows, cut))
     return patches
 
 
@@ -220,3 +220,29 @@ Research use only, not for clinical decisions.</p>
 {blocks}
 </body></html>
 """
+
+
+def result_table(result: dict, n_subsets: int):
+    """A rich table of the demo's held-out results for every run, with the time of each stage."""
+    from rich.table import Table
+    metrics, runs = result["metrics"], list(result["all_metrics"])
+    table = Table(title=f"held-out subset {n_subsets - 1}: {metrics['n_candidates']} candidates, "
+                        f"{metrics['n_positive']} on nodules, {metrics['n_scans']} scans")
+    table.add_column("measure")
+    for run in runs:
+        table.add_column(run + (" (chosen on validation)" if run == result["chosen"] else ""), justify="right")
+    rows = [("validation ROC AUC", lambda run, m: result["validation_auc"][run]),
+            ("ROC AUC", lambda run, m: m["auc"]),
+            ("sensitivity at 0.5", lambda run, m: m["sensitivity"]),
+            ("specificity at 0.5", lambda run, m: m["specificity"]),
+            ("sensitivity at the validation cutoff", lambda run, m: (m.get("at_cutoff") or {}).get("sensitivity")),
+            ("specificity at the validation cutoff", lambda run, m: (m.get("at_cutoff") or {}).get("specificity")),
+            ("CPM (LUNA16 FROC)", lambda run, m: m["cpm"])]
+    for name, value in rows:
+        cells = [value(run, result["all_metrics"][run]) for run in runs]
+        table.add_row(name, *["n/a" if v is None else f"{v:.3f}" for v in cells])
+    padding = [""] * (len(runs) - 1)
+    for stage, seconds in result["timings"].items():
+        table.add_row(f"time: {stage}", f"{seconds:.1f} s", *padding)
+    table.add_row("time: total", f"{sum(result['timings'].values()):.1f} s", *padding)
+    return table

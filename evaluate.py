@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -31,8 +32,9 @@ import numpy as np
 import torch
 
 import data
+import head
 from data import PointTable, UserError
-from train import roc_auc as rank_auc, threshold_metrics
+from head import roc_auc, threshold_metrics
 
 FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 MAX_MARKS_PER_SCAN = 100
@@ -40,111 +42,25 @@ EXCLUDED_UNKNOWN_DIAMETER_MM = 10.0
 MISSED_NODULE_SCORE = -1e9
 SUBMISSION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "probability")
 CURVE_GRID = np.geomspace(FP_RATES[0], FP_RATES[-1], 121)  # FP/scan where the reported curve is sampled
-MAX_LISTED_PROBLEMS = 10
 
 
 # --- reading the inputs ---------------------------------------------------------
 
-def _problems_message(path: Path, problems: list[str], what: str) -> str:
-    shown = "\n  ".join(problems[:MAX_LISTED_PROBLEMS])
-    more = f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
-    return f"{path}: {len(problems)} bad {what}:\n  {shown}{more}"
-
-
-def _read_submission_rows_slowly(path: Path, lines: list[str], columns: list[int]) -> PointTable:
-    """Row-by-row reading with the csv module: accepts quoting, names every bad line."""
-    import csv
-    uids, numbers, line_numbers, problems = [], [], [], []
-    width = max(columns) + 1
-    for line_number, row in enumerate(csv.reader(lines[1:]), start=2):
-        if not row or not "".join(row).strip():
-            continue
-        if len(row) < width:
-            problems.append(f"line {line_number}: {len(row)} field(s), expected {width} or more")
-            continue
-        fields = [row[c].strip() for c in columns]
-        try:
-            values = [float(v) for v in fields[1:]]
-        except ValueError:
-            problems.append(f"line {line_number}: non-numeric value in {','.join(fields[1:])[:120]!r}")
-            continue
-        if not all(math.isfinite(v) for v in values):
-            problems.append(f"line {line_number}: NaN or infinite value in {','.join(fields[1:])[:120]!r}")
-        elif not fields[0]:
-            problems.append(f"line {line_number}: empty seriesuid")
-        else:
-            uids.append(fields[0])
-            numbers.append(values)
-            line_numbers.append(line_number)
-    if problems:
-        raise UserError(_problems_message(path, problems, "line(s)"))
-    numbers = np.array(numbers, np.float64).reshape(-1, 4)
-    return PointTable(np.array(uids, dtype=object), numbers[:, :3], numbers[:, 3], np.array(line_numbers, int))
-
-
 def read_submission(path) -> PointTable:
-    """Read a LUNA16 submission CSV ``seriesuid,coordX,coordY,coordZ,probability`` (any column order).
-
-    Returns marks with ``world_xyz`` ``(N, 3)`` world mm and ``value`` = probability (float64, as written).
-    A C-speed reader handles well-formed files; anything odd goes through a row-by-row reader that names
-    every bad line. Raises :class:`UserError` for a missing file or column, or non-numeric/NaN values.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: submission file not found")
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not a text CSV file") from None
-    lines = text.splitlines()
-    header = [name.strip().strip('"') for name in lines[0].split(",")] if lines else []
-    missing = [name for name in SUBMISSION_COLUMNS if name not in header]
-    if missing:
-        raise UserError(f"{path}: missing column(s) {', '.join(missing)} "
-                        f"(header: {','.join(header)[:200] or 'empty file'}; expected {','.join(SUBMISSION_COLUMNS)})")
-    columns = [header.index(name) for name in SUBMISSION_COLUMNS]
-    body = lines[1:]
-    if any(not line or line.isspace() for line in body):
-        line_numbers = np.array([n for n, line in enumerate(body, start=2) if line and not line.isspace()], int)
-        body = [lines[n - 1] for n in line_numbers]
-    else:
-        line_numbers = np.arange(2, len(body) + 2)
-    if not body:
-        return PointTable(np.array([], dtype=object), np.zeros((0, 3)), np.zeros(0), np.zeros(0, int))
-    if text.count(",") - lines[0].count(",") != len(body) * (len(header) - 1) or '"' in text:
-        return _read_submission_rows_slowly(path, lines, columns)
-    try:
-        numbers = np.loadtxt(body, delimiter=",", usecols=columns[1:], dtype=np.float64, ndmin=2, comments=None)
-    except ValueError:
-        return _read_submission_rows_slowly(path, lines, columns)
-    uid_column = columns[0]
-    uids = np.array([line.split(",", uid_column + 1)[uid_column].strip() for line in body], dtype=object)
-    if not np.isfinite(numbers).all() or not all(uids):
-        return _read_submission_rows_slowly(path, lines, columns)
-    return PointTable(uids, np.ascontiguousarray(numbers[:, :3]), numbers[:, 3].copy(), line_numbers)
+    """Marks of a LUNA16 submission CSV ``seriesuid,coordX,coordY,coordZ,probability`` (any column order):
+    ``world_xyz`` world mm, ``value`` = probability as written; a bad line refuses the file, naming it."""
+    return data.read_point_csv(path, "probability")[0]
 
 
-def read_findings(path, excluded: bool = False) -> PointTable:
-    """Read ``annotations.csv`` or ``annotations_excluded.csv``: ``value`` = diameter in mm.
-
-    A negative diameter (LUNA16 writes -1 in the excluded file) means unknown size, scored as 10 mm.
-    Any unreadable row is an error: silently losing a nodule would change the score.
-    """
-    import data
-    table, problems = data.read_point_csv(path, "diameter_mm")
-    if problems:
-        raise UserError(_problems_message(Path(path), problems, "row(s)"))
-    table.value = np.where(table.value < 0.0, EXCLUDED_UNKNOWN_DIAMETER_MM, table.value)
-    return table
+def read_findings(path) -> PointTable:
+    """``annotations.csv`` or ``annotations_excluded.csv``: ``value`` = diameter in mm as written (see
+    :func:`scoring_diameters`). Any unreadable row refuses the file: losing a nodule would change the score."""
+    return data.read_point_csv(path, "diameter_mm")[0]
 
 
-def read_seriesuid_list(path) -> list[str]:
-    """The scans to evaluate, one seriesuid per line (LUNA16's ``seriesuids.csv``, no header)."""
-    import data
-    uids = data.read_seriesuids(path)
-    if not uids:
-        raise UserError(f"{path}: no seriesuids in this file")
-    return uids
+def scoring_diameters(diameters: np.ndarray) -> np.ndarray:
+    """Diameters as scored: a negative one (LUNA16 writes -1 for unknown size) counts as 10 mm."""
+    return np.where(diameters < 0.0, EXCLUDED_UNKNOWN_DIAMETER_MM, diameters)
 
 
 # --- per-scan matching ----------------------------------------------------------------
@@ -350,90 +266,94 @@ def _scan_indices(uids: np.ndarray, index: dict) -> np.ndarray:
     return np.fromiter(map(index.get, uids, itertools.repeat(-1)), np.int64, len(uids))
 
 
-def score_marks(marks: PointTable, seriesuids: Sequence[str], annotations: PointTable, excluded: PointTable,
-                bootstrap: int = 1000, seed: int = 0, max_marks: int = MAX_MARKS_PER_SCAN) -> dict:
-    """LUNA16 FROC/CPM of ``marks`` (``value`` = probability) on the scans of ``seriesuids``.
-
-    annotations/excluded: ``value`` = diameter in mm (a negative excluded diameter means 10 mm).
-    Marks of scans outside the list are not scored but counted (``n_marks_unknown_seriesuid``) and named
-    (``unknown_seriesuids``, first 20) with a warning. Returns a JSON-ready dict: ``cpm``,
-    ``froc_sensitivities`` {rate: sensitivity}, their bootstrap ``*_ci95`` bounds, a sampled ``froc_curve``
-    and the counts behind them.
-    """
-    seriesuids = list(seriesuids)
+def _evaluated_scans(seriesuids: Sequence[str]) -> dict:
+    """``{seriesuid: position}`` of the evaluated scan list, which must be non-empty and name each scan once."""
     index = {uid: i for i, uid in enumerate(seriesuids)}
     if len(index) != len(seriesuids):
         duplicated = sorted({uid for uid in seriesuids if seriesuids.count(uid) > 1})[:3]
         raise UserError(f"the seriesuid list names some scans twice (e.g. {', '.join(duplicated)})")
-    n_scans = len(seriesuids)
-    if n_scans == 0:
+    if not index:
         raise UserError("the seriesuid list is empty: no scans to evaluate")
-    warnings = []
+    return index
+
+
+def _marks_that_count(marks: PointTable, index: dict, max_marks: int, warnings: list) -> tuple[np.ndarray, dict]:
+    """Rows of the marks on evaluated scans that survive the per-scan cap, and counts for the result."""
     mark_scan = _scan_indices(marks.seriesuid, index)
     known = mark_scan >= 0
     unknown_uids = list(dict.fromkeys(marks.seriesuid[~known]))
     if len(marks) and not known.any():
-        raise UserError(f"none of the submission's {len(unknown_uids)} seriesuid(s) is among the {n_scans} "
+        raise UserError(f"none of the submission's {len(unknown_uids)} seriesuid(s) is among the {len(index)} "
                         f"evaluated scans (first: {unknown_uids[0]}, line {int(marks.line[0])}): wrong seriesuid list?")
     if unknown_uids:
-        first_line = int(marks.line[np.argmax(~known)])
         warnings.append(f"{int((~known).sum())} mark(s) on {len(unknown_uids)} seriesuid(s) outside the evaluated "
-                        f"list were not scored (first: {unknown_uids[0]}, line {first_line})")
-    keep, cap = cap_marks_per_scan(mark_scan[known], marks.value[known], n_scans, max_marks)
+                        f"list were not scored (first: {unknown_uids[0]}, line {int(marks.line[np.argmax(~known)])})")
+    keep, cap = cap_marks_per_scan(mark_scan[known], marks.value[known], len(index), max_marks)
     if cap["tie_scans"]:
         warnings.append(f"{cap['tie_scans']} scan(s) had marks tied at the {max_marks}-mark cut: all "
                         f"{cap['tie_dropped']} tied mark(s) there were dropped (the official rule)")
-    kept = np.flatnonzero(known)[keep]
+    counts = {"n_marks": len(marks), "n_marks_scored": int(keep.sum()), "n_marks_over_cap": cap["n_over_cap"],
+              "n_scans_tied_at_cap": cap["tie_scans"], "n_marks_dropped_by_ties": cap["tie_dropped"],
+              "n_marks_unknown_seriesuid": int((~known).sum()), "unknown_seriesuids": unknown_uids[:20]}
+    return np.flatnonzero(known)[keep], counts
 
-    def scans_of(table: PointTable) -> tuple[np.ndarray, np.ndarray]:
-        scan = _scan_indices(table.seriesuid, index)
-        rows = np.flatnonzero(scan >= 0)
-        return scan[rows], rows
 
-    nodule_scan, nodule_rows = scans_of(annotations)
-    excluded_scan, excluded_rows = scans_of(excluded)
-    nodule_diameter = np.where(annotations.value[nodule_rows] < 0.0, EXCLUDED_UNKNOWN_DIAMETER_MM,
-                               annotations.value[nodule_rows])
-    if (nodule_diameter == 0.0).any():
-        warnings.append(f"{int((nodule_diameter == 0.0).sum())} nodule(s) with diameter 0 mm: no mark can hit them")
-    entries, counts = match_marks(
-        n_scans, mark_scan[kept], marks.world_xyz[kept], marks.value[kept],
-        nodule_scan, annotations.world_xyz[nodule_rows], nodule_diameter,
-        excluded_scan, excluded.world_xyz[excluded_rows],
-        np.where(excluded.value[excluded_rows] < 0.0, EXCLUDED_UNKNOWN_DIAMETER_MM, excluded.value[excluded_rows]))
-    n_nodules = len(nodule_rows)
+def _findings_on(table: PointTable, index: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(scan position, world mm, scoring diameter)`` of the findings on evaluated scans."""
+    scan = _scan_indices(table.seriesuid, index)
+    rows = np.flatnonzero(scan >= 0)
+    return scan[rows], table.world_xyz[rows], scoring_diameters(table.value[rows])
+
+
+def score_marks(marks: PointTable, seriesuids: Sequence[str], annotations: PointTable, excluded: PointTable,
+                bootstrap: int = 1000, seed: int = 0, max_marks: int = MAX_MARKS_PER_SCAN) -> dict:
+    """LUNA16 FROC/CPM of ``marks`` (``value`` = probability) on the scans of ``seriesuids``.
+
+    annotations/excluded: ``value`` = diameter in mm (see :func:`scoring_diameters`). Marks of scans outside
+    the list are not scored but counted (``n_marks_unknown_seriesuid``) and named (``unknown_seriesuids``,
+    first 20) with a warning. Returns a JSON-ready dict: ``cpm``, ``froc_sensitivities`` {rate: sensitivity},
+    their bootstrap ``*_ci95`` bounds, a sampled ``froc_curve`` and the counts behind them.
+    """
+    index = _evaluated_scans(list(seriesuids))
+    n_scans, warnings = len(index), []
+    kept, mark_counts = _marks_that_count(marks, index, max_marks, warnings)
+    nodules = _findings_on(annotations, index)
+    if (nodules[2] == 0.0).any():
+        warnings.append(f"{int((nodules[2] == 0.0).sum())} nodule(s) with diameter 0 mm: no mark can hit them")
+    entries, counts = match_marks(n_scans, _scan_indices(marks.seriesuid[kept], index), marks.world_xyz[kept],
+                                  marks.value[kept], *nodules, *_findings_on(excluded, index))
+    n_nodules = len(nodules[0])
     if n_nodules == 0:
         warnings.append("no annotated nodule in the evaluated scans: sensitivity and CPM are undefined")
     fp_per_scan, sensitivity, _ = froc_curve(entries, n_scans)
     at_rates = sensitivities_at(fp_per_scan, sensitivity)
     result = {
-        "cpm": float(at_rates.mean()) if n_nodules else None,
-        "fp_rates": list(FP_RATES),
+        "cpm": float(at_rates.mean()) if n_nodules else None, "fp_rates": list(FP_RATES),
         "froc_sensitivities": {_rate_key(r): float(s) for r, s in zip(FP_RATES, at_rates)} if n_nodules else None,
-        "n_scans": n_scans, "n_nodules": n_nodules, "n_marks": len(marks), "n_marks_scored": int(len(kept)),
-        "n_marks_over_cap": cap["n_over_cap"], "n_scans_tied_at_cap": cap["tie_scans"],
-        "n_marks_dropped_by_ties": cap["tie_dropped"],
-        "n_marks_unknown_seriesuid": int((~known).sum()), "unknown_seriesuids": unknown_uids[:20],
-        **counts,
+        "n_scans": n_scans, "n_nodules": n_nodules, **mark_counts, **counts,
         "sensitivity_all_marks": counts["n_detected"] / n_nodules if n_nodules else None,
         "froc_curve": {"fp_per_scan": CURVE_GRID.tolist(),
                        "sensitivity": np.interp(CURVE_GRID, fp_per_scan, sensitivity).tolist()},
         "warnings": warnings,
     }
     if bootstrap and n_nodules:
-        samples = bootstrap_froc(entries, n_scans, bootstrap, seed, rates=tuple(FP_RATES) + tuple(CURVE_GRID))
-        at_rates_bs, curve_bs = samples[:, :len(FP_RATES)], samples[:, len(FP_RATES):]
-        cpm_bs = at_rates_bs.mean(axis=1)
-        low, high = _interval(np.column_stack([at_rates_bs, cpm_bs]))
-        result.update({
-            "bootstrap": {"resamples": bootstrap, "seed": seed, "cpm_mean": float(cpm_bs.mean())},
-            "cpm_ci95": [float(low[-1]), float(high[-1])],
-            "froc_sensitivities_ci95": {_rate_key(r): [float(lo), float(hi)]
-                                        for r, lo, hi in zip(FP_RATES, low[:-1], high[:-1])},
-        })
-        curve_low, curve_high = _interval(curve_bs)
-        result["froc_curve"].update(ci95_low=curve_low.tolist(), ci95_high=curve_high.tolist())
+        _add_bootstrap_intervals(result, entries, n_scans, bootstrap, seed)
     return result
+
+
+def _add_bootstrap_intervals(result: dict, entries: FrocEntries, n_scans: int, bootstrap: int, seed: int) -> None:
+    samples = bootstrap_froc(entries, n_scans, bootstrap, seed, rates=tuple(FP_RATES) + tuple(CURVE_GRID))
+    at_rates, curve = samples[:, :len(FP_RATES)], samples[:, len(FP_RATES):]
+    cpm = at_rates.mean(axis=1)
+    low, high = _interval(np.column_stack([at_rates, cpm]))
+    result.update({
+        "bootstrap": {"resamples": bootstrap, "seed": seed, "cpm_mean": float(cpm.mean())},
+        "cpm_ci95": [float(low[-1]), float(high[-1])],
+        "froc_sensitivities_ci95": {_rate_key(r): [float(lo), float(hi)]
+                                    for r, lo, hi in zip(FP_RATES, low[:-1], high[:-1])},
+    })
+    curve_low, curve_high = _interval(curve)
+    result["froc_curve"].update(ci95_low=curve_low.tolist(), ci95_high=curve_high.tolist())
 
 
 def _rate_key(rate: float) -> str:
@@ -458,11 +378,10 @@ def score_submission(submission, annotations, excluded, seriesuids: Union[Path, 
     divides the false positives. Writes the result to ``json_out`` and the FROC plot to ``figure``
     (atomically) when given.
     """
-    import data
     if isinstance(seriesuids, (str, Path)):
-        seriesuids = read_seriesuid_list(seriesuids)
+        seriesuids = data.read_seriesuids(seriesuids)
     marks = read_submission(submission)
-    result = score_marks(marks, seriesuids, read_findings(annotations), read_findings(excluded, excluded=True),
+    result = score_marks(marks, seriesuids, read_findings(annotations), read_findings(excluded),
                          bootstrap=bootstrap, seed=seed)
     result["submission"] = str(submission)
     if json_out is not None:
@@ -517,6 +436,14 @@ def froc_table(result: dict, title: str = "LUNA16 FROC"):
     return table
 
 
+def print_froc(console, result: dict, title: str, warnings: Optional[list] = None) -> None:
+    """The warnings, the FROC table and the counts behind it, on a rich console."""
+    for warning in result["warnings"] if warnings is None else warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+    console.print(froc_table(result, title=title))
+    console.print(froc_summary_line(result))
+
+
 def froc_summary_line(result: dict) -> str:
     """One line with the counts behind the FROC."""
     return (f"{result['n_scans']} scans, {result['n_nodules']} nodules ({result['n_detected']} hit, "
@@ -528,30 +455,7 @@ def froc_summary_line(result: dict) -> str:
 
 # --- evaluating a model on whole subsets ---------------------------------------------------------
 
-TTA_FLIPS = tuple(tuple(d for d, bit in zip((1, 2, 3), (a, b, c)) if bit)
-                  for a in (0, 1) for b in (0, 1) for c in (0, 1))  # patch axes z, y, x of (B, P, P, P)
 PREDICTION_COLUMNS = "seriesuid,coordX,coordY,coordZ,probability,class"
-
-
-def parse_subsets(text: str) -> list[int]:
-    """``"9"``, ``"8,9"`` or ``"0-4"`` -> sorted subset numbers; at least one is required here."""
-    import data
-    subsets = data.parse_subsets(text, "--subsets")
-    if not subsets:
-        raise UserError(f"--subsets must name at least one subset, got {text!r}")
-    return subsets
-
-
-def subset_scans(data_dir, subsets: Sequence[int]) -> dict:
-    """``{seriesuid: .mhd path}`` of the scans in ``subset<k>`` folders of the LUNA16 root, for k in subsets."""
-    import data
-    data_dir = Path(data_dir)
-    found = {uid: data_dir / f"subset{k}" / f"{uid}.mhd"
-             for uid, k in sorted(data.scan_subset_map(data_dir).items()) if k in set(subsets)}
-    if not found:
-        raise UserError(f"{data_dir}: no scans in subset folder(s) {', '.join(f'subset{k}' for k in subsets)} "
-                        "(set --data-dir or LUNA16_DIR to the LUNA16 folder)")
-    return found
 
 
 def checkpoint_for_run(work_dir, run: str) -> Path:
@@ -562,42 +466,19 @@ def checkpoint_for_run(work_dir, run: str) -> Path:
     return path
 
 
-def default_eval_dir(work_dir, name: str, subsets: Sequence[int], tta: bool) -> Path:
-    """``<work_dir>/eval/<name>_subsets<k..>[_tta]``."""
-    return Path(work_dir) / "eval" / f"{name}_subsets{''.join(map(str, subsets))}{'_tta' if tta else ''}"
-
-
-def predict_patches(model, patches, preprocess: dict, device: str = "cpu", batch_size: int = 64,
-                    tta: bool = False, bf16: bool = False) -> np.ndarray:
-    """Probabilities (float64, sigmoid taken in float64) for HU patches ``(N, P, P, P)`` int16 ``[z, y, x]``.
-
-    ``tta`` averages the probabilities of the 8 flips of the three patch axes. ``bf16`` runs the model
-    under bfloat16 autocast (CUDA).
-    """
-    import data
-    patches = torch.as_tensor(patches)
-    out = np.empty(len(patches), np.float64)
-    flips = TTA_FLIPS if tta else ((),)
-    with torch.inference_mode(), torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
-                                                enabled=bf16):
-        for first in range(0, len(patches), batch_size):
-            hu = patches[first:first + batch_size].to(device, non_blocking=True)
-            x = data.hu_to_unit(hu, preprocess.get("hu_min", -1000.0), preprocess.get("hu_max", 1000.0))
-            probability = torch.zeros(len(x), dtype=torch.float64, device=x.device)
-            for dims in flips:
-                view = torch.flip(x, dims) if dims else x
-                probability += torch.sigmoid(model(view.unsqueeze(1)).double())
-            out[first:first + len(x)] = (probability / len(flips)).cpu().numpy()
-    return out
+def default_eval_dir(work_dir, name: str, subsets: Sequence[int], views: Optional[int]) -> Path:
+    """``<work_dir>/eval/<name>_subsets<k..>[_views<n>]`` (no suffix for the checkpoint's own views)."""
+    suffix = f"_views{views}" if views else ""
+    return Path(work_dir) / "eval" / f"{name}_subsets{''.join(map(str, subsets))}{suffix}"
 
 
 class ScanPatchStream(torch.utils.data.IterableDataset):
     """Iterable over ``(seriesuid, first_row, patches int16 (n, P, P, P) tensor, error)`` chunks.
 
-    Each scan is opened once (``data.read_and_extract``, which cuts the first chunk straight from the
-    mapped file) and cut into patches around its candidates' world mm points in chunks of at most
-    ``chunk`` patches; with DataLoader workers, worker w takes scans w, w + W, ...
-    A scan that cannot be read or cut yields an item with ``patches`` None and the reason in ``error``.
+    Each scan is opened once (``data.read_and_extract`` cuts the first chunk straight from the mapped
+    file) and cut into patches around its candidates' world mm points in chunks of at most ``chunk``;
+    with DataLoader workers, worker w takes scans w, w + W, ... A scan that cannot be read or cut
+    yields an item with ``patches`` None and the reason in ``error``.
     """
 
     def __init__(self, scans: list, patch_size: int, spacing_mm: float, chunk: int = 256):
@@ -606,12 +487,10 @@ class ScanPatchStream(torch.utils.data.IterableDataset):
         self.patch_size, self.spacing_mm, self.chunk = patch_size, spacing_mm, chunk
 
     def __iter__(self):
-        import data
         info = torch.utils.data.get_worker_info()
         mine = self.scans[info.id::info.num_workers] if info else self.scans
         for uid, path, world_xyz in mine:
             try:
-                # the first chunk comes with the scan, the others are cut from it
                 scan, patches = data.read_and_extract(path, world_xyz[:self.chunk], self.patch_size, self.spacing_mm)
                 for first in range(0, len(world_xyz), self.chunk):
                     if first:
@@ -627,9 +506,9 @@ def _as_is(item):
 
 
 def _one_thread(_worker_id: int) -> None:
-    import data
+    import resample
     torch.set_num_threads(1)
-    data.set_extraction_threads(1)  # the reader processes already run side by side
+    resample.set_extraction_threads(1)  # the reader processes already run side by side
 
 
 def stream_scan_patches(scans: list, patch_size: int, spacing_mm: float, workers: int, chunk: int = 256):
@@ -639,53 +518,6 @@ def stream_scan_patches(scans: list, patch_size: int, spacing_mm: float, workers
         num_workers=workers, collate_fn=_as_is, worker_init_fn=_one_thread if workers else None,
         prefetch_factor=2 if workers else None)
     return iter(loader)
-
-
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> Optional[float]:
-    """ROC AUC with tied scores counted as half (average ranks); None without both classes."""
-    value = rank_auc(labels, scores)
-    return None if math.isnan(value) else value
-
-
-def _evaluation_key(checkpoint: Path, meta: dict, tta: bool, candidates: Path) -> dict:
-    stat = Path(checkpoint).stat()
-    return {"checkpoint": str(Path(checkpoint).resolve()), "checkpoint_bytes": stat.st_size,
-            "checkpoint_mtime_ns": stat.st_mtime_ns, "preprocess": meta["preprocess"], "tta": bool(tta),
-            "candidates": str(Path(candidates).resolve())}
-
-
-def _finished_scans(out_dir: Path, key: dict, expected: dict) -> dict:
-    """``{seriesuid: probabilities}`` of the scans a previous run with the same key wrote completely.
-
-    ``predictions.csv`` is rewritten with only those scans, dropping a half-written tail.
-    """
-    import json
-    import data
-    key_path, predictions = out_dir / "evaluation_key.json", out_dir / "predictions.csv"
-    if not key_path.is_file() or json.loads(key_path.read_text()) != key or not predictions.is_file():
-        predictions.unlink(missing_ok=True)
-        data.atomic_write_json(key_path, key)
-        return {}
-    rows: dict = {}
-    for line in predictions.read_text().splitlines()[1:]:
-        fields = line.split(",")
-        if len(fields) == 6:
-            rows.setdefault(fields[0], []).append(line)
-    done = {}
-    for uid, lines in rows.items():
-        try:
-            if len(lines) == expected.get(uid):
-                done[uid] = (lines, np.array([float(line.split(",")[4]) for line in lines]))
-        except ValueError:
-            continue
-    data.atomic_write_text(predictions, PREDICTION_COLUMNS + "\n" + "".join(
-        line + "\n" for lines, _ in done.values() for line in lines))
-    return {uid: probability for uid, (_, probability) in done.items()}
-
-
-def _prediction_lines(uid: str, world_xyz: np.ndarray, probability: np.ndarray, labels: np.ndarray) -> str:
-    return "".join(f"{uid},{x!r},{y!r},{z!r},{p!r},{int(c)}\n"
-                   for (x, y, z), p, c in zip(world_xyz.tolist(), probability.tolist(), labels.tolist()))
 
 
 def plot_roc(labels: np.ndarray, probability: np.ndarray, path: Path, title: str = "") -> None:
@@ -707,128 +539,135 @@ def plot_roc(labels: np.ndarray, probability: np.ndarray, path: Path, title: str
     data.atomic_save_figure(fig, path)
 
 
-def _candidates_of(data_dir: Path, scans: dict) -> tuple[PointTable, list[str]]:
-    import data
-    table, problems = data.read_point_csv(data.candidates_file(data_dir), "class")
-    return table.take(np.flatnonzero(np.isin(table.seriesuid, list(scans)))), problems
+@dataclass
+class ModelRun:
+    """What scoring candidates with one model needs: the model, how it is applied, where parts go."""
+    model: torch.nn.Module
+    preprocess: dict
+    views: int
+    batch_size: int
+    workers: int
+    device: torch.device
+    precision: str
+    parts: data.Parts
 
 
-def evaluate_model(checkpoint: Path, data_dir: Path, subsets: list[int], out_dir: Path, tta: bool = False,
-                   batch_size: int = 64, workers: int = 2, device: str = "cpu", bf16: bool = False,
-                   bootstrap: int = 1000, seed: int = 0, console=None) -> dict:
-    """Score every candidate of the given LUNA16 subsets with a checkpoint, then evaluate.
-
-    Each scan is read once and its patches (the checkpoint's ``patch_size``/``spacing_mm``) go through the
-    model in batches while worker processes prepare the next scans. Per-scan predictions are appended to
-    ``out_dir/predictions.csv`` as scans finish, so a rerun resumes. Writes ``submission.csv`` (LUNA16
-    format, full-precision probabilities), ``metrics.json``, ``roc.png`` and ``froc.png`` in ``out_dir``.
-    The FROC counts the readable scans of the subsets. Unreadable scans are skipped and listed in
-    ``unreadable_scans``. Returns the metrics dict (``auc``, ``accuracy``, ``sensitivity``,
-    ``specificity`` at 0.5, ``at_cutoff``, ``cpm``, ``froc_sensitivities``, ...).
-    """
-    import time
-    import data
-    import head
-    if batch_size < 1 or workers < 0:
-        raise ValueError(f"batch_size must be >= 1 and workers >= 0, got {batch_size}, {workers}")
-    start = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model, meta = head.load_classifier(Path(checkpoint), device=device)
-    preprocess = meta["preprocess"]
-    scans = subset_scans(data_dir, subsets)
-    candidates, problems = _candidates_of(Path(data_dir), scans)
-    warnings = [f"candidates file: {p}" for p in problems[:MAX_LISTED_PROBLEMS]]
-    rows_of = {}
-    for row, uid in enumerate(candidates.seriesuid):
-        rows_of.setdefault(uid, []).append(row)
-    rows_of = {uid: np.array(rows) for uid, rows in rows_of.items()}
-    labels = candidates.value > 0.5
-    probability = np.full(len(candidates), np.nan)
-    key = _evaluation_key(Path(checkpoint), meta, tta, data.candidates_file(data_dir))
-    for uid, done in _finished_scans(out_dir, key, {u: len(r) for u, r in rows_of.items()}).items():
-        probability[rows_of[uid]] = done
-    todo = [(uid, scans[uid], candidates.world_xyz[rows]) for uid, rows in rows_of.items()
-            if np.isnan(probability[rows]).any()]
-    stream_start = time.perf_counter()
-    unreadable = _predict_scans(model, preprocess, todo, rows_of, candidates, labels, probability, out_dir,
-                                tta, batch_size, workers, device, bf16, console)
-    n_new = sum(len(rows_of[uid]) for uid, _, _ in todo if uid not in unreadable)
-    seconds_inference = time.perf_counter() - stream_start
-    readable = [uid for uid in scans if uid not in unreadable]
-    scored = np.flatnonzero(~np.isnan(probability))
-    marks = candidates.take(scored)
-    marks.value = probability[scored]
-    data.atomic_write_text(out_dir / "submission.csv", ",".join(SUBMISSION_COLUMNS) + "\n" + "".join(
-        f"{u},{x!r},{y!r},{z!r},{p!r}\n" for u, (x, y, z), p in
-        zip(marks.seriesuid, marks.world_xyz.tolist(), marks.value.tolist())))
-    froc = score_marks(marks, readable, read_findings(Path(data_dir) / "annotations.csv"),
-                       read_findings(Path(data_dir) / "annotations_excluded.csv", excluded=True),
-                       bootstrap=bootstrap, seed=seed)
-    at_half = threshold_metrics(labels[scored], probability[scored], 0.5)
-    cutoff = meta.get("cutoff")
-    result = {
-        "checkpoint": str(checkpoint), "epoch": meta.get("epoch"), "subsets": list(subsets), "tta": bool(tta),
-        "n_scans": len(readable), "n_candidates": int(len(scored)), "n_positive": int(labels[scored].sum()),
-        "auc": roc_auc(labels[scored], probability[scored]),
-        "accuracy": at_half["accuracy"], "sensitivity": at_half["sensitivity"],
-        "specificity": at_half["specificity"], "at_0.5": at_half,
-        "at_cutoff": threshold_metrics(labels[scored], probability[scored], cutoff) if cutoff is not None else None,
-        "cpm": froc["cpm"], "cpm_ci95": froc.get("cpm_ci95"), "froc_sensitivities": froc["froc_sensitivities"],
-        "froc_sensitivities_ci95": froc.get("froc_sensitivities_ci95"), "froc": froc,
-        "unreadable_scans": unreadable, "warnings": warnings + froc["warnings"],
-        "seconds": time.perf_counter() - start, "seconds_scoring_candidates": seconds_inference,
-        "candidates_per_second": n_new / seconds_inference if n_new else None,
-        "files": {name: str(out_dir / name) for name in
-                  ("submission.csv", "predictions.csv", "metrics.json", "roc.png", "froc.png")},
-    }
-    plot_roc(labels[scored], probability[scored], out_dir / "roc.png", title=Path(checkpoint).stem)
-    plot_froc(froc, out_dir / "froc.png", title=Path(checkpoint).stem)
-    data.atomic_write_json(out_dir / "metrics.json", result)
-    return result
-
-
-def _predict_scans(model, preprocess: dict, todo: list, rows_of: dict, candidates: PointTable, labels: np.ndarray,
-                   probability: np.ndarray, out_dir: Path, tta: bool, batch_size: int, workers: int, device: str,
-                   bf16: bool, console) -> dict:
-    """Fill ``probability`` for the scans of ``todo``, appending each finished scan to predictions.csv.
-
-    Returns ``{seriesuid: reason}`` for the scans that could not be read.
-    """
-    from rich.progress import Progress
-    predictions = out_dir / "predictions.csv"
-    if not predictions.is_file():
-        predictions.write_text(PREDICTION_COLUMNS + "\n")
+def _score_scans(run: ModelRun, todo: list, rows_of: dict, probability: np.ndarray, console) -> dict:
+    """Fill ``probability`` for the scans of ``todo``, saving each finished scan as a part; returns
+    ``{seriesuid: reason}`` of the scans that could not be read."""
     remaining = {uid: len(rows_of[uid]) for uid, _, _ in todo}
-    unreadable = {}
-    if not todo:
-        return unreadable
-    with open(predictions, "a") as handle, Progress(console=console, disable=console is None,
-                                                    transient=True) as progress:
+    unreadable: dict = {}
+    with data.progress_bar(console=console, disable=console is None, transient=True) as progress:
         task = progress.add_task("scoring candidates", total=sum(remaining.values()))
-        chunks = stream_scan_patches(todo, int(preprocess["patch_size"]), float(preprocess["spacing_mm"]),
-                                     workers, chunk=max(batch_size, 256))
+        chunks = stream_scan_patches(todo, int(run.preprocess["patch_size"]), float(run.preprocess["spacing_mm"]),
+                                     run.workers, chunk=max(run.batch_size, 256)) if todo else []
         for uid, first, patches, error in chunks:
             rows = rows_of[uid]
             if patches is None:
                 unreadable[uid] = error
-                probability[rows] = np.nan  # chunks of a scan that failed part-way are not kept
                 if console is not None:
                     console.print(f"[red]skipped unreadable scan {uid}: {error}[/]")
                 continue
             part = rows[first:first + len(patches)]
-            probability[part] = predict_patches(model, patches, preprocess, device, batch_size, tta, bf16)
+            probability[part] = head.predict_patches(run.model, patches, run.preprocess, run.device,
+                                                     run.batch_size, run.views, run.precision)
             remaining[uid] -= len(part)
             progress.advance(task, len(part))
             if remaining[uid] == 0:
-                handle.write(_prediction_lines(uid, candidates.world_xyz[rows], probability[rows], labels[rows]))
-                handle.flush()
+                run.parts.save(uid, probability[rows])
     return unreadable
 
 
-def default_device() -> str:
-    """``cuda`` when a GPU is visible, else ``cpu``."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def _open_model_run(checkpoint: Path, candidates_path: Path, out_dir: Path, views: Optional[int], batch_size: int,
+                    workers: int, device: str, precision: str) -> tuple[ModelRun, dict]:
+    if batch_size < 1 or workers < 0:
+        raise UserError(f"--batch-size must be >= 1 and --workers >= 0, got {batch_size}, {workers}")
+    torch_device = head.resolve_device(device)
+    model, meta = head.load_classifier(checkpoint, device=torch_device)
+    views = head.check_views(views or meta.get("views", 1))
+    stat = checkpoint.stat()
+    key = {"checkpoint": str(checkpoint.resolve()), "checkpoint_bytes": stat.st_size,
+           "checkpoint_mtime_ns": stat.st_mtime_ns, "preprocess": meta["preprocess"], "views": views,
+           "candidates": str(candidates_path.resolve())}
+    run = ModelRun(model, meta["preprocess"], views, batch_size, workers, torch_device,
+                   head.resolve_precision(precision, torch_device), data.Parts(out_dir / "parts", key))
+    return run, meta
+
+
+def _write_scored(out_dir: Path, candidates: PointTable, probability: np.ndarray, scored: np.ndarray) -> PointTable:
+    """``submission.csv`` and ``predictions.csv`` (with the class) of the scored candidates; returns the marks."""
+    marks = candidates.take(scored)
+    marks.value = probability[scored]
+    lines = [f"{u},{x!r},{y!r},{z!r},{p!r}" for u, (x, y, z), p in
+             zip(marks.seriesuid, marks.world_xyz.tolist(), marks.value.tolist())]
+    classes = [str(int(c > 0.5)) for c in candidates.value[scored]]
+    data.atomic_write_text(out_dir / "submission.csv", ",".join(SUBMISSION_COLUMNS) + "\n"
+                           + "".join(line + "\n" for line in lines))
+    data.atomic_write_text(out_dir / "predictions.csv", PREDICTION_COLUMNS + "\n"
+                           + "".join(f"{line},{c}\n" for line, c in zip(lines, classes)))
+    return marks
+
+
+def evaluate_model(checkpoint: Path, data_dir: Path, subsets: list[int], out_dir: Path, views: Optional[int] = None,
+                   batch_size: int = 64, workers: int = 2, device: str = "auto", precision: str = "auto",
+                   bootstrap: int = 1000, seed: int = 0, console=None) -> dict:
+    """Score every candidate of the given LUNA16 subsets with a checkpoint, then evaluate.
+
+    Each scan is read once and its patches (the checkpoint's ``patch_size``/``spacing_mm``) go through the
+    model, averaged over ``views`` flips (default: the views the checkpoint was validated with), while
+    worker processes prepare the next scans. Each finished scan is kept in ``out_dir/parts``, so a rerun
+    resumes. Writes ``submission.csv`` (LUNA16 format, full-precision probabilities), ``predictions.csv``,
+    ``metrics.json``, ``roc.png`` and ``froc.png``. The FROC counts the readable scans; unreadable ones are
+    skipped and listed in ``unreadable_scans``. Returns the metrics dict.
+    """
+    start = time.perf_counter()
+    checkpoint, data_dir, out_dir = Path(checkpoint), Path(data_dir), Path(out_dir)
+    scans = data.subset_scans(data_dir, subsets)
+    candidates_path = data.candidates_file(data_dir)
+    run, meta = _open_model_run(checkpoint, candidates_path, out_dir, views, batch_size, workers, device, precision)
+    candidates, problems = data.read_point_csv(candidates_path, "class", strict=False)
+    candidates = candidates.take(np.flatnonzero(np.isin(candidates.seriesuid, list(scans))))
+    rows_of = candidates.rows_by_scan()
+    probability = np.full(len(candidates), np.nan)
+    for uid in run.parts.done() & set(rows_of):
+        probability[rows_of[uid]] = run.parts.load(uid)
+    todo = [(uid, scans[uid], candidates.world_xyz[rows]) for uid, rows in rows_of.items()
+            if np.isnan(probability[rows]).any()]
+    stream_start = time.perf_counter()
+    unreadable = _score_scans(run, todo, rows_of, probability, console)
+    probability[np.concatenate([rows_of[uid] for uid in unreadable] or [np.zeros(0, int)])] = np.nan
+    seconds_scoring = time.perf_counter() - stream_start
+    n_new = sum(len(rows_of[uid]) for uid, _, _ in todo if uid not in unreadable)
+    scored = np.flatnonzero(~np.isnan(probability))
+    marks = _write_scored(out_dir, candidates, probability, scored)
+    froc = score_marks(marks, [uid for uid in scans if uid not in unreadable],
+                       read_findings(data_dir / "annotations.csv"), read_findings(data_dir / "annotations_excluded.csv"),
+                       bootstrap=bootstrap, seed=seed)
+    labels = candidates.value[scored] > 0.5
+    result = _candidate_metrics(labels, marks.value, meta.get("cutoff"))
+    result.update({
+        "checkpoint": str(checkpoint), "epoch": meta.get("epoch"), "subsets": list(subsets), "views": run.views,
+        "n_scans": froc["n_scans"], "cpm": froc["cpm"], "cpm_ci95": froc.get("cpm_ci95"),
+        "froc_sensitivities": froc["froc_sensitivities"], "froc_sensitivities_ci95": froc.get("froc_sensitivities_ci95"),
+        "froc": froc, "unreadable_scans": unreadable,
+        "warnings": [f"candidates file: {p}" for p in problems[:data.MAX_LISTED_PROBLEMS]] + froc["warnings"],
+        "seconds": time.perf_counter() - start, "seconds_scoring_candidates": seconds_scoring,
+        "candidates_per_second": n_new / seconds_scoring if n_new else None,
+        "files": {name: str(out_dir / name) for name in
+                  ("submission.csv", "predictions.csv", "metrics.json", "roc.png", "froc.png")}})
+    plot_roc(labels, marks.value, out_dir / "roc.png", title=checkpoint.stem)
+    plot_froc(froc, out_dir / "froc.png", title=checkpoint.stem)
+    data.atomic_write_json(out_dir / "metrics.json", result)
+    return result
+
+
+def _candidate_metrics(labels: np.ndarray, probability: np.ndarray, cutoff: Optional[float]) -> dict:
+    """Candidate-level AUC and the threshold metrics at 0.5 and at the checkpoint's cutoff."""
+    at_half = threshold_metrics(labels, probability, 0.5)
+    return {"n_candidates": len(labels), "n_positive": int(labels.sum()), "auc": roc_auc(labels, probability),
+            "accuracy": at_half["accuracy"], "sensitivity": at_half["sensitivity"],
+            "specificity": at_half["specificity"], "at_0.5": at_half,
+            "at_cutoff": threshold_metrics(labels, probability, cutoff) if cutoff is not None else None}
 
 
 def candidate_table(result: dict):

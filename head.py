@@ -12,13 +12,17 @@ Checkpoints are ``torch.save`` dicts of plain Python values and tensors only (lo
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
+import math
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
-from data import UserError, atomic_path
+from data import UserError, atomic_path, hu_to_unit
 
 CHECKPOINT_FORMAT = "luna16-classifier/1"
 POOLINGS = ("avg", "flatten", "centre")
@@ -184,6 +188,132 @@ def load_classifier(path: Path, device: str = "cpu") -> Tuple[Classifier, Dict[s
     except (RuntimeError, ValueError, TypeError, KeyError) as err:
         raise UserError(f"{path}: weights do not fit the model config stored with them ({err})") from None
     model.to(device).eval()
-    meta = {key: payload[key] for key in ("config", "preprocess", "cutoff", "epoch", "metrics", "kind", "run")
+    meta = {key: payload[key] for key in ("config", "preprocess", "cutoff", "epoch", "metrics", "kind", "run", "views")
             if key in payload}
     return model, meta
+
+
+# --- devices and precision ---------------------------------------------------------
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; plain ``cuda`` under torchrun -> this process's GPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
+        raise UserError(f"--device: unknown device {device!r} (use auto, cpu, cuda or cuda:N)")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+        if resolved.index is None:
+            resolved = torch.device("cuda", local_rank)
+    return resolved
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 autocast on GPUs that support it, fp16 (with loss scaling) on older ones, fp32 on CPU."""
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return "fp32" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError("--precision fp16 needs a CUDA GPU; use fp32 (or bf16) on the CPU")
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of a resolved precision (none for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+# --- views and batched prediction ---------------------------------------------------
+
+# The 8 flip combinations of the z, y, x axes of a (B, P, P, P) batch; view 0 is the patch itself.
+VIEW_FLIPS = tuple(tuple(axis for axis, bit in zip((1, 2, 3), bits) if bit)
+                   for bits in itertools.product((0, 1), repeat=3))
+
+
+def check_views(views: int) -> int:
+    if not 1 <= int(views) <= len(VIEW_FLIPS):
+        raise UserError(f"--views must be 1..{len(VIEW_FLIPS)} (flips of the cube), got {views}")
+    return int(views)
+
+
+def flipped_views(x: torch.Tensor, views: int):
+    """The first ``views`` flips of ``(B, P, P, P)`` patches, each as model input ``(B, 1, P, P, P)``."""
+    for flip in VIEW_FLIPS[:views]:
+        yield (torch.flip(x, flip) if flip else x).unsqueeze(1)
+
+
+def predict_patches(model: Classifier, patches, preprocess: Dict[str, Any], device: str = "cpu",
+                    batch_size: int = 64, views: int = 1, precision: str = "fp32") -> np.ndarray:
+    """Nodule probabilities (float64, sigmoid in float64) of int16 HU patches ``(N, P, P, P)`` ``[z, y, x]``,
+    averaged over the first ``views`` flips of each patch."""
+    patches = torch.as_tensor(patches)
+    out = np.empty(len(patches), np.float64)
+    device = torch.device(device)
+    with torch.inference_mode(), autocast(device, precision):
+        for first in range(0, len(patches), batch_size):
+            hu = patches[first:first + batch_size].to(device, non_blocking=True)
+            x = hu_to_unit(hu, preprocess.get("hu_min", -1000.0), preprocess.get("hu_max", 1000.0))
+            probability = sum(torch.sigmoid(model(view).double()) for view in flipped_views(x, views))
+            out[first:first + len(x)] = (probability / views).cpu().numpy()
+    return out
+
+
+# --- metrics ------------------------------------------------------------------------
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> Optional[float]:
+    """Area under the ROC curve (Mann-Whitney U, tied scores count half); None without both classes."""
+    labels = np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    _, inverse, counts = np.unique(np.asarray(scores, np.float64), return_inverse=True, return_counts=True)
+    average_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based ranks, ties share their mean
+    rank_sum = average_rank[inverse][labels].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def cutoff_for_sensitivity(labels: np.ndarray, probs: np.ndarray, target: float = 0.9) -> float:
+    """Highest threshold t with sensitivity (share of positives with prob >= t) >= ``target``; 0.5 without positives."""
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target sensitivity must be in (0, 1], got {target}")
+    positives = np.sort(np.asarray(probs, dtype=np.float64)[np.asarray(labels) == 1])[::-1]
+    if len(positives) == 0:
+        return 0.5
+    needed = int(math.ceil(target * len(positives) - 1e-9))
+    return float(positives[max(needed, 1) - 1])
+
+
+def threshold_metrics(labels: np.ndarray, probability: np.ndarray, cutoff: float) -> dict:
+    """Accuracy, sensitivity, specificity (None where undefined) and counts when ``probability >= cutoff``
+    calls a candidate a nodule."""
+    positive = np.asarray(labels).astype(bool)
+    called = np.asarray(probability) >= cutoff
+    tp, fn = int((called & positive).sum()), int((~called & positive).sum())
+    tn, fp = int((~called & ~positive).sum()), int((called & ~positive).sum())
+    return {"cutoff": float(cutoff), "accuracy": (tp + tn) / len(positive) if len(positive) else None,
+            "sensitivity": tp / (tp + fn) if tp + fn else None, "specificity": tn / (tn + fp) if tn + fp else None,
+            "tp": tp, "fp": fp, "tn": tn, "fn": fn}
+
+
+def binary_metrics(labels: np.ndarray, logits: np.ndarray, threshold: float = 0.5) -> Dict[str, float]:
+    """Mean BCE loss, accuracy/sensitivity/specificity at ``threshold`` and ROC AUC of sigmoid(logits), as
+    floats (NaN where undefined: history.csv keeps one number per cell)."""
+    labels = np.asarray(labels).astype(np.float64)
+    logits = np.asarray(logits, dtype=np.float64)
+    loss = np.maximum(logits, 0) - logits * labels + np.log1p(np.exp(-np.abs(logits)))
+    probs = 1.0 / (1.0 + np.exp(-logits))
+    measures = dict(threshold_metrics(labels, probs, threshold), auc=roc_auc(labels, probs))
+    return {"loss": float(loss.mean()) if len(loss) else math.nan,
+            **{key: math.nan if measures[key] is None else float(measures[key])
+               for key in ("accuracy", "sensitivity", "specificity", "auc")}}

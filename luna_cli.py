@@ -1,28 +1,88 @@
 """Command-line entry point of the LUNA16 nodule-candidate toolkit.
 
-Each command only parses options and calls one typed function of a stage module;
-tests call those functions directly.
+Each command only parses options and calls one typed function of a stage module; tests call those
+functions directly. Commands that train pass on only the options the user gave, so that ``--resume``
+can tell them from defaults (the defaults shown here are the stages' own, see ``train.py``).
+Coordinates are world mm: ITK/LPS physical points, as in the LUNA16 CSVs.
 """
 from __future__ import annotations
 
 import functools
 import os
+from enum import Enum
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
+import click
 import typer
 from rich.console import Console
 
-from data import UserError
+from data import UserError, parse_subsets
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="LUNA16 false-positive reduction with a Swin UNETR encoder and an MLP head.")
+                  help="LUNA16 false-positive reduction with a Swin UNETR encoder and an MLP head. "
+                       "Coordinates are world mm (ITK/LPS physical points), as in the LUNA16 CSVs.")
 console = Console()
 
 
-@app.callback()
-def main() -> None:
-    """LUNA16 false-positive reduction: world-mm candidates in, follow-up decisions out."""
+class Pooling(str, Enum):
+    avg = "avg"
+    flatten = "flatten"
+    centre = "centre"
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class PhantomSize(str, Enum):
+    small = "small"
+    realistic = "realistic"
+
+
+def _patch_size(value: int) -> int:
+    if value < 32 or value % 32:
+        raise typer.BadParameter(f"must be a positive multiple of 32 (the encoder halves it five times), got {value}")
+    return value
+
+
+def _positive(value: float) -> float:
+    if not value > 0:
+        raise typer.BadParameter(f"must be positive, got {value}")
+    return value
+
+
+# One vocabulary for every command.
+DataDir = Annotated[Optional[Path], typer.Option(help="LUNA16 root (default: $LUNA16_DIR or ./luna16).")]
+WorkDir = Annotated[Optional[Path], typer.Option(help="Work folder (default: $LUNA16_WORK or ./work).")]
+Device = Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:N.")]
+PrecisionOption = Annotated[Precision, typer.Option(
+    help="auto: bf16 on recent GPUs, fp16 on older ones, fp32 on the CPU.", case_sensitive=False)]
+BatchSize = Annotated[int, typer.Option(min=1, help="Patches per forward pass.")]
+Workers = Annotated[Optional[int], typer.Option(min=0, help="Loader processes (default: 4 on GPU, 0 on CPU).")]
+Views = Annotated[Optional[int], typer.Option(
+    min=1, max=8, help="Flips of each patch averaged per prediction (default: the checkpoint's own, from training).")]
+Seed = Annotated[int, typer.Option(help="Seed.")]
+Run = Annotated[Optional[str], typer.Option(help="Run folder name under W/runs (default: <command>-<time>).")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue the run (--run, else the latest) from its last.pt; "
+                                                       "options given again must equal the run's.")]
+StopAfter = Annotated[Optional[int], typer.Option(min=1, help="Stop this call after N epochs (continue with --resume).")]
+ValSubsets = Annotated[str, typer.Option(help="Validation subsets, e.g. 8 or 7,8.")]
+TestSubsets = Annotated[str, typer.Option(help="Held-out test subsets, never read here ('none' for none).")]
+Epochs = Annotated[int, typer.Option(min=1, help="Most epochs (fixes the learning-rate schedule).")]
+LearningRate = Annotated[float, typer.Option(callback=_positive, help="Peak AdamW learning rate.")]
+Patience = Annotated[int, typer.Option(min=0, help="Stop after this many epochs without a better validation AUC (0: never).")]
+EpochSamples = Annotated[int, typer.Option(min=0, help="Class-balanced draws per epoch (0: the training set size).")]
+FeatureSize = Annotated[int, typer.Option(min=12, help="Encoder feature size (48 for the published weights; 12 for small CPU models).")]
+WindowSize = Annotated[int, typer.Option(min=2, help="Attention window (7 for the published weights; 4 for 32^3 CPU models).")]
+PoolingOption = Annotated[Pooling, typer.Option(
+    help="avg (16 * feature_size values), flatten (the whole last stage) or centre (each stage's centre, 31 * feature_size).")]
+Weights = Annotated[Optional[Path], typer.Option(help="Pretrained Swin UNETR checkpoint for the encoder (random init without).")]
+HuMin = Annotated[float, typer.Option(help="HU mapped to 0.")]
+HuMax = Annotated[float, typer.Option(help="HU mapped to 1.")]
 
 
 def data_dir_option(value: Optional[Path]) -> Path:
@@ -50,57 +110,60 @@ def friendly_errors(func):
     return wrapper
 
 
-# --- commands -------------------------------------------------------------
+def given_options(ctx: typer.Context, names: list, values: dict) -> dict:
+    """The options among ``names`` that the user gave on the command line, as the stage functions take them."""
+    given = {}
+    for name in names:
+        if ctx.get_parameter_source(name) in (click.core.ParameterSource.DEFAULT, None):
+            continue
+        value = values[name]
+        if name in ("val_subsets", "test_subsets"):
+            value = parse_subsets(value, f"--{name.replace('_', '-')}")
+        given[name] = value.value if isinstance(value, Enum) else value
+    return given
 
+
+@app.callback()
+def main() -> None:
+    """LUNA16 false-positive reduction: world-mm candidates in, follow-up decisions out."""
+
+
+# --- commands, in pipeline order ----------------------------------------------
 
 @app.command()
 @friendly_errors
 def synth(
-    data_dir: Optional[Path] = typer.Option(None, help="Folder to write (default: $LUNA16_DIR or ./luna16)."),
-    subsets: int = typer.Option(3, help="Number of subsets subset0..subset{n-1} (1-10)."),
-    scans_per_subset: int = typer.Option(4, help="Scans in each subset."),
-    seed: int = typer.Option(0, help="Seed; the same seed writes byte-identical files."),
-    size: str = typer.Option("small", help="small (96x160x160 voxels) or realistic (250x512x512)."),
-    negatives_per_scan: int = typer.Option(40, help="Mean number of non-nodule candidates per scan."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing phantom folder."),
+    data_dir: DataDir = None,
+    n_subsets: Annotated[int, typer.Option(min=1, max=10, help="Number of subsets subset0..subset{n-1}.")] = 3,
+    scans_per_subset: Annotated[int, typer.Option(min=1, help="Scans in each subset.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed; the same seed writes byte-identical files.")] = 0,
+    size: Annotated[PhantomSize, typer.Option(help="small (96x160x160 voxels) or realistic (250x512x512).")] = PhantomSize.small,
+    negatives_per_scan: Annotated[int, typer.Option(min=0, help="Mean number of non-nodule candidates per scan.")] = 40,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing phantom folder.")] = False,
 ):
     """Write synthetic LUNA16-shaped chest CT phantoms (scans, annotations, candidates) for tests and the demo."""
     import phantom
-    from rich.table import Table
-    if size not in phantom.SIZES:
-        raise UserError(f"--size must be one of {', '.join(phantom.SIZES)}, got {size!r}")
-    summary = phantom.write_luna_folder(data_dir_option(data_dir), subsets, scans_per_subset,
-                                        phantom.SIZES[size], seed, negatives_per_scan, force=force)
-    table = Table(title=f"Synthetic phantoms in {summary['root']}")
-    table.add_column("item")
-    table.add_column("value", justify="right")
-    for label, key in (("subsets", "subsets"), ("scans", "scans"), ("nodules (annotations.csv)", "nodules"),
-                       ("excluded findings", "excluded_findings"), ("candidates", "candidates"),
-                       ("  class 1", "positives"), ("  class 0", "negatives")):
-        table.add_row(label, str(summary[key]))
-    table.add_row("scan shape (z, y, x)", " x ".join(map(str, summary["shape_zyx"])))
-    table.add_row("time", f"{summary['seconds']:.1f} s")
-    console.print(table)
-    console.print("[yellow]These are synthetic phantoms made by this toolkit, not patient data; "
-                  "only the folder layout follows LUNA16.[/]")
+    summary = phantom.write_luna_folder(data_dir_option(data_dir), n_subsets, scans_per_subset,
+                                        phantom.SIZES[size.value], seed, negatives_per_scan, force=force)
+    console.print(phantom.summary_table(summary))
 
 
 @app.command()
 @friendly_errors
 def extract(
-    subset: List[int] = typer.Option(..., "--subset", help="LUNA16 subset number(s) to extract (repeat the option for several)."),
-    data_dir: Optional[Path] = typer.Option(None, help="LUNA16 root (default: $LUNA16_DIR or ./luna16)."),
-    work_dir: Optional[Path] = typer.Option(None, help="Work folder (default: $LUNA16_WORK or ./work)."),
-    patch_size: int = typer.Option(64, help="Cube edge in voxels."),
-    spacing_mm: float = typer.Option(1.0, help="Isotropic voxel size of the cube in mm."),
-    negatives_per_positive: float = typer.Option(10.0, help="Seeded sample of negatives per positive candidate."),
-    all_candidates: bool = typer.Option(False, "--all-candidates", help="Keep every candidate, not a sample."),
-    seed: int = typer.Option(0, help="Seed of the negative sample."),
+    subsets: Annotated[str, typer.Option("--subsets", "--subset", help="Subsets to extract, e.g. 0, 0-7,9.")],
+    data_dir: DataDir = None,
+    work_dir: WorkDir = None,
+    patch_size: Annotated[int, typer.Option(callback=_patch_size, help="Cube edge in voxels.")] = 64,
+    spacing_mm: Annotated[float, typer.Option(callback=_positive, help="Isotropic voxel size of the cube in mm.")] = 1.0,
+    negatives_per_positive: Annotated[float, typer.Option(min=0, help="Seeded sample of negatives per positive candidate.")] = 10.0,
+    all_candidates: Annotated[bool, typer.Option("--all-candidates", help="Keep every candidate, not a sample.")] = False,
+    seed: Seed = 0,
 ):
     """Cut resampled, world-axis-aligned cubes around the candidates of LUNA16 subsets into a patch cache."""
     import data
     any_failed = False
-    for k in subset:
+    for k in parse_subsets(subsets, "--subsets", required=True):
         summary = data.extract_subset(data_dir_option(data_dir), work_dir_option(work_dir), k, patch_size,
                                       spacing_mm, negatives_per_positive, all_candidates, seed, console=console)
         console.print(f"subset {k}: [bold]{summary.n_patches}[/] patches ({summary.n_positive} positive) from "
@@ -113,63 +176,158 @@ def extract(
         raise typer.Exit(1)
 
 
+@app.command("cache-features")
+@friendly_errors
+def cache_features(
+    work_dir: WorkDir = None,
+    subsets: Annotated[Optional[str], typer.Option(help="Subsets to encode (default: every extracted one).")] = None,
+    weights: Weights = None,
+    feature_size: FeatureSize = 48,
+    window_size: WindowSize = 7,
+    pooling: PoolingOption = Pooling.avg,
+    hu_min: HuMin = -1000.0,
+    hu_max: HuMax = 1000.0,
+    views: Annotated[int, typer.Option(min=1, max=8, help="Flips of each patch to encode; train-head learns from all.")] = 1,
+    batch_size: BatchSize = 32,
+    device: Device = "auto",
+    precision: PrecisionOption = Precision.auto,
+    workers: Workers = None,
+    seed: Annotated[int, typer.Option(help="Seed of a random-init encoder (no --weights).")] = 0,
+):
+    """Run the frozen encoder over the patch cache once; store float16 features beside each subset's index."""
+    import features
+    features.cache_features(work_dir_option(work_dir), weights=weights,
+                            subsets=parse_subsets(subsets, "--subsets", required=True) if subsets else None,
+                            feature_size=feature_size, window_size=window_size, pooling=pooling.value, hu_min=hu_min,
+                            hu_max=hu_max, batch_size=batch_size, device=device, precision=precision.value,
+                            workers=workers, seed=seed, views=views)
+
+
+HEAD_OPTIONS = ["features", "val_subsets", "test_subsets", "epochs", "batch_size", "lr", "patience", "epoch_samples",
+                "seed"]
+
+
+@app.command("train-head")
+@friendly_errors
+def train_head(
+    ctx: typer.Context,
+    work_dir: WorkDir = None,
+    features: Annotated[Optional[str], typer.Option(
+        help="Feature set made by cache-features (default: the only one; listed when there are several).")] = None,
+    val_subsets: ValSubsets = "8",
+    test_subsets: TestSubsets = "9",
+    epochs: Epochs = 100,
+    batch_size: Annotated[int, typer.Option(min=1, help="Feature vectors per step.")] = 256,
+    lr: LearningRate = 1e-3,
+    patience: Patience = 10,
+    epoch_samples: EpochSamples = 0,
+    seed: Seed = 0,
+    run: Run = None,
+    resume: Resume = False,
+    device: Device = "auto",
+):
+    """Train the MLP head on cached features (class-balanced, early stopping on validation AUC)."""
+    import train
+    run_dir = train.train_head(work_dir_option(work_dir), run=run, resume=resume, device=device,
+                               **given_options(ctx, HEAD_OPTIONS, locals()))
+    console.print(f"run folder: [bold]{run_dir}[/] (best.pt, last.pt, history.csv, history.png, config.json)")
+
+
+FINETUNE_OPTIONS = ["epochs", "batch_size", "accumulate", "lr", "weight_decay", "warmup_epochs", "weights",
+                    "head_from", "feature_size", "window_size", "pooling", "grad_checkpoint", "val_subsets",
+                    "test_subsets", "hu_min", "hu_max", "augment", "max_shift_mm", "precision", "patience",
+                    "epoch_samples", "seed"]
+
+
+@app.command("finetune")
+@friendly_errors
+def finetune(
+    ctx: typer.Context,
+    work_dir: WorkDir = None,
+    epochs: Epochs = 30,
+    batch_size: Annotated[int, typer.Option(min=1, help="Patches per step and process.")] = 32,
+    accumulate: Annotated[int, typer.Option(min=1, help="Steps of gradient accumulation per optimiser update.")] = 1,
+    lr: LearningRate = 1e-4,
+    weight_decay: Annotated[float, typer.Option(min=0, help="AdamW weight decay.")] = 1e-5,
+    warmup_epochs: Annotated[float, typer.Option(min=0, help="Epochs of linear learning-rate warm-up.")] = 1.0,
+    weights: Weights = None,
+    head_from: Annotated[Optional[str], typer.Option(help="Start from this run's best.pt (a run name or a .pt path).")] = None,
+    feature_size: FeatureSize = 48,
+    window_size: WindowSize = 7,
+    pooling: PoolingOption = Pooling.avg,
+    grad_checkpoint: Annotated[bool, typer.Option("--grad-checkpoint", help="Recompute activations to save GPU memory.")] = False,
+    val_subsets: ValSubsets = "8",
+    test_subsets: TestSubsets = "9",
+    hu_min: HuMin = -1000.0,
+    hu_max: HuMax = 1000.0,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="48 cube symmetries + shifts of positives.")] = True,
+    max_shift_mm: Annotated[float, typer.Option(min=0, help="Largest shift of positives per axis in mm.")] = 3.0,
+    precision: PrecisionOption = Precision.auto,
+    patience: Patience = 0,
+    epoch_samples: EpochSamples = 0,
+    seed: Seed = 0,
+    run: Run = None,
+    resume: Resume = False,
+    stop_after: StopAfter = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (under torchrun: each process's GPU).")] = "auto",
+    workers: Workers = None,
+):
+    """Train encoder + head end to end (class-balanced, augmented, mixed precision on GPUs; torchrun for several GPUs)."""
+    import train
+    run_dir = train.finetune(work_dir_option(work_dir), run=run, resume=resume, device=device, workers=workers,
+                             stop_after=stop_after, **given_options(ctx, FINETUNE_OPTIONS, locals()))
+    if int(os.environ.get("RANK", "0")) == 0:
+        console.print(f"run folder: [bold]{run_dir}[/] (best.pt, last.pt, history.csv, history.png, config.json)")
+
+
 @app.command()
 @friendly_errors
 def evaluate(
-    submission: Optional[Path] = typer.Option(None, help="Score this LUNA16 submission CSV (seriesuid,coordX,coordY,coordZ,probability)."),
-    run: Optional[str] = typer.Option(None, help="Evaluate the model of W/runs/NAME/best.pt."),
-    checkpoint: Optional[Path] = typer.Option(None, help="Evaluate this checkpoint."),
-    subsets: Optional[str] = typer.Option(None, help="Subsets to evaluate, e.g. 9, 8,9 or 0-4: their scans form the scan list (required for a model)."),
-    annotations: Optional[Path] = typer.Option(None, help="Nodules (default: annotations.csv of the data dir)."),
-    excluded: Optional[Path] = typer.Option(None, help="Findings to ignore (default: annotations_excluded.csv of the data dir)."),
-    seriesuids: Optional[Path] = typer.Option(None, help="Scans that count, one seriesuid per line (default: seriesuids.csv of the data dir, or the scans of --subsets)."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here (and the FROC plot beside it, as .png)."),
-    out_dir: Optional[Path] = typer.Option(None, help="Model evaluation folder (default: W/eval/<run or checkpoint>_subsets<k>)."),
-    tta: bool = typer.Option(False, "--tta", help="Average the probabilities of the 8 flips of the patch axes."),
-    batch_size: int = typer.Option(64, help="Patches per forward pass."),
-    workers: int = typer.Option(2, help="Processes reading scans ahead of the model (0: none)."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1, ... (default: cuda when available)."),
-    bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast on the GPU."),
-    bootstrap: int = typer.Option(1000, help="Bootstrap resamples of the scans for 95% intervals (0: none)."),
-    seed: int = typer.Option(0, help="Bootstrap seed."),
-    data_dir: Optional[Path] = typer.Option(None, help="LUNA16 root (default: $LUNA16_DIR or ./luna16)."),
-    work_dir: Optional[Path] = typer.Option(None, help="Work folder (default: $LUNA16_WORK or ./work)."),
+    submission: Annotated[Optional[Path], typer.Option(help="Score this LUNA16 submission CSV (seriesuid,coordX,coordY,coordZ,probability).")] = None,
+    run: Annotated[Optional[str], typer.Option(help="Evaluate the model of W/runs/NAME/best.pt.")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Evaluate this checkpoint.")] = None,
+    subsets: Annotated[Optional[str], typer.Option(help="Subsets whose scans are evaluated, e.g. 9 or 0-7,9 (required for a model).")] = None,
+    annotations: Annotated[Optional[Path], typer.Option(help="Nodules (default: annotations.csv of the data dir).")] = None,
+    excluded: Annotated[Optional[Path], typer.Option(help="Findings to ignore (default: annotations_excluded.csv of the data dir).")] = None,
+    seriesuids: Annotated[Optional[Path], typer.Option(help="Scans that count, one seriesuid per line (default: seriesuids.csv, or the scans of --subsets).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here (and the FROC plot beside it).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option(help="Model evaluation folder (default: W/eval/<run or checkpoint>_subsets<k>).")] = None,
+    views: Views = None,
+    batch_size: BatchSize = 64,
+    workers: Annotated[int, typer.Option(min=0, help="Processes reading scans ahead of the model (0: none).")] = 2,
+    device: Device = "auto",
+    precision: PrecisionOption = Precision.auto,
+    bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples of the scans for 95% intervals (0: none).")] = 1000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    data_dir: DataDir = None,
+    work_dir: WorkDir = None,
 ):
     """Score a submission with the official LUNA16 FROC/CPM rules, or a model on every candidate of whole subsets."""
+    import data
     import evaluate as evaluation
     if sum(x is not None for x in (submission, run, checkpoint)) != 1:
         raise UserError("give exactly one of --submission FILE, --run NAME or --checkpoint FILE")
     root = data_dir_option(data_dir)
-    subset_list = evaluation.parse_subsets(subsets) if subsets is not None else None
+    subset_list = parse_subsets(subsets, "--subsets", required=True) if subsets is not None else None
     if submission is not None:
-        reference = evaluation.default_reference_files(root)
-        scan_list = seriesuids or (list(evaluation.subset_scans(root, subset_list)) if subset_list
-                                   else reference["seriesuids"])
-        figure = json_out.with_suffix(".png") if json_out else None
-        result = evaluation.score_submission(submission, annotations or reference["annotations"],
-                                             excluded or reference["excluded"], scan_list, json_out=json_out,
-                                             figure=figure, bootstrap=bootstrap, seed=seed)
-        for warning in result["warnings"]:
-            console.print(f"[yellow]warning:[/] {warning}")
-        console.print(evaluation.froc_table(result, title=f"LUNA16 FROC of {submission.name}"))
-        console.print(evaluation.froc_summary_line(result))
+        scan_list = seriesuids or (list(data.subset_scans(root, subset_list)) if subset_list else root / "seriesuids.csv")
+        result = evaluation.score_submission(submission, annotations or root / "annotations.csv",
+                                             excluded or root / "annotations_excluded.csv", scan_list, json_out=json_out,
+                                             figure=json_out.with_suffix(".png") if json_out else None,
+                                             bootstrap=bootstrap, seed=seed)
+        evaluation.print_froc(console, result, f"LUNA16 FROC of {submission.name}")
         return
     if subset_list is None:
         raise UserError("evaluating a model needs --subsets, e.g. --subsets 9")
     checkpoint = checkpoint or evaluation.checkpoint_for_run(work_dir_option(work_dir), run)
-    out_dir = out_dir or evaluation.default_eval_dir(work_dir_option(work_dir), run or checkpoint.stem,
-                                                     subset_list, tta)
-    result = evaluation.evaluate_model(checkpoint, root, subset_list, out_dir, tta=tta, batch_size=batch_size,
-                                       workers=workers, device=device or evaluation.default_device(), bf16=bf16,
+    out_dir = out_dir or evaluation.default_eval_dir(work_dir_option(work_dir), run or checkpoint.stem, subset_list, views)
+    result = evaluation.evaluate_model(checkpoint, root, subset_list, out_dir, views=views, batch_size=batch_size,
+                                       workers=workers, device=device, precision=precision.value,
                                        bootstrap=bootstrap, seed=seed, console=console)
     if json_out is not None:
-        import data
         data.atomic_write_json(json_out, result)
-    for warning in result["warnings"]:
-        console.print(f"[yellow]warning:[/] {warning}")
     console.print(evaluation.candidate_table(result))
-    console.print(evaluation.froc_table(result["froc"], title=f"LUNA16 FROC, subsets {subsets}"))
-    console.print(evaluation.froc_summary_line(result["froc"]))
+    evaluation.print_froc(console, result["froc"], f"LUNA16 FROC, subsets {subsets}", result["warnings"])
     console.print(f"files in {out_dir}: submission.csv, predictions.csv, metrics.json, roc.png, froc.png")
     if result["unreadable_scans"]:
         console.print(f"[red]{len(result['unreadable_scans'])} unreadable scan(s) skipped (named above)[/]")
@@ -178,178 +336,44 @@ def evaluate(
 
 @app.command()
 @friendly_errors
-def demo(
-    work_dir: Path = typer.Option(Path("demo_work"), help="Folder for the phantom data, caches, runs and report."),
-    subsets: int = typer.Option(5, help="Phantom subsets (the last is held out, the one before validates)."),
-    scans_per_subset: int = typer.Option(8, help="Phantom scans per subset."),
-    finetune_epochs: int = typer.Option(4, help="Epochs of end-to-end fine-tuning (512 balanced draws each)."),
-    seed: int = typer.Option(0, help="Seed of the phantoms and of training."),
-):
-    """The whole pipeline on synthetic phantoms (CPU, a few minutes), ending with a report."""
-    import demo as demo_stage
-    from rich.table import Table
-    settings = demo_stage.DemoSettings(subsets=subsets, scans_per_subset=scans_per_subset,
-                                       finetune_epochs=finetune_epochs, seed=seed)
-    console.print("[bold]Demo on synthetic chest phantoms[/] (not patient data; LUNA16 folder layout). "
-                  "No pretrained weights are used: the encoder starts from random weights.")
-    result = demo_stage.run_demo(work_dir, settings, console=console)
-    metrics = result["metrics"]
-    table = Table(title=f"held-out subset {subsets - 1}: {metrics['n_candidates']} candidates, "
-                        f"{metrics['n_positive']} on nodules, {metrics['n_scans']} scans")
-    table.add_column("measure")
-    runs = list(result["all_metrics"])
-    for run in runs:
-        marker = " (chosen on validation)" if run == result["chosen"] else ""
-        table.add_column(f"{run}{marker}", justify="right")
-
-    def cell(value):
-        return "n/a" if value is None else f"{value:.3f}"
-    rows = [("validation ROC AUC", lambda run, m: result["validation_auc"][run]),
-            ("ROC AUC", lambda run, m: m["auc"]),
-            ("sensitivity at 0.5", lambda run, m: m["sensitivity"]),
-            ("specificity at 0.5", lambda run, m: m["specificity"]),
-            ("sensitivity at the validation cutoff", lambda run, m: (m.get("at_cutoff") or {}).get("sensitivity")),
-            ("specificity at the validation cutoff", lambda run, m: (m.get("at_cutoff") or {}).get("specificity")),
-            ("CPM (LUNA16 FROC)", lambda run, m: m["cpm"])]
-    for name, value in rows:
-        table.add_row(name, *[cell(value(run, result["all_metrics"][run])) for run in runs])
-    for stage, seconds in result["timings"].items():
-        table.add_row(f"time: {stage}", f"{seconds:.1f} s", *[""] * (len(runs) - 1))
-    table.add_row("time: total", f"{sum(result['timings'].values()):.1f} s", *[""] * (len(runs) - 1))
-    console.print(table)
-    console.print(f"report: [bold]{result['report']}[/]")
-
-
-@app.command()
-@friendly_errors
 def predict(
-    checkpoint: Path = typer.Option(..., help="Classifier checkpoint (best.pt of a run)."),
-    scan: Path = typer.Option(..., help="The CT: .mhd, NIfTI, or a DICOM series folder."),
-    coord: List[str] = typer.Option([], "--coord", help="World mm point X,Y,Z (repeat the option for several points)."),
-    candidates: Optional[Path] = typer.Option(None, help="CSV of points with coordX,coordY,coordZ columns (world mm)."),
-    out: Optional[Path] = typer.Option(None, help="Write the predictions here as CSV."),
-    tta: bool = typer.Option(False, "--tta", help="Average the probabilities of the 8 flips of the patch axes."),
-    batch_size: int = typer.Option(64, help="Patches per forward pass."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
+    checkpoint: Annotated[Path, typer.Option(help="Classifier checkpoint (best.pt of a run).")],
+    scan: Annotated[Path, typer.Option(help="The CT: .mhd, NIfTI, or a DICOM series folder.")],
+    coord: Annotated[List[str], typer.Option("--coord", help="World mm point X,Y,Z, LPS as in the LUNA16 CSVs (repeat for several).")] = [],
+    candidates: Annotated[Optional[Path], typer.Option(help="CSV of points with coordX,coordY,coordZ columns (world mm, LPS).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write the predictions here as CSV.")] = None,
+    views: Views = None,
+    batch_size: BatchSize = 64,
+    device: Device = "auto",
+    precision: PrecisionOption = Precision.auto,
 ):
     """Probability that the candidate at each world point of a new scan is a nodule, and whether it needs follow-up."""
     import predict as prediction
-    rows = prediction.predict_scan(checkpoint, scan, coord, candidates, out, device=device,
-                                   batch_size=batch_size, tta=tta)
+    rows = prediction.predict_scan(checkpoint, scan, coord, candidates, out, device=device, batch_size=batch_size,
+                                   views=views, precision=precision.value)
     console.print(prediction.prediction_table(rows, title=f"{prediction.scan_name(scan)} ({len(rows)} points)"))
     if out is not None:
         console.print(f"written to {out}")
 
 
-# --- training commands (train.py) ---
-
-
-@app.command("cache-features")
+@app.command()
 @friendly_errors
-def cache_features_command(
-    work_dir: Optional[Path] = typer.Option(None, help="Work folder (default: $LUNA16_WORK or ./work)."),
-    weights: Optional[Path] = typer.Option(None, help="Pretrained Swin UNETR checkpoint for the encoder (random init without)."),
-    subset: List[int] = typer.Option([], "--subset", help="Subset(s) to process (repeat; default: every extracted subset)."),
-    feature_size: int = typer.Option(48, help="Encoder feature size (48 for the published weights; 12 for small CPU models)."),
-    window_size: int = typer.Option(7, help="Attention window (7 for the published weights)."),
-    pooling: str = typer.Option("avg", help="avg (16*feature_size values), flatten (the whole last stage) or centre (each stage's centre, 31*feature_size values)."),
-    hu_min: float = typer.Option(-1000.0, help="HU mapped to 0."),
-    hu_max: float = typer.Option(1000.0, help="HU mapped to 1."),
-    batch_size: int = typer.Option(32, help="Patches per forward pass."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    precision: str = typer.Option("auto", help="auto (bf16 on recent GPUs, fp16 on older ones, fp32 on CPU), fp32, bf16 or fp16."),
-    workers: Optional[int] = typer.Option(None, help="Loader processes (default: 4 on GPU, 0 on CPU)."),
-    seed: int = typer.Option(0, help="Seed of a random-init encoder (no --weights)."),
-    views: int = typer.Option(1, help="Flips of each patch to encode (1-8); train-head learns from all of them."),
+def demo(
+    work_dir: Annotated[Path, typer.Option(help="Folder for the phantom data, caches, runs and report.")] = Path("demo_work"),
+    n_subsets: Annotated[int, typer.Option(min=3, max=10, help="Phantom subsets (the last is held out, the one before validates).")] = 5,
+    scans_per_subset: Annotated[int, typer.Option(min=1, help="Phantom scans per subset.")] = 8,
+    finetune_epochs: Annotated[int, typer.Option(min=1, help="Epochs of end-to-end fine-tuning (512 balanced draws each).")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed of the phantoms and of training.")] = 0,
 ):
-    """Run the frozen encoder over the patch cache once; store float16 features beside each subset's index."""
-    import train
-    train.cache_features(work_dir_option(work_dir), weights=weights, subsets=subset or None,
-                         feature_size=feature_size, window_size=window_size, pooling=pooling, hu_min=hu_min,
-                         hu_max=hu_max, batch_size=batch_size, device=device, precision=precision, workers=workers,
-                         seed=seed, views=views)
-
-
-@app.command("train-head")
-@friendly_errors
-def train_head_command(
-    work_dir: Optional[Path] = typer.Option(None, help="Work folder (default: $LUNA16_WORK or ./work)."),
-    weights: Optional[Path] = typer.Option(None, help="The --weights given to cache-features (selects its features)."),
-    feature_size: int = typer.Option(48, help="Encoder feature size used by cache-features."),
-    window_size: int = typer.Option(7, help="Attention window used by cache-features."),
-    pooling: str = typer.Option("avg", help="Pooling used by cache-features: avg, flatten or centre."),
-    hu_min: float = typer.Option(-1000.0, help="HU window used by cache-features (lower end)."),
-    hu_max: float = typer.Option(1000.0, help="HU window used by cache-features (upper end)."),
-    val_subsets: str = typer.Option("8", help="Validation subset(s), e.g. 8 or 7,8."),
-    test_subsets: str = typer.Option("9", help="Held-out test subset(s), never read here ('none' for none)."),
-    epochs: int = typer.Option(100, help="Most epochs."),
-    batch_size: int = typer.Option(256, help="Feature vectors per step."),
-    lr: float = typer.Option(1e-3, help="Peak AdamW learning rate."),
-    patience: int = typer.Option(10, help="Stop after this many epochs without a better validation AUC (0: never)."),
-    epoch_samples: int = typer.Option(0, help="Class-balanced draws per epoch (0: the training set size)."),
-    seed: int = typer.Option(0, help="Seed (sampling, init; also selects random-init features)."),
-    run: Optional[str] = typer.Option(None, help="Run folder name under W/runs (default: train-head-<time>)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run from its last.pt."),
-    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
-    views: int = typer.Option(1, help="Flipped views per patch, as given to cache-features."),
-):
-    """Train the MLP head on cached features (class-balanced, early stopping on validation AUC)."""
-    import data
-    import train
-    run_dir = train.train_head(
-        work_dir_option(work_dir), weights=weights, feature_size=feature_size, window_size=window_size,
-        pooling=pooling, hu_min=hu_min, hu_max=hu_max, val_subsets=data.parse_subsets(val_subsets, "--val-subsets"),
-        test_subsets=data.parse_subsets(test_subsets, "--test-subsets"), epochs=epochs, batch_size=batch_size,
-        lr=lr, patience=patience, epoch_samples=epoch_samples, seed=seed, run=run, resume=resume, device=device,
-        views=views)
-    console.print(f"run folder: [bold]{run_dir}[/] (best.pt, last.pt, history.csv, history.png, config.json)")
-
-
-@app.command("finetune")
-@friendly_errors
-def finetune_command(
-    work_dir: Optional[Path] = typer.Option(None, help="Work folder (default: $LUNA16_WORK or ./work)."),
-    epochs: int = typer.Option(30, help="Epochs."),
-    batch_size: int = typer.Option(32, help="Patches per step and process."),
-    accumulate: int = typer.Option(1, help="Steps of gradient accumulation per optimiser update."),
-    lr: float = typer.Option(1e-4, help="Peak AdamW learning rate (after warm-up, then cosine decay)."),
-    weight_decay: float = typer.Option(1e-5, help="AdamW weight decay."),
-    warmup_epochs: float = typer.Option(1.0, help="Epochs of linear learning-rate warm-up."),
-    weights: Optional[Path] = typer.Option(None, help="Pretrained Swin UNETR checkpoint for the encoder."),
-    head_from: Optional[str] = typer.Option(None, help="Start from this run's best.pt (a train-head run name or a .pt path)."),
-    feature_size: int = typer.Option(48, help="Encoder feature size (48 for the published weights; 12 on CPU)."),
-    window_size: int = typer.Option(7, help="Attention window (7 for the published weights; 4 for 32^3 CPU models)."),
-    pooling: str = typer.Option("avg", help="avg, flatten or centre (see cache-features)."),
-    grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Recompute activations to save GPU memory."),
-    val_subsets: str = typer.Option("8", help="Validation subset(s), e.g. 8 or 7,8."),
-    test_subsets: str = typer.Option("9", help="Held-out test subset(s), never read here ('none' for none)."),
-    hu_min: float = typer.Option(-1000.0, help="HU mapped to 0."),
-    hu_max: float = typer.Option(1000.0, help="HU mapped to 1."),
-    augment: bool = typer.Option(True, "--augment/--no-augment", help="48 cube symmetries + shifts of positives."),
-    max_shift_mm: float = typer.Option(3.0, help="Largest shift of positives per axis in mm."),
-    precision: str = typer.Option("auto", help="auto (bf16 on recent GPUs, fp16 on older ones, fp32 on CPU), fp32, bf16 or fp16."),
-    patience: int = typer.Option(0, help="Stop after this many epochs without a better validation AUC (0: never)."),
-    epoch_samples: int = typer.Option(0, help="Class-balanced draws per epoch (0: the training set size)."),
-    seed: int = typer.Option(0, help="Seed of sampling, augmentation and init."),
-    run: Optional[str] = typer.Option(None, help="Run folder name under W/runs (default: finetune-<time>)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run (--run, else the latest) exactly from its last.pt."),
-    stop_after: Optional[int] = typer.Option(None, help="Stop this call after N epochs (continue later with --resume)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (under torchrun: each process's GPU)."),
-    workers: Optional[int] = typer.Option(None, help="Loader processes (default: 4 on GPU, 0 on CPU)."),
-):
-    """Train encoder + head end to end (class-balanced, augmented, mixed precision on GPUs; torchrun for several GPUs)."""
-    import data
-    import train
-    run_dir = train.finetune(
-        work_dir_option(work_dir), epochs=epochs, batch_size=batch_size, accumulate=accumulate, lr=lr,
-        weight_decay=weight_decay, warmup_epochs=warmup_epochs, feature_size=feature_size, window_size=window_size,
-        pooling=pooling, grad_checkpoint=grad_checkpoint, weights=weights, head_from=head_from,
-        val_subsets=data.parse_subsets(val_subsets, "--val-subsets"), test_subsets=data.parse_subsets(test_subsets, "--test-subsets"),
-        hu_min=hu_min, hu_max=hu_max, augment=augment, max_shift_mm=max_shift_mm, precision=precision,
-        patience=patience, epoch_samples=epoch_samples, seed=seed, run=run, resume=resume, device=device,
-        workers=workers, stop_after=stop_after)
-    if int(os.environ.get("RANK", "0")) == 0:
-        console.print(f"run folder: [bold]{run_dir}[/] (best.pt, last.pt, history.csv, history.png, config.json)")
+    """The whole pipeline on synthetic phantoms (CPU, a few minutes), ending with a report."""
+    import demo as demo_stage
+    settings = demo_stage.DemoSettings(subsets=n_subsets, scans_per_subset=scans_per_subset,
+                                       finetune_epochs=finetune_epochs, seed=seed)
+    console.print("[bold]Demo on synthetic chest phantoms[/] (not patient data; LUNA16 folder layout). "
+                  "No pretrained weights are used: the encoder starts from random weights.")
+    result = demo_stage.run_demo(work_dir, settings, console=console)
+    console.print(demo_stage.result_table(result, n_subsets))
+    console.print(f"report: [bold]{result['report']}[/]")
 
 
 if __name__ == "__main__":

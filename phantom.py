@@ -775,3 +775,20 @@ def write_luna_folder(root: Path, n_subsets: int = 3, scans_per_subset: int = 4,
     (root / UNFINISHED_MARK).unlink()
     summary["seconds"] = time.perf_counter() - start
     return summary
+
+
+def summary_table(summary: dict):
+    """A rich table of what :func:`write_luna_folder` wrote, captioned as synthetic data."""
+    from rich.table import Table
+    table = Table(title=f"Synthetic phantoms in {summary['root']}",
+                  caption="[yellow]These are synthetic phantoms made by this toolkit, not patient data; "
+                          "only the folder layout follows LUNA16.[/]")
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    for label, key in (("subsets", "subsets"), ("scans", "scans"), ("nodules (annotations.csv)", "nodules"),
+                       ("excluded findings", "excluded_findings"), ("candidates", "candidates"),
+                       ("  class 1", "positives"), ("  class 0", "negatives")):
+        table.add_row(label, str(summary[key]))
+    table.add_row("scan shape (z, y, x)", " x ".join(map(str, summary["shape_zyx"])))
+    table.add_row("time", f"{summary['seconds']:.1f} s")
+    return table

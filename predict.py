@@ -7,12 +7,13 @@ DICOM series folder; it is read once, and each point's patch is resampled with t
 """
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
+import data
+import head
 from data import UserError
 
 # HU at a candidate's centre that no lung nodule has: below, air outside the body or in an airway;
@@ -24,9 +25,8 @@ OUTPUT_COLUMNS = ("coordX", "coordY", "coordZ", "probability", "follow_up", "hu_
 
 def parse_coordinate(text: str) -> tuple:
     """``"X,Y,Z"`` in world mm -> ``(x, y, z)`` floats."""
-    parts = str(text).replace(" ", "").split(",")
     try:
-        values = tuple(float(v) for v in parts)
+        values = tuple(float(v) for v in str(text).replace(" ", "").split(","))
     except ValueError:
         values = ()
     if len(values) != 3 or not np.all(np.isfinite(values)):
@@ -34,55 +34,18 @@ def parse_coordinate(text: str) -> tuple:
     return values
 
 
-def read_points_csv(path, scan_name: str = "") -> np.ndarray:
-    """World mm points ``(N, 3)`` from a CSV with ``coordX,coordY,coordZ`` columns.
-
-    When a ``seriesuid`` column names several scans, only the rows of ``scan_name`` are kept.
-    Bad rows raise :class:`UserError` naming their lines.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: candidates file not found")
-    with open(path, newline="") as handle:
-        rows = list(csv.reader(handle))
-    header = [name.strip() for name in rows[0]] if rows else []
-    missing = [c for c in ("coordX", "coordY", "coordZ") if c not in header]
-    if missing:
-        raise UserError(f"{path}: missing column(s) {', '.join(missing)} (header: {','.join(header) or 'empty'})")
-    columns = [header.index(c) for c in ("coordX", "coordY", "coordZ")]
-    uid_column = header.index("seriesuid") if "seriesuid" in header else None
-    points, uids, problems = [], [], []
-    for line, row in enumerate(rows[1:], start=2):
-        if not "".join(row).strip():
-            continue
-        try:
-            xyz = [float(row[c]) for c in columns]
-            if not np.all(np.isfinite(xyz)):
-                raise ValueError
-        except (IndexError, ValueError):
-            problems.append(f"line {line}: {','.join(row)[:100]!r}")
-            continue
-        points.append(xyz)
-        uids.append(row[uid_column].strip() if uid_column is not None and uid_column < len(row) else "")
-    if problems:
-        raise UserError(f"{path}: {len(problems)} unreadable row(s): " + "; ".join(problems[:10]))
-    points = np.array(points, float).reshape(-1, 3)
-    if uid_column is not None and len(set(uids)) > 1:
-        mine = np.array([uid == scan_name for uid in uids])
+def read_scan_points(path, scan_name: str = "") -> np.ndarray:
+    """World mm points ``(N, 3)`` from a CSV with ``coordX,coordY,coordZ`` columns; when a ``seriesuid``
+    column names several scans, only the rows of ``scan_name``. Bad rows refuse the file, naming their lines."""
+    table, _ = data.read_point_csv(path, None, need_uid=False)
+    if len(set(table.seriesuid)) > 1:
+        mine = table.seriesuid == scan_name
         if not mine.any():
-            raise UserError(f"{path} lists points of {len(set(uids))} scans and none of scan {scan_name!r}")
-        points = points[mine]
-    if len(points) == 0:
+            raise UserError(f"{path} lists points of {len(set(table.seriesuid))} scans and none of scan {scan_name!r}")
+        table = table.take(np.flatnonzero(mine))
+    if len(table) == 0:
         raise UserError(f"{path}: no points")
-    return points
-
-
-def _inside_scan(scan, world_xyz: np.ndarray) -> np.ndarray:
-    """``(N,)`` bool: the point lies within the scan's voxel grid (half a voxel beyond the edge centres)."""
-    import data
-    index = data.world_to_index(world_xyz, scan)
-    size_ijk = np.array(scan.hu.shape[::-1])
-    return ((index >= -0.5) & (index <= size_ijk - 0.5)).all(axis=1)
+    return table.world_xyz
 
 
 def _point_warning(inside: bool, hu: float) -> str:
@@ -95,31 +58,32 @@ def _point_warning(inside: bool, hu: float) -> str:
     return ""
 
 
-def predict_points(checkpoint, scan_path, world_xyz, device: Optional[str] = None, batch_size: int = 64,
-                   tta: bool = False) -> list[dict]:
+def predict_points(checkpoint, scan_path, world_xyz, device: str = "auto", batch_size: int = 64,
+                   views: Optional[int] = None, precision: str = "auto") -> list[dict]:
     """Probability of a nodule at each world mm point ``(N, 3)`` (x, y, z) of one scan.
 
-    Returns one dict per point: ``coordX/Y/Z`` (mm), ``probability`` (float64), ``follow_up`` (probability at
-    or above the checkpoint's cutoff, 0.5 when it has none), ``hu_at_point`` (mean HU of the central
-    3 x 3 x 3 patch voxels) and ``warning`` ("" or why the point is implausible: outside the scan, air, bone).
+    ``views``: flips averaged per patch (default: those the checkpoint was validated with). Returns one
+    dict per point: ``coordX/Y/Z`` (mm), ``probability`` (float64), ``follow_up`` (probability at or above
+    the checkpoint's cutoff, 0.5 when it has none), ``hu_at_point`` (mean HU of the central 3 x 3 x 3
+    patch voxels) and ``warning`` ("" or why the point is implausible: outside the scan, air, bone).
     """
-    import data
-    import evaluate
-    import head
     world_xyz = np.atleast_2d(np.asarray(world_xyz, float))
     if world_xyz.shape[1:] != (3,) or len(world_xyz) == 0:
         raise ValueError(f"world_xyz must have shape (N, 3) with N >= 1, got {world_xyz.shape}")
-    device = device or evaluate.default_device()
-    model, meta = head.load_classifier(Path(checkpoint), device=device)
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    torch_device = head.resolve_device(device)
+    model, meta = head.load_classifier(Path(checkpoint), device=torch_device)
     preprocess = meta["preprocess"]
-    cutoff = float(meta.get("cutoff", 0.5) if meta.get("cutoff") is not None else 0.5)
+    cutoff = float(meta["cutoff"]) if meta.get("cutoff") is not None else 0.5
     scan, patches = data.read_and_extract(scan_path, world_xyz, int(preprocess["patch_size"]),
                                           float(preprocess["spacing_mm"]))
-    probability = evaluate.predict_patches(model, patches, preprocess, device, batch_size, tta)
-    centre = int(preprocess["patch_size"]) // 2
-    lo, hi = centre - CENTRE_MM // 2, centre + CENTRE_MM // 2 + 1
-    hu_at_point = patches[:, lo:hi, lo:hi, lo:hi].reshape(len(patches), -1).mean(axis=1)
-    inside = _inside_scan(scan, world_xyz)
+    probability = head.predict_patches(model, patches, preprocess, torch_device, batch_size,
+                                       head.check_views(views or meta.get("views", 1)),
+                                       head.resolve_precision(precision, torch_device))
+    lo = int(preprocess["patch_size"]) // 2 - CENTRE_MM // 2
+    hu_at_point = patches[:, lo:lo + CENTRE_MM, lo:lo + CENTRE_MM, lo:lo + CENTRE_MM].reshape(len(patches), -1).mean(1)
+    inside = data.inside_scan(scan, world_xyz)
     return [{"coordX": float(x), "coordY": float(y), "coordZ": float(z), "probability": float(p),
              "follow_up": bool(p >= cutoff), "cutoff": cutoff, "hu_at_point": float(h) if ok else None,
              "warning": _point_warning(bool(ok), float(h))}
@@ -128,7 +92,6 @@ def predict_points(checkpoint, scan_path, world_xyz, device: Optional[str] = Non
 
 def write_predictions_csv(predictions: Sequence[dict], path) -> None:
     """The predictions as CSV (columns :data:`OUTPUT_COLUMNS`), written atomically."""
-    import data
     lines = [",".join(OUTPUT_COLUMNS)]
     for row in predictions:
         hu = "" if row["hu_at_point"] is None else f"{row['hu_at_point']:.1f}"
@@ -162,16 +125,16 @@ def scan_name(path) -> str:
 
 
 def predict_scan(checkpoint, scan_path, coords: Sequence[str] = (), candidates=None, out=None,
-                 device: Optional[str] = None, batch_size: int = 64, tta: bool = False) -> list[dict]:
+                 device: str = "auto", batch_size: int = 64, views: Optional[int] = None,
+                 precision: str = "auto") -> list[dict]:
     """Points from ``--coord X,Y,Z`` strings or a candidates CSV -> :func:`predict_points`, written to ``out``."""
     if bool(coords) == (candidates is not None):
         raise UserError("give either --coord X,Y,Z (one or more) or --candidates FILE.csv")
-    scan_path = Path(scan_path)
     if coords:
         world_xyz = np.array([parse_coordinate(c) for c in coords])
     else:
-        world_xyz = read_points_csv(candidates, scan_name=scan_name(scan_path))
-    predictions = predict_points(checkpoint, scan_path, world_xyz, device=device, batch_size=batch_size, tta=tta)
+        world_xyz = read_scan_points(candidates, scan_name=scan_name(scan_path))
+    predictions = predict_points(checkpoint, Path(scan_path), world_xyz, device, batch_size, views, precision)
     if out is not None:
         write_predictions_csv(predictions, out)
     return predictions

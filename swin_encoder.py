@@ -19,11 +19,14 @@ Shifted Windows" (2021).
 """
 from __future__ import annotations
 
+import functools
 import itertools
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,13 +40,14 @@ NUM_STAGES = 4
 
 @dataclass(frozen=True)
 class WindowGeometry:
-    """How one stage's token grid ``(d, h, w)`` is cut into attention windows.
+    """How one stage's token grid ``size = (d, h, w)`` is cut into attention windows.
 
     window: window edge per axis (shrunk to the grid size where the grid is not larger).
     shift: cyclic shift per axis of the shifted blocks (0 where the window was shrunk).
     padded: grid size after zero padding to whole windows.
-    groups: for shifted blocks, boxes of windows ``((d0, d1), (h0, h1), (w0, w1))`` in window-grid
-        units that share one shift mask; ``group_masks[g]`` is that ``(N, N)`` mask (0 or -100).
+    groups: boxes of windows ``((d0, d1), (h0, h1), (w0, w1))`` in window-grid units that share one
+        shift mask (a single box of all windows when nothing is shifted); ``group_masks[g]`` is that
+        ``(N, N)`` mask (0 or -100), None when nothing is shifted.
     """
     size: Tuple[int, int, int]
     window: Tuple[int, int, int]
@@ -53,12 +57,13 @@ class WindowGeometry:
     group_masks: Optional[torch.Tensor]
 
     @property
-    def tokens_per_window(self) -> int:
-        return self.window[0] * self.window[1] * self.window[2]
+    def counts(self) -> Tuple[int, ...]:
+        """Windows per axis."""
+        return tuple(p // w for p, w in zip(self.padded, self.window))
 
     @property
-    def window_count(self) -> int:
-        return (self.padded[0] // self.window[0]) * (self.padded[1] // self.window[1]) * (self.padded[2] // self.window[2])
+    def tokens_per_window(self) -> int:
+        return math.prod(self.window)
 
     @property
     def needs_padding(self) -> bool:
@@ -68,115 +73,109 @@ class WindowGeometry:
     def shifted(self) -> bool:
         return any(s > 0 for s in self.shift)
 
-
-def effective_window(size: Sequence[int], window: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
-    """Window and shift per axis: an axis not longer than the window gets one window and no shift."""
-    windows = tuple(n if n <= window else window for n in size)
-    shifts = tuple(0 if n <= window else window // 2 for n in size)
-    return windows, shifts
+    def boxes(self, batch: int) -> Iterator[Tuple[slice, Tuple[slice, ...], Tuple[int, ...]]]:
+        """Per group: its rows in :func:`partition_windows` order, its window-grid slices, its shape."""
+        start = 0
+        for box in self.groups:
+            shape = tuple(end - begin for begin, end in box)
+            count = batch * math.prod(shape)
+            yield slice(start, start + count), tuple(slice(*span) for span in box), shape
+            start += count
 
 
 def region_labels(padded: Sequence[int], window: Sequence[int], shift: Sequence[int]) -> torch.Tensor:
     """Label ``(Dp, Hp, Wp)`` of the cyclically shifted regions, as the shifted-window scheme defines them."""
     labels = torch.zeros(tuple(padded), dtype=torch.int64)
-    count = 0
     cuts = [(slice(-w), slice(-w, -s), slice(-s, None)) for w, s in zip(window, shift)]
-    for d_cut in cuts[0]:
-        for h_cut in cuts[1]:
-            for w_cut in cuts[2]:
-                labels[d_cut, h_cut, w_cut] = count
-                count += 1
+    for count, region in enumerate(itertools.product(*cuts)):
+        labels[region] = count
     return labels
 
 
-def _window_grid(tensor: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
-    """View ``(Dp, Hp, Wp, ...)`` as ``(nd, nh, nw, N, ...)`` windows (copies)."""
-    dp, hp, wp = tensor.shape[:3]
-    rest = tensor.shape[3:]
-    w0, w1, w2 = window
-    grid = tensor.reshape(dp // w0, w0, hp // w1, w1, wp // w2, w2, *rest)
-    order = (0, 2, 4, 1, 3, 5) + tuple(range(6, 6 + len(rest)))
-    return grid.permute(order).reshape(dp // w0, hp // w1, wp // w2, w0 * w1 * w2, *rest)
-
-
-def build_geometry(size: Sequence[int], window: int) -> WindowGeometry:
-    """Window geometry of a token grid ``size = (d, h, w)``; masks are float32 on the CPU."""
-    windows, shifts = effective_window(size, window)
+@functools.lru_cache(maxsize=64)
+def build_geometry(size: Tuple[int, int, int], window: int, shifted: bool = True) -> WindowGeometry:
+    """Window geometry (cached) of a token grid ``size = (d, h, w)``, of the shifted blocks unless not
+    ``shifted``; masks are float32 on the CPU."""
+    windows = tuple(min(n, window) for n in size)
+    shifts = tuple(window // 2 if shifted and n > window else 0 for n in size)
     padded = tuple(-(-n // w) * w for n, w in zip(size, windows))
     counts = [p // w for p, w in zip(padded, windows)]
-    if not any(s > 0 for s in shifts):
-        return WindowGeometry(tuple(size), windows, shifts, padded, (tuple((0, c) for c in counts),), None)
-    labels = _window_grid(region_labels(padded, windows, shifts), windows)  # (nd, nh, nw, N)
+    plain = WindowGeometry(size, windows, shifts, padded, (tuple((0, c) for c in counts),), None)
+    if not any(shifts):
+        return plain
+    labels = region_labels(padded, windows, shifts)[None, ..., None]
+    labels = partition_windows(labels, plain, 1, 1).reshape(*counts, -1)  # (nd, nh, nw, N)
     all_masks = (labels.unsqueeze(-1) != labels.unsqueeze(-2))  # (nd, nh, nw, N, N)
     # Only the last window along a shifted axis straddles regions, so windows fall into at most
     # eight boxes that share one mask each; attention then runs once per box with a small mask.
     segments = [[(0, c - 1), (c - 1, c)] if s > 0 and c > 1 else [(0, c)] for c, s in zip(counts, shifts)]
     groups, masks = [], []
     for box in itertools.product(*segments):
-        block = all_masks[box[0][0]:box[0][1], box[1][0]:box[1][1], box[2][0]:box[2][1]]
+        block = all_masks[tuple(slice(*span) for span in box)]
         first = block[0, 0, 0]
         if not bool((block == first).all()):
             raise RuntimeError(f"windows of box {box} do not share one shift mask")
         groups.append(box)
         masks.append(first.to(torch.float32) * MASKED_SCORE)
-    return WindowGeometry(tuple(size), windows, shifts, padded, tuple(groups), torch.stack(masks))
+    return WindowGeometry(size, windows, shifts, padded, tuple(groups), torch.stack(masks))
 
 
-def _segments(length: int, padded: int, shift: int) -> List[Tuple[slice, slice]]:
-    """(padded+rolled slice, unpadded slice) pairs along one axis for a cyclic shift by ``-shift``."""
-    if shift == 0:
-        return [(slice(0, length), slice(0, length))]
-    return [(slice(0, length - shift), slice(shift, length)), (slice(padded - shift, padded), slice(0, shift))]
+def _shift_pieces(geometry: WindowGeometry) -> Iterator[Tuple[tuple, tuple]]:
+    """(index into the padded and rolled grid, index into the unpadded grid) pairs of ``(B, d, h, w, C)``
+    pieces that a cyclic shift by ``-shift`` moves as a whole (up to two per axis)."""
+    per_axis = []
+    for n, p, s in zip(geometry.size, geometry.padded, geometry.shift):
+        if s == 0:
+            per_axis.append([(slice(0, n), slice(0, n))])
+        else:
+            per_axis.append([(slice(0, n - s), slice(s, n)), (slice(p - s, p), slice(0, s))])
+    for pieces in itertools.product(*per_axis):
+        rolled, plain = zip(*pieces)
+        yield (slice(None),) + rolled, (slice(None),) + plain
 
 
 def pad_and_roll(x: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
     """Zero-pad ``(B, d, h, w, C)`` to whole windows and roll by ``-shift`` in one copy."""
-    b, c = x.shape[0], x.shape[-1]
-    if geometry.padded == geometry.size and not geometry.shifted:
+    if not geometry.needs_padding:
         return x
-    out = x.new_empty((b, *geometry.padded, c))
+    out = x.new_empty((x.shape[0], *geometry.padded, x.shape[-1]))
     # After the roll, the padding along each axis is one slab [n - shift, p - shift).
     for axis, (n, p, s) in enumerate(zip(geometry.size, geometry.padded, geometry.shift)):
         if p > n:
             out.narrow(axis + 1, n - s, p - n).zero_()
-    per_axis = [_segments(n, p, s) for n, p, s in zip(geometry.size, geometry.padded, geometry.shift)]
-    for (dd, sd), (dh, sh), (dw, sw) in itertools.product(*per_axis):
-        out[:, dd, dh, dw] = x[:, sd, sh, sw]
+    for rolled, plain in _shift_pieces(geometry):
+        out[rolled] = x[plain]
     return out
 
 
 def unroll_and_crop(x: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
-    """Inverse of :func:`pad_and_roll`: ``(B, Dp, Hp, Wp, C)`` back to ``(B, d, h, w, C)``."""
+    """Inverse of :func:`pad_and_roll`: ``(B, Dp, Hp, Wp, C)`` back to a contiguous ``(B, d, h, w, C)``."""
     if not geometry.shifted:
         d, h, w = geometry.size
-        return x[:, :d, :h, :w]
+        return x[:, :d, :h, :w].contiguous()
     out = x.new_empty((x.shape[0], *geometry.size, x.shape[-1]))
-    per_axis = [_segments(n, p, s) for n, p, s in zip(geometry.size, geometry.padded, geometry.shift)]
-    for (dd, sd), (dh, sh), (dw, sw) in itertools.product(*per_axis):
-        out[:, sd, sh, sw] = x[:, dd, dh, dw]
+    for rolled, plain in _shift_pieces(geometry):
+        out[plain] = x[rolled]
     return out
 
 
 def partition_windows(x: torch.Tensor, geometry: WindowGeometry, parts: int, heads: int) -> torch.Tensor:
-    """``(B, Dp, Hp, Wp, parts*heads*hd)`` -> ``(parts, windows, heads, N, hd)``, boxes one after another.
+    """``(B, Dp, Hp, Wp, parts*heads*hd)`` -> ``(parts, windows, heads, N, hd)``.
 
     Windows are ordered box by box (``geometry.groups``), inside a box by (batch, d, h, w).
     """
     b = x.shape[0]
-    (dp, hp, wp), (w0, w1, w2) = geometry.padded, geometry.window
+    (nd, nh, nw), (w0, w1, w2) = geometry.counts, geometry.window
     head_dim = x.shape[-1] // (parts * heads)
-    grid = x.view(b, dp // w0, w0, hp // w1, w1, wp // w2, w2, parts, heads, head_dim)
+    grid = x.reshape(b, nd, w0, nh, w1, nw, w2, parts, heads, head_dim)
     order = (7, 0, 1, 3, 5, 8, 2, 4, 6, 9)
     n = geometry.tokens_per_window
     if len(geometry.groups) == 1:
         return grid.permute(order).reshape(parts, -1, heads, n, head_dim)
-    out = x.new_empty(parts, b * geometry.window_count, heads, n, head_dim)
-    start = 0
-    for (d0, d1), (h0, h1), (k0, k1) in geometry.groups:
-        count = b * (d1 - d0) * (h1 - h0) * (k1 - k0)
-        target = out[:, start:start + count].view(parts, b, d1 - d0, h1 - h0, k1 - k0, heads, w0, w1, w2, head_dim)
-        target.copy_(grid[:, d0:d1, :, h0:h1, :, k0:k1].permute(order))
-        start += count
+    out = x.new_empty(parts, b * math.prod(geometry.counts), heads, n, head_dim)
+    for rows, (sd, sh, sw), shape in geometry.boxes(b):
+        target = out[:, rows].view(parts, b, *shape, heads, w0, w1, w2, head_dim)
+        target.copy_(grid[:, sd, :, sh, :, sw].permute(order))
     return out
 
 
@@ -184,66 +183,30 @@ def merge_windows(windows: torch.Tensor, geometry: WindowGeometry, batch: int) -
     """Inverse of :func:`partition_windows`: ``(parts, windows, heads, N, hd)`` -> ``(B, Dp, Hp, Wp, C)``."""
     parts, _, heads, _, head_dim = windows.shape
     (dp, hp, wp), (w0, w1, w2) = geometry.padded, geometry.window
-    counts = (dp // w0, hp // w1, wp // w2)
+    (nd, nh, nw), channels = geometry.counts, parts * heads * head_dim
     order = (1, 2, 6, 3, 7, 4, 8, 0, 5, 9)
     if len(geometry.groups) == 1:
-        grid = windows.reshape(parts, batch, *counts, heads, w0, w1, w2, head_dim).permute(order)
-        return grid.reshape(batch, dp, hp, wp, parts * heads * head_dim)
-    out = windows.new_empty(batch, counts[0], w0, counts[1], w1, counts[2], w2, parts, heads, head_dim)
-    start = 0
-    for (d0, d1), (h0, h1), (k0, k1) in geometry.groups:
-        count = batch * (d1 - d0) * (h1 - h0) * (k1 - k0)
-        source = windows[:, start:start + count].reshape(parts, batch, d1 - d0, h1 - h0, k1 - k0, heads, w0, w1, w2,
-                                                          head_dim)
-        out[:, d0:d1, :, h0:h1, :, k0:k1].copy_(source.permute(order))
-        start += count
-    return out.view(batch, dp, hp, wp, parts * heads * head_dim)
+        grid = windows.reshape(parts, batch, nd, nh, nw, heads, w0, w1, w2, head_dim).permute(order)
+        return grid.reshape(batch, dp, hp, wp, channels)
+    out = windows.new_empty(batch, nd, w0, nh, w1, nw, w2, parts, heads, head_dim)
+    for rows, (sd, sh, sw), shape in geometry.boxes(batch):
+        source = windows[:, rows].reshape(parts, batch, *shape, heads, w0, w1, w2, head_dim)
+        out[:, sd, :, sh, :, sw].copy_(source.permute(order))
+    return out.view(batch, dp, hp, wp, channels)
 
 
-class _PadRoll(torch.autograd.Function):
-    """:func:`pad_and_roll` with its exact adjoint as backward (autograd of slices would zero-fill per slice)."""
+class _WithAdjoint(torch.autograd.Function):
+    """``forward_fn(x)`` with ``adjoint_fn(grad)`` as its exact backward, for the layout changes above
+    (autograd of their slice copies would zero-fill a full-size gradient per slice)."""
 
     @staticmethod
-    def forward(ctx, x, geometry):
-        ctx.geometry = geometry
-        return pad_and_roll(x, geometry)
+    def forward(ctx, x, forward_fn, adjoint_fn):
+        ctx.adjoint_fn = adjoint_fn
+        return forward_fn(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return unroll_and_crop(grad, ctx.geometry).contiguous(), None
-
-
-class _UnrollCrop(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, geometry):
-        ctx.geometry = geometry
-        return unroll_and_crop(x, geometry).contiguous()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return pad_and_roll(grad, ctx.geometry), None
-
-
-class _Partition(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, geometry, parts, heads):
-        ctx.geometry, ctx.batch = geometry, x.shape[0]
-        return partition_windows(x, geometry, parts, heads)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return merge_windows(grad, ctx.geometry, ctx.batch), None, None, None
-
-
-class _Merge(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, windows, geometry, batch):
-        ctx.geometry, ctx.heads = geometry, windows.shape[2]
-        return merge_windows(windows, geometry, batch)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return partition_windows(grad.contiguous(), ctx.geometry, 1, ctx.heads), None, None
+        return ctx.adjoint_fn(grad), None, None
 
 
 def relative_position_index(window: int) -> torch.Tensor:
@@ -352,11 +315,9 @@ class WindowAttention(nn.Module):
             return self._mask_cache[key]
         n = geometry.tokens_per_window
         index = self.relative_position_index[:n, :n].reshape(-1)
-        bias = table[index].reshape(n, n, self.num_heads).permute(2, 0, 1)  # (heads, N, N)
+        masks = table[index].reshape(n, n, self.num_heads).permute(2, 0, 1).unsqueeze(0)  # (1, heads, N, N)
         if geometry.shifted:
-            masks = bias.unsqueeze(0) + geometry.group_masks.to(table.device).unsqueeze(1)
-        else:
-            masks = bias.unsqueeze(0)
+            masks = masks + geometry.group_masks.to(table.device).unsqueeze(1)
         masks = _aligned_mask(masks.to(dtype).contiguous())
         if cacheable:
             if len(self._mask_cache) >= 8:
@@ -371,23 +332,27 @@ class WindowAttention(nn.Module):
         and the value bias passes through attention unchanged (weights sum to one) and is folded into
         ``proj``; so the projection runs on the unpadded tokens and padding stays zero.
         """
-        b, c = x.shape[0], self.dim
-        heads = self.num_heads
+        batch, heads = x.shape[0], self.num_heads
+        pad = functools.partial(pad_and_roll, geometry=geometry)
+        crop = functools.partial(unroll_and_crop, geometry=geometry)
         qkv = F.linear(x, self.qkv.weight, self.qkv.bias * self.query_bias_only)
         if geometry.needs_padding:
-            qkv = _PadRoll.apply(qkv, geometry)  # (B, Dp, Hp, Wp, 3C)
-        q, k, v = _Partition.apply(qkv, geometry, 3, heads).unbind(0)  # each (windows, heads, N, hd)
+            qkv = _WithAdjoint.apply(qkv, pad, crop)  # (B, Dp, Hp, Wp, 3C)
+        windows = _WithAdjoint.apply(qkv, lambda t: partition_windows(t, geometry, 3, heads),
+                                     lambda grad: merge_windows(grad, geometry, batch))
+        q, k, v = windows.unbind(0)  # each (windows, heads, N, hd)
         masks = self._masks(geometry, q.dtype)
         if len(geometry.groups) == 1:
             attended = window_attention(q, k, v, masks)
         else:
-            sizes = [b * (d1 - d0) * (h1 - h0) * (k1 - k0) for (d0, d1), (h0, h1), (k0, k1) in geometry.groups]
+            sizes = [rows.stop - rows.start for rows, _, _ in geometry.boxes(batch)]
             attended = torch.cat([window_attention(*qkv_box, masks[g:g + 1]) for g, qkv_box in
                                   enumerate(zip(q.split(sizes), k.split(sizes), v.split(sizes)))])
-        out = _Merge.apply(attended.unsqueeze(0), geometry, b)  # (B, Dp, Hp, Wp, C)
+        out = _WithAdjoint.apply(attended.unsqueeze(0), lambda t: merge_windows(t, geometry, batch),
+                                 lambda grad: partition_windows(grad, geometry, 1, heads))  # (B, Dp, Hp, Wp, C)
         if geometry.needs_padding:
-            out = _UnrollCrop.apply(out, geometry)
-        value_bias = self.qkv.bias[2 * c:]
+            out = _WithAdjoint.apply(out, crop, pad)
+        value_bias = self.qkv.bias[2 * self.dim:]
         return F.linear(out, self.proj.weight, self.proj.bias + F.linear(value_bias, self.proj.weight))
 
 
@@ -415,19 +380,15 @@ class SwinTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLPBlock(dim, 4 * dim)
 
-    def _attention_part(self, x: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
-        return self.attn(self.norm1(x), geometry)
-
-    def _mlp_part(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.norm2(x))
+    def _residual(self, branch, x: torch.Tensor) -> torch.Tensor:
+        """``x + branch(x)``; with checkpointing, the branch is recomputed in the backward pass."""
+        if self.use_checkpoint and torch.is_grad_enabled():
+            return x + torch_checkpoint.checkpoint(branch, x, use_reentrant=False)
+        return x + branch(x)
 
     def forward(self, x: torch.Tensor, geometry: WindowGeometry, plain: WindowGeometry) -> torch.Tensor:
-        use_geometry = geometry if self.shifted else plain
-        if self.use_checkpoint and torch.is_grad_enabled():
-            x = x + torch_checkpoint.checkpoint(self._attention_part, x, use_geometry, use_reentrant=False)
-            return x + torch_checkpoint.checkpoint(self._mlp_part, x, use_reentrant=False)
-        x = x + self._attention_part(x, use_geometry)
-        return x + self._mlp_part(x)
+        x = self._residual(lambda t: self.attn(self.norm1(t), geometry if self.shifted else plain), x)
+        return self._residual(lambda t: self.mlp(self.norm2(t)), x)
 
 
 class PatchMerging(nn.Module):
@@ -459,20 +420,11 @@ class BasicLayer(nn.Module):
             SwinTransformerBlock(dim, num_heads, window_size, shifted=(i % 2 == 1), use_checkpoint=use_checkpoint)
             for i in range(depth)])
         self.downsample = PatchMerging(dim)
-        self._geometry_cache: Dict[tuple, Tuple[WindowGeometry, WindowGeometry]] = {}
-
-    def geometries(self, size: Tuple[int, int, int]) -> Tuple[WindowGeometry, WindowGeometry]:
-        """(shifted, plain) window geometry of a token grid; cached per size."""
-        if size not in self._geometry_cache:
-            shifted = build_geometry(size, self.window_size)
-            plain = WindowGeometry(shifted.size, shifted.window, (0, 0, 0), shifted.padded,
-                                   (tuple((0, p // w) for p, w in zip(shifted.padded, shifted.window)),), None)
-            self._geometry_cache[size] = (shifted, plain)
-        return self._geometry_cache[size]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Channels-last tokens ``(B, d, h, w, C)`` -> ``(B, d/2, h/2, w/2, 2C)``."""
-        shifted, plain = self.geometries(tuple(x.shape[1:4]))
+        size = tuple(x.shape[1:4])
+        shifted, plain = build_geometry(size, self.window_size), build_geometry(size, self.window_size, False)
         for block in self.blocks:
             x = block(x, shifted, plain)
         return self.downsample(x)
@@ -526,7 +478,7 @@ class SwinEncoder(nn.Module):
             raise ValueError(f"spatial sizes must be positive multiples of {self.size_multiple}, got {tuple(x.shape[2:])}")
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """``(B, C, D, H, W)`` -> five channel-normalised maps ``(B, feature_size * 2**i, D/2**(i+1), ...)``."""
+        """``(B, C, D, H, W)`` -> the five stage maps, with shapes as in the module docstring."""
         self.check_input(x)
         tokens = self.patch_embed(x)
         outputs = [_normalised(tokens)]
@@ -543,27 +495,50 @@ def _normalised(tokens: torch.Tensor) -> torch.Tensor:
 
 def _validate_arguments(in_channels: int, feature_size: int, depths: tuple, num_heads: tuple,
                         window_size: int, patch_size: int) -> None:
-    if not isinstance(in_channels, int) or in_channels < 1:
-        raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
+    _check_integer("in_channels", in_channels, 1)
     if not isinstance(feature_size, int) or feature_size < 12 or feature_size % 12:
         raise ValueError(f"feature_size must be a positive multiple of 12, got {feature_size!r}")
-    if len(depths) != NUM_STAGES or any(not isinstance(n, int) or n < 1 for n in depths):
-        raise ValueError(f"depths must be {NUM_STAGES} positive integers, got {depths!r}")
-    if len(num_heads) != NUM_STAGES or any(not isinstance(n, int) or n < 1 for n in num_heads):
-        raise ValueError(f"num_heads must be {NUM_STAGES} positive integers, got {num_heads!r}")
+    for name, values in (("depths", depths), ("num_heads", num_heads)):
+        if len(values) != NUM_STAGES or any(not isinstance(n, int) or n < 1 for n in values):
+            raise ValueError(f"{name} must be {NUM_STAGES} positive integers, got {values!r}")
     for i, heads in enumerate(num_heads):
         if (feature_size * 2 ** i) % heads:
             raise ValueError(f"stage {i + 1} has {feature_size * 2 ** i} channels, not divisible by {heads} heads")
-    if not isinstance(window_size, int) or window_size < 2:
-        raise ValueError(f"window_size must be an integer >= 2, got {window_size!r}")
-    if not isinstance(patch_size, int) or patch_size < 1:
-        raise ValueError(f"patch_size must be a positive integer, got {patch_size!r}")
+    _check_integer("window_size", window_size, 2)
+    _check_integer("patch_size", patch_size, 1)
+
+
+def _check_integer(name: str, value, least: int) -> None:
+    if not isinstance(value, int) or value < least:
+        wanted = "a positive integer" if least == 1 else f"an integer >= {least}"
+        raise ValueError(f"{name} must be {wanted}, got {value!r}")
 
 
 # --- pretrained weights -----------------------------------------------------------
 
 _ENCODER_PREFIXES = ("swinViT.", "swin_vit.")
 _SHOWN_NAMES = 8
+# numeric numpy types whose scalars (metrics such as "best_acc") checkpoints may hold
+_NUMPY_SCALAR_TYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+                       "float16", "float32", "float64", "complex64", "complex128")
+
+
+def torch_load_weights(path, map_location="cpu"):
+    """``torch.load(path, weights_only=True)`` that also accepts numpy scalars and their dtypes.
+
+    Training scripts such as the Swin UNETR BraTS21 trainer save ``best_acc`` as a numpy scalar, which
+    ``weights_only`` refuses by default. Only the numpy globals that rebuild such scalars are allowed
+    (``scalar`` under its numpy 1 and numpy 2 module names, ``numpy.dtype`` and the numeric dtype
+    classes); anything else a pickle names, code to run included, is still refused by ``torch.load``.
+    """
+    try:
+        from numpy._core.multiarray import scalar  # numpy >= 2
+    except ImportError:
+        from numpy.core.multiarray import scalar
+    allowed = [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype]
+    allowed += [type(np.dtype(name)) for name in _NUMPY_SCALAR_TYPES]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def _listing(names: Sequence[str]) -> str:
@@ -578,7 +553,7 @@ def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
     if not path.is_file():
         raise UserError(f"{path}: checkpoint file not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch_load_weights(path)
     except Exception as err:  # torch raises many kinds for text, truncated or unsafe files
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
@@ -600,28 +575,13 @@ def encoder_key(checkpoint_key: str) -> str:
     key = checkpoint_key
     while key.startswith("module."):
         key = key[len("module."):]
-    for prefix in _ENCODER_PREFIXES:
-        if key.startswith(prefix):
-            key = key[len(prefix):]
-            break
-    return key.replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2.")
+    prefix = next((p for p in _ENCODER_PREFIXES if key.startswith(p)), "")
+    return key[len(prefix):].replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2.")
 
 
-def load_pretrained(encoder: SwinEncoder, path, verbose: bool = False) -> dict:
-    """Load Swin UNETR encoder weights from ``path`` into ``encoder`` (all or nothing).
-
-    Accepts full Swin UNETR checkpoints (``swinViT.*`` keys; other keys ignored), the self-supervised
-    ``module.*`` checkpoint (``mlp.fc1``/``fc2`` names; heads ignored), bare state dicts and dicts under
-    "state_dict" or "model". A patch embedding trained on several input channels is summed over them for
-    a 1-channel encoder, so one channel gives what the original gives for that channel copied into all.
-    Raises ``data.UserError`` naming the file when any encoder tensor is missing or has another shape.
-    Returns a report: "loaded", "ignored" (checkpoint keys not used), "converted" notes and "summary".
-    """
+def _sorted_tensors(path: Path, tensors: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor]):
+    """Sort checkpoint tensors into (encoder tensors to load, ignored keys, mismatches, conversion notes)."""
     from data import UserError
-    path = Path(path)
-    tensors = _read_state_dict(path)
-    own = encoder.state_dict()
-    wanted = {name for name in own if not name.endswith("relative_position_index")}
     new_state: Dict[str, torch.Tensor] = {}
     sources: Dict[str, str] = {}
     ignored, mismatched, converted = [], [], []
@@ -645,6 +605,27 @@ def load_pretrained(encoder: SwinEncoder, path, verbose: bool = False) -> dict:
                 mismatched.append(f"{key} (values differ from this window size's index)")
         else:
             new_state[name] = value
+    return new_state, ignored, mismatched, converted
+
+
+def load_pretrained(encoder: SwinEncoder, path, verbose: bool = False) -> dict:
+    """Load Swin UNETR encoder weights from ``path`` into ``encoder`` (all or nothing).
+
+    Accepts full Swin UNETR checkpoints (``swinViT.*`` keys; other keys ignored), also as saved by the
+    published trainers (numpy ``best_acc``, optimizer and scheduler state, ``module.`` prefixes), the
+    self-supervised ``module.*`` checkpoint (``mlp.fc1``/``fc2`` names; heads ignored), bare state dicts
+    and dicts under "state_dict" or "model". A patch embedding trained on several input channels is summed
+    over them for a 1-channel encoder, so one channel gives what the original gives for that channel
+    copied into all. Raises ``data.UserError`` naming the file when any encoder tensor is missing or has
+    another shape. Returns a report: "loaded", "ignored" (checkpoint keys not used), "converted" notes
+    and "summary".
+    """
+    from data import UserError
+    path = Path(path)
+    tensors = _read_state_dict(path)
+    own = encoder.state_dict()
+    wanted = {name for name in own if not name.endswith("relative_position_index")}
+    new_state, ignored, mismatched, converted = _sorted_tensors(path, tensors, own)
     if not new_state and not mismatched:
         raise UserError(f"{path}: matches none of the encoder's {len(wanted)} tensors; keys in the file: "
                         f"{_listing(sorted(tensors))}")

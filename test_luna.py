@@ -103,8 +103,8 @@ def test_outside_the_scan_is_air_not_zero():
     assert (patch[:, :, :7] == -1000).all()
     assert (patch[:, 4:12, 9:] == 50).all()
     assert patch.dtype == np.int16
-    assert not data.patch_overlaps_scan(scan, [[-100.0, 10.0, 10.0]], 16, 1.0)[0]
-    assert data.patch_overlaps_scan(scan, [[-5.0, 10.0, 10.0]], 16, 1.0)[0]
+    assert not data.inside_scan(scan, [[-100.0, 10.0, 10.0]], 8.0)[0]
+    assert data.inside_scan(scan, [[-5.0, 10.0, 10.0]], 8.0)[0] and not data.inside_scan(scan, [[-5.0, 10.0, 10.0]])[0]
 
 
 def _simpleitk_patch(scan, point, size: int, spacing: float) -> np.ndarray:
@@ -123,17 +123,18 @@ def test_patches_match_simpleitk_resampling_voxel_for_voxel(name, monkeypatch):
     """Random HU (no smooth structure to hide an off-by-one), many cubes in several batches and slabs,
     one and two threads: every voxel equals SimpleITK's own linear resampling, up to rounding."""
     import data
-    monkeypatch.setattr(data, "CUBES_PER_BATCH", 5)
-    monkeypatch.setattr(data, "SLAB_BYTES", 1)
-    monkeypatch.setattr(data, "CUBES_PER_THREAD", 1)
+    import resample
+    monkeypatch.setattr(resample, "CUBES_PER_BATCH", 5)
+    monkeypatch.setattr(resample, "SLAB_BYTES", 1)
+    monkeypatch.setattr(resample, "CUBES_PER_THREAD", 1)
     rng = np.random.default_rng(4)
     scan = _scan(DIRECTIONS[name], hu=rng.integers(-1000, 1500, (40, 90, 80)).astype(np.int16))
     points = data.index_to_world(rng.uniform([25, 25, 10], [55, 65, 30], (12, 3)), scan)  # cubes inside the scan
     patches = {}
     for threads in (1, 2):
-        data.set_extraction_threads(threads)
+        resample.set_extraction_threads(threads)
         patches[threads] = data.extract_patches(scan, points, 12, 1.3)
-    data.set_extraction_threads(None)
+    resample.set_extraction_threads(None)
     np.testing.assert_array_equal(patches[1], patches[2])
     for point, patch in zip(points, patches[1]):
         reference = _simpleitk_patch(scan, point, 12, 1.3)
@@ -147,7 +148,8 @@ def test_read_and_extract_equals_reading_then_extracting(name, tmp_path, monkeyp
     and for no points at all."""
     import SimpleITK as sitk
     import data
-    monkeypatch.setattr(data, "SLAB_BYTES", 1)  # one slice per step of the stream
+    import resample
+    monkeypatch.setattr(resample, "SLAB_BYTES", 1)  # one slice per step of the stream
     rng = np.random.default_rng(6)
     scan = _scan(DIRECTIONS[name], hu=rng.integers(-1000, 1500, (40, 50, 60)).astype(np.int16))
     data.write_mhd(scan, tmp_path / "plain.mhd")
@@ -166,9 +168,9 @@ def test_read_and_extract_equals_reading_then_extracting(name, tmp_path, monkeyp
 
 
 def test_extraction_threads_are_validated():
-    import data
+    import resample
     with pytest.raises(ValueError, match="at least 1"):
-        data.set_extraction_threads(0)
+        resample.set_extraction_threads(0)
 
 
 def test_plain_metaimage_voxels_are_read_directly_and_match_simpleitk(tmp_path, monkeypatch):
@@ -302,11 +304,11 @@ def test_extract_bad_inputs_are_reported_not_fatal(tmp_path):
         handle.write(f"{info['uids'][3]},5000,5000,5000,0\n")     # line 24: far outside the scan
         handle.write("1.2.3.not.downloaded,0,0,0,1\n")
     result = CliRunner().invoke(luna_cli.app, ["extract", "--subset", "0", "--data-dir", str(tmp_path / "luna"),
-                                               "--work-dir", str(tmp_path / "work"), "--patch-size", "16",
+                                               "--work-dir", str(tmp_path / "work"), "--patch-size", "32",
                                                "--all-candidates"])
     text = " ".join(result.output.split())
     assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    assert isinstance(result.exception, SystemExit)  # a clean exit, not an exception
     for uid in (broken_raw, missing_raw, broken_header):
         assert uid in text
     assert "line 22" in text and "line 23" in text and "line 24" in text and "wholly outside" in text
@@ -590,7 +592,7 @@ def test_froc_on_real_luna16_annotations_matches_slow_reference(tmp_path):
     part = uids[:89]
     sliced = evaluate.score_marks(evaluate.read_submission(sub), part,
                                   evaluate.read_findings(LUNA16_REFERENCE / "annotations.csv"),
-                                  evaluate.read_findings(LUNA16_REFERENCE / "annotations_excluded.csv", excluded=True),
+                                  evaluate.read_findings(LUNA16_REFERENCE / "annotations_excluded.csv"),
                                   bootstrap=0)
     expected_part, _ = _reference_froc(rows, nodules, excluded, part)
     np.testing.assert_allclose(list(sliced["froc_sensitivities"].values()), expected_part, rtol=0, atol=1e-12)
@@ -657,19 +659,19 @@ def test_evaluate_model_scores_every_candidate_and_resumes(eval_phantom, tmp_pat
     uid = expected[0][0]
     points = np.array([[float(v) for v in r[1:4]] for r in expected if r[0] == uid])
     patches = data.extract_patches(data.read_ct(eval_phantom / "subset1" / f"{uid}.mhd"), points, 32, 1.25)
-    direct = evaluate.predict_patches(model, patches, meta["preprocess"], batch_size=32)
+    direct = head.predict_patches(model, patches, meta["preprocess"], batch_size=32)
     written = np.array([float(r[4]) for r in rows[1:] if r[0] == uid])
     np.testing.assert_allclose(written, direct, rtol=1e-6)
     assert all(repr(float(r[4])) == r[4] for r in rows[1:])
-    # A run cut short (the last scan half written) resumes: only that scan is read again.
-    predictions = out / "predictions.csv"
-    lines = predictions.read_text().splitlines()
-    predictions.write_text("\n".join(lines[:-2]) + "\n" + lines[-2][:20])
+    # A run killed before its last scan finished resumes: only that scan is read again.
+    last_uid = rows[-1][0]
+    (out / "parts" / f"{last_uid}.npy").unlink()
+    (out / "submission.csv").unlink()
     reads = []
     monkeypatch.setattr(data, "read_and_extract",
                         lambda path, *args, _read=data.read_and_extract: reads.append(path) or _read(path, *args))
     evaluate.evaluate_model(checkpoint, eval_phantom, [1], out, workers=0, batch_size=32, bootstrap=50)
-    assert len(reads) == 1 and reads[0].stem == lines[-1].split(",")[0]
+    assert len(reads) == 1 and reads[0].stem == last_uid
     again = [line.split(",") for line in (out / "submission.csv").read_text().splitlines()]
     np.testing.assert_allclose([float(r[4]) for r in again[1:]], [float(r[4]) for r in rows[1:]], rtol=1e-6)
 
@@ -700,32 +702,31 @@ def test_evaluate_cli_model_skips_an_unreadable_scan(eval_phantom, tmp_path):
     assert len(rows) == sum(r[0] != broken.stem for r in _subset_candidates(root, 0))
 
 
-def test_tta_probability_does_not_change_when_the_patch_is_flipped():
+def test_eight_view_probability_does_not_change_when_the_patch_is_flipped():
     import torch
-    import evaluate
     import head
     torch.manual_seed(1)
     config = {"encoder": {"feature_size": 12, "window_size": 4}, "pooling": "avg", "patch_size": 32}
     model = head.build_classifier(config).eval()
     preprocess = {"hu_min": -1000.0, "hu_max": 1000.0}
     patches = np.random.default_rng(0).integers(-1000, 400, (2, 32, 32, 32)).astype(np.int16)
-    assert len(set(evaluate.TTA_FLIPS)) == 8
+    assert len(set(head.VIEW_FLIPS)) == 8 and head.VIEW_FLIPS[0] == ()
     both = np.concatenate([patches, np.flip(patches, (1, 3))])  # originals, then flipped along z and x
-    averaged = evaluate.predict_patches(model, both, preprocess, tta=True)
+    averaged = head.predict_patches(model, both, preprocess, views=8)
     np.testing.assert_allclose(averaged[2:], averaged[:2], rtol=1e-5)
-    plain = evaluate.predict_patches(model, both, preprocess)
+    plain = head.predict_patches(model, both, preprocess)
     assert plain.dtype == np.float64 and not np.array_equal(plain[2:], plain[:2])
 
 
 def test_candidate_metrics_count_ties_and_thresholds():
-    import evaluate
+    import head
     rng = np.random.default_rng(5)
     labels = rng.random(200) < 0.3
     scores = np.round(rng.random(200) * 4) / 4 + labels * 0.25  # heavy ties
     pairs = [(1.0 if p > n else 0.5 if p == n else 0.0) for p in scores[labels] for n in scores[~labels]]
-    assert evaluate.roc_auc(labels, scores) == pytest.approx(np.mean(pairs), abs=1e-12)
-    assert evaluate.roc_auc(np.zeros(4, bool), np.arange(4.0)) is None
-    metrics = evaluate.threshold_metrics(np.array([1, 1, 0, 0, 0]), np.array([0.9, 0.4, 0.5, 0.2, 0.1]), 0.5)
+    assert head.roc_auc(labels, scores) == pytest.approx(np.mean(pairs), abs=1e-12)
+    assert head.roc_auc(np.zeros(4, bool), np.arange(4.0)) is None
+    metrics = head.threshold_metrics(np.array([1, 1, 0, 0, 0]), np.array([0.9, 0.4, 0.5, 0.2, 0.1]), 0.5)
     assert (metrics["tp"], metrics["fn"], metrics["fp"], metrics["tn"]) == (1, 1, 1, 2)
     assert metrics["accuracy"] == 0.6 and metrics["sensitivity"] == 0.5 and metrics["specificity"] == 2 / 3
 
@@ -951,7 +952,7 @@ def test_synth_cli_writes_and_refuses_to_overwrite(tmp_path):
     from typer.testing import CliRunner
     import luna_cli
     root = tmp_path / "luna16"
-    args = ["synth", "--data-dir", str(root), "--subsets", "1", "--scans-per-subset", "1"]
+    args = ["synth", "--data-dir", str(root), "--n-subsets", "1", "--scans-per-subset", "1"]
     result = CliRunner().invoke(luna_cli.app, args)
     assert result.exit_code == 0, result.output
     assert "synthetic" in result.output and len(list(root.glob("subset0/*.mhd"))) == 1
@@ -1065,40 +1066,42 @@ def test_cube_symmetries_are_48_distinct_and_applied_with_labels(tmp_path):
     assert (shifted[1] != -1000).all() and (shifted[0] == -1000).any()
 
 
-def test_roc_auc_with_ties_and_sensitivity_cutoff():
-    import train
+def test_sensitivity_cutoff_and_training_metrics():
+    import head
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 200)
-    scores = np.round(rng.normal(labels * 0.8, 1.0), 1)  # many ties
-    pos, neg = scores[labels == 1], scores[labels == 0]
-    pairs = (pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()
-    assert abs(train.roc_auc(labels, scores) - pairs) < 1e-12
-    assert np.isnan(train.roc_auc(np.ones(3), np.arange(3.0)))
     probs = rng.uniform(size=200)
-    cutoff = train.cutoff_for_sensitivity(labels, probs, 0.9)
+    cutoff = head.cutoff_for_sensitivity(labels, probs, 0.9)
     assert (probs[labels == 1] >= cutoff).mean() >= 0.9
     assert (probs[labels == 1] >= np.nextafter(cutoff, 2)).mean() < 0.9
-    metrics = train.binary_metrics(np.array([1, 1, 0, 0]), np.array([2.0, -1.0, -3.0, 0.5]))
+    metrics = head.binary_metrics(np.array([1, 1, 0, 0]), np.array([2.0, -1.0, -3.0, 0.5]))
     assert metrics["accuracy"] == 0.5 and metrics["sensitivity"] == 0.5 and metrics["specificity"] == 0.5
+    assert np.isnan(head.binary_metrics(np.ones(3), np.arange(3.0))["auc"])  # history.csv keeps a number
 
 
 def test_cached_features_head_and_finetune_learn(tmp_path):
     import json
     import torch
+    import features
     import head
     import train
+    from data import UserError
     work = _train_cache(tmp_path / "w", subsets=(0, 1, 2, 3), scans=2, positives=3, negatives=5)
-    tag = train.cache_features(work, subsets=[0, 1, 2], batch_size=16, chunk_rows=10, quiet=True, **SMALL_MODEL)
-    features = np.load(work / "patches" / "subset0" / f"features_{tag}.npy")
-    assert features.dtype == np.float16 and features.shape == (16, 16 * 12)
+    tag = features.cache_features(work, subsets=[0, 1, 2], batch_size=16, chunk_rows=10, quiet=True, **SMALL_MODEL)
+    cached = np.load(work / "patches" / "subset0" / f"features_{tag}.npy")
+    assert cached.dtype == np.float16 and cached.shape == (16, 16 * 12)
     meta = json.loads((work / "patches" / "subset0" / f"features_{tag}.json").read_text())
     assert meta["encoder"]["feature_size"] == 12 and meta["weights"] is None
     assert not (work / "patches" / "subset3" / f"features_{tag}.npy").exists()
-    assert train.cache_features(work, quiet=True, subsets=[0], **SMALL_MODEL) == tag  # up to date: skipped
-    assert train.cache_features(work, quiet=True, subsets=[0], pooling="flatten", **SMALL_MODEL) != tag
-
-    run_dir = train.train_head(work, val_subsets=[2], test_subsets=[3], epochs=10, batch_size=16, run="head",
-                               quiet=True, **SMALL_MODEL)
+    assert features.cache_features(work, quiet=True, subsets=[0], **SMALL_MODEL) == tag  # up to date: skipped
+    flat = features.cache_features(work, quiet=True, subsets=[0], pooling="flatten", **SMALL_MODEL)
+    assert flat != tag
+    with pytest.raises(UserError, match="--features NAME") as listing:
+        train.train_head(work, val_subsets=[2], test_subsets=[3], epochs=1, run="ambiguous", quiet=True)
+    assert f"{tag}: feature_size 12, window_size 4, pooling avg" in str(listing.value)
+    assert f"{flat}: feature_size 12, window_size 4, pooling flatten" in str(listing.value)
+    run_dir = train.train_head(work, features=tag, val_subsets=[2], test_subsets=[3], epochs=10, batch_size=16,
+                               run="head", quiet=True)
     history = train.read_history(run_dir / "history.csv")
     assert len(history) >= 3 and max(row["val_auc"] for row in history) > 0.9
     assert (run_dir / "history.png").stat().st_size > 1000
@@ -1108,10 +1111,10 @@ def test_cached_features_head_and_finetune_learn(tmp_path):
     assert meta["epoch"] == best["epoch"] and abs(meta["cutoff"] - best["cutoff"]) < 1e-12
     # the saved classifier on raw patches scores the validation subset as the head did on cached features
     patches = torch.from_numpy(np.load(work / "patches" / "subset2" / "patches.npy"))
-    labels = train.read_subset_cache(work, 2).labels
+    labels = features.read_subset_cache(work, 2).labels
     with torch.no_grad():
         probs = torch.sigmoid(model(train.data.hu_to_unit(patches).unsqueeze(1))).numpy()
-    assert abs(train.roc_auc(labels, probs) - best["val_auc"]) < 0.02
+    assert abs(head.roc_auc(labels, probs) - best["val_auc"]) < 0.02
 
     tuned = train.finetune(work, epochs=1, batch_size=8, epoch_samples=8, lr=1e-4, head_from="head",
                            val_subsets=[2], test_subsets=[3], run="tuned", device="cpu", quiet=True, **SMALL_MODEL)
@@ -1133,7 +1136,7 @@ def test_finetune_resume_repeats_the_uninterrupted_run(tmp_path):
     part = train.finetune(work, run="part", stop_after=2, **settings)
     assert len(train.read_history(part / "history.csv")) == 2
     first = torch.load(part / "last.pt", weights_only=True)
-    assert first["epoch"] == 2 and isinstance(first["rng"][0]["numpy"]["keys"], torch.Tensor)
+    assert first["epoch"] == 2 and isinstance(first["rng"][0]["torch"], torch.Tensor)
     train.finetune(work, run="part", resume=True, device="cpu", quiet=True)
     a, b = train.read_history(whole / "history.csv"), train.read_history(part / "history.csv")
     assert [r["epoch"] for r in b] == [1, 2, 3, 4]
@@ -1192,7 +1195,7 @@ def test_training_refuses_bad_inputs(tmp_path, monkeypatch):
     common = dict(epochs=2, batch_size=2, epoch_samples=2, val_subsets=[1], test_subsets=[9], device="cpu",
                   quiet=True, **SMALL_MODEL)
     with pytest.raises(UserError, match="cache-features"):
-        train.train_head(work, **{k: v for k, v in common.items() if k != "epoch_samples"})
+        train.train_head(work, epochs=1, val_subsets=[1], test_subsets=[9], device="cpu", quiet=True)
     text = tmp_path / "weights.pt"
     text.write_text("not a checkpoint")
     with pytest.raises(UserError, match="weights.pt"):
@@ -1424,7 +1427,7 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path):
     import demo
     settings = demo.DemoSettings(subsets=3, scans_per_subset=2, negatives_per_scan=10, head_epochs=3,
                                  finetune_epochs=1, finetune_samples=32, finetune_batch_size=8,
-                                 tta=False)
+                                 views=1)
     result = demo.run_demo(tmp_path / "demo", settings)
     assert set(result["timings"]) >= {"synth", "extract", "cache-features", "train-head", "finetune", "evaluate"}
     assert result["chosen"] in result["all_metrics"] and set(result["all_metrics"]) == {"demo-head", "demo-finetune"}
@@ -1438,21 +1441,22 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path):
 
 def test_cached_flipped_views_sit_side_by_side_and_train_the_head(tmp_path):
     import json
+    import features
+    import head
     import train
     work = _train_cache(tmp_path / "w", subsets=(0, 1), scans=2, positives=2, negatives=2, seed=6)
-    one = train.cache_features(work, seed=0, quiet=True, **SMALL_MODEL)
-    two = train.cache_features(work, seed=0, views=2, quiet=True, **SMALL_MODEL)
+    one = features.cache_features(work, seed=0, quiet=True, **SMALL_MODEL)
+    two = features.cache_features(work, seed=0, views=2, quiet=True, **SMALL_MODEL)
     assert one != two
-    single = np.load(train.feature_paths(work, 0, one)[0]).astype(np.float32)
-    paired = np.load(train.feature_paths(work, 0, two)[0]).astype(np.float32)
+    single = np.load(features.feature_paths(work, 0, one)[0]).astype(np.float32)
+    paired = np.load(features.feature_paths(work, 0, two)[0]).astype(np.float32)
     width = single.shape[1]
     assert paired.shape == (single.shape[0], 2 * width)
     np.testing.assert_allclose(paired[:, :width], single, rtol=1e-2, atol=1e-2)   # view 0 is the patch itself
     assert np.abs(paired[:, width:] - single).max() > 1e-2                        # view 1 is a flip
-    assert json.loads(train.feature_paths(work, 0, two)[1].read_text())["views"] == 2
-    run = train.train_head(work, seed=0, views=2, epochs=2, val_subsets=[1], test_subsets=[9], run="views",
-                           quiet=True, **SMALL_MODEL)
-    assert (run / "best.pt").is_file()
-    with pytest.raises(train.UserError, match="--views 3"):
-        train.train_head(work, seed=0, views=3, epochs=1, val_subsets=[1], test_subsets=[9], run="missing",
-                         quiet=True, **SMALL_MODEL)
+    assert json.loads(features.feature_paths(work, 0, two)[1].read_text())["views"] == 2
+    run = train.train_head(work, features=two, epochs=2, val_subsets=[1], test_subsets=[9], run="views", quiet=True)
+    assert head.load_classifier(run / "best.pt")[1]["views"] == 2  # evaluate and predict average 2 views
+    three = features.cache_features(work, seed=0, views=3, subsets=[0], quiet=True, **SMALL_MODEL)
+    with pytest.raises(train.UserError, match="no features of subset 1.*--subsets 1 .*--views 3"):
+        train.train_head(work, features=three, epochs=1, val_subsets=[1], test_subsets=[9], run="missing", quiet=True)

@@ -1,0 +1,411 @@
+"""The cache-features stage, and reading the patch cache that extract wrote.
+
+Patch cache: ``W/patches/subset{k}/patches.npy`` int16 ``(N, P, P, P)`` HU, array axes ``[z, y, x]`` along
+increasing world z, y, x at ``spacing_mm`` voxels, with ``index.csv`` (one row per patch) and ``manifest.json``.
+
+A feature set is the frozen encoder's pooled features of every patch, ``features_<tag>.npy`` float16
+``(N, views * F)`` beside each subset's index; ``W/features/<tag>.json`` says what made it (encoder, weights
+or random-init seed, pooling, HU window, views) and ``W/features/encoder_<tag>.pt`` holds the encoder.
+The tag is the set's name (``train-head --features TAG``).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import ProgressColumn, TimeRemainingColumn
+from rich.text import Text
+from torch import nn
+
+import data
+import head as head_mod
+from data import UserError
+from head import autocast
+
+console = Console()
+
+EXTRACT_HINT = "python luna_cli.py extract --subset K"
+ENCODER_FORMAT = "luna16-encoder/1"
+FEATURE_FORMAT = "luna16-features/1"
+
+
+# --- the patch cache ----------------------------------------------------------------
+
+@dataclass
+class SubsetCache:
+    """One extracted subset: per-row seriesuid and label (0/1), and its manifest."""
+    subset: int
+    folder: Path
+    manifest: Dict[str, Any]
+    seriesuids: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def patches_path(self) -> Path:
+        return self.folder / "patches.npy"
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.manifest["patch_size"])
+
+    @property
+    def spacing_mm(self) -> float:
+        return float(self.manifest["spacing_mm"])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def extracted_subsets(work_dir: Path) -> List[int]:
+    """Subset numbers with a complete patch cache (patches.npy, index.csv, manifest.json) under ``W/patches``."""
+    root = Path(work_dir) / "patches"
+    found = []
+    if root.is_dir():
+        for folder in root.iterdir():
+            match = re.fullmatch(r"subset(\d+)", folder.name)
+            if match and all((folder / name).is_file() for name in ("patches.npy", "index.csv", "manifest.json")):
+                found.append(int(match.group(1)))
+    return sorted(found)
+
+
+def read_subset_cache(work_dir: Path, subset: int) -> SubsetCache:
+    """Read the manifest and index of one subset and check them against the shape of ``patches.npy``."""
+    folder = data.subset_dir(work_dir, subset)
+    manifest_path, index_path = folder / "manifest.json", folder / "index.csv"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{manifest_path}: unreadable ({err}); run `{EXTRACT_HINT.replace('K', str(subset))}` again")
+    for key in ("patch_size", "spacing_mm"):
+        if key not in manifest:
+            raise UserError(f"{manifest_path}: no '{key}'; run `{EXTRACT_HINT.replace('K', str(subset))}` again")
+    seriesuids, labels = [], []
+    with open(index_path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"seriesuid", "label"} - set(reader.fieldnames or [])
+        if missing:
+            raise UserError(f"{index_path}: missing column(s) {', '.join(sorted(missing))}")
+        for line, row in enumerate(reader, start=2):
+            if row["label"] not in ("0", "1"):
+                raise UserError(f"{index_path}, line {line}: label must be 0 or 1, got {row['label']!r}")
+            seriesuids.append(row["seriesuid"])
+            labels.append(int(row["label"]))
+    patches = np.load(folder / "patches.npy", mmap_mode="r")
+    size = int(manifest["patch_size"])
+    if patches.ndim != 4 or patches.shape[1:] != (size,) * 3 or patches.dtype != np.int16:
+        raise UserError(f"{folder / 'patches.npy'}: expected int16 (N, {size}, {size}, {size}), "
+                        f"found {patches.dtype} {patches.shape}")
+    if patches.shape[0] != len(labels):
+        raise UserError(f"{folder}: patches.npy has {patches.shape[0]} patches but index.csv {len(labels)} rows; "
+                        f"run `{EXTRACT_HINT.replace('K', str(subset))}` again")
+    return SubsetCache(subset, folder, manifest, np.asarray(seriesuids, dtype=object),
+                       np.asarray(labels, dtype=np.int64))
+
+
+class PatchPool:
+    """Selected rows of several subsets' ``patches.npy`` as one sequence, read from the memory-mapped files."""
+
+    def __init__(self, caches: Dict[int, SubsetCache], rows_by_subset: Dict[int, np.ndarray]):
+        keys = [k for k in sorted(rows_by_subset) if len(rows_by_subset[k])]
+        self.paths = {k: str(caches[k].patches_path) for k in keys}
+        self.subset = np.concatenate([np.full(len(rows_by_subset[k]), k) for k in keys] or [np.zeros(0, int)])
+        self.row = np.concatenate([np.asarray(rows_by_subset[k]) for k in keys] or [np.zeros(0, int)])
+        self.labels = np.concatenate([caches[k].labels[rows_by_subset[k]] for k in keys] or [np.zeros(0, int)])
+        self.patch_size = caches[keys[0]].patch_size if keys else 0
+        self._arrays: Dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getstate__(self):  # DataLoader workers open their own memory maps
+        state = dict(self.__dict__)
+        state["_arrays"] = {}
+        return state
+
+    def _array(self, subset: int) -> np.ndarray:
+        if subset not in self._arrays:
+            self._arrays[subset] = np.load(self.paths[subset], mmap_mode="r")
+        return self._arrays[subset]
+
+    def read(self, positions: np.ndarray) -> np.ndarray:
+        """int16 HU patches ``(B, P, P, P)`` for pool positions, read in file order from each subset."""
+        positions = np.asarray(positions, dtype=np.int64)
+        size = self.patch_size
+        out = np.empty((len(positions), size, size, size), dtype=np.int16)
+        subsets = self.subset[positions]
+        for k in np.unique(subsets):
+            where = np.flatnonzero(subsets == k)
+            rows = self.row[positions[where]]
+            order = np.argsort(rows, kind="stable")
+            out[where[order]] = self._array(int(k))[rows[order]]
+        return out
+
+
+class BatchReader(torch.utils.data.Dataset):
+    """Item i = (int16 HU patches ``(B, P, P, P)``, labels ``(B,)``) of the i-th planned batch."""
+
+    def __init__(self, pool: PatchPool, batches: List[np.ndarray]):
+        self.pool, self.batches = pool, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int):
+        positions = self.batches[i]
+        return torch.from_numpy(self.pool.read(positions)), torch.from_numpy(self.pool.labels[positions])
+
+
+def batch_loader(pool: PatchPool, batches: List[np.ndarray], workers: int, pin: bool):
+    return torch.utils.data.DataLoader(BatchReader(pool, batches), batch_size=None, shuffle=False,
+                                       num_workers=workers, pin_memory=pin)
+
+
+# --- encoder weights and feature caches ---------------------------------------------------
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_encoder_weights(encoder: nn.Module, weights: Path) -> Dict[str, Any]:
+    """Load pretrained Swin UNETR weights into ``encoder`` via ``swin_encoder.load_pretrained``; UserError when the
+    file is missing, not a checkpoint, or does not fit the encoder's configuration."""
+    import swin_encoder
+    weights = Path(weights)
+    if not weights.is_file():
+        raise UserError(f"--weights {weights}: no such file")
+    try:
+        report = swin_encoder.load_pretrained(encoder, weights)
+    except UserError as err:
+        raise UserError(f"--weights {weights}: {err}") from None
+    except Exception as err:  # unpickling, zip or shape errors: a file that is not (this kind of) checkpoint
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        raise UserError(f"--weights {weights} is not a Swin UNETR checkpoint that fits this encoder "
+                        f"({type(err).__name__}: {first_line[:300]})") from None
+    return report if isinstance(report, dict) else {"report": str(report)}
+
+
+def warn_random_init(what: str) -> None:
+    console.print(f"[bold yellow]WARNING: no --weights given: {what} starts from a RANDOMLY INITIALISED encoder. "
+                  f"Pass --weights <Swin UNETR checkpoint> to start from pretrained weights.[/]")
+
+
+def encoder_config(feature_size: int, window_size: int, grad_checkpoint: bool = False) -> Dict[str, Any]:
+    config = dict(head_mod.ENCODER_DEFAULTS)
+    config.update(feature_size=int(feature_size), window_size=int(window_size), use_checkpoint=bool(grad_checkpoint))
+    return config
+
+
+def feature_identity(encoder_cfg: Dict[str, Any], pooling: str, weights: Optional[Path], seed: int,
+                     hu_min: float, hu_max: float, views: int = 1) -> Dict[str, Any]:
+    """What determines cached features: encoder architecture, its weights (file hash, or the random-init seed),
+    pooling, HU window and the number of flipped views per patch (named only when above 1)."""
+    architecture = {k: v for k, v in encoder_cfg.items() if k != "use_checkpoint"}
+    weights_part = ({"weights": str(weights), "weights_sha256": file_sha256(Path(weights))} if weights
+                    else {"weights": None, "init_seed": int(seed)})
+    views_part = {"views": int(views)} if views > 1 else {}
+    return {"encoder": architecture, "pooling": pooling, "hu_min": float(hu_min), "hu_max": float(hu_max),
+            **weights_part, **views_part}
+
+
+def feature_tag(identity: Dict[str, Any]) -> str:
+    """The feature set's name: a hash of its identity (the weights path itself does not count, only its content)."""
+    key = {k: v for k, v in identity.items() if k != "weights"}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def feature_paths(work_dir: Path, subset: int, tag: str) -> Tuple[Path, Path, Path]:
+    """(features .npy, its JSON, the resumable parts folder) beside the subset's index.csv."""
+    folder = data.subset_dir(work_dir, subset)
+    return folder / f"features_{tag}.npy", folder / f"features_{tag}.json", folder / f"features_{tag}.parts"
+
+
+def encoder_state_path(work_dir: Path, tag: str) -> Path:
+    return Path(work_dir) / "features" / f"encoder_{tag}.pt"
+
+
+def describe_features(identity: Dict[str, Any]) -> str:
+    """One line saying what made a feature set."""
+    encoder = identity["encoder"]
+    weights = identity["weights"] or f"random init (seed {identity.get('init_seed')})"
+    return (f"feature_size {encoder['feature_size']}, window_size {encoder['window_size']}, pooling "
+            f"{identity['pooling']}, views {identity.get('views', 1)}, HU {identity['hu_min']:g}..{identity['hu_max']:g}, "
+            f"weights {weights}")
+
+
+def feature_sets(work_dir: Path) -> Dict[str, Dict[str, Any]]:
+    """``{name: identity}`` of the feature sets cache-features made in the work folder."""
+    found = {}
+    for path in sorted((Path(work_dir) / "features").glob("*.json")):
+        with contextlib.suppress(OSError, ValueError):
+            found[path.stem] = json.loads(path.read_text())
+    return found
+
+
+def choose_feature_set(work_dir: Path, name: Optional[str]) -> Tuple[str, Dict[str, Any]]:
+    """The feature set named ``name``, else the only one in the work folder; UserError listing them otherwise."""
+    sets = feature_sets(work_dir)
+    listing = "\n".join(f"  {tag}: {describe_features(identity)}" for tag, identity in sets.items())
+    if not sets:
+        raise UserError(f"no cached features under {Path(work_dir) / 'features'}; "
+                        f"run `python luna_cli.py cache-features` first")
+    if name is None and len(sets) > 1:
+        raise UserError(f"{len(sets)} feature sets in {Path(work_dir) / 'features'}; choose one with "
+                        f"--features NAME:\n{listing}")
+    name = name or next(iter(sets))
+    if name not in sets:
+        raise UserError(f"--features {name}: no such feature set; there are:\n{listing}")
+    return name, sets[name]
+
+
+def cache_features_hint(identity: Dict[str, Any], subset: int) -> str:
+    """The cache-features command that makes features of ``identity`` for one subset."""
+    encoder = identity["encoder"]
+    return (f"python luna_cli.py cache-features --subsets {subset} --feature-size {encoder['feature_size']} "
+            f"--window-size {encoder['window_size']} --pooling {identity['pooling']} --views {identity.get('views', 1)}"
+            f" --hu-min {identity['hu_min']:g} --hu-max {identity['hu_max']:g} "
+            + (f"--weights {identity['weights']}" if identity["weights"] else f"--seed {identity['init_seed']}"))
+
+
+class RateColumn(ProgressColumn):
+    """Items per second of a rich progress task."""
+
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.1f} {self.unit}/s" if speed else f"- {self.unit}/s", style="cyan")
+
+
+def progress_bar(unit: str, disable: bool = False):
+    return data.progress_bar(RateColumn(unit), TimeRemainingColumn(), console=console, disable=disable)
+
+
+def _prepare_feature_encoder(work_dir: Path, identity: Dict[str, Any], tag: str, weights: Optional[Path],
+                             seed: int) -> nn.Module:
+    """The frozen encoder of a feature set: reloaded from ``W/features/encoder_<tag>.pt`` when present,
+    else built (pretrained weights or seeded random init) and saved there, with ``<tag>.json`` beside it."""
+    state_path = encoder_state_path(work_dir, tag)
+    encoder_cfg = dict(identity["encoder"], use_checkpoint=False)
+    torch.manual_seed(seed)
+    encoder = head_mod.build_encoder(encoder_cfg)
+    if state_path.is_file():
+        encoder.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True)["state"])
+    else:
+        if weights:
+            load_encoder_weights(encoder, weights)
+        else:
+            warn_random_init("cache-features")
+        head_mod.save_checkpoint(state_path, {"format": ENCODER_FORMAT, "encoder": encoder_cfg,
+                                              "identity": identity, "state": encoder.state_dict()})
+    data.atomic_write_json(state_path.parent / f"{tag}.json", identity)
+    return encoder
+
+
+def cache_features(work_dir: Path, *, weights: Optional[Path] = None, feature_size: int = 48, window_size: int = 7,
+                   pooling: str = "avg", hu_min: float = -1000.0, hu_max: float = 1000.0, seed: int = 0,
+                   subsets: Optional[Sequence[int]] = None, batch_size: int = 32, device: str = "auto",
+                   precision: str = "auto", workers: Optional[int] = None, chunk_rows: int = 2048,
+                   views: int = 1, quiet: bool = False) -> str:
+    """Run the frozen encoder over the patch cache; store float16 features ``(N, F)`` per subset.
+
+    ``views`` > 1 stores the features of that many flips of each patch side by side, ``(N, views * F)``:
+    train-head then learns from every view (augmentation for a frozen encoder) and validates on their
+    average. Output beside each subset's index: ``features_<tag>.npy`` (row i = patch i of patches.npy) and
+    ``features_<tag>.json``; ``W/features/<tag>.json`` says what made the set (the tag is its name for
+    ``train-head --features``). Work is saved in chunks of ``chunk_rows`` patches: an interrupted run
+    resumes where it stopped; a finished subset is skipped. Returns the tag.
+    """
+    if batch_size < 1 or chunk_rows < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if pooling not in head_mod.POOLINGS:
+        raise UserError(f"--pooling must be one of {', '.join(head_mod.POOLINGS)}, got {pooling!r}")
+    available = extracted_subsets(work_dir)
+    chosen = sorted(available if subsets is None else subsets)
+    missing = [k for k in chosen if k not in available]
+    if not chosen or missing:
+        which = missing[0] if missing else "K"
+        raise UserError(f"no patch cache for subset {which} under {Path(work_dir) / 'patches'}; "
+                        f"run `python luna_cli.py extract --subset {which}` first")
+    caches = {k: read_subset_cache(work_dir, k) for k in chosen}
+    torch_device = head_mod.resolve_device(device)
+    precision = head_mod.resolve_precision(precision, torch_device)
+    identity = feature_identity(encoder_config(feature_size, window_size), pooling, weights, seed, hu_min, hu_max,
+                                head_mod.check_views(views))
+    tag = feature_tag(identity)
+    encoder = _prepare_feature_encoder(work_dir, identity, tag, weights, seed).to(torch_device).eval()
+    extractor = head_mod.Classifier(encoder, nn.Identity(), pooling)
+    workers = (min(4, os.cpu_count() or 1) if torch_device.type == "cuda" else 0) if workers is None else workers
+    todo = {k: c for k, c in caches.items() if not features_complete(work_dir, k, tag, len(c))}
+    with progress_bar("patches", disable=quiet) as progress:
+        task = progress.add_task(f"features {tag}", total=sum(len(c) for c in todo.values()))
+        for cache in todo.values():
+            _cache_subset_features(work_dir, cache, tag, identity, extractor, torch_device, precision,
+                                   batch_size, chunk_rows, workers, lambda n: progress.advance(task, n))
+    if not quiet:
+        console.print(f"features [bold]{tag}[/] for subset(s) {chosen} ({len(caches) - len(todo)} already up to "
+                      f"date); train the head with `python luna_cli.py train-head` (--features {tag})")
+    return tag
+
+
+def features_complete(work_dir: Path, subset: int, tag: str, rows: int) -> bool:
+    npy, meta, _ = feature_paths(work_dir, subset, tag)
+    if not (npy.is_file() and meta.is_file()):
+        return False
+    try:
+        return json.loads(meta.read_text()).get("rows") == rows and np.load(npy, mmap_mode="r").shape[0] == rows
+    except (OSError, ValueError):
+        return False
+
+
+@torch.no_grad()
+def _cache_subset_features(work_dir: Path, cache: SubsetCache, tag: str, identity: Dict[str, Any],
+                           extractor: head_mod.Classifier, device: torch.device, precision: str, batch_size: int,
+                           chunk_rows: int, workers: int, advance: Callable[[int], None]) -> None:
+    npy, meta, parts_dir = feature_paths(work_dir, cache.subset, tag)
+    stat = cache.patches_path.stat()  # parts of an earlier patches.npy are discarded
+    parts = data.Parts(parts_dir, {"rows": len(cache), "patches_bytes": stat.st_size,
+                                   "patches_mtime_ns": stat.st_mtime_ns})
+    pool = PatchPool({cache.subset: cache}, {cache.subset: np.arange(len(cache))})
+    names = {start: f"rows_{start:010d}" for start in range(0, len(cache), chunk_rows)}
+    done = parts.done()
+    for start, name in names.items():
+        stop = min(start + chunk_rows, len(cache))
+        if name in done:
+            advance(stop - start)
+            continue
+        batches = [np.arange(b, min(b + batch_size, stop)) for b in range(start, stop, batch_size)]
+        chunk = []
+        for hu, _ in batch_loader(pool, batches, workers, device.type == "cuda"):
+            x = data.hu_to_unit(hu.to(device, non_blocking=True), identity["hu_min"], identity["hu_max"])
+            with autocast(device, precision):
+                features = torch.cat([extractor.forward_features(view)
+                                      for view in head_mod.flipped_views(x, identity.get("views", 1))], dim=1)
+            chunk.append(features.float().cpu().numpy().astype(np.float16))
+            advance(len(hu))
+        parts.save(name, np.concatenate(chunk))
+    blocks = [parts.load(name) for name in names.values()]
+    data.atomic_concatenate_npy(npy, blocks, blocks[0].shape[1:], np.float16)
+    data.atomic_write_json(meta, {"format": FEATURE_FORMAT, "tag": tag, "rows": len(cache),
+                                  "feature_dim": int(blocks[0].shape[1]), "patch_size": cache.patch_size,
+                                  "spacing_mm": cache.spacing_mm, "precision": precision,
+                                  "encoder_state": str(encoder_state_path(work_dir, tag)), **identity})
+    del blocks
+    parts.remove()
+
+
