@@ -13,7 +13,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, List, Optional
 
-import click
 import typer
 from rich.console import Console
 
@@ -114,7 +113,8 @@ def given_options(ctx: typer.Context, names: list, values: dict) -> dict:
     """The options among ``names`` that the user gave on the command line, as the stage functions take them."""
     given = {}
     for name in names:
-        if ctx.get_parameter_source(name) in (click.core.ParameterSource.DEFAULT, None):
+        source = ctx.get_parameter_source(name)
+        if source is None or source.name == "DEFAULT":
             continue
         value = values[name]
         if name in ("val_subsets", "test_subsets"):

@@ -94,8 +94,8 @@ def region_labels(padded: Sequence[int], window: Sequence[int], shift: Sequence[
 
 @functools.lru_cache(maxsize=64)
 def build_geometry(size: Tuple[int, int, int], window: int, shifted: bool = True) -> WindowGeometry:
-    """Window geometry (cached) of a token grid ``size = (d, h, w)``, of the shifted blocks unless not
-    ``shifted``; masks are float32 on the CPU."""
+    """Window geometry of a token grid ``size = (d, h, w)`` for the shifted blocks, or with ``shifted=False``
+    for the plain ones; cached, masks are float32 on the CPU."""
     windows = tuple(min(n, window) for n in size)
     shifts = tuple(window // 2 if shifted and n > window else 0 for n in size)
     padded = tuple(-(-n // w) * w for n, w in zip(size, windows))
@@ -160,10 +160,8 @@ def unroll_and_crop(x: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
 
 
 def partition_windows(x: torch.Tensor, geometry: WindowGeometry, parts: int, heads: int) -> torch.Tensor:
-    """``(B, Dp, Hp, Wp, parts*heads*hd)`` -> ``(parts, windows, heads, N, hd)``.
-
-    Windows are ordered box by box (``geometry.groups``), inside a box by (batch, d, h, w).
-    """
+    """``(B, Dp, Hp, Wp, parts*heads*hd)`` -> ``(parts, windows, heads, N, hd)``, the windows ordered box
+    by box (``geometry.groups``), inside a box by (batch, d, h, w)."""
     b = x.shape[0]
     (nd, nh, nw), (w0, w1, w2) = geometry.counts, geometry.window
     head_dim = x.shape[-1] // (parts * heads)
@@ -475,7 +473,8 @@ class SwinEncoder(nn.Module):
         if x.shape[1] != self.in_channels:
             raise ValueError(f"expected {self.in_channels} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
         if any(n % self.size_multiple for n in x.shape[2:]) or min(x.shape[2:]) == 0:
-            raise ValueError(f"spatial sizes must be positive multiples of {self.size_multiple}, got {tuple(x.shape[2:])}")
+            raise ValueError(f"spatial sizes must be positive multiples of {self.size_multiple}, "
+                             f"got {tuple(x.shape[2:])}")
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         """``(B, C, D, H, W)`` -> the five stage maps, with shapes as in the module docstring."""
@@ -531,10 +530,7 @@ def torch_load_weights(path, map_location="cpu"):
     (``scalar`` under its numpy 1 and numpy 2 module names, ``numpy.dtype`` and the numeric dtype
     classes); anything else a pickle names, code to run included, is still refused by ``torch.load``.
     """
-    try:
-        from numpy._core.multiarray import scalar  # numpy >= 2
-    except ImportError:
-        from numpy.core.multiarray import scalar
+    scalar = np.float64(0).__reduce__()[0]  # numpy's scalar rebuilder, public in neither numpy 1 nor 2
     allowed = [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype]
     allowed += [type(np.dtype(name)) for name in _NUMPY_SCALAR_TYPES]
     with torch.serialization.safe_globals(allowed):

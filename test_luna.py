@@ -504,7 +504,7 @@ def test_evaluate_cli_scores_a_submission_and_reports_bad_files(tmp_path):
     (tmp_path / "bad.csv").write_text("seriesuid,coordX,coordY,coordZ,probability\ns1,1,2,x,0.5\n")
     args[2] = str(tmp_path / "bad.csv")
     result = CliRunner().invoke(luna_cli.app, args)
-    assert result.exit_code == 1 and "line 2" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 1 and "line 2" in result.output and isinstance(result.exception, SystemExit)
 
 
 def _reference_froc(rows, nodules, excluded, seriesuids, rates=(0.125, 0.25, 0.5, 1, 2, 4, 8)):
@@ -692,7 +692,7 @@ def test_evaluate_cli_model_skips_an_unreadable_scan(eval_phantom, tmp_path):
                                                "--bootstrap", "20", "--device", "cpu"])
     text = " ".join(result.output.split())
     assert result.exit_code == 1, result.output
-    assert broken.stem in text and "Traceback" not in result.output and "CPM" in text
+    assert broken.stem in text and isinstance(result.exception, SystemExit) and "CPM" in text
     out = tmp_path / "work" / "eval" / "tiny_subsets0"
     saved = json.loads((out / "metrics.json").read_text())
     assert list(saved["unreadable_scans"]) == [broken.stem] and saved["n_scans"] == 1
@@ -789,7 +789,7 @@ def test_predict_cli_reads_a_candidates_file_and_rejects_bad_points(eval_phantom
     assert rows[0].startswith("coordX,coordY,coordZ,probability,follow_up")
     assert len(rows) - 1 == sum(r[0] == mhd.stem for r in _subset_candidates(eval_phantom, 1))
     result = CliRunner().invoke(luna_cli.app, base + ["--coord", "1,2"])
-    assert result.exit_code == 1 and "X,Y,Z" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 1 and "X,Y,Z" in result.output and isinstance(result.exception, SystemExit)
     bad = tmp_path / "bad.csv"
     bad.write_text("coordX,coordY,coordZ\n1,2,3\n4,five,6\n")
     result = CliRunner().invoke(luna_cli.app, base + ["--candidates", str(bad)])
@@ -1155,6 +1155,37 @@ def test_finetune_resume_repeats_the_uninterrupted_run(tmp_path):
     assert len(train.read_history(whole / "history.csv")) == 4
 
 
+def test_resume_refuses_changed_options_and_the_cli_passes_only_given_ones(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+    import luna_cli
+    import train
+    from data import UserError
+    work = _train_cache(tmp_path / "w", subsets=(0, 1), scans=2, positives=1, negatives=1, seed=7)
+    train.finetune(work, run="r", stop_after=1, epochs=3, batch_size=2, epoch_samples=2, val_subsets=[1],
+                   test_subsets=[9], device="cpu", quiet=True, **SMALL_MODEL)
+    with pytest.raises(UserError, match=r"--epochs: the run has 3, this call 5; --lr: the run has 0.0001, this call 0.001"):
+        train.finetune(work, run="r", resume=True, epochs=5, lr=1e-3, device="cpu", quiet=True)
+    base = ["finetune", "--work-dir", str(work), "--run", "r", "--resume", "--device", "cpu"]
+    refused = CliRunner().invoke(luna_cli.app, base + ["--window-size", "7", "--stop-after", "1"])
+    assert refused.exit_code == 1 and isinstance(refused.exception, SystemExit)
+    assert "--window-size: the run has 4, this call 7" in " ".join(refused.output.split())
+    # options not given keep the run's values; the same value again and runtime options are accepted
+    done = CliRunner().invoke(luna_cli.app, base + ["--epochs", "3", "--workers", "0", "--stop-after", "1"])
+    assert done.exit_code == 0, done.output
+    assert [row["epoch"] for row in train.read_history(work / "runs" / "r" / "history.csv")] == [1, 2]
+    # so the command line's defaults must be the stages' own
+    commands = typer.main.get_command(luna_cli.app).commands
+    for name, defaults, options in (("finetune", train.FINETUNE_DEFAULTS, luna_cli.FINETUNE_OPTIONS),
+                                    ("train-head", train.HEAD_DEFAULTS, luna_cli.HEAD_OPTIONS)):
+        params = {p.name: p for p in commands[name].params}
+        for option in options:
+            default = params[option].default
+            if option.endswith("_subsets"):
+                default = luna_cli.parse_subsets(default)
+            assert getattr(default, "value", default) == defaults[option], (name, option)
+
+
 def test_finetune_two_processes_with_gloo(tmp_path):
     import json
     import os
@@ -1460,3 +1491,135 @@ def test_cached_flipped_views_sit_side_by_side_and_train_the_head(tmp_path):
     three = features.cache_features(work, seed=0, views=3, subsets=[0], quiet=True, **SMALL_MODEL)
     with pytest.raises(train.UserError, match="no features of subset 1.*--subsets 1 .*--views 3"):
         train.train_head(work, features=three, epochs=1, val_subsets=[1], test_subsets=[9], run="missing", quiet=True)
+
+
+# --- published checkpoint formats ---
+
+def _brats21_checkpoint(case, best_acc, module_prefix="", training_state=None):
+    """The fixture's full Swin UNETR weights (``swinViT.*`` plus decoder keys) in the dict the BraTS21
+    trainer of Project-MONAI research-contributions saves: epoch, numpy ``best_acc``, model state dict
+    (``module.``-prefixed under DataParallel) and, optionally, optimizer and scheduler state dicts."""
+    state = {module_prefix + key: value for key, value in case["checkpoint"]["state_dict"].items()}
+    return {"epoch": 7, "best_acc": best_acc, "state_dict": state, **(training_state or {})}
+
+
+def _adamw_and_scheduler_state(scheduler_kind):
+    """Real optimizer and scheduler state dicts after one step, as the trainer saves them."""
+    import torch
+    from swin_encoder import SwinEncoder
+    params = list(SwinEncoder(in_channels=4, feature_size=12, window_size=4).parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-5)
+    if scheduler_kind == "lambda":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lambda epoch: 0.9 ** epoch)
+    else:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10, eta_min=1e-6)
+    for p in params:
+        p.grad = torch.full_like(p, 0.01)
+    optimizer.step()
+    scheduler.step()
+    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+
+
+@pytest.mark.parametrize("acc_dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("module_prefix", ["", "module."])
+@pytest.mark.parametrize("training_state", [None, "lambda", "cosine"])
+def test_published_brats21_checkpoints_load(tmp_path, acc_dtype, module_prefix, training_state):
+    import pickle
+    import torch
+    from swin_encoder import SwinEncoder, load_pretrained, torch_load_weights
+    case = _swin_fixture()["w4"]
+    reference = SwinEncoder(in_channels=4, feature_size=12, window_size=4)
+    plain = tmp_path / "plain.pt"
+    torch.save(case["checkpoint"], plain)
+    load_pretrained(reference, plain)
+    best_acc = np.mean(np.array([0.81, 0.86, 0.9], dtype=acc_dtype))  # as the trainer computes it
+    assert type(best_acc) is acc_dtype
+    extra = _adamw_and_scheduler_state(training_state) if training_state else None
+    path = tmp_path / "model_final.pt"
+    torch.save(_brats21_checkpoint(case, best_acc, module_prefix, extra), path)
+    with pytest.raises(pickle.UnpicklingError):  # what plain weights_only loading makes of it
+        torch.load(path, weights_only=True)
+    loaded = torch_load_weights(path)
+    assert type(loaded["best_acc"]) is acc_dtype and loaded["best_acc"] == best_acc and loaded["epoch"] == 7
+    assert set(loaded) == {"epoch", "best_acc", "state_dict"} | set(extra or {})
+    encoder = SwinEncoder(in_channels=4, feature_size=12, window_size=4)
+    report = load_pretrained(encoder, path)
+    decoder_keys = [module_prefix + k for k in case["checkpoint"]["state_dict"] if not k.startswith("swinViT.")]
+    assert decoder_keys and report["ignored"] == sorted(decoder_keys)
+    expected = reference.state_dict()
+    assert all(torch.equal(value, expected[name]) for name, value in encoder.state_dict().items())
+    assert _max_relative_error(_encoder_outputs(encoder, case["input"]), case["outputs"]) < 1e-5
+
+
+def test_published_checkpoint_loader_admits_numpy_scalars_only(tmp_path):
+    import pickle
+    import torch
+    from swin_encoder import torch_load_weights
+    scalars = {"f16": np.float16(0.5), "f32": np.float32(0.25), "f64": np.float64(0.125), "i64": np.int64(-3),
+               "u8": np.uint8(200), "flag": np.bool_(True), "kind": np.dtype("float32")}
+    path = tmp_path / "scalars.pt"
+    torch.save(scalars, path)
+    loaded = torch_load_weights(path)
+    assert {k: (type(v), v) for k, v in loaded.items()} == {k: (type(v), v) for k, v in scalars.items()}
+    torch.save({"weights": torch.ones(2), "array": np.zeros(3)}, path)  # arrays are not scalars
+    with pytest.raises(pickle.UnpicklingError, match="numpy"):
+        torch_load_weights(path)
+
+
+def test_published_checkpoint_that_would_run_code_is_refused(tmp_path):
+    import os
+    import torch
+    from data import UserError
+    from swin_encoder import SwinEncoder, load_pretrained
+    try:
+        from numpy.testing._private.utils import runstring  # a numpy function that execs its argument
+    except ImportError:
+        runstring = None
+    marker = tmp_path / "code_ran"
+
+    class RunsShell:
+        def __reduce__(self):
+            return os.system, (f"touch '{marker}'",)
+
+    class RunsPythonViaNumpy:  # allowing numpy scalars must not allow the rest of numpy
+        def __reduce__(self):
+            return runstring, (f"open({str(marker)!r}, 'w').close()", {})
+
+    case = _swin_fixture()["w4"]
+    encoder = SwinEncoder(in_channels=4, feature_size=12, window_size=4)
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    for payload in [RunsShell()] + ([RunsPythonViaNumpy()] if runstring else []):
+        path = tmp_path / "model.pt"
+        checkpoint = _brats21_checkpoint(case, np.float32(0.9), "module.")
+        checkpoint["scheduler"] = payload
+        torch.save(checkpoint, path)
+        with pytest.raises(UserError, match=r"model\.pt: not a readable PyTorch checkpoint"):
+            load_pretrained(encoder, path)
+        assert not marker.exists()
+        torch.load(path, weights_only=False)  # the payload is live: an unrestricted load runs it
+        assert marker.exists()
+        marker.unlink()
+    assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
+
+
+def test_published_checkpoint_saved_under_numpy_1_loads(tmp_path):
+    import zipfile
+    import torch
+    from swin_encoder import SwinEncoder, load_pretrained, torch_load_weights
+    case = _swin_fixture()["w4"]
+    saved = tmp_path / "saved.pt"
+    torch.save(_brats21_checkpoint(case, np.float64(0.87), "module."), saved)
+    # the published checkpoints were written under numpy 1, whose pickles name numpy.core, not numpy._core
+    path = tmp_path / "numpy1.pt"
+    with zipfile.ZipFile(saved) as source, zipfile.ZipFile(path, "w") as target:
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename.endswith("/data.pkl"):
+                assert data.count(b"numpy._core.multiarray\nscalar") == 1
+                data = data.replace(b"numpy._core.multiarray\nscalar", b"numpy.core.multiarray\nscalar")
+            target.writestr(info.filename, data)
+    assert torch_load_weights(path)["best_acc"] == np.float64(0.87)
+    encoder, reference = (SwinEncoder(in_channels=4, feature_size=12, window_size=4) for _ in range(2))
+    load_pretrained(encoder, path)
+    load_pretrained(reference, saved)
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in encoder.state_dict().items())
