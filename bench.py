@@ -180,8 +180,8 @@ def bench_froc(rows: int = 754_975, repeats: int = 3, bootstrap: int = 1000, see
     folder = Path(tempfile.mkdtemp(prefix="bench_froc_"))
     submission = folder / "submission.csv"
     annotations, excluded, seriesuids = _synthetic_submission(submission, rows, seed)
-    reference = (evaluate.read_findings(annotations), evaluate.read_findings(excluded, excluded=True),
-                 evaluate.read_seriesuid_list(seriesuids))
+    import data
+    reference = (evaluate.read_findings(annotations), evaluate.read_findings(excluded), data.read_seriesuids(seriesuids))
 
     def dict_reader():
         with open(submission, newline="") as handle:
@@ -211,13 +211,13 @@ def bench_froc(rows: int = 754_975, repeats: int = 3, bootstrap: int = 1000, see
 
 
 @bench_app.command("evaluate")
-def bench_evaluate(device: str = "cpu", bf16: bool = False, size: int = 32, feature_size: int = 12,
+def bench_evaluate(device: str = "cpu", precision: str = "fp32", size: int = 32, feature_size: int = 12,
                    window_size: int = 4, batch_size: int = 64, workers: int = 2, scans: int = 4,
                    negatives_per_scan: int = 40, scan_shape: str = "small", repeats: int = 3, seed: int = 0,
                    in_process: bool = True):
     """Whole-subset model evaluation (read, extract, model) in candidates/s on a phantom subset: with worker
     processes reading ahead against none, and the model alone on ready patches; projects all 754,975
-    LUNA16 candidates. GPU: --device cuda --bf16 --size 64 --feature-size 48."""
+    LUNA16 candidates. GPU: --device cuda --precision bf16 --size 64 --feature-size 48."""
     import tempfile
     from pathlib import Path
     import numpy as np
@@ -243,8 +243,8 @@ def bench_evaluate(device: str = "cpu", bf16: bool = False, size: int = 32, feat
 
     def evaluation(n_workers: int):
         result = evaluate.evaluate_model(checkpoint, folder / "luna16", [0], folder / f"eval{next(runs)}",
-                                         batch_size=batch_size, workers=n_workers, device=device, bf16=bf16,
-                                         bootstrap=0)
+                                         batch_size=batch_size, workers=n_workers, device=device,
+                                         precision=precision, bootstrap=0)
         loop_rates.setdefault(n_workers, []).append(result["candidates_per_second"])
         return result
 
@@ -259,11 +259,11 @@ def bench_evaluate(device: str = "cpu", bf16: bool = False, size: int = 32, feat
     patches = data.extract_patches(scan, points, size, 1.0)
     ready = np.concatenate([patches] * max(1, -(-4 * batch_size // len(patches))))  # at least 4 full batches
     model, meta = head.load_classifier(checkpoint, device=device)
-    model_s = median_seconds(lambda: evaluate.predict_patches(model, ready, meta["preprocess"], device, batch_size,
-                                                              bf16=bf16), repeats)
+    model_s = median_seconds(lambda: head.predict_patches(model, ready, meta["preprocess"], device, batch_size,
+                                                          precision=precision), repeats)
     extract_s = median_seconds(lambda: data.extract_patches(data.read_ct(scan_path), points, size, 1.0), repeats)
     table = Table(title=f"evaluate: {n_candidates} candidates of {scans} phantom scans {phantom.SIZES[scan_shape]}, "
-                        f"{size}^3 patches, feature size {feature_size}, {device}{' bf16' if bf16 else ''}")
+                        f"{size}^3 patches, feature size {feature_size}, {device} {precision}")
     for column in ("what", "median (s)", "candidates/s", "projected 754,975 candidates"):
         table.add_column(column, justify="right")
     base = None
@@ -352,10 +352,11 @@ def _train_step_speed(patch_size: int, feature_size: int, window_size: int, batc
     and peak memory: CUDA max allocated, or on the CPU the peak RSS of this (fresh) process."""
     import resource
     import torch
+    import features
     import head
     import train
     torch.manual_seed(0)
-    config = {"encoder": train.encoder_config(feature_size, window_size), "pooling": "avg", "patch_size": patch_size}
+    config = {"encoder": features.encoder_config(feature_size, window_size), "pooling": "avg", "patch_size": patch_size}
     model = head.build_classifier(config).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(0)
@@ -368,7 +369,7 @@ def _train_step_speed(patch_size: int, feature_size: int, window_size: int, batc
 
     def step():
         x = train.training_inputs(hu, labels, generator, -1000.0, 1000.0, True, 3)
-        with train.autocast(torch_device, precision):
+        with head.autocast(torch_device, precision):
             logits = model(x)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels)
         loss.backward()

@@ -362,13 +362,6 @@ def _rate_key(rate: float) -> str:
 
 # --- scoring files -------------------------------------------------------------------------
 
-def default_reference_files(data_dir) -> dict:
-    """``annotations.csv``, ``annotations_excluded.csv`` and ``seriesuids.csv`` of a LUNA16 root."""
-    data_dir = Path(data_dir)
-    return {"annotations": data_dir / "annotations.csv", "excluded": data_dir / "annotations_excluded.csv",
-            "seriesuids": data_dir / "seriesuids.csv"}
-
-
 def score_submission(submission, annotations, excluded, seriesuids: Union[Path, str, Sequence[str]],
                      json_out: Optional[Path] = None, figure: Optional[Path] = None,
                      bootstrap: int = 1000, seed: int = 0) -> dict:
