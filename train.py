@@ -714,31 +714,14 @@ def train_head(work_dir: Path, *, features: Optional[str] = None, val_subsets: O
     caches, split, patch_size, spacing_mm = load_split(work_dir, options["val_subsets"], options["test_subsets"],
                                                        options["seed"])
     views = identity.get("views", 1)
-    train_x, train_y = _load_features(work_dir, caches, split.train, tag, identity)
-    val_x, val_y = _load_features(work_dir, caches, split.val, tag, identity)
-    # One training sample per view; validation keeps a patch's views together: (N, views, F).
-    train_x, train_y = train_x.reshape(len(train_y) * views, -1), train_y.repeat_interleave(views)
-    val_x = val_x.reshape(len(val_y), views, -1)
+    (train_x, train_y), (val_x, val_y) = (_load_features(work_dir, caches, rows, tag, identity)
+                                          for rows in (split.train, split.val))
+    train_x, train_y = train_x.flatten(0, 1), train_y.repeat_interleave(views)  # one training sample per view
     config = head_mod.resolve_config({"encoder": dict(identity["encoder"], use_checkpoint=False),
                                       "pooling": identity["pooling"], "patch_size": patch_size})
     seed_everything(options["seed"])
     classifier = _head_classifier(work_dir, tag, config, train_x, resume_payload, run_dir, patch_size, spacing_mm)
-    classifier.to(torch_device)
-    module = classifier.head
-    n_samples = options["epoch_samples"] or len(train_y)
-
-    def train_batches(epoch: int):
-        for positions in epoch_batches(train_y.numpy(), n_samples, options["batch_size"], options["seed"], epoch):
-            index = torch.from_numpy(positions)
-            yield train_x[index].to(torch_device).float(), train_y[index].to(torch_device).float()
-
-    @torch.no_grad()
-    def val_logits():
-        module.eval()
-        chunks = [torch.sigmoid(module(val_x[i:i + 4096].to(torch_device).float()).float()).mean(dim=1).cpu()
-                  for i in range(0, len(val_y), 4096)]
-        return torch.logit(torch.cat(chunks).double(), eps=1e-12).numpy(), val_y.numpy()
-
+    batches = FeatureBatches(train_x, train_y, val_x, val_y, options, torch_device)
     if split.method == "seriesuid" and not quiet:
         console.print(f"[yellow]{split.note}[/]")
     preprocess = _preprocess(patch_size, spacing_mm, identity["hu_min"], identity["hu_max"])
@@ -748,10 +731,35 @@ def train_head(work_dir: Path, *, features: Optional[str] = None, val_subsets: O
         "preprocess": preprocess, "config": config, "world_size": 1})
     base = {"format": head_mod.CHECKPOINT_FORMAT, "kind": "train-head", "run": run_dir.name, "config": config,
             "preprocess": preprocess, "views": views, "feature_tag": tag, "weights": identity["weights"]}
-    fit = Fit(run_dir, options, classifier, module, train_batches, int(math.ceil(n_samples / options["batch_size"])),
-              val_logits, base, torch_device, "fp32", job, quiet)
+    fit = Fit(run_dir, options, classifier.to(torch_device), classifier.head, batches.train_batches,
+              batches.n_batches, lambda: batches.val_logits(classifier.head), base, torch_device, "fp32", job, quiet)
     run_fit(fit, resume_payload, stop_after)
     return run_dir
+
+
+class FeatureBatches:
+    """train-head's batches: class-balanced draws of cached feature vectors, and validation logits of each
+    patch's probability averaged over its views (``val_x``: ``(N, views, F)``)."""
+
+    def __init__(self, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+                 options: Dict[str, Any], device: torch.device):
+        self.train_x, self.train_y, self.val_x, self.val_y = train_x, train_y, val_x, val_y
+        self.options, self.device = options, device
+        self.n_samples = options["epoch_samples"] or len(train_y)
+        self.n_batches = int(math.ceil(self.n_samples / options["batch_size"]))
+
+    def train_batches(self, epoch: int):
+        opts = self.options
+        for positions in epoch_batches(self.train_y.numpy(), self.n_samples, opts["batch_size"], opts["seed"], epoch):
+            index = torch.from_numpy(positions)
+            yield self.train_x[index].to(self.device).float(), self.train_y[index].to(self.device).float()
+
+    @torch.no_grad()
+    def val_logits(self, module: nn.Module) -> Tuple[np.ndarray, np.ndarray]:
+        module.eval()
+        chunks = [torch.sigmoid(module(self.val_x[i:i + 4096].to(self.device).float()).float()).mean(dim=1).cpu()
+                  for i in range(0, len(self.val_y), 4096)]
+        return torch.logit(torch.cat(chunks).double(), eps=1e-12).numpy(), self.val_y.numpy()
 
 
 def _head_classifier(work_dir: Path, tag: str, config: Dict[str, Any], train_x: torch.Tensor,
@@ -776,7 +784,7 @@ def _head_classifier(work_dir: Path, tag: str, config: Dict[str, Any], train_x: 
 
 def _load_features(work_dir: Path, caches: Dict[int, SubsetCache], rows_by_subset: Dict[int, np.ndarray], tag: str,
                    identity: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """float16 features ``(N, F)`` and float labels ``(N,)`` of the selected rows, in subset order."""
+    """float16 features ``(N, views, F)`` and float labels ``(N,)`` of the selected rows, in subset order."""
     features, labels = [], []
     for k, rows in sorted(rows_by_subset.items()):
         if not len(rows):
@@ -787,7 +795,8 @@ def _load_features(work_dir: Path, caches: Dict[int, SubsetCache], rows_by_subse
         array = np.load(feature_paths(work_dir, k, tag)[0], mmap_mode="r")
         features.append(np.asarray(array[np.sort(rows)]))
         labels.append(caches[k].labels[np.sort(rows)])
-    return torch.from_numpy(np.concatenate(features)), torch.from_numpy(np.concatenate(labels).astype(np.float32))
+    labels = torch.from_numpy(np.concatenate(labels).astype(np.float32))
+    return torch.from_numpy(np.concatenate(features)).reshape(len(labels), identity.get("views", 1), -1), labels
 
 
 # --- finetune ------------------------------------------------------------------------------------
