@@ -1008,18 +1008,18 @@ SMALL_MODEL = dict(feature_size=12, window_size=4)
 
 
 def test_split_by_scan_never_puts_a_scan_on_both_sides(tmp_path):
-    import train
+    import features
     from data import UserError
     work = _train_cache(tmp_path / "w", subsets=(0, 1, 2, 3), scans=4, positives=1, negatives=2)
     (work / "patches" / "subset3" / "index.csv").write_text("not,a,valid\nindex\n")  # test subset: never read
-    caches, split, patch_size, _ = train.load_split(work, [2], [3], seed=0)
+    caches, split, patch_size, _ = features.load_split(work, [2], [3], seed=0)
     assert split.method == "subsets" and sorted(caches) == [0, 1, 2] and patch_size == 32
     uids = lambda side: {u for k, rows in side.items() for u in caches[k].seriesuids[rows]}
     assert uids(split.train) and uids(split.val) and not uids(split.train) & uids(split.val)
     assert sum(len(r) for r in split.train.values()) + sum(len(r) for r in split.val.values()) == 3 * 12
     # only subset 0 extracted: 80:20 by seriesuid, with a note, and every scan's patches on one side
     only0 = _train_cache(tmp_path / "one", subsets=(0,), scans=10, positives=1, negatives=2, seed=1)
-    caches, split, _, _ = train.load_split(only0, [8], [9], seed=0)
+    caches, split, _, _ = features.load_split(only0, [8], [9], seed=0)
     assert split.method == "seriesuid" and "seriesuid" in split.note
     train_uids, val_uids = uids(split.train), uids(split.val)
     assert len(val_uids) == 2 and len(train_uids) == 8 and not train_uids & val_uids
@@ -1027,11 +1027,11 @@ def test_split_by_scan_never_puts_a_scan_on_both_sides(tmp_path):
         for uid in set(cache.seriesuids):
             rows = set(np.flatnonzero(cache.seriesuids == uid))
             assert rows <= set(split.train[k]) or rows <= set(split.val[k])
-    assert train.load_split(only0, [8], [9], seed=0)[1].val[0].tolist() == split.val[0].tolist()
+    assert features.load_split(only0, [8], [9], seed=0)[1].val[0].tolist() == split.val[0].tolist()
     with pytest.raises(UserError, match="extract --subset"):
-        train.load_split(tmp_path / "empty", [8], [9], seed=0)
+        features.load_split(tmp_path / "empty", [8], [9], seed=0)
     with pytest.raises(UserError, match="validation and test"):
-        train.load_split(work, [2], [2, 3], seed=0)
+        features.load_split(work, [2], [2, 3], seed=0)
 
 
 def test_cube_symmetries_are_48_distinct_and_applied_with_labels(tmp_path):

@@ -48,9 +48,9 @@ from torch import nn
 import data
 import head as head_mod
 from data import AIR_HU, UserError
-from features import (EXTRACT_HINT, PatchPool, SubsetCache, batch_loader, choose_feature_set, cache_features_hint,
-                      encoder_config, encoder_state_path, extracted_subsets, feature_paths, features_complete,
-                      load_encoder_weights, progress_bar, read_subset_cache, warn_random_init)
+from features import (PatchPool, SubsetCache, batch_loader, cache_features_hint, choose_feature_set, encoder_config,
+                      encoder_state_path, feature_paths, features_complete, load_encoder_weights, load_split,
+                      progress_bar, warn_random_init)
 from head import autocast
 
 console = Console()
@@ -67,105 +67,12 @@ FINETUNE_DEFAULTS: Dict[str, Any] = dict(
 
 # --- patch cache ---------------------------------------------------------------
 
-def check_patch_geometry(caches: Dict[int, SubsetCache]) -> Tuple[int, float]:
-    """The common (patch_size, spacing_mm) of the subsets; UserError listing each subset's values if they differ."""
-    values = {k: (c.patch_size, c.spacing_mm) for k, c in caches.items()}
-    if len(set(values.values())) > 1:
-        listing = ", ".join(f"subset{k}: patch_size {p}, spacing_mm {s}" for k, (p, s) in sorted(values.items()))
-        raise UserError(f"the patch caches were made with different parameters ({listing}); "
-                        f"extract them again with the same --patch-size and --spacing")
-    return next(iter(values.values()))
-
-
 def check_preprocess_matches(stored: Dict[str, Any], patch_size: int, spacing_mm: float, source: str) -> None:
     """Refuse a checkpoint whose patch geometry differs from the patch cache's, naming both values."""
     if int(stored["patch_size"]) != patch_size or not math.isclose(float(stored["spacing_mm"]), spacing_mm):
         raise UserError(f"{source} was trained on patches of {stored['patch_size']} voxels at {stored['spacing_mm']} mm, "
                         f"but the patch cache holds {patch_size} voxels at {spacing_mm} mm; extract with the "
                         f"checkpoint's parameters or train a new model")
-
-
-# --- splits by scan -----------------------------------------------------------
-
-@dataclass
-class ScanSplit:
-    """Row indices per subset for training and validation; ``method`` is "subsets" or "seriesuid"."""
-    train: Dict[int, np.ndarray]
-    val: Dict[int, np.ndarray]
-    method: str
-    note: str
-
-    def summary(self, caches: Dict[int, SubsetCache]) -> Dict[str, Any]:
-        def side(rows_by_subset):
-            uids = {u for k, rows in rows_by_subset.items() for u in caches[k].seriesuids[rows]}
-            labels = np.concatenate([caches[k].labels[rows] for k, rows in rows_by_subset.items()] or [[]])
-            return {"subsets": sorted(k for k, rows in rows_by_subset.items() if len(rows)), "scans": len(uids),
-                    "patches": int(len(labels)), "positives": int(np.sum(labels))}
-        return {"method": self.method, "note": self.note, "train": side(self.train), "val": side(self.val)}
-
-
-def split_by_scan(caches: Dict[int, SubsetCache], val_subsets: Sequence[int], test_subsets: Sequence[int],
-                  seed: int = 0, val_fraction: float = 0.2) -> ScanSplit:
-    """Split the extracted (non-test) subsets into training and validation rows, never one scan on both sides.
-
-    By subset when the subsets present give both a training and a validation part; otherwise the seriesuids
-    of all present subsets are shuffled with ``seed`` and ``val_fraction`` of them go to validation.
-    """
-    if set(val_subsets) & set(test_subsets):
-        raise UserError(f"subsets {sorted(set(val_subsets) & set(test_subsets))} are both validation and test subsets")
-    if set(caches) & set(test_subsets):
-        raise ValueError("test subsets must not be loaded for training")
-    if not caches:
-        raise UserError(f"no extracted patch cache outside the test subsets {list(test_subsets)}; "
-                        f"run `{EXTRACT_HINT}` first")
-    val_present = sorted(k for k in caches if k in val_subsets)
-    train_present = sorted(k for k in caches if k not in val_subsets)
-    if val_present and train_present:
-        train = {k: np.arange(len(caches[k])) for k in train_present}
-        val = {k: np.arange(len(caches[k])) for k in val_present}
-        shared = set(np.concatenate([caches[k].seriesuids for k in train_present])) & \
-            set(np.concatenate([caches[k].seriesuids for k in val_present]))
-        if shared:
-            raise UserError(f"scan {sorted(shared)[0]} appears in a training and a validation subset "
-                            f"({len(shared)} scan(s) in all); the patch caches are inconsistent")
-        return ScanSplit(train, val, "subsets", f"validation on subset(s) {val_present}, training on {train_present}")
-    uids = sorted(set(np.concatenate([c.seriesuids for c in caches.values()])))
-    if len(uids) < 2:
-        raise UserError(f"only {len(uids)} scan extracted outside the test subsets; need scans for both training "
-                        f"and validation: run `{EXTRACT_HINT}` for more subsets")
-    order = np.random.default_rng(seed).permutation(len(uids))
-    n_val = min(max(1, int(round(val_fraction * len(uids)))), len(uids) - 1)
-    val_uids = {uids[i] for i in order[:n_val]}
-    train, val = {}, {}
-    for k, cache in sorted(caches.items()):
-        in_val = np.isin(cache.seriesuids, list(val_uids))
-        train[k], val[k] = np.flatnonzero(~in_val), np.flatnonzero(in_val)
-    note = (f"the extracted subsets {sorted(caches)} cannot give both a training and a validation subset "
-            f"(validation subsets: {list(val_subsets)}), so the scans are split by seriesuid instead: "
-            f"{len(uids) - n_val} for training, {n_val} for validation (seed {seed})")
-    return ScanSplit(train, val, "seriesuid", note)
-
-
-def load_split(work_dir: Path, val_subsets: Sequence[int], test_subsets: Sequence[int],
-               seed: int) -> Tuple[Dict[int, SubsetCache], ScanSplit, int, float]:
-    """Read every extracted non-test subset, check their patch geometry, split by scan.
-
-    Returns (caches, split, patch_size, spacing_mm). Test subsets are not read at all.
-    """
-    present = [k for k in extracted_subsets(work_dir) if k not in set(test_subsets)]
-    if not present:
-        raise UserError(f"no patch cache under {Path(work_dir) / 'patches'} outside the test subsets "
-                        f"{list(test_subsets)}; run `{EXTRACT_HINT}` first")
-    caches = {k: read_subset_cache(work_dir, k) for k in present}
-    patch_size, spacing_mm = check_patch_geometry(caches)
-    split = split_by_scan(caches, val_subsets, test_subsets, seed)
-    for name, rows_by_subset in (("training", split.train), ("validation", split.val)):
-        labels = np.concatenate([caches[k].labels[rows] for k, rows in rows_by_subset.items()] or [[]])
-        if len(labels) == 0 or labels.min() == labels.max():
-            raise UserError(f"the {name} split ({split.note}) has {int(np.sum(labels == 1))} nodule and "
-                            f"{int(np.sum(labels == 0))} non-nodule patches; it needs both: run `{EXTRACT_HINT}` "
-                            f"for more subsets or choose other --val-subsets")
-    return caches, split, patch_size, spacing_mm
 
 
 # --- sampling --------------------------------------------------------------------
