@@ -615,7 +615,7 @@ def eval_phantom(tmp_path_factory) -> Path:
     return root
 
 
-def _tiny_checkpoint(path: Path, cutoff: float = 0.5) -> Path:
+def _tiny_checkpoint(path: Path, cutoff: float = 0.5, views: int = 1) -> Path:
     import torch
     import head
     torch.manual_seed(0)
@@ -624,7 +624,7 @@ def _tiny_checkpoint(path: Path, cutoff: float = 0.5) -> Path:
     head.save_checkpoint(path, {"format": head.CHECKPOINT_FORMAT, "model": model.state_dict(), "config": config,
                                 "preprocess": {"patch_size": 32, "spacing_mm": 1.25, "hu_min": -1000.0,
                                                "hu_max": 1000.0},
-                                "cutoff": cutoff, "epoch": 3})
+                                "cutoff": cutoff, "epoch": 3, "views": views})
     return path
 
 
@@ -774,6 +774,28 @@ def test_predict_points_on_mhd_and_on_a_dicom_series_agree(eval_phantom, tmp_pat
     np.testing.assert_allclose([r["probability"] for r in from_dicom], [r["probability"] for r in from_mhd],
                                rtol=1e-4)
     assert [r["warning"] for r in from_dicom] == [r["warning"] for r in from_mhd]
+
+
+def test_evaluate_and_predict_apply_the_checkpoint_views_unless_told(eval_phantom, tmp_path):
+    import data
+    import evaluate
+    import head
+    import predict
+    checkpoint = _tiny_checkpoint(tmp_path / "tiny.pt", views=8)
+    model, meta = head.load_classifier(checkpoint)
+    mhd = sorted((eval_phantom / "subset1").glob("*.mhd"))[0]
+    points = np.array([r[1:4] for r in _subset_candidates(eval_phantom, 1) if r[0] == mhd.stem], float)
+    patches = data.extract_patches(data.read_ct(mhd), points, 32, 1.25)
+    eight, one = (head.predict_patches(model, patches, meta["preprocess"], views=v) for v in (8, 1))
+    assert np.abs(eight - one).max() > 1e-4
+    got = {v: [r["probability"] for r in predict.predict_points(checkpoint, mhd, points, device="cpu", views=v)]
+           for v in (None, 1)}
+    np.testing.assert_allclose(got[None], eight, rtol=1e-6)
+    np.testing.assert_allclose(got[1], one, rtol=1e-6)
+    result = evaluate.evaluate_model(checkpoint, eval_phantom, [1], tmp_path / "eval", workers=0, bootstrap=0)
+    rows = [line.split(",") for line in (tmp_path / "eval" / "submission.csv").read_text().splitlines()[1:]]
+    assert result["views"] == 8
+    np.testing.assert_allclose([float(r[4]) for r in rows if r[0] == mhd.stem], eight, rtol=1e-6)
 
 
 def test_predict_cli_reads_a_candidates_file_and_rejects_bad_points(eval_phantom, tmp_path):
