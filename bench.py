@@ -232,8 +232,8 @@ def bench_evaluate(device: str = "cpu", precision: str = "fp32", size: int = 32,
     phantom.write_luna_folder(folder / "luna16", n_subsets=1, scans_per_subset=scans, shape=phantom.SIZES[scan_shape],
                               seed=seed, negatives_per_scan=negatives_per_scan)
     torch.manual_seed(seed)
-    config = {"encoder": {"feature_size": feature_size, "window_size": window_size}, "pooling": "avg",
-              "patch_size": size}
+    config = {"encoder": {"feature_size": feature_size, "window_size": window_size,
+                          "input_layout": head.PRETRAINING_LAYOUT}, "pooling": "avg", "patch_size": size}
     preprocess = {"patch_size": size, "spacing_mm": 1.0, "hu_min": -1000.0, "hu_max": 1000.0}
     checkpoint = folder / "model.pt"
     head.save_checkpoint(checkpoint, {"format": head.CHECKPOINT_FORMAT, "model": head.build_classifier(config).state_dict(),
@@ -368,7 +368,7 @@ def _train_step_speed(patch_size: int, feature_size: int, window_size: int, batc
         torch.cuda.reset_peak_memory_stats()
 
     def step():
-        x = train.training_inputs(hu, labels, generator, -1000.0, 1000.0, True, 3)
+        x = train.training_inputs(hu, generator, -1000.0, 1000.0, True, 3)
         with head.autocast(torch_device, precision):
             logits = model(x)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels)

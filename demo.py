@@ -83,7 +83,7 @@ def run_demo(work_dir: Path, settings: DemoSettings | None = None, console=None)
     tuned_run = _timed(settings, "finetune", train.finetune, work_dir, epochs=settings.finetune_epochs,
                        batch_size=settings.finetune_batch_size, lr=settings.finetune_lr, head_from="demo-head",
                        epoch_samples=settings.finetune_samples, val_subsets=val, test_subsets=test,
-                       seed=settings.seed, run="demo-finetune", device="cpu", **model)
+                       seed=settings.seed, run="demo-finetune", device="cpu", views=settings.views, **model)
     # The model for the report is chosen on validation AUC, never on the held-out subset.
     validation_auc = {run: head.read_checkpoint(run / "best.pt")["metrics"]["auc"] for run in (head_run, tuned_run)}
     chosen = max(validation_auc, key=validation_auc.get)

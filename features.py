@@ -141,55 +141,76 @@ class ScanSplit:
         return {"method": self.method, "note": self.note, "train": side(self.train), "val": side(self.val)}
 
 
-def split_by_scan(caches: Dict[int, SubsetCache], val_subsets: Sequence[int], test_subsets: Sequence[int],
-                  seed: int = 0, val_fraction: float = 0.2) -> ScanSplit:
-    """Split the extracted (non-test) subsets into training and validation rows, never one scan on both sides.
+def split_by_scan(caches: Dict[int, SubsetCache], val_subsets, test_subsets: Sequence[int], seed: int = 0,
+                  val_fraction: float = 0.2) -> ScanSplit:
+    """Split the extracted non-test subsets into training and validation rows, never one scan on both sides.
 
-    By subset when the subsets present give both a training and a validation part; otherwise the seriesuids
-    of all present subsets are shuffled with ``seed`` and ``val_fraction`` of them go to validation.
+    ``val_subsets``: the validation subsets, each of which must be extracted (the others train); or
+    ``"auto"``: the seriesuids of all of them shuffled with ``seed``, ``val_fraction`` of them validating.
     """
-    if set(val_subsets) & set(test_subsets):
-        raise UserError(f"subsets {sorted(set(val_subsets) & set(test_subsets))} are both validation and test subsets")
     if set(caches) & set(test_subsets):
         raise ValueError("test subsets must not be loaded for training")
-    if not caches:
-        raise UserError(f"no extracted patch cache outside the test subsets {list(test_subsets)}; "
-                        f"run `{EXTRACT_HINT}` first")
-    val_present = sorted(k for k in caches if k in val_subsets)
-    train_present = sorted(k for k in caches if k not in val_subsets)
-    if val_present and train_present:
-        train = {k: np.arange(len(caches[k])) for k in train_present}
-        val = {k: np.arange(len(caches[k])) for k in val_present}
-        shared = set(np.concatenate([caches[k].seriesuids for k in train_present])) & \
-            set(np.concatenate([caches[k].seriesuids for k in val_present]))
-        if shared:
-            raise UserError(f"scan {sorted(shared)[0]} appears in a training and a validation subset "
-                            f"({len(shared)} scan(s) in all); the patch caches are inconsistent")
-        return ScanSplit(train, val, "subsets", f"validation on subset(s) {val_present}, training on {train_present}")
+    if val_subsets == "auto":
+        return _split_by_seriesuid(caches, seed, val_fraction)
+    if set(val_subsets) & set(test_subsets):
+        raise UserError(f"subsets {sorted(set(val_subsets) & set(test_subsets))} are both validation and test subsets")
+    missing = sorted(set(val_subsets) - set(caches))
+    if missing or not val_subsets:
+        raise UserError(f"--val-subsets {_listed(val_subsets)}: subset(s) {_listed(missing)} not extracted (extracted, "
+                        f"outside the test subsets: {_listed(sorted(caches))}); extract them, or use --val-subsets "
+                        f"auto to split the scans 80:20")
+    train_present = sorted(set(caches) - set(val_subsets))
+    if not train_present:
+        raise UserError(f"no extracted subset is left for training besides --val-subsets {_listed(val_subsets)} "
+                        f"and --test-subsets {_listed(test_subsets)}; run `{EXTRACT_HINT}` for more subsets")
+    uids = {side: set(np.concatenate([caches[k].seriesuids for k in ks])) for side, ks in
+            (("train", train_present), ("val", val_subsets))}
+    shared = uids["train"] & uids["val"]
+    if shared:
+        raise UserError(f"scan {sorted(shared)[0]} appears in a training and a validation subset "
+                        f"({len(shared)} scan(s) in all); the patch caches are inconsistent")
+    return ScanSplit({k: np.arange(len(caches[k])) for k in train_present},
+                     {k: np.arange(len(caches[k])) for k in sorted(val_subsets)}, "subsets",
+                     f"validation on subset(s) {sorted(val_subsets)}, training on {train_present}")
+
+
+def _listed(subsets) -> str:
+    return ",".join(map(str, subsets)) or "none"
+
+
+def _split_by_seriesuid(caches: Dict[int, SubsetCache], seed: int, val_fraction: float) -> ScanSplit:
     uids = sorted(set(np.concatenate([c.seriesuids for c in caches.values()])))
     if len(uids) < 2:
         raise UserError(f"only {len(uids)} scan extracted outside the test subsets; need scans for both training "
                         f"and validation: run `{EXTRACT_HINT}` for more subsets")
     order = np.random.default_rng(seed).permutation(len(uids))
     n_val = min(max(1, int(round(val_fraction * len(uids)))), len(uids) - 1)
-    val_uids = {uids[i] for i in order[:n_val]}
+    val_uids = [uids[i] for i in order[:n_val]]
     train, val = {}, {}
     for k, cache in sorted(caches.items()):
-        in_val = np.isin(cache.seriesuids, list(val_uids))
+        in_val = np.isin(cache.seriesuids, val_uids)
         train[k], val[k] = np.flatnonzero(~in_val), np.flatnonzero(in_val)
-    note = (f"the extracted subsets {sorted(caches)} cannot give both a training and a validation subset "
-            f"(validation subsets: {list(val_subsets)}), so the scans are split by seriesuid instead: "
+    note = (f"--val-subsets auto: the scans of subset(s) {sorted(caches)} are split by seriesuid, "
             f"{len(uids) - n_val} for training, {n_val} for validation (seed {seed})")
     return ScanSplit(train, val, "seriesuid", note)
 
 
-def load_split(work_dir: Path, val_subsets: Sequence[int], test_subsets: Sequence[int],
+def load_split(work_dir: Path, val_subsets, test_subsets: Sequence[int],
                seed: int) -> Tuple[Dict[int, SubsetCache], ScanSplit, int, float]:
-    """Read every extracted non-test subset, check their patch geometry, split by scan.
+    """Read every extracted non-test subset, check their patch geometry, split by scan (see :func:`split_by_scan`).
 
-    Returns (caches, split, patch_size, spacing_mm). Test subsets are not read at all.
+    Returns (caches, split, patch_size, spacing_mm). Test subsets are not read at all, but must be extracted:
+    a subset named that does not exist is a mistake, not a fold.
     """
-    present = [k for k in extracted_subsets(work_dir) if k not in set(test_subsets)]
+    extracted = extracted_subsets(work_dir)
+    if not extracted:
+        raise UserError(f"no patch cache under {Path(work_dir) / 'patches'}; run `{EXTRACT_HINT}` first")
+    missing = sorted(set(test_subsets) - set(extracted))
+    if missing:
+        raise UserError(f"--test-subsets {_listed(test_subsets)}: subset(s) {_listed(missing)} not extracted under "
+                        f"{Path(work_dir) / 'patches'} (extracted: {_listed(extracted)}); use --test-subsets none "
+                        f"for no test subset")
+    present = [k for k in extracted if k not in set(test_subsets)]
     if not present:
         raise UserError(f"no patch cache under {Path(work_dir) / 'patches'} outside the test subsets "
                         f"{list(test_subsets)}; run `{EXTRACT_HINT}` first")
@@ -297,16 +318,21 @@ def warn_random_init(what: str) -> None:
 
 
 def encoder_config(feature_size: int, window_size: int, grad_checkpoint: bool = False) -> Dict[str, Any]:
+    """The encoder config of a new model: SwinEncoder kwargs and the pretraining input layout (head.to_encoder_layout)."""
     config = dict(head_mod.ENCODER_DEFAULTS)
-    config.update(feature_size=int(feature_size), window_size=int(window_size), use_checkpoint=bool(grad_checkpoint))
+    config.update(feature_size=int(feature_size), window_size=int(window_size), use_checkpoint=bool(grad_checkpoint),
+                  input_layout=head_mod.PRETRAINING_LAYOUT)
     return config
 
 
 def feature_identity(encoder_cfg: Dict[str, Any], pooling: str, weights: Optional[Path], seed: int,
                      hu_min: float, hu_max: float, views: int = 1) -> Dict[str, Any]:
     """What determines cached features: encoder architecture, its weights (file hash, or the random-init seed),
-    pooling, HU window and the number of flipped views per patch (named only when above 1)."""
+    pooling, HU window and the number of flipped views per patch (named only when above 1). The encoder's
+    input layout is part of ``encoder`` (the pretraining one unless ``encoder_cfg`` names another); identities
+    stored without it are of feature sets made in the legacy layout, and hash to other tags."""
     architecture = {k: v for k, v in encoder_cfg.items() if k != "use_checkpoint"}
+    architecture.setdefault("input_layout", head_mod.PRETRAINING_LAYOUT)
     weights_part = ({"weights": str(weights), "weights_sha256": file_sha256(Path(weights))} if weights
                     else {"weights": None, "init_seed": int(seed)})
     views_part = {"views": int(views)} if views > 1 else {}
@@ -336,7 +362,7 @@ def describe_features(identity: Dict[str, Any]) -> str:
     weights = identity["weights"] or f"random init (seed {identity.get('init_seed')})"
     return (f"feature_size {encoder['feature_size']}, window_size {encoder['window_size']}, pooling "
             f"{identity['pooling']}, views {identity.get('views', 1)}, HU {identity['hu_min']:g}..{identity['hu_max']:g}, "
-            f"weights {weights}")
+            f"weights {weights}, input layout {encoder.get('input_layout', head_mod.LEGACY_LAYOUT)}")
 
 
 def feature_sets(work_dir: Path) -> Dict[str, Dict[str, Any]]:
@@ -412,14 +438,16 @@ def _prepare_feature_encoder(work_dir: Path, identity: Dict[str, Any], tag: str,
 
 def cache_features(work_dir: Path, *, weights: Optional[Path] = None, feature_size: int = 48, window_size: int = 7,
                    pooling: str = "avg", hu_min: float = -1000.0, hu_max: float = 1000.0, seed: int = 0,
-                   subsets: Optional[Sequence[int]] = None, batch_size: int = 32, device: str = "auto",
+                   subsets: Optional[Sequence[int]] = None, test_subsets: Sequence[int] = (9,),
+                   batch_size: int = 32, device: str = "auto",
                    precision: str = "auto", workers: Optional[int] = None, chunk_rows: int = 2048,
                    views: int = 1, quiet: bool = False) -> str:
     """Run the frozen encoder over the patch cache; store float16 features ``(N, F)`` per subset.
 
     ``views`` > 1 stores the features of that many flips of each patch side by side, ``(N, views * F)``:
     train-head then learns from every view (augmentation for a frozen encoder) and validates on their
-    average. Output beside each subset's index: ``features_<tag>.npy`` (row i = patch i of patches.npy) and
+    average. ``subsets``: default every extracted one except ``test_subsets``, which are never encoded.
+    Output beside each subset's index: ``features_<tag>.npy`` (row i = patch i of patches.npy) and
     ``features_<tag>.json``; ``W/features/<tag>.json`` says what made the set (the tag is its name for
     ``train-head --features``). Work is saved in chunks of ``chunk_rows`` patches: an interrupted run
     resumes where it stopped; a finished subset is skipped. Returns the tag.
@@ -429,7 +457,10 @@ def cache_features(work_dir: Path, *, weights: Optional[Path] = None, feature_si
     if pooling not in head_mod.POOLINGS:
         raise UserError(f"--pooling must be one of {', '.join(head_mod.POOLINGS)}, got {pooling!r}")
     available = extracted_subsets(work_dir)
-    chosen = sorted(available if subsets is None else subsets)
+    chosen = sorted(set(available) - set(test_subsets) if subsets is None else subsets)
+    if set(chosen) & set(test_subsets):
+        raise UserError(f"subset(s) {_listed(sorted(set(chosen) & set(test_subsets)))} are test subsets, whose "
+                        f"features are never computed; give --test-subsets none (or others) to encode them")
     missing = [k for k in chosen if k not in available]
     if not chosen or missing:
         which = missing[0] if missing else "K"
@@ -442,7 +473,7 @@ def cache_features(work_dir: Path, *, weights: Optional[Path] = None, feature_si
                                 head_mod.check_views(views))
     tag = feature_tag(identity)
     encoder = _prepare_feature_encoder(work_dir, identity, tag, weights, seed).to(torch_device).eval()
-    extractor = head_mod.Classifier(encoder, nn.Identity(), pooling)
+    extractor = head_mod.Classifier(encoder, nn.Identity(), pooling, identity["encoder"]["input_layout"])
     workers = (min(4, os.cpu_count() or 1) if torch_device.type == "cuda" else 0) if workers is None else workers
     todo = {k: c for k, c in caches.items() if not features_complete(work_dir, k, tag, len(c))}
     with progress_bar("patches", disable=quiet) as progress:

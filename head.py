@@ -1,8 +1,14 @@
 """Classifier = Swin encoder + MLP head, and its checkpoint format.
 
 Input to the model: HU patches scaled with ``data.hu_to_unit`` to float32 ``(B, 1, P, P, P)``, array axes
-``[z, y, x]`` along increasing world z, y, x (voxels of ``spacing_mm``). Output: one logit per patch, ``(B,)``;
-``sigmoid(logit)`` is the probability that the candidate is a nodule.
+``[z, y, x]`` along increasing world (LPS) z, y, x (voxels of ``spacing_mm``). Output: one logit per patch,
+``(B,)``; ``sigmoid(logit)`` is the probability that the candidate is a nodule.
+
+The encoder sees that patch in the layout its weights were trained in: ``Classifier.forward_features`` passes
+it through :func:`to_encoder_layout` first. The self-supervised CT weights (and the BraTS ones) were trained on
+MONAI-loaded volumes indexed ``[x, y, z]`` in RAS orientation, so new models use ``"ras_xyz"``; checkpoints
+record the layout as ``config["encoder"]["input_layout"]``, and a config without it (made before the layout
+existed) means ``"lps_zyx"``, the patch as it is.
 
 Checkpoints are ``torch.save`` dicts of plain Python values and tensors only (loadable with
 ``torch.load(weights_only=True)``)::
@@ -29,6 +35,28 @@ POOLINGS = ("avg", "flatten", "centre")
 ENCODER_DEFAULTS: Dict[str, Any] = {"in_channels": 1, "feature_size": 48, "depths": [2, 2, 2, 2],
                                     "num_heads": [3, 6, 12, 24], "window_size": 7, "patch_size": 2,
                                     "use_checkpoint": False}
+
+# The encoder's input layouts (see to_encoder_layout). New models use the published weights' pretraining layout;
+# a model config without "input_layout" predates it and was trained on the patch as it is.
+PRETRAINING_LAYOUT = "ras_xyz"
+LEGACY_LAYOUT = "lps_zyx"
+INPUT_LAYOUTS = (PRETRAINING_LAYOUT, LEGACY_LAYOUT)
+
+
+def to_encoder_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """Model input ``(B, C, P, P, P)`` indexed ``[z, y, x]`` along world LPS +z, +y, +x -> the encoder's layout.
+
+    ``"ras_xyz"``: the layout of MONAI's loaders (``Orientationd(axcodes="RAS")``), in which the Swin UNETR
+    weights were trained: array axes ``[i, j, k]`` run along RAS +x (patient Right), +y (Anterior), +z (Superior).
+    RAS +x is LPS -x and RAS +y is LPS -y, while +z is the same, so ``out[i, j, k] = patch[k, P-1-j, P-1-i]``:
+    the axes are reversed to ``[x, y, z]`` and the (now first two) x and y axes are flipped.
+    ``"lps_zyx"``: the patch unchanged (models made before the layout existed).
+    """
+    if layout == PRETRAINING_LAYOUT:
+        return torch.flip(x.permute(0, 1, 4, 3, 2), (2, 3))
+    if layout == LEGACY_LAYOUT:
+        return x
+    raise ValueError(f"input_layout must be one of {INPUT_LAYOUTS}, got {layout!r}")
 
 
 class MLPHead(nn.Module):
@@ -66,22 +94,30 @@ class Classifier(nn.Module):
     """Swin encoder + MLP head on the encoder's last stage (``16 * feature_size`` channels at ``P / 32``).
 
     pooling ``"avg"``: global average over the last stage's voxels -> ``16 * feature_size`` features;
-    ``"flatten"``: all of its voxels in order ``[channel, z, y, x]`` -> ``16 * feature_size * (P / 32) ** 3``;
+    ``"flatten"``: all of its voxels in the encoder's order (``[channel, x, y, z]`` RAS for ``"ras_xyz"``,
+    ``[channel, z, y, x]`` for ``"lps_zyx"``) -> ``16 * feature_size * (P / 32) ** 3``;
     ``"centre"``: every stage's mean over its central ``2^3`` voxels (the one centre voxel of an odd-sized
     map) -> ``31 * feature_size`` features. A candidate sits at the patch centre, and a global average
     dilutes what is there with its surroundings; the centre of each stage keeps fine and coarse views of it.
+
+    ``input_layout``: how the ``[z, y, x]`` patch is laid out for the encoder (:func:`to_encoder_layout`);
+    ``build_classifier`` takes it from the config, where it is missing from models that predate it.
     """
 
-    def __init__(self, encoder: nn.Module, head: nn.Module, pooling: str = "avg"):
+    def __init__(self, encoder: nn.Module, head: nn.Module, pooling: str = "avg", input_layout: str = LEGACY_LAYOUT):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if input_layout not in INPUT_LAYOUTS:
+            raise ValueError(f"input_layout must be one of {INPUT_LAYOUTS}, got {input_layout!r}")
         self.encoder = encoder
         self.head = head
         self.pooling = pooling
+        self.input_layout = input_layout
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 1, P, P, P)`` unit-scaled patches -> ``(B, F)`` features."""
+        """``(B, 1, P, P, P)`` unit-scaled patches ``[z, y, x]`` -> ``(B, F)`` features."""
+        x = to_encoder_layout(x, self.input_layout)
         if self.pooling == "centre":
             return torch.cat([centre_mean(stage) for stage in self.encoder(x)], dim=1)
         last = self.encoder(x)[-1]
@@ -106,9 +142,16 @@ def centre_mean(stage: torch.Tensor) -> torch.Tensor:
 
 
 def resolve_config(config: Dict[str, Any]) -> Dict[str, Any]:
-    """Fill defaults and validate a model config ``{"encoder": {...}, "pooling": ..., "patch_size": P}``."""
+    """Fill defaults and validate a model config ``{"encoder": {...}, "pooling": ..., "patch_size": P}``.
+
+    ``encoder["input_layout"]`` missing means ``"lps_zyx"``: the config predates the layout (old checkpoints and
+    feature sets keep their outputs). New configs come from ``features.encoder_config``, which sets it.
+    """
     encoder = dict(ENCODER_DEFAULTS)
     encoder.update(config.get("encoder", {}))
+    encoder.setdefault("input_layout", LEGACY_LAYOUT)
+    if encoder["input_layout"] not in INPUT_LAYOUTS:
+        raise ValueError(f"input_layout must be one of {INPUT_LAYOUTS}, got {encoder['input_layout']!r}")
     encoder["depths"] = [int(d) for d in encoder["depths"]]
     encoder["num_heads"] = [int(h) for h in encoder["num_heads"]]
     pooling = config.get("pooling", "avg")
@@ -134,18 +177,20 @@ def feature_dim(config: Dict[str, Any]) -> int:
 
 
 def build_encoder(encoder_config: Dict[str, Any]) -> nn.Module:
-    """A randomly initialised ``swin_encoder.SwinEncoder`` from its keyword arguments."""
+    """A randomly initialised ``swin_encoder.SwinEncoder`` from its keyword arguments (``input_layout`` aside)."""
     import swin_encoder
-    kwargs = dict(encoder_config)
+    kwargs = {k: v for k, v in encoder_config.items() if k != "input_layout"}
     kwargs["depths"] = tuple(kwargs["depths"])
     kwargs["num_heads"] = tuple(kwargs["num_heads"])
     return swin_encoder.SwinEncoder(**kwargs)
 
 
 def build_classifier(config: Dict[str, Any]) -> Classifier:
-    """Randomly initialised classifier for ``config = {"encoder": {SwinEncoder kwargs}, "pooling", "patch_size"}``."""
+    """Randomly initialised classifier for ``config = {"encoder": {SwinEncoder kwargs, "input_layout"}, "pooling",
+    "patch_size"}``."""
     config = resolve_config(config)
-    return Classifier(build_encoder(config["encoder"]), MLPHead(feature_dim(config)), config["pooling"])
+    return Classifier(build_encoder(config["encoder"]), MLPHead(feature_dim(config)), config["pooling"],
+                      config["encoder"]["input_layout"])
 
 
 def save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:
@@ -236,7 +281,9 @@ def autocast(device: torch.device, precision: str):
 
 # --- views and batched prediction ---------------------------------------------------
 
-# The 8 flip combinations of the z, y, x axes of a (B, P, P, P) batch; view 0 is the patch itself.
+# The 8 flip combinations of the z, y, x axes of a (B, P, P, P) batch; view 0 is the patch itself. Views are flips
+# of the [z, y, x] LPS patch, made before Classifier.forward_features puts it in the encoder's layout (the full set
+# of 8 is the same set of flips in either layout; a smaller one is a fixed choice of patch axes).
 VIEW_FLIPS = tuple(tuple(axis for axis, bit in zip((1, 2, 3), bits) if bit)
                    for bits in itertools.product((0, 1), repeat=3))
 
@@ -248,7 +295,8 @@ def check_views(views: int) -> int:
 
 
 def flipped_views(x: torch.Tensor, views: int):
-    """The first ``views`` flips of ``(B, P, P, P)`` patches, each as model input ``(B, 1, P, P, P)``."""
+    """The first ``views`` flips of ``(B, P, P, P)`` ``[z, y, x]`` patches, each as model input ``(B, 1, P, P, P)``
+    (still ``[z, y, x]``: the model applies its input layout)."""
     for flip in VIEW_FLIPS[:views]:
         yield (torch.flip(x, flip) if flip else x).unsqueeze(1)
 

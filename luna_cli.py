@@ -69,7 +69,8 @@ Run = Annotated[Optional[str], typer.Option(help="Run folder name under W/runs (
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run (--run, else the latest) from its last.pt; "
                                                        "options given again must equal the run's.")]
 StopAfter = Annotated[Optional[int], typer.Option(min=1, help="Stop this call after N epochs (continue with --resume).")]
-ValSubsets = Annotated[str, typer.Option(help="Validation subsets, e.g. 8 or 7,8.")]
+ValSubsets = Annotated[str, typer.Option(help="Validation subsets, e.g. 8 or 7,8 (each must be extracted); "
+                                              "auto: 80:20 split of the training scans by seriesuid.")]
 TestSubsets = Annotated[str, typer.Option(help="Held-out test subsets, never read here ('none' for none).")]
 Epochs = Annotated[int, typer.Option(min=1, help="Most epochs (fixes the learning-rate schedule).")]
 LearningRate = Annotated[float, typer.Option(callback=_positive, help="Peak AdamW learning rate.")]
@@ -109,6 +110,13 @@ def friendly_errors(func):
     return wrapper
 
 
+def subsets_option(text: str, option: str):
+    """``--val-subsets``/``--test-subsets``: subset numbers, or ``auto`` (validation only: an 80:20 split by scan)."""
+    if option == "--val-subsets" and str(text).strip().lower() == "auto":
+        return "auto"
+    return parse_subsets(text, option)
+
+
 def given_options(ctx: typer.Context, names: list, values: dict) -> dict:
     """The options among ``names`` that the user gave on the command line, as the stage functions take them."""
     given = {}
@@ -118,7 +126,7 @@ def given_options(ctx: typer.Context, names: list, values: dict) -> dict:
             continue
         value = values[name]
         if name in ("val_subsets", "test_subsets"):
-            value = parse_subsets(value, f"--{name.replace('_', '-')}")
+            value = subsets_option(value, f"--{name.replace('_', '-')}")
         given[name] = value.value if isinstance(value, Enum) else value
     return given
 
@@ -180,7 +188,8 @@ def extract(
 @friendly_errors
 def cache_features(
     work_dir: WorkDir = None,
-    subsets: Annotated[Optional[str], typer.Option(help="Subsets to encode (default: every extracted one).")] = None,
+    subsets: Annotated[Optional[str], typer.Option(help="Subsets to encode (default: every extracted one but the test subsets).")] = None,
+    test_subsets: TestSubsets = "9",
     weights: Weights = None,
     feature_size: FeatureSize = 48,
     window_size: WindowSize = 7,
@@ -198,6 +207,7 @@ def cache_features(
     import features
     features.cache_features(work_dir_option(work_dir), weights=weights,
                             subsets=parse_subsets(subsets, "--subsets", required=True) if subsets else None,
+                            test_subsets=parse_subsets(test_subsets, "--test-subsets"),
                             feature_size=feature_size, window_size=window_size, pooling=pooling.value, hu_min=hu_min,
                             hu_max=hu_max, batch_size=batch_size, device=device, precision=precision.value,
                             workers=workers, seed=seed, views=views)
@@ -236,7 +246,7 @@ def train_head(
 FINETUNE_OPTIONS = ["epochs", "batch_size", "accumulate", "lr", "weight_decay", "warmup_epochs", "weights",
                     "head_from", "feature_size", "window_size", "pooling", "grad_checkpoint", "val_subsets",
                     "test_subsets", "hu_min", "hu_max", "augment", "max_shift_mm", "precision", "patience",
-                    "epoch_samples", "seed"]
+                    "epoch_samples", "seed", "views"]
 
 
 @app.command("finetune")
@@ -260,12 +270,13 @@ def finetune(
     test_subsets: TestSubsets = "9",
     hu_min: HuMin = -1000.0,
     hu_max: HuMax = 1000.0,
-    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="48 cube symmetries + shifts of positives.")] = True,
-    max_shift_mm: Annotated[float, typer.Option(min=0, help="Largest shift of positives per axis in mm.")] = 3.0,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random flips and shifts of every patch, whatever its class.")] = True,
+    max_shift_mm: Annotated[float, typer.Option(min=0, help="Largest shift per axis in mm.")] = 3.0,
     precision: PrecisionOption = Precision.auto,
     patience: Patience = 0,
     epoch_samples: EpochSamples = 0,
     seed: Seed = 0,
+    views: Annotated[int, typer.Option(min=1, max=8, help="Flips of each validation patch averaged, recorded for evaluate and predict.")] = 1,
     run: Run = None,
     resume: Resume = False,
     stop_after: StopAfter = None,

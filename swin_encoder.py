@@ -1,9 +1,10 @@
 """Swin Transformer encoder of Swin UNETR (3D), able to load the published Swin UNETR weights.
 
-Tensor layout: the input is ``(B, C, D, H, W)``; for CT patches D, H, W are the array axes
-``[z, y, x]`` in voxels. ``SwinEncoder.forward`` returns five feature maps, stage ``i`` of shape
-``(B, feature_size * 2**i, D / 2**(i+1), H / 2**(i+1), W / 2**(i+1))``, each layer-normalised over
-channels without affine parameters. Inside the encoder, tokens are kept channels-last,
+Tensor layout: the input is ``(B, C, D, H, W)``; for CT patches D, H, W are the array axes in the
+layout the weights were trained in, ``[x, y, z]`` in RAS orientation for the published ones, which
+``head.to_encoder_layout`` makes of our ``[z, y, x]`` LPS patches. ``SwinEncoder.forward`` returns five
+feature maps, stage ``i`` of shape ``(B, feature_size * 2**i, D / 2**(i+1), H / 2**(i+1), W / 2**(i+1))``,
+each layer-normalised over channels without affine parameters. Inside the encoder, tokens are kept channels-last,
 ``(B, D', H', W', C)``, so that the stage outputs are returned as channels-last-3d views.
 
 Module and parameter names follow the ``swinViT`` part of the Swin UNETR reference implementation

@@ -5,17 +5,16 @@ axes ``[z, y, x]`` along increasing world z, y, x at ``spacing_mm`` voxels, with
 and ``manifest.json`` (patch_size, spacing_mm).
 
 Splits are by scan, never by patch: the LUNA16 subsets are the folds (validation ``--val-subsets``, default 8;
-test ``--test-subsets``, default 9, never read here; training on every other extracted subset). When the
-extracted subsets cannot give both a training and a validation part, the scans (seriesuids) are split 80:20
-with a fixed seed instead, and the run says so.
+test ``--test-subsets``, default 9, never read here; training on every other extracted subset). Named subsets
+must be extracted; ``--val-subsets auto`` splits the training scans (seriesuids) 80:20 with a fixed seed.
 
 Preprocessing: HU clipped to ``[hu_min, hu_max]`` and scaled to 0..1 with ``data.hu_to_unit``; the default
 -1000..1000 HU is the intensity range of the CT pre-training of the published Swin UNETR encoder weights.
 
-Augmentation (fine-tuning only, on the batch tensor): a uniformly random element of the 48 rotations and
-reflections of the cube (axis permutation x axis flips), and for positives a random shift of up to
-``max_shift_mm`` along each axis. Patches are stored at a fixed size, so a shift moves the content inside the
-cube and fills the uncovered border with air (-1000 HU); the candidate stays within a few mm of the centre.
+Augmentation (fine-tuning only, on the batch tensor), the same for every class: one of the 8 flips of the
+cube (the flips train-head's views and evaluation average over), and a random shift of up to ``max_shift_mm``
+along each axis. Patches are stored at a fixed size, so a shift moves the content inside the cube and repeats
+its edge voxels over the uncovered border; the candidate stays within a few mm of the centre.
 
 Several processes: ``torchrun --nproc_per_node N -- luna_cli.py finetune ...`` (DistributedDataParallel; the
 ``--`` stops torchrun from reading ``--run`` as its own ``--run-path``).
@@ -30,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -47,7 +45,7 @@ from torch import nn
 
 import data
 import head as head_mod
-from data import AIR_HU, UserError
+from data import UserError
 from features import (PatchPool, SubsetCache, batch_loader, cache_features_hint, choose_feature_set, encoder_config,
                       encoder_state_path, feature_paths, features_complete, load_encoder_weights, load_split,
                       progress_bar, warn_random_init)
@@ -62,7 +60,7 @@ FINETUNE_DEFAULTS: Dict[str, Any] = dict(
     epochs=30, batch_size=32, accumulate=1, lr=1e-4, weight_decay=1e-5, warmup_epochs=1.0, feature_size=48,
     window_size=7, pooling="avg", grad_checkpoint=False, weights=None, head_from=None, val_subsets=[8],
     test_subsets=[9], hu_min=-1000.0, hu_max=1000.0, augment=True, max_shift_mm=3.0, precision="auto", patience=0,
-    epoch_samples=0, seed=0, target_sensitivity=0.9)
+    epoch_samples=0, seed=0, target_sensitivity=0.9, views=1)
 
 
 # --- patch cache ---------------------------------------------------------------
@@ -107,74 +105,49 @@ def epoch_batches(labels: np.ndarray, n_samples: int, batch_size: int, seed: int
 
 # --- augmentation ------------------------------------------------------------------
 
-AXIS_PERMUTATIONS = list(itertools.permutations(range(3)))
-N_SYMMETRIES = 48  # 6 axis permutations x 8 flip combinations
-
-
-def apply_symmetry(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Apply cube symmetry ``ids[b]`` (0..47) to each cube ``x[b]`` of a ``(B, P, P, P)`` batch.
-
-    id = 8 * permutation + flips: the spatial axes are permuted by ``AXIS_PERMUTATIONS[id // 8]``, then
-    axis a (0 = z, 1 = y, 2 = x) is reversed when bit a of ``id % 8`` is set.
-    """
-    if x.ndim != 4 or not (x.shape[1] == x.shape[2] == x.shape[3]):
-        raise ValueError(f"expected a batch of cubes (B, P, P, P), got {tuple(x.shape)}")
+def flip_patches(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Flip each cube ``x[b]`` of a ``(B, P, P, P)`` batch by ``head.VIEW_FLIPS[ids[b]]``: the same 8 flips
+    that train-head's cached views and evaluation's test-time views use."""
+    out = x.clone()
     ids = ids.to(x.device)
-    out = torch.empty_like(x)
-    permutation_ids = ids // 8
-    for p, axes in enumerate(AXIS_PERMUTATIONS):
-        chosen = torch.nonzero(permutation_ids == p).squeeze(1)
+    for view, dims in enumerate(head_mod.VIEW_FLIPS[1:], start=1):
+        chosen = torch.nonzero(ids == view).squeeze(1)
         if chosen.numel():
-            out[chosen] = x[chosen].permute(0, *(a + 1 for a in axes))
-    for axis in range(3):
-        chosen = torch.nonzero((ids % 8) >> axis & 1).squeeze(1)
-        if chosen.numel():
-            out[chosen] = out[chosen].flip(axis + 1)
+            out[chosen] = x[chosen].flip(dims)
     return out
 
 
-def shift_patches(x: torch.Tensor, shifts: torch.Tensor, fill: float = float(AIR_HU)) -> torch.Tensor:
-    """Move each cube's content by ``shifts[b]`` voxels along (z, y, x); uncovered voxels become ``fill``.
-
-    ``out[b, z, y, x] = x[b, z - dz, y - dy, x - dx]`` (``fill`` outside the stored patch).
-    """
-    reach = int(shifts.abs().max()) if shifts.numel() else 0
-    if reach == 0:
-        return x
+def shift_patches(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Move each cube's content by ``shifts[b]`` voxels along (z, y, x); the uncovered border repeats the
+    cube's edge voxels: ``out[b, z, y, x] = x[b, clip(z - dz), clip(y - dy), clip(x - dx)]``. No flat fill
+    value appears, so a shifted cube carries no face of air that could mark it."""
     shifts = shifts.to(x.device)
-    padded = F.pad(x, (reach,) * 6, value=fill)
-    batch = x.shape[0]
     for axis in range(3):
         size = x.shape[axis + 1]
-        index = (reach - shifts[:, axis])[:, None] + torch.arange(size, device=x.device)  # (B, size)
-        view = [batch, 1, 1, 1]
+        index = (torch.arange(size, device=x.device)[None] - shifts[:, axis:axis + 1]).clamp(0, size - 1)
+        view = [x.shape[0], 1, 1, 1]
         view[axis + 1] = size
-        target = list(padded.shape)
-        target[axis + 1] = size
-        padded = torch.gather(padded, axis + 1, index.view(view).expand(target))
-    return padded
+        x = torch.gather(x, axis + 1, index.view(view).expand_as(x))
+    return x
 
 
-def augment_batch(hu: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
-                  max_shift_vox: int = 0) -> torch.Tensor:
-    """Random cube symmetry for every patch, random shift of up to ``max_shift_vox`` voxels per axis for
-    positives (``labels == 1``). ``hu``: float HU ``(B, P, P, P)``; rows keep their order (labels still apply)."""
+def augment_batch(hu: torch.Tensor, generator: torch.Generator, max_shift_vox: int = 0) -> torch.Tensor:
+    """A random flip (of the 8) and a random shift of up to ``max_shift_vox`` voxels per axis for every cube
+    of ``(B, P, P, P)`` float HU, whatever its class (the labels are not even seen), rows in their order."""
     batch = hu.shape[0]
-    ids = torch.randint(0, N_SYMMETRIES, (batch,), generator=generator)
+    ids = torch.randint(0, len(head_mod.VIEW_FLIPS), (batch,), generator=generator)
     if max_shift_vox > 0:
-        shifts = torch.randint(-max_shift_vox, max_shift_vox + 1, (batch, 3), generator=generator)
-        shifts *= (labels.detach().cpu() == 1).long()[:, None]
-        hu = shift_patches(hu, shifts)
-    return apply_symmetry(hu, ids)
+        hu = shift_patches(hu, torch.randint(-max_shift_vox, max_shift_vox + 1, (batch, 3), generator=generator))
+    return flip_patches(hu, ids)
 
 
-def training_inputs(hu: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, hu_min: float,
-                    hu_max: float, augment: bool, max_shift_vox: int) -> torch.Tensor:
+def training_inputs(hu: torch.Tensor, generator: torch.Generator, hu_min: float, hu_max: float, augment: bool,
+                    max_shift_vox: int) -> torch.Tensor:
     """A loaded batch of int16 HU patches ``(B, P, P, P)`` -> model input ``(B, 1, P, P, P)`` in 0..1,
     augmented (``augment_batch``) when ``augment``."""
     hu = hu.float()
     if augment:
-        hu = augment_batch(hu, labels, generator, max_shift_vox)
+        hu = augment_batch(hu, generator, max_shift_vox)
     return data.hu_to_unit(hu, hu_min, hu_max).unsqueeze(1)
 
 
@@ -531,6 +504,8 @@ def _check_options(options: Dict[str, Any]) -> None:
         raise UserError("--epoch-samples and --patience cannot be negative")
     if options.get("max_shift_mm", 0.0) < 0:
         raise UserError(f"--max-shift-mm cannot be negative, got {options['max_shift_mm']}")
+    if not 1 <= int(options.get("views", 1)) <= len(head_mod.VIEW_FLIPS):
+        raise UserError(f"--views must be 1..{len(head_mod.VIEW_FLIPS)}, got {options['views']}")
 
 
 def _given(arguments: Dict[str, Any], defaults: Dict[str, Any]) -> Dict[str, Any]:
@@ -717,18 +692,19 @@ def finetune(work_dir: Path, *, epochs: Optional[int] = None, batch_size: Option
              hu_min: Optional[float] = None, hu_max: Optional[float] = None, augment: Optional[bool] = None,
              max_shift_mm: Optional[float] = None, precision: Optional[str] = None, patience: Optional[int] = None,
              epoch_samples: Optional[int] = None, seed: Optional[int] = None,
-             target_sensitivity: Optional[float] = None, run: Optional[str] = None, resume: bool = False,
-             device: str = "auto", workers: Optional[int] = None, stop_after: Optional[int] = None,
-             quiet: bool = False) -> Path:
+             target_sensitivity: Optional[float] = None, views: Optional[int] = None, run: Optional[str] = None,
+             resume: bool = False, device: str = "auto", workers: Optional[int] = None,
+             stop_after: Optional[int] = None, quiet: bool = False) -> Path:
     """Train encoder + head end to end on the patch cache; returns the run folder.
 
     Options left None take :data:`FINETUNE_DEFAULTS` (or the saved run's values when resuming). Starts from
     ``weights`` (pretrained Swin UNETR encoder; random init with a warning when absent) and optionally from a
     trained run's classifier (``head_from``: its head, and its encoder too unless ``weights`` is given).
-    Class-balanced sampling, the 48 cube symmetries and small shifts of positives, AdamW with warm-up then
+    Class-balanced sampling, class-blind augmentation (the 8 flips and small shifts), AdamW with warm-up then
     cosine decay, mixed precision on GPUs, ``batch_size`` per process x ``accumulate`` steps of gradient
     accumulation x processes (torchrun: DistributedDataParallel, rank 0 writes files). ``stop_after`` ends
-    this call after that many epochs (``resume`` continues the same run exactly).
+    this call after that many epochs (``resume`` continues the same run exactly). Validation scores each patch
+    as the average of its first ``views`` flips, and the checkpoint records that for evaluate and predict.
     """
     given = _given(locals(), FINETUNE_DEFAULTS)
     job, torch_device = start_processes(device)
@@ -771,7 +747,7 @@ def _finetune(work_dir: Path, given: Dict[str, Any], run: Optional[str], resume:
             "max_shift_vox": loaders.max_shift_vox, "split": split.summary(caches), "preprocess": preprocess,
             "config": config, "sources": sources})
     base = {"format": head_mod.CHECKPOINT_FORMAT, "kind": "finetune", "run": run_dir.name, "config": config,
-            "preprocess": preprocess, "views": 1, "sources": sources}
+            "preprocess": preprocess, "views": options["views"], "sources": sources}
     fit = Fit(run_dir, options, classifier, module, loaders.train_batches, loaders.n_batches,
               lambda: loaders.val_logits(classifier), base, torch_device, precision, job, quiet)
     run_fit(fit, resume_payload, stop_after)
@@ -797,7 +773,7 @@ class PatchBatches:
         generator = torch.Generator().manual_seed(_seed_for(opts["seed"], "augment", epoch, job.rank))
         for hu, labels in batch_loader(self.train_pool, batches, self.workers, self.device.type == "cuda"):
             y = labels.to(self.device, non_blocking=True).float()
-            x = training_inputs(hu.to(self.device, non_blocking=True), y, generator, opts["hu_min"], opts["hu_max"],
+            x = training_inputs(hu.to(self.device, non_blocking=True), generator, opts["hu_min"], opts["hu_max"],
                                 opts["augment"], self.max_shift_vox)
             yield x, y
 
@@ -811,7 +787,9 @@ class PatchBatches:
                                   self.workers, self.device.type == "cuda"):
             x = data.hu_to_unit(hu.to(self.device, non_blocking=True), self.options["hu_min"], self.options["hu_max"])
             with autocast(self.device, self.precision):
-                logits.append(classifier(x.unsqueeze(1)).float().cpu().numpy())
+                probability = sum(torch.sigmoid(classifier(view).double())
+                                  for view in head_mod.flipped_views(x, self.options["views"]))
+            logits.append(torch.logit(probability / self.options["views"], eps=1e-12).cpu().numpy())
         mine_logits = np.concatenate(logits) if logits else np.zeros(0)
         gathered = gather_objects(self.job, (mine_logits, self.val_pool.labels[mine]))
         return np.concatenate([g[0] for g in gathered]), np.concatenate([g[1] for g in gathered])
