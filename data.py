@@ -658,7 +658,8 @@ class Parts:
 
 # --- the extract stage -------------------------------------------------------------
 
-INDEX_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "label", "diameter_mm"]
+# "mined": empty for extracted rows, the run whose scores chose a mined hard negative (see mining.py)
+INDEX_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "label", "diameter_mm", "mined"]
 CACHE_PARAMETERS = ("patch_size", "spacing_mm", "seed", "negatives_per_positive", "all_candidates")
 
 
@@ -776,26 +777,52 @@ def _extract_scans(paths: dict, todo: list, selected: PointTable, diameters: np.
             problems.extend(f"candidate on line {selected.line[row]} ({uid}) lies wholly outside its scan, skipped"
                             for row in rows[~inside])
             rows = rows[inside]
-            parts.save(uid, patches[inside], _index_rows(uid, selected.world_xyz[rows], selected.value[rows],
+            parts.save(uid, patches[inside], index_rows(uid, selected.world_xyz[rows], selected.value[rows],
                                                          diameters[rows]))
     return failed
 
 
-def _index_rows(uid: str, world_xyz: np.ndarray, labels: np.ndarray, diameters: np.ndarray) -> list:
+def index_rows(uid: str, world_xyz: np.ndarray, labels: np.ndarray, diameters: np.ndarray, mined: str = "") -> list:
+    """Rows of ``index.csv`` (:data:`INDEX_COLUMNS`) for one scan's patches."""
     return [[uid, repr(float(x)), repr(float(y)), repr(float(z)), str(int(label)),
-             "" if np.isnan(d) else repr(float(d))]
+             "" if np.isnan(d) else repr(float(d)), mined]
             for (x, y, z), label, d in zip(world_xyz, labels, diameters)]
+
+
+def read_cache_index(cache: Path) -> list[list[str]]:
+    """The rows of a subset's ``index.csv``, padded to :data:`INDEX_COLUMNS` (caches made before the
+    ``mined`` column have one field less)."""
+    import csv
+    with open(Path(cache) / "index.csv", newline="") as handle:
+        rows = list(csv.reader(handle))[1:]
+    return [row + [""] * (len(INDEX_COLUMNS) - len(row)) for row in rows]
+
+
+def _runs(positions: list[int]):
+    """Slices of the consecutive stretches of sorted row positions."""
+    breaks = [n for n in range(1, len(positions)) if positions[n] != positions[n - 1] + 1]
+    for first, stop in zip([0] + breaks, breaks + [len(positions)]):
+        yield slice(positions[first], positions[stop - 1] + 1)
+
+
+def write_cache(cache: Path, sources: list, rows: list, patch_size: int) -> tuple[int, int]:
+    """``patches.npy`` (the row-wise concatenation of ``sources``) and ``index.csv`` (``rows``), atomically;
+    returns ``(n_patches, n_positive)``."""
+    import csv
+    import io
+    total = atomic_concatenate_npy(cache / "patches.npy", sources, (patch_size,) * 3, np.int16)
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows([INDEX_COLUMNS] + rows)
+    atomic_write_text(cache / "index.csv", text.getvalue())
+    return total, sum(1 for row in rows if row[4] == "1")
 
 
 def _assemble_cache(cache: Path, scans: list[str], parts: Parts, patch_size: int) -> tuple[int, int]:
     """Merge the finished cache and the parts into ``patches.npy`` + ``index.csv``, one scan after the
     other in ``scans`` order; returns ``(n_patches, n_positive)``."""
-    import csv
-    import io
     old_rows, old_patches, old_rows_of = [], None, {}
     if (cache / "index.csv").is_file() and (cache / "patches.npy").is_file():
-        with open(cache / "index.csv", newline="") as handle:
-            old_rows = list(csv.reader(handle))[1:]
+        old_rows = read_cache_index(cache)
         old_patches = np.load(cache / "patches.npy", mmap_mode="r")
         for position, row in enumerate(old_rows):
             old_rows_of.setdefault(row[0], []).append(position)
@@ -804,16 +831,12 @@ def _assemble_cache(cache: Path, scans: list[str], parts: Parts, patch_size: int
         if uid in new:
             sources.append(parts.load(uid))
             rows.extend(parts.meta(uid))
-        elif uid in old_rows_of:
-            positions = old_rows_of[uid]
-            sources.append(old_patches[positions[0]:positions[-1] + 1])
-            rows.extend(old_rows[p] for p in positions)
-    total = atomic_concatenate_npy(cache / "patches.npy", sources, (patch_size,) * 3, np.int16)
+        elif uid in old_rows_of:  # mined rows sit at the end: a scan's rows may come in several stretches
+            sources.extend(old_patches[run] for run in _runs(old_rows_of[uid]))
+            rows.extend(old_rows[p] for p in old_rows_of[uid])
+    counts = write_cache(cache, sources, rows, patch_size)
     del old_patches, sources
-    text = io.StringIO()
-    csv.writer(text, lineterminator="\n").writerows([INDEX_COLUMNS] + rows)
-    atomic_write_text(cache / "index.csv", text.getvalue())
-    return total, sum(1 for row in rows if row[4] == "1")
+    return counts
 
 
 def extract_subset(data_dir, work_dir, subset: int, patch_size: int = 64, spacing_mm: float = 1.0,

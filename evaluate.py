@@ -571,19 +571,21 @@ def _score_scans(run: ModelRun, todo: list, rows_of: dict, probability: np.ndarr
     return unreadable
 
 
-def _open_model_run(checkpoint: Path, candidates_path: Path, out_dir: Path, views: Optional[int], batch_size: int,
-                    workers: int, device: str, precision: str) -> tuple[ModelRun, dict]:
+def open_model_run(checkpoint: Path, candidates_path: Path, parts_dir: Path, views: Optional[int], batch_size: int,
+                   workers: int, device: str, precision: str, **key) -> tuple[ModelRun, dict]:
+    """The model of a checkpoint, how it is applied, and the parts of its scores in ``parts_dir``, kept while
+    the checkpoint, its views, the candidates file and ``key`` stay the same. Returns ``(run, meta)``."""
     if batch_size < 1 or workers < 0:
         raise UserError(f"--batch-size must be >= 1 and --workers >= 0, got {batch_size}, {workers}")
     torch_device = head.resolve_device(device)
     model, meta = head.load_classifier(checkpoint, device=torch_device)
     views = head.check_views(views or meta.get("views", 1))
     stat = checkpoint.stat()
-    key = {"checkpoint": str(checkpoint.resolve()), "checkpoint_bytes": stat.st_size,
-           "checkpoint_mtime_ns": stat.st_mtime_ns, "preprocess": meta["preprocess"], "views": views,
-           "candidates": str(candidates_path.resolve())}
+    key.update(checkpoint=str(checkpoint.resolve()), checkpoint_bytes=stat.st_size,
+               checkpoint_mtime_ns=stat.st_mtime_ns, preprocess=meta["preprocess"], views=views,
+               candidates=str(candidates_path.resolve()))
     run = ModelRun(model, meta["preprocess"], views, batch_size, workers, torch_device,
-                   head.resolve_precision(precision, torch_device), data.Parts(out_dir / "parts", key))
+                   head.resolve_precision(precision, torch_device), data.Parts(parts_dir, key))
     return run, meta
 
 
@@ -617,7 +619,8 @@ def evaluate_model(checkpoint: Path, data_dir: Path, subsets: list[int], out_dir
     checkpoint, data_dir, out_dir = Path(checkpoint), Path(data_dir), Path(out_dir)
     scans = data.subset_scans(data_dir, subsets)
     candidates_path = data.candidates_file(data_dir)
-    run, meta = _open_model_run(checkpoint, candidates_path, out_dir, views, batch_size, workers, device, precision)
+    run, meta = open_model_run(checkpoint, candidates_path, out_dir / "parts", views, batch_size, workers, device,
+                               precision)
     candidates, problems = data.read_point_csv(candidates_path, "class", strict=False)
     candidates = candidates.take(np.flatnonzero(np.isin(candidates.seriesuid, list(scans))))
     rows_of = candidates.rows_by_scan()

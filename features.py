@@ -497,39 +497,70 @@ def features_complete(work_dir: Path, subset: int, tag: str, rows: int) -> bool:
         return False
 
 
+def _index_digest(cache: SubsetCache, rows: int) -> str:
+    """SHA-256 of the first ``rows`` lines of a subset's index.csv: which patches features were made of."""
+    with open(cache.folder / "index.csv", "rb") as handle:
+        lines = handle.read().splitlines()[1:rows + 1]
+    return hashlib.sha256(b"\n".join(lines)).hexdigest()
+
+
+def _reusable_rows(cache: SubsetCache, npy: Path, meta: Path) -> int:
+    """Rows of an earlier feature file that still describe the first rows of the cache (mining only appends
+    rows), else 0."""
+    try:
+        stored = json.loads(meta.read_text())
+        rows = int(stored["rows"])
+        if rows <= len(cache) and np.load(npy, mmap_mode="r").shape[0] == rows \
+                and stored.get("index_sha256") == _index_digest(cache, rows):
+            return rows
+    except (OSError, ValueError, KeyError):
+        pass
+    return 0
+
+
 @torch.no_grad()
+def _encode_rows(cache: SubsetCache, rows: np.ndarray, identity: Dict[str, Any], extractor: head_mod.Classifier,
+                 device: torch.device, precision: str, batch_size: int, workers: int,
+                 advance: Callable[[int], None]) -> np.ndarray:
+    """float16 features ``(len(rows), views * F)`` of some rows of one subset's patches."""
+    pool = PatchPool({cache.subset: cache}, {cache.subset: np.arange(len(cache))})
+    chunk = []
+    for hu, _ in batch_loader(pool, [rows[b:b + batch_size] for b in range(0, len(rows), batch_size)], workers,
+                              device.type == "cuda"):
+        x = data.hu_to_unit(hu.to(device, non_blocking=True), identity["hu_min"], identity["hu_max"])
+        with autocast(device, precision):
+            features = torch.cat([extractor.forward_features(view)
+                                  for view in head_mod.flipped_views(x, identity.get("views", 1))], dim=1)
+        chunk.append(features.float().cpu().numpy().astype(np.float16))
+        advance(len(hu))
+    return np.concatenate(chunk)
+
+
 def _cache_subset_features(work_dir: Path, cache: SubsetCache, tag: str, identity: Dict[str, Any],
                            extractor: head_mod.Classifier, device: torch.device, precision: str, batch_size: int,
                            chunk_rows: int, workers: int, advance: Callable[[int], None]) -> None:
+    """Encode the rows of one subset that have no features yet, in resumable chunks, then write the file."""
     npy, meta, parts_dir = feature_paths(work_dir, cache.subset, tag)
+    first = _reusable_rows(cache, npy, meta)
+    advance(first)
     stat = cache.patches_path.stat()  # parts of an earlier patches.npy are discarded
-    parts = data.Parts(parts_dir, {"rows": len(cache), "patches_bytes": stat.st_size,
+    parts = data.Parts(parts_dir, {"rows": len(cache), "from": first, "patches_bytes": stat.st_size,
                                    "patches_mtime_ns": stat.st_mtime_ns})
-    pool = PatchPool({cache.subset: cache}, {cache.subset: np.arange(len(cache))})
-    names = {start: f"rows_{start:010d}" for start in range(0, len(cache), chunk_rows)}
+    names = {start: f"rows_{start:010d}" for start in range(first, len(cache), chunk_rows)}
     done = parts.done()
     for start, name in names.items():
         stop = min(start + chunk_rows, len(cache))
         if name in done:
             advance(stop - start)
-            continue
-        batches = [np.arange(b, min(b + batch_size, stop)) for b in range(start, stop, batch_size)]
-        chunk = []
-        for hu, _ in batch_loader(pool, batches, workers, device.type == "cuda"):
-            x = data.hu_to_unit(hu.to(device, non_blocking=True), identity["hu_min"], identity["hu_max"])
-            with autocast(device, precision):
-                features = torch.cat([extractor.forward_features(view)
-                                      for view in head_mod.flipped_views(x, identity.get("views", 1))], dim=1)
-            chunk.append(features.float().cpu().numpy().astype(np.float16))
-            advance(len(hu))
-        parts.save(name, np.concatenate(chunk))
-    blocks = [parts.load(name) for name in names.values()]
+        else:
+            parts.save(name, _encode_rows(cache, np.arange(start, stop), identity, extractor, device, precision,
+                                          batch_size, workers, advance))
+    blocks = ([np.load(npy, mmap_mode="r")[:first]] if first else []) + [parts.load(n) for n in names.values()]
     data.atomic_concatenate_npy(npy, blocks, blocks[0].shape[1:], np.float16)
     data.atomic_write_json(meta, {"format": FEATURE_FORMAT, "tag": tag, "rows": len(cache),
+                                  "index_sha256": _index_digest(cache, len(cache)),
                                   "feature_dim": int(blocks[0].shape[1]), "patch_size": cache.patch_size,
                                   "spacing_mm": cache.spacing_mm, "precision": precision,
                                   "encoder_state": str(encoder_state_path(work_dir, tag)), **identity})
     del blocks
     parts.remove()
-
-

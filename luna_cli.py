@@ -167,19 +167,36 @@ def extract(
     negatives_per_positive: Annotated[float, typer.Option(min=0, help="Seeded sample of negatives per positive candidate.")] = 10.0,
     all_candidates: Annotated[bool, typer.Option("--all-candidates", help="Keep every candidate, not a sample.")] = False,
     seed: Seed = 0,
+    hard_negatives: Annotated[Optional[str], typer.Option(
+        help="Mine instead: add the negatives this run's best model (or a .pt file) scores highest.")] = None,
+    per_scan: Annotated[int, typer.Option(min=1, help="With --hard-negatives: the top negatives of each scan to hold.")] = 20,
+    batch_size: BatchSize = 64,
+    workers: Annotated[int, typer.Option(min=0, help="With --hard-negatives: processes reading scans ahead.")] = 2,
+    device: Device = "auto",
+    precision: PrecisionOption = Precision.auto,
 ):
-    """Cut resampled, world-axis-aligned cubes around the candidates of LUNA16 subsets into a patch cache."""
+    """Cut resampled, world-axis-aligned cubes around the candidates of LUNA16 subsets into a patch cache
+    (or, with --hard-negatives, add a trained model's hardest negatives to it)."""
     import data
     any_failed = False
     for k in parse_subsets(subsets, "--subsets", required=True):
-        summary = data.extract_subset(data_dir_option(data_dir), work_dir_option(work_dir), k, patch_size,
-                                      spacing_mm, negatives_per_positive, all_candidates, seed, console=console)
-        console.print(f"subset {k}: [bold]{summary.n_patches}[/] patches ({summary.n_positive} positive) from "
-                      f"{summary.scans_done} scans ({summary.scans_new} new) in {summary.cache_dir}")
-        if summary.failed:
-            console.print(f"[red]subset {k}: {len(summary.failed)} scan(s) could not be read (named above); "
+        if hard_negatives:
+            import mining
+            mined = mining.mine_subset(data_dir_option(data_dir), work_dir_option(work_dir), k, hard_negatives,
+                                       per_scan, batch_size, workers, device, precision.value, console=console)
+            console.print(f"subset {k}: [bold]{mined.added}[/] hard negatives of {mined.run} added "
+                          f"({mined.scans} scans scored); the cache holds {mined.n_patches} patches")
+            failed = mined.unreadable
+        else:
+            summary = data.extract_subset(data_dir_option(data_dir), work_dir_option(work_dir), k, patch_size,
+                                          spacing_mm, negatives_per_positive, all_candidates, seed, console=console)
+            console.print(f"subset {k}: [bold]{summary.n_patches}[/] patches ({summary.n_positive} positive) from "
+                          f"{summary.scans_done} scans ({summary.scans_new} new) in {summary.cache_dir}")
+            failed = summary.failed
+        if failed:
+            console.print(f"[red]subset {k}: {len(failed)} scan(s) could not be read (named above); "
                           "fix them and rerun the same command to add them[/]")
-        any_failed |= bool(summary.failed)
+        any_failed |= bool(failed)
     if any_failed:
         raise typer.Exit(1)
 
@@ -345,10 +362,69 @@ def evaluate(
         raise typer.Exit(1)
 
 
+class Stage(str, Enum):
+    head = "head"
+    finetune = "finetune"
+
+
+def _positive_if_given(value: Optional[float]) -> Optional[float]:
+    return value if value is None else _positive(value)
+
+
+CROSSVAL_OPTIONS = ["features", "epochs", "batch_size", "lr", "seed", "patience", "epoch_samples", "weights",
+                    "feature_size", "window_size", "pooling", "views", "precision"]
+
+
+@app.command()
+@friendly_errors
+def crossval(
+    ctx: typer.Context,
+    folds: Annotated[str, typer.Option(help="The subsets that are the folds, e.g. 0-9 (at least 2); fold k tests on subset k.")],
+    name: Annotated[str, typer.Option(help="Cross-validation name: W/crossval/NAME, runs W/runs/NAME-fold<k>.")],
+    stage: Annotated[Stage, typer.Option(help="head: train-head on cached features (cache-features --test-subsets none); "
+                                              "finetune: encoder and head end to end.", case_sensitive=False)] = Stage.head,
+    val_offset: Annotated[int, typer.Option(help="Fold k validates on the fold this many places before it in --folds (cyclic).")] = 1,
+    features: Annotated[Optional[str], typer.Option(help="head: the feature set (default: the only one).")] = None,
+    epochs: Epochs = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Training batch (default: the stage's own).")] = None,
+    lr: Annotated[Optional[float], typer.Option(callback=_positive_if_given, help="Peak AdamW learning rate (default: the stage's own).")] = None,
+    seed: Seed = None,
+    patience: Patience = None,
+    epoch_samples: EpochSamples = None,
+    weights: Weights = None,
+    feature_size: FeatureSize = None,
+    window_size: WindowSize = None,
+    pooling: PoolingOption = None,
+    views: Annotated[Optional[int], typer.Option(min=1, max=8, help="Flips averaged in evaluation (default: the checkpoint's own); finetune: in validation too.")] = None,
+    precision: PrecisionOption = None,
+    device: Device = "auto",
+    workers: Annotated[Optional[int], typer.Option(min=0, help="Loader processes (default: finetune's own; 2 reading scans for evaluation).")] = None,
+    bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples of the scans for 95% intervals (0: none).")] = 1000,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the pooled metrics as JSON here.")] = None,
+    data_dir: DataDir = None,
+    work_dir: WorkDir = None,
+):
+    """Cross-validate over subsets: per fold train, evaluate every candidate of its test subset; pool the FROC (resumable)."""
+    import crossval as cv
+    import evaluate as evaluation
+    result = cv.run_crossval(work_dir_option(work_dir), data_dir_option(data_dir),
+                             parse_subsets(folds, "--folds", required=True), name, stage=stage.value,
+                             val_offset=val_offset, device=device, workers=workers, bootstrap=bootstrap,
+                             json_out=json_out, console=console, **given_options(ctx, CROSSVAL_OPTIONS, locals()))
+    console.print(cv.fold_table(result))
+    evaluation.print_froc(console, result["froc"], f"LUNA16 FROC, cross-validation {name} (all folds)")
+    console.print(f"files in {cv.crossval_dir(work_dir_option(work_dir), name)}: submission.csv, metrics.json, "
+                  f"folds.csv, froc.png")
+    if result["unreadable_scans"]:
+        console.print(f"[red]{len(result['unreadable_scans'])} unreadable scan(s) skipped (named above); rerun to retry[/]")
+        raise typer.Exit(1)
+
+
 @app.command()
 @friendly_errors
 def predict(
-    checkpoint: Annotated[Path, typer.Option(help="Classifier checkpoint (best.pt of a run).")],
+    checkpoint: Annotated[List[Path], typer.Option(help="Classifier checkpoint (best.pt of a run); repeat it to average "
+                                                         "several models, e.g. the folds of a crossval.")],
     scan: Annotated[Path, typer.Option(help="The CT: .mhd, NIfTI, or a DICOM series folder.")],
     coord: Annotated[List[str], typer.Option("--coord", help="World mm point X,Y,Z, LPS as in the LUNA16 CSVs (repeat for several).")] = [],
     candidates: Annotated[Optional[Path], typer.Option(help="CSV of points with coordX,coordY,coordZ columns (world mm, LPS).")] = None,
@@ -362,7 +438,8 @@ def predict(
     import predict as prediction
     rows = prediction.predict_scan(checkpoint, scan, coord, candidates, out, device=device, batch_size=batch_size,
                                    views=views, precision=precision.value)
-    console.print(prediction.prediction_table(rows, title=f"{prediction.scan_name(scan)} ({len(rows)} points)"))
+    console.print(prediction.prediction_table(rows, title=f"{prediction.scan_name(scan)} ({len(rows)} points)",
+                                              n_models=len(checkpoint)))
     if out is not None:
         console.print(f"written to {out}")
 

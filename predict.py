@@ -7,6 +7,7 @@ DICOM series folder; it is read once, and each point's patch is resampled with t
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -58,11 +59,33 @@ def _point_warning(inside: bool, hu: float) -> str:
     return ""
 
 
+def load_models(checkpoints, device) -> list[tuple]:
+    """``[(path, model, meta)]`` of one checkpoint or a list; all must share the patch geometry (patch_size,
+    spacing_mm), which UserError names otherwise."""
+    paths = [Path(checkpoints)] if isinstance(checkpoints, (str, Path)) else [Path(c) for c in checkpoints]
+    if not paths:
+        raise UserError("give at least one --checkpoint")
+    models = [(path, *head.load_classifier(path, device=device)) for path in paths]
+    first, _, first_meta = models[0]
+    a = first_meta["preprocess"]
+    for path, _, meta in models[1:]:
+        b = meta["preprocess"]
+        if int(a["patch_size"]) != int(b["patch_size"]) or not math.isclose(float(a["spacing_mm"]),
+                                                                            float(b["spacing_mm"])):
+            raise UserError(f"--checkpoint {path} takes patches of {b['patch_size']} voxels at {b['spacing_mm']} mm, "
+                            f"--checkpoint {first} of {a['patch_size']} voxels at {a['spacing_mm']} mm; the models "
+                            f"averaged must share the patch size and spacing")
+    return models
+
+
 def predict_points(checkpoint, scan_path, world_xyz, device: str = "auto", batch_size: int = 64,
                    views: Optional[int] = None, precision: str = "auto") -> list[dict]:
     """Probability of a nodule at each world mm point ``(N, 3)`` (x, y, z) of one scan.
 
-    ``views``: flips averaged per patch (default: those the checkpoint was validated with). Returns one
+    ``checkpoint``: one checkpoint, or a list of them (say the models of a cross-validation's folds), whose
+    probabilities are averaged: the scan is read and the patches cut once, each model applies its own HU
+    window, views and cutoff, and the cutoff is the mean of the models' cutoffs.
+    ``views``: flips averaged per patch (default: those each checkpoint was validated with). Returns one
     dict per point: ``coordX/Y/Z`` (mm), ``probability`` (float64), ``follow_up`` (probability at or above
     the checkpoint's cutoff, 0.5 when it has none), ``hu_at_point`` (mean HU of the central 3 x 3 x 3
     patch voxels) and ``warning`` ("" or why the point is implausible: outside the scan, air, bone).
@@ -73,14 +96,16 @@ def predict_points(checkpoint, scan_path, world_xyz, device: str = "auto", batch
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     torch_device = head.resolve_device(device)
-    model, meta = head.load_classifier(Path(checkpoint), device=torch_device)
-    preprocess = meta["preprocess"]
-    cutoff = float(meta["cutoff"]) if meta.get("cutoff") is not None else 0.5
+    models = load_models(checkpoint, torch_device)
+    preprocess = models[0][2]["preprocess"]
+    cutoffs = [float(meta["cutoff"]) if meta.get("cutoff") is not None else 0.5 for _, _, meta in models]
+    cutoff = sum(cutoffs) / len(cutoffs)
     scan, patches = data.read_and_extract(scan_path, world_xyz, int(preprocess["patch_size"]),
                                           float(preprocess["spacing_mm"]))
-    probability = head.predict_patches(model, patches, preprocess, torch_device, batch_size,
-                                       head.check_views(views or meta.get("views", 1)),
-                                       head.resolve_precision(precision, torch_device))
+    probability = sum(head.predict_patches(model, patches, meta["preprocess"], torch_device, batch_size,
+                                           head.check_views(views or meta.get("views", 1)),
+                                           head.resolve_precision(precision, torch_device))
+                      for _, model, meta in models) / len(models)
     lo = int(preprocess["patch_size"]) // 2 - CENTRE_MM // 2
     hu_at_point = patches[:, lo:lo + CENTRE_MM, lo:lo + CENTRE_MM, lo:lo + CENTRE_MM].reshape(len(patches), -1).mean(1)
     inside = data.inside_scan(scan, world_xyz)
@@ -101,11 +126,14 @@ def write_predictions_csv(predictions: Sequence[dict], path) -> None:
     data.atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def prediction_table(predictions: Sequence[dict], title: str = ""):
-    """A rich table: coordinates, probability, follow-up at the cutoff, HU at the point and warnings."""
+def prediction_table(predictions: Sequence[dict], title: str = "", n_models: int = 1):
+    """A rich table: coordinates, probability, follow-up at the cutoff, HU at the point and warnings;
+    ``n_models`` > 1: the probabilities are the average of that many checkpoints, the cutoff their mean."""
     from rich.table import Table
     cutoff = predictions[0]["cutoff"] if predictions else 0.5
-    table = Table(title=title or None, caption=f"follow-up: probability >= {cutoff:.4g} (the checkpoint's cutoff)")
+    source = "the checkpoint's cutoff" if n_models == 1 else \
+        f"the mean of the {n_models} checkpoints' cutoffs; probabilities averaged over {n_models} models"
+    table = Table(title=title or None, caption=f"follow-up: probability >= {cutoff:.4g} ({source})")
     for name in ("#", "x (mm)", "y (mm)", "z (mm)", "probability", "follow-up", "HU", "warning"):
         table.add_column(name, justify="left" if name == "warning" else "right")
     for n, row in enumerate(predictions, start=1):
@@ -127,7 +155,8 @@ def scan_name(path) -> str:
 def predict_scan(checkpoint, scan_path, coords: Sequence[str] = (), candidates=None, out=None,
                  device: str = "auto", batch_size: int = 64, views: Optional[int] = None,
                  precision: str = "auto") -> list[dict]:
-    """Points from ``--coord X,Y,Z`` strings or a candidates CSV -> :func:`predict_points`, written to ``out``."""
+    """Points from ``--coord X,Y,Z`` strings or a candidates CSV -> :func:`predict_points` (one checkpoint or
+    a list, averaged), written to ``out``."""
     if bool(coords) == (candidates is not None):
         raise UserError("give either --coord X,Y,Z (one or more) or --candidates FILE.csv")
     if coords:

@@ -1342,6 +1342,70 @@ def test_synth_interrupted_folder_is_finished_by_a_forced_rerun(tmp_path, monkey
     assert (root / "phantom_manifest.json").exists() and not (root / phantom.UNFINISHED_MARK).exists()
 
 
+def test_mining_adds_each_scans_top_negatives_once_and_features_follow(eval_phantom, tmp_path, monkeypatch):
+    import json
+    from typer.testing import CliRunner
+    import data
+    import features
+    import head
+    import luna_cli
+    import mining
+    work = tmp_path / "work"
+    data.extract_subset(eval_phantom, work, 1, patch_size=32, spacing_mm=1.25, negatives_per_positive=1,
+                        show_progress=False)
+    cache = data.subset_dir(work, 1)
+    before = data.read_cache_index(cache)
+    tag = features.cache_features(work, test_subsets=[], quiet=True, device="cpu", feature_size=12, window_size=4)
+    checkpoint = _tiny_checkpoint(tmp_path / "tiny.pt")
+    # what mining must add: per scan, of its 2 highest-scoring negatives those not in the cache yet
+    model, meta = head.load_classifier(checkpoint)
+    held = {(r[0], *r[1:4]) for r in before}
+    expected = set()
+    for uid, path in data.subset_scans(eval_phantom, [1]).items():
+        points = np.array([r[1:4] for r in _subset_candidates(eval_phantom, 1) if r[0] == uid and r[4] == "0"], float)
+        scores = head.predict_patches(model, data.extract_patches(data.read_ct(path), points, 32, 1.25), meta["preprocess"])
+        for n in np.argsort(-scores, kind="stable")[:2]:
+            key = (uid, *(repr(float(v)) for v in points[n]))
+            expected |= {key} - held
+    assert expected, "the phantom should leave some top negatives out of the sample"
+    result = CliRunner().invoke(luna_cli.app, ["extract", "--subset", "1", "--data-dir", str(eval_phantom), "--work-dir",
+                                               str(work), "--hard-negatives", str(checkpoint), "--per-scan", "2",
+                                               "--workers", "0", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    after = data.read_cache_index(cache)
+    assert after[:len(before)] == before and {(r[0], *r[1:4]) for r in after[len(before):]} == expected
+    assert all(r[4] == "0" and r[6] == "tiny" for r in after[len(before):]) and not any(r[6] for r in before)
+    patches = np.load(cache / "patches.npy")
+    row = after[-1]
+    direct = data.extract_patches(data.read_ct(data.subset_scans(eval_phantom, [1])[row[0]]), [np.array(row[1:4], float)],
+                                  32, 1.25)
+    np.testing.assert_array_equal(patches[-1], direct[0])
+    assert json.loads((cache / "manifest.json").read_text())["n_patches"] == len(after)
+    # twice is a no-op, and reads no scan
+    snapshot = {p.name: p.read_bytes() for p in cache.iterdir() if p.is_file()}
+    monkeypatch.setattr(data, "read_and_extract", lambda *a, **k: (_ for _ in ()).throw(AssertionError("read")))
+    assert mining.mine_subset(eval_phantom, work, 1, str(checkpoint), per_scan=2, workers=0, device="cpu").added == 0
+    assert {p.name: p.read_bytes() for p in cache.iterdir() if p.is_file()} == snapshot
+    # cache-features encodes only the appended rows and keeps the others
+    encoded = []
+    real_encode = features._encode_rows
+    monkeypatch.setattr(features, "_encode_rows", lambda cache, rows, *a: encoded.append(len(rows)) or real_encode(cache, rows, *a))
+    old = np.load(features.feature_paths(work, 1, tag)[0])
+    assert features.cache_features(work, test_subsets=[], quiet=True, device="cpu", feature_size=12, window_size=4) == tag
+    new = np.load(features.feature_paths(work, 1, tag)[0])
+    assert sum(encoded) == len(after) - len(before) and new.shape[0] == len(after)
+    np.testing.assert_array_equal(new[:len(before)], old)
+    # a model of other patches, or a run that does not exist, is refused before any scan is read
+    foreign = tmp_path / "foreign.pt"
+    payload = head.read_checkpoint(checkpoint)
+    payload["preprocess"] = dict(payload["preprocess"], spacing_mm=0.8)
+    head.save_checkpoint(foreign, payload)
+    with pytest.raises(data.UserError, match=r"32 voxels at 0.8 mm.*32 voxels at 1.25 mm"):
+        mining.mine_subset(eval_phantom, work, 1, str(foreign), per_scan=2, workers=0, device="cpu")
+    with pytest.raises(data.UserError, match="no best.pt"):
+        mining.mine_subset(eval_phantom, work, 1, "nothing", per_scan=2, workers=0, device="cpu")
+
+
 # --- swin encoder ---------------------------------------------------------------
 
 SWIN_FIXTURE = Path(__file__).resolve().parent / "swin_fixture.pt"
@@ -1791,3 +1855,191 @@ def test_feature_sets_of_different_input_layouts_get_different_tags():
     assert head.resolve_config({"encoder": stored["encoder"]})["encoder"]["input_layout"] == "lps_zyx"
     assert "input layout ras_xyz" in features.describe_features(new)
     assert "input layout lps_zyx" in features.describe_features(stored)
+
+
+# --- cross-validation and fold ensembles ---
+# One phantom folder of 4 subsets of 2 scans is extracted, encoded and cross-validated once (4 folds of train-head,
+# two epochs each, through the command line); the tests below read that result and rerun it.
+
+CV_ARGS = dict(epochs=2, batch_size=16, device="cpu", workers=0, bootstrap=50, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def crossval_run(tmp_path_factory):
+    """(LUNA16 root, work folder, the crossval --json output) of `crossval --folds 0-3 --name cv` on phantoms."""
+    import json
+    from typer.testing import CliRunner
+    import data
+    import features
+    import luna_cli
+    import phantom
+    base = tmp_path_factory.mktemp("crossval")
+    root, work = base / "luna16", base / "work"
+    phantom.write_luna_folder(root, n_subsets=4, scans_per_subset=2, shape=EVAL_PHANTOM_SHAPE, seed=5,
+                              negatives_per_scan=6, nodules_per_scan=(1, 2))
+    for k in range(4):
+        data.extract_subset(root, work, k, patch_size=32, spacing_mm=1.0, all_candidates=True, show_progress=False)
+    features.cache_features(work, test_subsets=[], quiet=True, device="cpu", **SMALL_MODEL)
+    result = CliRunner().invoke(luna_cli.app, [
+        "crossval", "--folds", "0-3", "--name", "cv", "--epochs", "2", "--batch-size", "16", "--device", "cpu",
+        "--workers", "0", "--bootstrap", "50", "--json", str(base / "cv.json"), "--data-dir", str(root),
+        "--work-dir", str(work)])
+    assert result.exit_code == 0, result.output
+    assert "cross-validation cv (head, 4 folds)" in " ".join(result.output.split())
+    return root, work, json.loads((base / "cv.json").read_text())
+
+
+def test_crossval_cpm_equals_scoring_its_concatenated_submission(crossval_run, tmp_path):
+    import json
+    from typer.testing import CliRunner
+    import data
+    import evaluate
+    import luna_cli
+    root, work, printed = crossval_run
+    out = work / "crossval" / "cv"
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == printed and saved["folds"] == [0, 1, 2, 3] and saved["n_scans"] == 8
+    scans = [uid for k in range(4) for uid in data.subset_scans(root, [k])]
+    rescored = evaluate.score_submission(out / "submission.csv", root / "annotations.csv",
+                                         root / "annotations_excluded.csv", scans, bootstrap=0)
+    assert saved["cpm"] is not None and saved["cpm"] == rescored["cpm"]
+    assert saved["froc_sensitivities"] == rescored["froc_sensitivities"]
+    cli = CliRunner().invoke(luna_cli.app, ["evaluate", "--submission", str(out / "submission.csv"), "--subsets", "0-3",
+                                            "--data-dir", str(root), "--bootstrap", "0", "--json",
+                                            str(tmp_path / "s.json")])
+    assert cli.exit_code == 0, cli.output
+    assert json.loads((tmp_path / "s.json").read_text())["cpm"] == saved["cpm"]
+    # every candidate of every fold once, the intervals, each fold's CPM, and the files
+    n_rows = len((out / "submission.csv").read_text().splitlines()) - 1
+    assert n_rows == len((root / "candidates_V2.csv").read_text().splitlines()) - 1
+    assert len(saved["cpm_ci95"]) == 2 and sorted(saved["froc_sensitivities_ci95"]) == sorted(saved["froc_sensitivities"])
+    fold_metrics = [json.loads((out / f"fold{k}" / "metrics.json").read_text()) for k in range(4)]
+    assert saved["fold_cpm"] == [m["cpm"] for m in fold_metrics]
+    lines = (out / "folds.csv").read_text().splitlines()
+    assert lines[0] == "fold,test_subset,val_subset,run,checkpoint,n_scans,n_candidates,auc,cpm"
+    assert [line.split(",")[:4] for line in lines[1:]] == [["0", "0", "3", "cv-fold0"], ["1", "1", "0", "cv-fold1"],
+                                                           ["2", "2", "1", "cv-fold2"], ["3", "3", "2", "cv-fold3"]]
+    assert sum(int(line.split(",")[6]) for line in lines[1:]) == n_rows
+    assert (out / "froc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_crossval_never_trains_or_validates_on_a_fold_test_scan(crossval_run):
+    import json
+    import data
+    import features
+    root, work, result = crossval_run
+    for row in result["fold_results"]:
+        k = row["test_subset"]
+        split = json.loads((work / "runs" / f"cv-fold{k}" / "config.json").read_text())["resolved"]["split"]
+        assert split["val"]["subsets"] == [(k - 1) % 4] and split["method"] == "subsets"
+        assert sorted(split["train"]["subsets"]) == sorted({0, 1, 2, 3} - {k, (k - 1) % 4})
+        test_uids = set(data.subset_scans(root, [k]))
+        for j in split["train"]["subsets"] + split["val"]["subsets"]:
+            assert not test_uids & set(features.read_subset_cache(work, j).seriesuids), (k, j)
+        assert row["checkpoint"] == str(work / "runs" / f"cv-fold{k}" / "best.pt")
+
+
+def test_crossval_rerun_skips_finished_folds_and_continues_an_interrupted_one(crossval_run, monkeypatch):
+    import json
+    import crossval
+    import evaluate
+    import train
+    root, work, first = crossval_run
+    out = work / "crossval" / "cv"
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished fold was trained or evaluated again")
+    with monkeypatch.context() as patched:
+        patched.setattr(train, "train_head", refuse)
+        patched.setattr(evaluate, "evaluate_model", refuse)
+        again = crossval.run_crossval(work, root, [0, 1, 2, 3], "cv", **CV_ARGS)
+    assert {k: again[k] for k in ("cpm", "cpm_ci95", "froc_sensitivities", "fold_cpm")} == \
+        {k: first[k] for k in ("cpm", "cpm_ci95", "froc_sensitivities", "fold_cpm")}
+    # killed during the evaluation of fold 3: its finished run is continued (nothing left to do), the rest skipped
+    (out / "fold3" / "metrics.json").unlink()
+    calls = []
+    monkeypatch.setattr(train, "train_head", lambda *a, _train=train.train_head, **kw: calls.append(kw) or _train(*a, **kw))
+    resumed = crossval.run_crossval(work, root, [0, 1, 2, 3], "cv", **CV_ARGS)
+    assert [(c["run"], c["resume"], c["test_subsets"], c["val_subsets"]) for c in calls] == [("cv-fold3", True, [3], [2])]
+    assert len(train.read_history(work / "runs" / "cv-fold3" / "history.csv")) == 2
+    assert resumed["cpm"] == first["cpm"] and resumed["fold_cpm"] == first["fold_cpm"]
+    assert json.loads((out / "metrics.json").read_text())["cpm"] == first["cpm"]
+
+
+def test_crossval_refuses_bad_folds_offsets_and_changed_settings(crossval_run):
+    from typer.testing import CliRunner
+    import crossval
+    import luna_cli
+    from data import UserError
+    root, work, _ = crossval_run
+    with pytest.raises(UserError, match="--folds must name at least 2 subsets"):
+        crossval.run_crossval(work, root, [0], "one", **CV_ARGS)
+    for offset in (0, 4, -8):
+        with pytest.raises(UserError, match=f"--val-offset {offset} puts each fold's validation subset on its own test"):
+            crossval.run_crossval(work, root, [0, 1, 2, 3], "bad", val_offset=offset, **CV_ARGS)
+    assert [(f.test, f.val) for f in crossval.plan_folds([0, 1, 2, 3], "x", val_offset=2)] == [(0, 2), (1, 3), (2, 0), (3, 1)]
+    with pytest.raises(UserError, match="subset\\(s\\) 4 not extracted"):
+        crossval.run_crossval(work, root, [0, 1, 2, 3, 4], "five", **CV_ARGS)
+    with pytest.raises(UserError, match="--weights is an option of --stage finetune"):
+        crossval.run_crossval(work, root, [0, 1], "w", weights=Path("w.pt"), **CV_ARGS)
+    with pytest.raises(UserError, match="--name must be a plain folder name"):
+        crossval.run_crossval(work, root, [0, 1], "../up", **CV_ARGS)
+    with pytest.raises(UserError, match="--epochs: it has 2, this call 3"):
+        crossval.run_crossval(work, root, [0, 1, 2, 3], "cv", **dict(CV_ARGS, epochs=3))
+    base = ["crossval", "--name", "cli", "--data-dir", str(root), "--work-dir", str(work), "--device", "cpu"]
+    for extra, message in ((["--folds", "0"], "--folds must name at least 2 subsets"),
+                           (["--folds", "0-3", "--val-offset", "4"], "--val-offset 4")):
+        result = CliRunner().invoke(luna_cli.app, base + extra)
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+        assert message in " ".join(result.output.split())
+    assert not (work / "crossval" / "cli").exists() and not (work / "runs" / "cv-fold4").exists()
+
+
+def test_predict_averages_several_checkpoints(crossval_run, tmp_path):
+    from typer.testing import CliRunner
+    import head
+    import luna_cli
+    import predict
+    from data import UserError
+    root, work, _ = crossval_run
+    a, b = (work / "runs" / f"cv-fold{k}" / "best.pt" for k in (0, 1))
+    mhd = sorted((root / "subset2").glob("*.mhd"))[0]
+    points = np.array([r[1:4] for r in _subset_candidates(root, 2) if r[0] == mhd.stem], float)
+    one, two = (predict.predict_points(c, mhd, points, device="cpu") for c in (a, b))
+    both = predict.predict_points([a, b], mhd, points, device="cpu")
+    mean = (np.array([r["probability"] for r in one]) + np.array([r["probability"] for r in two])) / 2
+    np.testing.assert_allclose([r["probability"] for r in both], mean, rtol=1e-12)
+    cutoff = (head.load_classifier(a)[1]["cutoff"] + head.load_classifier(b)[1]["cutoff"]) / 2
+    assert all(r["cutoff"] == cutoff and r["follow_up"] == (r["probability"] >= cutoff) for r in both)
+    assert predict.predict_points([a], mhd, points, device="cpu") == one
+    with pytest.raises(UserError, match="tiny.pt takes patches of 32 voxels at 1.25 mm.*share the patch size"):
+        predict.predict_points([a, _tiny_checkpoint(tmp_path / "tiny.pt")], mhd, points, device="cpu")
+    base = ["predict", "--scan", str(mhd), "--coord", ",".join(map(str, points[0])), "--device", "cpu"]
+    result = CliRunner().invoke(luna_cli.app, base + ["--checkpoint", str(a), "--checkpoint", str(b)])
+    assert result.exit_code == 0, result.output
+    assert "probabilities averaged over 2 models" in " ".join(result.output.split())
+    result = CliRunner().invoke(luna_cli.app, base + ["--checkpoint", str(a)])
+    assert result.exit_code == 0 and "(the checkpoint's cutoff)" in " ".join(result.output.split())
+
+
+def test_crossval_finetune_passes_its_options_to_each_fold(crossval_run, tmp_path, monkeypatch):
+    import crossval
+    import train
+    root, work, _ = crossval_run
+    calls = []
+
+    def fake_finetune(work_dir, **kwargs):  # a fold "trains" by writing a small checkpoint
+        calls.append(kwargs)
+        run_dir = train.runs_dir(work_dir) / kwargs["run"]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return _tiny_checkpoint(run_dir / "best.pt", cutoff=0.4).parent
+    monkeypatch.setattr(train, "finetune", fake_finetune)
+    result = crossval.run_crossval(work, root, [0, 1], "ft", stage="finetune", epochs=1, feature_size=12,
+                                   window_size=4, views=2, precision="fp32", device="cpu", workers=0, bootstrap=0,
+                                   quiet=True)
+    assert [(c["run"], c["val_subsets"], c["test_subsets"], c["resume"]) for c in calls] == \
+        [("ft-fold0", [1], [0], False), ("ft-fold1", [0], [1], False)]
+    assert all(c["views"] == 2 and c["precision"] == "fp32" and c["workers"] == 0 and c["epochs"] == 1
+               and c["feature_size"] == 12 and "features" not in c for c in calls)
+    assert result["views"] == 2 and result["stage"] == "finetune" and len(result["fold_cpm"]) == 2
+    assert (work / "crossval" / "ft" / "fold1" / "metrics.json").is_file()

@@ -1,0 +1,294 @@
+"""Cross-validation stage: one model per fold, each evaluated on its held-out subset, and the pooled FROC.
+
+The folds are LUNA16 subsets (``--folds 0-9``). Fold k tests on subset k, which its training never reads (the
+split by scan in ``features.load_split`` guarantees it), validates on the subset ``val_offset`` places before k in
+the fold list (cyclic; default 1: the previous fold) and trains on every other extracted subset (an extracted
+subset outside the fold list always trains). Its model, the run ``W/runs/<NAME>-fold<k>``, scores every candidate
+of subset k (``evaluate.evaluate_model``, into ``W/crossval/<NAME>/fold<k>/``). The fold submissions are
+concatenated and scored with the official LUNA16 rules over the scans of all folds, with bootstrap intervals:
+the number to compare with the literature (ten folds, all 888 scans).
+
+Written under ``W/crossval/<NAME>/``: ``crossval.json`` (the settings, so that a rerun continues the same
+cross-validation), ``fold<k>/`` (one model evaluation per fold), ``submission.csv`` (all folds), ``metrics.json``
+(CPM, the seven FROC sensitivities, their 95% intervals, each fold's CPM), ``folds.csv`` and ``froc.png``.
+
+Resumable: a fold whose evaluation finished is skipped; a fold whose run already has a ``last.pt`` continues it
+(``resume``; a finished run does nothing more); an evaluation continues from the scans it finished.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import data
+import evaluate
+import train
+from data import UserError
+from features import extracted_subsets
+
+STAGES = ("head", "finetune")
+# The training options crossval passes on to each stage, when given (the others take the stage's defaults).
+# ``views`` (both stages) and ``precision`` (finetune; evaluation only for head) are handled on their own.
+STAGE_OPTIONS = {
+    "head": ("features", "epochs", "batch_size", "lr", "seed", "patience", "epoch_samples"),
+    "finetune": ("epochs", "batch_size", "lr", "seed", "patience", "epoch_samples", "weights", "feature_size",
+                 "window_size", "pooling"),
+}
+TRAINING_OPTIONS = tuple(dict.fromkeys(STAGE_OPTIONS["head"] + STAGE_OPTIONS["finetune"]))
+FOLD_COLUMNS = ("fold", "test_subset", "val_subset", "run", "checkpoint", "n_scans", "n_candidates", "auc", "cpm")
+EVAL_BATCH_SIZE = 64
+EVAL_WORKERS = 2  # evaluate's default reader processes when --workers is not given
+
+
+@dataclass
+class Fold:
+    """One fold: its position in the fold list, test and validation subsets, and run name."""
+    fold: int
+    test: int
+    val: int
+    run: str
+
+
+def _listed(subsets) -> str:
+    return ",".join(map(str, subsets)) or "none"
+
+
+def check_name(name: str) -> str:
+    """``--name``: a plain folder name under ``W/crossval`` (its runs are ``<name>-fold<k>``)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(name or "")):
+        raise UserError(f"--name must be a plain folder name (letters, digits, '.', '_', '-'), got {name!r}")
+    return name
+
+
+def plan_folds(folds: Sequence[int], name: str, val_offset: int = 1) -> List[Fold]:
+    """The folds of a cross-validation: fold i tests on ``folds[i]`` and validates on
+    ``folds[(i - val_offset) % len(folds)]``; UserError for fewer than 2 folds or an offset that lands on
+    the test fold."""
+    folds = list(folds)
+    if len(folds) < 2:
+        raise UserError(f"--folds must name at least 2 subsets (each one is the test subset of one fold), "
+                        f"got {_listed(folds)}")
+    if val_offset % len(folds) == 0:
+        raise UserError(f"--val-offset {val_offset} puts each fold's validation subset on its own test subset "
+                        f"({len(folds)} folds); use an offset that is not a multiple of {len(folds)}, e.g. 1")
+    return [Fold(i, k, folds[(i - val_offset) % len(folds)], f"{name}-fold{k}") for i, k in enumerate(folds)]
+
+
+def crossval_dir(work_dir: Path, name: str) -> Path:
+    return Path(work_dir) / "crossval" / name
+
+
+def _as_json(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _given_training(stage: str, arguments: Dict[str, Any], precision: Optional[str]) -> Dict[str, Any]:
+    """The training options given for ``stage`` (JSON values); UserError naming one that belongs to the other stage."""
+    if stage not in STAGES:
+        raise UserError(f"--stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    given = {k: _as_json(arguments[k]) for k in TRAINING_OPTIONS if arguments.get(k) is not None}
+    foreign = [k for k in given if k not in STAGE_OPTIONS[stage]]
+    if foreign:
+        other = next(s for s in STAGES if s != stage)
+        raise UserError(f"--{foreign[0].replace('_', '-')} is an option of --stage {other}, not of --stage {stage}")
+    if stage == "finetune" and precision is not None:
+        given["precision"] = precision
+    return given
+
+
+def _started(work_dir: Path, out_dir: Path, name: str) -> bool:
+    """Whether a fold of this cross-validation has trained an epoch or finished its evaluation."""
+    return any(out_dir.glob("fold*/metrics.json")) or any(train.runs_dir(work_dir).glob(f"{name}-fold*/last.pt"))
+
+
+def _settings(out_dir: Path, name: str, wanted: Dict[str, Any], given: Dict[str, Any], views: Optional[int],
+              started: bool) -> Dict[str, Any]:
+    """The cross-validation's settings. A new one (or one none of whose folds has started) stores them in
+    ``crossval.json``; a rerun continues with the stored ones and refuses a fold plan or a given option that
+    differs (options not given keep the stored values)."""
+    path = out_dir / "crossval.json"
+    if not path.is_file() or not started:
+        settings = {**wanted, "training": given, "views": views}
+        data.atomic_write_json(path, settings)
+        return settings
+    saved = json.loads(path.read_text())
+    defaults = train.HEAD_DEFAULTS if saved.get("stage") == "head" else train.FINETUNE_DEFAULTS
+    stored = {**defaults, **saved.get("training", {})}
+    differing = [f"--{k.replace('_', '-')}: it has {saved.get(k)!r}, this call {v!r}"
+                 for k, v in wanted.items() if saved.get(k) != v]
+    differing += [f"--{k.replace('_', '-')}: it has {stored.get(k)!r}, this call {v!r}"
+                  for k, v in given.items() if stored.get(k) != v]
+    if views is not None and saved.get("views") != views:
+        differing.append(f"--views: it has {saved.get('views')!r}, this call {views!r}")
+    if differing:
+        raise UserError(f"cross-validation {name!r} ({out_dir}) was started with other settings; these differ: "
+                        + "; ".join(differing) + ". Drop them to continue it, or choose another --name.")
+    return saved
+
+
+def _fold_done(fold_dir: Path, scans: Sequence[str]) -> Optional[Dict[str, Any]]:
+    """The fold's evaluation metrics when it finished on every scan of its subset, else None."""
+    try:
+        metrics = json.loads((fold_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if metrics.get("unreadable_scans") or metrics.get("n_scans") != len(scans) \
+            or not (fold_dir / "submission.csv").is_file():
+        return None
+    return metrics
+
+
+def _train_fold(work_dir: Path, fold: Fold, stage: str, training: Dict[str, Any], device: str,
+                workers: Optional[int], quiet: bool) -> Path:
+    """Train (or continue, or leave as it is when finished) the fold's run; returns its best.pt."""
+    run_dir = train.runs_dir(work_dir) / fold.run
+    resume = (run_dir / "last.pt").is_file() and (run_dir / "config.json").is_file()
+    options = dict(training, val_subsets=[fold.val], test_subsets=[fold.test])
+    if stage == "head":
+        train.train_head(work_dir, run=fold.run, resume=resume, device=device, quiet=quiet, **options)
+    else:
+        train.finetune(work_dir, run=fold.run, resume=resume, device=device, workers=workers, quiet=quiet, **options)
+    best = run_dir / "best.pt"
+    if not best.is_file():
+        raise UserError(f"fold {fold.test}: run {run_dir} wrote no best.pt (no epoch had a validation AUC); "
+                        f"check its history.csv")
+    return best
+
+
+def _run_fold(work_dir: Path, data_dir: Path, out_dir: Path, fold: Fold, scans: Sequence[str],
+              settings: Dict[str, Any], runtime: Dict[str, Any], console) -> Dict[str, Any]:
+    """One fold: skipped when its evaluation finished, else trained (or continued) and evaluated."""
+    fold_dir = out_dir / f"fold{fold.test}"
+    metrics = _fold_done(fold_dir, scans)
+    say = console.print if console is not None and not runtime["quiet"] else (lambda *_: None)
+    if metrics is not None:
+        say(f"fold {fold.test}: finished before, skipped (CPM {_number(metrics.get('cpm'))})")
+        return metrics
+    say(f"[bold]fold {fold.test}[/]: test subset {fold.test}, validation subset {fold.val}, run {fold.run}")
+    training = dict(settings["training"])
+    if settings["stage"] == "finetune" and settings.get("views") is not None:
+        training["views"] = settings["views"]
+    best = _train_fold(work_dir, fold, settings["stage"], training, runtime["device"], runtime["workers"],
+                       runtime["quiet"])
+    return evaluate.evaluate_model(best, data_dir, [fold.test], fold_dir, views=settings.get("views"),
+                                   batch_size=EVAL_BATCH_SIZE,
+                                   workers=EVAL_WORKERS if runtime["workers"] is None else runtime["workers"],
+                                   device=runtime["device"], precision=runtime["precision"] or "auto",
+                                   bootstrap=runtime["bootstrap"], seed=0, console=console)
+
+
+def _number(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def fold_row(fold: Fold, metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """A folds.csv row: the fold, its subsets and run, and its evaluation's counts, AUC and CPM."""
+    return {"fold": fold.fold, "test_subset": fold.test, "val_subset": fold.val, "run": fold.run,
+            "checkpoint": metrics["checkpoint"], "n_scans": metrics["n_scans"],
+            "n_candidates": metrics["n_candidates"], "auc": metrics["auc"], "cpm": metrics["cpm"]}
+
+
+def _write_folds_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(FOLD_COLUMNS)
+    for row in rows:
+        writer.writerow(["" if row[c] is None else repr(row[c]) if isinstance(row[c], float) else row[c]
+                         for c in FOLD_COLUMNS])
+    data.atomic_write_text(path, buffer.getvalue())
+
+
+def concatenate_submissions(paths: Sequence[Path], out: Path) -> None:
+    """One LUNA16 submission of several (each with its header line), written atomically."""
+    lines = [",".join(evaluate.SUBMISSION_COLUMNS)]
+    for path in paths:
+        lines += [line for line in Path(path).read_text().splitlines()[1:] if line.strip()]
+    data.atomic_write_text(out, "\n".join(lines) + "\n")
+
+
+def pool_folds(out_dir: Path, data_dir: Path, plan: List[Fold], fold_metrics: Dict[int, Dict[str, Any]],
+               fold_scans: Dict[int, List[str]], bootstrap: int, seed: int = 0) -> Dict[str, Any]:
+    """Concatenate the fold submissions and score them over the readable scans of all folds: the FROC result."""
+    concatenate_submissions([out_dir / f"fold{f.test}" / "submission.csv" for f in plan], out_dir / "submission.csv")
+    uids = [uid for f in plan for uid in fold_scans[f.test] if uid not in fold_metrics[f.test]["unreadable_scans"]]
+    return evaluate.score_marks(evaluate.read_submission(out_dir / "submission.csv"), uids,
+                                evaluate.read_findings(Path(data_dir) / "annotations.csv"),
+                                evaluate.read_findings(Path(data_dir) / "annotations_excluded.csv"),
+                                bootstrap=bootstrap, seed=seed)
+
+
+def _prepare(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str, stage: str, val_offset: int,
+             given: Dict[str, Any], views: Optional[int]):
+    """Check the request before any work: ``(plan, settings, out_dir, {subset: seriesuids})``."""
+    plan = plan_folds(folds, check_name(name), val_offset)
+    if views is not None and not 1 <= int(views) <= 8:
+        raise UserError(f"--views must be 1..8 (flips of the cube), got {views}")
+    missing = sorted(set(folds) - set(extracted_subsets(work_dir)))
+    if missing:
+        raise UserError(f"--folds {_listed(folds)}: subset(s) {_listed(missing)} not extracted under "
+                        f"{Path(work_dir) / 'patches'}; run `python luna_cli.py extract --subsets {_listed(missing)}` "
+                        f"(with the patch options of the others) first")
+    fold_scans = {f.test: list(data.subset_scans(data_dir, [f.test])) for f in plan}
+    out_dir = crossval_dir(work_dir, name)
+    wanted = {"stage": stage, "folds": [f.test for f in plan], "val_offset": int(val_offset)}
+    settings = _settings(out_dir, name, wanted, given, views, _started(Path(work_dir), out_dir, name))
+    return plan, settings, out_dir, fold_scans
+
+
+def run_crossval(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str, *, stage: str = "head",
+                 val_offset: int = 1, features: Optional[str] = None, epochs: Optional[int] = None,
+                 batch_size: Optional[int] = None, lr: Optional[float] = None, seed: Optional[int] = None,
+                 patience: Optional[int] = None, epoch_samples: Optional[int] = None, weights: Optional[Path] = None,
+                 feature_size: Optional[int] = None, window_size: Optional[int] = None,
+                 pooling: Optional[str] = None, views: Optional[int] = None, precision: Optional[str] = None,
+                 device: str = "auto", workers: Optional[int] = None, bootstrap: int = 1000,
+                 json_out: Optional[Path] = None, quiet: bool = False, console=None) -> Dict[str, Any]:
+    """Cross-validate over the subsets ``folds`` (see the module docstring); returns the pooled metrics.
+
+    ``stage``: "head" (``train.train_head`` on a feature set that covers every fold: cache-features with
+    ``--test-subsets none``) or "finetune" (``train.finetune``). Training options left None take the stage's
+    defaults. ``views``: evaluation flips (default: the checkpoint's own); for finetune also its validation's.
+    ``precision``: evaluation precision (and finetune's). Writes ``W/crossval/<name>/`` and ``json_out``.
+    """
+    given = _given_training(stage, locals(), precision)
+    plan, settings, out_dir, fold_scans = _prepare(Path(work_dir), Path(data_dir), folds, name, stage, val_offset,
+                                                   given, views)
+    runtime = {"device": device, "workers": workers, "precision": precision, "bootstrap": bootstrap, "quiet": quiet}
+    fold_metrics = {f.test: _run_fold(Path(work_dir), Path(data_dir), out_dir, f, fold_scans[f.test], settings,
+                                      runtime, console) for f in plan}
+    froc = pool_folds(out_dir, Path(data_dir), plan, fold_metrics, fold_scans, bootstrap)
+    rows = [fold_row(f, fold_metrics[f.test]) for f in plan]
+    result = {"name": name, "stage": settings["stage"], "folds": [f.test for f in plan],
+              "val_offset": settings["val_offset"], "training": settings["training"], "views": settings.get("views"),
+              "cpm": froc["cpm"], "cpm_ci95": froc.get("cpm_ci95"), "froc_sensitivities": froc["froc_sensitivities"],
+              "froc_sensitivities_ci95": froc.get("froc_sensitivities_ci95"), "fold_cpm": [r["cpm"] for r in rows],
+              "fold_results": rows, "n_scans": froc["n_scans"], "n_nodules": froc["n_nodules"], "froc": froc,
+              "unreadable_scans": {uid: why for m in fold_metrics.values()
+                                   for uid, why in m["unreadable_scans"].items()},
+              "files": {n: str(out_dir / n) for n in ("submission.csv", "metrics.json", "folds.csv", "froc.png")}}
+    _write_folds_csv(out_dir / "folds.csv", rows)
+    evaluate.plot_froc(froc, out_dir / "froc.png", title=f"cross-validation {name}")
+    data.atomic_write_json(out_dir / "metrics.json", result)
+    if json_out is not None:
+        data.atomic_write_json(json_out, result)
+    return result
+
+
+def fold_table(result: Dict[str, Any]):
+    """A rich table: each fold's subsets, run, counts, AUC and CPM, and the pooled CPM with its interval."""
+    from rich.table import Table
+    table = Table(title=f"cross-validation {result['name']} ({result['stage']}, {len(result['folds'])} folds)")
+    for column in ("fold", "test", "validation", "run", "scans", "candidates", "AUC", "CPM"):
+        table.add_column(column, justify="left" if column == "run" else "right")
+    for row in result["fold_results"]:
+        table.add_row(str(row["fold"]), str(row["test_subset"]), str(row["val_subset"]), row["run"],
+                      str(row["n_scans"]), str(row["n_candidates"]), _number(row["auc"]), _number(row["cpm"]))
+    interval = result.get("cpm_ci95")
+    pooled = _number(result["cpm"]) + (f" ({interval[0]:.4f} - {interval[1]:.4f})" if interval else "")
+    table.add_row("[bold]all[/]", "", "", "", str(result["n_scans"]), "", "", f"[bold]{pooled}[/]")
+    return table

@@ -1,0 +1,149 @@
+"""Hard-negative mining: add to a subset's patch cache the negatives a trained model finds hardest.
+
+``extract --subsets K --hard-negatives RUN --per-scan N`` scores every negative candidate of subset K with
+RUN's best model (each scan read once and cut as ``evaluate`` does) and adds, for each scan, those of its N
+highest-scoring negatives that the cache does not hold yet. Their ``index.csv`` rows name RUN in the
+``mined`` column; they are appended after the existing rows, so ``cache-features`` only encodes them.
+The same call again adds nothing (the top N are in the cache by then); a round with a model trained on the
+mined cache adds what that model now finds hardest. Finished scans are kept in ``W/mining/<run>/subset<k>``
+until the cache is written, so a killed run resumes; a finished round leaves ``done.json`` there.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+import data
+import evaluate
+import head
+from data import UserError
+
+
+@dataclass
+class MiningSummary:
+    subset: int
+    run: str
+    scans: int
+    added: int
+    n_patches: int
+    unreadable: dict
+
+
+def _checkpoint_of(work_dir: Path, run: str) -> Path:
+    """``W/runs/RUN/best.pt``, or RUN itself when it is a ``.pt`` file."""
+    return Path(run) if run.endswith(".pt") else evaluate.checkpoint_for_run(work_dir, run)
+
+
+def _check_geometry(manifest: dict, preprocess: dict, checkpoint: Path, cache: Path) -> None:
+    stored = (int(preprocess["patch_size"]), float(preprocess["spacing_mm"]))
+    cached = (int(manifest["patch_size"]), float(manifest["spacing_mm"]))
+    if stored[0] != cached[0] or not math.isclose(stored[1], cached[1]):
+        raise UserError(f"{checkpoint} was trained on patches of {stored[0]} voxels at {stored[1]} mm, but {cache} "
+                        f"holds {cached[0]} voxels at {cached[1]} mm; mine with a model of the cache's geometry")
+
+
+def _negatives_to_score(data_dir: Path, scans: dict) -> data.PointTable:
+    candidates, _ = data.read_point_csv(data.candidates_file(data_dir), "class", strict=False)
+    keep = np.isin(candidates.seriesuid, list(scans)) & (candidates.value <= 0.5)
+    return candidates.take(np.flatnonzero(keep))
+
+
+def _top_of_scan(scores: np.ndarray, per_scan: int) -> np.ndarray:
+    """Positions of the ``per_scan`` highest scores (ties by file order), highest first."""
+    return np.lexsort((np.arange(len(scores)), -scores))[:per_scan]
+
+
+def _score_and_keep(run: evaluate.ModelRun, todo: list, per_scan: int, in_cache: set, name: str,
+                    negatives: data.PointTable, console) -> dict:
+    """Score each scan's negatives; save, per scan, the patches and index rows of those of its top
+    ``per_scan`` not in the cache. Returns ``{seriesuid: reason}`` of unreadable scans."""
+    rows_of = negatives.rows_by_scan()
+    scores = {uid: np.full(len(rows_of[uid]), np.nan) for uid, _, _ in todo}
+    patches = {uid: {} for uid, _, _ in todo}
+    unreadable: dict = {}
+    chunks = evaluate.stream_scan_patches(todo, int(run.preprocess["patch_size"]),
+                                          float(run.preprocess["spacing_mm"]), run.workers) if todo else []
+    for uid, first, cut, error in chunks:
+        if cut is None:
+            unreadable[uid] = error
+            if console is not None:
+                console.print(f"[red]skipped unreadable scan {uid}: {error}[/]")
+            continue
+        scores[uid][first:first + len(cut)] = head.predict_patches(run.model, cut, run.preprocess, run.device,
+                                                                   run.batch_size, run.views, run.precision)
+        best = set(_top_of_scan(np.nan_to_num(scores[uid], nan=-np.inf), per_scan).tolist())
+        patches[uid] = {n: p for n, p in patches[uid].items() if n in best}
+        patches[uid].update({first + n: cut[n].numpy() for n in range(len(cut)) if first + n in best})
+        if not np.isnan(scores[uid]).any():
+            rows = rows_of[uid][_top_of_scan(scores[uid], per_scan)]
+            fresh = [n for n, row in zip(_top_of_scan(scores[uid], per_scan), rows)
+                     if _key(uid, negatives.world_xyz[row]) not in in_cache]
+            picked = rows_of[uid][fresh] if fresh else np.zeros(0, int)
+            block = np.stack([patches[uid][n] for n in fresh]) if fresh else np.zeros((0,) + (cut.shape[1],) * 3,
+                                                                                        np.int16)
+            run.parts.save(uid, block, data.index_rows(uid, negatives.world_xyz[picked], negatives.value[picked],
+                                                       np.full(len(picked), np.nan), mined=name))
+            del patches[uid]
+    return unreadable
+
+
+def _key(uid: str, world_xyz) -> tuple:
+    return (uid, *(repr(float(v)) for v in world_xyz))
+
+
+def mine_subset(data_dir: Path, work_dir: Path, subset: int, run: str, per_scan: int = 20, batch_size: int = 64,
+                workers: int = 2, device: str = "auto", precision: str = "auto",
+                views: Optional[int] = None, console=None) -> MiningSummary:
+    """Add the hard negatives of RUN (a run name or a ``.pt`` file) to the patch cache of one subset."""
+    if per_scan < 1:
+        raise UserError(f"--per-scan must be at least 1, got {per_scan}")
+    data_dir, work_dir = Path(data_dir), Path(work_dir)
+    cache = data.subset_dir(work_dir, subset)
+    if not (cache / "manifest.json").is_file():
+        raise UserError(f"no patch cache for subset {subset} under {work_dir / 'patches'}; "
+                        f"run `python luna_cli.py extract --subset {subset}` first")
+    manifest = json.loads((cache / "manifest.json").read_text())
+    checkpoint = _checkpoint_of(work_dir, run)
+    name = checkpoint.parent.name if checkpoint.name == "best.pt" else checkpoint.stem
+    _check_geometry(manifest, head.read_checkpoint(checkpoint)["preprocess"], checkpoint, cache)
+    folder = work_dir / "mining" / name / f"subset{subset}"
+    model_run, _ = evaluate.open_model_run(checkpoint, data.candidates_file(data_dir), folder / "parts", views,
+                                           batch_size, workers, device, precision, per_scan=per_scan)
+    done_path = folder / "done.json"
+    if done_path.is_file() and json.loads(done_path.read_text()).get("key") == model_run.parts.key:
+        return MiningSummary(subset, name, 0, 0, manifest["n_patches"], {})
+    scans = data.subset_scans(data_dir, [subset])
+    negatives = _negatives_to_score(data_dir, scans)
+    in_cache = {_key(row[0], row[1:4]) for row in data.read_cache_index(cache)}
+    todo = [(uid, scans[uid], negatives.world_xyz[rows]) for uid, rows in negatives.rows_by_scan().items()
+            if uid not in model_run.parts.done()]
+    unreadable = _score_and_keep(model_run, todo, per_scan, in_cache, name, negatives, console)
+    added, n_patches = _append_parts(cache, manifest, model_run.parts, name, per_scan)
+    if not unreadable:
+        data.atomic_write_json(done_path, {"key": model_run.parts.key, "added": added})
+        model_run.parts.remove()
+    return MiningSummary(subset, name, len(todo), added, n_patches, unreadable)
+
+
+def _append_parts(cache: Path, manifest: dict, parts: data.Parts, name: str, per_scan: int) -> tuple[int, int]:
+    """Append the mined patches of every finished scan to the cache (once: rows already there are skipped)."""
+    rows = data.read_cache_index(cache)
+    present = {_key(row[0], row[1:4]) for row in rows}
+    sources, new_rows = [np.load(cache / "patches.npy", mmap_mode="r")], []
+    for uid in sorted(parts.done()):
+        mined = [n for n, row in enumerate(parts.meta(uid)) if _key(row[0], row[1:4]) not in present]
+        if mined:
+            sources.append(parts.load(uid)[mined])
+            new_rows.extend(parts.meta(uid)[n] for n in mined)
+    if not new_rows:
+        return 0, len(rows)
+    n_patches, n_positive = data.write_cache(cache, sources, rows + new_rows, int(manifest["patch_size"]))
+    manifest.update(n_patches=n_patches, n_positive=n_positive,
+                    mined=manifest.get("mined", []) + [{"run": name, "per_scan": per_scan, "added": len(new_rows)}])
+    data.atomic_write_json(cache / "manifest.json", manifest)
+    return len(new_rows), n_patches
