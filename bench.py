@@ -425,5 +425,91 @@ def bench_train(device: str = "cpu", repeats: int = 3, small_batch: int = 0, lar
                   f"memory: {memory}; machine: {machine_description()}")
 
 
+MINING_SETTINGS = dict(feature_size=12, window_size=4, pooling="centre")
+
+
+def _held_out(run_dir, root, out) -> dict:
+    """CPM (with its 95% interval) and AUC of a run's best.pt on the held-out subset 3."""
+    import evaluate
+    result = evaluate.evaluate_model(run_dir / "best.pt", root, [3], out, workers=1, device="cpu", bootstrap=1000)
+    return {"cpm": result["cpm"], "ci": result["cpm_ci95"], "auc": result["auc"]}
+
+
+def _mining_seed(folder, seed: int, scans: int, negatives: int, per_scan: int, rounds: int, head_epochs: int,
+                 finetune_epochs: int, views: int) -> dict:
+    """Every variant of one phantom seed: ``{variant: {"head": metrics, "finetune": metrics}}``."""
+    import json
+    import data
+    import features
+    import mining
+    import phantom
+    import train
+    root = folder / "luna16"
+    if not (root / "phantom_manifest.json").is_file():
+        phantom.write_luna_folder(root, n_subsets=4, scans_per_subset=scans, seed=seed, negatives_per_scan=negatives,
+                                  nodules_per_scan=(1, 3), negative_mix=phantom.LUNA_LIKE_MIX, force=True)
+    split = dict(val_subsets=[2], test_subsets=[3], seed=seed, quiet=True)
+    results = {}
+
+    def train_and_score(work, variant: str) -> None:
+        tag = features.cache_features(work, test_subsets=[3], views=views, seed=seed, quiet=True, device="cpu",
+                                      **MINING_SETTINGS)
+        head_run = train.train_head(work, features=tag, epochs=head_epochs, run=f"head-{variant}", device="cpu",
+                                    **split)
+        tuned = train.finetune(work, head_from=f"head-{variant}", epochs=finetune_epochs, epoch_samples=512,
+                               batch_size=16, views=views, run=f"ft-{variant}", device="cpu", **split,
+                               **MINING_SETTINGS)
+        negatives_cached = sum(json.loads((data.subset_dir(work, k) / "manifest.json").read_text())["n_patches"]
+                               - json.loads((data.subset_dir(work, k) / "manifest.json").read_text())["n_positive"]
+                               for k in (0, 1))
+        results[variant] = {"head": _held_out(head_run, root, work / "eval" / variant),
+                            "finetune": _held_out(tuned, root, work / "eval" / f"ft-{variant}"),
+                            "training_negatives": negatives_cached}
+
+    for variant, all_candidates in (("sample", False), ("every candidate", True)):
+        work = folder / ("work-all" if all_candidates else "work")
+        for k in range(4):
+            data.extract_subset(root, work, k, 32, 1.0, all_candidates=all_candidates or k == 3, seed=seed,
+                                show_progress=False)
+        train_and_score(work, variant)
+        if all_candidates:
+            break
+        for n in range(1, rounds + 1):
+            for k in (0, 1):  # mine the training subsets with the previous round's head
+                mining.mine_subset(root, work, k, "head-sample" if n == 1 else f"head-mined {n - 1}", per_scan,
+                                   workers=1, device="cpu")
+            train_and_score(work, f"mined {n}")
+    return results
+
+
+@bench_app.command("mining")
+def bench_mining(seeds: str = "0,1", scans_per_subset: int = 12, negatives_per_scan: int = 150, per_scan: int = 10,
+                 rounds: int = 2, head_epochs: int = 40, finetune_epochs: int = 3, views: int = 2):
+    """Held-out CPM of the default negative sample, rounds of hard-negative mining and every candidate, for the
+    frozen-feature head and for fine-tuning from it, on phantoms with LUNA16-like candidates (mostly easy
+    lung points, a few look-alikes a scan): subsets 0-1 train, 2 validates, 3 is held out."""
+    import tempfile
+    from pathlib import Path
+    import numpy as np
+    from rich.table import Table
+    base = Path(tempfile.mkdtemp(prefix="bench_mining_"))
+    by_seed = {int(s): _mining_seed(base / f"seed{s}", int(s), scans_per_subset, negatives_per_scan, per_scan, rounds,
+                                    head_epochs, finetune_epochs, views) for s in seeds.split(",")}
+    table = Table(title=f"held-out CPM (95% interval) on {scans_per_subset} phantom scans a seed, about "
+                        f"{negatives_per_scan} negatives a scan; mining {per_scan} a scan a round")
+    for column in ("training negatives", "stage", *(f"seed {s}" for s in by_seed), "mean CPM", "mean AUC"):
+        table.add_column(column, justify="right")
+    for variant in next(iter(by_seed.values())):
+        for stage in ("head", "finetune"):
+            cells = [by_seed[s][variant][stage] for s in by_seed]
+            negatives = "/".join(str(by_seed[s][variant]["training_negatives"]) for s in by_seed)
+            table.add_row(f"{variant} ({negatives})", stage,
+                          *(f"{c['cpm']:.3f} ({c['ci'][0]:.2f}-{c['ci'][1]:.2f})" for c in cells),
+                          f"{np.mean([c['cpm'] for c in cells]):.3f}", f"{np.mean([c['auc'] for c in cells]):.3f}")
+    console.print(table)
+    console.print(f"feature size 12, window 4, centre pooling, {views} views, 32^3 at 1 mm, head {head_epochs} epochs, "
+                  f"fine-tuning {finetune_epochs} epochs of 512 draws; machine: {machine_description()}")
+
+
 if __name__ == "__main__":
     bench_app()

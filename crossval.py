@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import data
 import evaluate
+import head
 import train
 from data import UserError
 from features import extracted_subsets
@@ -226,8 +227,8 @@ def _prepare(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str, st
              given: Dict[str, Any], views: Optional[int]):
     """Check the request before any work: ``(plan, settings, out_dir, {subset: seriesuids})``."""
     plan = plan_folds(folds, check_name(name), val_offset)
-    if views is not None and not 1 <= int(views) <= 8:
-        raise UserError(f"--views must be 1..8 (flips of the cube), got {views}")
+    if views is not None:
+        head.check_views(views)
     missing = sorted(set(folds) - set(extracted_subsets(work_dir)))
     if missing:
         raise UserError(f"--folds {_listed(folds)}: subset(s) {_listed(missing)} not extracted under "

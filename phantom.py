@@ -43,6 +43,9 @@ DIRECTION_KINDS = ("identity", "flip", "rotate", "flip_rotate")
 # Share of each negative-candidate type (vessel trees are the hard negatives).
 NEGATIVE_MIX = (("vessel", 0.35), ("bifurcation", 0.15), ("pleura", 0.15),
                 ("near-nodule", 0.15), ("parenchyma", 0.10), ("soft-tissue", 0.10))
+# LUNA16's candidates are mostly easy: about 850 a scan, a few of them look-alikes (for the mining benchmark).
+LUNA_LIKE_MIX = (("parenchyma", 0.80), ("soft-tissue", 0.08), ("vessel", 0.06), ("bifurcation", 0.03),
+                 ("pleura", 0.02), ("near-nodule", 0.01))
 HU_MIN, HU_MAX = -1024, 3071
 SLAB_VOXELS = 4_000_000  # background is rendered in z-slabs of about this many voxels
 
@@ -448,8 +451,10 @@ def _negative_pool(rng, source: str, anatomy: Anatomy, trees: list, nodules: lis
     return _lung_points(rng, anatomy, n)   # parenchyma, and the fallback when a type has nothing to offer
 
 
-def _random_candidates(rng, anatomy, geom, trees, nodules, excluded, negatives: int) -> list:
-    """1-3 class-1 candidates per nodule near its centre; typed class-0 candidates elsewhere."""
+def _random_candidates(rng, anatomy, geom, trees, nodules, excluded, negatives: int,
+                       negative_mix: tuple = NEGATIVE_MIX) -> list:
+    """1-3 class-1 candidates per nodule near its centre; class-0 candidates elsewhere, of the types and shares
+    of ``negative_mix``."""
     candidates = []
     for nodule in nodules:
         for _ in range(int(rng.integers(1, 4))):
@@ -459,9 +464,9 @@ def _random_candidates(rng, anatomy, geom, trees, nodules, excluded, negatives: 
             candidates.append(Candidate(nodule.center_xyz + offset, 1, "nodule"))
     for finding in excluded:
         candidates.append(Candidate(finding.center_xyz + 0.2 * rng.standard_normal(3), 0, "excluded"))
-    counts = [int(negatives * share) for _, share in NEGATIVE_MIX]
+    counts = [int(negatives * share) for _, share in negative_mix]
     counts[0] += negatives - sum(counts)
-    for (source, _), count in zip(NEGATIVE_MIX, counts):
+    for (source, _), count in zip(negative_mix, counts):
         if count == 0:
             continue
         pool = _negative_pool(rng, source, anatomy, trees, nodules, 8 * count + 16)
@@ -621,12 +626,13 @@ def _series_uid(rng: np.random.Generator) -> str:
 def make_phantom_scan(rng: np.random.Generator, shape_zyx: tuple = SIZES["small"], *,
                       direction_kind: str | None = None, nodules_per_scan: tuple = (2, 5),
                       negatives_per_scan: int = 40, excluded_per_scan: tuple = (0, 2),
-                      noise_std: tuple = (20.0, 40.0)) -> PhantomCase:
+                      noise_std: tuple = (20.0, 40.0), negative_mix: tuple = NEGATIVE_MIX) -> PhantomCase:
     """One synthetic chest CT with its nodules and candidates.
 
     shape_zyx: array shape (nz, ny, nx). direction_kind: one of DIRECTION_KINDS, or None for a random one.
     nodules_per_scan / excluded_per_scan: inclusive (low, high) counts. negatives_per_scan: mean number of
-    class-0 candidates (each scan draws 0.6-1.4 times it). noise_std: (low, high) HU of the Gaussian noise.
+    class-0 candidates (each scan draws 0.6-1.4 times it), of the types and shares of ``negative_mix``.
+    noise_std: (low, high) HU of the Gaussian noise.
     Returns a :class:`PhantomCase`: ``scan`` (data.CTScan, int16 HU ``[z, y, x]``, named by its seriesuid),
     ``nodules`` (Finding list, world mm, excluded findings flagged), ``candidates`` (Candidate list, world mm).
     """
@@ -648,7 +654,7 @@ def make_phantom_scan(rng: np.random.Generator, shape_zyx: tuple = SIZES["small"
     excluded = _random_excluded(rng, anatomy, geom, nodules,
                                 int(rng.integers(excluded_per_scan[0], excluded_per_scan[1] + 1)))
     negatives = int(round(negatives_per_scan * rng.uniform(0.6, 1.4)))
-    candidates = _random_candidates(rng, anatomy, geom, trees, nodules, excluded, negatives)
+    candidates = _random_candidates(rng, anatomy, geom, trees, nodules, excluded, negatives, negative_mix)
 
     volume = np.empty(shape_zyx, dtype=np.float32)
     _render_background(volume, geom, anatomy)
@@ -714,7 +720,8 @@ def _fmt(value: float) -> str:
 
 def write_luna_folder(root: Path, n_subsets: int = 3, scans_per_subset: int = 4, shape=SIZES["small"],
                       seed: int = 0, negatives_per_scan: int = 40, nodules_per_scan: tuple = (2, 5),
-                      excluded_per_scan: tuple = (0, 2), force: bool = False) -> dict:
+                      excluded_per_scan: tuple = (0, 2), force: bool = False,
+                      negative_mix: tuple = NEGATIVE_MIX) -> dict:
     """Write a LUNA16-shaped folder of phantom scans under ``root``; return a summary dict.
 
     Scan n of subset k is drawn from ``SeedSequence([seed, k, n])``, so a seed gives byte-identical files.
@@ -740,7 +747,8 @@ def write_luna_folder(root: Path, n_subsets: int = 3, scans_per_subset: int = 4,
             rng = np.random.default_rng(np.random.SeedSequence([seed, subset, index]))
             kind = DIRECTION_KINDS[(subset * scans_per_subset + index) % len(DIRECTION_KINDS)]
             case = make_phantom_scan(rng, shape, direction_kind=kind, nodules_per_scan=nodules_per_scan,
-                                     negatives_per_scan=negatives_per_scan, excluded_per_scan=excluded_per_scan)
+                                     negatives_per_scan=negatives_per_scan, excluded_per_scan=excluded_per_scan,
+                                     negative_mix=negative_mix)
             _write_scan_mhd(case.scan, folder)
             uid = case.scan.name
             uids.append(uid)
