@@ -36,7 +36,7 @@ class DemoSettings:
     finetune_epochs: int = 4
     finetune_samples: int = 512
     finetune_batch_size: int = 16
-    finetune_lr: float = 1e-4
+    finetune_lr: float = 1e-5
     tta: bool = True
     timings: dict = field(default_factory=dict)
 
