@@ -1344,6 +1344,7 @@ def test_synth_interrupted_folder_is_finished_by_a_forced_rerun(tmp_path, monkey
 
 def test_mining_adds_each_scans_top_negatives_once_and_features_follow(eval_phantom, tmp_path, monkeypatch):
     import json
+    import shutil
     from typer.testing import CliRunner
     import data
     import features
@@ -1381,6 +1382,25 @@ def test_mining_adds_each_scans_top_negatives_once_and_features_follow(eval_phan
                                   32, 1.25)
     np.testing.assert_array_equal(patches[-1], direct[0])
     assert json.loads((cache / "manifest.json").read_text())["n_patches"] == len(after)
+    # a run killed after its first scan resumes with the others and adds the same rows
+    shutil.copytree(work, tmp_path / "again")
+    shutil.rmtree(tmp_path / "again" / "mining")
+    again_cache = data.subset_dir(tmp_path / "again", 1)
+    data.write_cache(again_cache, [np.load(again_cache / "patches.npy")[:len(before)]], before, 32)
+    reads, real_read = [], data.read_and_extract
+
+    def killed_after_one(path, *args):
+        if reads:
+            raise KeyboardInterrupt
+        reads.append(path)
+        return real_read(path, *args)
+    monkeypatch.setattr(data, "read_and_extract", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        mining.mine_subset(eval_phantom, tmp_path / "again", 1, str(checkpoint), per_scan=2, workers=0, device="cpu")
+    monkeypatch.setattr(data, "read_and_extract", lambda path, *a: reads.append(path) or real_read(path, *a))
+    mining.mine_subset(eval_phantom, tmp_path / "again", 1, str(checkpoint), per_scan=2, workers=0, device="cpu")
+    assert len(reads) == 2 and reads[0] != reads[1] and data.read_cache_index(again_cache) == after
+    monkeypatch.undo()
     # twice is a no-op, and reads no scan
     snapshot = {p.name: p.read_bytes() for p in cache.iterdir() if p.is_file()}
     monkeypatch.setattr(data, "read_and_extract", lambda *a, **k: (_ for _ in ()).throw(AssertionError("read")))
@@ -1583,6 +1603,8 @@ def test_demo_runs_every_stage_and_keeps_the_readme_promise(tmp_path):
     metrics = result["metrics"]
     assert metrics["subsets"] == [4] and metrics["n_candidates"] == 406 and metrics["n_positive"] == 57
     assert metrics["auc"] >= 0.95 and metrics["cpm"] >= 0.8  # README: AUC 0.961, CPM 0.842
+    tuned = result["all_metrics"]["demo-finetune"]  # fine-tuning from the head must not lose on held-out data
+    assert tuned["auc"] >= metrics["auc"] and tuned["cpm"] >= metrics["cpm"]  # README: 0.989, 0.939
     page = result["report"].read_text()
     for picture in ("training.png", "roc.png", "froc.png", "true_positives.png", "false_positives.png",
                     "false_negatives.png"):
