@@ -222,12 +222,10 @@ def bench_evaluate(device: str = "cpu", precision: str = "fp32", size: int = 32,
     from pathlib import Path
     import numpy as np
     import torch
-    from rich.table import Table
     import data
     import evaluate
     import head
     import phantom
-    all_candidates = 754_975
     folder = Path(tempfile.mkdtemp(prefix="bench_evaluate_"))
     phantom.write_luna_folder(folder / "luna16", n_subsets=1, scans_per_subset=scans, shape=phantom.SIZES[scan_shape],
                               seed=seed, negatives_per_scan=negatives_per_scan)
@@ -262,8 +260,19 @@ def bench_evaluate(device: str = "cpu", precision: str = "fp32", size: int = 32,
     model_s = median_seconds(lambda: head.predict_patches(model, ready, meta["preprocess"], device, batch_size,
                                                           precision=precision), repeats)
     extract_s = median_seconds(lambda: data.extract_patches(data.read_ct(scan_path), points, size, 1.0), repeats)
-    table = Table(title=f"evaluate: {n_candidates} candidates of {scans} phantom scans {phantom.SIZES[scan_shape]}, "
-                        f"{size}^3 patches, feature size {feature_size}, {device} {precision}")
+    title = (f"evaluate: {n_candidates} candidates of {scans} phantom scans {phantom.SIZES[scan_shape]}, "
+             f"{size}^3 patches, feature size {feature_size}, {device} {precision}")
+    rows = [(f"model only, {len(ready)} patches ready", model_s, len(ready)),
+            ("read + extract only, one scan", extract_s, len(points))]
+    _print_evaluate_table(title, n_candidates, timings, loop_rates, rows)
+    console.print(f"medians of {repeats} runs; machine: {machine_description()}")
+
+
+def _print_evaluate_table(title: str, n_candidates: int, timings: dict, loop_rates: dict, rows: list) -> None:
+    import numpy as np
+    from rich.table import Table
+    all_candidates = 754_975
+    table = Table(title=title)
     for column in ("what", "median (s)", "candidates/s", "projected 754,975 candidates"):
         table.add_column(column, justify="right")
     base = None
@@ -276,12 +285,10 @@ def bench_evaluate(device: str = "cpu", precision: str = "fp32", size: int = 32,
         rate = float(np.median(rates))
         table.add_row(f"scoring loop alone, {n_workers} reader(s) (no start-up or FROC)", f"{n_candidates / rate:.2f}",
                       f"{rate:.1f}", f"{all_candidates / rate / 3600:.2f} h")
-    for label, seconds, count in ((f"model only, {len(ready)} patches ready", model_s, len(ready)),
-                                  ("read + extract only, one scan", extract_s, len(points))):
+    for label, seconds, count in rows:
         rate = count / seconds
         table.add_row(label, f"{seconds:.2f}", f"{rate:.1f}", f"{all_candidates / rate / 3600:.2f} h")
     console.print(table)
-    console.print(f"medians of {repeats} runs; machine: {machine_description()}")
 
 
 @bench_app.command("encoder")

@@ -763,14 +763,7 @@ def write_luna_folder(root: Path, n_subsets: int = 3, scans_per_subset: int = 4,
                                "direction": case.scan.direction.tolist(), "direction_kind": kind,
                                "nodules": sum(not f.excluded for f in case.nodules),
                                "candidates": len(case.candidates)})
-    header = "seriesuid,coordX,coordY,coordZ,"
-    tables = {"annotations.csv": (header + "diameter_mm", annotations),
-              "annotations_excluded.csv": (header + "diameter_mm", excluded_rows),
-              "candidates_V2.csv": (header + "class", candidate_rows),
-              "candidate_sources.csv": (header + "class,source", source_rows)}
-    for name, (head, rows) in tables.items():
-        atomic_write_text(root / name, "\n".join([head] + [",".join(r) for r in rows]) + "\n")
-    atomic_write_text(root / "seriesuids.csv", "".join(uid + "\n" for uid in uids))
+    _write_tables(root, annotations, excluded_rows, candidate_rows, source_rows, uids)
     summary = {"root": str(root), "synthetic": True, "seed": seed, "subsets": n_subsets,
                "scans_per_subset": scans_per_subset, "scans": len(uids), "shape_zyx": list(shape),
                "nodules": len(annotations), "excluded_findings": len(excluded_rows),
@@ -783,6 +776,19 @@ def write_luna_folder(root: Path, n_subsets: int = 3, scans_per_subset: int = 4,
     (root / UNFINISHED_MARK).unlink()
     summary["seconds"] = time.perf_counter() - start
     return summary
+
+
+def _write_tables(root: Path, annotations: list, excluded_rows: list, candidate_rows: list, source_rows: list,
+                  uids: list) -> None:
+    """The four LUNA16 CSVs, ``candidate_sources.csv`` (each candidate's kind) and ``seriesuids.csv``."""
+    header = "seriesuid,coordX,coordY,coordZ,"
+    tables = {"annotations.csv": (header + "diameter_mm", annotations),
+              "annotations_excluded.csv": (header + "diameter_mm", excluded_rows),
+              "candidates_V2.csv": (header + "class", candidate_rows),
+              "candidate_sources.csv": (header + "class,source", source_rows)}
+    for name, (head, rows) in tables.items():
+        atomic_write_text(root / name, "\n".join([head] + [",".join(r) for r in rows]) + "\n")
+    atomic_write_text(root / "seriesuids.csv", "".join(uid + "\n" for uid in uids))
 
 
 def summary_table(summary: dict):
