@@ -42,6 +42,22 @@ class PhantomSize(str, Enum):
     realistic = "realistic"
 
 
+class Guideline(str, Enum):
+    fleischner = "fleischner"
+    lung_rads = "lung-rads"
+
+
+class NoduleType(str, Enum):
+    solid = "solid"
+    part_solid = "part-solid"
+    ground_glass = "ground-glass"
+
+
+class Risk(str, Enum):
+    low = "low"
+    high = "high"
+
+
 def _patch_size(value: int) -> int:
     if value < 32 or value % 32:
         raise typer.BadParameter(f"must be a positive multiple of 32 (the encoder halves it five times), got {value}")
@@ -433,11 +449,20 @@ def predict(
     batch_size: BatchSize = 64,
     device: Device = "auto",
     precision: PrecisionOption = Precision.auto,
+    guideline: Annotated[Guideline, typer.Option(
+        case_sensitive=False, help="Size table for the follow-up category: fleischner (Fleischner 2017, incidental "
+                                   "nodules) or lung-rads (Lung-RADS v2022, baseline screening scan).")] = Guideline.fleischner,
+    nodule_type: Annotated[NoduleType, typer.Option(
+        "--type", case_sensitive=False, help="Nodule type assumed for every point (not measured); with part-solid or "
+                                             "ground-glass the diameter is measured at -650 HU instead of -400.")] = NoduleType.solid,
+    risk: Annotated[Risk, typer.Option(case_sensitive=False, help="Patient risk assumed (Fleischner only).")] = Risk.low,
 ):
-    """Probability that the candidate at each world point of a new scan is a nodule, and whether it needs follow-up."""
+    """Probability that the candidate at each world point of a new scan is a nodule, whether it needs follow-up,
+    its plain measured diameter and, for follow-up points, the guideline's size category (research use only)."""
     import predict as prediction
     rows = prediction.predict_scan(checkpoint, scan, coord, candidates, out, device=device, batch_size=batch_size,
-                                   views=views, precision=precision.value)
+                                   views=views, precision=precision.value, guideline=guideline.value,
+                                   nodule_type=nodule_type.value, risk=risk.value)
     console.print(prediction.prediction_table(rows, title=f"{prediction.scan_name(scan)} ({len(rows)} points)",
                                               n_models=len(checkpoint)))
     if out is not None:

@@ -4,6 +4,16 @@ Points are world mm ``(x, y, z)``: ITK/LPS physical points, as in the LUNA16 CSV
 report patient coordinates (ImagePositionPatient). The scan is an ``.mhd``/``.mha``, a NIfTI file or a
 DICOM series folder; it is read once, and each point's patch is resampled with the checkpoint's
 ``patch_size`` and ``spacing_mm``.
+
+Size and follow-up category: today's checkpoints have no size output, so each point's diameter is a plain
+measurement (:func:`sizing.measure_diameters`) on the patch already cut for the model, no second read of the
+scan: the equivalent-sphere diameter of the object at the point, at -400 HU for ``nodule_type`` solid and
+-650 HU for part-solid and ground-glass (their whole extent; see sizing.py). The object must fit in the
+patch: up to about ``(patch_size - 4) * spacing_mm`` across (:func:`largest_measurable_mm`: 28 mm for 32^3
+at 1 mm, 60 mm for 64^3 at 1 mm); larger ones, and objects that cannot be cut off vessels or the chest wall,
+are not measurable (None). Points at or above the cutoff get :func:`followup.follow_up`'s category and
+recommendation for that diameter, or ``"size unknown"`` with a request to measure by hand (never a guess);
+"multiple nodules" means more than one point of the call at or above the cutoff.
 """
 from __future__ import annotations
 
@@ -14,14 +24,27 @@ from typing import Optional, Sequence
 import numpy as np
 
 import data
+import followup
 import head
+import sizing
 from data import UserError
 
 # HU at a candidate's centre that no lung nodule has: below, air outside the body or in an airway;
 # above, bone or metal. (Calcified nodules reach a few hundred HU, so the upper bound is generous.)
 PLAUSIBLE_HU = (-950.0, 500.0)
 CENTRE_MM = 3  # side of the cube (in patch voxels) averaged for the HU at the point
-OUTPUT_COLUMNS = ("coordX", "coordY", "coordZ", "probability", "follow_up", "hu_at_point", "warning")
+# The size and follow-up columns come after the first seven, so readers of the older files keep working.
+OUTPUT_COLUMNS = ("coordX", "coordY", "coordZ", "probability", "follow_up", "hu_at_point", "warning",
+                  "diameter_mm", "size_source", "guideline", "category", "recommendation")
+SIZE_SOURCE = "plain measurement"   # the model has no size output (yet): the diameter comes from sizing.py
+# HU threshold of the plain diameter by nodule type (sizing.py): halfway between aerated lung and soft tissue
+# for solid nodules; halfway between lung and ground glass for subsolid ones (their whole extent: the total
+# size, which both guidelines take for part-solid nodules). -400 HU misses most of a ground-glass nodule.
+SIZE_THRESHOLD_HU = {"solid": -400.0, "part-solid": -650.0, "ground-glass": -650.0}
+SIZE_UNKNOWN = "size unknown"
+# Not measurable: nothing at the point, too large for the patch, or not separable from vessels or the chest wall.
+MEASURE_BY_HAND = "Measure the nodule by hand, then apply the guideline to that diameter."
+GUIDELINE_NAMES = {"fleischner": "Fleischner 2017", "lung-rads": "Lung-RADS v2022"}
 
 
 def parse_coordinate(text: str) -> tuple:
@@ -78,8 +101,71 @@ def load_models(checkpoints, device) -> list[tuple]:
     return models
 
 
+def check_follow_up_options(guideline="fleischner", nodule_type="solid", risk="low") -> tuple:
+    """``(guideline, nodule_type, risk)`` lower-cased (Enum members give their value); a value outside
+    followup's GUIDELINES, NODULE_TYPES or RISKS raises UserError naming the option and the allowed values."""
+    checked = []
+    for value, option, allowed in ((guideline, "--guideline", followup.GUIDELINES),
+                                   (nodule_type, "--type", followup.NODULE_TYPES), (risk, "--risk", followup.RISKS)):
+        text = str(getattr(value, "value", value)).strip().lower()
+        if text not in allowed:
+            raise UserError(f"{option} must be one of {', '.join(allowed)}; got {value!r}")
+        checked.append(text)
+    return tuple(checked)
+
+
+def largest_measurable_mm(patch_size: int, spacing_mm: float) -> float:
+    """About the largest diameter (mm) sizing.py can measure in a patch: the object must stay inside the ball
+    of radius ``patch_size // 2 - 2`` voxels (off the rim of its mask ball), so ``(patch_size - 4) * spacing_mm``."""
+    return (2 * (int(patch_size) // 2) - 4) * float(spacing_mm)
+
+
+def _size_assumptions(options: tuple, n_follow_up: int, n_points: int, threshold_hu: float,
+                      largest_mm: float) -> tuple:
+    """What the size and category of a call assume: the diameter's source, nodule type, risk, number of
+    nodules, then followup's own notes (those of type and risk replaced by ones naming the options)."""
+    guideline, nodule_type, risk = options
+    multiple = n_follow_up > 1
+    notes = followup.follow_up(0.0, guideline, nodule_type, risk, multiple).assumptions  # same for any diameter
+    return (f"diameter: the equivalent-sphere diameter of the voxels >= {threshold_hu:.0f} HU at the point "
+            f"(sizing.py), up to about {largest_mm:.0f} mm (the patch)",
+            f"nodule type assumed {nodule_type} (not measured; solid unless --type is given)",
+            f"patient risk assumed {risk} (low unless --risk is given)" if guideline == "fleischner"
+            else "patient risk not used by Lung-RADS",
+            f"number of nodules: {n_follow_up} of the {n_points} point(s) of this call at or above the cutoff "
+            f"({'multiple' if multiple else 'single'})",
+            *(n for n in notes if not n.startswith(("nodule type assumed", "patient risk assumed"))))
+
+
+def size_and_follow_up(patches: np.ndarray, spacing_mm: float, follow_ups: Sequence[bool],
+                       guideline: str = "fleischner", nodule_type: str = "solid", risk: str = "low") -> list[dict]:
+    """Per patch ``(N, P, P, P)`` (int16 HU, the candidate at the centre): ``diameter_mm`` (the plain measurement,
+    None where not measurable), ``size_source``, ``guideline``, and for ``follow_ups`` True the ``category`` and
+    ``recommendation`` of :func:`followup.follow_up` ("size unknown" and a request to measure by hand when no
+    diameter; "" otherwise); ``assumptions`` (the call's). Multiple nodules: more than one follow-up True."""
+    options = check_follow_up_options(guideline, nodule_type, risk)
+    threshold = SIZE_THRESHOLD_HU[options[1]]
+    diameters = sizing.measure_diameters(patches, spacing_mm, threshold) if len(patches) else np.zeros(0)
+    follow_ups = [bool(f) for f in follow_ups]
+    multiple = sum(follow_ups) > 1
+    assumptions = _size_assumptions(options, sum(follow_ups), len(follow_ups), threshold,
+                                    largest_measurable_mm(np.shape(patches)[-1], spacing_mm))
+    rows = []
+    for diameter, yes in zip(diameters.tolist(), follow_ups):
+        measured = math.isfinite(diameter)
+        category, recommendation = ("", "") if not yes else (SIZE_UNKNOWN, MEASURE_BY_HAND)
+        if yes and measured:
+            answer = followup.follow_up(diameter, *options, multiple=multiple)
+            category, recommendation = answer.category, answer.recommendation
+        rows.append({"diameter_mm": diameter if measured else None, "size_source": SIZE_SOURCE,
+                     "guideline": options[0], "category": category, "recommendation": recommendation,
+                     "assumptions": assumptions})
+    return rows
+
+
 def predict_points(checkpoint, scan_path, world_xyz, device: str = "auto", batch_size: int = 64,
-                   views: Optional[int] = None, precision: str = "auto") -> list[dict]:
+                   views: Optional[int] = None, precision: str = "auto", *, guideline: str = "fleischner",
+                   nodule_type: str = "solid", risk: str = "low") -> list[dict]:
     """Probability of a nodule at each world mm point ``(N, 3)`` (x, y, z) of one scan.
 
     ``checkpoint``: one checkpoint, or a list of them (say the models of a cross-validation's folds), whose
@@ -88,13 +174,17 @@ def predict_points(checkpoint, scan_path, world_xyz, device: str = "auto", batch
     ``views``: flips averaged per patch (default: those each checkpoint was validated with). Returns one
     dict per point: ``coordX/Y/Z`` (mm), ``probability`` (float64), ``follow_up`` (probability at or above
     the checkpoint's cutoff, 0.5 when it has none), ``hu_at_point`` (mean HU of the central 3 x 3 x 3
-    patch voxels) and ``warning`` ("" or why the point is implausible: outside the scan, air, bone).
+    patch voxels) and ``warning`` ("" or why the point is implausible: outside the scan, air, bone); then
+    the keys of :func:`size_and_follow_up` (``diameter_mm``, ``size_source``, ``guideline``, ``category``,
+    ``recommendation``, ``assumptions``) for ``guideline``/``nodule_type``/``risk`` (see followup.py), whose
+    bad values raise UserError before anything is read.
     """
     world_xyz = np.atleast_2d(np.asarray(world_xyz, float))
     if world_xyz.shape[1:] != (3,) or len(world_xyz) == 0:
         raise ValueError(f"world_xyz must have shape (N, 3) with N >= 1, got {world_xyz.shape}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    options = dict(zip(("guideline", "nodule_type", "risk"), check_follow_up_options(guideline, nodule_type, risk)))
     torch_device = head.resolve_device(device)
     models = load_models(checkpoint, torch_device)
     preprocess = models[0][2]["preprocess"]
@@ -109,10 +199,11 @@ def predict_points(checkpoint, scan_path, world_xyz, device: str = "auto", batch
     lo = int(preprocess["patch_size"]) // 2 - CENTRE_MM // 2
     hu_at_point = patches[:, lo:lo + CENTRE_MM, lo:lo + CENTRE_MM, lo:lo + CENTRE_MM].reshape(len(patches), -1).mean(1)
     inside = data.inside_scan(scan, world_xyz)
+    sizes = size_and_follow_up(patches, float(preprocess["spacing_mm"]), probability >= cutoff, **options)
     return [{"coordX": float(x), "coordY": float(y), "coordZ": float(z), "probability": float(p),
              "follow_up": bool(p >= cutoff), "cutoff": cutoff, "hu_at_point": float(h) if ok else None,
-             "warning": _point_warning(bool(ok), float(h))}
-            for (x, y, z), p, h, ok in zip(world_xyz.tolist(), probability, hu_at_point, inside)]
+             "warning": _point_warning(bool(ok), float(h)), **size}
+            for (x, y, z), p, h, ok, size in zip(world_xyz.tolist(), probability, hu_at_point, inside, sizes)]
 
 
 def write_predictions_csv(predictions: Sequence[dict], path) -> None:
@@ -121,26 +212,47 @@ def write_predictions_csv(predictions: Sequence[dict], path) -> None:
     for row in predictions:
         hu = "" if row["hu_at_point"] is None else f"{row['hu_at_point']:.1f}"
         warning = row["warning"].replace(",", ";")
+        diameter = "" if row.get("diameter_mm") is None else repr(row["diameter_mm"])
+        size = ",".join(str(row.get(key, "")).replace(",", ";")
+                        for key in ("size_source", "guideline", "category", "recommendation"))
         lines.append(f"{row['coordX']!r},{row['coordY']!r},{row['coordZ']!r},{row['probability']!r},"
-                     f"{'yes' if row['follow_up'] else 'no'},{hu},{warning}")
+                     f"{'yes' if row['follow_up'] else 'no'},{hu},{warning},{diameter},{size}")
     data.atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def prediction_table(predictions: Sequence[dict], title: str = "", n_models: int = 1):
-    """A rich table: coordinates, probability, follow-up at the cutoff, HU at the point and warnings;
-    ``n_models`` > 1: the probabilities are the average of that many checkpoints, the cutoff their mean."""
-    from rich.table import Table
+def _table_caption(predictions: Sequence[dict], n_models: int) -> str:
+    """The cutoff and its source, the guideline and the assumptions of the size and category, the disclaimer."""
     cutoff = predictions[0]["cutoff"] if predictions else 0.5
     source = "the checkpoint's cutoff" if n_models == 1 else \
         f"the mean of the {n_models} checkpoints' cutoffs; probabilities averaged over {n_models} models"
-    table = Table(title=title or None, caption=f"follow-up: probability >= {cutoff:.4g} ({source})")
-    for name in ("#", "x (mm)", "y (mm)", "z (mm)", "probability", "follow-up", "HU", "warning"):
-        table.add_column(name, justify="left" if name == "warning" else "right")
+    lines = [f"follow-up: probability >= {cutoff:.4g} ({source})"]
+    if predictions and "guideline" in predictions[0]:
+        first = predictions[0]
+        lines += [f"category and recommendation (follow-up points only): "
+                  f"{GUIDELINE_NAMES.get(first['guideline'], first['guideline'])}; diameter (mm): "
+                  f"{first['size_source']}, the model has no size output; '-': not measurable",
+                  "assumptions: " + "; ".join(first["assumptions"]), followup.DISCLAIMER]
+    return "\n".join(lines)
+
+
+def prediction_table(predictions: Sequence[dict], title: str = "", n_models: int = 1):
+    """A rich table: coordinates, probability, follow-up at the cutoff, HU at the point, the plain diameter,
+    the guideline's category and recommendation (follow-up points only) and warnings; the caption names the
+    guideline, the assumptions and followup.DISCLAIMER. ``n_models`` > 1: the probabilities are the average of
+    that many checkpoints, the cutoff their mean."""
+    from rich.table import Table
+    table = Table(title=title or None, caption=_table_caption(predictions, n_models))
+    for name in ("#", "x (mm)", "y (mm)", "z (mm)", "probability", "follow-up", "HU", "diameter (mm)", "category",
+                 "recommendation", "warning"):
+        table.add_column(name, justify="left" if name in ("category", "recommendation", "warning") else "right",
+                         overflow="fold")   # a narrow terminal folds cells rather than cropping columns
     for n, row in enumerate(predictions, start=1):
+        diameter = row.get("diameter_mm")
         table.add_row(str(n), f"{row['coordX']:.1f}", f"{row['coordY']:.1f}", f"{row['coordZ']:.1f}",
                       f"{row['probability']:.4f}", "[bold red]yes[/]" if row["follow_up"] else "no",
                       "-" if row["hu_at_point"] is None else f"{row['hu_at_point']:.0f}",
-                      f"[yellow]{row['warning']}[/]" if row["warning"] else "")
+                      "-" if diameter is None else f"{diameter:.1f}", row.get("category", ""),
+                      row.get("recommendation", ""), f"[yellow]{row['warning']}[/]" if row["warning"] else "")
     return table
 
 
@@ -154,16 +266,19 @@ def scan_name(path) -> str:
 
 def predict_scan(checkpoint, scan_path, coords: Sequence[str] = (), candidates=None, out=None,
                  device: str = "auto", batch_size: int = 64, views: Optional[int] = None,
-                 precision: str = "auto") -> list[dict]:
+                 precision: str = "auto", *, guideline: str = "fleischner", nodule_type: str = "solid",
+                 risk: str = "low") -> list[dict]:
     """Points from ``--coord X,Y,Z`` strings or a candidates CSV -> :func:`predict_points` (one checkpoint or
-    a list, averaged), written to ``out``."""
+    a list, averaged; ``guideline``, ``nodule_type`` and ``risk`` for the follow-up category), written to
+    ``out``."""
     if bool(coords) == (candidates is not None):
         raise UserError("give either --coord X,Y,Z (one or more) or --candidates FILE.csv")
     if coords:
         world_xyz = np.array([parse_coordinate(c) for c in coords])
     else:
         world_xyz = read_scan_points(candidates, scan_name=scan_name(scan_path))
-    predictions = predict_points(checkpoint, Path(scan_path), world_xyz, device, batch_size, views, precision)
+    predictions = predict_points(checkpoint, Path(scan_path), world_xyz, device, batch_size, views, precision,
+                                 guideline=guideline, nodule_type=nodule_type, risk=risk)
     if out is not None:
         write_predictions_csv(predictions, out)
     return predictions

@@ -2307,3 +2307,129 @@ def test_size_refuses_bad_arguments():
     with pytest.raises(ValueError, match=r"\(N, P, P, P\)"):
         sizing.measure_diameters(patch, 1.0)
     assert sizing.measure_diameters(np.zeros((0, 32, 32, 32), np.int16), 1.0).shape == (0,)
+
+
+# --- predict: size and follow-up category ---
+
+def _phantom_nodules(root: Path, seed: int, subset: int, index: int, scans_per_subset: int) -> list:
+    """The nodules (with kind and juxtapleural) of scan ``index`` of ``subset`` that phantom.write_luna_folder
+    drew with ``seed``, nodules_per_scan=(1, 2) and negatives_per_scan=6 (scan n of subset k comes from
+    SeedSequence([seed, k, n])); checked against annotations.csv, so a change in phantom.py fails loudly here."""
+    import phantom
+    rng = np.random.default_rng(np.random.SeedSequence([seed, subset, index]))
+    kind = phantom.DIRECTION_KINDS[(subset * scans_per_subset + index) % len(phantom.DIRECTION_KINDS)]
+    case = phantom.make_phantom_scan(rng, EVAL_PHANTOM_SHAPE, direction_kind=kind, nodules_per_scan=(1, 2),
+                                     negatives_per_scan=6)
+    nodules = [f for f in case.nodules if not f.excluded]
+    rows = [line.split(",") for line in (root / "annotations.csv").read_text().splitlines()[1:]]
+    mine = [r for r in rows if r[0] == case.scan.name]
+    assert len(mine) == len(nodules)
+    for row, nodule in zip(mine, nodules):
+        np.testing.assert_allclose([float(v) for v in row[1:4]], nodule.center_xyz, atol=1e-3)
+        assert float(row[4]) == pytest.approx(nodule.csv_diameter)
+    return nodules
+
+
+@pytest.fixture(scope="module")
+def solid_phantom(tmp_path_factory) -> Path:
+    """One phantom scan (seed 14) with two solid nodules off the pleura, of 19.7 and 15.5 mm. eval_phantom has
+    none: its four nodules are ground-glass or part-solid, which sizing's -400 HU does not measure."""
+    import phantom
+    root = tmp_path_factory.mktemp("solid_phantom") / "luna16"
+    phantom.write_luna_folder(root, n_subsets=1, scans_per_subset=1, shape=EVAL_PHANTOM_SHAPE, seed=14,
+                              negatives_per_scan=6, nodules_per_scan=(1, 2))
+    return root
+
+
+def test_predict_measures_solid_nodules_and_gives_their_guideline_category(solid_phantom, tmp_path):
+    import followup
+    import predict
+    nodules = _phantom_nodules(solid_phantom, 14, 0, 0, 1)
+    assert [(f.kind, f.juxtapleural) for f in nodules] == [("solid", False)] * 2
+    mhd = next((solid_phantom / "subset0").glob("*.mhd"))
+    points = np.array([f.center_xyz for f in nodules])
+    everything = _tiny_checkpoint(tmp_path / "all.pt", cutoff=0.0)          # every point needs follow-up
+    both = predict.predict_points(everything, mhd, points, device="cpu")
+    for row, nodule in zip(both, nodules):
+        # 32^3 patches at 1.25 mm: the equivalent-sphere diameter within 1 mm of the annotated one (it is 0.5 mm)
+        assert row["follow_up"] and abs(row["diameter_mm"] - nodule.csv_diameter) <= 1.0, (row, nodule)
+        expected = followup.follow_up(row["diameter_mm"], "fleischner", "solid", "low", multiple=True)
+        assert (row["category"], row["recommendation"]) == (expected.category, expected.recommendation)
+        assert row["size_source"] == "plain measurement" and row["guideline"] == "fleischner"
+        assert "number of nodules: 2 of the 2 point(s) of this call at or above the cutoff (multiple)" \
+            in row["assumptions"]
+    # One point alone is a single nodule: Fleischner's > 8 mm advice differs from the multiple-nodule one.
+    [alone] = predict.predict_points(everything, mhd, points[:1], device="cpu", guideline="fleischner", risk="high")
+    single = followup.follow_up(alone["diameter_mm"], "fleischner", "solid", "high", multiple=False)
+    assert alone["category"] == single.category != both[0]["category"]
+    [screen] = predict.predict_points(everything, mhd, points[1:], device="cpu", guideline="lung-rads")
+    assert screen["category"] == followup.follow_up(screen["diameter_mm"], "lung-rads").category == "4B"
+    assert "patient risk not used by Lung-RADS" in screen["assumptions"]
+    # Nothing at or above a cutoff of 1: still measured, but no category.
+    nothing = predict.predict_points(_tiny_checkpoint(tmp_path / "none.pt", cutoff=1.0), mhd, points, device="cpu")
+    assert [r["follow_up"] for r in nothing] == [False, False]
+    assert [(r["category"], r["recommendation"]) for r in nothing] == [("", "")] * 2
+    assert [r["diameter_mm"] for r in nothing] == [r["diameter_mm"] for r in both]
+    assert "number of nodules: 0 of the 2 point(s) of this call at or above the cutoff (single)" \
+        in nothing[0]["assumptions"]
+
+
+def test_predict_gives_size_unknown_rather_than_a_guess(eval_phantom, tmp_path):
+    import predict
+    from data import UserError
+    nodules = _phantom_nodules(eval_phantom, 11, 0, 1, 2)
+    assert [(f.kind, f.juxtapleural, f.csv_diameter) for f in nodules] == [("ground-glass", False, 17.489)]
+    mhd = sorted((eval_phantom / "subset0").glob("*.mhd"))[1]
+    checkpoint = _tiny_checkpoint(tmp_path / "all.pt", cutoff=0.0)
+    point = np.array([nodules[0].center_xyz])
+    [solid] = predict.predict_points(checkpoint, mhd, point, device="cpu")     # ground glass is below -400 HU
+    assert solid["diameter_mm"] is None and solid["category"] == predict.SIZE_UNKNOWN
+    assert solid["recommendation"] == predict.MEASURE_BY_HAND
+    # Told it is ground glass, the -650 HU threshold sees it (17.5 mm nodule, 1.25 mm voxels: reads 15.8 mm).
+    [glass] = predict.predict_points(checkpoint, mhd, point, device="cpu", nodule_type="ground-glass")
+    assert abs(glass["diameter_mm"] - 17.489) <= 2.0 and glass["category"] == "CT at 6-12 months"
+    assert predict.largest_measurable_mm(32, 1.25) == 35.0 and predict.largest_measurable_mm(64, 1.0) == 60.0
+    for option, value in (("guideline", "nope"), ("nodule_type", "cystic"), ("risk", "medium")):
+        with pytest.raises(UserError, match=f"--{'type' if option == 'nodule_type' else option} must be one of"):
+            predict.predict_points(checkpoint, tmp_path / "no_scan.mhd", point, device="cpu", **{option: value})
+
+
+def test_predict_cli_shows_size_category_and_disclaimer_and_writes_them(eval_phantom, tmp_path, monkeypatch):
+    from rich.console import Console
+    from typer.testing import CliRunner
+    import followup
+    import luna_cli
+    import predict
+    monkeypatch.setattr(luna_cli, "console", Console(width=250))   # column headers unfolded
+    nodule = _phantom_nodules(eval_phantom, 11, 0, 1, 2)[0]
+    mhd = sorted((eval_phantom / "subset0").glob("*.mhd"))[1]
+    base = ["predict", "--checkpoint", str(_tiny_checkpoint(tmp_path / "all.pt", cutoff=0.0)), "--scan", str(mhd),
+            "--device", "cpu", "--coord", ",".join(map(str, nodule.center_xyz)), "--coord", ",".join(
+                map(str, nodule.center_xyz + np.array([0.0, 0.0, 30.0])))]
+    result = CliRunner().invoke(luna_cli.app, base + ["--out", str(tmp_path / "preds.csv")])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    for expected in ("diameter (mm)", "category", "recommendation", "size unknown", followup.DISCLAIMER,
+                     "Fleischner 2017", "nodule type assumed solid (not measured; solid unless --type is given)",
+                     "patient risk assumed low", "the model has no size output", "(multiple)"):
+        assert expected in text, expected
+    result = CliRunner().invoke(luna_cli.app, base + ["--guideline", "LUNG-RADS", "--type", "ground-glass",
+                                                      "--risk", "high", "--out", str(tmp_path / "preds.csv")])
+    assert result.exit_code == 0 and "Lung-RADS v2022" in " ".join(result.output.split()), result.output
+    lines = (tmp_path / "preds.csv").read_text().splitlines()
+    assert lines[0] == ",".join(predict.OUTPUT_COLUMNS)
+    assert lines[0].startswith("coordX,coordY,coordZ,probability,follow_up,hu_at_point,warning,diameter_mm,"
+                               "size_source,guideline,category,recommendation")
+    rows = [line.split(",") for line in lines[1:]]
+    assert [len(r) for r in rows] == [len(predict.OUTPUT_COLUMNS)] * 2        # commas in texts replaced
+    glass = dict(zip(predict.OUTPUT_COLUMNS, rows[0]))
+    expected = followup.follow_up(float(glass["diameter_mm"]), "lung-rads", "ground-glass", "high", True)
+    assert (glass["size_source"], glass["guideline"], glass["category"]) == \
+        ("plain measurement", "lung-rads", expected.category)
+    assert glass["recommendation"] == expected.recommendation.replace(",", ";")
+    for bad in (["--guideline", "nope"], ["--type", "cystic"], ["--risk", "medium"]):
+        result = CliRunner().invoke(luna_cli.app, base + bad)
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+        assert bad[0] in result.output and "Traceback" not in result.output
+    help_text = " ".join(CliRunner().invoke(luna_cli.app, ["predict", "--help"]).output.split())
+    assert "fleischner|lung-rads" in help_text and "low|high" in help_text
