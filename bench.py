@@ -443,7 +443,7 @@ def _held_out(run_dir, root, out) -> dict:
 
 
 def _mining_seed(folder, seed: int, scans: int, negatives: int, per_scan: int, rounds: int, head_epochs: int,
-                 finetune_epochs: int, views: int) -> dict:
+                 finetune_epochs: int, views: int, finetune_lr: float) -> dict:
     """Every variant of one phantom seed: ``{variant: {"head": metrics, "finetune": metrics}}``."""
     import json
     import data
@@ -463,7 +463,7 @@ def _mining_seed(folder, seed: int, scans: int, negatives: int, per_scan: int, r
                                       **MINING_SETTINGS)
         head_run = train.train_head(work, features=tag, epochs=head_epochs, run=f"head-{variant}", device="cpu",
                                     **split)
-        tuned = train.finetune(work, head_from=f"head-{variant}", epochs=finetune_epochs, epoch_samples=512,
+        tuned = train.finetune(work, head_from=f"head-{variant}", epochs=finetune_epochs, lr=finetune_lr, epoch_samples=512,
                                batch_size=16, views=views, run=f"ft-{variant}", device="cpu", **split,
                                **MINING_SETTINGS)
         negatives_cached = sum(json.loads((data.subset_dir(work, k) / "manifest.json").read_text())["n_patches"]
@@ -491,7 +491,8 @@ def _mining_seed(folder, seed: int, scans: int, negatives: int, per_scan: int, r
 
 @bench_app.command("mining")
 def bench_mining(seeds: str = "0,1", scans_per_subset: int = 12, negatives_per_scan: int = 150, per_scan: int = 10,
-                 rounds: int = 2, head_epochs: int = 40, finetune_epochs: int = 3, views: int = 2):
+                 rounds: int = 2, head_epochs: int = 40, finetune_epochs: int = 3, views: int = 2,
+                 finetune_lr: float = 1e-4):
     """Held-out CPM of the default negative sample, rounds of hard-negative mining and every candidate, for the
     frozen-feature head and for fine-tuning from it, on phantoms with LUNA16-like candidates (mostly easy
     lung points, a few look-alikes a scan): subsets 0-1 train, 2 validates, 3 is held out."""
@@ -501,7 +502,7 @@ def bench_mining(seeds: str = "0,1", scans_per_subset: int = 12, negatives_per_s
     from rich.table import Table
     base = Path(tempfile.mkdtemp(prefix="bench_mining_"))
     by_seed = {int(s): _mining_seed(base / f"seed{s}", int(s), scans_per_subset, negatives_per_scan, per_scan, rounds,
-                                    head_epochs, finetune_epochs, views) for s in seeds.split(",")}
+                                    head_epochs, finetune_epochs, views, finetune_lr) for s in seeds.split(",")}
     table = Table(title=f"held-out CPM (95% interval) on {scans_per_subset} phantom scans a seed, about "
                         f"{negatives_per_scan} negatives a scan; mining {per_scan} a scan a round")
     for column in ("training negatives", "stage", *(f"seed {s}" for s in by_seed), "mean CPM", "mean AUC"):
@@ -515,7 +516,7 @@ def bench_mining(seeds: str = "0,1", scans_per_subset: int = 12, negatives_per_s
                           f"{np.mean([c['cpm'] for c in cells]):.3f}", f"{np.mean([c['auc'] for c in cells]):.3f}")
     console.print(table)
     console.print(f"feature size 12, window 4, centre pooling, {views} views, 32^3 at 1 mm, head {head_epochs} epochs, "
-                  f"fine-tuning {finetune_epochs} epochs of 512 draws; machine: {machine_description()}")
+                  f"fine-tuning {finetune_epochs} epochs of 512 draws at lr {finetune_lr:g}; machine: {machine_description()}")
 
 
 if __name__ == "__main__":
