@@ -92,6 +92,7 @@ Epochs = Annotated[int, typer.Option(min=1, help="Most epochs (fixes the learnin
 LearningRate = Annotated[float, typer.Option(callback=_positive, help="Peak AdamW learning rate.")]
 Patience = Annotated[int, typer.Option(min=0, help="Stop after this many epochs without a better validation AUC (0: never).")]
 EpochSamples = Annotated[int, typer.Option(min=0, help="Class-balanced draws per epoch (0: the training set size).")]
+PositiveShare = Annotated[float, typer.Option(min=0.01, max=0.99, help="Share of each epoch's draws that are nodules.")]
 FeatureSize = Annotated[int, typer.Option(min=12, help="Encoder feature size (48 for the published weights; 12 for small CPU models).")]
 WindowSize = Annotated[int, typer.Option(min=2, help="Attention window (7 for the published weights; 4 for 32^3 CPU models).")]
 PoolingOption = Annotated[Pooling, typer.Option(
@@ -247,7 +248,7 @@ def cache_features(
 
 
 HEAD_OPTIONS = ["features", "val_subsets", "test_subsets", "epochs", "batch_size", "lr", "patience", "epoch_samples",
-                "seed"]
+                "seed", "positive_share"]
 
 
 @app.command("train-head")
@@ -264,6 +265,7 @@ def train_head(
     lr: LearningRate = 1e-3,
     patience: Patience = 10,
     epoch_samples: EpochSamples = 0,
+    positive_share: PositiveShare = 0.5,
     seed: Seed = 0,
     run: Run = None,
     resume: Resume = False,
@@ -279,7 +281,7 @@ def train_head(
 FINETUNE_OPTIONS = ["epochs", "batch_size", "accumulate", "lr", "weight_decay", "warmup_epochs", "weights",
                     "head_from", "feature_size", "window_size", "pooling", "grad_checkpoint", "val_subsets",
                     "test_subsets", "hu_min", "hu_max", "augment", "max_shift_mm", "precision", "patience",
-                    "epoch_samples", "seed", "views"]
+                    "epoch_samples", "seed", "views", "positive_share"]
 
 
 @app.command("finetune")
@@ -308,6 +310,7 @@ def finetune(
     precision: PrecisionOption = Precision.auto,
     patience: Patience = 0,
     epoch_samples: EpochSamples = 0,
+    positive_share: PositiveShare = 0.5,
     seed: Seed = 0,
     views: Annotated[int, typer.Option(min=1, max=8, help="Flips of each validation patch averaged, recorded for evaluate and predict.")] = 1,
     run: Run = None,

@@ -1104,6 +1104,18 @@ def test_augmentation_flips_and_shifts_every_class_alike(tmp_path):
         assert 0.4 < head.roc_auc(labels, statistic.astype(float)) < 0.6
 
 
+def test_balanced_sampling_draws_positives_at_the_share_asked():
+    import torch
+    import train
+    from data import UserError
+    labels = np.array([1] * 5 + [0] * 995)
+    for share in (0.5, 0.25, 0.1):
+        drawn = train.balanced_sample(labels, 20000, torch.Generator().manual_seed(0), share)
+        assert abs(labels[drawn].mean() - share) < 0.01
+    with pytest.raises(UserError, match="--positive-share"):
+        train._check_options(dict(train.HEAD_DEFAULTS, positive_share=1.0))
+
+
 def test_sensitivity_cutoff_and_training_metrics():
     import head
     rng = np.random.default_rng(0)

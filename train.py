@@ -55,12 +55,13 @@ console = Console()
 
 HEAD_DEFAULTS: Dict[str, Any] = dict(
     features=None, val_subsets=[8], test_subsets=[9], epochs=100, batch_size=256, accumulate=1, lr=1e-3,
-    weight_decay=1e-4, warmup_epochs=1.0, patience=10, epoch_samples=0, seed=0, target_sensitivity=0.9)
+    weight_decay=1e-4, warmup_epochs=1.0, patience=10, epoch_samples=0, seed=0, target_sensitivity=0.9,
+    positive_share=0.5)
 FINETUNE_DEFAULTS: Dict[str, Any] = dict(
     epochs=30, batch_size=32, accumulate=1, lr=1e-4, weight_decay=1e-5, warmup_epochs=1.0, feature_size=48,
     window_size=7, pooling="avg", grad_checkpoint=False, weights=None, head_from=None, val_subsets=[8],
     test_subsets=[9], hu_min=-1000.0, hu_max=1000.0, augment=True, max_shift_mm=3.0, precision="auto", patience=0,
-    epoch_samples=0, seed=0, target_sensitivity=0.9, views=1)
+    epoch_samples=0, seed=0, target_sensitivity=0.9, views=1, positive_share=0.5)
 
 
 # --- patch cache ---------------------------------------------------------------
@@ -81,23 +82,24 @@ def _seed_for(*parts: Any) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def balanced_sample(labels: np.ndarray, n_samples: int, generator: torch.Generator) -> np.ndarray:
-    """``n_samples`` positions drawn with replacement so that each class is drawn half of the time."""
+def balanced_sample(labels: np.ndarray, n_samples: int, generator: torch.Generator,
+                    positive_share: float = 0.5) -> np.ndarray:
+    """``n_samples`` positions drawn with replacement, positives ``positive_share`` of the time."""
     labels = np.asarray(labels)
     n_pos = int(np.sum(labels == 1))
     n_neg = len(labels) - n_pos
     if n_pos == 0 or n_neg == 0:
         raise UserError(f"class-balanced sampling needs both classes; found {n_pos} nodules and {n_neg} others")
-    weights = torch.from_numpy(np.where(labels == 1, 0.5 / n_pos, 0.5 / n_neg))
+    weights = torch.from_numpy(np.where(labels == 1, positive_share / n_pos, (1.0 - positive_share) / n_neg))
     return torch.multinomial(weights, n_samples, replacement=True, generator=generator).numpy()
 
 
 def epoch_batches(labels: np.ndarray, n_samples: int, batch_size: int, seed: int, epoch: int,
-                  rank: int = 0, world: int = 1) -> List[np.ndarray]:
+                  rank: int = 0, world: int = 1, positive_share: float = 0.5) -> List[np.ndarray]:
     """This rank's batches of pool positions for one epoch: a class-balanced draw fixed by (seed, epoch),
     padded to a multiple of ``world`` and dealt out round-robin so every rank gets the same number of batches."""
     generator = torch.Generator().manual_seed(_seed_for(seed, "sample", epoch))
-    positions = balanced_sample(labels, n_samples, generator)
+    positions = balanced_sample(labels, n_samples, generator, positive_share)
     padded = int(math.ceil(len(positions) / world)) * world
     positions = np.resize(positions, padded)[rank::world]
     return [positions[i:i + batch_size] for i in range(0, len(positions), batch_size)]
@@ -506,6 +508,8 @@ def _check_options(options: Dict[str, Any]) -> None:
         raise UserError(f"--max-shift-mm cannot be negative, got {options['max_shift_mm']}")
     if not 1 <= int(options.get("views", 1)) <= len(head_mod.VIEW_FLIPS):
         raise UserError(f"--views must be 1..{len(head_mod.VIEW_FLIPS)}, got {options['views']}")
+    if not 0.0 < options["positive_share"] < 1.0:
+        raise UserError(f"--positive-share must be between 0 and 1, got {options['positive_share']}")
 
 
 def _given(arguments: Dict[str, Any], defaults: Dict[str, Any]) -> Dict[str, Any]:
@@ -576,8 +580,9 @@ def train_head(work_dir: Path, *, features: Optional[str] = None, val_subsets: O
                batch_size: Optional[int] = None, accumulate: Optional[int] = None, lr: Optional[float] = None,
                weight_decay: Optional[float] = None, warmup_epochs: Optional[float] = None,
                patience: Optional[int] = None, epoch_samples: Optional[int] = None, seed: Optional[int] = None,
-               target_sensitivity: Optional[float] = None, run: Optional[str] = None, resume: bool = False,
-               device: str = "auto", stop_after: Optional[int] = None, quiet: bool = False) -> Path:
+               target_sensitivity: Optional[float] = None, positive_share: Optional[float] = None,
+               run: Optional[str] = None, resume: bool = False, device: str = "auto",
+               stop_after: Optional[int] = None, quiet: bool = False) -> Path:
     """Train the MLP head on a cached feature set (``features``: its name; default: the only one there is).
 
     Options left None take :data:`HEAD_DEFAULTS` (or the saved run's values when resuming). Every cached
@@ -632,7 +637,8 @@ class FeatureBatches:
 
     def train_batches(self, epoch: int):
         opts = self.options
-        for positions in epoch_batches(self.train_y.numpy(), self.n_samples, opts["batch_size"], opts["seed"], epoch):
+        for positions in epoch_batches(self.train_y.numpy(), self.n_samples, opts["batch_size"], opts["seed"], epoch,
+                                       positive_share=opts["positive_share"]):
             index = torch.from_numpy(positions)
             yield self.train_x[index].to(self.device).float(), self.train_y[index].to(self.device).float()
 
@@ -692,7 +698,8 @@ def finetune(work_dir: Path, *, epochs: Optional[int] = None, batch_size: Option
              hu_min: Optional[float] = None, hu_max: Optional[float] = None, augment: Optional[bool] = None,
              max_shift_mm: Optional[float] = None, precision: Optional[str] = None, patience: Optional[int] = None,
              epoch_samples: Optional[int] = None, seed: Optional[int] = None,
-             target_sensitivity: Optional[float] = None, views: Optional[int] = None, run: Optional[str] = None,
+             target_sensitivity: Optional[float] = None, views: Optional[int] = None,
+             positive_share: Optional[float] = None, run: Optional[str] = None,
              resume: bool = False, device: str = "auto", workers: Optional[int] = None,
              stop_after: Optional[int] = None, quiet: bool = False) -> Path:
     """Train encoder + head end to end on the patch cache; returns the run folder.
@@ -769,7 +776,7 @@ class PatchBatches:
     def train_batches(self, epoch: int):
         opts, job = self.options, self.job
         batches = epoch_batches(self.train_pool.labels, self.n_samples, opts["batch_size"], opts["seed"], epoch,
-                                job.rank, job.world)
+                                job.rank, job.world, opts["positive_share"])
         generator = torch.Generator().manual_seed(_seed_for(opts["seed"], "augment", epoch, job.rank))
         for hu, labels in batch_loader(self.train_pool, batches, self.workers, self.device.type == "cuda"):
             y = labels.to(self.device, non_blocking=True).float()
