@@ -55,10 +55,6 @@ class Fold:
     run: str
 
 
-def _listed(subsets) -> str:
-    return ",".join(map(str, subsets)) or "none"
-
-
 def check_name(name: str) -> str:
     """``--name``: a plain folder name under ``W/crossval`` (its runs are ``<name>-fold<k>``)."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(name or "")):
@@ -73,7 +69,7 @@ def plan_folds(folds: Sequence[int], name: str, val_offset: int = 1) -> List[Fol
     folds = list(folds)
     if len(folds) < 2:
         raise UserError(f"--folds must name at least 2 subsets (each one is the test subset of one fold), "
-                        f"got {_listed(folds)}")
+                        f"got {data.format_subsets(folds)}")
     if val_offset % len(folds) == 0:
         raise UserError(f"--val-offset {val_offset} puts each fold's validation subset on its own test subset "
                         f"({len(folds)} folds); use an offset that is not a multiple of {len(folds)}, e.g. 1")
@@ -84,15 +80,11 @@ def crossval_dir(work_dir: Path, name: str) -> Path:
     return Path(work_dir) / "crossval" / name
 
 
-def _as_json(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
-
-
 def _given_training(stage: str, arguments: Dict[str, Any], precision: Optional[str]) -> Dict[str, Any]:
     """The training options given for ``stage`` (JSON values); UserError naming one that belongs to the other stage."""
     if stage not in STAGES:
         raise UserError(f"--stage must be one of {', '.join(STAGES)}, got {stage!r}")
-    given = {k: _as_json(arguments[k]) for k in TRAINING_OPTIONS if arguments.get(k) is not None}
+    given = train.given_options(arguments, TRAINING_OPTIONS)
     foreign = [k for k in given if k not in STAGE_OPTIONS[stage]]
     if foreign:
         other = next(s for s in STAGES if s != stage)
@@ -231,8 +223,8 @@ def _prepare(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str, st
         head.check_views(views)
     missing = sorted(set(folds) - set(extracted_subsets(work_dir)))
     if missing:
-        raise UserError(f"--folds {_listed(folds)}: subset(s) {_listed(missing)} not extracted under "
-                        f"{Path(work_dir) / 'patches'}; run `python luna_cli.py extract --subsets {_listed(missing)}` "
+        raise UserError(f"--folds {data.format_subsets(folds)}: subset(s) {data.format_subsets(missing)} not extracted under "
+                        f"{Path(work_dir) / 'patches'}; run `python luna_cli.py extract --subsets {data.format_subsets(missing)}` "
                         f"(with the patch options of the others) first")
     fold_scans = {f.test: list(data.subset_scans(data_dir, [f.test])) for f in plan}
     out_dir = crossval_dir(work_dir, name)

@@ -545,6 +545,11 @@ def match_diameters(candidates: PointTable, annotations: PointTable) -> np.ndarr
     return diameters
 
 
+def format_subsets(subsets) -> str:
+    """Subset numbers as the command line writes them: ``"7,8"``, or ``"none"``."""
+    return ",".join(map(str, subsets)) or "none"
+
+
 def parse_subsets(text, option: str = "--subsets", required: bool = False) -> list[int]:
     """Subset numbers from ``"9"``, ``"7,8"`` or ``"0-7,9"`` (sorted, unique); ``""``/``"none"`` -> []."""
     text = str(text).strip().lower().replace(" ", "")

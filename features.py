@@ -14,6 +14,7 @@ import contextlib
 import csv
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -122,6 +123,14 @@ def check_patch_geometry(caches: Dict[int, SubsetCache]) -> Tuple[int, float]:
     return next(iter(values.values()))
 
 
+def check_preprocess_matches(stored: Dict[str, Any], patch_size: int, spacing_mm: float, source: str) -> None:
+    """Refuse a checkpoint whose patch geometry differs from the patch cache's, naming both values."""
+    if int(stored["patch_size"]) != patch_size or not math.isclose(float(stored["spacing_mm"]), spacing_mm):
+        raise UserError(f"{source} was trained on patches of {stored['patch_size']} voxels at {stored['spacing_mm']} mm, "
+                        f"but the patch cache holds {patch_size} voxels at {spacing_mm} mm; extract with the "
+                        f"checkpoint's parameters or train a new model")
+
+
 # --- splits by scan -----------------------------------------------------------
 
 @dataclass
@@ -156,13 +165,13 @@ def split_by_scan(caches: Dict[int, SubsetCache], val_subsets, test_subsets: Seq
         raise UserError(f"subsets {sorted(set(val_subsets) & set(test_subsets))} are both validation and test subsets")
     missing = sorted(set(val_subsets) - set(caches))
     if missing or not val_subsets:
-        raise UserError(f"--val-subsets {_listed(val_subsets)}: subset(s) {_listed(missing)} not extracted (extracted, "
-                        f"outside the test subsets: {_listed(sorted(caches))}); extract them, or use --val-subsets "
+        raise UserError(f"--val-subsets {data.format_subsets(val_subsets)}: subset(s) {data.format_subsets(missing)} not extracted (extracted, "
+                        f"outside the test subsets: {data.format_subsets(sorted(caches))}); extract them, or use --val-subsets "
                         f"auto to split the scans 80:20")
     train_present = sorted(set(caches) - set(val_subsets))
     if not train_present:
-        raise UserError(f"no extracted subset is left for training besides --val-subsets {_listed(val_subsets)} "
-                        f"and --test-subsets {_listed(test_subsets)}; run `{EXTRACT_HINT}` for more subsets")
+        raise UserError(f"no extracted subset is left for training besides --val-subsets {data.format_subsets(val_subsets)} "
+                        f"and --test-subsets {data.format_subsets(test_subsets)}; run `{EXTRACT_HINT}` for more subsets")
     uids = {side: set(np.concatenate([caches[k].seriesuids for k in ks])) for side, ks in
             (("train", train_present), ("val", val_subsets))}
     shared = uids["train"] & uids["val"]
@@ -172,10 +181,6 @@ def split_by_scan(caches: Dict[int, SubsetCache], val_subsets, test_subsets: Seq
     return ScanSplit({k: np.arange(len(caches[k])) for k in train_present},
                      {k: np.arange(len(caches[k])) for k in sorted(val_subsets)}, "subsets",
                      f"validation on subset(s) {sorted(val_subsets)}, training on {train_present}")
-
-
-def _listed(subsets) -> str:
-    return ",".join(map(str, subsets)) or "none"
 
 
 def _split_by_seriesuid(caches: Dict[int, SubsetCache], seed: int, val_fraction: float) -> ScanSplit:
@@ -207,8 +212,8 @@ def load_split(work_dir: Path, val_subsets, test_subsets: Sequence[int],
         raise UserError(f"no patch cache under {Path(work_dir) / 'patches'}; run `{EXTRACT_HINT}` first")
     missing = sorted(set(test_subsets) - set(extracted))
     if missing:
-        raise UserError(f"--test-subsets {_listed(test_subsets)}: subset(s) {_listed(missing)} not extracted under "
-                        f"{Path(work_dir) / 'patches'} (extracted: {_listed(extracted)}); use --test-subsets none "
+        raise UserError(f"--test-subsets {data.format_subsets(test_subsets)}: subset(s) {data.format_subsets(missing)} not extracted under "
+                        f"{Path(work_dir) / 'patches'} (extracted: {data.format_subsets(extracted)}); use --test-subsets none "
                         f"for no test subset")
     present = [k for k in extracted if k not in set(test_subsets)]
     if not present:
@@ -459,7 +464,7 @@ def cache_features(work_dir: Path, *, weights: Optional[Path] = None, feature_si
     available = extracted_subsets(work_dir)
     chosen = sorted(set(available) - set(test_subsets) if subsets is None else subsets)
     if set(chosen) & set(test_subsets):
-        raise UserError(f"subset(s) {_listed(sorted(set(chosen) & set(test_subsets)))} are test subsets, whose "
+        raise UserError(f"subset(s) {data.format_subsets(sorted(set(chosen) & set(test_subsets)))} are test subsets, whose "
                         f"features are never computed; give --test-subsets none (or others) to encode them")
     missing = [k for k in chosen if k not in available]
     if not chosen or missing:

@@ -161,11 +161,18 @@ def _check_diameter(diameter_mm) -> float:
     return value
 
 
-def _check_choice(value, option: str, allowed: tuple) -> str:
-    text = str(value).strip().lower()
-    if text not in allowed:
-        raise UserError(f"{option} must be one of {', '.join(allowed)}; got {value!r}")
-    return text
+def check_options(guideline="fleischner", nodule_type="solid", risk="low") -> tuple:
+    """``(guideline, nodule_type, risk)`` lower-cased (an Enum member gives its value); a value outside
+    :data:`GUIDELINES`, :data:`NODULE_TYPES` or :data:`RISKS` raises UserError naming the option and the
+    allowed values."""
+    checked = []
+    for value, option, allowed in ((guideline, "--guideline", GUIDELINES), (nodule_type, "--type", NODULE_TYPES),
+                                   (risk, "--risk", RISKS)):
+        text = str(getattr(value, "value", value)).strip().lower()
+        if text not in allowed:
+            raise UserError(f"{option} must be one of {', '.join(allowed)}; got {value!r}")
+        checked.append(text)
+    return tuple(checked)
 
 
 def size_band(diameter_mm: float) -> str:
@@ -202,9 +209,7 @@ def follow_up(diameter_mm: float, guideline: str = "fleischner", nodule_type: st
     --risk) and the allowed values; a negative or non-finite diameter raises UserError too.
     """
     value = _check_diameter(diameter_mm)
-    guideline = _check_choice(guideline, "--guideline", GUIDELINES)
-    nodule_type = _check_choice(nodule_type, "--type", NODULE_TYPES)
-    risk = _check_choice(risk, "--risk", RISKS)
+    guideline, nodule_type, risk = check_options(guideline, nodule_type, risk)
     multiple = bool(multiple)
     types = (nodule_type, "subsolid") if nodule_type != "solid" else (nodule_type,)
     for rule in RULES:

@@ -52,11 +52,15 @@ def to_encoder_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     the axes are reversed to ``[x, y, z]`` and the (now first two) x and y axes are flipped.
     ``"lps_zyx"``: the patch unchanged (models made before the layout existed).
     """
-    if layout == PRETRAINING_LAYOUT:
+    if check_layout(layout) == PRETRAINING_LAYOUT:
         return torch.flip(x.permute(0, 1, 4, 3, 2), (2, 3))
-    if layout == LEGACY_LAYOUT:
-        return x
-    raise ValueError(f"input_layout must be one of {INPUT_LAYOUTS}, got {layout!r}")
+    return x
+
+
+def check_layout(layout: str) -> str:
+    if layout not in INPUT_LAYOUTS:
+        raise ValueError(f"input_layout must be one of {INPUT_LAYOUTS}, got {layout!r}")
+    return layout
 
 
 class MLPHead(nn.Module):
@@ -108,12 +112,10 @@ class Classifier(nn.Module):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        if input_layout not in INPUT_LAYOUTS:
-            raise ValueError(f"input_layout must be one of {INPUT_LAYOUTS}, got {input_layout!r}")
         self.encoder = encoder
         self.head = head
         self.pooling = pooling
-        self.input_layout = input_layout
+        self.input_layout = check_layout(input_layout)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 1, P, P, P)`` unit-scaled patches ``[z, y, x]`` -> ``(B, F)`` features."""
@@ -149,9 +151,7 @@ def resolve_config(config: Dict[str, Any]) -> Dict[str, Any]:
     """
     encoder = dict(ENCODER_DEFAULTS)
     encoder.update(config.get("encoder", {}))
-    encoder.setdefault("input_layout", LEGACY_LAYOUT)
-    if encoder["input_layout"] not in INPUT_LAYOUTS:
-        raise ValueError(f"input_layout must be one of {INPUT_LAYOUTS}, got {encoder['input_layout']!r}")
+    check_layout(encoder.setdefault("input_layout", LEGACY_LAYOUT))
     encoder["depths"] = [int(d) for d in encoder["depths"]]
     encoder["num_heads"] = [int(h) for h in encoder["num_heads"]]
     pooling = config.get("pooling", "avg")

@@ -16,6 +16,7 @@ from typing import Annotated, List, Optional
 import typer
 from rich.console import Console
 
+import followup
 from data import UserError, parse_subsets
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -42,20 +43,10 @@ class PhantomSize(str, Enum):
     realistic = "realistic"
 
 
-class Guideline(str, Enum):
-    fleischner = "fleischner"
-    lung_rads = "lung-rads"
-
-
-class NoduleType(str, Enum):
-    solid = "solid"
-    part_solid = "part-solid"
-    ground_glass = "ground-glass"
-
-
-class Risk(str, Enum):
-    low = "low"
-    high = "high"
+# The follow-up choices, from followup.py's own lists (one definition of what each option allows).
+Guideline = Enum("Guideline", {value: value for value in followup.GUIDELINES}, type=str)
+NoduleType = Enum("NoduleType", {value: value for value in followup.NODULE_TYPES}, type=str)
+Risk = Enum("Risk", {value: value for value in followup.RISKS}, type=str)
 
 
 def _patch_size(value: int) -> int:
@@ -454,11 +445,11 @@ def predict(
     precision: PrecisionOption = Precision.auto,
     guideline: Annotated[Guideline, typer.Option(
         case_sensitive=False, help="Size table for the follow-up category: fleischner (Fleischner 2017, incidental "
-                                   "nodules) or lung-rads (Lung-RADS v2022, baseline screening scan).")] = Guideline.fleischner,
+                                   "nodules) or lung-rads (Lung-RADS v2022, baseline screening scan).")] = Guideline("fleischner"),
     nodule_type: Annotated[NoduleType, typer.Option(
         "--type", case_sensitive=False, help="Nodule type assumed for every point (not measured); with part-solid or "
-                                             "ground-glass the diameter is measured at -650 HU instead of -400.")] = NoduleType.solid,
-    risk: Annotated[Risk, typer.Option(case_sensitive=False, help="Patient risk assumed (Fleischner only).")] = Risk.low,
+                                             "ground-glass the diameter is measured at -650 HU instead of -400.")] = NoduleType("solid"),
+    risk: Annotated[Risk, typer.Option(case_sensitive=False, help="Patient risk assumed (Fleischner only).")] = Risk("low"),
 ):
     """Probability that the candidate at each world point of a new scan is a nodule, whether it needs follow-up,
     its plain measured diameter and, for follow-up points, the guideline's size category (research use only)."""

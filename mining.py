@@ -11,7 +11,6 @@ until the cache is written, so a killed run resumes; a finished round leaves ``d
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -20,6 +19,7 @@ import numpy as np
 
 import data
 import evaluate
+import features
 import head
 from data import UserError
 
@@ -37,14 +37,6 @@ class MiningSummary:
 def _checkpoint_of(work_dir: Path, run: str) -> Path:
     """``W/runs/RUN/best.pt``, or RUN itself when it is a ``.pt`` file."""
     return Path(run) if run.endswith(".pt") else evaluate.checkpoint_for_run(work_dir, run)
-
-
-def _check_geometry(manifest: dict, preprocess: dict, checkpoint: Path, cache: Path) -> None:
-    stored = (int(preprocess["patch_size"]), float(preprocess["spacing_mm"]))
-    cached = (int(manifest["patch_size"]), float(manifest["spacing_mm"]))
-    if stored[0] != cached[0] or not math.isclose(stored[1], cached[1]):
-        raise UserError(f"{checkpoint} was trained on patches of {stored[0]} voxels at {stored[1]} mm, but {cache} "
-                        f"holds {cached[0]} voxels at {cached[1]} mm; mine with a model of the cache's geometry")
 
 
 def _negatives_to_score(data_dir: Path, scans: dict) -> data.PointTable:
@@ -76,16 +68,14 @@ def _score_and_keep(run: evaluate.ModelRun, todo: list, per_scan: int, in_cache:
             continue
         scores[uid][first:first + len(cut)] = head.predict_patches(run.model, cut, run.preprocess, run.device,
                                                                    run.batch_size, run.views, run.precision)
-        best = set(_top_of_scan(np.nan_to_num(scores[uid], nan=-np.inf), per_scan).tolist())
-        patches[uid] = {n: p for n, p in patches[uid].items() if n in best}
-        patches[uid].update({first + n: cut[n].numpy() for n in range(len(cut)) if first + n in best})
+        # the scan's top so far: a negative that drops out of it never comes back, so only these patches are kept
+        top = _top_of_scan(np.nan_to_num(scores[uid], nan=-np.inf), per_scan).tolist()
+        kept = patches[uid]
+        patches[uid] = {n: kept[n] if n in kept else cut[n - first].numpy() for n in top}
         if not np.isnan(scores[uid]).any():
-            rows = rows_of[uid][_top_of_scan(scores[uid], per_scan)]
-            fresh = [n for n, row in zip(_top_of_scan(scores[uid], per_scan), rows)
-                     if _key(uid, negatives.world_xyz[row]) not in in_cache]
-            picked = rows_of[uid][fresh] if fresh else np.zeros(0, int)
-            block = np.stack([patches[uid][n] for n in fresh]) if fresh else np.zeros((0,) + (cut.shape[1],) * 3,
-                                                                                        np.int16)
+            fresh = [n for n in top if _key(uid, negatives.world_xyz[rows_of[uid][n]]) not in in_cache]
+            picked = rows_of[uid][fresh]
+            block = np.stack([patches[uid][n] for n in fresh]) if fresh else np.zeros((0, *cut.shape[1:]), np.int16)
             run.parts.save(uid, block, data.index_rows(uid, negatives.world_xyz[picked], negatives.value[picked],
                                                        np.full(len(picked), np.nan), mined=name))
             del patches[uid]
@@ -110,7 +100,8 @@ def mine_subset(data_dir: Path, work_dir: Path, subset: int, run: str, per_scan:
     manifest = json.loads((cache / "manifest.json").read_text())
     checkpoint = _checkpoint_of(work_dir, run)
     name = checkpoint.parent.name if checkpoint.name == "best.pt" else checkpoint.stem
-    _check_geometry(manifest, head.read_checkpoint(checkpoint)["preprocess"], checkpoint, cache)
+    features.check_preprocess_matches(head.read_checkpoint(checkpoint)["preprocess"], int(manifest["patch_size"]),
+                                      float(manifest["spacing_mm"]), str(checkpoint))
     folder = work_dir / "mining" / name / f"subset{subset}"
     model_run, _ = evaluate.open_model_run(checkpoint, data.candidates_file(data_dir), folder / "parts", views,
                                            batch_size, workers, device, precision, per_scan=per_scan)

@@ -101,19 +101,6 @@ def load_models(checkpoints, device) -> list[tuple]:
     return models
 
 
-def check_follow_up_options(guideline="fleischner", nodule_type="solid", risk="low") -> tuple:
-    """``(guideline, nodule_type, risk)`` lower-cased (Enum members give their value); a value outside
-    followup's GUIDELINES, NODULE_TYPES or RISKS raises UserError naming the option and the allowed values."""
-    checked = []
-    for value, option, allowed in ((guideline, "--guideline", followup.GUIDELINES),
-                                   (nodule_type, "--type", followup.NODULE_TYPES), (risk, "--risk", followup.RISKS)):
-        text = str(getattr(value, "value", value)).strip().lower()
-        if text not in allowed:
-            raise UserError(f"{option} must be one of {', '.join(allowed)}; got {value!r}")
-        checked.append(text)
-    return tuple(checked)
-
-
 def largest_measurable_mm(patch_size: int, spacing_mm: float) -> float:
     """About the largest diameter (mm) sizing.py can measure in a patch: the object must stay inside the ball
     of radius ``patch_size // 2 - 2`` voxels (off the rim of its mask ball), so ``(patch_size - 4) * spacing_mm``."""
@@ -143,7 +130,7 @@ def size_and_follow_up(patches: np.ndarray, spacing_mm: float, follow_ups: Seque
     None where not measurable), ``size_source``, ``guideline``, and for ``follow_ups`` True the ``category`` and
     ``recommendation`` of :func:`followup.follow_up` ("size unknown" and a request to measure by hand when no
     diameter; "" otherwise); ``assumptions`` (the call's). Multiple nodules: more than one follow-up True."""
-    options = check_follow_up_options(guideline, nodule_type, risk)
+    options = followup.check_options(guideline, nodule_type, risk)
     threshold = SIZE_THRESHOLD_HU[options[1]]
     diameters = sizing.measure_diameters(patches, spacing_mm, threshold) if len(patches) else np.zeros(0)
     follow_ups = [bool(f) for f in follow_ups]
@@ -184,7 +171,7 @@ def predict_points(checkpoint, scan_path, world_xyz, device: str = "auto", batch
         raise ValueError(f"world_xyz must have shape (N, 3) with N >= 1, got {world_xyz.shape}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    options = dict(zip(("guideline", "nodule_type", "risk"), check_follow_up_options(guideline, nodule_type, risk)))
+    options = dict(zip(("guideline", "nodule_type", "risk"), followup.check_options(guideline, nodule_type, risk)))
     torch_device = head.resolve_device(device)
     models = load_models(checkpoint, torch_device)
     preprocess = models[0][2]["preprocess"]

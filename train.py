@@ -46,9 +46,9 @@ from torch import nn
 import data
 import head as head_mod
 from data import UserError
-from features import (PatchPool, SubsetCache, batch_loader, cache_features_hint, choose_feature_set, encoder_config,
-                      encoder_state_path, feature_paths, features_complete, load_encoder_weights, load_split,
-                      progress_bar, warn_random_init)
+from features import (PatchPool, SubsetCache, batch_loader, cache_features_hint, check_preprocess_matches,
+                      choose_feature_set, encoder_config, encoder_state_path, feature_paths, features_complete,
+                      load_encoder_weights, load_split, progress_bar, warn_random_init)
 from head import autocast
 
 console = Console()
@@ -65,14 +65,6 @@ FINETUNE_DEFAULTS: Dict[str, Any] = dict(
 
 
 # --- patch cache ---------------------------------------------------------------
-
-def check_preprocess_matches(stored: Dict[str, Any], patch_size: int, spacing_mm: float, source: str) -> None:
-    """Refuse a checkpoint whose patch geometry differs from the patch cache's, naming both values."""
-    if int(stored["patch_size"]) != patch_size or not math.isclose(float(stored["spacing_mm"]), spacing_mm):
-        raise UserError(f"{source} was trained on patches of {stored['patch_size']} voxels at {stored['spacing_mm']} mm, "
-                        f"but the patch cache holds {patch_size} voxels at {spacing_mm} mm; extract with the "
-                        f"checkpoint's parameters or train a new model")
-
 
 # --- sampling --------------------------------------------------------------------
 
@@ -512,9 +504,9 @@ def _check_options(options: Dict[str, Any]) -> None:
         raise UserError(f"--positive-share must be between 0 and 1, got {options['positive_share']}")
 
 
-def _given(arguments: Dict[str, Any], defaults: Dict[str, Any]) -> Dict[str, Any]:
-    """The options of a stage's call that were given (not None), as JSON values (paths as text)."""
-    return {k: json.loads(json.dumps(v, default=str)) for k, v in arguments.items() if k in defaults and v is not None}
+def given_options(arguments: Dict[str, Any], names) -> Dict[str, Any]:
+    """The options among ``names`` of a stage's call that were given (not None), as JSON values (paths as text)."""
+    return {k: json.loads(json.dumps(v, default=str)) for k, v in arguments.items() if k in names and v is not None}
 
 
 def _latest_run(work_dir: Path, kind: str) -> Path:
@@ -592,7 +584,7 @@ def train_head(work_dir: Path, *, features: Optional[str] = None, val_subsets: O
     classifier (frozen encoder + head), so ``head.load_classifier`` and ``finetune --head-from`` need nothing
     else. Returns the run folder.
     """
-    given = _given(locals(), HEAD_DEFAULTS)
+    given = given_options(locals(), HEAD_DEFAULTS)
     job = Dist()
     run_dir, options, resume_payload = _open_run(work_dir, "train-head", HEAD_DEFAULTS, given, run, resume, job)
     torch_device = head_mod.resolve_device(device)
@@ -713,7 +705,7 @@ def finetune(work_dir: Path, *, epochs: Optional[int] = None, batch_size: Option
     this call after that many epochs (``resume`` continues the same run exactly). Validation scores each patch
     as the average of its first ``views`` flips, and the checkpoint records that for evaluate and predict.
     """
-    given = _given(locals(), FINETUNE_DEFAULTS)
+    given = given_options(locals(), FINETUNE_DEFAULTS)
     job, torch_device = start_processes(device)
     try:
         run_dir = _finetune(work_dir, given, run, resume, job, torch_device, workers, stop_after, quiet)
