@@ -375,7 +375,7 @@ def _train_step_speed(patch_size: int, feature_size: int, window_size: int, batc
         torch.cuda.reset_peak_memory_stats()
 
     def step():
-        x = train.training_inputs(hu, generator, -1000.0, 1000.0, True, 3)
+        x = features.training_inputs(hu, generator, -1000.0, 1000.0, True, 3)
         with head.autocast(torch_device, precision):
             logits = model(x)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels)

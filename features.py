@@ -44,12 +44,14 @@ FEATURE_FORMAT = "luna16-features/1"
 
 @dataclass
 class SubsetCache:
-    """One extracted subset: per-row seriesuid and label (0/1), and its manifest."""
+    """One extracted subset: per-row seriesuid, label (0/1) and annotated diameter (mm; NaN off nodules, or
+    where the annotation is unknown), and its manifest."""
     subset: int
     folder: Path
     manifest: Dict[str, Any]
     seriesuids: np.ndarray
     labels: np.ndarray
+    diameters: np.ndarray
 
     @property
     def patches_path(self) -> Path:
@@ -90,17 +92,7 @@ def read_subset_cache(work_dir: Path, subset: int) -> SubsetCache:
     for key in ("patch_size", "spacing_mm"):
         if key not in manifest:
             raise UserError(f"{manifest_path}: no '{key}'; run `{EXTRACT_HINT.replace('K', str(subset))}` again")
-    seriesuids, labels = [], []
-    with open(index_path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = {"seriesuid", "label"} - set(reader.fieldnames or [])
-        if missing:
-            raise UserError(f"{index_path}: missing column(s) {', '.join(sorted(missing))}")
-        for line, row in enumerate(reader, start=2):
-            if row["label"] not in ("0", "1"):
-                raise UserError(f"{index_path}, line {line}: label must be 0 or 1, got {row['label']!r}")
-            seriesuids.append(row["seriesuid"])
-            labels.append(int(row["label"]))
+    seriesuids, labels, diameters = _read_index(index_path)
     patches = np.load(folder / "patches.npy", mmap_mode="r")
     size = int(manifest["patch_size"])
     if patches.ndim != 4 or patches.shape[1:] != (size,) * 3 or patches.dtype != np.int16:
@@ -110,7 +102,32 @@ def read_subset_cache(work_dir: Path, subset: int) -> SubsetCache:
         raise UserError(f"{folder}: patches.npy has {patches.shape[0]} patches but index.csv {len(labels)} rows; "
                         f"run `{EXTRACT_HINT.replace('K', str(subset))}` again")
     return SubsetCache(subset, folder, manifest, np.asarray(seriesuids, dtype=object),
-                       np.asarray(labels, dtype=np.int64))
+                       np.asarray(labels, dtype=np.int64), np.asarray(diameters, dtype=np.float64))
+
+
+def _read_index(index_path: Path) -> Tuple[list, list, list]:
+    """seriesuids, labels and diameters (mm, NaN when empty) of ``index.csv``; bad rows named by line."""
+    seriesuids, labels, diameters = [], [], []
+    with open(index_path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"seriesuid", "label"} - set(reader.fieldnames or [])
+        if missing:
+            raise UserError(f"{index_path}: missing column(s) {', '.join(sorted(missing))}")
+        for line, row in enumerate(reader, start=2):
+            if row["label"] not in ("0", "1"):
+                raise UserError(f"{index_path}, line {line}: label must be 0 or 1, got {row['label']!r}")
+            text = (row.get("diameter_mm") or "").strip()
+            try:
+                diameter = float(text) if text else math.nan
+            except ValueError:
+                diameter = -1.0
+            if not (math.isnan(diameter) or diameter > 0):
+                raise UserError(f"{index_path}, line {line}: diameter_mm must be a positive number or empty, "
+                                f"got {text!r}")
+            seriesuids.append(row["seriesuid"])
+            labels.append(int(row["label"]))
+            diameters.append(diameter)
+    return seriesuids, labels, diameters
 
 
 def check_patch_geometry(caches: Dict[int, SubsetCache]) -> Tuple[int, float]:
@@ -240,6 +257,7 @@ class PatchPool:
         self.subset = np.concatenate([np.full(len(rows_by_subset[k]), k) for k in keys] or [np.zeros(0, int)])
         self.row = np.concatenate([np.asarray(rows_by_subset[k]) for k in keys] or [np.zeros(0, int)])
         self.labels = np.concatenate([caches[k].labels[rows_by_subset[k]] for k in keys] or [np.zeros(0, int)])
+        self.diameters = np.concatenate([caches[k].diameters[rows_by_subset[k]] for k in keys] or [np.zeros(0)])
         self.patch_size = caches[keys[0]].patch_size if keys else 0
         self._arrays: Dict[int, np.ndarray] = {}
 
@@ -271,7 +289,8 @@ class PatchPool:
 
 
 class BatchReader(torch.utils.data.Dataset):
-    """Item i = (int16 HU patches ``(B, P, P, P)``, labels ``(B,)``) of the i-th planned batch."""
+    """Item i = (int16 HU patches ``(B, P, P, P)``, labels ``(B,)``, diameters mm ``(B,)``, NaN where unknown)
+    of the i-th planned batch."""
 
     def __init__(self, pool: PatchPool, batches: List[np.ndarray]):
         self.pool, self.batches = pool, batches
@@ -281,12 +300,61 @@ class BatchReader(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         positions = self.batches[i]
-        return torch.from_numpy(self.pool.read(positions)), torch.from_numpy(self.pool.labels[positions])
+        return (torch.from_numpy(self.pool.read(positions)), torch.from_numpy(self.pool.labels[positions]),
+                torch.from_numpy(self.pool.diameters[positions]))
 
 
 def batch_loader(pool: PatchPool, batches: List[np.ndarray], workers: int, pin: bool):
     return torch.utils.data.DataLoader(BatchReader(pool, batches), batch_size=None, shuffle=False,
                                        num_workers=workers, pin_memory=pin)
+
+
+# --- augmentation ------------------------------------------------------------------
+
+def flip_patches(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Flip each cube ``x[b]`` of a ``(B, P, P, P)`` batch by ``head.VIEW_FLIPS[ids[b]]``: the same 8 flips
+    that train-head's cached views and evaluation's test-time views use."""
+    out = x.clone()
+    ids = ids.to(x.device)
+    for view, dims in enumerate(head_mod.VIEW_FLIPS[1:], start=1):
+        chosen = torch.nonzero(ids == view).squeeze(1)
+        if chosen.numel():
+            out[chosen] = x[chosen].flip(dims)
+    return out
+
+
+def shift_patches(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Move each cube's content by ``shifts[b]`` voxels along (z, y, x); the uncovered border repeats the
+    cube's edge voxels: ``out[b, z, y, x] = x[b, clip(z - dz), clip(y - dy), clip(x - dx)]``. No flat fill
+    value appears, so a shifted cube carries no face of air that could mark it."""
+    shifts = shifts.to(x.device)
+    for axis in range(3):
+        size = x.shape[axis + 1]
+        index = (torch.arange(size, device=x.device)[None] - shifts[:, axis:axis + 1]).clamp(0, size - 1)
+        view = [x.shape[0], 1, 1, 1]
+        view[axis + 1] = size
+        x = torch.gather(x, axis + 1, index.view(view).expand_as(x))
+    return x
+
+
+def augment_batch(hu: torch.Tensor, generator: torch.Generator, max_shift_vox: int = 0) -> torch.Tensor:
+    """A random flip (of the 8) and a random shift of up to ``max_shift_vox`` voxels per axis for every cube
+    of ``(B, P, P, P)`` float HU, whatever its class (the labels are not even seen), rows in their order."""
+    batch = hu.shape[0]
+    ids = torch.randint(0, len(head_mod.VIEW_FLIPS), (batch,), generator=generator)
+    if max_shift_vox > 0:
+        hu = shift_patches(hu, torch.randint(-max_shift_vox, max_shift_vox + 1, (batch, 3), generator=generator))
+    return flip_patches(hu, ids)
+
+
+def training_inputs(hu: torch.Tensor, generator: torch.Generator, hu_min: float, hu_max: float, augment: bool,
+                    max_shift_vox: int) -> torch.Tensor:
+    """A loaded batch of int16 HU patches ``(B, P, P, P)`` -> model input ``(B, 1, P, P, P)`` in 0..1,
+    augmented (``augment_batch``) when ``augment``."""
+    hu = hu.float()
+    if augment:
+        hu = augment_batch(hu, generator, max_shift_vox)
+    return data.hu_to_unit(hu, hu_min, hu_max).unsqueeze(1)
 
 
 # --- encoder weights and feature caches ---------------------------------------------------
@@ -530,7 +598,7 @@ def _encode_rows(cache: SubsetCache, rows: np.ndarray, identity: Dict[str, Any],
     """float16 features ``(len(rows), views * F)`` of some rows of one subset's patches."""
     pool = PatchPool({cache.subset: cache}, {cache.subset: np.arange(len(cache))})
     chunk = []
-    for hu, _ in batch_loader(pool, [rows[b:b + batch_size] for b in range(0, len(rows), batch_size)], workers,
+    for hu, _, _ in batch_loader(pool, [rows[b:b + batch_size] for b in range(0, len(rows), batch_size)], workers,
                               device.type == "cuda"):
         x = data.hu_to_unit(hu.to(device, non_blocking=True), identity["hu_min"], identity["hu_max"])
         with autocast(device, precision):

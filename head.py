@@ -2,7 +2,10 @@
 
 Input to the model: HU patches scaled with ``data.hu_to_unit`` to float32 ``(B, 1, P, P, P)``, array axes
 ``[z, y, x]`` along increasing world (LPS) z, y, x (voxels of ``spacing_mm``). Output: one logit per patch,
-``(B,)``; ``sigmoid(logit)`` is the probability that the candidate is a nodule.
+``(B,)``; ``sigmoid(logit)`` is the probability that the candidate is a nodule. A model whose config has
+``"size_output": true`` also gives, with ``with_size=True``, the natural log of the nodule's diameter in mm
+(meaningful for nodules only; :func:`diameter_from_log` turns it into mm). Configs without the key (models
+made before it existed) have no size output.
 
 The encoder sees that patch in the layout its weights were trained in: ``Classifier.forward_features`` passes
 it through :func:`to_encoder_layout` first. The self-supervised CT weights (and the BraTS ones) were trained on
@@ -63,16 +66,27 @@ def check_layout(layout: str) -> str:
     return layout
 
 
+# The size output predicts log(diameter / SIZE_REFERENCE_MM), so that a fresh layer (output near 0) starts
+# near a typical nodule size rather than at 1 mm.
+SIZE_REFERENCE_MM = 8.0
+
+
+def diameter_from_log(log_diameter):
+    """The size output (natural log of the diameter in mm) -> diameter in mm (numpy or torch)."""
+    return np.exp(log_diameter) if isinstance(log_diameter, np.ndarray) else torch.exp(log_diameter)
+
+
 class MLPHead(nn.Module):
     """Features ``(B, F)`` -> logits ``(B,)``: Linear 512, ReLU, dropout, Linear 256, ReLU, dropout, Linear 1.
 
     The features are first standardised with the fixed buffers ``feature_mean`` / ``feature_std`` (identity
     until ``set_standardisation``; train-head sets them from the training features). The encoder's pooled
     features differ far more between feature channels than between patches, and without this the head
-    learns slowly.
+    learns slowly. With ``size_output`` a second Linear on the same 256 hidden values (``size``) gives the
+    log-diameter; the classification layers keep their names, so heads without it load as before.
     """
 
-    def __init__(self, in_features: int, dropout: float = 0.3):
+    def __init__(self, in_features: int, dropout: float = 0.3, size_output: bool = False):
         super().__init__()
         if in_features < 1:
             raise ValueError(f"in_features must be positive, got {in_features}")
@@ -82,6 +96,11 @@ class MLPHead(nn.Module):
             nn.Linear(in_features, 512), nn.ReLU(inplace=True), nn.Dropout(dropout),
             nn.Linear(512, 256), nn.ReLU(inplace=True), nn.Dropout(dropout),
             nn.Linear(256, 1))
+        self.size = nn.Linear(256, 1) if size_output else None
+
+    @property
+    def has_size(self) -> bool:
+        return self.size is not None
 
     def set_standardisation(self, features: torch.Tensor) -> None:
         """Per-feature mean and standard deviation of ``(N, F)`` training features."""
@@ -89,9 +108,15 @@ class MLPHead(nn.Module):
         self.feature_mean.copy_(features.mean(dim=0))
         self.feature_std.copy_(features.std(dim=0, unbiased=False).clamp(min=1e-6))
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        standardised = (features - self.feature_mean) / self.feature_std
-        return self.layers(standardised).squeeze(-1)
+    def forward(self, features: torch.Tensor, with_size: bool = False):
+        """Logits ``(B,)``; with ``with_size``, ``(logits, log-diameter in mm (B,))``."""
+        hidden = self.layers[:-1]((features - self.feature_mean) / self.feature_std)
+        logits = self.layers[-1](hidden).squeeze(-1)
+        if not with_size:
+            return logits
+        if self.size is None:
+            raise ValueError("this head has no size output (its model config has no size_output)")
+        return logits, self.size(hidden).squeeze(-1) + math.log(SIZE_REFERENCE_MM)
 
 
 class Classifier(nn.Module):
@@ -127,12 +152,16 @@ class Classifier(nn.Module):
             return last.mean(dim=(2, 3, 4))
         return last.flatten(1)
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        """``(B, F)`` features -> ``(B,)`` logits."""
-        return self.head(features)
+    def forward_head(self, features: torch.Tensor, with_size: bool = False):
+        """``(B, F)`` features -> ``(B,)`` logits; with ``with_size``, ``(logits, log-diameter (B,))``."""
+        return self.head(features, with_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x: torch.Tensor, with_size: bool = False):
+        return self.forward_head(self.forward_features(x), with_size)
+
+    @property
+    def has_size(self) -> bool:
+        return self.head.has_size
 
 
 def centre_mean(stage: torch.Tensor) -> torch.Tensor:
@@ -144,7 +173,8 @@ def centre_mean(stage: torch.Tensor) -> torch.Tensor:
 
 
 def resolve_config(config: Dict[str, Any]) -> Dict[str, Any]:
-    """Fill defaults and validate a model config ``{"encoder": {...}, "pooling": ..., "patch_size": P}``.
+    """Fill defaults and validate a model config ``{"encoder": {...}, "pooling": ..., "patch_size": P,
+    "size_output": bool}`` (``size_output`` missing: False, a model made before it existed).
 
     ``encoder["input_layout"]`` missing means ``"lps_zyx"``: the config predates the layout (old checkpoints and
     feature sets keep their outputs). New configs come from ``features.encoder_config``, which sets it.
@@ -162,7 +192,8 @@ def resolve_config(config: Dict[str, Any]) -> Dict[str, Any]:
         raise ValueError(f"patch_size must be a positive multiple of 32 (five halvings), got {patch_size}")
     if int(encoder["feature_size"]) < 1:
         raise ValueError(f"feature_size must be positive, got {encoder['feature_size']}")
-    return {"encoder": encoder, "pooling": pooling, "patch_size": patch_size}
+    return {"encoder": encoder, "pooling": pooling, "patch_size": patch_size,
+            "size_output": bool(config.get("size_output", False))}
 
 
 def feature_dim(config: Dict[str, Any]) -> int:
@@ -189,8 +220,8 @@ def build_classifier(config: Dict[str, Any]) -> Classifier:
     """Randomly initialised classifier for ``config = {"encoder": {SwinEncoder kwargs, "input_layout"}, "pooling",
     "patch_size"}``."""
     config = resolve_config(config)
-    return Classifier(build_encoder(config["encoder"]), MLPHead(feature_dim(config)), config["pooling"],
-                      config["encoder"]["input_layout"])
+    return Classifier(build_encoder(config["encoder"]), MLPHead(feature_dim(config), size_output=config["size_output"]),
+                      config["pooling"], config["encoder"]["input_layout"])
 
 
 def save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:
@@ -302,22 +333,52 @@ def flipped_views(x: torch.Tensor, views: int):
 
 
 def predict_patches(model: Classifier, patches, preprocess: Dict[str, Any], device: str = "cpu",
-                    batch_size: int = 64, views: int = 1, precision: str = "fp32") -> np.ndarray:
+                    batch_size: int = 64, views: int = 1, precision: str = "fp32", with_size: bool = False):
     """Nodule probabilities (float64, sigmoid in float64) of int16 HU patches ``(N, P, P, P)`` ``[z, y, x]``,
-    averaged over the first ``views`` flips of each patch."""
+    averaged over the first ``views`` flips of each patch. With ``with_size``: ``(probability, diameter_mm)``,
+    the diameter from the mean log-diameter over the views (all NaN when the model has no size output)."""
     patches = torch.as_tensor(patches)
     out = np.empty(len(patches), np.float64)
+    diameter = np.full(len(patches), np.nan)
+    sized = with_size and model.has_size
     device = torch.device(device)
     with torch.inference_mode(), autocast(device, precision):
         for first in range(0, len(patches), batch_size):
             hu = patches[first:first + batch_size].to(device, non_blocking=True)
             x = hu_to_unit(hu, preprocess.get("hu_min", -1000.0), preprocess.get("hu_max", 1000.0))
-            probability = sum(torch.sigmoid(model(view).double()) for view in flipped_views(x, views))
+            probability, log_size = 0.0, 0.0
+            for view in flipped_views(x, views):
+                logits, size = model(view, with_size=True) if sized else (model(view), None)
+                probability = probability + torch.sigmoid(logits.double())
+                if sized:
+                    log_size = log_size + size.double()
             out[first:first + len(x)] = (probability / views).cpu().numpy()
-    return out
+            if sized:
+                diameter[first:first + len(x)] = diameter_from_log(log_size / views).cpu().numpy()
+    return (out, diameter) if with_size else out
 
 
 # --- metrics ------------------------------------------------------------------------
+
+def size_loss(log_size: torch.Tensor, labels: torch.Tensor, diameters: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of the predicted log-diameter over the nodules of a batch with an annotated
+    diameter (``diameters`` mm, NaN where unknown); 0 (still part of the graph) when the batch has none."""
+    known = (labels > 0.5) & torch.isfinite(diameters)
+    target = torch.log(torch.where(known, diameters, torch.ones_like(diameters)))
+    squared = (log_size.float() - target.float()) ** 2
+    return torch.where(known, squared, torch.zeros_like(squared)).sum() / known.sum().clamp(min=1)
+
+
+def size_mae_mm(labels: np.ndarray, diameters: np.ndarray, log_size: Optional[np.ndarray]) -> float:
+    """Mean absolute error in mm of the size output on nodules with an annotated diameter (NaN if none/no output)."""
+    if log_size is None:
+        return math.nan
+    known = (np.asarray(labels) > 0.5) & np.isfinite(diameters)
+    if not known.any():
+        return math.nan
+    return float(np.abs(diameter_from_log(np.asarray(log_size, np.float64)[known]) - diameters[known]).mean())
+
+
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> Optional[float]:
     """Area under the ROC curve (Mann-Whitney U, tied scores count half); None without both classes."""

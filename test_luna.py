@@ -998,7 +998,8 @@ def test_synth_cli_writes_and_refuses_to_overwrite(tmp_path):
 # manifest.json): positives hold a bright ball at the centre, negatives a tube through it, with noise.
 
 def _train_cache(work_dir, subsets=(0, 1, 2), scans=3, positives=3, negatives=6, patch_size=32, spacing_mm=1.0,
-                 seed=0):
+                 seed=0, radius_mm=(3.0, 5.0)):
+    """Patch caches of spheres (nodules, their diameter in index.csv) and tubes (others) in noise."""
     import json
     rng = np.random.default_rng(seed)
     grid = np.indices((patch_size,) * 3).astype(np.float32) - (patch_size - 1) / 2.0
@@ -1010,15 +1011,16 @@ def _train_cache(work_dir, subsets=(0, 1, 2), scans=3, positives=3, negatives=6,
             uid = f"1.3.6.1.4.1.14519.5.2.1.{k}.{s}"
             for label in [1] * positives + [0] * negatives:
                 d = grid - rng.uniform(-1.5, 1.5, 3)[:, None, None, None]
+                radius = rng.uniform(*radius_mm) / spacing_mm
                 if label:
-                    body = np.sqrt((d ** 2).sum(0)) < rng.uniform(3.0, 5.0)
+                    body = np.sqrt((d ** 2).sum(0)) < radius
                 else:
                     axis = int(rng.integers(3))
                     body = np.sqrt(sum(d[a] ** 2 for a in range(3) if a != axis)) < rng.uniform(1.5, 2.5)
                 hu = np.where(body, 40.0, -850.0) + rng.normal(0, 60, (patch_size,) * 3)
                 patches.append(hu.astype(np.int16))
                 lines.append(f"{uid},{rng.uniform(-99, 99):.1f},{rng.uniform(-99, 99):.1f},"
-                             f"{rng.uniform(-300, 0):.1f},{label},{'6.0' if label else ''}")
+                             f"{rng.uniform(-300, 0):.1f},{label},{f'{2 * radius * spacing_mm:.3f}' if label else ''}")
         np.save(folder / "patches.npy", np.stack(patches))
         (folder / "index.csv").write_text("\n".join(lines) + "\n")
         (folder / "manifest.json").write_text(json.dumps({"patch_size": patch_size, "spacing_mm": spacing_mm,
@@ -1064,10 +1066,11 @@ def test_split_by_scan_never_puts_a_scan_on_both_sides(tmp_path):
 
 def test_augmentation_flips_and_shifts_every_class_alike(tmp_path):
     import torch
+    import features
     import head
     import train
     cube = torch.arange(4 ** 3, dtype=torch.float32).reshape(4, 4, 4)  # no symmetry of its own
-    images = train.flip_patches(cube.expand(8, 4, 4, 4), torch.arange(8))
+    images = features.flip_patches(cube.expand(8, 4, 4, 4), torch.arange(8))
     assert len({tuple(row.tolist()) for row in images.reshape(8, -1)}) == 8
     for view, dims in enumerate(head.VIEW_FLIPS):
         assert torch.equal(images[view], cube.flip([d - 1 for d in dims]) if dims else cube)
@@ -1075,16 +1078,16 @@ def test_augmentation_flips_and_shifts_every_class_alike(tmp_path):
     generator = torch.Generator().manual_seed(0)
     hu = (torch.rand(16, 8, 8, 8, generator=generator) * 500 + torch.arange(16)[:, None, None, None] * 600)
     hu = hu.clamp(max=30000).to(torch.int16)
-    out = train.training_inputs(hu, generator, -1000.0, 20000.0, True, 0)
+    out = features.training_inputs(hu, generator, -1000.0, 20000.0, True, 0)
     expected = train.data.hu_to_unit(hu.float(), -1000.0, 20000.0)
     assert out.shape == (16, 1, 8, 8, 8) and not torch.equal(out[:, 0], expected)
     assert torch.equal(out[:, 0].reshape(16, -1).sort(dim=1).values, expected.reshape(16, -1).sort(dim=1).values)
-    assert torch.equal(train.training_inputs(hu, generator, -1000.0, 20000.0, False, 0)[:, 0], expected)
+    assert torch.equal(features.training_inputs(hu, generator, -1000.0, 20000.0, False, 0)[:, 0], expected)
     # shifts move the content and repeat the edge voxels: no flat fill value
     marker = torch.full((2, 8, 8, 8), 100.0)
     marker[:, 4, 4, 4] = 500.0
     marker[:, 0] = 7.0
-    moved = train.shift_patches(marker, torch.tensor([[1, -2, 0], [0, 0, 0]]))
+    moved = features.shift_patches(marker, torch.tensor([[1, -2, 0], [0, 0, 0]]))
     assert moved[0, 5, 2, 4] == 500.0 and torch.equal(moved[1], marker[1])
     assert (moved[0, :2] == 7.0).all() and (moved[0, 2:] != 7.0).all() and not (moved == -1000).any()
     # after augmentation, simple border statistics do not tell the classes apart (the old positive-only
@@ -1095,7 +1098,7 @@ def test_augmentation_flips_and_shifts_every_class_alike(tmp_path):
     balls = np.where(np.sqrt((grid ** 2).sum(0)) < 4, 40.0, -850.0)
     hu = torch.from_numpy(np.where(labels[:, None, None, None] == 1, balls, -850.0)
                           + rng.normal(0, 30, (400, 16, 16, 16))).float()
-    shifted = train.augment_batch(hu, torch.Generator().manual_seed(2), 3).numpy()
+    shifted = features.augment_batch(hu, torch.Generator().manual_seed(2), 3).numpy()
     faces = np.concatenate([shifted[:, [0, -1]].reshape(400, -1), shifted[:, :, [0, -1]].reshape(400, -1),
                             shifted[:, :, :, [0, -1]].reshape(400, -1)], axis=1)
     repeated = np.stack([np.abs(shifted[:, 0] - shifted[:, 1]).max(axis=(1, 2)) == 0,
@@ -1157,8 +1160,8 @@ def test_cached_features_head_and_finetune_learn(tmp_path):
     assert (run_dir / "history.png").stat().st_size > 1000
     model, meta = head.load_classifier(run_dir / "best.pt")
     assert meta["preprocess"] == {"patch_size": 32, "spacing_mm": 1.0, "hu_min": -1000.0, "hu_max": 1000.0}
-    best = max(history, key=lambda row: row["val_auc"])
-    assert meta["epoch"] == best["epoch"] and abs(meta["cutoff"] - best["cutoff"]) < 1e-12
+    best = next(row for row in history if row["epoch"] == meta["epoch"])  # equal AUCs: the lower validation loss
+    assert best["val_auc"] == max(row["val_auc"] for row in history) and abs(meta["cutoff"] - best["cutoff"]) < 1e-12
     # the saved classifier on raw patches scores the validation subset as the head did on cached features
     patches = torch.from_numpy(np.load(work / "patches" / "subset2" / "patches.npy"))
     labels = features.read_subset_cache(work, 2).labels
@@ -1318,7 +1321,10 @@ def test_training_refuses_bad_inputs(tmp_path, monkeypatch):
     # NaN loss: stops with a message, the last good checkpoint stays
     run_dir = train.finetune(work, run="nan", stop_after=1, **common)
     before = (run_dir / "last.pt").read_bytes()
-    monkeypatch.setattr(head.MLPHead, "forward", lambda self, f: f.sum(dim=1) * float("nan"))
+    def nan_forward(self, f, with_size=False):
+        nan = f.sum(dim=1) * float("nan")
+        return (nan, nan) if with_size else nan
+    monkeypatch.setattr(head.MLPHead, "forward", nan_forward)
     with pytest.raises(UserError, match="NaN.*last good checkpoint"):
         train.finetune(work, run="nan", resume=True, device="cpu", quiet=True)
     assert (run_dir / "last.pt").read_bytes() == before
@@ -2451,3 +2457,44 @@ def test_predict_cli_shows_size_category_and_disclaimer_and_writes_them(eval_pha
         assert bad[0] in result.output
     help_text = " ".join(CliRunner().invoke(luna_cli.app, ["predict", "--help"]).output.split())
     assert "fleischner|lung-rads" in help_text and "low|high" in help_text
+
+
+# --- size output (issue 12) ---------------------------------------------------------
+
+def test_size_output_learns_diameters_and_old_checkpoints_have_none(tmp_path):
+    import math
+    import torch
+    import features
+    import head
+    import train
+    work = _train_cache(tmp_path / "w", subsets=(0, 1, 2), scans=3, positives=10, negatives=4, radius_mm=(2.0, 8.0))
+    tag = features.cache_features(work, subsets=[0, 1], batch_size=16, pooling="centre", quiet=True, **SMALL_MODEL)
+    run_dir = train.train_head(work, features=tag, val_subsets=[1], test_subsets=[2], epochs=30, batch_size=32,
+                               lr=1e-3, run="sized", quiet=True)
+    history = train.read_history(run_dir / "history.csv")
+    assert all(np.isfinite(row["val_size_mae_mm"]) for row in history)
+    model, meta = head.load_classifier(run_dir / "best.pt")
+    assert model.has_size and meta["config"]["size_output"] is True
+    held_out = features.read_subset_cache(work, 2)
+    patches = np.load(work / "patches" / "subset2" / "patches.npy")
+    probability, diameter = head.predict_patches(model, patches, meta["preprocess"], with_size=True)
+    nodules = held_out.labels == 1
+    truth = held_out.diameters[nodules]
+    train_mean = features.read_subset_cache(work, 0).diameters[features.read_subset_cache(work, 0).labels == 1].mean()
+    model_mae, mean_mae = np.abs(diameter[nodules] - truth).mean(), np.abs(train_mean - truth).mean()
+    assert model_mae < 0.5 * mean_mae, (model_mae, mean_mae)
+    assert np.array_equal(probability, head.predict_patches(model, patches, meta["preprocess"]))
+    # a checkpoint made before the size output (no size_output in its config) loads and reports no size
+    old = _tiny_checkpoint(tmp_path / "old.pt")
+    old_model, old_meta = head.load_classifier(old)
+    assert not old_model.has_size and old_meta["config"].get("size_output") is None
+    _, no_size = head.predict_patches(old_model, patches[:3], old_meta["preprocess"], with_size=True)
+    assert np.isnan(no_size).all()
+    # --size-weight 0: no size output; the loss ignores batches without annotated nodules
+    plain = train.train_head(work, features=tag, val_subsets=[1], test_subsets=[2], epochs=1, size_weight=0.0,
+                             run="plain", quiet=True)
+    assert not head.load_classifier(plain / "best.pt")[0].has_size
+    nan = float("nan")
+    assert float(head.size_loss(torch.zeros(2), torch.tensor([0.0, 1.0]), torch.tensor([8.0, nan]))) == 0.0
+    loss = head.size_loss(torch.full((3,), math.log(4.0)), torch.tensor([0.0, 1.0, 1.0]), torch.tensor([nan, 8.0, 4.0]))
+    assert float(loss) == pytest.approx(math.log(2.0) ** 2 / 2)

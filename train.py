@@ -35,7 +35,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ import head as head_mod
 from data import UserError
 from features import (PatchPool, SubsetCache, batch_loader, cache_features_hint, check_preprocess_matches,
                       choose_feature_set, encoder_config, encoder_state_path, feature_paths, features_complete,
-                      load_encoder_weights, load_split, progress_bar, warn_random_init)
+                      load_encoder_weights, load_split, progress_bar, training_inputs, warn_random_init)
 from head import autocast
 
 console = Console()
@@ -56,12 +56,12 @@ console = Console()
 HEAD_DEFAULTS: Dict[str, Any] = dict(
     features=None, val_subsets=[8], test_subsets=[9], epochs=100, batch_size=256, accumulate=1, lr=1e-3,
     weight_decay=1e-4, warmup_epochs=1.0, patience=10, epoch_samples=0, seed=0, target_sensitivity=0.9,
-    positive_share=0.5)
+    positive_share=0.5, size_weight=1.0)
 FINETUNE_DEFAULTS: Dict[str, Any] = dict(
     epochs=30, batch_size=32, accumulate=1, lr=1e-4, weight_decay=1e-5, warmup_epochs=1.0, feature_size=48,
     window_size=7, pooling="avg", grad_checkpoint=False, weights=None, head_from=None, val_subsets=[8],
     test_subsets=[9], hu_min=-1000.0, hu_max=1000.0, augment=True, max_shift_mm=3.0, precision="auto", patience=0,
-    epoch_samples=0, seed=0, target_sensitivity=0.9, views=1, positive_share=0.5)
+    epoch_samples=0, seed=0, target_sensitivity=0.9, views=1, positive_share=0.5, size_weight=1.0)
 
 
 # --- patch cache ---------------------------------------------------------------
@@ -97,52 +97,23 @@ def epoch_batches(labels: np.ndarray, n_samples: int, batch_size: int, seed: int
     return [positions[i:i + batch_size] for i in range(0, len(positions), batch_size)]
 
 
-# --- augmentation ------------------------------------------------------------------
+# --- the size output ------------------------------------------------------------------
 
-def flip_patches(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Flip each cube ``x[b]`` of a ``(B, P, P, P)`` batch by ``head.VIEW_FLIPS[ids[b]]``: the same 8 flips
-    that train-head's cached views and evaluation's test-time views use."""
-    out = x.clone()
-    ids = ids.to(x.device)
-    for view, dims in enumerate(head_mod.VIEW_FLIPS[1:], start=1):
-        chosen = torch.nonzero(ids == view).squeeze(1)
-        if chosen.numel():
-            out[chosen] = x[chosen].flip(dims)
-    return out
+@dataclass
+class ValOutputs:
+    """Validation outputs: logits of each patch (its views averaged as probabilities), labels, the annotated
+    diameters (mm, NaN where unknown) and, for a model with a size output, the mean log-diameter over views."""
+    logits: np.ndarray
+    labels: np.ndarray
+    diameters: np.ndarray
+    log_size: Optional[np.ndarray] = None
 
 
-def shift_patches(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    """Move each cube's content by ``shifts[b]`` voxels along (z, y, x); the uncovered border repeats the
-    cube's edge voxels: ``out[b, z, y, x] = x[b, clip(z - dz), clip(y - dy), clip(x - dx)]``. No flat fill
-    value appears, so a shifted cube carries no face of air that could mark it."""
-    shifts = shifts.to(x.device)
-    for axis in range(3):
-        size = x.shape[axis + 1]
-        index = (torch.arange(size, device=x.device)[None] - shifts[:, axis:axis + 1]).clamp(0, size - 1)
-        view = [x.shape[0], 1, 1, 1]
-        view[axis + 1] = size
-        x = torch.gather(x, axis + 1, index.view(view).expand_as(x))
-    return x
-
-
-def augment_batch(hu: torch.Tensor, generator: torch.Generator, max_shift_vox: int = 0) -> torch.Tensor:
-    """A random flip (of the 8) and a random shift of up to ``max_shift_vox`` voxels per axis for every cube
-    of ``(B, P, P, P)`` float HU, whatever its class (the labels are not even seen), rows in their order."""
-    batch = hu.shape[0]
-    ids = torch.randint(0, len(head_mod.VIEW_FLIPS), (batch,), generator=generator)
-    if max_shift_vox > 0:
-        hu = shift_patches(hu, torch.randint(-max_shift_vox, max_shift_vox + 1, (batch, 3), generator=generator))
-    return flip_patches(hu, ids)
-
-
-def training_inputs(hu: torch.Tensor, generator: torch.Generator, hu_min: float, hu_max: float, augment: bool,
-                    max_shift_vox: int) -> torch.Tensor:
-    """A loaded batch of int16 HU patches ``(B, P, P, P)`` -> model input ``(B, 1, P, P, P)`` in 0..1,
-    augmented (``augment_batch``) when ``augment``."""
-    hu = hu.float()
-    if augment:
-        hu = augment_batch(hu, generator, max_shift_vox)
-    return data.hu_to_unit(hu, hu_min, hu_max).unsqueeze(1)
+def _outputs(module: nn.Module, x: torch.Tensor, sized: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(logits, log-diameter or None)`` of a batch through ``module`` (a classifier, a head, or DDP of one)."""
+    if sized:
+        return module(x, with_size=True)
+    return module(x), None
 
 
 # --- processes -------------------------------------------------------------------------
@@ -220,7 +191,7 @@ def broadcast_object(job: Dist, obj: Any) -> Any:
 
 PLOT_INTERVAL_S = 10.0  # history.png is redrawn at most this often (and after the last epoch)
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_sensitivity", "val_specificity",
-                   "val_auc", "cutoff", "lr", "seconds"]
+                   "val_auc", "val_size_mae_mm", "cutoff", "lr", "seconds"]
 
 
 def runs_dir(work_dir: Path) -> Path:
@@ -242,7 +213,8 @@ def write_history(run_dir: Path, history: List[Dict[str, float]], plot: bool = T
     accuracy/AUC per epoch."""
     lines = [",".join(HISTORY_COLUMNS)]
     for row in history:
-        lines.append(",".join(str(row[c]) if c == "epoch" else repr(float(row[c])) for c in HISTORY_COLUMNS))
+        lines.append(",".join(str(row[c]) if c == "epoch" else repr(float(row.get(c, math.nan)))
+                              for c in HISTORY_COLUMNS))
     data.atomic_write_text(run_dir / "history.csv", "\n".join(lines) + "\n")
     if plot:
         plot_history(run_dir / "history.png", history)
@@ -314,9 +286,9 @@ class Fit:
     options: Dict[str, Any]
     classifier: head_mod.Classifier
     module: nn.Module
-    train_batches: Callable[[int], Iterator[Tuple[torch.Tensor, torch.Tensor]]]
+    train_batches: Callable[[int], Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
     n_train_batches: int
-    val_logits: Callable[[], Tuple[np.ndarray, np.ndarray]]
+    val_logits: Callable[[], ValOutputs]
     base_payload: Dict[str, Any]
     device: torch.device
     precision: str
@@ -326,11 +298,19 @@ class Fit:
 
 @dataclass
 class FitState:
-    """Where a run stands: its history, best validation AUC so far and the last finished epoch."""
+    """Where a run stands: its history, best validation AUC so far (and the validation loss of that epoch,
+    which decides between epochs of equal AUC) and the last finished epoch."""
     history: List[Dict[str, float]] = field(default_factory=list)
     best_auc: float = -math.inf
     best_epoch: int = 0
     epoch: int = 0
+    best_loss: float = math.inf
+
+    def improves(self, metrics: Dict[str, float]) -> bool:
+        """A higher validation AUC, or the same AUC at a lower validation loss (classification plus the
+        weighted size loss): once the AUC saturates, as it can on easy data, the size output still improves."""
+        return metrics["auc"] > self.best_auc or (metrics["auc"] == self.best_auc and
+                                                  metrics["total_loss"] < self.best_loss)
 
 
 class NonFiniteLoss(UserError):
@@ -344,7 +324,8 @@ def _train_epoch(fit: Fit, epoch: int, optimizer, scheduler, scaler, advance: Ca
     loss_sum, count = (torch.zeros((), dtype=torch.float64, device=fit.device) for _ in range(2))
     bad = torch.zeros((), dtype=torch.int64, device=fit.device)
     optimizer.zero_grad(set_to_none=True)
-    for i, (x, y) in enumerate(fit.train_batches(epoch)):
+    size_weight = float(fit.options["size_weight"]) if fit.classifier.has_size else 0.0
+    for i, (x, y, d) in enumerate(fit.train_batches(epoch)):
         group_start = (i // accumulate) * accumulate
         group_size = min(accumulate, n - group_start)
         group_end = i + 1 == group_start + group_size
@@ -353,8 +334,10 @@ def _train_epoch(fit: Fit, epoch: int, optimizer, scheduler, scaler, advance: Ca
             sync = fit.module.no_sync()
         with sync:
             with autocast(fit.device, fit.precision):
-                logits = fit.module(x)
+                logits, log_size = _outputs(fit.module, x, size_weight > 0)
             loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+            if log_size is not None:
+                loss = loss + size_weight * head_mod.size_loss(log_size, y, d)
             scaler.scale(loss / group_size).backward()
         bad += (~torch.isfinite(loss.detach())).long()
         loss_sum += loss.detach().double() * len(y)
@@ -395,7 +378,8 @@ def _restore(fit: Fit, payload: Dict[str, Any], optimizer, scheduler, scaler) ->
     elif fit.job.main:
         console.print(f"[yellow]the run was saved with {len(states)} process(es), now {fit.job.world}: "
                       f"random streams restart from the seed[/]")
-    return FitState(list(payload["history"]), payload["best_auc"], payload["best_epoch"], int(payload["epoch"]))
+    return FitState(list(payload["history"]), payload["best_auc"], payload["best_epoch"], int(payload["epoch"]),
+                    payload.get("best_loss", math.inf))
 
 
 def _save_epoch(fit: Fit, state: FitState, metrics: Dict[str, float], cutoff: float, improved: bool,
@@ -409,23 +393,35 @@ def _save_epoch(fit: Fit, state: FitState, metrics: Dict[str, float], cutoff: fl
     if improved:
         head_mod.save_checkpoint(fit.run_dir / "best.pt", payload)
     payload.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                   history=state.history, best_auc=state.best_auc, best_epoch=state.best_epoch, rng=rng_states,
+                   history=state.history, best_auc=state.best_auc, best_loss=state.best_loss, best_epoch=state.best_epoch, rng=rng_states,
                    world_size=fit.job.world, sampler={"seed": fit.options["seed"], "epoch": state.epoch})
     head_mod.save_checkpoint(fit.run_dir / "last.pt", payload)
     write_history(fit.run_dir, state.history, plot)
 
 
+def _val_size_loss(fit: Fit, outputs: ValOutputs) -> float:
+    """The weighted size loss of the validation nodules (0 without a size output or annotated nodules)."""
+    if outputs.log_size is None or not fit.classifier.has_size:
+        return 0.0
+    loss = head_mod.size_loss(*(torch.from_numpy(np.asarray(a, np.float64))
+                                for a in (outputs.log_size, outputs.labels, outputs.diameters)))
+    return float(fit.options["size_weight"]) * float(loss)
+
+
 def _epoch_row(fit: Fit, epoch: int, train_loss: float, started: float, lr: float, kept_epoch: int):
     """Validate after an epoch: the history row, the metrics and the cutoff for the target sensitivity."""
-    logits, labels = fit.val_logits()
+    outputs = fit.val_logits()
+    logits, labels = outputs.logits, outputs.labels
     metrics = head_mod.binary_metrics(labels, logits)
+    metrics["size_mae_mm"] = head_mod.size_mae_mm(labels, outputs.diameters, outputs.log_size)
+    metrics["total_loss"] = metrics["loss"] + _val_size_loss(fit, outputs)
     probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
     cutoff = head_mod.cutoff_for_sensitivity(labels, probs, fit.options["target_sensitivity"])
     if not (math.isfinite(train_loss) and math.isfinite(metrics["loss"])):
         raise NonFiniteLoss(f"a loss became NaN/inf in epoch {epoch}; {_kept_message(fit.run_dir, kept_epoch)}; "
                             f"try a lower --lr")
     row = {"epoch": epoch, "train_loss": train_loss, "val_loss": metrics["loss"],
-           **{f"val_{k}": metrics[k] for k in ("accuracy", "sensitivity", "specificity", "auc")},
+           **{f"val_{k}": metrics[k] for k in ("accuracy", "sensitivity", "specificity", "auc", "size_mae_mm")},
            "cutoff": cutoff, "lr": lr, "seconds": time.perf_counter() - started}
     return row, metrics, cutoff
 
@@ -457,11 +453,11 @@ def run_fit(fit: Fit, resume_payload: Optional[Dict[str, Any]] = None,
             except NonFiniteLoss as err:
                 raise NonFiniteLoss(f"{err}; {_kept_message(fit.run_dir, epoch - 1)}; try a lower --lr") from None
         row, metrics, cutoff = _epoch_row(fit, epoch, train_loss, started, optimizer.param_groups[0]["lr"], epoch - 1)
-        improved = metrics["auc"] > state.best_auc
+        improved = state.improves(metrics)
         state.history.append(row)
         state.epoch = epoch
         if improved:
-            state.best_auc, state.best_epoch = metrics["auc"], epoch
+            state.best_auc, state.best_loss, state.best_epoch = metrics["auc"], metrics["total_loss"], epoch
         plot = epoch == opts["epochs"] or time.perf_counter() - last_plot >= PLOT_INTERVAL_S
         _save_epoch(fit, state, metrics, cutoff, improved, optimizer, scheduler, scaler, plot)
         if plot:
@@ -470,6 +466,7 @@ def run_fit(fit: Fit, resume_payload: Optional[Dict[str, Any]] = None,
             console.print(f"epoch {epoch}/{opts['epochs']}: train loss {train_loss:.4f} | val loss "
                           f"{metrics['loss']:.4f} acc {metrics['accuracy']:.3f} sens {metrics['sensitivity']:.3f} "
                           f"spec {metrics['specificity']:.3f} AUC {metrics['auc']:.4f}"
+                          + (f" size MAE {metrics['size_mae_mm']:.2f} mm" if math.isfinite(metrics["size_mae_mm"]) else "")
                           + (" [green](best)[/]" if improved else ""))
     if fit.job.main and state.history and plotted != len(state.history):
         plot_history(fit.run_dir / "history.png", state.history)
@@ -502,6 +499,8 @@ def _check_options(options: Dict[str, Any]) -> None:
         raise UserError(f"--views must be 1..{len(head_mod.VIEW_FLIPS)}, got {options['views']}")
     if not 0.0 < options["positive_share"] < 1.0:
         raise UserError(f"--positive-share must be between 0 and 1, got {options['positive_share']}")
+    if not options["size_weight"] >= 0.0:
+        raise UserError(f"--size-weight cannot be negative, got {options['size_weight']}")
 
 
 def given_options(arguments: Dict[str, Any], names) -> Dict[str, Any]:
@@ -573,7 +572,7 @@ def train_head(work_dir: Path, *, features: Optional[str] = None, val_subsets: O
                weight_decay: Optional[float] = None, warmup_epochs: Optional[float] = None,
                patience: Optional[int] = None, epoch_samples: Optional[int] = None, seed: Optional[int] = None,
                target_sensitivity: Optional[float] = None, positive_share: Optional[float] = None,
-               run: Optional[str] = None, resume: bool = False, device: str = "auto",
+               size_weight: Optional[float] = None, run: Optional[str] = None, resume: bool = False, device: str = "auto",
                stop_after: Optional[int] = None, quiet: bool = False) -> Path:
     """Train the MLP head on a cached feature set (``features``: its name; default: the only one there is).
 
@@ -593,14 +592,15 @@ def train_head(work_dir: Path, *, features: Optional[str] = None, val_subsets: O
     caches, split, patch_size, spacing_mm = load_split(work_dir, options["val_subsets"], options["test_subsets"],
                                                        options["seed"])
     views = identity.get("views", 1)
-    (train_x, train_y), (val_x, val_y) = (_load_features(work_dir, caches, rows, tag, identity)
-                                          for rows in (split.train, split.val))
-    train_x, train_y = train_x.flatten(0, 1), train_y.repeat_interleave(views)  # one training sample per view
+    train, val = (_load_features(work_dir, caches, rows, tag, identity) for rows in (split.train, split.val))
+    train = FeatureRows(train.features.flatten(0, 1), *(t.repeat_interleave(views) for t in train[1:]))  # a sample per view
     config = head_mod.resolve_config({"encoder": dict(identity["encoder"], use_checkpoint=False),
-                                      "pooling": identity["pooling"], "patch_size": patch_size})
+                                      "pooling": identity["pooling"], "patch_size": patch_size,
+                                      "size_output": _size_output(options, train.labels, train.diameters, quiet)})
     seed_everything(options["seed"])
-    classifier = _head_classifier(work_dir, tag, config, train_x, resume_payload, run_dir, patch_size, spacing_mm)
-    batches = FeatureBatches(train_x, train_y, val_x, val_y, options, torch_device)
+    classifier = _head_classifier(work_dir, tag, config, train.features, resume_payload, run_dir, patch_size,
+                                  spacing_mm)
+    batches = FeatureBatches(train, val, options, torch_device)
     if split.method == "seriesuid" and not quiet:
         console.print(f"[yellow]{split.note}[/]")
     preprocess = _preprocess(patch_size, spacing_mm, identity["hu_min"], identity["hu_max"])
@@ -617,14 +617,14 @@ def train_head(work_dir: Path, *, features: Optional[str] = None, val_subsets: O
 
 
 class FeatureBatches:
-    """train-head's batches: class-balanced draws of cached feature vectors, and validation logits of each
-    patch's probability averaged over its views (``val_x``: ``(N, views, F)``)."""
+    """train-head's batches: class-balanced draws of cached feature vectors with their labels and diameters,
+    and validation outputs of each patch averaged over its views (``val_x``: ``(N, views, F)``)."""
 
-    def __init__(self, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
-                 options: Dict[str, Any], device: torch.device):
-        self.train_x, self.train_y, self.val_x, self.val_y = train_x, train_y, val_x, val_y
+    def __init__(self, train: "FeatureRows", val: "FeatureRows", options: Dict[str, Any], device: torch.device):
+        self.train_x, self.train_y, self.train_d = train
+        self.val_x, self.val_y, self.val_d = val
         self.options, self.device = options, device
-        self.n_samples = options["epoch_samples"] or len(train_y)
+        self.n_samples = options["epoch_samples"] or len(self.train_y)
         self.n_batches = int(math.ceil(self.n_samples / options["batch_size"]))
 
     def train_batches(self, epoch: int):
@@ -632,14 +632,40 @@ class FeatureBatches:
         for positions in epoch_batches(self.train_y.numpy(), self.n_samples, opts["batch_size"], opts["seed"], epoch,
                                        positive_share=opts["positive_share"]):
             index = torch.from_numpy(positions)
-            yield self.train_x[index].to(self.device).float(), self.train_y[index].to(self.device).float()
+            yield (self.train_x[index].to(self.device).float(), self.train_y[index].to(self.device).float(),
+                   self.train_d[index].to(self.device))
 
     @torch.no_grad()
-    def val_logits(self, module: nn.Module) -> Tuple[np.ndarray, np.ndarray]:
+    def val_logits(self, module: head_mod.MLPHead) -> ValOutputs:
         module.eval()
-        chunks = [torch.sigmoid(module(self.val_x[i:i + 4096].to(self.device).float()).float()).mean(dim=1).cpu()
-                  for i in range(0, len(self.val_y), 4096)]
-        return torch.logit(torch.cat(chunks).double(), eps=1e-12).numpy(), self.val_y.numpy()
+        probability, log_size = [], []
+        for i in range(0, len(self.val_y), 4096):
+            logits, size = _outputs(module, self.val_x[i:i + 4096].to(self.device).float(), module.has_size)
+            probability.append(torch.sigmoid(logits.float()).mean(dim=1).cpu())
+            if size is not None:
+                log_size.append(size.float().mean(dim=1).cpu())
+        logits = torch.logit(torch.cat(probability).double(), eps=1e-12).numpy() if probability else np.zeros(0)
+        return ValOutputs(logits, self.val_y.numpy(), self.val_d.numpy(),
+                          torch.cat(log_size).double().numpy() if log_size else None)
+
+
+class FeatureRows(NamedTuple):
+    """Cached features ``(N, views, F)`` (or ``(N, F)``), labels ``(N,)`` and diameters ``(N,)`` (mm, NaN unknown)."""
+    features: torch.Tensor
+    labels: torch.Tensor
+    diameters: torch.Tensor
+
+
+def _size_output(options: Dict[str, Any], labels, diameters, quiet: bool) -> bool:
+    """Whether the model gets a size output: ``--size-weight`` above 0 and nodules with annotated diameters
+    among the training patches (else a note, and no size output)."""
+    if options["size_weight"] <= 0:
+        return False
+    known = int(((np.asarray(labels) > 0.5) & np.isfinite(np.asarray(diameters))).sum())
+    if known == 0 and not quiet:
+        console.print("[yellow]no training nodule has an annotated diameter (index.csv diameter_mm is empty: "
+                      "annotations.csv missing at extract time?); the model gets no size output[/]")
+    return known > 0
 
 
 def _head_classifier(work_dir: Path, tag: str, config: Dict[str, Any], train_x: torch.Tensor,
@@ -663,9 +689,9 @@ def _head_classifier(work_dir: Path, tag: str, config: Dict[str, Any], train_x: 
 
 
 def _load_features(work_dir: Path, caches: Dict[int, SubsetCache], rows_by_subset: Dict[int, np.ndarray], tag: str,
-                   identity: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """float16 features ``(N, views, F)`` and float labels ``(N,)`` of the selected rows, in subset order."""
-    features, labels = [], []
+                   identity: Dict[str, Any]) -> FeatureRows:
+    """float16 features ``(N, views, F)``, float labels and diameters ``(N,)`` of the selected rows, in subset order."""
+    features, labels, diameters = [], [], []
     for k, rows in sorted(rows_by_subset.items()):
         if not len(rows):
             continue
@@ -675,8 +701,10 @@ def _load_features(work_dir: Path, caches: Dict[int, SubsetCache], rows_by_subse
         array = np.load(feature_paths(work_dir, k, tag)[0], mmap_mode="r")
         features.append(np.asarray(array[np.sort(rows)]))
         labels.append(caches[k].labels[np.sort(rows)])
+        diameters.append(caches[k].diameters[np.sort(rows)])
     labels = torch.from_numpy(np.concatenate(labels).astype(np.float32))
-    return torch.from_numpy(np.concatenate(features)).reshape(len(labels), identity.get("views", 1), -1), labels
+    return FeatureRows(torch.from_numpy(np.concatenate(features)).reshape(len(labels), identity.get("views", 1), -1),
+                       labels, torch.from_numpy(np.concatenate(diameters).astype(np.float32)))
 
 
 # --- finetune ------------------------------------------------------------------------------------
@@ -691,7 +719,7 @@ def finetune(work_dir: Path, *, epochs: Optional[int] = None, batch_size: Option
              max_shift_mm: Optional[float] = None, precision: Optional[str] = None, patience: Optional[int] = None,
              epoch_samples: Optional[int] = None, seed: Optional[int] = None,
              target_sensitivity: Optional[float] = None, views: Optional[int] = None,
-             positive_share: Optional[float] = None, run: Optional[str] = None,
+             positive_share: Optional[float] = None, size_weight: Optional[float] = None, run: Optional[str] = None,
              resume: bool = False, device: str = "auto", workers: Optional[int] = None,
              stop_after: Optional[int] = None, quiet: bool = False) -> Path:
     """Train encoder + head end to end on the patch cache; returns the run folder.
@@ -723,8 +751,10 @@ def _finetune(work_dir: Path, given: Dict[str, Any], run: Optional[str], resume:
     caches, split, patch_size, spacing_mm = load_split(work_dir, options["val_subsets"], options["test_subsets"],
                                                        options["seed"])
     seed_everything(options["seed"])
+    train_pool = PatchPool(caches, split.train)
+    sized = _size_output(options, train_pool.labels, train_pool.diameters, quiet or not job.main)
     classifier, config, sources = _finetune_model(work_dir, options, resume_payload, run_dir, patch_size,
-                                                  spacing_mm, job)
+                                                  spacing_mm, job, sized)
     seed_everything(options["seed"], job.rank)
     classifier.to(torch_device)
     module: nn.Module = classifier
@@ -733,7 +763,7 @@ def _finetune(work_dir: Path, given: Dict[str, Any], run: Optional[str], resume:
             classifier, device_ids=[torch_device.index] if torch_device.type == "cuda" else None)
     if workers is None:
         workers = min(4, max(1, (os.cpu_count() or 1) // job.world)) if torch_device.type == "cuda" else 0
-    loaders = PatchBatches(PatchPool(caches, split.train), PatchPool(caches, split.val), options, job, torch_device,
+    loaders = PatchBatches(train_pool, PatchPool(caches, split.val), options, job, torch_device,
                            precision, workers, spacing_mm)
     preprocess = _preprocess(patch_size, spacing_mm, options["hu_min"], options["hu_max"])
     if job.main:
@@ -770,34 +800,37 @@ class PatchBatches:
         batches = epoch_batches(self.train_pool.labels, self.n_samples, opts["batch_size"], opts["seed"], epoch,
                                 job.rank, job.world, opts["positive_share"])
         generator = torch.Generator().manual_seed(_seed_for(opts["seed"], "augment", epoch, job.rank))
-        for hu, labels in batch_loader(self.train_pool, batches, self.workers, self.device.type == "cuda"):
+        for hu, labels, diameters in batch_loader(self.train_pool, batches, self.workers, self.device.type == "cuda"):
             y = labels.to(self.device, non_blocking=True).float()
             x = training_inputs(hu.to(self.device, non_blocking=True), generator, opts["hu_min"], opts["hu_max"],
                                 opts["augment"], self.max_shift_vox)
-            yield x, y
+            yield x, y, diameters.to(self.device, non_blocking=True).float()
 
     @torch.no_grad()
-    def val_logits(self, classifier: nn.Module) -> Tuple[np.ndarray, np.ndarray]:
+    def val_logits(self, classifier: head_mod.Classifier) -> ValOutputs:
+        """This rank's share of the validation patches through ``head.predict_patches``, gathered from every rank."""
         classifier.eval()
         mine = np.arange(len(self.val_pool))[self.job.rank::self.job.world]
-        size = self.options["batch_size"]
-        logits = []
-        for hu, _ in batch_loader(self.val_pool, [mine[i:i + size] for i in range(0, len(mine), size)],
-                                  self.workers, self.device.type == "cuda"):
-            x = data.hu_to_unit(hu.to(self.device, non_blocking=True), self.options["hu_min"], self.options["hu_max"])
-            with autocast(self.device, self.precision):
-                probability = sum(torch.sigmoid(classifier(view).double())
-                                  for view in head_mod.flipped_views(x, self.options["views"]))
-            logits.append(torch.logit(probability / self.options["views"], eps=1e-12).cpu().numpy())
-        mine_logits = np.concatenate(logits) if logits else np.zeros(0)
-        gathered = gather_objects(self.job, (mine_logits, self.val_pool.labels[mine]))
-        return np.concatenate([g[0] for g in gathered]), np.concatenate([g[1] for g in gathered])
+        size, preprocess = self.options["batch_size"], {k: self.options[k] for k in ("hu_min", "hu_max")}
+        probability, diameter = [np.zeros(0)], [np.zeros(0)]
+        for hu, _, _ in batch_loader(self.val_pool, [mine[i:i + size] for i in range(0, len(mine), size)],
+                                     self.workers, self.device.type == "cuda"):
+            p, d = head_mod.predict_patches(classifier, hu, preprocess, self.device, size, self.options["views"],
+                                            self.precision, with_size=True)
+            probability.append(p)
+            diameter.append(d)
+        gathered = gather_objects(self.job, (np.concatenate(probability), np.concatenate(diameter), mine))
+        probability, diameter, rows = (np.concatenate([g[i] for g in gathered]) for i in range(3))
+        logits = np.log(np.clip(probability, 1e-12, 1.0)) - np.log(np.clip(1.0 - probability, 1e-12, 1.0))
+        return ValOutputs(logits, self.val_pool.labels[rows], self.val_pool.diameters[rows],
+                          np.log(diameter) if classifier.has_size else None)
 
 
 def _finetune_model(work_dir: Path, options: Dict[str, Any], resume_payload: Optional[Dict[str, Any]],
-                    run_dir: Path, patch_size: int, spacing_mm: float,
-                    job: Dist) -> Tuple[head_mod.Classifier, Dict[str, Any], Dict[str, Any]]:
-    """Build the classifier: from last.pt when resuming, else from --head-from and/or --weights."""
+                    run_dir: Path, patch_size: int, spacing_mm: float, job: Dist,
+                    sized: bool) -> Tuple[head_mod.Classifier, Dict[str, Any], Dict[str, Any]]:
+    """Build the classifier: from last.pt when resuming, else from --head-from and/or --weights; with a size
+    output when ``sized`` (a --head-from head without one gets a new size layer)."""
     if resume_payload is not None:
         check_preprocess_matches(resume_payload["preprocess"], patch_size, spacing_mm, str(run_dir / "last.pt"))
         classifier = head_mod.build_classifier(resume_payload["config"])
@@ -805,23 +838,34 @@ def _finetune_model(work_dir: Path, options: Dict[str, Any], resume_payload: Opt
         return classifier, head_mod.resolve_config(resume_payload["config"]), resume_payload.get("sources", {})
     config = head_mod.resolve_config({"encoder": encoder_config(options["feature_size"], options["window_size"],
                                                                 options["grad_checkpoint"]),
-                                      "pooling": options["pooling"], "patch_size": patch_size})
+                                      "pooling": options["pooling"], "patch_size": patch_size, "size_output": sized})
     sources: Dict[str, Any] = {"weights": options["weights"], "head_from": None}
     head_payload = None
     if options["head_from"]:
         head_payload, config, sources["head_from"] = _head_from(work_dir, options, patch_size, spacing_mm, job)
+        config["size_output"] = sized
     classifier = head_mod.build_classifier(config)
     if head_payload is not None:
-        try:
-            classifier.load_state_dict(head_mod.strip_module_prefix(head_payload["model"]))
-        except RuntimeError as err:
-            raise UserError(f"--head-from {sources['head_from']}: weights do not fit its configuration ({err})")
+        _load_head_from(classifier, head_payload, sources["head_from"])
     if options["weights"]:
         report = load_encoder_weights(classifier.encoder, Path(options["weights"]))
         sources["weights_report"] = {k: v for k, v in report.items() if isinstance(v, (int, float, str, bool))}
     elif head_payload is None and job.main:
         warn_random_init("finetune")
     return classifier, config, sources
+
+
+def _load_head_from(classifier: head_mod.Classifier, payload: Dict[str, Any], source: str) -> None:
+    """Load a --head-from checkpoint's weights; only the size layer may be missing (added) or extra (dropped)."""
+    state = {k: v for k, v in head_mod.strip_module_prefix(payload["model"]).items()
+             if classifier.has_size or not k.startswith("head.size.")}
+    try:
+        missing, unexpected = classifier.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        raise UserError(f"--head-from {source}: weights do not fit its configuration ({err})") from None
+    if unexpected or any(not k.startswith("head.size.") for k in missing):
+        raise UserError(f"--head-from {source}: weights do not fit its configuration (missing {missing}, "
+                        f"unexpected {unexpected})")
 
 
 def _head_from(work_dir: Path, options: Dict[str, Any], patch_size: int, spacing_mm: float, job: Dist):
