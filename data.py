@@ -531,8 +531,10 @@ def candidates_file(data_dir) -> Path:
 
 
 def match_diameters(candidates: PointTable, annotations: PointTable) -> np.ndarray:
-    """Diameter (mm) of the nearest annotation whose sphere holds each candidate, else NaN."""
+    """Diameter (mm) of the nearest annotation whose sphere holds each candidate (the official hit rule:
+    squared distance below ``(diameter / 2) ** 2``), else NaN; annotations without a size (-1, 0) hold none."""
     diameters = np.full(len(candidates), np.nan)
+    annotations = annotations.take(np.flatnonzero(annotations.value > 0))
     by_scan = annotations.rows_by_scan()
     for row, uid in enumerate(candidates.seriesuid):
         rows = by_scan.get(uid)

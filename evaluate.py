@@ -448,7 +448,11 @@ def froc_summary_line(result: dict) -> str:
 
 # --- evaluating a model on whole subsets ---------------------------------------------------------
 
-PREDICTION_COLUMNS = "seriesuid,coordX,coordY,coordZ,probability,class"
+PREDICTION_COLUMNS = ("seriesuid,coordX,coordY,coordZ,probability,class,annotated_diameter_mm,model_diameter_mm,"
+                      "plain_diameter_mm")
+# What evaluation keeps per candidate (the columns of each scan's part): the probability, the model's diameter
+# (NaN without a size output) and the plain measurement (sizing.py; only for nodule candidates, else NaN).
+SCORE_COLUMNS = ("probability", "model_diameter_mm", "plain_diameter_mm")
 
 
 def checkpoint_for_run(work_dir, run: str) -> Path:
@@ -545,14 +549,17 @@ class ModelRun:
     parts: data.Parts
 
 
-def _score_scans(run: ModelRun, todo: list, rows_of: dict, probability: np.ndarray, console) -> dict:
-    """Fill ``probability`` for the scans of ``todo``, saving each finished scan as a part; returns
+def _score_scans(run: ModelRun, todo: list, rows_of: dict, scores: np.ndarray, measure: np.ndarray, console) -> dict:
+    """Fill the rows of ``scores`` (``(N, 3)``, :data:`SCORE_COLUMNS`) of the scans of ``todo``, measuring the
+    plain diameter where ``measure`` (nodule candidates), and save each finished scan as a part; returns
     ``{seriesuid: reason}`` of the scans that could not be read."""
+    import sizing
     remaining = {uid: len(rows_of[uid]) for uid, _, _ in todo}
     unreadable: dict = {}
+    spacing_mm = float(run.preprocess["spacing_mm"])
     with data.progress_bar(console=console, disable=console is None, transient=True) as progress:
         task = progress.add_task("scoring candidates", total=sum(remaining.values()))
-        chunks = stream_scan_patches(todo, int(run.preprocess["patch_size"]), float(run.preprocess["spacing_mm"]),
+        chunks = stream_scan_patches(todo, int(run.preprocess["patch_size"]), spacing_mm,
                                      run.workers, chunk=max(run.batch_size, 256)) if todo else []
         for uid, first, patches, error in chunks:
             rows = rows_of[uid]
@@ -562,12 +569,15 @@ def _score_scans(run: ModelRun, todo: list, rows_of: dict, probability: np.ndarr
                     console.print(f"[red]skipped unreadable scan {uid}: {error}[/]")
                 continue
             part = rows[first:first + len(patches)]
-            probability[part] = head.predict_patches(run.model, patches, run.preprocess, run.device,
-                                                     run.batch_size, run.views, run.precision)
+            scores[part, 0], scores[part, 1] = head.predict_patches(
+                run.model, patches, run.preprocess, run.device, run.batch_size, run.views, run.precision, with_size=True)
+            wanted = measure[part]
+            if wanted.any():
+                scores[part[wanted], 2] = sizing.measure_diameters(patches[wanted], spacing_mm)
             remaining[uid] -= len(part)
             progress.advance(task, len(part))
             if remaining[uid] == 0:
-                run.parts.save(uid, probability[rows])
+                run.parts.save(uid, scores[rows])
     return unreadable
 
 
@@ -583,75 +593,88 @@ def open_model_run(checkpoint: Path, candidates_path: Path, parts_dir: Path, vie
     stat = checkpoint.stat()
     key.update(checkpoint=str(checkpoint.resolve()), checkpoint_bytes=stat.st_size,
                checkpoint_mtime_ns=stat.st_mtime_ns, preprocess=meta["preprocess"], views=views,
-               candidates=str(candidates_path.resolve()))
+               candidates=str(candidates_path.resolve()), columns=list(SCORE_COLUMNS))
     run = ModelRun(model, meta["preprocess"], views, batch_size, workers, torch_device,
                    head.resolve_precision(precision, torch_device), data.Parts(parts_dir, key))
     return run, meta
 
 
-def _write_scored(out_dir: Path, candidates: PointTable, probability: np.ndarray, scored: np.ndarray) -> PointTable:
-    """``submission.csv`` and ``predictions.csv`` (with the class) of the scored candidates; returns the marks."""
+def _write_scored(out_dir: Path, candidates: PointTable, scores: np.ndarray, annotated: np.ndarray,
+                  scored: np.ndarray) -> PointTable:
+    """``submission.csv`` and ``predictions.csv`` (with the class and the annotated, model and plain diameters,
+    empty where unknown) of the scored candidates; returns the marks."""
     marks = candidates.take(scored)
-    marks.value = probability[scored]
+    marks.value = scores[scored, 0]
     lines = [f"{u},{x!r},{y!r},{z!r},{p!r}" for u, (x, y, z), p in
              zip(marks.seriesuid, marks.world_xyz.tolist(), marks.value.tolist())]
     classes = [str(int(c > 0.5)) for c in candidates.value[scored]]
+    sizes = [",".join("" if math.isnan(d) else f"{d:.2f}" for d in row)
+             for row in np.column_stack([annotated[scored], scores[scored, 1:]]).tolist()]
     data.atomic_write_text(out_dir / "submission.csv", ",".join(SUBMISSION_COLUMNS) + "\n"
                            + "".join(line + "\n" for line in lines))
     data.atomic_write_text(out_dir / "predictions.csv", PREDICTION_COLUMNS + "\n"
-                           + "".join(f"{line},{c}\n" for line, c in zip(lines, classes)))
+                           + "".join(f"{line},{c},{d}\n" for line, c, d in zip(lines, classes, sizes)))
     return marks
 
 
 def evaluate_model(checkpoint: Path, data_dir: Path, subsets: list[int], out_dir: Path, views: Optional[int] = None,
                    batch_size: int = 64, workers: int = 2, device: str = "auto", precision: str = "auto",
-                   bootstrap: int = 1000, seed: int = 0, console=None) -> dict:
+                   bootstrap: int = 1000, seed: int = 0, console=None, candidates_path: Optional[Path] = None) -> dict:
     """Score every candidate of the given LUNA16 subsets with a checkpoint, then evaluate.
 
     Each scan is read once and its patches (the checkpoint's ``patch_size``/``spacing_mm``) go through the
     model, averaged over ``views`` flips (default: the views the checkpoint was validated with), while
     worker processes prepare the next scans. Each finished scan is kept in ``out_dir/parts``, so a rerun
     resumes. Writes ``submission.csv`` (LUNA16 format, full-precision probabilities), ``predictions.csv``,
-    ``metrics.json``, ``roc.png`` and ``froc.png``. The FROC counts the readable scans; unreadable ones are
-    skipped and listed in ``unreadable_scans``. Returns the metrics dict.
+    ``metrics.json``, ``roc.png``, ``froc.png`` and ``size.png``. The FROC counts the readable scans; unreadable ones
+    are skipped and listed in ``unreadable_scans``. ``candidates_path``: the candidates CSV (default: the data
+    folder's ``candidates_V2.csv``). For the nodule candidates (class 1) with an annotated diameter (that of
+    the nodule whose sphere holds them), ``size`` compares the model's and the plain diameters with it
+    (:func:`size_metrics`). Returns the metrics dict.
     """
     start = time.perf_counter()
     checkpoint, data_dir, out_dir = Path(checkpoint), Path(data_dir), Path(out_dir)
     scans = data.subset_scans(data_dir, subsets)
-    candidates_path = data.candidates_file(data_dir)
+    candidates_path = Path(candidates_path) if candidates_path else data.candidates_file(data_dir)
     run, meta = open_model_run(checkpoint, candidates_path, out_dir / "parts", views, batch_size, workers, device,
                                precision)
     candidates, problems = data.read_point_csv(candidates_path, "class", strict=False)
     candidates = candidates.take(np.flatnonzero(np.isin(candidates.seriesuid, list(scans))))
+    annotations = read_findings(data_dir / "annotations.csv")
     rows_of = candidates.rows_by_scan()
-    probability = np.full(len(candidates), np.nan)
+    scores = np.full((len(candidates), len(SCORE_COLUMNS)), np.nan)
     for uid in run.parts.done() & set(rows_of):
-        probability[rows_of[uid]] = run.parts.load(uid)
+        scores[rows_of[uid]] = run.parts.load(uid)
     todo = [(uid, scans[uid], candidates.world_xyz[rows]) for uid, rows in rows_of.items()
-            if np.isnan(probability[rows]).any()]
+            if np.isnan(scores[rows, 0]).any()]
     stream_start = time.perf_counter()
-    unreadable = _score_scans(run, todo, rows_of, probability, console)
-    probability[np.concatenate([rows_of[uid] for uid in unreadable] or [np.zeros(0, int)])] = np.nan
+    unreadable = _score_scans(run, todo, rows_of, scores, candidates.value > 0.5, console)
+    scores[np.concatenate([rows_of[uid] for uid in unreadable] or [np.zeros(0, int)])] = np.nan
     seconds_scoring = time.perf_counter() - stream_start
     n_new = sum(len(rows_of[uid]) for uid, _, _ in todo if uid not in unreadable)
-    scored = np.flatnonzero(~np.isnan(probability))
-    marks = _write_scored(out_dir, candidates, probability, scored)
+    scored = np.flatnonzero(~np.isnan(scores[:, 0]))
+    annotated = np.where(candidates.value > 0.5, data.match_diameters(candidates, annotations), np.nan)
+    marks = _write_scored(out_dir, candidates, scores, annotated, scored)
     froc = score_marks(marks, [uid for uid in scans if uid not in unreadable],
-                       read_findings(data_dir / "annotations.csv"), read_findings(data_dir / "annotations_excluded.csv"),
+                       annotations, read_findings(data_dir / "annotations_excluded.csv"),
                        bootstrap=bootstrap, seed=seed)
+    size = size_metrics(annotated[scored], {"model": scores[scored, 1], "plain": scores[scored, 2]})
+    size["model_has_size_output"] = bool(run.model.has_size)
     labels = candidates.value[scored] > 0.5
     result = _candidate_metrics(labels, marks.value, meta.get("cutoff"))
     result.update({
         "checkpoint": str(checkpoint), "epoch": meta.get("epoch"), "subsets": list(subsets), "views": run.views,
         "n_scans": froc["n_scans"], "cpm": froc["cpm"], "cpm_ci95": froc.get("cpm_ci95"),
         "froc_sensitivities": froc["froc_sensitivities"], "froc_sensitivities_ci95": froc.get("froc_sensitivities_ci95"),
-        "froc": froc, "unreadable_scans": unreadable,
+        "froc": froc, "size": size, "unreadable_scans": unreadable,
         "warnings": [f"candidates file: {p}" for p in problems[:data.MAX_LISTED_PROBLEMS]] + froc["warnings"],
         "seconds": time.perf_counter() - start, "seconds_scoring_candidates": seconds_scoring,
         "candidates_per_second": n_new / seconds_scoring if n_new else None,
         "files": {name: str(out_dir / name) for name in
-                  ("submission.csv", "predictions.csv", "metrics.json", "roc.png", "froc.png")}})
+                  ("submission.csv", "predictions.csv", "metrics.json", "roc.png", "froc.png", "size.png")}})
     plot_roc(labels, marks.value, out_dir / "roc.png", title=checkpoint.stem)
+    plot_sizes(annotated[scored], {"model": scores[scored, 1], "plain": scores[scored, 2]}, out_dir / "size.png",
+               title=checkpoint.stem)
     plot_froc(froc, out_dir / "froc.png", title=checkpoint.stem)
     data.atomic_write_json(out_dir / "metrics.json", result)
     return result
@@ -681,4 +704,90 @@ def candidate_table(result: dict):
         if metrics:
             table.add_row(f"{label} ({metrics['cutoff']:.4g})" if label == "cutoff" else label,
                           fmt(metrics["accuracy"]), fmt(metrics["sensitivity"]), fmt(metrics["specificity"]))
+    return table
+
+
+# --- nodule size -------------------------------------------------------------------------
+
+SIZE_BANDS = ("<6 mm", "6-8 mm", ">8 mm")   # Fleischner 2017's solid-nodule bands (followup.size_band)
+
+
+def _errors(error: np.ndarray) -> dict:
+    """Count, mean absolute error and mean signed error (estimate - annotation) in mm; None without values."""
+    return {"n": int(len(error)), "mae_mm": float(np.abs(error).mean()) if len(error) else None,
+            "bias_mm": float(error.mean()) if len(error) else None}
+
+
+def size_agreement(annotated: np.ndarray, estimate: np.ndarray) -> dict:
+    """How one diameter estimate (mm, NaN = none) agrees with the annotated diameters (mm) of nodules.
+
+    Only nodules with an annotated diameter count. Returns the error over the measured ones (``mae_mm``,
+    ``bias_mm``), the same per band of the annotated diameter (``by_band``), and the confusion table of the
+    size bands (rows: annotated band, columns: estimated band then "not measured"), with ``agreement``, the
+    share of the counted nodules whose band is right (unmeasured ones count as wrong)."""
+    import followup
+    known = np.isfinite(annotated)
+    annotated, estimate = annotated[known], estimate[known]
+    measured = np.isfinite(estimate)
+    error = estimate[measured] - annotated[measured]
+    true_band = np.array([followup.size_band(d) for d in annotated], dtype=object)
+    found_band = np.array([followup.size_band(max(d, 0.0)) if np.isfinite(d) else "not measured" for d in estimate],
+                          dtype=object)
+    confusion = [[int(((true_band == row) & (found_band == column)).sum()) for column in SIZE_BANDS + ("not measured",)]
+                 for row in SIZE_BANDS]
+    return {**_errors(error), "n_nodules": int(known.sum()), "n_measured": int(measured.sum()),
+            "by_band": {band: _errors(error[true_band[measured] == band]) for band in SIZE_BANDS},
+            "bands": list(SIZE_BANDS), "confusion": confusion,
+            "agreement": float((true_band == found_band).mean()) if len(annotated) else None}
+
+
+def size_metrics(annotated: np.ndarray, estimates: dict) -> dict:
+    """:func:`size_agreement` of each named estimate (``{"model": mm, "plain": mm}``) against ``annotated``."""
+    return {name: size_agreement(np.asarray(annotated, np.float64), np.asarray(estimate, np.float64))
+            for name, estimate in estimates.items()}
+
+
+def plot_sizes(annotated: np.ndarray, estimates: dict, path: Path, title: str = "") -> None:
+    """Scatter of each estimate against the annotated diameter (mm), with the identity line and the 6 and
+    8 mm band limits."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.2, 5))
+    known = np.isfinite(annotated)
+    top = max([8.0] + [float(np.nanmax(v[known & np.isfinite(v)])) for v in [annotated, *estimates.values()]
+                       if (known & np.isfinite(v)).any()]) * 1.1
+    for (name, estimate), marker in zip(estimates.items(), ("o", "^")):
+        shown = known & np.isfinite(estimate)
+        ax.scatter(annotated[shown], estimate[shown], marker=marker, alpha=0.7,
+                   label=f"{name} ({int(shown.sum())} of {int(known.sum())} measured)")
+    ax.plot([0, top], [0, top], "k--", linewidth=1)
+    for limit in (6.0, 8.0):
+        ax.axvline(limit, color="grey", linewidth=0.5)
+        ax.axhline(limit, color="grey", linewidth=0.5)
+    ax.set(xlim=(0, top), ylim=(0, top), xlabel="annotated diameter (mm)", ylabel="estimated diameter (mm)",
+           title=f"Nodule size {title}".strip())
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    data.atomic_save_figure(fig, path)
+
+
+def size_table(size: dict):
+    """A rich table of :func:`size_metrics`: per estimate, the error overall and per band, and the agreement."""
+    from rich.table import Table
+
+    def fmt(value):
+        return "-" if value is None else f"{value:+.2f}" if isinstance(value, float) and value < 0 else \
+            f"{value:.2f}"
+    table = Table(title="Nodule diameter against the annotation (nodule candidates; mm)")
+    table.add_column("estimate")
+    table.add_column("measured", justify="right")
+    table.add_column("MAE", justify="right")
+    table.add_column("bias", justify="right")
+    for band in SIZE_BANDS:
+        table.add_column(f"MAE {band}", justify="right")
+    table.add_column("band agreement", justify="right")
+    for name, found in ((k, v) for k, v in size.items() if isinstance(v, dict)):
+        table.add_row(name, f"{found['n_measured']}/{found['n_nodules']}", fmt(found["mae_mm"]), fmt(found["bias_mm"]),
+                      *(fmt(found["by_band"][band]["mae_mm"]) for band in SIZE_BANDS), fmt(found["agreement"]))
     return table

@@ -84,6 +84,8 @@ LearningRate = Annotated[float, typer.Option(callback=_positive, help="Peak Adam
 Patience = Annotated[int, typer.Option(min=0, help="Stop after this many epochs without a better validation AUC (0: never).")]
 EpochSamples = Annotated[int, typer.Option(min=0, help="Class-balanced draws per epoch (0: the training set size).")]
 PositiveShare = Annotated[float, typer.Option(min=0.01, max=0.99, help="Share of each epoch's draws that are nodules.")]
+SizeWeight = Annotated[float, typer.Option(min=0.0, help="Weight of the size loss (squared error of the log-diameter on "
+                                                         "annotated nodules) beside the classification loss; 0: no size output.")]
 FeatureSize = Annotated[int, typer.Option(min=12, help="Encoder feature size (48 for the published weights; 12 for small CPU models).")]
 WindowSize = Annotated[int, typer.Option(min=2, help="Attention window (7 for the published weights; 4 for 32^3 CPU models).")]
 PoolingOption = Annotated[Pooling, typer.Option(
@@ -239,7 +241,7 @@ def cache_features(
 
 
 HEAD_OPTIONS = ["features", "val_subsets", "test_subsets", "epochs", "batch_size", "lr", "patience", "epoch_samples",
-                "seed", "positive_share"]
+                "seed", "positive_share", "size_weight"]
 
 
 @app.command("train-head")
@@ -257,6 +259,7 @@ def train_head(
     patience: Patience = 10,
     epoch_samples: EpochSamples = 0,
     positive_share: PositiveShare = 0.5,
+    size_weight: SizeWeight = 1.0,
     seed: Seed = 0,
     run: Run = None,
     resume: Resume = False,
@@ -272,7 +275,7 @@ def train_head(
 FINETUNE_OPTIONS = ["epochs", "batch_size", "accumulate", "lr", "weight_decay", "warmup_epochs", "weights",
                     "head_from", "feature_size", "window_size", "pooling", "grad_checkpoint", "val_subsets",
                     "test_subsets", "hu_min", "hu_max", "augment", "max_shift_mm", "precision", "patience",
-                    "epoch_samples", "seed", "views", "positive_share"]
+                    "epoch_samples", "seed", "views", "positive_share", "size_weight"]
 
 
 @app.command("finetune")
@@ -302,6 +305,7 @@ def finetune(
     patience: Patience = 0,
     epoch_samples: EpochSamples = 0,
     positive_share: PositiveShare = 0.5,
+    size_weight: SizeWeight = 1.0,
     seed: Seed = 0,
     views: Annotated[int, typer.Option(min=1, max=8, help="Flips of each validation patch averaged, recorded for evaluate and predict.")] = 1,
     run: Run = None,
@@ -366,7 +370,9 @@ def evaluate(
         data.atomic_write_json(json_out, result)
     console.print(evaluation.candidate_table(result))
     evaluation.print_froc(console, result["froc"], f"LUNA16 FROC, subsets {subsets}", result["warnings"])
-    console.print(f"files in {out_dir}: submission.csv, predictions.csv, metrics.json, roc.png, froc.png")
+    if result["size"]["plain"]["n_nodules"]:
+        console.print(evaluation.size_table(result["size"]))
+    console.print(f"files in {out_dir}: submission.csv, predictions.csv, metrics.json, roc.png, froc.png, size.png")
     if result["unreadable_scans"]:
         console.print(f"[red]{len(result['unreadable_scans'])} unreadable scan(s) skipped (named above)[/]")
         raise typer.Exit(1)

@@ -5,13 +5,16 @@ report patient coordinates (ImagePositionPatient). The scan is an ``.mhd``/``.mh
 DICOM series folder; it is read once, and each point's patch is resampled with the checkpoint's
 ``patch_size`` and ``spacing_mm``.
 
-Size and follow-up category: today's checkpoints have no size output, so each point's diameter is a plain
-measurement (:func:`sizing.measure_diameters`) on the patch already cut for the model, no second read of the
-scan: the equivalent-sphere diameter of the object at the point, at -400 HU for ``nodule_type`` solid and
--650 HU for part-solid and ground-glass (their whole extent; see sizing.py). The object must fit in the
-patch: up to about ``(patch_size - 4) * spacing_mm`` across (:func:`largest_measurable_mm`: 28 mm for 32^3
-at 1 mm, 60 mm for 64^3 at 1 mm); larger ones, and objects that cannot be cut off vessels or the chest wall,
-are not measurable (None). Points at or above the cutoff get :func:`followup.follow_up`'s category and
+Size and follow-up category: each point gets two diameters. The model's (``model_diameter_mm``), from the
+size output of checkpoints that have one (learned from the annotations' diameters; several checkpoints:
+the mean log-diameter of those with one), and a plain measurement (``plain_diameter_mm``,
+:func:`sizing.measure_diameters`) on the patch already cut for the model, no second read of the scan: the
+equivalent-sphere diameter of the object at the point, at -400 HU for ``nodule_type`` solid and -650 HU for
+part-solid and ground-glass (their whole extent; see sizing.py). The object must fit in the patch: up to
+about ``(patch_size - 4) * spacing_mm`` across (:func:`largest_measurable_mm`: 28 mm for 32^3 at 1 mm, 60 mm
+for 64^3 at 1 mm); larger ones, and objects that cannot be cut off vessels or the chest wall, are not
+measurable (None). ``diameter_mm`` is the model's where it has a size output, else the plain measurement
+(``size_source`` says which). Points at or above the cutoff get :func:`followup.follow_up`'s category and
 recommendation for that diameter, or ``"size unknown"`` with a request to measure by hand (never a guess);
 "multiple nodules" means more than one point of the call at or above the cutoff.
 """
@@ -35,8 +38,10 @@ PLAUSIBLE_HU = (-950.0, 500.0)
 CENTRE_MM = 3  # side of the cube (in patch voxels) averaged for the HU at the point
 # The size and follow-up columns come after the first seven, so readers of the older files keep working.
 OUTPUT_COLUMNS = ("coordX", "coordY", "coordZ", "probability", "follow_up", "hu_at_point", "warning",
-                  "diameter_mm", "size_source", "guideline", "category", "recommendation")
-SIZE_SOURCE = "plain measurement"   # the model has no size output (yet): the diameter comes from sizing.py
+                  "diameter_mm", "size_source", "guideline", "category", "recommendation", "model_diameter_mm",
+                  "plain_diameter_mm")
+SIZE_FROM_MODEL = "model"                      # the checkpoint's size output
+SIZE_FROM_PLAIN = "plain measurement"          # sizing.py, for checkpoints without a size output
 # HU threshold of the plain diameter by nodule type (sizing.py): halfway between aerated lung and soft tissue
 # for solid nodules; halfway between lung and ground glass for subsolid ones (their whole extent: the total
 # size, which both guidelines take for part-solid nodules). -400 HU misses most of a ground-glass nodule.
@@ -114,7 +119,7 @@ def _size_assumptions(options: tuple, n_follow_up: int, n_points: int, threshold
     guideline, nodule_type, risk = options
     multiple = n_follow_up > 1
     notes = followup.follow_up(0.0, guideline, nodule_type, risk, multiple).assumptions  # same for any diameter
-    return (f"diameter: the equivalent-sphere diameter of the voxels >= {threshold_hu:.0f} HU at the point "
+    return (f"plain diameter: the equivalent-sphere diameter of the voxels >= {threshold_hu:.0f} HU at the point "
             f"(sizing.py), up to about {largest_mm:.0f} mm (the patch)",
             f"nodule type assumed {nodule_type} (not measured; solid unless --type is given)",
             f"patient risk assumed {risk} (low unless --risk is given)" if guideline == "fleischner"
@@ -124,15 +129,25 @@ def _size_assumptions(options: tuple, n_follow_up: int, n_points: int, threshold
             *(n for n in notes if not n.startswith(("nodule type assumed", "patient risk assumed"))))
 
 
+def _none_if_nan(value: float) -> Optional[float]:
+    return float(value) if math.isfinite(value) else None
+
+
 def size_and_follow_up(patches: np.ndarray, spacing_mm: float, follow_ups: Sequence[bool],
-                       guideline: str = "fleischner", nodule_type: str = "solid", risk: str = "low") -> list[dict]:
-    """Per patch ``(N, P, P, P)`` (int16 HU, the candidate at the centre): ``diameter_mm`` (the plain measurement,
-    None where not measurable), ``size_source``, ``guideline``, and for ``follow_ups`` True the ``category`` and
-    ``recommendation`` of :func:`followup.follow_up` ("size unknown" and a request to measure by hand when no
-    diameter; "" otherwise); ``assumptions`` (the call's). Multiple nodules: more than one follow-up True."""
+                       guideline: str = "fleischner", nodule_type: str = "solid", risk: str = "low",
+                       model_diameters: Optional[np.ndarray] = None) -> list[dict]:
+    """Per patch ``(N, P, P, P)`` (int16 HU, the candidate at the centre): ``model_diameter_mm`` (from
+    ``model_diameters``, mm, None without), ``plain_diameter_mm`` (the plain measurement, None where not
+    measurable), ``diameter_mm`` (the model's when given, else the plain one) and its ``size_source``,
+    ``guideline``, and for ``follow_ups`` True the ``category`` and ``recommendation`` of
+    :func:`followup.follow_up` ("size unknown" and a request to measure by hand when no diameter; ""
+    otherwise); ``assumptions`` (the call's). Multiple nodules: more than one follow-up True."""
     options = followup.check_options(guideline, nodule_type, risk)
     threshold = SIZE_THRESHOLD_HU[options[1]]
-    diameters = sizing.measure_diameters(patches, spacing_mm, threshold) if len(patches) else np.zeros(0)
+    plain = sizing.measure_diameters(patches, spacing_mm, threshold) if len(patches) else np.zeros(0)
+    learned = np.full(len(plain), np.nan) if model_diameters is None else np.asarray(model_diameters, np.float64)
+    source = SIZE_FROM_MODEL if model_diameters is not None else SIZE_FROM_PLAIN
+    diameters = learned if model_diameters is not None else plain
     follow_ups = [bool(f) for f in follow_ups]
     multiple = sum(follow_ups) > 1
     assumptions = _size_assumptions(options, sum(follow_ups), len(follow_ups), threshold,
@@ -144,9 +159,10 @@ def size_and_follow_up(patches: np.ndarray, spacing_mm: float, follow_ups: Seque
         if yes and measured:
             answer = followup.follow_up(diameter, *options, multiple=multiple)
             category, recommendation = answer.category, answer.recommendation
-        rows.append({"diameter_mm": diameter if measured else None, "size_source": SIZE_SOURCE,
+        rows.append({"diameter_mm": diameter if measured else None, "size_source": source,
                      "guideline": options[0], "category": category, "recommendation": recommendation,
-                     "assumptions": assumptions})
+                     "assumptions": assumptions, "model_diameter_mm": _none_if_nan(learned[len(rows)]),
+                     "plain_diameter_mm": _none_if_nan(plain[len(rows)])})
     return rows
 
 
@@ -179,18 +195,31 @@ def predict_points(checkpoint, scan_path, world_xyz, device: str = "auto", batch
     cutoff = sum(cutoffs) / len(cutoffs)
     scan, patches = data.read_and_extract(scan_path, world_xyz, int(preprocess["patch_size"]),
                                           float(preprocess["spacing_mm"]))
-    probability = sum(head.predict_patches(model, patches, meta["preprocess"], torch_device, batch_size,
-                                           head.check_views(views or meta.get("views", 1)),
-                                           head.resolve_precision(precision, torch_device))
-                      for _, model, meta in models) / len(models)
+    probability, model_diameters = _model_outputs(models, patches, torch_device, batch_size, views, precision)
     lo = int(preprocess["patch_size"]) // 2 - CENTRE_MM // 2
     hu_at_point = patches[:, lo:lo + CENTRE_MM, lo:lo + CENTRE_MM, lo:lo + CENTRE_MM].reshape(len(patches), -1).mean(1)
     inside = data.inside_scan(scan, world_xyz)
-    sizes = size_and_follow_up(patches, float(preprocess["spacing_mm"]), probability >= cutoff, **options)
+    sizes = size_and_follow_up(patches, float(preprocess["spacing_mm"]), probability >= cutoff, **options,
+                               model_diameters=model_diameters)
     return [{"coordX": float(x), "coordY": float(y), "coordZ": float(z), "probability": float(p),
              "follow_up": bool(p >= cutoff), "cutoff": cutoff, "hu_at_point": float(h) if ok else None,
              "warning": _point_warning(bool(ok), float(h)), **size}
             for (x, y, z), p, h, ok, size in zip(world_xyz.tolist(), probability, hu_at_point, inside, sizes)]
+
+
+def _model_outputs(models: list, patches: np.ndarray, device, batch_size: int, views: Optional[int],
+                   precision: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """The mean probability of the models, and the diameter (mm) from the mean log-diameter of those with a
+    size output (None when none has one)."""
+    probabilities, log_sizes = [], []
+    for _, model, meta in models:
+        probability, diameter = head.predict_patches(model, patches, meta["preprocess"], device, batch_size,
+                                                     head.check_views(views or meta.get("views", 1)),
+                                                     head.resolve_precision(precision, device), with_size=True)
+        probabilities.append(probability)
+        if model.has_size:
+            log_sizes.append(np.log(diameter))
+    return sum(probabilities) / len(models), np.exp(sum(log_sizes) / len(log_sizes)) if log_sizes else None
 
 
 def write_predictions_csv(predictions: Sequence[dict], path) -> None:
@@ -199,11 +228,12 @@ def write_predictions_csv(predictions: Sequence[dict], path) -> None:
     for row in predictions:
         hu = "" if row["hu_at_point"] is None else f"{row['hu_at_point']:.1f}"
         warning = row["warning"].replace(",", ";")
-        diameter = "" if row.get("diameter_mm") is None else repr(row["diameter_mm"])
+        diameter, model_mm, plain_mm = ("" if row.get(key) is None else repr(row[key])
+                                        for key in ("diameter_mm", "model_diameter_mm", "plain_diameter_mm"))
         size = ",".join(str(row.get(key, "")).replace(",", ";")
                         for key in ("size_source", "guideline", "category", "recommendation"))
         lines.append(f"{row['coordX']!r},{row['coordY']!r},{row['coordZ']!r},{row['probability']!r},"
-                     f"{'yes' if row['follow_up'] else 'no'},{hu},{warning},{diameter},{size}")
+                     f"{'yes' if row['follow_up'] else 'no'},{hu},{warning},{diameter},{size},{model_mm},{plain_mm}")
     data.atomic_write_text(path, "\n".join(lines) + "\n")
 
 
@@ -215,9 +245,11 @@ def _table_caption(predictions: Sequence[dict], n_models: int) -> str:
     lines = [f"follow-up: probability >= {cutoff:.4g} ({source})"]
     if predictions and "guideline" in predictions[0]:
         first = predictions[0]
+        source = ("the model's size output (the plain measurement beside it)" if first["size_source"] == SIZE_FROM_MODEL
+                  else "the plain measurement: the model has no size output")
         lines += [f"category and recommendation (follow-up points only): "
-                  f"{GUIDELINE_NAMES.get(first['guideline'], first['guideline'])}; diameter (mm): "
-                  f"{first['size_source']}, the model has no size output; '-': not measurable",
+                  f"{GUIDELINE_NAMES.get(first['guideline'], first['guideline'])}; diameter (mm): {source}; "
+                  f"'-': not measurable",
                   "assumptions: " + "; ".join(first["assumptions"]), followup.DISCLAIMER]
     return "\n".join(lines)
 
@@ -229,8 +261,9 @@ def prediction_table(predictions: Sequence[dict], title: str = "", n_models: int
     that many checkpoints, the cutoff their mean."""
     from rich.table import Table
     table = Table(title=title or None, caption=_table_caption(predictions, n_models))
-    for name in ("#", "x (mm)", "y (mm)", "z (mm)", "probability", "follow-up", "HU", "diameter (mm)", "category",
-                 "recommendation", "warning"):
+    sized = bool(predictions) and predictions[0].get("size_source") == SIZE_FROM_MODEL
+    for name in ("#", "x (mm)", "y (mm)", "z (mm)", "probability", "follow-up", "HU", "diameter (mm)",
+                 *(("plain (mm)",) if sized else ()), "category", "recommendation", "warning"):
         table.add_column(name, justify="left" if name in ("category", "recommendation", "warning") else "right",
                          overflow="fold")   # a narrow terminal folds cells rather than cropping columns
     for n, row in enumerate(predictions, start=1):
@@ -238,9 +271,14 @@ def prediction_table(predictions: Sequence[dict], title: str = "", n_models: int
         table.add_row(str(n), f"{row['coordX']:.1f}", f"{row['coordY']:.1f}", f"{row['coordZ']:.1f}",
                       f"{row['probability']:.4f}", "[bold red]yes[/]" if row["follow_up"] else "no",
                       "-" if row["hu_at_point"] is None else f"{row['hu_at_point']:.0f}",
-                      "-" if diameter is None else f"{diameter:.1f}", row.get("category", ""),
+                      _mm(diameter),
+                      *((_mm(row.get("plain_diameter_mm")),) if sized else ()), row.get("category", ""),
                       row.get("recommendation", ""), f"[yellow]{row['warning']}[/]" if row["warning"] else "")
     return table
+
+
+def _mm(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def scan_name(path) -> str:

@@ -615,11 +615,13 @@ def eval_phantom(tmp_path_factory) -> Path:
     return root
 
 
-def _tiny_checkpoint(path: Path, cutoff: float = 0.5, views: int = 1) -> Path:
+def _tiny_checkpoint(path: Path, cutoff: float = 0.5, views: int = 1, size_output: bool = False) -> Path:
     import torch
     import head
     torch.manual_seed(0)
     config = {"encoder": {"feature_size": 12, "window_size": 4}, "pooling": "avg", "patch_size": 32}
+    if size_output:
+        config["size_output"] = True
     model = head.build_classifier(config)
     head.save_checkpoint(path, {"format": head.CHECKPOINT_FORMAT, "model": model.state_dict(), "config": config,
                                 "preprocess": {"patch_size": 32, "spacing_mm": 1.25, "hu_min": -1000.0,
@@ -652,8 +654,15 @@ def test_evaluate_model_scores_every_candidate_and_resumes(eval_phantom, tmp_pat
         assert key in saved and key in result
     assert saved["n_candidates"] == len(expected) and saved["n_scans"] == 2 and saved["unreadable_scans"] == {}
     assert sorted(saved["froc_sensitivities"]) == sorted(["0.125", "0.25", "0.5", "1", "2", "4", "8"])
-    for figure in ("roc.png", "froc.png"):
+    for figure in ("roc.png", "froc.png", "size.png"):
         assert (out / figure).read_bytes()[:4] == b"\x89PNG"
+    # sizes: the tiny model has no size output; the plain measurement reads the solid nodule candidates
+    nodules = sum(r[4] == "1" for r in expected)
+    assert saved["size"]["model_has_size_output"] is False and saved["size"]["model"]["n_measured"] == 0
+    assert saved["size"]["plain"]["n_nodules"] == nodules and saved["size"]["plain"]["n_measured"] >= 1
+    predicted = [line.split(",") for line in (out / "predictions.csv").read_text().splitlines()]
+    assert predicted[0][-3:] == ["annotated_diameter_mm", "model_diameter_mm", "plain_diameter_mm"]
+    assert sum(bool(r[-3]) for r in predicted[1:]) == nodules and not any(r[-2] for r in predicted[1:])
     # The probabilities are the model's on freshly extracted patches, written at full precision.
     model, meta = head.load_classifier(checkpoint)
     uid = expected[0][0]
@@ -2498,3 +2507,65 @@ def test_size_output_learns_diameters_and_old_checkpoints_have_none(tmp_path):
     assert float(head.size_loss(torch.zeros(2), torch.tensor([0.0, 1.0]), torch.tensor([8.0, nan]))) == 0.0
     loss = head.size_loss(torch.full((3,), math.log(4.0)), torch.tensor([0.0, 1.0, 1.0]), torch.tensor([nan, 8.0, 4.0]))
     assert float(loss) == pytest.approx(math.log(2.0) ** 2 / 2)
+
+
+def test_candidates_take_the_diameter_of_the_nodule_whose_sphere_holds_them():
+    import data
+
+    def table(rows):
+        return data.PointTable(np.array([r[0] for r in rows], dtype=object), np.array([r[1] for r in rows], float),
+                               np.array([r[2] for r in rows], float), np.arange(2, len(rows) + 2))
+    annotations = table([("a", (0.0, 0.0, 0.0), 10.0),     # radius 5
+                         ("a", (8.0, 0.0, 0.0), 8.0),      # radius 4: the two spheres overlap from x = 4 to 5
+                         ("b", (0.0, 0.0, 0.0), -1.0)])    # no size: holds nothing
+    candidates = table([("a", (1.0, 1.0, 1.0), 1), ("a", (0.0, 4.99, 0.0), 1), ("a", (0.0, 5.0, 0.0), 0),
+                        ("a", (4.5, 0.0, 0.0), 1), ("a", (4.2, 0.0, 0.0), 1), ("a", (11.0, 0.0, 0.0), 1),
+                        ("b", (0.0, 0.0, 0.0), 0), ("c", (0.0, 0.0, 0.0), 0)])
+    got = data.match_diameters(candidates, annotations)
+    # inside; just inside; on the sphere (outside, as the official rule); in both spheres: the nearer centre
+    # (3.5 and 3.8 mm from the 8 mm nodule's, 4.5 and 4.2 mm from the 10 mm one's); inside the second only;
+    # the -1 finding; a scan without annotations
+    expected = [10.0, 10.0, np.nan, 8.0, 8.0, 8.0, np.nan, np.nan]
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_size_agreement_counts_errors_bands_and_the_unmeasured():
+    import evaluate
+    nan = np.nan
+    annotated = np.array([4.0, 5.0, 7.0, 10.0, 20.0, nan])
+    estimate = np.array([5.0, 6.5, nan, 9.0, 16.0, 3.0])      # the last has no annotation: not counted
+    found = evaluate.size_agreement(annotated, estimate)
+    assert (found["n_nodules"], found["n_measured"]) == (5, 4)
+    assert found["mae_mm"] == pytest.approx((1 + 1.5 + 1 + 4) / 4) and found["bias_mm"] == pytest.approx((1 + 1.5 - 1 - 4) / 4)
+    assert found["by_band"]["<6 mm"] == {"n": 2, "mae_mm": 1.25, "bias_mm": 1.25}
+    assert found["by_band"]["6-8 mm"] == {"n": 0, "mae_mm": None, "bias_mm": None}
+    # rows: annotated <6, 6-8, >8; columns: estimated <6, 6-8, >8, not measured
+    assert found["confusion"] == [[1, 1, 0, 0], [0, 0, 0, 1], [0, 0, 2, 0]]
+    assert found["agreement"] == pytest.approx(3 / 5)
+
+
+def test_predict_uses_the_size_output_and_shows_the_plain_measurement_beside_it(solid_phantom, tmp_path):
+    import math
+    import followup
+    import predict
+    nodules = _phantom_nodules(solid_phantom, 14, 0, 0, 1)
+    mhd = next((solid_phantom / "subset0").glob("*.mhd"))
+    points = np.array([f.center_xyz for f in nodules])
+    sized = _tiny_checkpoint(tmp_path / "sized.pt", cutoff=0.0, size_output=True)
+    plain = _tiny_checkpoint(tmp_path / "plain.pt", cutoff=0.0)
+    rows = predict.predict_points(sized, mhd, points, device="cpu")
+    without = predict.predict_points(plain, mhd, points, device="cpu")
+    for row, old in zip(rows, without):
+        assert row["size_source"] == "model" and row["diameter_mm"] == row["model_diameter_mm"] > 0
+        assert row["plain_diameter_mm"] == old["diameter_mm"] and old["model_diameter_mm"] is None
+        assert row["category"] == followup.follow_up(row["diameter_mm"], multiple=True).category
+    # several checkpoints: the size comes from those with a size output
+    both = predict.predict_points([sized, plain], mhd, points, device="cpu")
+    assert [r["model_diameter_mm"] for r in both] == pytest.approx([r["model_diameter_mm"] for r in rows])
+    predict.write_predictions_csv(rows, tmp_path / "p.csv")
+    header, *lines = (tmp_path / "p.csv").read_text().splitlines()
+    written = [dict(zip(header.split(","), line.split(","))) for line in lines]
+    assert [float(w["model_diameter_mm"]) for w in written] == [r["model_diameter_mm"] for r in rows]
+    assert [float(w["plain_diameter_mm"]) for w in written] == [r["plain_diameter_mm"] for r in rows]
+    caption = " ".join(str(predict.prediction_table(rows).caption).split())
+    assert "the model's size output (the plain measurement beside it)" in caption and math.isfinite(rows[0]["diameter_mm"])
