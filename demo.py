@@ -160,7 +160,7 @@ def draw_montage(path: Path, groups: dict, patches: dict, probability: np.ndarra
 
 
 def write_report(report_dir: Path, run_dir: Path, eval_dir: Path, data_dir: Path) -> Path:
-    """``report.html`` with the training curves, ROC, FROC and example montages; returns its path."""
+    """``report.html`` with the training curves, ROC, FROC, the size scatter and example montages; returns its path."""
     import json
     import head
     report_dir = Path(report_dir)
@@ -169,7 +169,7 @@ def write_report(report_dir: Path, run_dir: Path, eval_dir: Path, data_dir: Path
     _, meta = head.load_classifier(Path(run_dir) / "best.pt")
     cutoff = float(meta.get("cutoff") or 0.5)
     for source, name in ((Path(run_dir) / "history.png", "training.png"), (Path(eval_dir) / "roc.png", "roc.png"),
-                         (Path(eval_dir) / "froc.png", "froc.png")):
+                         (Path(eval_dir) / "froc.png", "froc.png"), (Path(eval_dir) / "size.png", "size.png")):
         if source.is_file():
             shutil.copyfile(source, report_dir / name)
     marks, labels = _read_predictions(Path(eval_dir) / "predictions.csv")
@@ -196,9 +196,13 @@ def _report_html(metrics: dict, cutoff: float, groups: dict) -> str:
             ("CPM (LUNA16 FROC)", number(metrics.get("cpm"))),
             ("scans / candidates / nodule candidates",
              f"{metrics.get('n_scans')} / {metrics.get('n_candidates')} / {metrics.get('n_positive')}")]
+    rows += [(f"diameter, {name}: MAE / bias (mm), size-band agreement", size_summary(found))
+             for name, found in (metrics.get("size") or {}).items() if isinstance(found, dict)]
     table = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
     figures = [("Training loss and validation accuracy / AUC per epoch", "training.png"),
-               ("ROC of the held-out candidates", "roc.png"), ("LUNA16 FROC", "froc.png")]
+               ("ROC of the held-out candidates", "roc.png"), ("LUNA16 FROC", "froc.png"),
+               ("Estimated against annotated diameter of the nodule candidates (model size output and plain "
+                "measurement; grey lines: the 6 and 8 mm Fleischner bands)", "size.png")]
     figures += [(f"{name.capitalize()} (axial, coronal, sagittal centre slices)", f"{name.replace(' ', '_')}.png")
                 for name in groups]
     blocks = "\n".join(f'<figure><img src="{src}" alt="{html.escape(title)}"><figcaption>{html.escape(title)}'
@@ -222,6 +226,14 @@ Research use only, not for clinical decisions.</p>
 """
 
 
+def size_summary(found: dict) -> str:
+    """``"MAE / bias, agreement (measured of counted)"`` of one estimate of evaluate's ``size`` metrics."""
+    if not found.get("n_measured"):
+        return f"not measured (0 of {found.get('n_nodules', 0)})"
+    return (f"{found['mae_mm']:.2f} / {found['bias_mm']:+.2f} mm, {found['agreement']:.2f} "
+            f"({found['n_measured']} of {found['n_nodules']} measured)")
+
+
 def result_table(result: dict, n_subsets: int):
     """A rich table of the demo's held-out results for every run, with the time of each stage."""
     from rich.table import Table
@@ -241,6 +253,9 @@ def result_table(result: dict, n_subsets: int):
     for name, value in rows:
         cells = [value(run, result["all_metrics"][run]) for run in runs]
         table.add_row(name, *["n/a" if v is None else f"{v:.3f}" for v in cells])
+    for estimate in ("model", "plain"):
+        table.add_row(f"diameter, {estimate}: MAE / bias, band agreement",
+                      *[size_summary(result["all_metrics"][run]["size"][estimate]) for run in runs])
     padding = [""] * (len(runs) - 1)
     for stage, seconds in result["timings"].items():
         table.add_row(f"time: {stage}", f"{seconds:.1f} s", *padding)
