@@ -519,5 +519,291 @@ def bench_mining(seeds: str = "0,1", scans_per_subset: int = 12, negatives_per_s
                   f"fine-tuning {finetune_epochs} epochs of 512 draws at lr {finetune_lr:g}; machine: {machine_description()}")
 
 
+
+# --- nodule size (issue 12) ----------------------------------------------------------------
+
+SHARED_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data")
+
+
+def _size_rows(metrics: dict, run: str) -> list:
+    """Table rows of evaluate's size metrics of one run: per estimate, MAE (bias) overall and per band, agreement."""
+    import evaluate
+    rows = []
+    for estimate in ("model", "plain"):
+        found = metrics["size"][estimate]
+        cells = [found["by_band"][band] for band in evaluate.SIZE_BANDS]
+        fmt = lambda e: "-" if e["mae_mm"] is None else f"{e['mae_mm']:.2f} ({e['bias_mm']:+.2f}), n={e['n']}"
+        rows.append([run if estimate == "model" else "plain measurement (-400 HU)",
+                     f"{found['n_measured']}/{found['n_nodules']}", fmt(found), *map(fmt, cells),
+                     "-" if found["agreement"] is None else f"{found['agreement']:.2f}"])
+    return rows
+
+
+def _real_nodule_sizes(checkpoints: dict) -> list:
+    """Rows ``[scan, annotated, model estimates..., plain 32^3 patch, plain 64^3 patch]`` for the LUNA16 nodules
+    of the LIDC-IDRI series in ../shared/data/real_ct (none when absent)."""
+    from pathlib import Path
+    import numpy as np
+    import data
+    import predict
+    import sizing
+    real = Path(SHARED_DATA) / "real_ct"
+    if not real.is_dir():
+        return []
+    annotations, _ = data.read_point_csv(Path(SHARED_DATA) / "luna16" / "annotations.csv", "diameter_mm")
+    rows = []
+    for series in sorted(p for p in real.glob("*/*/*") if p.is_dir()):
+        found = np.flatnonzero(annotations.seriesuid == series.name)
+        if not len(found):
+            continue
+        points = annotations.world_xyz[found]
+        model = {name: predict.predict_points(path, series, points, device="cpu") for name, path in checkpoints.items()}
+        _, wide = data.read_and_extract(series, points, 64, 1.0)
+        wide_mm = sizing.measure_diameters(wide, 1.0)
+        for n, row in enumerate(found):
+            cells = [model[name][n]["model_diameter_mm"] for name in checkpoints]
+            cells += [model[next(iter(checkpoints))][n]["plain_diameter_mm"], float(wide_mm[n])]
+            rows.append([series.parents[1].name, f"{annotations.value[row]:.1f}",
+                         *("-" if c is None or not np.isfinite(c) else f"{c:.1f}" for c in cells)])
+    return rows
+
+
+@bench_app.command("size")
+def bench_size(demo_dir: str = "demo_work", scans: int = 24, seed: int = 100):
+    """Nodule diameters from the demo's models (their size output) and from the plain measurement, against the
+    annotated ones: on the nodule candidates of ``scans`` fresh phantom scans (every size and type), and on
+    the four LUNA16 nodules of the two real LIDC-IDRI scans in ../shared/data/real_ct when present. Runs the
+    demo first when ``demo_dir`` has none."""
+    from pathlib import Path
+    from rich.table import Table
+    import demo
+    import evaluate
+    import phantom
+    work = Path(demo_dir)
+    runs = {name: work / "runs" / name / "best.pt" for name in ("demo-head", "demo-finetune")}
+    if not all(path.is_file() for path in runs.values()):
+        demo.run_demo(work)
+    root = work / "bench_size" / "luna16"
+    if not (root / "phantom_manifest.json").is_file():
+        phantom.write_luna_folder(root, n_subsets=1, scans_per_subset=scans, seed=seed, negatives_per_scan=5,
+                                  force=True)
+    table = Table(title=f"diameter error (mm): MAE (bias), on the nodule candidates of {scans} held-out phantom scans")
+    for column in ("estimate", "measured", "all", *(f"annotated {b}" for b in evaluate.SIZE_BANDS), "band agreement"):
+        table.add_column(column, justify="right")
+    for name, checkpoint in runs.items():
+        metrics = evaluate.evaluate_model(checkpoint, root, [0], work / "bench_size" / name, views=8, workers=1,
+                                          device="cpu", bootstrap=0)
+        for row in _size_rows(metrics, name)[: 1 if name != "demo-finetune" else 2]:
+            table.add_row(*row)
+    console.print(table)
+    real = _real_nodule_sizes(runs)
+    if real:
+        table = Table(title="the LUNA16 nodules of two real LIDC-IDRI scans (CC BY 3.0): diameter (mm)")
+        for column in ("patient", "annotated", *runs, "plain, 32^3 patch", "plain, 64^3 patch"):
+            table.add_column(column, justify="right")
+        for row in real:
+            table.add_row(*row)
+        console.print(table)
+    else:
+        console.print("../shared/data/real_ct absent: the real-scan table is skipped")
+    console.print(f"models: the demo's (phantom-trained, feature size 12, 32^3 at 1 mm); machine: {machine_description()}")
+
+# --- detect: candidate sensitivity, real scans, speed and memory, end to end -------------
+
+DETECT_LIMITS = (50, 100, 200, 300, 500)
+
+
+def _first_hit_ranks(world_xyz, centres, diameters) -> list:
+    """Rank (0 = best) of the first candidate inside each nodule's sphere (official hit rule), None when missed."""
+    import numpy as np
+    ranks = []
+    for centre, diameter in zip(centres, diameters):
+        hit = np.flatnonzero(((world_xyz - centre) ** 2).sum(axis=1) < (diameter / 2) ** 2)
+        ranks.append(int(hit[0]) if len(hit) else None)
+    return ranks
+
+
+def _size_band(diameter: float) -> str:
+    return "< 6 mm" if diameter < 6 else "6-10 mm" if diameter < 10 else "10-20 mm" if diameter < 20 else ">= 20 mm"
+
+
+def _phantom_detect_sensitivity(scans: int, seed: int) -> tuple:
+    """``(rows of (size band, type, juxtapleural, first-hit rank), median seconds a scan)`` on held-out phantoms."""
+    import numpy as np
+    import detect
+    import phantom
+    rows, seconds = [], []
+    for n in range(scans):
+        case = phantom.make_phantom_scan(np.random.default_rng([seed, n]), phantom.SIZES["small"],
+                                         negatives_per_scan=0, nodules_per_scan=(3, 6))
+        start = time.perf_counter()
+        found = detect.detect_scan(case.scan, max(DETECT_LIMITS))
+        seconds.append(time.perf_counter() - start)
+        nodules = [f for f in case.nodules if not f.excluded]
+        ranks = _first_hit_ranks(found.world_xyz, [f.center_xyz for f in nodules], [f.diameter_mm for f in nodules])
+        rows += [(_size_band(f.diameter_mm), f.kind, f.juxtapleural, rank) for f, rank in zip(nodules, ranks)]
+    return rows, statistics.median(seconds)
+
+
+def _sensitivity_table(rows: list, title: str):
+    from rich.table import Table
+    table = Table(title=title)
+    for column in ("nodules", "n", *(f"{n}/scan" for n in DETECT_LIMITS)):
+        table.add_column(column, justify="right")
+    groups = [("all", lambda r: True)] + [(band, lambda r, b=band: r[0] == b) for band in
+                                          ("< 6 mm", "6-10 mm", "10-20 mm", ">= 20 mm")]
+    groups += [(kind, lambda r, k=kind: r[1] == k) for kind in ("solid", "part-solid", "ground-glass")]
+    groups += [("juxtapleural", lambda r: r[2]), ("not juxtapleural", lambda r: not r[2])]
+    for name, keep in groups:
+        ranks = [r[3] for r in rows if keep(r)]
+        table.add_row(name, str(len(ranks)), *(f"{sum(x is not None and x < n for x in ranks) / max(1, len(ranks)):.3f}"
+                                              for n in DETECT_LIMITS))
+    return table
+
+
+def _real_detect_ranks(real_ct, annotations_csv) -> list:
+    """``[(series, diameter, first-hit rank, seconds)]`` of the LUNA16 nodules in the real LIDC-IDRI series."""
+    import numpy as np
+    import data
+    import detect
+    annotations, _ = data.read_point_csv(annotations_csv, "diameter_mm")
+    found_rows = []
+    for series in sorted(p for p in real_ct.glob("*/*/*") if p.is_dir()):
+        rows = np.flatnonzero(annotations.seriesuid == series.name)
+        if not len(rows):
+            continue
+        scan = data.read_ct(series)
+        start = time.perf_counter()
+        found = detect.detect_scan(scan, max(DETECT_LIMITS))
+        seconds = time.perf_counter() - start
+        ranks = _first_hit_ranks(found.world_xyz, annotations.world_xyz[rows], annotations.value[rows])
+        found_rows += [(f"{series.parent.parent.name} {scan.hu.shape[::-1]}", float(annotations.value[r]), rank, seconds)
+                       for r, rank in zip(rows, ranks)]
+    return found_rows
+
+
+def _memory_mb(field: str) -> float:
+    """``VmHWM`` (peak) or ``VmRSS`` of this process in MiB, from /proc (Linux; ru_maxrss would count the
+    parent's memory at the fork); NaN elsewhere."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _detect_speed_child(queue, path: str, repeats: int) -> None:
+    import data
+    import detect
+    scan = data.read_ct(path)
+    read_mb = _memory_mb("VmHWM")
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        found = detect.detect_scan(scan)
+        seconds.append(time.perf_counter() - start)
+    queue.put({"seconds": statistics.median(seconds), "all": seconds, "read_mb": read_mb, "n": len(found.score),
+               "peak_mb": _memory_mb("VmHWM")})
+
+
+def _detect_speed(folder, repeats: int) -> dict:
+    """Detection time and peak RSS (fresh process) on a 512 x 512 x 300 phantom at 0.7 x 0.7 x 1.25 mm."""
+    import multiprocessing
+    import numpy as np
+    import data
+    import phantom
+    case = phantom.make_phantom_scan(np.random.default_rng(7), (300, 512, 512), negatives_per_scan=0)
+    scan = case.scan
+    scan.spacing = np.array([0.7, 0.7, 1.25])   # a LUNA16-like field of view: the anatomy scales with it
+    data.write_mhd(scan, folder / "speed.mhd")
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_detect_speed_child, args=(queue, str(folder / "speed.mhd"), repeats))
+    child.start()
+    result = queue.get()
+    child.join()
+    return result
+
+
+def _pipeline_cpm(root, work, candidates, seed: int, head_epochs: int, views: int) -> dict:
+    """extract -> cache-features (subsets 0-2) -> train-head -> evaluate subset 3, all from one candidates CSV."""
+    import data
+    import evaluate
+    import features
+    import train
+    for k in range(4):   # train-head wants the held-out subset extracted too (it never reads it)
+        data.extract_subset(root, work, k, 32, 1.0, seed=seed, show_progress=False, candidates_path=candidates)
+    tag = features.cache_features(work, test_subsets=[3], views=views, seed=seed, quiet=True, device="cpu",
+                                  **MINING_SETTINGS)
+    run = train.train_head(work, features=tag, epochs=head_epochs, run="head", device="cpu", val_subsets=[2],
+                           test_subsets=[3], seed=seed, quiet=True)
+    result = evaluate.evaluate_model(run / "best.pt", root, [3], work / "eval", workers=1, device="cpu",
+                                     bootstrap=1000, candidates_path=candidates)
+    return {"cpm": result["cpm"], "ci": result["cpm_ci95"], "auc": result["auc"], "n": result["n_candidates"],
+            "positives": result["n_positive"], "scans": result["n_scans"]}
+
+
+@bench_app.command("detect")
+def bench_detect(scans: int = 24, seed: int = 13, repeats: int = 3, e2e_scans_per_subset: int = 6,
+                 e2e_max_per_scan: int = 100, head_epochs: int = 40, views: int = 2, skip_e2e: bool = False):
+    """Candidate detection: sensitivity against candidates per scan on held-out phantoms (by size, type,
+    juxtapleural), the rank of each real LIDC-IDRI nodule's first hit (when ../shared/data holds them), time and
+    peak memory for a 512 x 512 x 300 scan, and end to end (detect, extract, features, head, evaluate on subset 3)
+    against the same pipeline on the generator's own candidates_V2.csv."""
+    import tempfile
+    from pathlib import Path
+    from rich.table import Table
+    import detect
+    rows, seconds = _phantom_detect_sensitivity(scans, seed)
+    console.print(_sensitivity_table(rows, f"candidate sensitivity, {scans} held-out phantom scans "
+                                           f"(96 x 160 x 160, seeds [{seed}, n]), official hit rule"))
+    console.print(f"median detection time of a phantom scan: {seconds:.1f} s")
+    shared = Path(__file__).resolve().parent.parent / "shared" / "data"
+    if (shared / "real_ct").is_dir():
+        table = Table(title="real LIDC-IDRI series, LUNA16 annotations")
+        for column in ("series (voxels x, y, z)", "diameter mm", "first hit rank", "detection s"):
+            table.add_column(column, justify="right")
+        for name, diameter, rank, sec in _real_detect_ranks(shared / "real_ct", shared / "luna16" / "annotations.csv"):
+            table.add_row(name, f"{diameter:.1f}", "missed" if rank is None else str(rank), f"{sec:.1f}")
+        console.print(table)
+    else:
+        console.print("real LIDC-IDRI series not found under ../shared/data/real_ct: skipped")
+    folder = Path(tempfile.mkdtemp(prefix="bench_detect_"))
+    speed = _detect_speed(folder, repeats)
+    console.print(f"512 x 512 x 300 phantom at 0.7 x 0.7 x 1.25 mm: detection median {speed['seconds']:.1f} s of "
+                  f"{repeats} ({', '.join(f'{s:.1f}' for s in speed['all'])}), peak RSS {speed['peak_mb']:.0f} MiB "
+                  f"(after reading the scan: {speed['read_mb']:.0f} MiB), {speed['n']} candidates")
+    if not skip_e2e:
+        _bench_detect_end_to_end(folder, seed, e2e_scans_per_subset, e2e_max_per_scan, head_epochs, views)
+    console.print(f"defaults: max {detect.DEFAULT_MAX_PER_SCAN} a scan; machine: {machine_description()}")
+
+
+def _bench_detect_end_to_end(folder, seed: int, scans_per_subset: int, max_per_scan: int, head_epochs: int,
+                             views: int) -> None:
+    from rich.table import Table
+    import detect
+    import phantom
+    root = folder / "luna16"
+    phantom.write_luna_folder(root, n_subsets=4, scans_per_subset=scans_per_subset, seed=seed, force=True)
+    start = time.perf_counter()
+    detect.detect_subsets(root, [0, 1, 2, 3], folder / "detected.csv", max_per_scan, show_progress=False)
+    detect_seconds = time.perf_counter() - start
+    results = {name: _pipeline_cpm(root, folder / f"work-{name}", csv, seed, head_epochs, views)
+               for name, csv in (("candidates_V2.csv", root / "candidates_V2.csv"),
+                                 ("detect", folder / "detected.csv"))}
+    table = Table(title=f"end to end on phantoms: subsets 0-1 train, 2 validates, 3 held out "
+                        f"({scans_per_subset} scans a subset)")
+    for column in ("candidates", "held-out candidates (on nodules)", "AUC", "CPM (95% interval)"):
+        table.add_column(column, justify="right")
+    for name, r in results.items():
+        table.add_row(name if name != "detect" else f"detect, {max_per_scan} a scan", f"{r['n']} ({r['positives']})",
+                      f"{r['auc']:.3f}", f"{r['cpm']:.3f} ({r['ci'][0]:.2f}-{r['ci'][1]:.2f})")
+    console.print(table)
+    console.print(f"detect on {4 * scans_per_subset} scans: {detect_seconds:.0f} s; head: feature size 12, window 4, "
+                  f"centre pooling, {views} views, {head_epochs} epochs, 32^3 patches at 1 mm, 10 negatives a positive")
+
+
 if __name__ == "__main__":
     bench_app()

@@ -667,7 +667,7 @@ class Parts:
 
 # "mined": empty for extracted rows, the run whose scores chose a mined hard negative (see mining.py)
 INDEX_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "label", "diameter_mm", "mined"]
-CACHE_PARAMETERS = ("patch_size", "spacing_mm", "seed", "negatives_per_positive", "all_candidates")
+CACHE_PARAMETERS = ("patch_size", "spacing_mm", "seed", "negatives_per_positive", "all_candidates", "candidates_file")
 
 
 @dataclass
@@ -716,9 +716,9 @@ def _read_manifest(cache: Path, wanted: dict) -> dict:
     return manifest
 
 
-def _subset_candidates(data_dir: Path, scans: dict, subset: int, wanted: dict):
+def _subset_candidates(data_dir: Path, candidates_path: Path, scans: dict, subset: int, wanted: dict):
     """``(selected candidates, their annotated diameters (NaN off nodules), problems met)`` of one subset."""
-    candidates, problems = read_point_csv(candidates_file(data_dir), "class", strict=False)
+    candidates, problems = read_point_csv(candidates_path, "class", strict=False)
     unknown = set(candidates.seriesuid) - set(scan_subset_map(data_dir))
     if unknown:
         problems.append(f"{len(unknown)} seriesuid(s) of the candidates file have no scan under {data_dir} "
@@ -848,8 +848,9 @@ def _assemble_cache(cache: Path, scans: list[str], parts: Parts, patch_size: int
 
 def extract_subset(data_dir, work_dir, subset: int, patch_size: int = 64, spacing_mm: float = 1.0,
                    negatives_per_positive: float = 10.0, all_candidates: bool = False, seed: int = 0,
-                   show_progress: bool = True, console=None) -> ExtractSummary:
-    """Build (or complete) the patch cache of one LUNA16 subset.
+                   show_progress: bool = True, console=None, candidates_path=None) -> ExtractSummary:
+    """Build (or complete) the patch cache of one LUNA16 subset, from ``candidates_path`` (default: the data
+    folder's :func:`candidates_file`; a cache made from a file of another name is refused).
 
     Writes ``W/patches/subset<k>/patches.npy`` (int16 HU, ``(N, P, P, P)``, ``[z, y, x]`` world axes,
     ``spacing_mm`` apart, candidate at ``P//2``), ``index.csv`` (same row order) and ``manifest.json``.
@@ -862,11 +863,12 @@ def extract_subset(data_dir, work_dir, subset: int, patch_size: int = 64, spacin
         raise UserError(f"--negatives-per-positive must be >= 0, got {negatives_per_positive}")
     console = console or Console(stderr=True)
     data_dir, cache = Path(data_dir), subset_dir(work_dir, subset)
-    wanted = dict(patch_size=patch_size, spacing_mm=float(spacing_mm), seed=seed,
+    candidates_path = Path(candidates_path) if candidates_path is not None else candidates_file(data_dir)
+    wanted = dict(patch_size=patch_size, spacing_mm=float(spacing_mm), seed=seed, candidates_file=candidates_path.name,
                   negatives_per_positive=float(negatives_per_positive), all_candidates=all_candidates)
     manifest = _read_manifest(cache, wanted)
     scans = subset_scans(data_dir, [subset])
-    selected, diameters, problems = _subset_candidates(data_dir, scans, subset, wanted)
+    selected, diameters, problems = _subset_candidates(data_dir, candidates_path, scans, subset, wanted)
     parts = Parts(cache / "parts", wanted)
     done = set(manifest.get("scans", [])) | parts.done()
     todo = [uid for uid in scans if uid not in done]
@@ -875,8 +877,7 @@ def extract_subset(data_dir, work_dir, subset: int, patch_size: int = 64, spacin
     finished = [uid for uid in scans if uid in done or uid in parts.done()]
     if todo or not (cache / "patches.npy").is_file():
         manifest = dict(wanted, subset=subset, dtype="int16", axis_order="z,y,x (world axes, increasing)",
-                        units="HU", outside_value=AIR_HU, candidates_file=candidates_file(data_dir).name,
-                        scans=finished)
+                        units="HU", outside_value=AIR_HU, scans=finished)
         n_patches, n_positive = _assemble_cache(cache, finished, parts, patch_size)
         manifest.update(n_patches=n_patches, n_positive=n_positive, failed=failed)
         atomic_write_json(cache / "manifest.json", manifest)

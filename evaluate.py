@@ -672,10 +672,11 @@ def evaluate_model(checkpoint: Path, data_dir: Path, subsets: list[int], out_dir
         "candidates_per_second": n_new / seconds_scoring if n_new else None,
         "files": {name: str(out_dir / name) for name in
                   ("submission.csv", "predictions.csv", "metrics.json", "roc.png", "froc.png", "size.png")}})
-    plot_roc(labels, marks.value, out_dir / "roc.png", title=checkpoint.stem)
+    title = f"{checkpoint.parent.name}/{checkpoint.name}"
+    plot_roc(labels, marks.value, out_dir / "roc.png", title=title)
     plot_sizes(annotated[scored], {"model": scores[scored, 1], "plain": scores[scored, 2]}, out_dir / "size.png",
-               title=checkpoint.stem)
-    plot_froc(froc, out_dir / "froc.png", title=checkpoint.stem)
+               title=title)
+    plot_froc(froc, out_dir / "froc.png", title=title)
     data.atomic_write_json(out_dir / "metrics.json", result)
     return result
 

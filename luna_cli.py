@@ -168,6 +168,36 @@ def synth(
 
 @app.command()
 @friendly_errors
+def detect(
+    out: Annotated[Path, typer.Option(help="Candidates CSV to write: seriesuid,coordX,coordY,coordZ,class,score (world mm).")],
+    subsets: Annotated[Optional[str], typer.Option("--subsets", "--subset", help="Subsets to detect in, e.g. 0, 0-7,9.")] = None,
+    scan: Annotated[Optional[Path], typer.Option(help="Or one CT: .mhd, NIfTI, or a DICOM series folder.")] = None,
+    max_per_scan: Annotated[int, typer.Option(min=1, help="Most candidates per scan, highest blob score first.")] = 300,
+    data_dir: DataDir = None,
+):
+    """Find nodule candidates in bare CTs (lung mask, multi-scale blobs), in LUNA16's candidate format; the class
+    comes from annotations.csv of the data dir when it knows the scan (resumable per scan)."""
+    import detect as detection
+    if (subsets is None) == (scan is None):
+        raise UserError("give either --subsets K (scans of the data dir) or --scan PATH")
+    if scan is not None:
+        uid, found, _ = detection.detect_path(scan, out, max_per_scan, data_dir_option(data_dir))
+        if found.warning:
+            console.print(f"[yellow]{found.warning}[/]")
+        console.print(f"scan {uid}: [bold]{len(found.score)}[/] candidates written to {out}")
+        return
+    summary = detection.detect_subsets(data_dir_option(data_dir), parse_subsets(subsets, "--subsets", required=True),
+                                       out, max_per_scan, console=console)
+    console.print(f"[bold]{summary.n_candidates}[/] candidates of {summary.n_scans} scans ({summary.scans_new} new) "
+                  f"in {summary.out_csv}")
+    if summary.failed:
+        console.print(f"[red]{len(summary.failed)} scan(s) could not be read (named above); "
+                      "fix them and rerun the same command to add them[/]")
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly_errors
 def extract(
     subsets: Annotated[str, typer.Option("--subsets", "--subset", help="Subsets to extract, e.g. 0, 0-7,9.")],
     data_dir: DataDir = None,
@@ -177,6 +207,8 @@ def extract(
     negatives_per_positive: Annotated[float, typer.Option(min=0, help="Seeded sample of negatives per positive candidate.")] = 10.0,
     all_candidates: Annotated[bool, typer.Option("--all-candidates", help="Keep every candidate, not a sample.")] = False,
     seed: Seed = 0,
+    candidates: Annotated[Optional[Path], typer.Option(
+        help="Candidates CSV to cut (default: candidates_V2.csv of the data dir), e.g. one written by detect.")] = None,
     hard_negatives: Annotated[Optional[str], typer.Option(
         help="Mine instead: add the negatives this run's best model (or a .pt file) scores highest.")] = None,
     per_scan: Annotated[int, typer.Option(min=1, help="With --hard-negatives: the top negatives of each scan to hold.")] = 20,
@@ -188,6 +220,9 @@ def extract(
     """Cut resampled, world-axis-aligned cubes around the candidates of LUNA16 subsets into a patch cache
     (or, with --hard-negatives, add a trained model's hardest negatives to it)."""
     import data
+    if hard_negatives and candidates is not None:
+        raise UserError("--candidates applies to extraction, not to --hard-negatives (mining reads the data dir's "
+                        "candidates file)")
     any_failed = False
     for k in parse_subsets(subsets, "--subsets", required=True):
         if hard_negatives:
@@ -199,7 +234,8 @@ def extract(
             failed = mined.unreadable
         else:
             summary = data.extract_subset(data_dir_option(data_dir), work_dir_option(work_dir), k, patch_size,
-                                          spacing_mm, negatives_per_positive, all_candidates, seed, console=console)
+                                          spacing_mm, negatives_per_positive, all_candidates, seed, console=console,
+                                          candidates_path=candidates)
             console.print(f"subset {k}: [bold]{summary.n_patches}[/] patches ({summary.n_positive} positive) from "
                           f"{summary.scans_done} scans ({summary.scans_new} new) in {summary.cache_dir}")
             failed = summary.failed
@@ -341,6 +377,8 @@ def evaluate(
     precision: PrecisionOption = Precision.auto,
     bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples of the scans for 95% intervals (0: none).")] = 1000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    candidates: Annotated[Optional[Path], typer.Option(
+        help="Model: the candidates to score (default: candidates_V2.csv of the data dir), e.g. one written by detect.")] = None,
     data_dir: DataDir = None,
     work_dir: WorkDir = None,
 ):
@@ -351,6 +389,8 @@ def evaluate(
         raise UserError("give exactly one of --submission FILE, --run NAME or --checkpoint FILE")
     root = data_dir_option(data_dir)
     subset_list = parse_subsets(subsets, "--subsets", required=True) if subsets is not None else None
+    if submission is not None and candidates is not None:
+        raise UserError("--candidates is for evaluating a model (--run or --checkpoint); a submission holds its own marks")
     if submission is not None:
         scan_list = seriesuids or (list(data.subset_scans(root, subset_list)) if subset_list else root / "seriesuids.csv")
         result = evaluation.score_submission(submission, annotations or root / "annotations.csv",
@@ -362,10 +402,11 @@ def evaluate(
     if subset_list is None:
         raise UserError("evaluating a model needs --subsets, e.g. --subsets 9")
     checkpoint = checkpoint or evaluation.checkpoint_for_run(work_dir_option(work_dir), run)
-    out_dir = out_dir or evaluation.default_eval_dir(work_dir_option(work_dir), run or checkpoint.stem, subset_list, views)
+    name = (run or checkpoint.stem) + (f"_{candidates.stem}" if candidates is not None else "")
+    out_dir = out_dir or evaluation.default_eval_dir(work_dir_option(work_dir), name, subset_list, views)
     result = evaluation.evaluate_model(checkpoint, root, subset_list, out_dir, views=views, batch_size=batch_size,
                                        workers=workers, device=device, precision=precision.value,
-                                       bootstrap=bootstrap, seed=seed, console=console)
+                                       bootstrap=bootstrap, seed=seed, console=console, candidates_path=candidates)
     if json_out is not None:
         data.atomic_write_json(json_out, result)
     console.print(evaluation.candidate_table(result))
@@ -443,8 +484,10 @@ def predict(
                                                          "several models, e.g. the folds of a crossval.")],
     scan: Annotated[Path, typer.Option(help="The CT: .mhd, NIfTI, or a DICOM series folder.")],
     coord: Annotated[List[str], typer.Option("--coord", help="World mm point X,Y,Z, LPS as in the LUNA16 CSVs (repeat for several).")] = [],
-    candidates: Annotated[Optional[Path], typer.Option(help="CSV of points with coordX,coordY,coordZ columns (world mm, LPS).")] = None,
+    candidates: Annotated[Optional[Path], typer.Option(help="CSV of points with coordX,coordY,coordZ columns (world mm, LPS). "
+                                                            "Without --coord and --candidates, detect finds them.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write the predictions here as CSV.")] = None,
+    max_per_scan: Annotated[int, typer.Option(min=1, help="Without --coord and --candidates: most candidates detect finds.")] = 300,
     views: Views = None,
     batch_size: BatchSize = 64,
     device: Device = "auto",
@@ -462,9 +505,14 @@ def predict(
     import predict as prediction
     rows = prediction.predict_scan(checkpoint, scan, coord, candidates, out, device=device, batch_size=batch_size,
                                    views=views, precision=precision.value, guideline=guideline.value,
-                                   nodule_type=nodule_type.value, risk=risk.value)
-    console.print(prediction.prediction_table(rows, title=f"{prediction.scan_name(scan)} ({len(rows)} points)",
-                                              n_models=len(checkpoint)))
+                                   nodule_type=nodule_type.value, risk=risk.value, max_per_scan=max_per_scan)
+    detected = not coord and candidates is None
+    if detected and not rows:
+        console.print(f"{prediction.scan_name(scan)}: no detected candidate reaches the checkpoint's cutoff")
+    else:
+        what = "findings at or above the cutoff among the detected candidates" if detected else "points"
+        console.print(prediction.prediction_table(rows, title=f"{prediction.scan_name(scan)} ({len(rows)} {what})",
+                                                  n_models=len(checkpoint)))
     if out is not None:
         console.print(f"written to {out}")
 

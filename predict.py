@@ -27,10 +27,12 @@ from typing import Optional, Sequence
 import numpy as np
 
 import data
+import detect
 import followup
 import head
 import sizing
 from data import UserError
+from detect import scan_name
 
 # HU at a candidate's centre that no lung nodule has: below, air outside the body or in an airway;
 # above, bone or metal. (Calcified nodules reach a few hundred HU, so the upper bound is generous.)
@@ -281,29 +283,29 @@ def _mm(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def scan_name(path) -> str:
-    """A scan's name: the folder of a DICOM series, else the file name without ``.mhd``/``.nii.gz``/..."""
-    path = Path(path)
-    if path.is_dir() or not path.suffix:
-        return path.name
-    return path.name[:-len(".nii.gz")] if path.name.endswith(".nii.gz") else path.stem
-
-
 def predict_scan(checkpoint, scan_path, coords: Sequence[str] = (), candidates=None, out=None,
                  device: str = "auto", batch_size: int = 64, views: Optional[int] = None,
                  precision: str = "auto", *, guideline: str = "fleischner", nodule_type: str = "solid",
-                 risk: str = "low") -> list[dict]:
+                 risk: str = "low", max_per_scan: int = detect.DEFAULT_MAX_PER_SCAN) -> list[dict]:
     """Points from ``--coord X,Y,Z`` strings or a candidates CSV -> :func:`predict_points` (one checkpoint or
     a list, averaged; ``guideline``, ``nodule_type`` and ``risk`` for the follow-up category), written to
-    ``out``."""
-    if bool(coords) == (candidates is not None):
-        raise UserError("give either --coord X,Y,Z (one or more) or --candidates FILE.csv")
+    ``out``. With neither, :func:`detect.detect_scan` finds up to ``max_per_scan`` candidates first and only the
+    findings at or above the cutoff are returned, highest probability first."""
+    if coords and candidates is not None:
+        raise UserError("give either --coord X,Y,Z (one or more) or --candidates FILE.csv, not both")
     if coords:
         world_xyz = np.array([parse_coordinate(c) for c in coords])
-    else:
+    elif candidates is not None:
         world_xyz = read_scan_points(candidates, scan_name=scan_name(scan_path))
+    else:
+        found = detect.detect_scan(data.read_ct(scan_path), max_per_scan)
+        if not len(found.score):
+            raise UserError(found.warning or f"scan {scan_name(scan_path)}: detect found no candidates")
+        world_xyz = found.world_xyz
     predictions = predict_points(checkpoint, Path(scan_path), world_xyz, device, batch_size, views, precision,
                                  guideline=guideline, nodule_type=nodule_type, risk=risk)
+    if not coords and candidates is None:
+        predictions = sorted((row for row in predictions if row["follow_up"]), key=lambda row: -row["probability"])
     if out is not None:
         write_predictions_csv(predictions, out)
     return predictions

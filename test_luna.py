@@ -1626,14 +1626,23 @@ def test_demo_runs_every_stage_and_keeps_the_readme_promise(tmp_path):
     import demo
     result = demo.run_demo(tmp_path / "demo", demo.DemoSettings())
     assert set(result["timings"]) >= {"synth", "extract", "cache-features", "train-head", "finetune", "evaluate"}
-    assert result["chosen"] == "demo-head" and set(result["all_metrics"]) == {"demo-head", "demo-finetune"}
-    metrics = result["metrics"]
+    assert set(result["all_metrics"]) == {"demo-head", "demo-finetune"}
+    assert result["validation_auc"][result["chosen"]] == max(result["validation_auc"].values())  # never on held-out
+    metrics, head_run = result["metrics"], result["all_metrics"]["demo-head"]
     assert metrics["subsets"] == [4] and metrics["n_candidates"] == 406 and metrics["n_positive"] == 57
-    assert metrics["auc"] >= 0.95 and metrics["cpm"] >= 0.8  # README: AUC 0.961, CPM 0.842
-    tuned = result["all_metrics"]["demo-finetune"]  # fine-tuning from the head must not lose on held-out data
-    assert tuned["auc"] >= metrics["auc"] and tuned["cpm"] >= metrics["cpm"]  # README: 0.989, 0.939
+    tuned = result["all_metrics"]["demo-finetune"]
+    # README: head AUC 0.960, CPM 0.852; fine-tuned 0.990, 0.857. Fine-tuning from the head must not lose AUC;
+    # the CPM of 57 nodule candidates in 8 scans varies by about 0.1 between equally good models, so each
+    # run's CPM is held to the floor rather than to the other's.
+    assert head_run["auc"] >= 0.95 and tuned["auc"] >= head_run["auc"]
+    assert min(head_run["cpm"], tuned["cpm"]) >= 0.8
+    # README: the size output within about 1.6 mm on average, of every nodule candidate; the plain measurement
+    # (-400 HU) misses the ground-glass ones
+    for run in (head_run, tuned):
+        assert run["size"]["model"]["n_measured"] == 57 and run["size"]["model"]["mae_mm"] < 2.0
+        assert run["size"]["plain"]["n_measured"] < 57
     page = result["report"].read_text()
-    for picture in ("training.png", "roc.png", "froc.png", "true_positives.png", "false_positives.png",
+    for picture in ("training.png", "roc.png", "froc.png", "size.png", "true_positives.png", "false_positives.png",
                     "false_negatives.png"):
         assert f'src="{picture}"' in page and (result["report"].parent / picture).stat().st_size > 1000
 
@@ -2503,6 +2512,14 @@ def test_size_output_learns_diameters_and_old_checkpoints_have_none(tmp_path):
     plain = train.train_head(work, features=tag, val_subsets=[1], test_subsets=[2], epochs=1, size_weight=0.0,
                              run="plain", quiet=True)
     assert not head.load_classifier(plain / "best.pt")[0].has_size
+    # fine-tuning from a head without a size output adds one (and trains it); --size-weight 0 drops it
+    tuned = train.finetune(work, head_from="plain", epochs=1, batch_size=8, epoch_samples=16, val_subsets=[1],
+                           test_subsets=[2], run="tuned", device="cpu", quiet=True, **SMALL_MODEL)
+    assert head.load_classifier(tuned / "best.pt")[0].has_size
+    assert np.isfinite(train.read_history(tuned / "history.csv")[0]["val_size_mae_mm"])
+    dropped = train.finetune(work, head_from="sized", epochs=1, batch_size=8, epoch_samples=8, val_subsets=[1],
+                             test_subsets=[2], size_weight=0.0, run="dropped", device="cpu", quiet=True, **SMALL_MODEL)
+    assert not head.load_classifier(dropped / "best.pt")[0].has_size
     nan = float("nan")
     assert float(head.size_loss(torch.zeros(2), torch.tensor([0.0, 1.0]), torch.tensor([8.0, nan]))) == 0.0
     loss = head.size_loss(torch.full((3,), math.log(4.0)), torch.tensor([0.0, 1.0, 1.0]), torch.tensor([nan, 8.0, 4.0]))
@@ -2569,3 +2586,177 @@ def test_predict_uses_the_size_output_and_shows_the_plain_measurement_beside_it(
     assert [float(w["plain_diameter_mm"]) for w in written] == [r["plain_diameter_mm"] for r in rows]
     caption = " ".join(str(predict.prediction_table(rows).caption).split())
     assert "the model's size output (the plain measurement beside it)" in caption and math.isfinite(rows[0]["diameter_mm"])
+
+
+# --- detect (issue 13) ---
+
+def _chest(shape_zyx=(80, 120, 170), nodule_mm: float = 10.0) -> tuple:
+    """A 1 mm chest: air, a body of soft tissue, two lungs (-850 HU) and a 40 HU sphere on the right lung's
+    lateral wall (centre 0.6 radii inside the lung). Returns (CTScan, nodule centre world mm)."""
+    import data
+    k, j, i = np.indices(shape_zyx, dtype=float)
+    nz, ny, nx = shape_zyx
+    volume = np.full(shape_zyx, -1000.0)
+    volume[((i - nx / 2) / (0.45 * nx)) ** 2 + ((j - ny / 2) / (0.42 * ny)) ** 2 < 1] = 40.0
+    centres_i = (nx / 2 - 0.22 * nx, nx / 2 + 0.22 * nx)
+    for ci in centres_i:
+        lung = ((i - ci) / (0.17 * nx)) ** 2 + ((j - ny / 2) / (0.3 * ny)) ** 2 + ((k - nz / 2) / (0.45 * nz)) ** 2 < 1
+        volume[lung] = -850.0
+    radius = nodule_mm / 2
+    centre_kji = np.array([nz / 2, ny / 2, centres_i[1] + 0.17 * nx - 0.6 * radius])
+    volume[(k - centre_kji[0]) ** 2 + (j - centre_kji[1]) ** 2 + (i - centre_kji[2]) ** 2 < radius ** 2] = 40.0
+    volume += np.random.default_rng(0).normal(0, 15, shape_zyx)
+    direction = np.diag([-1.0, 1.0, 1.0])
+    scan = data.CTScan(volume.astype(np.int16), np.array([80.0, -50.0, -200.0]), np.ones(3), direction, "chest")
+    return scan, data.index_to_world(centre_kji[::-1], scan)[0]
+
+
+def test_detect_lung_mask_keeps_a_juxtapleural_sphere_and_finds_it():
+    import data
+    import detect
+    scan, centre = _chest()
+    volume, grid = detect.resample_to_grid(scan)
+    mask, spacing = detect.lung_mask(volume, grid)
+    fine = detect.mask_on_grid(mask, volume.shape)
+    k, j, i = np.round(data.world_to_index(centre, grid)[0][::-1]).astype(int)
+    assert fine[k, j, i] and fine[k, j, i - 3] and spacing == 2.0
+    assert not fine[0, 0, 0] and not fine[k, 3, i] and not fine[k, j, volume.shape[2] - 2]  # air, body wall
+    assert fine[k, j, volume.shape[2] - 1 - i].sum() == 1                                  # the other lung
+    found = detect.detect_scan(scan, 20)
+    assert found.warning == "" and len(found.score) <= 20 and np.all(np.diff(found.score) <= 0)
+    assert np.linalg.norm(found.world_xyz[0] - centre) < 2.5, "the sphere should be the strongest blob"
+
+
+def test_detect_finds_every_phantom_nodule_of_4mm_at_the_default_limit():
+    import detect
+    import phantom
+    for seed in (0, 1, 2):
+        case = phantom.make_phantom_scan(np.random.default_rng(seed), phantom.SIZES["small"], negatives_per_scan=0)
+        found = detect.detect_scan(case.scan)
+        assert len(found.score) == detect.DEFAULT_MAX_PER_SCAN
+        for nodule in case.nodules:
+            if nodule.excluded or nodule.diameter_mm < 4:
+                continue
+            squared = ((found.world_xyz - nodule.center_xyz) ** 2).sum(axis=1)
+            assert (squared < nodule.radius_mm ** 2).any(), (seed, nodule.kind, nodule.diameter_mm)
+
+
+def test_detect_without_lung_warns_and_gives_no_candidates(tmp_path):
+    import data
+    import detect
+    from typer.testing import CliRunner
+    import luna_cli
+    for name, hu in (("only air", -1000), ("only tissue", 40)):
+        scan = data.CTScan(np.full((40, 64, 64), hu, np.int16), np.zeros(3), np.full(3, 2.0), np.eye(3), name)
+        found = detect.detect_scan(scan)
+        assert len(found.score) == 0 and name in found.warning and "no lung" in found.warning
+    data.write_mhd(scan, tmp_path / "tissue.mhd")
+    result = CliRunner().invoke(luna_cli.app, ["detect", "--scan", str(tmp_path / "tissue.mhd"),
+                                               "--out", str(tmp_path / "d.csv")])
+    assert result.exception is None and result.exit_code == 0
+    assert "no lung" in result.output and (tmp_path / "d.csv").read_text() == detect.CSV_COLUMNS + "\n"
+
+
+@pytest.fixture(scope="module")
+def detected(phantom_root, tmp_path_factory) -> Path:
+    """``detect --subsets 0`` of the phantom folder (2 scans), through the command line."""
+    from typer.testing import CliRunner
+    import luna_cli
+    out = tmp_path_factory.mktemp("detect") / "detected.csv"
+    result = CliRunner().invoke(luna_cli.app, ["detect", "--subsets", "0", "--data-dir", str(phantom_root),
+                                               "--out", str(out), "--max-per-scan", "40"])
+    assert result.exception is None and result.exit_code == 0, result.output
+    return out
+
+
+def test_detect_csv_classes_follow_the_hit_rule_and_a_rerun_adds_nothing(detected, phantom_root, monkeypatch):
+    import data
+    import detect
+    table, _ = data.read_point_csv(detected, "class")
+    assert detected.read_text().splitlines()[0] == detect.CSV_COLUMNS
+    annotations, _ = data.read_point_csv(phantom_root / "annotations.csv", "diameter_mm")
+    inside = ~np.isnan(data.match_diameters(table, annotations))
+    np.testing.assert_array_equal(table.value, inside.astype(float))
+    assert len(set(table.seriesuid)) == 2 and table.value.sum() >= 1
+    before = detected.read_bytes()
+    monkeypatch.setattr(detect, "detect_scan", lambda *a, **k: pytest.fail("a finished scan was detected again"))
+    summary = detect.detect_subsets(phantom_root, [0], detected, 40, show_progress=False)
+    assert summary.scans_new == 0 and detected.read_bytes() == before
+
+
+def test_detect_csv_round_trips_through_extract_and_evaluate(detected, phantom_root, tmp_path):
+    import json
+    from typer.testing import CliRunner
+    import luna_cli
+    work = tmp_path / "work"
+    base = ["--subsets", "0", "--data-dir", str(phantom_root), "--work-dir", str(work)]
+    result = CliRunner().invoke(luna_cli.app, ["extract", *base, "--candidates", str(detected), "--patch-size", "32",
+                                               "--all-candidates"])
+    assert result.exception is None and result.exit_code == 0, result.output
+    manifest = json.loads((work / "patches" / "subset0" / "manifest.json").read_text())
+    rows = [line for line in detected.read_text().splitlines()[1:]]
+    assert manifest["candidates_file"] == detected.name and manifest["n_patches"] == len(rows)
+    assert manifest["n_positive"] == sum(line.split(",")[4] == "1" for line in rows)
+    result = CliRunner().invoke(luna_cli.app, ["extract", *base, "--patch-size", "32", "--all-candidates"])
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 1
+    assert "candidates_file" in result.output and "Traceback" not in result.output
+    checkpoint = _tiny_checkpoint(tmp_path / "tiny.pt")
+    result = CliRunner().invoke(luna_cli.app, ["evaluate", "--checkpoint", str(checkpoint), *base, "--candidates",
+                                               str(detected), "--workers", "0", "--bootstrap", "0", "--device", "cpu",
+                                               "--out-dir", str(tmp_path / "eval")])
+    assert result.exception is None and result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["n_candidates"] == len(rows) and metrics["n_scans"] == 2
+    submitted = (tmp_path / "eval" / "submission.csv").read_text().splitlines()[1:]
+    assert sorted(line.split(",")[0] for line in submitted) == sorted(line.split(",")[0] for line in rows)
+
+
+def test_predict_scan_without_points_lists_the_detected_nodules(phantom_root, tmp_path):
+    import data
+    from typer.testing import CliRunner
+    import luna_cli
+    mhd = sorted((phantom_root / "subset0").glob("*.mhd"))[0]
+    annotations, _ = data.read_point_csv(phantom_root / "annotations.csv", "diameter_mm")
+    mine = annotations.take(np.flatnonzero(annotations.seriesuid == mhd.stem))
+    checkpoint = _tiny_checkpoint(tmp_path / "everything.pt", cutoff=0.0)   # every candidate is a finding
+    result = CliRunner().invoke(luna_cli.app, ["predict", "--checkpoint", str(checkpoint), "--scan", str(mhd),
+                                               "--device", "cpu", "--max-per-scan", "25",
+                                               "--out", str(tmp_path / "p.csv")])
+    assert result.exception is None and result.exit_code == 0, result.output
+    assert "findings at or above the cutoff among the detected candidates" in " ".join(result.output.split())
+    header, *lines = (tmp_path / "p.csv").read_text().splitlines()
+    rows = [dict(zip(header.split(","), line.split(","))) for line in lines]
+    probability = [float(row["probability"]) for row in rows]
+    assert len(rows) > len(mine) and probability == sorted(probability, reverse=True)
+    points = np.array([[float(row[c]) for c in ("coordX", "coordY", "coordZ")] for row in rows])
+    for centre, diameter in zip(mine.world_xyz, mine.value):
+        assert (((points - centre) ** 2).sum(axis=1) < (diameter / 2) ** 2).any()
+
+
+def test_detect_bad_input_is_named_and_the_other_scans_go_on(phantom_root, tmp_path):
+    import shutil
+    from typer.testing import CliRunner
+    import luna_cli
+    root = tmp_path / "luna"
+    (root / "subset0").mkdir(parents=True)
+    good = sorted((phantom_root / "subset0").glob("*.mhd"))[0]
+    for suffix in (".mhd", ".raw"):
+        shutil.copy(good.with_suffix(suffix), root / "subset0" / good.with_suffix(suffix).name)
+    broken = root / "subset0" / "1.2.3.broken.mhd"
+    broken.write_text("ObjectType = Image\nNDims = 3\nDimSize = 10 10 10\nElementType = MET_SHORT\n"
+                      "ElementDataFile = missing.raw\n")
+    out = tmp_path / "d.csv"
+    args = ["detect", "--subsets", "0", "--data-dir", str(root), "--out", str(out), "--max-per-scan", "20"]
+    result = CliRunner().invoke(luna_cli.app, args)
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 1
+    assert "1.2.3.broken" in result.output and "could not be read" in " ".join(result.output.split())
+    assert {line.split(",")[0] for line in out.read_text().splitlines()[1:]} == {good.stem}
+    for bad, words in ((["detect", "--out", str(out)], "either --subsets"),
+                       (["detect", "--scan", str(tmp_path / "nothing.mhd"), "--out", str(tmp_path / "e.csv")],
+                        "nothing.mhd"),
+                       (["detect", "--subsets", "0", "--data-dir", str(root), "--out", str(out)], "max_per_scan"),
+                       (["detect", "--scan", str(good), "--out", str(phantom_root / "candidates_V2.csv")],
+                        "not a file written by detect")):
+        result = CliRunner().invoke(luna_cli.app, bad)
+        assert isinstance(result.exception, SystemExit) and result.exit_code != 0
+        assert words in " ".join(result.output.split()), result.output

@@ -442,7 +442,7 @@ def run_fit(fit: Fit, resume_payload: Optional[Dict[str, Any]] = None,
             break
         if opts["patience"] and epoch - 1 - state.best_epoch >= opts["patience"]:
             if fit.job.main and not fit.quiet:
-                console.print(f"early stop: no better validation AUC for {opts['patience']} epochs "
+                console.print(f"early stop: no better validation AUC (or loss at equal AUC) for {opts['patience']} epochs "
                               f"(best {state.best_auc:.4f} at epoch {state.best_epoch})")
             break
         started = time.perf_counter()
