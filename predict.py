@@ -171,7 +171,8 @@ def size_and_follow_up(patches: np.ndarray, spacing_mm: float, follow_ups: Seque
 def predict_points(checkpoint, scan_path, world_xyz, device: str = "auto", batch_size: int = 64,
                    views: Optional[int] = None, precision: str = "auto", *, guideline: str = "fleischner",
                    nodule_type: str = "solid", risk: str = "low") -> list[dict]:
-    """Probability of a nodule at each world mm point ``(N, 3)`` (x, y, z) of one scan.
+    """Probability of a nodule at each world mm point ``(N, 3)`` (x, y, z) of one scan (a path, or a data.CTScan
+    already read).
 
     ``checkpoint``: one checkpoint, or a list of them (say the models of a cross-validation's folds), whose
     probabilities are averaged: the scan is read and the patches cut once, each model applies its own HU
@@ -195,8 +196,12 @@ def predict_points(checkpoint, scan_path, world_xyz, device: str = "auto", batch
     preprocess = models[0][2]["preprocess"]
     cutoffs = [float(meta["cutoff"]) if meta.get("cutoff") is not None else 0.5 for _, _, meta in models]
     cutoff = sum(cutoffs) / len(cutoffs)
-    scan, patches = data.read_and_extract(scan_path, world_xyz, int(preprocess["patch_size"]),
-                                          float(preprocess["spacing_mm"]))
+    if isinstance(scan_path, data.CTScan):   # already read (predict_scan's detection): cut from memory
+        scan = scan_path
+        patches = data.extract_patches(scan, world_xyz, int(preprocess["patch_size"]), float(preprocess["spacing_mm"]))
+    else:
+        scan, patches = data.read_and_extract(scan_path, world_xyz, int(preprocess["patch_size"]),
+                                              float(preprocess["spacing_mm"]))
     probability, model_diameters = _model_outputs(models, patches, torch_device, batch_size, views, precision)
     lo = int(preprocess["patch_size"]) // 2 - CENTRE_MM // 2
     hu_at_point = patches[:, lo:lo + CENTRE_MM, lo:lo + CENTRE_MM, lo:lo + CENTRE_MM].reshape(len(patches), -1).mean(1)
@@ -297,12 +302,14 @@ def predict_scan(checkpoint, scan_path, coords: Sequence[str] = (), candidates=N
         world_xyz = np.array([parse_coordinate(c) for c in coords])
     elif candidates is not None:
         world_xyz = read_scan_points(candidates, scan_name=scan_name(scan_path))
-    else:
-        found = detect.detect_scan(data.read_ct(scan_path), max_per_scan)
+    scan = Path(scan_path)
+    if not coords and candidates is None:
+        scan = data.read_ct(scan_path)   # read once: detection and the patches both use it
+        found = detect.detect_scan(scan, max_per_scan)
         if not len(found.score):
             raise UserError(found.warning or f"scan {scan_name(scan_path)}: detect found no candidates")
         world_xyz = found.world_xyz
-    predictions = predict_points(checkpoint, Path(scan_path), world_xyz, device, batch_size, views, precision,
+    predictions = predict_points(checkpoint, scan, world_xyz, device, batch_size, views, precision,
                                  guideline=guideline, nodule_type=nodule_type, risk=risk)
     if not coords and candidates is None:
         predictions = sorted((row for row in predictions if row["follow_up"]), key=lambda row: -row["probability"])

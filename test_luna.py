@@ -2711,7 +2711,7 @@ def test_detect_csv_round_trips_through_extract_and_evaluate(detected, phantom_r
     assert sorted(line.split(",")[0] for line in submitted) == sorted(line.split(",")[0] for line in rows)
 
 
-def test_predict_scan_without_points_lists_the_detected_nodules(phantom_root, tmp_path):
+def test_predict_scan_without_points_lists_the_detected_nodules(phantom_root, tmp_path, monkeypatch):
     import data
     from typer.testing import CliRunner
     import luna_cli
@@ -2719,11 +2719,15 @@ def test_predict_scan_without_points_lists_the_detected_nodules(phantom_root, tm
     annotations, _ = data.read_point_csv(phantom_root / "annotations.csv", "diameter_mm")
     mine = annotations.take(np.flatnonzero(annotations.seriesuid == mhd.stem))
     checkpoint = _tiny_checkpoint(tmp_path / "everything.pt", cutoff=0.0)   # every candidate is a finding
+    reads = []   # the scan is read once: detection and the patches share it
+    monkeypatch.setattr(data, "read_ct", lambda *a, _read=data.read_ct: reads.append(a) or _read(*a))
+    monkeypatch.setattr(data, "read_and_extract", lambda *a, _read=data.read_and_extract: reads.append(a) or _read(*a))
     result = CliRunner().invoke(luna_cli.app, ["predict", "--checkpoint", str(checkpoint), "--scan", str(mhd),
                                                "--device", "cpu", "--max-per-scan", "25",
                                                "--out", str(tmp_path / "p.csv")])
     assert result.exception is None and result.exit_code == 0, result.output
     assert "findings at or above the cutoff among the detected candidates" in " ".join(result.output.split())
+    assert len(reads) == 1, reads
     header, *lines = (tmp_path / "p.csv").read_text().splitlines()
     rows = [dict(zip(header.split(","), line.split(","))) for line in lines]
     probability = [float(row["probability"]) for row in rows]
