@@ -288,14 +288,29 @@ def _mm(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def distinct_findings(predictions: Sequence[dict], unknown_diameter_mm: float = 5.0) -> list[dict]:
+    """The rows at or above the cutoff, highest probability first, without those on a finding already kept:
+    a row is dropped when its sphere overlaps a kept one's (centres closer than the mean of the two diameters,
+    ``unknown_diameter_mm`` where a diameter is unknown). Detection leaves several candidates on a large nodule."""
+    kept: list[dict] = []
+    for row in sorted((r for r in predictions if r["follow_up"]), key=lambda r: -r["probability"]):
+        centre = np.array([row["coordX"], row["coordY"], row["coordZ"]])
+        size = row.get("diameter_mm") or unknown_diameter_mm
+        if all(np.linalg.norm(centre - [k["coordX"], k["coordY"], k["coordZ"]]) >=
+               (size + (k.get("diameter_mm") or unknown_diameter_mm)) / 2.0 for k in kept):
+            kept.append(row)
+    return kept
+
+
 def predict_scan(checkpoint, scan_path, coords: Sequence[str] = (), candidates=None, out=None,
                  device: str = "auto", batch_size: int = 64, views: Optional[int] = None,
                  precision: str = "auto", *, guideline: str = "fleischner", nodule_type: str = "solid",
                  risk: str = "low", max_per_scan: int = detect.DEFAULT_MAX_PER_SCAN) -> list[dict]:
     """Points from ``--coord X,Y,Z`` strings or a candidates CSV -> :func:`predict_points` (one checkpoint or
     a list, averaged; ``guideline``, ``nodule_type`` and ``risk`` for the follow-up category), written to
-    ``out``. With neither, :func:`detect.detect_scan` finds up to ``max_per_scan`` candidates first and only the
-    findings at or above the cutoff are returned, highest probability first."""
+    ``out``. With neither, :func:`detect.detect_scan` finds up to ``max_per_scan`` candidates first, and the
+    distinct findings at or above the cutoff (:func:`distinct_findings`) are returned, highest probability first,
+    with their follow-up categories for that number of nodules."""
     if coords and candidates is not None:
         raise UserError("give either --coord X,Y,Z (one or more) or --candidates FILE.csv, not both")
     if coords:
@@ -309,10 +324,13 @@ def predict_scan(checkpoint, scan_path, coords: Sequence[str] = (), candidates=N
         if not len(found.score):
             raise UserError(found.warning or f"scan {scan_name(scan_path)}: detect found no candidates")
         world_xyz = found.world_xyz
-    predictions = predict_points(checkpoint, scan, world_xyz, device, batch_size, views, precision,
-                                 guideline=guideline, nodule_type=nodule_type, risk=risk)
+    options = dict(guideline=guideline, nodule_type=nodule_type, risk=risk)
+    predictions = predict_points(checkpoint, scan, world_xyz, device, batch_size, views, precision, **options)
     if not coords and candidates is None:
-        predictions = sorted((row for row in predictions if row["follow_up"]), key=lambda row: -row["probability"])
+        findings = distinct_findings(predictions)
+        predictions = [] if not findings else predict_points(   # again on the findings alone: their number and
+            checkpoint, scan, np.array([[r["coordX"], r["coordY"], r["coordZ"]] for r in findings]), device,
+            batch_size, views, precision, **options)            # size categories are those of distinct nodules
     if out is not None:
         write_predictions_csv(predictions, out)
     return predictions

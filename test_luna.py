@@ -2764,3 +2764,16 @@ def test_detect_bad_input_is_named_and_the_other_scans_go_on(phantom_root, tmp_p
         result = CliRunner().invoke(luna_cli.app, bad)
         assert isinstance(result.exception, SystemExit) and result.exit_code != 0
         assert words in " ".join(result.output.split()), result.output
+
+
+def test_distinct_findings_keep_one_row_per_overlapping_sphere():
+    import predict
+
+    def row(x, p, d, follow=True):
+        return {"coordX": x, "coordY": 0.0, "coordZ": 0.0, "probability": p, "diameter_mm": d, "follow_up": follow}
+    rows = [row(0.0, 0.9, 20.0), row(9.0, 0.95, 14.0), row(30.0, 0.8, None), row(34.0, 0.7, None),
+            row(36.0, 0.6, 6.0), row(60.0, 0.99, 8.0, follow=False)]
+    kept = predict.distinct_findings(rows)
+    # 9 mm apart with diameters 14 and 20: one sphere (the likelier kept); 30 and 34 without sizes (5 mm each):
+    # 4 mm apart, one; 36 (6 mm) is 6 mm from 30: (5 + 6) / 2 = 5.5, a separate finding; below the cutoff: none
+    assert [r["coordX"] for r in kept] == [9.0, 30.0, 36.0]
