@@ -727,7 +727,9 @@ def _subset_candidates(data_dir: Path, candidates_path: Path, scans: dict, subse
     annotations = PointTable.empty()
     if annotations_path.is_file():
         annotations, more = read_point_csv(annotations_path, "diameter_mm", strict=False)
-        problems += more
+        sizeless = annotations.line[annotations.value <= 0]
+        problems += more + ([f"{annotations_path}, line(s) {', '.join(map(str, sizeless[:20]))}: diameter_mm is not "
+                             f"positive; those nodules give their candidates no size"] if len(sizeless) else [])
     else:
         problems.append(f"{annotations_path}: not found, diameter_mm left empty")
     selected = candidates.take(select_candidates(candidates, set(scans), subset, wanted["seed"],

@@ -2777,3 +2777,26 @@ def test_distinct_findings_keep_one_row_per_overlapping_sphere():
     # 9 mm apart with diameters 14 and 20: one sphere (the likelier kept); 30 and 34 without sizes (5 mm each):
     # 4 mm apart, one; 36 (6 mm) is 6 mm from 30: (5 + 6) / 2 = 5.5, a separate finding; below the cutoff: none
     assert [r["coordX"] for r in kept] == [9.0, 30.0, 36.0]
+
+
+def test_extract_names_annotations_without_a_size_and_leaves_their_diameter_empty(phantom_root, tmp_path):
+    import shutil
+    import data
+    root = tmp_path / "luna16"
+    shutil.copytree(phantom_root, root)
+    header, *lines = (root / "annotations.csv").read_text().splitlines()
+    uids0 = {p.stem for p in (root / "subset0").glob("*.mhd")}
+    first = next(n for n, line in enumerate(lines) if line.split(",")[0] in uids0)
+    fields = lines[first].split(",")
+    lines[first] = ",".join(fields[:4] + ["-1"])
+    (root / "annotations.csv").write_text("\n".join([header] + lines) + "\n")
+    summary = data.extract_subset(root, tmp_path / "work", 0, 32, 1.0, show_progress=False)
+    assert any(f"annotations.csv, line(s) {first + 2}: diameter_mm is not positive" in p for p in summary.problems)
+    centre = np.array([float(v) for v in fields[1:4]])
+    rows = data.read_cache_index(summary.cache_dir)
+    radius = float(fields[4]) / 2.0
+    near = [r for r in rows if r[0] == fields[0] and np.linalg.norm(np.array(r[1:4], float) - centre) < radius]
+    assert near and all(r[5] == "" for r in near)
+    (root / "annotations.csv").write_text("seriesuid,coordX,coordY,coordZ\n")
+    with pytest.raises(data.UserError, match=r"annotations.csv: missing column\(s\) diameter_mm"):
+        data.extract_subset(root, tmp_path / "other", 0, 32, 1.0, show_progress=False)
