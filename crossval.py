@@ -36,9 +36,10 @@ STAGES = ("head", "finetune")
 # The training options crossval passes on to each stage, when given (the others take the stage's defaults).
 # ``views`` (both stages) and ``precision`` (finetune; evaluation only for head) are handled on their own.
 STAGE_OPTIONS = {
-    "head": ("features", "epochs", "batch_size", "lr", "seed", "patience", "epoch_samples"),
-    "finetune": ("epochs", "batch_size", "lr", "seed", "patience", "epoch_samples", "weights", "feature_size",
-                 "window_size", "pooling"),
+    "head": ("features", "epochs", "batch_size", "lr", "seed", "patience", "epoch_samples", "positive_share",
+             "size_weight"),
+    "finetune": ("epochs", "batch_size", "lr", "seed", "patience", "epoch_samples", "positive_share", "size_weight",
+                 "weights", "feature_size", "window_size", "pooling"),
 }
 TRAINING_OPTIONS = tuple(dict.fromkeys(STAGE_OPTIONS["head"] + STAGE_OPTIONS["finetune"]))
 FOLD_COLUMNS = ("fold", "test_subset", "val_subset", "run", "checkpoint", "n_scans", "n_candidates", "auc", "cpm")
@@ -239,7 +240,7 @@ def run_crossval(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str
                  patience: Optional[int] = None, epoch_samples: Optional[int] = None, weights: Optional[Path] = None,
                  feature_size: Optional[int] = None, window_size: Optional[int] = None,
                  pooling: Optional[str] = None, views: Optional[int] = None, precision: Optional[str] = None,
-                 device: str = "auto", workers: Optional[int] = None, bootstrap: int = 1000,
+                 positive_share: Optional[float] = None, size_weight: Optional[float] = None, device: str = "auto", workers: Optional[int] = None, bootstrap: int = 1000,
                  json_out: Optional[Path] = None, quiet: bool = False, console=None) -> Dict[str, Any]:
     """Cross-validate over the subsets ``folds`` (see the module docstring); returns the pooled metrics.
 

@@ -429,7 +429,7 @@ def _positive_if_given(value: Optional[float]) -> Optional[float]:
 
 
 CROSSVAL_OPTIONS = ["features", "epochs", "batch_size", "lr", "seed", "patience", "epoch_samples", "weights",
-                    "feature_size", "window_size", "pooling", "views", "precision"]
+                    "feature_size", "window_size", "pooling", "views", "precision", "positive_share", "size_weight"]
 
 
 @app.command()
@@ -448,6 +448,8 @@ def crossval(
     seed: Seed = None,
     patience: Patience = None,
     epoch_samples: EpochSamples = None,
+    positive_share: Annotated[Optional[float], typer.Option(min=0.01, max=0.99, help="Share of each epoch's draws that are nodules (default: the stage's own).")] = None,
+    size_weight: Annotated[Optional[float], typer.Option(min=0.0, help="Weight of the size loss (default: the stage's own; 0: no size output).")] = None,
     weights: Weights = None,
     feature_size: FeatureSize = None,
     window_size: WindowSize = None,

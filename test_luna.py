@@ -2100,11 +2100,12 @@ def test_crossval_finetune_passes_its_options_to_each_fold(crossval_run, tmp_pat
     monkeypatch.setattr(train, "finetune", fake_finetune)
     result = crossval.run_crossval(work, root, [0, 1], "ft", stage="finetune", epochs=1, feature_size=12,
                                    window_size=4, views=2, precision="fp32", device="cpu", workers=0, bootstrap=0,
-                                   quiet=True)
+                                   positive_share=0.2, size_weight=0.5, quiet=True)
     assert [(c["run"], c["val_subsets"], c["test_subsets"], c["resume"]) for c in calls] == \
         [("ft-fold0", [1], [0], False), ("ft-fold1", [0], [1], False)]
     assert all(c["views"] == 2 and c["precision"] == "fp32" and c["workers"] == 0 and c["epochs"] == 1
-               and c["feature_size"] == 12 and "features" not in c for c in calls)
+               and c["feature_size"] == 12 and c["positive_share"] == 0.2 and c["size_weight"] == 0.5
+               and "features" not in c for c in calls)
     assert result["views"] == 2 and result["stage"] == "finetune" and len(result["fold_cpm"]) == 2
     assert (work / "crossval" / "ft" / "fold1" / "metrics.json").is_file()
 

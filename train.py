@@ -237,8 +237,14 @@ def plot_history(path: Path, history: List[Dict[str, float]]) -> None:
     for axis in (ax_loss, ax_val):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("binary cross-entropy")
-    ax_loss.legend()
+    ax_loss.set_ylabel("binary cross-entropy (training: + weighted size loss)")
+    ax_loss.legend(loc="upper left")
+    size_mae = [row.get("val_size_mae_mm", math.nan) for row in history]
+    if any(math.isfinite(v) for v in size_mae):
+        ax_size = ax_loss.twinx()
+        ax_size.plot(epochs, size_mae, "^:", color="tab:green", label="validation size MAE (mm)")
+        ax_size.set_ylabel("diameter MAE of the nodules (mm)")
+        ax_size.legend(loc="upper right")
     ax_val.plot(epochs, [row["val_accuracy"] for row in history], "o-", label="validation accuracy (0.5)")
     ax_val.plot(epochs, [row["val_auc"] for row in history], "s-", label="validation ROC AUC")
     ax_val.set_xlabel("epoch")
