@@ -658,8 +658,8 @@ def evaluate_model(checkpoint: Path, data_dir: Path, subsets: list[int], out_dir
     froc = score_marks(marks, [uid for uid in scans if uid not in unreadable],
                        annotations, read_findings(data_dir / "annotations_excluded.csv"),
                        bootstrap=bootstrap, seed=seed)
-    size = size_metrics(annotated[scored], {"model": scores[scored, 1], "plain": scores[scored, 2]})
-    size["model_has_size_output"] = bool(run.model.has_size)
+    title = f"{checkpoint.parent.name}/{checkpoint.name}"
+    size = _evaluate_sizes(annotated[scored], scores[scored], run.model.has_size, out_dir / "size.png", title)
     labels = candidates.value[scored] > 0.5
     result = _candidate_metrics(labels, marks.value, meta.get("cutoff"))
     result.update({
@@ -672,10 +672,7 @@ def evaluate_model(checkpoint: Path, data_dir: Path, subsets: list[int], out_dir
         "candidates_per_second": n_new / seconds_scoring if n_new else None,
         "files": {name: str(out_dir / name) for name in
                   ("submission.csv", "predictions.csv", "metrics.json", "roc.png", "froc.png", "size.png")}})
-    title = f"{checkpoint.parent.name}/{checkpoint.name}"
     plot_roc(labels, marks.value, out_dir / "roc.png", title=title)
-    plot_sizes(annotated[scored], {"model": scores[scored, 1], "plain": scores[scored, 2]}, out_dir / "size.png",
-               title=title)
     plot_froc(froc, out_dir / "froc.png", title=title)
     data.atomic_write_json(out_dir / "metrics.json", result)
     return result
@@ -740,6 +737,14 @@ def size_agreement(annotated: np.ndarray, estimate: np.ndarray) -> dict:
             "by_band": {band: _errors(error[true_band[measured] == band]) for band in SIZE_BANDS},
             "bands": list(SIZE_BANDS), "confusion": confusion,
             "agreement": float((true_band == found_band).mean()) if len(annotated) else None}
+
+
+def _evaluate_sizes(annotated: np.ndarray, scores: np.ndarray, model_has_size: bool, figure: Path, title: str) -> dict:
+    """:func:`size_metrics` of the model's and the plain diameters (columns 1 and 2 of evaluate's ``scores``)
+    against ``annotated``, and their scatter plot in ``figure``."""
+    estimates = {"model": scores[:, 1], "plain": scores[:, 2]}
+    plot_sizes(annotated, estimates, figure, title=title)
+    return dict(size_metrics(annotated, estimates), model_has_size_output=bool(model_has_size))
 
 
 def size_metrics(annotated: np.ndarray, estimates: dict) -> dict:
