@@ -2700,7 +2700,7 @@ def test_detect_csv_round_trips_through_extract_and_evaluate(detected, phantom_r
     assert manifest["n_positive"] == sum(line.split(",")[4] == "1" for line in rows)
     result = CliRunner().invoke(luna_cli.app, ["extract", *base, "--patch-size", "32", "--all-candidates"])
     assert isinstance(result.exception, SystemExit) and result.exit_code == 1
-    assert "candidates_file" in result.output and "Traceback" not in result.output
+    assert "candidates_file" in result.output
     checkpoint = _tiny_checkpoint(tmp_path / "tiny.pt")
     result = CliRunner().invoke(luna_cli.app, ["evaluate", "--checkpoint", str(checkpoint), *base, "--candidates",
                                                str(detected), "--workers", "0", "--bootstrap", "0", "--device", "cpu",
