@@ -525,11 +525,11 @@ def bench_mining(seeds: str = "0,1", scans_per_subset: int = 12, negatives_per_s
 SHARED_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data")
 
 
-def _size_rows(metrics: dict, run: str) -> list:
+def _size_rows(metrics: dict, run: str, estimates=("model", "plain")) -> list:
     """Table rows of evaluate's size metrics of one run: per estimate, MAE (bias) overall and per band, agreement."""
     import evaluate
     rows = []
-    for estimate in ("model", "plain"):
+    for estimate in estimates:
         found = metrics["size"][estimate]
         cells = [found["by_band"][band] for band in evaluate.SIZE_BANDS]
         fmt = lambda e: "-" if e["mae_mm"] is None else f"{e['mae_mm']:.2f} ({e['bias_mm']:+.2f}), n={e['n']}"
@@ -593,7 +593,8 @@ def bench_size(demo_dir: str = "demo_work", scans: int = 24, seed: int = 100):
     for name, checkpoint in runs.items():
         metrics = evaluate.evaluate_model(checkpoint, root, [0], work / "bench_size" / name, views=8, workers=1,
                                           device="cpu", bootstrap=0)
-        for row in _size_rows(metrics, name)[: 1 if name != "demo-finetune" else 2]:
+        last = name == list(runs)[-1]   # the plain measurement is the same for every run: shown once
+        for row in _size_rows(metrics, name, ("model", "plain") if last else ("model",)):
             table.add_row(*row)
     console.print(table)
     real = _real_nodule_sizes(runs)

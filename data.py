@@ -536,14 +536,15 @@ def match_diameters(candidates: PointTable, annotations: PointTable) -> np.ndarr
     diameters = np.full(len(candidates), np.nan)
     annotations = annotations.take(np.flatnonzero(annotations.value > 0))
     by_scan = annotations.rows_by_scan()
-    for row, uid in enumerate(candidates.seriesuid):
-        rows = by_scan.get(uid)
-        if rows is None:
+    for uid, rows in candidates.rows_by_scan().items():   # one (candidates x nodules) distance table a scan
+        found = by_scan.get(uid)
+        if found is None:
             continue
-        squared = ((annotations.world_xyz[rows] - candidates.world_xyz[row]) ** 2).sum(axis=1)
-        inside = np.flatnonzero(squared < (annotations.value[rows] / 2.0) ** 2)
-        if len(inside):
-            diameters[row] = annotations.value[rows][inside[np.argmin(squared[inside])]]
+        squared = ((candidates.world_xyz[rows, None, :] - annotations.world_xyz[None, found, :]) ** 2).sum(axis=2)
+        squared[squared >= (annotations.value[found] / 2.0) ** 2] = np.inf
+        nearest = np.argmin(squared, axis=1)
+        hit = np.isfinite(squared[np.arange(len(rows)), nearest])
+        diameters[rows[hit]] = annotations.value[found][nearest[hit]]
     return diameters
 
 

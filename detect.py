@@ -363,15 +363,13 @@ def scan_name(path) -> str:
     return path.name[:-len(".nii.gz")] if path.name.endswith(".nii.gz") else path.stem
 
 
-def known_scans(data_dir) -> set:
-    """The seriesuids a LUNA16 folder knows (``seriesuids.csv``, its subset folders, ``annotations.csv``)."""
+def known_scans(data_dir, annotations: Optional[PointTable]) -> set:
+    """The seriesuids a LUNA16 folder knows (``seriesuids.csv``, its subset folders, and its ``annotations``)."""
     data_dir = Path(data_dir)
     known = set(data.scan_subset_map(data_dir))
     if (data_dir / "seriesuids.csv").is_file():
         known |= set(data.read_seriesuids(data_dir / "seriesuids.csv"))
-    if (data_dir / "annotations.csv").is_file():
-        known |= set(data.read_point_csv(data_dir / "annotations.csv", "diameter_mm", strict=False)[0].seriesuid)
-    return known
+    return known | (set(annotations.seriesuid) if annotations is not None else set())
 
 
 def hit_classes(uid: str, world_xyz: np.ndarray, annotations: Optional[PointTable]) -> list[str]:
@@ -405,8 +403,14 @@ def detect_path(scan_path, out_csv=None, max_per_scan: int = DEFAULT_MAX_PER_SCA
     if out_csv is not None:
         check_output(out_csv)
     detections = detect_scan(data.read_ct(scan_path), max_per_scan)
-    annotations = _annotations_of(data_dir) if data_dir is not None and uid in known_scans(data_dir) else None
-    classes = hit_classes(uid, detections.world_xyz, annotations)
+    annotations, problems = None, []   # annotations.csv read once: for the known scans and the classes
+    path = Path(data_dir) / "annotations.csv" if data_dir is not None else None
+    if path is not None and path.is_file():
+        annotations, problems = data.read_point_csv(path, "diameter_mm", strict=False)
+    known = data_dir is not None and uid in known_scans(data_dir, annotations)
+    if known and problems:   # its nodules are needed: a bad row would lose one
+        raise UserError(data.problems_message(path, problems, "line(s)"))
+    classes = hit_classes(uid, detections.world_xyz, annotations if known else None)
     if out_csv is not None:
         data.atomic_write_text(out_csv, "\n".join([CSV_COLUMNS] + csv_lines(uid, detections, classes)) + "\n")
     return uid, detections, classes

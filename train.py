@@ -827,7 +827,7 @@ class PatchBatches:
             diameter.append(d)
         gathered = gather_objects(self.job, (np.concatenate(probability), np.concatenate(diameter), mine))
         probability, diameter, rows = (np.concatenate([g[i] for g in gathered]) for i in range(3))
-        logits = np.log(np.clip(probability, 1e-12, 1.0)) - np.log(np.clip(1.0 - probability, 1e-12, 1.0))
+        logits = torch.logit(torch.from_numpy(probability), eps=1e-12).numpy()
         return ValOutputs(logits, self.val_pool.labels[rows], self.val_pool.diameters[rows],
                           np.log(diameter) if classifier.has_size else None)
 
