@@ -42,7 +42,8 @@ AIR_HU = -400.0             # below: air or aerated lung, for the lung mask
 OUTSIDE_HU = -950.0         # below, on 2 mm block means, and touching the in-plane border: the air around the body
 OUTSIDE_MARGIN_MM = 4.0     # lung air this close to the air around the body is not lung (the skin's partial volume)
 MIN_LUNG_ML = 100.0         # less air than this inside the body: no lung in the scan
-SECOND_LUNG_SHARE = 0.1     # the second air component is a lung when it holds this share of the first
+MIN_PIECE_ML = 2.0          # smaller air components are not kept as lung
+GAS_HU = -975.0             # an air component whose median (2 mm block means) is below this is gas, not lung
 CLOSING_MM = 15.0           # ball radius of the mask's closing: keeps nodules on the pleura up to 30 mm inside
 SIGMAS_MM = (0.8, 1.13, 1.6, 2.26, 3.2, 4.5, 6.4, 9.05, 12.8)   # Gaussian scales, ratio sqrt 2
 LEVEL_LAST_SIGMA = (2.26, 6.4)  # the pyramid halves its voxel count per axis after these scales
@@ -54,7 +55,7 @@ MERGE_MM = 4.0              # candidates closer than this are one
 DEFAULT_MAX_PER_SCAN = 300
 # What makes the candidates (the resumable files are keyed by it).
 DETECTOR = dict(grid_mm=GRID_MM, air_hu=AIR_HU, outside_hu=OUTSIDE_HU, outside_margin_mm=OUTSIDE_MARGIN_MM,
-                min_lung_ml=MIN_LUNG_ML, second_lung_share=SECOND_LUNG_SHARE, closing_mm=CLOSING_MM,
+                min_lung_ml=MIN_LUNG_ML, min_piece_ml=MIN_PIECE_ML, gas_hu=GAS_HU, closing_mm=CLOSING_MM,
                 clip_hu=CLIP_HU, sigmas_mm=list(SIGMAS_MM), min_score_hu=MIN_SCORE_HU, raw_peaks=RAW_PEAKS,
                 blobness_power=BLOBNESS_POWER, merge_mm=MERGE_MM)
 CSV_COLUMNS = "seriesuid,coordX,coordY,coordZ,class,score"
@@ -142,21 +143,48 @@ def _distance_outside(mask: np.ndarray, spacing_mm: float) -> np.ndarray:
         useImageSpacing=True))
 
 
+def _body(hu: np.ndarray, spacing_mm: float, axial: int) -> np.ndarray:
+    """Boolean ``[k, j, i]``: the body, the largest face-connected component at tissue density (``AIR_HU`` and
+    above), with its holes filled on every axial slice (so the lungs and airways are in it, and the air between
+    the body and the table or the arms is not)."""
+    import SimpleITK as sitk
+    components = sitk.ConnectedComponent(_image((hu >= AIR_HU).astype(np.uint8), spacing_mm), False)
+    body = sitk.GetArrayFromImage(sitk.RelabelComponent(components, sortByObjectSize=True)) == 1
+    filled = np.moveaxis(body, axial, 0).copy()
+    for n, plane in enumerate(filled):
+        if plane.any():
+            filled[n] = sitk.GetArrayFromImage(sitk.BinaryFillhole(sitk.GetImageFromArray(plane.astype(np.uint8)))) > 0
+    return np.moveaxis(filled, 0, axial)
+
+
 def _lung_components(hu: np.ndarray, spacing_mm: float, axial: int) -> Optional[np.ndarray]:
     """Boolean ``[k, j, i]`` of the lung air components of a HU volume (see the module docstring), or None.
 
-    The air around the body (below OUTSIDE_HU and touching the in-plane border) and ``OUTSIDE_MARGIN_MM`` around
-    it are taken out first, so that lung air that meets it (a body wall thinner than a voxel) stays apart."""
-    outside_labels, outside_ml = _border_components(hu < OUTSIDE_HU, spacing_mm, axial)
-    outside = (outside_labels > 0) & (outside_ml[outside_labels] == 0)
-    air = (hu < AIR_HU) & (_distance_outside(outside, spacing_mm) > OUTSIDE_MARGIN_MM)
+    Lung air is air inside the body (:func:`_body`) and more than ``OUTSIDE_MARGIN_MM`` from the air around it
+    (a body wall thinner than a voxel keeps the two apart). Every component of it with at least ``MIN_PIECE_ML``
+    and the density of aerated lung (median above ``GAS_HU``: not bowel or stomach gas) is kept, so an apex or a
+    lobe that the scan shows apart from the rest stays in; the largest must hold ``MIN_LUNG_ML``."""
+    body = _body(hu, spacing_mm, axial)
+    air = (hu < AIR_HU) & body & (_distance_outside(~body, spacing_mm) > OUTSIDE_MARGIN_MM)
     labels, sizes = _border_components(air, spacing_mm, axial)
     order = np.argsort(sizes)[::-1]
     if sizes[order[0]] < MIN_LUNG_ML:
         return None
-    keep = [order[0]] + [label for label in order[1:2] if sizes[label] >= max(MIN_LUNG_ML, SECOND_LUNG_SHARE
-                                                                              * sizes[order[0]])]
+    candidates = [label for label in order if sizes[label] >= MIN_PIECE_ML]
+    median = _component_medians(hu, labels, candidates)
+    keep = [label for label in candidates if label == order[0] or median[label] > GAS_HU]
     return np.isin(labels, keep)
+
+
+def _component_medians(hu: np.ndarray, labels: np.ndarray, wanted: list) -> dict:
+    """Median HU of each wanted label's voxels."""
+    picked = np.isin(labels, wanted)
+    values, owners = hu[picked], labels[picked]
+    order = np.argsort(owners, kind="stable")
+    values, owners = values[order], owners[order]
+    starts = np.searchsorted(owners, wanted)
+    ends = np.searchsorted(owners, wanted, side="right")
+    return {label: float(np.median(values[a:b])) for label, a, b in zip(wanted, starts, ends)}
 
 
 def close_mask(mask: np.ndarray, spacing_mm: float, radius_mm: float) -> np.ndarray:
