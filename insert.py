@@ -55,6 +55,7 @@ MIN_SHEET_POINTS = 40       # a fissure holds together over at least this many t
 NEGATIVE_SHARES = (("vessel", 0.3), ("vessel-crossing", 0.15), ("pleura", 0.15), ("near-nodule", 0.15),
                    ("parenchyma", 0.25))
 TRIES = 60
+FULL_AFTER_MISSES = 5    # this many nodules in a row that fit nowhere: the lungs are full
 
 
 # --- what the CT shows ----------------------------------------------------------
@@ -80,6 +81,7 @@ class LungMaps:
     vessel_radius_mm: np.ndarray
     fissure: np.ndarray
     crossing: np.ndarray
+    spots: dict = field(default_factory=dict)
 
     def to_world(self, index_kji: np.ndarray) -> np.ndarray:
         """``(N, 3)`` array indices ``[k, j, i]`` (float allowed) -> world mm ``(N, 3)``."""
@@ -175,33 +177,54 @@ def lung_maps(scan: CTScan, rng: np.random.Generator) -> Optional[LungMaps]:
 
 # --- placing nodules ---------------------------------------------------------------
 
+LOOSE_RULES = {  # every spot any nodule (1.5-15 mm radius) of a placement could use: the radius rules narrow it
+    ("isolated", "isolated"): lambda m: m.air & (m.depth_mm > 5.5) & (m.vessel_mm > 3.5),
+    ("vessel", "touching"): lambda m: m.air & (m.depth_mm > 4.5) & (m.vessel_mm > 0.5) & (m.vessel_mm <= 15.5),
+    ("vessel", "engulfing"): lambda m: m.vessel & (m.vessel_radius_mm <= 6.0) & (m.depth_mm > 4.5),
+    ("pleura", "pleura"): lambda m: m.air & (m.depth_mm >= 0.45) & (m.depth_mm <= 10.5),
+}
+
+
+def _loose_centres(maps: LungMaps, placement: str, detail: str) -> np.ndarray:
+    """Flat indices of the analysis grid that suit some nodule of a placement (kept on ``maps``)."""
+    key = (placement, detail)
+    if key not in maps.spots:
+        if placement == "fissure":
+            flat = np.ravel_multi_index(maps.fissure.T, maps.hu.shape) if len(maps.fissure) else np.zeros(0, int)
+        else:
+            flat = np.flatnonzero(LOOSE_RULES[key](maps).ravel())
+        maps.spots[key] = flat
+    return maps.spots[key]
+
+
 def _centres_for(maps: LungMaps, placement: str, radius: float, detail: str) -> np.ndarray:
     """Flat indices of the analysis grid where a nodule of ``radius`` mm may be centred for a placement."""
-    depth, vessel_mm = maps.depth_mm.ravel(), maps.vessel_mm.ravel()
+    flat = _loose_centres(maps, placement, detail)
+    depth, vessel_mm = maps.depth_mm.ravel()[flat], maps.vessel_mm.ravel()[flat]
     if placement == "isolated":
-        ok = maps.air.ravel() & (depth > radius + 4.0) & (vessel_mm > radius + 2.0)
+        ok = (depth > radius + 4.0) & (vessel_mm > radius + 2.0)
     elif placement == "vessel" and detail == "touching":
-        ok = maps.air.ravel() & (depth > radius + 3.0) & (vessel_mm > radius - 1.0) & (vessel_mm <= radius + 0.5)
+        ok = (depth > radius + 3.0) & (vessel_mm > radius - 1.0) & (vessel_mm <= radius + 0.5)
     elif placement == "vessel":      # engulfing: centred in a vessel whose radius is at most 0.4 of the nodule's
-        ok = maps.vessel.ravel() & (maps.vessel_radius_mm.ravel() <= 0.4 * radius) & (depth > radius + 3.0)
-    elif placement == "pleura":
-        ok = maps.air.ravel() & (depth >= 0.55 * radius) & (depth <= 0.85 * radius)
+        ok = (maps.vessel_radius_mm.ravel()[flat] <= 0.4 * radius) & (depth > radius + 3.0)
+    elif placement == "pleura":      # reaching 0.3 to 0.7 of its radius into the chest wall
+        ok = (depth >= 0.3 * radius) & (depth <= 0.7 * radius)
     else:
-        flat = np.ravel_multi_index(maps.fissure.T, maps.hu.shape) if len(maps.fissure) else np.zeros(0, int)
-        return flat[(depth[flat] > radius + 3.0) & (vessel_mm[flat] > 0.5 * radius)]
-    return np.flatnonzero(ok)
+        ok = (depth > radius + 3.0) & (vessel_mm > 0.5 * radius)
+    return flat[ok]
 
 
-def _air_share(maps: LungMaps, centre_kji: np.ndarray, radius: float) -> float:
-    """Share of a ball of ``radius`` mm around an analysis-grid point that is lung air."""
-    r = int(math.ceil(radius))
-    lo = np.maximum(centre_kji - r, 0)
-    hi = np.minimum(centre_kji + r + 1, maps.hu.shape)
-    grids = np.meshgrid(*(np.arange(a, b) - c for a, b, c in zip(lo, hi, centre_kji)), indexing="ij")
-    ball = sum(g.astype(np.float32) ** 2 for g in grids) <= radius ** 2
-    inside = ball.sum() / max(1.0, 4.0 / 3.0 * math.pi * radius ** 3)
-    air = maps.air[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]][ball].sum()
-    return float(air / max(ball.sum(), 1)) * min(1.0, float(inside))
+def lung_air_share(maps: LungMaps, nodule: nodules.Nodule) -> float:
+    """Share of a nodule's volume that lies in lung air, the nodule drawn on the analysis grid (outside the
+    grid counts as not air)."""
+    origin = maps.to_world(np.zeros((1, 3)))[0]
+    rendered = nodules.render_fractions(nodule, origin, maps.grid.spacing, maps.grid.direction, maps.hu.shape)
+    if rendered is None:
+        return 0.0
+    lo, hi, fraction, _ = rendered
+    air = maps.air[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]]
+    total = nodules.filled_volume_mm3(fraction, np.ones(3))
+    return float(fraction[air].sum(dtype=np.float64)) / max(total, math.pi * nodule.diameter_mm ** 3 / 6.0)
 
 
 @dataclass
@@ -223,11 +246,13 @@ def _draw(rng: np.random.Generator, shares: tuple) -> str:
     return names[int(rng.choice(len(names), p=np.array(weights) / sum(weights)))]
 
 
-def place_nodule(rng, maps: LungMaps, scan: CTScan, placement: str, occupied: list) -> Optional[Placed]:
-    """One nodule of a random type, shape and size (log-uniform 3-30 mm) at a random spot of ``placement``, or
-    None when none fits. ``occupied``: ``(centre_xyz, radius_mm)`` of the nodules already there."""
-    kind, shape = _draw(rng, TYPE_SHARES), _draw(rng, SHAPE_SHARES)
-    diameter = float(math.exp(rng.uniform(math.log(nodules.MIN_DIAMETER_MM), math.log(nodules.MAX_DIAMETER_MM))))
+def place_nodule(rng, maps: LungMaps, scan: CTScan, placement: str, occupied: list, diameter_mm=None,
+                 kind=None, shape=None) -> Optional[Placed]:
+    """One nodule at a random spot of ``placement``, or None when none fits. Its type, shape and size (log-uniform
+    3-30 mm) are drawn unless given. ``occupied``: ``(centre_xyz, radius_mm)`` of the nodules already there."""
+    kind, shape = kind or _draw(rng, TYPE_SHARES), shape or _draw(rng, SHAPE_SHARES)
+    diameter = float(diameter_mm or math.exp(rng.uniform(math.log(nodules.MIN_DIAMETER_MM),
+                                                          math.log(nodules.MAX_DIAMETER_MM))))
     if shape == "spiculated" and diameter < 6.0:
         shape = "lobulated"          # spicules of a nodule under 6 mm are under a voxel
     radius = diameter / 2.0
@@ -244,15 +269,16 @@ def _try_spots(rng, maps: LungMaps, scan: CTScan, placement: str, detail: str, d
     """Up to ``TRIES`` random spots of a placement for one nodule: the first that fits, or None."""
     radius = diameter / 2.0
     flat = _centres_for(maps, placement, radius, detail)
+    nodule = nodules.random_nodule(rng, np.zeros(3), diameter, kind, shape)   # its form; the spot comes next
     for _ in range(TRIES if len(flat) else 0):
         centre_kji = np.array(np.unravel_index(int(flat[rng.integers(len(flat))]), maps.hu.shape))
         centre = maps.to_world(centre_kji[None] + rng.uniform(-0.5, 0.5, 3))[0]
-        nodule = nodules.random_nodule(rng, centre, diameter, kind, shape)
+        nodule.centre_xyz = centre
         if not _clear_of(centre, nodule.reach_mm, occupied):
             continue
         if not data.inside_scan(scan, centre[None], nodule.reach_mm + 2.0)[0]:
             continue
-        share = _air_share(maps, centre_kji, radius)
+        share = lung_air_share(maps, nodule)
         if share >= MIN_AIR_SHARE:
             return Placed(nodule, placement, detail, share)
     return None
@@ -391,11 +417,11 @@ def _annotated(annotations: Optional[Path], uid: str) -> tuple[list, list]:
 
 
 def _copy_nodules(rng, maps: LungMaps, scan: CTScan, count: int, real: list) -> list:
-    """Up to ``count`` nodules placed in one copy, placements in turn from a random start (a placement that
-    does not fit is tried once more at the end with another)."""
+    """Up to ``count`` nodules placed in one copy, placements in turn from a random start; a nodule that does not
+    fit its placement tries the next, then ``isolated``; after ``FULL_AFTER_MISSES`` misses in a row, no more."""
     placed: list[Placed] = []
     occupied = list(real)
-    start = int(rng.integers(len(PLACEMENTS)))
+    start, misses = int(rng.integers(len(PLACEMENTS))), 0
     for n in range(count):
         for placement in (PLACEMENTS[(start + n) % 4], PLACEMENTS[(start + n + 1) % 4], "isolated"):
             found = place_nodule(rng, maps, scan, placement, occupied)
@@ -403,6 +429,9 @@ def _copy_nodules(rng, maps: LungMaps, scan: CTScan, count: int, real: list) -> 
                 placed.append(found)
                 occupied.append((found.nodule.centre_xyz, found.nodule.reach_mm))
                 break
+        misses = 0 if found is not None else misses + 1
+        if misses == FULL_AFTER_MISSES:
+            break
     return placed
 
 

@@ -153,17 +153,59 @@ def main() -> None:
 def synth(
     data_dir: DataDir = None,
     n_subsets: Annotated[int, typer.Option(min=1, max=10, help="Number of subsets subset0..subset{n-1}.")] = 3,
-    scans_per_subset: Annotated[int, typer.Option(min=1, help="Scans in each subset.")] = 4,
+    scans_per_subset: Annotated[Optional[int], typer.Option(min=1, help="Phantom scans in each subset (default 4).")] = None,
     seed: Annotated[int, typer.Option(help="Seed; the same seed writes byte-identical files.")] = 0,
-    size: Annotated[PhantomSize, typer.Option(help="small (96x160x160 voxels) or realistic (250x512x512).")] = PhantomSize.small,
+    size: Annotated[Optional[PhantomSize], typer.Option(help="Phantoms: small (default) or realistic.")] = None,
     negatives_per_scan: Annotated[int, typer.Option(min=0, help="Mean number of non-nodule candidates per scan.")] = 40,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing phantom folder.")] = False,
+    background: Annotated[Optional[list[Path]], typer.Option(
+        help="A real CT (.mhd, NIfTI or DICOM series folder) to insert nodules into; repeatable.")] = None,
+    copies: Annotated[Optional[int], typer.Option(min=1, help="With --background: copies of each CT (default 1).")] = None,
+    nodules_per_scan: Annotated[Optional[int], typer.Option(
+        min=0, help="Nodules in each scan (phantoms: 2-5 by default; --background: 10).")] = None,
+    annotations: Annotated[Optional[Path], typer.Option(
+        help="With --background: annotations.csv holding the CTs' own nodules, kept as nodules of each copy "
+             "(annotations_excluded.csv beside it is used too).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing synth folder.")] = False,
 ):
-    """Write synthetic LUNA16-shaped chest CT phantoms (scans, annotations, candidates) for tests and the demo."""
+    """Write LUNA16-shaped data for tests, the demo and benchmarks: synthetic chest CT phantoms, or with
+    --background, copies of real CTs with nodules inserted into their lungs."""
+    root = data_dir_option(data_dir)
+    if background:
+        summary = run_synth_background(root, background, copies, nodules_per_scan, annotations, n_subsets, seed,
+                                       negatives_per_scan, force, size, scans_per_subset)
+        if summary.unreadable:
+            raise typer.Exit(1)
+        return
+    for name, value in (("--copies", copies), ("--annotations", annotations)):
+        if value is not None:
+            raise UserError(f"{name} applies only with --background")
     import phantom
-    summary = phantom.write_luna_folder(data_dir_option(data_dir), n_subsets, scans_per_subset,
-                                        phantom.SIZES[size.value], seed, negatives_per_scan, force=force)
+    per_scan = (2, 5) if nodules_per_scan is None else (nodules_per_scan, nodules_per_scan)
+    summary = phantom.write_luna_folder(root, n_subsets, scans_per_subset or 4,
+                                        phantom.SIZES[(size or PhantomSize.small).value], seed, negatives_per_scan,
+                                        nodules_per_scan=per_scan, force=force)
     console.print(phantom.summary_table(summary))
+
+
+def run_synth_background(root: Path, backgrounds: list, copies, nodules_per_scan, annotations, n_subsets: int,
+                         seed: int, negatives_per_scan: int, force: bool, size=None, scans_per_subset=None):
+    """``synth --background``: refuse the phantom-only options, insert, print what was written and skipped."""
+    import insert
+    for name, value in (("--size", size), ("--scans-per-subset", scans_per_subset)):
+        if value is not None:
+            raise UserError(f"{name} does not apply with --background: each copy keeps its background's grid, "
+                            "and --copies sets how many scans each background gives")
+    summary = insert.write_inserted_folder(root, backgrounds, copies or 1, 10 if nodules_per_scan is None
+                                           else nodules_per_scan, annotations, n_subsets, seed, negatives_per_scan,
+                                           force)
+    for path, reason in summary.skipped:
+        console.print(f"[red]{path}: {reason}[/]" if path in summary.unreadable else f"[yellow]{path}: {reason}[/]")
+    short = [s for s in summary.scans if s["nodules_placed"] < s["nodules_requested"]]
+    for row in short:
+        console.print(f"[yellow]{row['seriesuid']} (copy {row['copy']} of {row['background']}): "
+                      f"{row['nodules_placed']} of {row['nodules_requested']} nodules fitted[/]")
+    console.print(insert.summary_table(summary))
+    return summary
 
 
 @app.command()

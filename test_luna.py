@@ -2801,3 +2801,192 @@ def test_extract_names_annotations_without_a_size_and_leaves_their_diameter_empt
     (root / "annotations.csv").write_text("seriesuid,coordX,coordY,coordZ\n")
     with pytest.raises(data.UserError, match=r"annotations.csv: missing column\(s\) diameter_mm"):
         data.extract_subset(root, tmp_path / "other", 0, 32, 1.0, show_progress=False)
+
+
+# --- synth --background: nodules inserted into real CT ------------------------------------
+
+def _lung_background(tmp_path, direction=None, seed: int = 4):
+    """A small phantom chest as a background CT (.mhd), optionally with its direction matrix replaced."""
+    import data
+    import phantom
+    case = phantom.make_phantom_scan(np.random.default_rng(seed), phantom.SIZES["small"], direction_kind="identity",
+                                     negatives_per_scan=0, nodules_per_scan=(0, 0), excluded_per_scan=(0, 0))
+    scan = case.scan
+    if direction is not None:
+        scan = data.CTScan(scan.hu, scan.origin, scan.spacing, np.asarray(direction, float), "bg")
+    path = tmp_path / "background.mhd"
+    data.write_mhd(scan, path)
+    return path, scan
+
+
+@pytest.mark.parametrize("direction", [np.diag([-1.0, 1.0, -1.0]), [[0, 0, 1], [1, 0, 0], [0, -1, 0]]],
+                         ids=["flipped", "axis-permuted"])
+def test_inserted_nodule_sits_at_its_world_point_with_its_diameter(direction):
+    import data
+    import insert
+    import nodules
+    rng = np.random.default_rng(7)
+    background = np.full((60, 70, 80), -850, np.int16)
+    scan = data.CTScan(background.copy(), np.array([-40.0, 25.0, -180.0]), np.array([0.7, 0.8, 1.25]),
+                       np.asarray(direction, float), "bg")
+    centre = data.index_to_world(np.array([[41.3, 33.6, 27.2]]), scan)[0]
+    for shape, diameter in (("round", 8.0), ("lobulated", 11.0), ("spiculated", 14.0)):
+        nodule = nodules.random_nodule(rng, centre, diameter, "solid", shape)
+        hu = background.copy()
+        insert.insert_into(hu, scan, nodule)
+        fraction = (hu.astype(float) - background) / (nodule.hu - background[0, 0, 0])
+        k, j, i = np.nonzero(np.abs(fraction) > 1e-3)
+        weights = fraction[k, j, i]
+        world = data.index_to_world(np.column_stack([i, j, k]), scan)
+        centroid = (world * weights[:, None]).sum(axis=0) / weights.sum()
+        volume = weights.sum() * np.prod(scan.spacing)
+        assert np.linalg.norm(centroid - centre) < 0.5, (shape, centroid - centre)
+        assert abs((6 * volume / np.pi) ** (1 / 3) / diameter - 1) < 0.1, shape
+
+
+def test_placements_keep_to_their_rules(tmp_path):
+    import data
+    import insert
+    path, scan = _lung_background(tmp_path)
+    maps = insert.lung_maps(scan, np.random.default_rng(0))
+    rng = np.random.default_rng(1)
+    occupied = []
+    for placement in ("isolated", "vessel", "pleura"):
+        for diameter in (6.0, 10.0):
+            placed = insert.place_nodule(rng, maps, scan, placement, occupied, diameter_mm=diameter)
+            assert placed is not None, (placement, diameter)
+            nodule = placed.nodule
+            occupied.append((nodule.centre_xyz, nodule.reach_mm))
+            assert insert.lung_air_share(maps, nodule) >= insert.MIN_AIR_SHARE
+            surface = _surface_points(nodule)
+            index = np.round(maps.to_index(surface)).astype(int)
+            index = np.clip(index, 0, np.array(maps.hu.shape) - 1)
+            vessel_gap = maps.vessel_mm[tuple(index.T)]
+            in_lung = maps.lung[tuple(index.T)]
+            if placement == "vessel":
+                assert vessel_gap.min() <= 1.0, "a vessel nodule touches a vessel"
+            if placement == "pleura":
+                assert not in_lung.all(), "a juxtapleural nodule reaches the chest wall"
+            if placement == "isolated":
+                assert in_lung.all() and vessel_gap.min() > 0.0
+    centres = np.array([c for c, _ in occupied])
+    gaps = np.linalg.norm(centres[:, None] - centres[None], axis=2) + np.eye(len(centres)) * 1e3
+    reach = np.array([r for _, r in occupied])
+    assert (gaps > reach[:, None] + reach[None]).all(), "nodules keep clear of each other"
+
+
+def _surface_points(nodule, n: int = 400) -> np.ndarray:
+    """World points on a sphere of the nodule's equivalent radius (its surface, near enough for a round one)."""
+    unit = np.random.default_rng(0).standard_normal((n, 3))
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    return nodule.centre_xyz + unit * nodule.radius_mm
+
+
+def test_detect_finds_vessel_attached_and_juxtapleural_nodules_of_6mm(tmp_path):
+    import data
+    import detect
+    import insert
+    _, scan = _lung_background(tmp_path, seed=9)
+    maps = insert.lung_maps(scan, np.random.default_rng(0))
+    rng = np.random.default_rng(2)
+    hu = np.array(scan.hu, copy=True)
+    placed, occupied = [], []
+    for placement in ("vessel", "pleura", "vessel", "pleura"):
+        found = insert.place_nodule(rng, maps, scan, placement, occupied, diameter_mm=float(rng.uniform(6, 12)),
+                                    kind="solid")
+        assert found is not None
+        placed.append(found)
+        occupied.append((found.nodule.centre_xyz, found.nodule.reach_mm))
+        insert.insert_into(hu, scan, found.nodule)
+    detections = detect.detect_scan(data.CTScan(hu, scan.origin, scan.spacing, scan.direction, "with nodules"))
+    for p in placed:
+        squared = ((detections.world_xyz - p.nodule.centre_xyz) ** 2).sum(axis=1)
+        assert (squared < p.nodule.radius_mm ** 2).any(), (p.placement, p.detail, p.nodule.diameter_mm)
+
+
+def test_synth_background_writes_a_luna_folder_and_refuses_what_does_not_apply(tmp_path):
+    import json
+    import data
+    import luna_cli
+    from typer.testing import CliRunner
+    path, scan = _lung_background(tmp_path)
+    out = tmp_path / "inserted"
+    args = ["synth", "--background", str(path), "--copies", "2", "--nodules-per-scan", "3", "--n-subsets", "2",
+            "--data-dir", str(out), "--seed", "5", "--negatives-per-scan", "12"]
+    result = CliRunner().invoke(luna_cli.app, args)
+    assert result.exception is None and result.exit_code == 0
+    manifest = json.loads((out / "phantom_manifest.json").read_text())
+    assert [s["subset"] for s in manifest["scan_geometry"]] == [0, 1]
+    for row in manifest["scan_geometry"]:
+        copy = data.read_ct(out / f"subset{row['subset']}" / f"{row['seriesuid']}.mhd")
+        assert copy.hu.shape == scan.hu.shape and np.allclose(copy.spacing, scan.spacing)
+        assert np.allclose(copy.origin, scan.origin) and np.allclose(copy.direction, scan.direction)
+        assert row["background_seriesuid"] == "background" and row["nodules_placed"] == 3
+    assert len(manifest["inserted_nodules"]) == 6
+    assert {"centre_xyz", "diameter_mm", "type", "shape", "placement", "background", "copy"} <= set(
+        manifest["inserted_nodules"][0])
+    annotations, _ = data.read_point_csv(out / "annotations.csv", "diameter_mm")
+    candidates, _ = data.read_point_csv(out / "candidates_V2.csv", "class")
+    assert len(annotations.value) == 6 and (candidates.value == 0).sum() == 2 * 12
+    for uid, centre, diameter in zip(annotations.seriesuid, annotations.world_xyz, annotations.value):
+        mine = (candidates.seriesuid == uid) & (candidates.value == 1)
+        assert (np.linalg.norm(candidates.world_xyz[mine] - centre, axis=1) < diameter / 2).any()
+    first = {p.name: p.read_bytes() for p in sorted(out.rglob("*.*")) if p.is_file()}
+    assert CliRunner().invoke(luna_cli.app, args).exit_code == 1          # an existing folder needs --force
+    assert CliRunner().invoke(luna_cli.app, args + ["--force"]).exit_code == 0
+    assert first == {p.name: p.read_bytes() for p in sorted(out.rglob("*.*")) if p.is_file()}, "seeded"
+    for extra in (["--size", "small"], ["--scans-per-subset", "2"]):
+        result = CliRunner().invoke(luna_cli.app, args + ["--force"] + extra)
+        assert result.exit_code == 1 and extra[0] in str(luna_cli_last_error(result))
+
+
+def luna_cli_last_error(result) -> str:
+    """The message a refused command gave, read from the exception chain (a typer.Exit keeps its UserError)."""
+    error = result.exception
+    while error is not None and not isinstance(error, ValueError):
+        error = error.__context__
+    return "" if error is None else str(error)
+
+
+def test_synth_background_names_unreadable_and_lungless_backgrounds(tmp_path):
+    import data
+    import insert
+    path, _ = _lung_background(tmp_path)
+    broken = tmp_path / "broken.mhd"
+    broken.write_text("not a header\n")
+    lungless = tmp_path / "tissue.mhd"
+    data.write_mhd(data.CTScan(np.full((40, 64, 64), 40, np.int16), np.zeros(3), np.full(3, 2.0), np.eye(3)), lungless)
+    summary = insert.write_inserted_folder(tmp_path / "out", [broken, path, lungless], nodules_per_scan=2,
+                                           negatives_per_scan=4)
+    assert [p for p, _ in summary.skipped] == [str(broken), str(lungless)]
+    assert summary.unreadable == [str(broken)] and len(summary.scans) == 1
+    crowded = insert.write_inserted_folder(tmp_path / "crowded", [path], nodules_per_scan=400, negatives_per_scan=0)
+    row = crowded.scans[0]
+    assert 0 < row["nodules_placed"] < 400 and row["nodules_requested"] == 400
+    assert len(crowded.nodules) == row["nodules_placed"]
+    with pytest.raises(data.UserError, match="no copy"):
+        insert.write_inserted_folder(tmp_path / "none", [broken])
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "real_ct").is_dir(), reason="real LIDC-IDRI scans in ../shared/data absent")
+def test_detect_finds_nodules_inserted_beside_real_vessels_and_pleura():
+    import data
+    import detect
+    import insert
+    folder = sorted(p for p in (SHARED_DATA / "real_ct" / "LIDC-IDRI-0003").glob("*/*") if p.is_dir())[0]
+    scan = data.read_ct(folder)
+    maps = insert.lung_maps(scan, np.random.default_rng(0))
+    rng = np.random.default_rng(3)
+    hu = np.array(scan.hu, copy=True)
+    placed, occupied = [], []
+    for placement in ("vessel", "pleura") * 3:
+        found = insert.place_nodule(rng, maps, scan, placement, occupied, diameter_mm=float(rng.uniform(6, 14)),
+                                    kind="solid")
+        assert found is not None
+        placed.append(found)
+        occupied.append((found.nodule.centre_xyz, found.nodule.reach_mm))
+        insert.insert_into(hu, scan, found.nodule)
+    detections = detect.detect_scan(data.CTScan(hu, scan.origin, scan.spacing, scan.direction, "LIDC-IDRI-0003"))
+    for p in placed:
+        squared = ((detections.world_xyz - p.nodule.centre_xyz) ** 2).sum(axis=1)
+        assert (squared < p.nodule.radius_mm ** 2).any(), (p.placement, p.detail, p.nodule.diameter_mm)
