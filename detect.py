@@ -44,6 +44,7 @@ OUTSIDE_MARGIN_MM = 4.0     # lung air this close to the air around the body is 
 MIN_LUNG_ML = 100.0         # less air than this inside the body: no lung in the scan
 MIN_PIECE_ML = 2.0          # smaller air components are not kept as lung
 GAS_HU = -975.0             # an air component whose median (2 mm block means) is below this is gas, not lung
+PLEURA_MARGIN_MM = 2.0      # the mask searched is the lung mask and this much beyond it
 CLOSING_MM = 15.0           # ball radius of the mask's closing: keeps nodules on the pleura up to 30 mm inside
 SIGMAS_MM = (0.8, 1.13, 1.6, 2.26, 3.2, 4.5, 6.4, 9.05, 12.8)   # Gaussian scales, ratio sqrt 2
 LEVEL_LAST_SIGMA = (2.26, 6.4)  # the pyramid halves its voxel count per axis after these scales
@@ -55,7 +56,7 @@ MERGE_MM = 4.0              # candidates closer than this are one
 DEFAULT_MAX_PER_SCAN = 300
 # What makes the candidates (the resumable files are keyed by it).
 DETECTOR = dict(grid_mm=GRID_MM, air_hu=AIR_HU, outside_hu=OUTSIDE_HU, outside_margin_mm=OUTSIDE_MARGIN_MM,
-                min_lung_ml=MIN_LUNG_ML, min_piece_ml=MIN_PIECE_ML, gas_hu=GAS_HU, closing_mm=CLOSING_MM,
+                min_lung_ml=MIN_LUNG_ML, min_piece_ml=MIN_PIECE_ML, gas_hu=GAS_HU, closing_mm=CLOSING_MM, pleura_margin_mm=PLEURA_MARGIN_MM,
                 clip_hu=CLIP_HU, sigmas_mm=list(SIGMAS_MM), min_score_hu=MIN_SCORE_HU, raw_peaks=RAW_PEAKS,
                 blobness_power=BLOBNESS_POWER, merge_mm=MERGE_MM)
 CSV_COLUMNS = "seriesuid,coordX,coordY,coordZ,class,score"
@@ -360,10 +361,11 @@ def detect_scan(scan: CTScan, max_per_scan: int = DEFAULT_MAX_PER_SCAN) -> Detec
     volume, grid = resample_to_grid(scan, GRID_MM)
     if min(volume.shape) < 8:
         return Detections.none(f"scan {scan.name}: too small for detection ({volume.shape[::-1]} voxels of 1 mm)")
-    mask, _ = lung_mask(volume, grid)
+    mask, coarse_mm = lung_mask(volume, grid)
     if mask is None:
         return Detections.none(f"scan {scan.name}: no lung found (under {MIN_LUNG_ML:g} ml of air inside the "
                                f"body below {AIR_HU:g} HU), no candidates")
+    mask = _distance_outside(mask, coarse_mm) <= PLEURA_MARGIN_MM   # a nodule on the pleura, not cut in half
     lo, hi = _crop_box(mask, volume.shape)
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
     fine_mask = mask_on_grid(mask, volume.shape)[box]
