@@ -113,7 +113,7 @@ def friendly_errors(func):
             return func(*args, **kwargs)
         except UserError as err:
             console.print(f"[bold red]error:[/] {err}")
-            raise typer.Exit(1)
+            raise typer.Exit(1) from err   # the error stays reachable from the exit (tests read it there)
         except KeyboardInterrupt:
             console.print("[yellow]interrupted: finished work is kept, rerun the same command to resume[/]")
             raise typer.Exit(130)
@@ -508,13 +508,8 @@ def predict(
     rows = prediction.predict_scan(checkpoint, scan, coord, candidates, out, device=device, batch_size=batch_size,
                                    views=views, precision=precision.value, guideline=guideline.value,
                                    nodule_type=nodule_type.value, risk=risk.value, max_per_scan=max_per_scan)
-    detected = not coord and candidates is None
-    if detected and not rows:
-        console.print(f"{prediction.scan_name(scan)}: no detected candidate reaches the checkpoint's cutoff")
-    else:
-        what = "findings at or above the cutoff among the detected candidates" if detected else "points"
-        console.print(prediction.prediction_table(rows, title=f"{prediction.scan_name(scan)} ({len(rows)} {what})",
-                                                  n_models=len(checkpoint)))
+    title = prediction.results_title(scan, rows, detected=not coord and candidates is None)
+    console.print(prediction.prediction_table(rows, title=title, n_models=len(checkpoint)) if rows else title)
     if out is not None:
         console.print(f"written to {out}")
 
