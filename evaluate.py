@@ -584,18 +584,22 @@ def _score_scans(run: ModelRun, todo: list, rows_of: dict, scores: np.ndarray, m
 def open_model_run(checkpoint: Path, candidates_path: Path, parts_dir: Path, views: Optional[int], batch_size: int,
                    workers: int, device: str, precision: str, **key) -> tuple[ModelRun, dict]:
     """The model of a checkpoint, how it is applied, and the parts of its scores in ``parts_dir``, kept while
-    the checkpoint, its views, the candidates file and ``key`` stay the same. Returns ``(run, meta)``."""
+    the checkpoint, its views, the encoder's precision, the candidates file and ``key`` stay the same (the head
+    runs in float32, see ``head.Classifier.forward_head``; parts scored otherwise are discarded). Returns
+    ``(run, meta)``."""
     if batch_size < 1 or workers < 0:
         raise UserError(f"--batch-size must be >= 1 and --workers >= 0, got {batch_size}, {workers}")
     torch_device = head.resolve_device(device)
     model, meta = head.load_classifier(checkpoint, device=torch_device)
     views = head.check_views(views or meta.get("views", 1))
+    precision = head.resolve_precision(precision, torch_device)
     stat = checkpoint.stat()
     key.update(checkpoint=str(checkpoint.resolve()), checkpoint_bytes=stat.st_size,
                checkpoint_mtime_ns=stat.st_mtime_ns, preprocess=meta["preprocess"], views=views,
+               encoder_precision=precision, head_precision="fp32",
                candidates=str(candidates_path.resolve()), columns=list(SCORE_COLUMNS))
-    run = ModelRun(model, meta["preprocess"], views, batch_size, workers, torch_device,
-                   head.resolve_precision(precision, torch_device), data.Parts(parts_dir, key))
+    run = ModelRun(model, meta["preprocess"], views, batch_size, workers, torch_device, precision,
+                   data.Parts(parts_dir, key))
     return run, meta
 
 
@@ -664,6 +668,7 @@ def evaluate_model(checkpoint: Path, data_dir: Path, subsets: list[int], out_dir
     result = _candidate_metrics(labels, marks.value, meta.get("cutoff"))
     result.update({
         "checkpoint": str(checkpoint), "epoch": meta.get("epoch"), "subsets": list(subsets), "views": run.views,
+        "encoder_precision": run.precision, "head_precision": "fp32",
         "n_scans": froc["n_scans"], "cpm": froc["cpm"], "cpm_ci95": froc.get("cpm_ci95"),
         "froc_sensitivities": froc["froc_sensitivities"], "froc_sensitivities_ci95": froc.get("froc_sensitivities_ci95"),
         "froc": froc, "size": size, "unreadable_scans": unreadable,

@@ -750,6 +750,38 @@ def test_eight_view_probability_does_not_change_when_the_patch_is_flipped():
     assert plain.dtype == np.float64 and not np.array_equal(plain[2:], plain[:2])
 
 
+def test_head_runs_in_float32_under_bf16_autocast():
+    """The encoder may run in bf16; the head, its logits and its size output are the fp32 head's."""
+    import torch
+    import head
+    torch.manual_seed(2)
+    config = {"encoder": {"feature_size": 12, "window_size": 4}, "pooling": "avg", "patch_size": 32,
+              "size_output": True}
+    model = head.build_classifier(config).eval()
+    features = torch.randn(64, head.feature_dim(config)) * 3.0
+    with torch.no_grad():
+        logits, size = model.forward_head(features, with_size=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low_logits, low_size = model.forward_head(features, with_size=True)
+            low_model_logits = model.forward_head(features.bfloat16())
+    assert low_logits.dtype == low_size.dtype == torch.float32
+    assert torch.equal(low_logits, logits) and torch.equal(low_size, size)
+    assert torch.equal(low_model_logits, model.forward_head(features.bfloat16().float()))
+    # predict_patches at bf16: the bf16 encoder's features through the fp32 head, so no scores tied by bf16 steps
+    patches = np.random.default_rng(3).integers(-1000, 400, (24, 32, 32, 32)).astype(np.int16)
+    preprocess = {"hu_min": -1000.0, "hu_max": 1000.0}
+    probability, diameter = head.predict_patches(model, patches, preprocess, batch_size=24, precision="bf16",
+                                                 with_size=True)
+    with torch.no_grad():
+        x = head.hu_to_unit(torch.from_numpy(patches)).unsqueeze(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            encoded = model.forward_features(x)
+        expected_logits, expected_size = model.head(encoded.float(), with_size=True)
+    np.testing.assert_allclose(probability, torch.sigmoid(expected_logits.double()).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(diameter, np.exp(expected_size.double().numpy()), rtol=1e-6)
+    assert len(np.unique(probability)) == len(patches)
+
+
 def test_candidate_metrics_count_ties_and_thresholds():
     import head
     rng = np.random.default_rng(5)
