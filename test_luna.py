@@ -734,6 +734,87 @@ def test_evaluate_cli_model_skips_an_unreadable_scan(eval_phantom, tmp_path):
     assert len(rows) == sum(r[0] != broken.stem for r in _subset_candidates(root, 0))
 
 
+def test_evaluate_names_a_missing_scan_and_allow_missing_counts_its_nodules_as_missed(eval_phantom, tmp_path):
+    import json
+    import shutil
+    from typer.testing import CliRunner
+    import data
+    import evaluate
+    import luna_cli
+    root, work = tmp_path / "luna16", tmp_path / "work"
+    shutil.copytree(eval_phantom, root)
+    data.extract_subset(root, work, 0, patch_size=32, spacing_mm=1.25, negatives_per_positive=1, show_progress=False)
+    recorded = json.loads((data.subset_dir(work, 0) / "manifest.json").read_text())["scans_found"]
+    assert recorded == sorted(data.subset_scans(root, [0]))
+    gone = sorted((root / "subset0").glob("*.mhd"))[0]
+    gone.unlink()
+    gone.with_suffix(".raw").unlink()
+    (work / "runs" / "tiny").mkdir(parents=True)
+    _tiny_checkpoint(work / "runs" / "tiny" / "best.pt")
+    base = ["evaluate", "--run", "tiny", "--subsets", "0", "--data-dir", str(root), "--work-dir", str(work),
+            "--workers", "0", "--bootstrap", "0", "--device", "cpu"]
+    result = CliRunner().invoke(luna_cli.app, base)
+    assert result.exit_code == 1 and gone.stem in str(_user_error(result)), _why(result)
+    assert "--allow-missing" in str(_user_error(result)) and not (work / "eval").exists()   # refused before any work
+    result = CliRunner().invoke(luna_cli.app, base + ["--allow-missing"])
+    assert result.exit_code == 0, _why(result)
+    saved = json.loads((work / "eval" / "tiny_subsets0" / "metrics.json").read_text())
+    annotations, _ = data.read_point_csv(root / "annotations.csv", "diameter_mm")
+    lost = int((annotations.seriesuid == gone.stem).sum())
+    assert lost and list(saved["missing_scans"]) == [gone.stem] and saved["n_scans"] == len(recorded)
+    assert saved["froc"]["n_nodules"] == int(np.isin(annotations.seriesuid, recorded).sum())
+    assert saved["froc"]["n_missed"] >= lost and any(gone.stem in warning for warning in saved["warnings"])
+    rescored = evaluate.score_submission(work / "eval" / "tiny_subsets0" / "submission.csv", root / "annotations.csv",
+                                         root / "annotations_excluded.csv", recorded, bootstrap=0)
+    assert saved["cpm"] == rescored["cpm"]    # the missing scan counts: its nodules missed, its scan in FP/scan
+    # a submission scored over --subsets is held to the same account
+    sub = ["evaluate", "--submission", str(work / "eval" / "tiny_subsets0" / "submission.csv"), "--subsets", "0",
+           "--data-dir", str(root), "--work-dir", str(work), "--bootstrap", "0", "--json", str(tmp_path / "s.json")]
+    result = CliRunner().invoke(luna_cli.app, sub)
+    assert result.exit_code == 1 and gone.stem in str(_user_error(result)), _why(result)
+    result = CliRunner().invoke(luna_cli.app, sub + ["--allow-missing"])
+    assert result.exit_code == 0 and json.loads((tmp_path / "s.json").read_text())["cpm"] == saved["cpm"], _why(result)
+
+
+def test_with_all_ten_subsets_seriesuids_csv_names_missing_scans(tmp_path):
+    import evaluate
+    from data import UserError
+    for k in range(10):
+        (tmp_path / f"subset{k}").mkdir()
+        (tmp_path / f"subset{k}" / f"s{k}.mhd").write_text("")
+    (tmp_path / "seriesuids.csv").write_text("".join(f"s{k}\n" for k in range(10)) + "lost\n")
+    with pytest.raises(UserError, match="lost"):
+        evaluate.check_scans(tmp_path, range(10))
+    assert evaluate.check_scans(tmp_path, range(9)).missing == {}   # which subset lost it is unknown
+    check = evaluate.check_scans(tmp_path, range(10), allow_missing=True)
+    assert check.missing == {"lost": str(tmp_path / "seriesuids.csv")} and len(check.found) == 10
+    assert "lost" in " ".join(check.warnings)
+
+
+def test_two_checkpoints_evaluations_do_not_collide(eval_phantom, tmp_path):
+    import json
+    from typer.testing import CliRunner
+    import evaluate
+    import luna_cli
+    work = tmp_path / "work"
+    checkpoints = {}
+    for run, cutoff in (("a", 0.3), ("b", 0.7)):
+        (work / "runs" / run).mkdir(parents=True)
+        checkpoints[run] = _tiny_checkpoint(work / "runs" / run / "best.pt", cutoff=cutoff)
+        result = CliRunner().invoke(luna_cli.app, ["evaluate", "--checkpoint", str(checkpoints[run]), "--subsets", "1",
+                                                   "--data-dir", str(eval_phantom), "--work-dir", str(work),
+                                                   "--workers", "0", "--bootstrap", "0", "--device", "cpu"])
+        assert result.exit_code == 0, _why(result)
+    saved = [json.loads(path.read_text()) for path in sorted((work / "eval").glob("*/metrics.json"))]
+    assert [(m["checkpoint"], m["at_cutoff"]["cutoff"]) for m in saved] == [(str(checkpoints["a"]), 0.3),
+                                                                              (str(checkpoints["b"]), 0.7)]
+    # --run a and --checkpoint W/runs/a/best.pt share a folder; every other checkpoint has its own
+    assert evaluate.evaluation_name(work, checkpoints["a"]) == "a"
+    others = [work / "runs" / "a" / "last.pt", tmp_path / "x" / "best.pt", tmp_path / "y" / "best.pt"]
+    names = [evaluate.evaluation_name(work, path) for path in [*checkpoints.values(), *others]]
+    assert len(set(names)) == len(names)
+
+
 def test_eight_view_probability_does_not_change_when_the_patch_is_flipped():
     import torch
     import head
