@@ -2958,3 +2958,42 @@ def test_extract_names_annotations_without_a_size_and_leaves_their_diameter_empt
     (root / "annotations.csv").write_text("seriesuid,coordX,coordY,coordZ\n")
     with pytest.raises(data.UserError, match=r"annotations.csv: missing column\(s\) diameter_mm"):
         data.extract_subset(root, tmp_path / "other", 0, 32, 1.0, show_progress=False)
+
+
+# --- the command line's documentation ---
+
+def _command_options() -> dict:
+    """``{command: its option names}`` of the command line."""
+    import typer
+    import luna_cli
+    commands = typer.main.get_command(luna_cli.app).commands
+    return {name: {opt for param in command.params
+                   for opt in [*param.opts, *(getattr(param, "secondary_opts", None) or [])]} | {"--help"}
+            for name, command in commands.items()}
+
+
+def test_readme_and_hints_name_only_real_options():
+    import re
+    import features
+    from data import UserError
+    options = _command_options()
+    readme = (Path(__file__).resolve().parent / "README.md").read_text()
+    option_pattern = r"(?<![\w-])--[a-z][a-z0-9-]*"
+    torchrun_own = {"--nproc", "--run-path"}   # torchrun's --nproc_per_node and --run-path, named in the README
+    assert set(re.findall(option_pattern, readme)) - torchrun_own <= set().union(*options.values())
+    inline = re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", readme, flags=re.S))   # may span lines
+    spans = [" ".join(span.split()) for span in inline]
+    spans += [line for line in readme.splitlines() if line.strip().startswith("python luna_cli.py")]
+    checked = 0
+    for span in spans:   # `extract --subsets 0-9`, `python luna_cli.py evaluate --run ft ...`: that command's options
+        found = re.match(r"(?:.*luna_cli\.py )?([a-z-]+)\b(.*)", span.strip())
+        if found and found.group(1) in options:
+            checked += 1
+            assert set(re.findall(option_pattern, found.group(2))) <= options[found.group(1)], span
+    assert checked
+    caches = {k: features.SubsetCache(k, Path("."), {"patch_size": size, "spacing_mm": 1.0}, *[np.zeros(0)] * 3)
+              for k, size in ((0, 32), (1, 64))}
+    with pytest.raises(UserError) as refused:
+        features.check_patch_geometry(caches)
+    hinted = set(re.findall(option_pattern, str(refused.value)))
+    assert hinted and hinted <= options["extract"]
