@@ -173,7 +173,7 @@ def _run_fold(work_dir: Path, data_dir: Path, out_dir: Path, fold: Fold, scans: 
                                    batch_size=EVAL_BATCH_SIZE,
                                    workers=EVAL_WORKERS if runtime["workers"] is None else runtime["workers"],
                                    device=runtime["device"], precision=runtime["precision"] or "auto",
-                                   bootstrap=runtime["bootstrap"], seed=0, console=console)
+                                   bootstrap=runtime["bootstrap"], seed=0, console=console, work_dir=work_dir)
 
 
 def _number(value: Optional[float]) -> str:
@@ -227,6 +227,7 @@ def _prepare(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str, st
         raise UserError(f"--folds {data.format_subsets(folds)}: subset(s) {data.format_subsets(missing)} not extracted under "
                         f"{Path(work_dir) / 'patches'}; run `python luna_cli.py extract --subsets {data.format_subsets(missing)}` "
                         f"(with the patch options of the others) first")
+    evaluate.check_scans(data_dir, folds, work_dir)   # a scan missing from its fold is refused before any training
     fold_scans = {f.test: list(data.subset_scans(data_dir, [f.test])) for f in plan}
     out_dir = crossval_dir(work_dir, name)
     wanted = {"stage": stage, "folds": [f.test for f in plan], "val_offset": int(val_offset)}

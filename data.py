@@ -717,6 +717,14 @@ def _read_manifest(cache: Path, wanted: dict) -> dict:
     return manifest
 
 
+def recorded_scans(manifest: dict) -> list[str]:
+    """The seriesuids a subset's extract manifest records as found in its folder: ``scans_found``, or for a
+    manifest made before that key, its extracted and unreadable scans."""
+    if "scans_found" in manifest:
+        return list(manifest["scans_found"])
+    return sorted(set(manifest.get("scans", [])) | set(manifest.get("failed", {})))
+
+
 def _subset_candidates(data_dir: Path, candidates_path: Path, scans: dict, subset: int, wanted: dict):
     """``(selected candidates, their annotated diameters (NaN off nodules), problems met)`` of one subset."""
     candidates, problems = read_point_csv(candidates_path, "class", strict=False)
@@ -858,7 +866,9 @@ def extract_subset(data_dir, work_dir, subset: int, patch_size: int = 64, spacin
     Writes ``W/patches/subset<k>/patches.npy`` (int16 HU, ``(N, P, P, P)``, ``[z, y, x]`` world axes,
     ``spacing_mm`` apart, candidate at ``P//2``), ``index.csv`` (same row order) and ``manifest.json``.
     Each scan is read once; finished scans are kept as parts, so an interrupted run resumes and a
-    rerun adds nothing twice. Unreadable scans are reported in ``summary.failed``.
+    rerun adds nothing twice. Unreadable scans are reported in ``summary.failed``. The manifest records every
+    scan found in the subset's folder (``scans_found``, kept across reruns), so that evaluate can name a scan
+    that goes missing later.
     """
     from rich.console import Console
     validate_patch_args(patch_size, spacing_mm)
@@ -879,8 +889,9 @@ def extract_subset(data_dir, work_dir, subset: int, patch_size: int = 64, spacin
                             console, show_progress)
     finished = [uid for uid in scans if uid in done or uid in parts.done()]
     if todo or not (cache / "patches.npy").is_file():
+        found = sorted(set(scans) | set(recorded_scans(manifest)))
         manifest = dict(wanted, subset=subset, dtype="int16", axis_order="z,y,x (world axes, increasing)",
-                        units="HU", outside_value=AIR_HU, scans=finished)
+                        units="HU", outside_value=AIR_HU, scans=finished, scans_found=found)
         n_patches, n_positive = _assemble_cache(cache, finished, parts, patch_size)
         manifest.update(n_patches=n_patches, n_positive=n_positive, failed=failed)
         atomic_write_json(cache / "manifest.json", manifest)

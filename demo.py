@@ -92,7 +92,7 @@ def run_demo(work_dir: Path, settings: DemoSettings | None = None, console=None)
     for run in (head_run, tuned_run):
         results[run.name] = evaluate.evaluate_model(run / "best.pt", data_dir, test, work_dir / "eval" / run.name,
                                                     views=settings.views if settings.tta else 1, device="cpu",
-                                                    console=console)
+                                                    console=console, work_dir=work_dir)
     settings.timings["evaluate"] = time.perf_counter() - start
     start = time.perf_counter()
     report = write_report(work_dir / "report", chosen, work_dir / "eval" / chosen.name, data_dir)

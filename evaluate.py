@@ -360,16 +360,90 @@ def _rate_key(rate: float) -> str:
     return f"{rate:g}"
 
 
+# --- which scans count ---------------------------------------------------------------------
+
+ALL_SUBSETS = set(range(10))
+
+
+@dataclass
+class ScanCheck:
+    """The scans of evaluated subsets: ``found`` ``{seriesuid: .mhd path}`` on disk, ``missing``
+    ``{seriesuid: the file that records it}`` (kept only with ``allow_missing``) and ``warnings``."""
+    found: dict
+    missing: dict
+    warnings: list
+
+
+def _recorded_by_extract(work_dir: Path, subset: int) -> tuple[Optional[Path], list]:
+    """``(manifest path, scans it records)`` of a subset's patch cache; ``(None, [])`` when it has none."""
+    import json
+    path = data.subset_dir(work_dir, subset) / "manifest.json"
+    if not path.is_file():
+        return None, []
+    try:
+        return path, data.recorded_scans(json.loads(path.read_text()))
+    except (ValueError, AttributeError) as err:
+        raise UserError(f"{path}: unreadable extract manifest ({err}); run extract --subsets {subset} again") from None
+
+
+def _missing_message(missing: dict, subsets: Sequence[int], data_dir: Path) -> str:
+    """Every missing scan, one a line with the file that records it, and what to do."""
+    listed = "\n  ".join(f"{uid} (recorded in {where})" for uid, where in missing.items())
+    return (f"{len(missing)} scan(s) of subset(s) {data.format_subsets(subsets)} are missing from {data_dir}:\n"
+            f"  {listed}\nrestore them (or fix --data-dir); evaluate --allow-missing keeps them in the FROC "
+            f"with their nodules counted as missed")
+
+
+def check_scans(data_dir, subsets: Sequence[int], work_dir=None, allow_missing: bool = False) -> ScanCheck:
+    """Account for every scan of the evaluated ``subsets``. A scan is missing when the subset's extract manifest
+    (``W/patches/subset<k>/manifest.json``, with ``work_dir``) records it, or, with all ten subsets evaluated, the
+    data folder's ``seriesuids.csv`` lists it, but its subset folder does not hold it. Missing scans are refused
+    (UserError naming each) unless ``allow_missing``: then they are returned, to stay in the FROC (their nodules
+    missed), with a warning naming them. A subset without a manifest gets a warning that it could not be checked."""
+    data_dir = Path(data_dir)
+    found = data.subset_scans(data_dir, subsets)
+    missing, warnings = {}, []
+    for k in subsets if work_dir is not None else ():
+        path, recorded = _recorded_by_extract(Path(work_dir), k)
+        if path is None:
+            warnings.append(f"subset {k} has no extract manifest ({data.subset_dir(work_dir, k) / 'manifest.json'}): "
+                            f"a scan missing from {data_dir / f'subset{k}'} could not be noticed")
+        missing.update((uid, str(path)) for uid in recorded if uid not in found and uid not in missing)
+    listing = data_dir / "seriesuids.csv"
+    if ALL_SUBSETS <= set(subsets) and listing.is_file():
+        missing.update((uid, str(listing)) for uid in data.read_seriesuids(listing)
+                       if uid not in found and uid not in missing)
+    if missing and not allow_missing:
+        raise UserError(_missing_message(missing, subsets, data_dir))
+    if missing:
+        warnings.append(f"{len(missing)} scan(s) missing from {data_dir} stay in the FROC (--allow-missing), "
+                        f"with no candidate scored: {', '.join(missing)}")
+    return ScanCheck(found, missing, warnings)
+
+
+def submission_scans(data_dir, subsets: Optional[Sequence[int]], seriesuids=None, work_dir=None,
+                     allow_missing: bool = False) -> tuple:
+    """The scans a submission is scored over, and warnings: ``seriesuids`` (a file) when given, else the scans of
+    ``subsets`` (:func:`check_scans`: those on disk, and with ``allow_missing`` the missing ones), else the data
+    folder's ``seriesuids.csv``."""
+    if seriesuids is not None:
+        return seriesuids, []
+    if not subsets:
+        return Path(data_dir) / "seriesuids.csv", []
+    check = check_scans(data_dir, subsets, work_dir, allow_missing)
+    return list(check.found) + list(check.missing), check.warnings
+
+
 # --- scoring files -------------------------------------------------------------------------
 
 def score_submission(submission, annotations, excluded, seriesuids: Union[Path, str, Sequence[str]],
                      json_out: Optional[Path] = None, figure: Optional[Path] = None,
-                     bootstrap: int = 1000, seed: int = 0) -> dict:
+                     bootstrap: int = 1000, seed: int = 0, warnings: Sequence[str] = ()) -> dict:
     """Score a LUNA16 submission CSV; see :func:`score_marks` for the result.
 
     seriesuids: a file (one uid per line) or the uids themselves: the scans that count, whose number
-    divides the false positives. Writes the result to ``json_out`` and the FROC plot to ``figure``
-    (atomically) when given.
+    divides the false positives. ``warnings`` (say, :func:`submission_scans`'s) lead the result's own.
+    Writes the result to ``json_out`` and the FROC plot to ``figure`` (atomically) when given.
     """
     if isinstance(seriesuids, (str, Path)):
         seriesuids = data.read_seriesuids(seriesuids)
@@ -377,6 +451,7 @@ def score_submission(submission, annotations, excluded, seriesuids: Union[Path, 
     result = score_marks(marks, seriesuids, read_findings(annotations), read_findings(excluded),
                          bootstrap=bootstrap, seed=seed)
     result["submission"] = str(submission)
+    result["warnings"] = list(warnings) + result["warnings"]
     if json_out is not None:
         data.atomic_write_json(json_out, result)
     if figure is not None:
@@ -461,6 +536,20 @@ def checkpoint_for_run(work_dir, run: str) -> Path:
     if not path.is_file():
         raise UserError(f"run {run!r} has no best.pt ({path} not found); see {Path(work_dir) / 'runs'}")
     return path
+
+
+def evaluation_name(work_dir, checkpoint: Path, candidates: Optional[Path] = None) -> str:
+    """A checkpoint's evaluation name, after its run folder: ``W/runs/<run>/best.pt`` (what ``--run <run>``
+    evaluates) -> ``<run>``; any other checkpoint -> ``<its folder>_<its stem>_<8 hex digits of its full path>``, so
+    that two checkpoints never share an evaluation folder. ``candidates`` other than the data folder's add
+    ``_<their stem>``."""
+    import hashlib
+    checkpoint = Path(checkpoint).resolve()
+    if checkpoint.parent.parent == (Path(work_dir) / "runs").resolve() and checkpoint.name == "best.pt":
+        name = checkpoint.parent.name
+    else:
+        name = f"{checkpoint.parent.name}_{checkpoint.stem}_{hashlib.sha1(str(checkpoint).encode()).hexdigest()[:8]}"
+    return name + (f"_{Path(candidates).stem}" if candidates is not None else "")
 
 
 def default_eval_dir(work_dir, name: str, subsets: Sequence[int], views: Optional[int]) -> Path:
@@ -584,18 +673,22 @@ def _score_scans(run: ModelRun, todo: list, rows_of: dict, scores: np.ndarray, m
 def open_model_run(checkpoint: Path, candidates_path: Path, parts_dir: Path, views: Optional[int], batch_size: int,
                    workers: int, device: str, precision: str, **key) -> tuple[ModelRun, dict]:
     """The model of a checkpoint, how it is applied, and the parts of its scores in ``parts_dir``, kept while
-    the checkpoint, its views, the candidates file and ``key`` stay the same. Returns ``(run, meta)``."""
+    the checkpoint, its views, the encoder's precision, the candidates file and ``key`` stay the same (the head
+    runs in float32, see ``head.Classifier.forward_head``; parts scored otherwise are discarded). Returns
+    ``(run, meta)``."""
     if batch_size < 1 or workers < 0:
         raise UserError(f"--batch-size must be >= 1 and --workers >= 0, got {batch_size}, {workers}")
     torch_device = head.resolve_device(device)
     model, meta = head.load_classifier(checkpoint, device=torch_device)
     views = head.check_views(views or meta.get("views", 1))
+    precision = head.resolve_precision(precision, torch_device)
     stat = checkpoint.stat()
     key.update(checkpoint=str(checkpoint.resolve()), checkpoint_bytes=stat.st_size,
                checkpoint_mtime_ns=stat.st_mtime_ns, preprocess=meta["preprocess"], views=views,
+               encoder_precision=precision, head_precision="fp32",
                candidates=str(candidates_path.resolve()), columns=list(SCORE_COLUMNS))
-    run = ModelRun(model, meta["preprocess"], views, batch_size, workers, torch_device,
-                   head.resolve_precision(precision, torch_device), data.Parts(parts_dir, key))
+    run = ModelRun(model, meta["preprocess"], views, batch_size, workers, torch_device, precision,
+                   data.Parts(parts_dir, key))
     return run, meta
 
 
@@ -619,7 +712,8 @@ def _write_scored(out_dir: Path, candidates: PointTable, scores: np.ndarray, ann
 
 def evaluate_model(checkpoint: Path, data_dir: Path, subsets: list[int], out_dir: Path, views: Optional[int] = None,
                    batch_size: int = 64, workers: int = 2, device: str = "auto", precision: str = "auto",
-                   bootstrap: int = 1000, seed: int = 0, console=None, candidates_path: Optional[Path] = None) -> dict:
+                   bootstrap: int = 1000, seed: int = 0, console=None, candidates_path: Optional[Path] = None,
+                   work_dir: Optional[Path] = None, allow_missing: bool = False) -> dict:
     """Score every candidate of the given LUNA16 subsets with a checkpoint, then evaluate.
 
     Each scan is read once and its patches (the checkpoint's ``patch_size``/``spacing_mm``) go through the
@@ -630,11 +724,15 @@ def evaluate_model(checkpoint: Path, data_dir: Path, subsets: list[int], out_dir
     are skipped and listed in ``unreadable_scans``. ``candidates_path``: the candidates CSV (default: the data
     folder's ``candidates_V2.csv``). For the nodule candidates (class 1) with an annotated diameter (that of
     the nodule whose sphere holds them), ``size`` compares the model's and the plain diameters with it
-    (:func:`size_metrics`). Returns the metrics dict.
+    (:func:`size_metrics`). A scan missing from a subset folder (against the extract manifests under
+    ``work_dir``, and ``seriesuids.csv`` with all ten subsets; :func:`check_scans`) is refused before any work,
+    or with ``allow_missing`` kept in the FROC with its nodules missed and listed in ``missing_scans``.
+    Returns the metrics dict.
     """
     start = time.perf_counter()
     checkpoint, data_dir, out_dir = Path(checkpoint), Path(data_dir), Path(out_dir)
-    scans = data.subset_scans(data_dir, subsets)
+    check = check_scans(data_dir, subsets, work_dir, allow_missing)
+    scans = check.found
     candidates_path = Path(candidates_path) if candidates_path else data.candidates_file(data_dir)
     run, meta = open_model_run(checkpoint, candidates_path, out_dir / "parts", views, batch_size, workers, device,
                                precision)
@@ -655,7 +753,7 @@ def evaluate_model(checkpoint: Path, data_dir: Path, subsets: list[int], out_dir
     scored = np.flatnonzero(~np.isnan(scores[:, 0]))
     annotated = np.where(candidates.value > 0.5, data.match_diameters(candidates, annotations), np.nan)
     marks = _write_scored(out_dir, candidates, scores, annotated, scored)
-    froc = score_marks(marks, [uid for uid in scans if uid not in unreadable],
+    froc = score_marks(marks, [uid for uid in scans if uid not in unreadable] + list(check.missing),
                        annotations, read_findings(data_dir / "annotations_excluded.csv"),
                        bootstrap=bootstrap, seed=seed)
     title = f"{checkpoint.parent.name}/{checkpoint.name}"
@@ -664,10 +762,12 @@ def evaluate_model(checkpoint: Path, data_dir: Path, subsets: list[int], out_dir
     result = _candidate_metrics(labels, marks.value, meta.get("cutoff"))
     result.update({
         "checkpoint": str(checkpoint), "epoch": meta.get("epoch"), "subsets": list(subsets), "views": run.views,
+        "encoder_precision": run.precision, "head_precision": "fp32",
         "n_scans": froc["n_scans"], "cpm": froc["cpm"], "cpm_ci95": froc.get("cpm_ci95"),
         "froc_sensitivities": froc["froc_sensitivities"], "froc_sensitivities_ci95": froc.get("froc_sensitivities_ci95"),
-        "froc": froc, "size": size, "unreadable_scans": unreadable,
-        "warnings": [f"candidates file: {p}" for p in problems[:data.MAX_LISTED_PROBLEMS]] + froc["warnings"],
+        "froc": froc, "size": size, "unreadable_scans": unreadable, "missing_scans": check.missing,
+        "warnings": [f"candidates file: {p}" for p in problems[:data.MAX_LISTED_PROBLEMS]] + check.warnings
+                    + _missed_nodules(check.missing, annotations) + froc["warnings"],
         "seconds": time.perf_counter() - start, "seconds_scoring_candidates": seconds_scoring,
         "candidates_per_second": n_new / seconds_scoring if n_new else None,
         "files": {name: str(out_dir / name) for name in
@@ -676,6 +776,14 @@ def evaluate_model(checkpoint: Path, data_dir: Path, subsets: list[int], out_dir
     plot_froc(froc, out_dir / "froc.png", title=title)
     data.atomic_write_json(out_dir / "metrics.json", result)
     return result
+
+
+def _missed_nodules(missing: dict, annotations: PointTable) -> list:
+    """The warning that the nodules of missing scans count as missed (none without missing scans)."""
+    if not missing:
+        return []
+    n_nodules = int(np.isin(annotations.seriesuid, list(missing)).sum())
+    return [f"the {n_nodules} nodule(s) of the {len(missing)} missing scan(s) count as missed"]
 
 
 def _candidate_metrics(labels: np.ndarray, probability: np.ndarray, cutoff: Optional[float]) -> dict:

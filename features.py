@@ -136,7 +136,7 @@ def check_patch_geometry(caches: Dict[int, SubsetCache]) -> Tuple[int, float]:
     if len(set(values.values())) > 1:
         listing = ", ".join(f"subset{k}: patch_size {p}, spacing_mm {s}" for k, (p, s) in sorted(values.items()))
         raise UserError(f"the patch caches were made with different parameters ({listing}); "
-                        f"extract them again with the same --patch-size and --spacing")
+                        f"extract them again with the same --patch-size and --spacing-mm")
     return next(iter(values.values()))
 
 

@@ -153,8 +153,13 @@ class Classifier(nn.Module):
         return last.flatten(1)
 
     def forward_head(self, features: torch.Tensor, with_size: bool = False):
-        """``(B, F)`` features -> ``(B,)`` logits; with ``with_size``, ``(logits, log-diameter (B,))``."""
-        return self.head(features, with_size)
+        """``(B, F)`` features -> ``(B,)`` float32 logits; with ``with_size``, ``(logits, log-diameter (B,))``.
+
+        The head always runs in float32, outside any autocast: the encoder may run in bf16/fp16, but logits in
+        bf16 steps (about 0.03-0.06 apart) would tie scores that the FROC's 100-mark cap and the AUC tell apart.
+        """
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return self.head(features.float(), with_size)
 
     def forward(self, x: torch.Tensor, with_size: bool = False):
         return self.forward_head(self.forward_features(x), with_size)
@@ -336,19 +341,23 @@ def predict_patches(model: Classifier, patches, preprocess: Dict[str, Any], devi
                     batch_size: int = 64, views: int = 1, precision: str = "fp32", with_size: bool = False):
     """Nodule probabilities (float64, sigmoid in float64) of int16 HU patches ``(N, P, P, P)`` ``[z, y, x]``,
     averaged over the first ``views`` flips of each patch. With ``with_size``: ``(probability, diameter_mm)``,
-    the diameter from the mean log-diameter over the views (all NaN when the model has no size output)."""
+    the diameter from the mean log-diameter over the views (all NaN when the model has no size output).
+    ``precision`` (resolved) applies to the encoder only: the head, its logits and size run in float32."""
     patches = torch.as_tensor(patches)
     out = np.empty(len(patches), np.float64)
     diameter = np.full(len(patches), np.nan)
     sized = with_size and model.has_size
     device = torch.device(device)
-    with torch.inference_mode(), autocast(device, precision):
+    with torch.inference_mode():
         for first in range(0, len(patches), batch_size):
             hu = patches[first:first + batch_size].to(device, non_blocking=True)
             x = hu_to_unit(hu, preprocess.get("hu_min", -1000.0), preprocess.get("hu_max", 1000.0))
             probability, log_size = 0.0, 0.0
             for view in flipped_views(x, views):
-                logits, size = model(view, with_size=True) if sized else (model(view), None)
+                with autocast(device, precision):
+                    features = model.forward_features(view)
+                outputs = model.forward_head(features, with_size=sized)
+                logits, size = outputs if sized else (outputs, None)
                 probability = probability + torch.sigmoid(logits.double())
                 if sized:
                     log_size = log_size + size.double()

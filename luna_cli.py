@@ -113,7 +113,7 @@ def friendly_errors(func):
             return func(*args, **kwargs)
         except UserError as err:
             console.print(f"[bold red]error:[/] {err}")
-            raise typer.Exit(1)
+            raise typer.Exit(1) from err   # the error stays reachable from the exit (tests read it there)
         except KeyboardInterrupt:
             console.print("[yellow]interrupted: finished work is kept, rerun the same command to resume[/]")
             raise typer.Exit(130)
@@ -411,7 +411,8 @@ def evaluate(
     excluded: Annotated[Optional[Path], typer.Option(help="Findings to ignore (default: annotations_excluded.csv of the data dir).")] = None,
     seriesuids: Annotated[Optional[Path], typer.Option(help="Scans that count, one seriesuid per line (default: seriesuids.csv, or the scans of --subsets).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here (and the FROC plot beside it).")] = None,
-    out_dir: Annotated[Optional[Path], typer.Option(help="Model evaluation folder (default: W/eval/<run or checkpoint>_subsets<k>).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option(help="Model evaluation folder (default: W/eval/<run>_subsets<k>, after "
+                                                        "the checkpoint's run folder; see README).")] = None,
     views: Views = None,
     batch_size: BatchSize = 64,
     workers: Annotated[int, typer.Option(min=0, help="Processes reading scans ahead of the model (0: none).")] = 2,
@@ -421,6 +422,9 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
     candidates: Annotated[Optional[Path], typer.Option(
         help="Model: the candidates to score (default: candidates_V2.csv of the data dir), e.g. one written by detect.")] = None,
+    allow_missing: Annotated[bool, typer.Option(
+        "--allow-missing", help="Keep scans missing from a subset folder (against extract's manifest, and seriesuids.csv "
+                                "with all ten subsets) in the FROC, their nodules missed, instead of refusing.")] = False,
     data_dir: DataDir = None,
     work_dir: WorkDir = None,
 ):
@@ -429,26 +433,27 @@ def evaluate(
     import evaluate as evaluation
     if sum(x is not None for x in (submission, run, checkpoint)) != 1:
         raise UserError("give exactly one of --submission FILE, --run NAME or --checkpoint FILE")
-    root = data_dir_option(data_dir)
+    root, work = data_dir_option(data_dir), work_dir_option(work_dir)
     subset_list = parse_subsets(subsets, "--subsets", required=True) if subsets is not None else None
     if submission is not None and candidates is not None:
         raise UserError("--candidates is for evaluating a model (--run or --checkpoint); a submission holds its own marks")
     if submission is not None:
-        scan_list = seriesuids or (list(data.subset_scans(root, subset_list)) if subset_list else root / "seriesuids.csv")
+        scan_list, notes = evaluation.submission_scans(root, subset_list, seriesuids, work, allow_missing)
         result = evaluation.score_submission(submission, annotations or root / "annotations.csv",
                                              excluded or root / "annotations_excluded.csv", scan_list, json_out=json_out,
                                              figure=json_out.with_suffix(".png") if json_out else None,
-                                             bootstrap=bootstrap, seed=seed)
+                                             bootstrap=bootstrap, seed=seed, warnings=notes)
         evaluation.print_froc(console, result, f"LUNA16 FROC of {submission.name}")
         return
     if subset_list is None:
         raise UserError("evaluating a model needs --subsets, e.g. --subsets 9")
-    checkpoint = checkpoint or evaluation.checkpoint_for_run(work_dir_option(work_dir), run)
-    name = (run or checkpoint.stem) + (f"_{candidates.stem}" if candidates is not None else "")
-    out_dir = out_dir or evaluation.default_eval_dir(work_dir_option(work_dir), name, subset_list, views)
+    checkpoint = checkpoint or evaluation.checkpoint_for_run(work, run)
+    out_dir = out_dir or evaluation.default_eval_dir(work, evaluation.evaluation_name(work, checkpoint, candidates),
+                                                     subset_list, views)
     result = evaluation.evaluate_model(checkpoint, root, subset_list, out_dir, views=views, batch_size=batch_size,
                                        workers=workers, device=device, precision=precision.value,
-                                       bootstrap=bootstrap, seed=seed, console=console, candidates_path=candidates)
+                                       bootstrap=bootstrap, seed=seed, console=console, candidates_path=candidates,
+                                       work_dir=work, allow_missing=allow_missing)
     if json_out is not None:
         data.atomic_write_json(json_out, result)
     console.print(evaluation.candidate_table(result))
@@ -550,13 +555,8 @@ def predict(
     rows = prediction.predict_scan(checkpoint, scan, coord, candidates, out, device=device, batch_size=batch_size,
                                    views=views, precision=precision.value, guideline=guideline.value,
                                    nodule_type=nodule_type.value, risk=risk.value, max_per_scan=max_per_scan)
-    detected = not coord and candidates is None
-    if detected and not rows:
-        console.print(f"{prediction.scan_name(scan)}: no detected candidate reaches the checkpoint's cutoff")
-    else:
-        what = "findings at or above the cutoff among the detected candidates" if detected else "points"
-        console.print(prediction.prediction_table(rows, title=f"{prediction.scan_name(scan)} ({len(rows)} {what})",
-                                                  n_models=len(checkpoint)))
+    title = prediction.results_title(scan, rows, detected=not coord and candidates is None)
+    console.print(prediction.prediction_table(rows, title=title, n_models=len(checkpoint)) if rows else title)
     if out is not None:
         console.print(f"written to {out}")
 

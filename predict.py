@@ -284,6 +284,15 @@ def prediction_table(predictions: Sequence[dict], title: str = "", n_models: int
     return table
 
 
+def results_title(scan_path, predictions: Sequence[dict], detected: bool) -> str:
+    """The heading of predict's results: the scan and what its rows are (``detected``: the distinct findings of
+    :func:`predict_scan` without points, which may be none)."""
+    if detected and not predictions:
+        return f"{scan_name(scan_path)}: no detected candidate reaches the checkpoint's cutoff"
+    what = "findings at or above the cutoff among the detected candidates" if detected else "points"
+    return f"{scan_name(scan_path)} ({len(predictions)} {what})"
+
+
 def _mm(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.1f}"
 

@@ -12,6 +12,23 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
 
 
+# Command-line tests read exit codes, the exception behind an exit, returned values and written files, never the
+# console text: rich wraps that text at the terminal's width (COLUMNS, the length of temporary paths).
+
+def _user_error(result):
+    """The UserError behind a command's exit code 1 (``luna_cli.friendly_errors`` chains it to the exit), or None."""
+    from data import UserError
+    error = result.exception
+    while error is not None and not isinstance(error, UserError):
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def _why(result) -> str:
+    """A failed command's exit code, exception and console text, shown when an assertion on it fails (never asserted)."""
+    return f"exit code {result.exit_code}, exception {result.exception!r}\n{result.output}"
+
+
 # --- data stage -------------------------------------------------------------
 
 def test_hu_to_unit_clips_and_scales():
@@ -290,7 +307,9 @@ def test_extract_resumes_after_interruption(tmp_path, monkeypatch):
 
 
 def test_extract_bad_inputs_are_reported_not_fatal(tmp_path):
+    import json
     from typer.testing import CliRunner
+    import data
     import luna_cli
     info = _mini_luna(tmp_path / "luna", n_scans=4)
     broken_raw, missing_raw, broken_header = info["uids"][:3]
@@ -303,16 +322,20 @@ def test_extract_bad_inputs_are_reported_not_fatal(tmp_path):
         handle.write(f"{info['uids'][3]},1,,2,0\n")               # line 23: empty field
         handle.write(f"{info['uids'][3]},5000,5000,5000,0\n")     # line 24: far outside the scan
         handle.write("1.2.3.not.downloaded,0,0,0,1\n")
+    summary = data.extract_subset(tmp_path / "luna", tmp_path / "work", 0, patch_size=32, all_candidates=True,
+                                  show_progress=False)   # what the command calls
+    assert sorted(summary.failed) == sorted((broken_raw, missing_raw, broken_header))
+    problems = " ".join(summary.problems)
+    assert "line 22" in problems and "line 23" in problems and "line 24" in problems and "wholly outside" in problems
+    assert "1 seriesuid(s) of the candidates file have no scan" in problems
+    # the command tries the unreadable scans again, names them in the manifest and exits 1
     result = CliRunner().invoke(luna_cli.app, ["extract", "--subset", "0", "--data-dir", str(tmp_path / "luna"),
                                                "--work-dir", str(tmp_path / "work"), "--patch-size", "32",
                                                "--all-candidates"])
-    text = " ".join(result.output.split())
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 1, _why(result)
     assert isinstance(result.exception, SystemExit)  # a clean exit, not an exception
-    for uid in (broken_raw, missing_raw, broken_header):
-        assert uid in text
-    assert "line 22" in text and "line 23" in text and "line 24" in text and "wholly outside" in text
-    assert "1 seriesuid(s) of the candidates file have no scan" in text
+    manifest = json.loads((tmp_path / "work" / "patches" / "subset0" / "manifest.json").read_text())
+    assert sorted(manifest["failed"]) == sorted((broken_raw, missing_raw, broken_header))
     rows = (tmp_path / "work" / "patches" / "subset0" / "index.csv").read_text().splitlines()[1:]
     assert len(rows) == 5 and all(r.startswith(info["uids"][3]) for r in rows)
 
@@ -496,15 +519,17 @@ def test_evaluate_cli_scores_a_submission_and_reports_bad_files(tmp_path):
             "--seriesuids", str(tmp_path / "uids.csv"), "--json", str(tmp_path / "out" / "froc.json"),
             "--bootstrap", "100"]
     result = CliRunner().invoke(luna_cli.app, args)
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 0, _why(result)
     saved = json.loads((tmp_path / "out" / "froc.json").read_text())
     assert saved["cpm"] == pytest.approx((1 / 6 + 1.5 / 6 + 5 * 5 / 6) / 7, abs=1e-12)
     assert set(saved["froc_sensitivities"]) == {"0.125", "0.25", "0.5", "1", "2", "4", "8"}
-    assert "CPM" in result.output and "elsewhere" in " ".join(result.output.split())
+    assert saved["unknown_seriesuids"] == ["elsewhere"] and any("elsewhere" in w for w in saved["warnings"])
+    assert (tmp_path / "out" / "froc.png").is_file()
     (tmp_path / "bad.csv").write_text("seriesuid,coordX,coordY,coordZ,probability\ns1,1,2,x,0.5\n")
     args[2] = str(tmp_path / "bad.csv")
     result = CliRunner().invoke(luna_cli.app, args)
-    assert result.exit_code == 1 and "line 2" in result.output and isinstance(result.exception, SystemExit)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), _why(result)
+    assert "bad.csv line 2" in str(_user_error(result))
 
 
 def _reference_froc(rows, nodules, excluded, seriesuids, rates=(0.125, 0.25, 0.5, 1, 2, 4, 8)):
@@ -699,16 +724,95 @@ def test_evaluate_cli_model_skips_an_unreadable_scan(eval_phantom, tmp_path):
     result = CliRunner().invoke(luna_cli.app, ["evaluate", "--run", "tiny", "--subsets", "0", "--data-dir", str(root),
                                                "--work-dir", str(tmp_path / "work"), "--workers", "1",
                                                "--bootstrap", "20", "--device", "cpu"])
-    text = " ".join(result.output.split())
-    assert result.exit_code == 1, result.output
-    assert broken.stem in text and isinstance(result.exception, SystemExit) and "CPM" in text
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), _why(result)
     out = tmp_path / "work" / "eval" / "tiny_subsets0"
-    saved = json.loads((out / "metrics.json").read_text())
-    assert list(saved["unreadable_scans"]) == [broken.stem] and saved["n_scans"] == 1
+    saved = json.loads((out / "metrics.json").read_text())   # the FROC of the readable scan is still written
+    assert list(saved["unreadable_scans"]) == [broken.stem] and saved["n_scans"] == 1 and "cpm" in saved
     assert saved["at_cutoff"]["cutoff"] == 0.3
     rows = (out / "submission.csv").read_text().splitlines()[1:]
     assert rows and not any(r.startswith(broken.stem) for r in rows)
     assert len(rows) == sum(r[0] != broken.stem for r in _subset_candidates(root, 0))
+
+
+def test_evaluate_names_a_missing_scan_and_allow_missing_counts_its_nodules_as_missed(eval_phantom, tmp_path):
+    import json
+    import shutil
+    from typer.testing import CliRunner
+    import data
+    import evaluate
+    import luna_cli
+    root, work = tmp_path / "luna16", tmp_path / "work"
+    shutil.copytree(eval_phantom, root)
+    data.extract_subset(root, work, 0, patch_size=32, spacing_mm=1.25, negatives_per_positive=1, show_progress=False)
+    recorded = json.loads((data.subset_dir(work, 0) / "manifest.json").read_text())["scans_found"]
+    assert recorded == sorted(data.subset_scans(root, [0]))
+    gone = sorted((root / "subset0").glob("*.mhd"))[0]
+    gone.unlink()
+    gone.with_suffix(".raw").unlink()
+    (work / "runs" / "tiny").mkdir(parents=True)
+    _tiny_checkpoint(work / "runs" / "tiny" / "best.pt")
+    base = ["evaluate", "--run", "tiny", "--subsets", "0", "--data-dir", str(root), "--work-dir", str(work),
+            "--workers", "0", "--bootstrap", "0", "--device", "cpu"]
+    result = CliRunner().invoke(luna_cli.app, base)
+    assert result.exit_code == 1 and gone.stem in str(_user_error(result)), _why(result)
+    assert "--allow-missing" in str(_user_error(result)) and not (work / "eval").exists()   # refused before any work
+    result = CliRunner().invoke(luna_cli.app, base + ["--allow-missing"])
+    assert result.exit_code == 0, _why(result)
+    saved = json.loads((work / "eval" / "tiny_subsets0" / "metrics.json").read_text())
+    annotations, _ = data.read_point_csv(root / "annotations.csv", "diameter_mm")
+    lost = int((annotations.seriesuid == gone.stem).sum())
+    assert lost and list(saved["missing_scans"]) == [gone.stem] and saved["n_scans"] == len(recorded)
+    assert saved["froc"]["n_nodules"] == int(np.isin(annotations.seriesuid, recorded).sum())
+    assert saved["froc"]["n_missed"] >= lost and any(gone.stem in warning for warning in saved["warnings"])
+    rescored = evaluate.score_submission(work / "eval" / "tiny_subsets0" / "submission.csv", root / "annotations.csv",
+                                         root / "annotations_excluded.csv", recorded, bootstrap=0)
+    assert saved["cpm"] == rescored["cpm"]    # the missing scan counts: its nodules missed, its scan in FP/scan
+    # a submission scored over --subsets is held to the same account
+    sub = ["evaluate", "--submission", str(work / "eval" / "tiny_subsets0" / "submission.csv"), "--subsets", "0",
+           "--data-dir", str(root), "--work-dir", str(work), "--bootstrap", "0", "--json", str(tmp_path / "s.json")]
+    result = CliRunner().invoke(luna_cli.app, sub)
+    assert result.exit_code == 1 and gone.stem in str(_user_error(result)), _why(result)
+    result = CliRunner().invoke(luna_cli.app, sub + ["--allow-missing"])
+    assert result.exit_code == 0 and json.loads((tmp_path / "s.json").read_text())["cpm"] == saved["cpm"], _why(result)
+
+
+def test_with_all_ten_subsets_seriesuids_csv_names_missing_scans(tmp_path):
+    import evaluate
+    from data import UserError
+    for k in range(10):
+        (tmp_path / f"subset{k}").mkdir()
+        (tmp_path / f"subset{k}" / f"s{k}.mhd").write_text("")
+    (tmp_path / "seriesuids.csv").write_text("".join(f"s{k}\n" for k in range(10)) + "lost\n")
+    with pytest.raises(UserError, match="lost"):
+        evaluate.check_scans(tmp_path, range(10))
+    assert evaluate.check_scans(tmp_path, range(9)).missing == {}   # which subset lost it is unknown
+    check = evaluate.check_scans(tmp_path, range(10), allow_missing=True)
+    assert check.missing == {"lost": str(tmp_path / "seriesuids.csv")} and len(check.found) == 10
+    assert "lost" in " ".join(check.warnings)
+
+
+def test_two_checkpoints_evaluations_do_not_collide(eval_phantom, tmp_path):
+    import json
+    from typer.testing import CliRunner
+    import evaluate
+    import luna_cli
+    work = tmp_path / "work"
+    checkpoints = {}
+    for run, cutoff in (("a", 0.3), ("b", 0.7)):
+        (work / "runs" / run).mkdir(parents=True)
+        checkpoints[run] = _tiny_checkpoint(work / "runs" / run / "best.pt", cutoff=cutoff)
+        result = CliRunner().invoke(luna_cli.app, ["evaluate", "--checkpoint", str(checkpoints[run]), "--subsets", "1",
+                                                   "--data-dir", str(eval_phantom), "--work-dir", str(work),
+                                                   "--workers", "0", "--bootstrap", "0", "--device", "cpu"])
+        assert result.exit_code == 0, _why(result)
+    saved = [json.loads(path.read_text()) for path in sorted((work / "eval").glob("*/metrics.json"))]
+    assert [(m["checkpoint"], m["at_cutoff"]["cutoff"]) for m in saved] == [(str(checkpoints["a"]), 0.3),
+                                                                              (str(checkpoints["b"]), 0.7)]
+    # --run a and --checkpoint W/runs/a/best.pt share a folder; every other checkpoint has its own
+    assert evaluate.evaluation_name(work, checkpoints["a"]) == "a"
+    others = [work / "runs" / "a" / "last.pt", tmp_path / "x" / "best.pt", tmp_path / "y" / "best.pt"]
+    names = [evaluate.evaluation_name(work, path) for path in [*checkpoints.values(), *others]]
+    assert len(set(names)) == len(names)
 
 
 def test_eight_view_probability_does_not_change_when_the_patch_is_flipped():
@@ -725,6 +829,38 @@ def test_eight_view_probability_does_not_change_when_the_patch_is_flipped():
     np.testing.assert_allclose(averaged[2:], averaged[:2], rtol=1e-5)
     plain = head.predict_patches(model, both, preprocess)
     assert plain.dtype == np.float64 and not np.array_equal(plain[2:], plain[:2])
+
+
+def test_head_runs_in_float32_under_bf16_autocast():
+    """The encoder may run in bf16; the head, its logits and its size output are the fp32 head's."""
+    import torch
+    import head
+    torch.manual_seed(2)
+    config = {"encoder": {"feature_size": 12, "window_size": 4}, "pooling": "avg", "patch_size": 32,
+              "size_output": True}
+    model = head.build_classifier(config).eval()
+    features = torch.randn(64, head.feature_dim(config)) * 3.0
+    with torch.no_grad():
+        logits, size = model.forward_head(features, with_size=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low_logits, low_size = model.forward_head(features, with_size=True)
+            low_model_logits = model.forward_head(features.bfloat16())
+    assert low_logits.dtype == low_size.dtype == torch.float32
+    assert torch.equal(low_logits, logits) and torch.equal(low_size, size)
+    assert torch.equal(low_model_logits, model.forward_head(features.bfloat16().float()))
+    # predict_patches at bf16: the bf16 encoder's features through the fp32 head, so no scores tied by bf16 steps
+    patches = np.random.default_rng(3).integers(-1000, 400, (24, 32, 32, 32)).astype(np.int16)
+    preprocess = {"hu_min": -1000.0, "hu_max": 1000.0}
+    probability, diameter = head.predict_patches(model, patches, preprocess, batch_size=24, precision="bf16",
+                                                 with_size=True)
+    with torch.no_grad():
+        x = head.hu_to_unit(torch.from_numpy(patches)).unsqueeze(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            encoded = model.forward_features(x)
+        expected_logits, expected_size = model.head(encoded.float(), with_size=True)
+    np.testing.assert_allclose(probability, torch.sigmoid(expected_logits.double()).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(diameter, np.exp(expected_size.double().numpy()), rtol=1e-6)
+    assert len(np.unique(probability)) == len(patches)
 
 
 def test_candidate_metrics_count_ties_and_thresholds():
@@ -815,16 +951,17 @@ def test_predict_cli_reads_a_candidates_file_and_rejects_bad_points(eval_phantom
     base = ["predict", "--checkpoint", str(checkpoint), "--scan", str(mhd), "--device", "cpu"]
     result = CliRunner().invoke(luna_cli.app, base + ["--candidates", str(eval_phantom / "candidates_V2.csv"),
                                                       "--out", str(tmp_path / "preds.csv")])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 0, _why(result)
     rows = (tmp_path / "preds.csv").read_text().splitlines()
     assert rows[0].startswith("coordX,coordY,coordZ,probability,follow_up")
     assert len(rows) - 1 == sum(r[0] == mhd.stem for r in _subset_candidates(eval_phantom, 1))
     result = CliRunner().invoke(luna_cli.app, base + ["--coord", "1,2"])
-    assert result.exit_code == 1 and "X,Y,Z" in result.output and isinstance(result.exception, SystemExit)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), _why(result)
+    assert "X,Y,Z" in str(_user_error(result))
     bad = tmp_path / "bad.csv"
     bad.write_text("coordX,coordY,coordZ\n1,2,3\n4,five,6\n")
     result = CliRunner().invoke(luna_cli.app, base + ["--candidates", str(bad)])
-    assert result.exit_code == 1 and "line 3" in result.output
+    assert result.exit_code == 1 and "bad.csv line 3" in str(_user_error(result)), _why(result)
 
 
 REAL_CT = SHARED_DATA / "real_ct" / "LIDC-IDRI-0001"
@@ -980,16 +1117,19 @@ def test_make_phantom_scan_validates_and_keeps_negatives_off_nodules():
 
 
 def test_synth_cli_writes_and_refuses_to_overwrite(tmp_path):
+    import json
     from typer.testing import CliRunner
     import luna_cli
     root = tmp_path / "luna16"
     args = ["synth", "--data-dir", str(root), "--n-subsets", "1", "--scans-per-subset", "1"]
     result = CliRunner().invoke(luna_cli.app, args)
-    assert result.exit_code == 0, result.output
-    assert "synthetic" in result.output and len(list(root.glob("subset0/*.mhd"))) == 1
+    assert result.exit_code == 0, _why(result)
+    assert json.loads((root / "phantom_manifest.json").read_text())["synthetic"] is True
+    assert len(list(root.glob("subset0/*.mhd"))) == 1
     before = (root / "candidates_V2.csv").read_bytes()
     result = CliRunner().invoke(luna_cli.app, args + ["--seed", "1"])
-    assert result.exit_code == 1 and "not empty" in result.output and "--force" in result.output
+    assert result.exit_code == 1, _why(result)
+    assert "not empty" in str(_user_error(result)) and "--force" in str(_user_error(result))
     assert (root / "candidates_V2.csv").read_bytes() == before
     result = CliRunner().invoke(luna_cli.app, args + ["--seed", "1", "--force"])
     assert result.exit_code == 0 and (root / "candidates_V2.csv").read_bytes() != before
@@ -998,7 +1138,7 @@ def test_synth_cli_writes_and_refuses_to_overwrite(tmp_path):
     (foreign / "subset0").mkdir(parents=True)
     (foreign / "subset0" / "scan.mhd").write_text("not ours")
     result = CliRunner().invoke(luna_cli.app, ["synth", "--data-dir", str(foreign), "--force"])
-    assert result.exit_code == 1 and "not made by synth" in result.output
+    assert result.exit_code == 1 and "not made by synth" in str(_user_error(result)), _why(result)
     assert (foreign / "subset0" / "scan.mhd").exists()
 
 
@@ -1240,10 +1380,10 @@ def test_resume_refuses_changed_options_and_the_cli_passes_only_given_ones(tmp_p
     base = ["finetune", "--work-dir", str(work), "--run", "r", "--resume", "--device", "cpu"]
     refused = CliRunner().invoke(luna_cli.app, base + ["--window-size", "7", "--stop-after", "1"])
     assert refused.exit_code == 1 and isinstance(refused.exception, SystemExit)
-    assert "--window-size: the run has 4, this call 7" in " ".join(refused.output.split())
+    assert "--window-size: the run has 4, this call 7" in str(_user_error(refused))
     # options not given keep the run's values; the same value again and runtime options are accepted
     done = CliRunner().invoke(luna_cli.app, base + ["--epochs", "3", "--workers", "0", "--stop-after", "1"])
-    assert done.exit_code == 0, done.output
+    assert done.exit_code == 0, _why(done)
     assert [row["epoch"] for row in train.read_history(work / "runs" / "r" / "history.csv")] == [1, 2]
     # so the command line's defaults must be the stages' own
     commands = typer.main.get_command(luna_cli.app).commands
@@ -1399,7 +1539,7 @@ def test_mining_adds_each_scans_top_negatives_once_and_features_follow(eval_phan
     result = CliRunner().invoke(luna_cli.app, ["extract", "--subset", "1", "--data-dir", str(eval_phantom), "--work-dir",
                                                str(work), "--hard-negatives", str(checkpoint), "--per-scan", "2",
                                                "--workers", "0", "--device", "cpu"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 0, _why(result)
     after = data.read_cache_index(cache)
     assert after[:len(before)] == before and {(r[0], *r[1:4]) for r in after[len(before):]} == expected
     assert all(r[4] == "0" and r[6] == "tiny" for r in after[len(before):]) and not any(r[6] for r in before)
@@ -1948,9 +2088,10 @@ def crossval_run(tmp_path_factory):
         "crossval", "--folds", "0-3", "--name", "cv", "--epochs", "2", "--batch-size", "16", "--device", "cpu",
         "--workers", "0", "--bootstrap", "50", "--json", str(base / "cv.json"), "--data-dir", str(root),
         "--work-dir", str(work)])
-    assert result.exit_code == 0, result.output
-    assert "cross-validation cv (head, 4 folds)" in " ".join(result.output.split())
-    return root, work, json.loads((base / "cv.json").read_text())
+    assert result.exit_code == 0, _why(result)
+    printed = json.loads((base / "cv.json").read_text())
+    assert (printed["name"], printed["stage"], printed["folds"]) == ("cv", "head", [0, 1, 2, 3])
+    return root, work, printed
 
 
 def test_crossval_cpm_equals_scoring_its_concatenated_submission(crossval_run, tmp_path):
@@ -1971,7 +2112,7 @@ def test_crossval_cpm_equals_scoring_its_concatenated_submission(crossval_run, t
     cli = CliRunner().invoke(luna_cli.app, ["evaluate", "--submission", str(out / "submission.csv"), "--subsets", "0-3",
                                             "--data-dir", str(root), "--bootstrap", "0", "--json",
                                             str(tmp_path / "s.json")])
-    assert cli.exit_code == 0, cli.output
+    assert cli.exit_code == 0, _why(cli)
     assert json.loads((tmp_path / "s.json").read_text())["cpm"] == saved["cpm"]
     # every candidate of every fold once, the intervals, each fold's CPM, and the files
     n_rows = len((out / "submission.csv").read_text().splitlines()) - 1
@@ -2054,8 +2195,8 @@ def test_crossval_refuses_bad_folds_offsets_and_changed_settings(crossval_run):
     for extra, message in ((["--folds", "0"], "--folds must name at least 2 subsets"),
                            (["--folds", "0-3", "--val-offset", "4"], "--val-offset 4")):
         result = CliRunner().invoke(luna_cli.app, base + extra)
-        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
-        assert message in " ".join(result.output.split())
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), _why(result)
+        assert message in str(_user_error(result))
     assert not (work / "crossval" / "cli").exists() and not (work / "runs" / "cv-fold4").exists()
 
 
@@ -2079,11 +2220,14 @@ def test_predict_averages_several_checkpoints(crossval_run, tmp_path):
     with pytest.raises(UserError, match="tiny.pt takes patches of 32 voxels at 1.25 mm.*share the patch size"):
         predict.predict_points([a, _tiny_checkpoint(tmp_path / "tiny.pt")], mhd, points, device="cpu")
     base = ["predict", "--scan", str(mhd), "--coord", ",".join(map(str, points[0])), "--device", "cpu"]
-    result = CliRunner().invoke(luna_cli.app, base + ["--checkpoint", str(a), "--checkpoint", str(b)])
-    assert result.exit_code == 0, result.output
-    assert "probabilities averaged over 2 models" in " ".join(result.output.split())
-    result = CliRunner().invoke(luna_cli.app, base + ["--checkpoint", str(a)])
-    assert result.exit_code == 0 and "(the checkpoint's cutoff)" in " ".join(result.output.split())
+    for checkpoints, source in (([a, b], "probabilities averaged over 2 models"), ([a], "(the checkpoint's cutoff)")):
+        result = CliRunner().invoke(luna_cli.app, base + [arg for c in checkpoints for arg in ("--checkpoint", str(c))]
+                                    + ["--out", str(tmp_path / "p.csv")])
+        assert result.exit_code == 0, _why(result)
+        written = [float(line.split(",")[3]) for line in (tmp_path / "p.csv").read_text().splitlines()[1:]]
+        rows = predict.predict_points(checkpoints, mhd, points[:1], device="cpu")
+        assert written == [r["probability"] for r in rows]
+        assert source in predict.prediction_table(rows, n_models=len(checkpoints)).caption
 
 
 def test_crossval_finetune_passes_its_options_to_each_fold(crossval_run, tmp_path, monkeypatch):
@@ -2437,28 +2581,35 @@ def test_predict_gives_size_unknown_rather_than_a_guess(eval_phantom, tmp_path):
             predict.predict_points(checkpoint, tmp_path / "no_scan.mhd", point, device="cpu", **{option: value})
 
 
-def test_predict_cli_shows_size_category_and_disclaimer_and_writes_them(eval_phantom, tmp_path, monkeypatch):
-    from rich.console import Console
+def test_predict_cli_shows_size_category_and_disclaimer_and_writes_them(eval_phantom, tmp_path):
+    import typer
     from typer.testing import CliRunner
     import followup
     import luna_cli
     import predict
-    monkeypatch.setattr(luna_cli, "console", Console(width=250))   # column headers unfolded
     nodule = _phantom_nodules(eval_phantom, 11, 0, 1, 2)[0]
     mhd = sorted((eval_phantom / "subset0").glob("*.mhd"))[1]
-    base = ["predict", "--checkpoint", str(_tiny_checkpoint(tmp_path / "all.pt", cutoff=0.0)), "--scan", str(mhd),
-            "--device", "cpu", "--coord", ",".join(map(str, nodule.center_xyz)), "--coord", ",".join(
-                map(str, nodule.center_xyz + np.array([0.0, 0.0, 30.0])))]
+    checkpoint = _tiny_checkpoint(tmp_path / "all.pt", cutoff=0.0)
+    coords = [",".join(map(str, nodule.center_xyz)), ",".join(map(str, nodule.center_xyz + np.array([0.0, 0.0, 30.0])))]
+    base = ["predict", "--checkpoint", str(checkpoint), "--scan", str(mhd), "--device", "cpu",
+            *(arg for c in coords for arg in ("--coord", c))]
     result = CliRunner().invoke(luna_cli.app, base + ["--out", str(tmp_path / "preds.csv")])
-    assert result.exit_code == 0, result.output
-    text = " ".join(result.output.split())
-    for expected in ("diameter (mm)", "category", "recommendation", "size unknown", followup.DISCLAIMER,
-                     "Fleischner 2017", "nodule type assumed solid (not measured; solid unless --type is given)",
+    assert result.exit_code == 0, _why(result)
+    assert "size unknown" in [dict(zip(predict.OUTPUT_COLUMNS, line.split(",")))["category"]
+                              for line in (tmp_path / "preds.csv").read_text().splitlines()[1:]]
+    # the table the command prints, from the rows of the function it calls
+    table = predict.prediction_table(predict.predict_scan([checkpoint], mhd, coords, device="cpu"))
+    assert {"diameter (mm)", "category", "recommendation"} <= {str(column.header) for column in table.columns}
+    for expected in (followup.DISCLAIMER, "Fleischner 2017",
+                     "nodule type assumed solid (not measured; solid unless --type is given)",
                      "patient risk assumed low", "the model has no size output", "(multiple)"):
-        assert expected in text, expected
+        assert expected in table.caption, expected
     result = CliRunner().invoke(luna_cli.app, base + ["--guideline", "LUNG-RADS", "--type", "ground-glass",
                                                       "--risk", "high", "--out", str(tmp_path / "preds.csv")])
-    assert result.exit_code == 0 and "Lung-RADS v2022" in " ".join(result.output.split()), result.output
+    assert result.exit_code == 0, _why(result)
+    rows = predict.predict_scan([checkpoint], mhd, coords, device="cpu", guideline="lung-rads",
+                                nodule_type="ground-glass", risk="high")
+    assert "Lung-RADS v2022" in predict.prediction_table(rows).caption
     lines = (tmp_path / "preds.csv").read_text().splitlines()
     assert lines[0] == ",".join(predict.OUTPUT_COLUMNS)
     assert lines[0].startswith("coordX,coordY,coordZ,probability,follow_up,hu_at_point,warning,diameter_mm,"
@@ -2472,10 +2623,9 @@ def test_predict_cli_shows_size_category_and_disclaimer_and_writes_them(eval_pha
     assert glass["recommendation"] == expected.recommendation.replace(",", ";")
     for bad in (["--guideline", "nope"], ["--type", "cystic"], ["--risk", "medium"]):
         result = CliRunner().invoke(luna_cli.app, base + bad)
-        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
-        assert bad[0] in result.output
-    help_text = " ".join(CliRunner().invoke(luna_cli.app, ["predict", "--help"]).output.split())
-    assert "fleischner|lung-rads" in help_text and "low|high" in help_text
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), _why(result)   # a usage error
+        refused = CliRunner().invoke(luna_cli.app, base + bad, standalone_mode=False).exception   # ... of this option
+        assert isinstance(refused, typer.BadParameter) and bad[0] in refused.param.opts, _why(result)
 
 
 # --- size output (issue 12) ---------------------------------------------------------
@@ -2654,8 +2804,10 @@ def test_detect_without_lung_warns_and_gives_no_candidates(tmp_path):
     data.write_mhd(scan, tmp_path / "tissue.mhd")
     result = CliRunner().invoke(luna_cli.app, ["detect", "--scan", str(tmp_path / "tissue.mhd"),
                                                "--out", str(tmp_path / "d.csv")])
-    assert result.exception is None and result.exit_code == 0
-    assert "no lung" in result.output and (tmp_path / "d.csv").read_text() == detect.CSV_COLUMNS + "\n"
+    assert result.exception is None and result.exit_code == 0, _why(result)
+    assert (tmp_path / "d.csv").read_text() == detect.CSV_COLUMNS + "\n"
+    _, found, _ = detect.detect_path(tmp_path / "tissue.mhd", tmp_path / "e.csv")   # what the command calls and shows
+    assert "no lung" in found.warning and (tmp_path / "e.csv").read_text() == detect.CSV_COLUMNS + "\n"
 
 
 @pytest.fixture(scope="module")
@@ -2666,7 +2818,7 @@ def detected(phantom_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("detect") / "detected.csv"
     result = CliRunner().invoke(luna_cli.app, ["detect", "--subsets", "0", "--data-dir", str(phantom_root),
                                                "--out", str(out), "--max-per-scan", "40"])
-    assert result.exception is None and result.exit_code == 0, result.output
+    assert result.exception is None and result.exit_code == 0, _why(result)
     return out
 
 
@@ -2693,19 +2845,19 @@ def test_detect_csv_round_trips_through_extract_and_evaluate(detected, phantom_r
     base = ["--subsets", "0", "--data-dir", str(phantom_root), "--work-dir", str(work)]
     result = CliRunner().invoke(luna_cli.app, ["extract", *base, "--candidates", str(detected), "--patch-size", "32",
                                                "--all-candidates"])
-    assert result.exception is None and result.exit_code == 0, result.output
+    assert result.exception is None and result.exit_code == 0, _why(result)
     manifest = json.loads((work / "patches" / "subset0" / "manifest.json").read_text())
     rows = [line for line in detected.read_text().splitlines()[1:]]
     assert manifest["candidates_file"] == detected.name and manifest["n_patches"] == len(rows)
     assert manifest["n_positive"] == sum(line.split(",")[4] == "1" for line in rows)
     result = CliRunner().invoke(luna_cli.app, ["extract", *base, "--patch-size", "32", "--all-candidates"])
     assert isinstance(result.exception, SystemExit) and result.exit_code == 1
-    assert "candidates_file" in result.output
+    assert "candidates_file" in str(_user_error(result))
     checkpoint = _tiny_checkpoint(tmp_path / "tiny.pt")
     result = CliRunner().invoke(luna_cli.app, ["evaluate", "--checkpoint", str(checkpoint), *base, "--candidates",
                                                str(detected), "--workers", "0", "--bootstrap", "0", "--device", "cpu",
                                                "--out-dir", str(tmp_path / "eval")])
-    assert result.exception is None and result.exit_code == 0, result.output
+    assert result.exception is None and result.exit_code == 0, _why(result)
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["n_candidates"] == len(rows) and metrics["n_scans"] == 2
     submitted = (tmp_path / "eval" / "submission.csv").read_text().splitlines()[1:]
@@ -2716,6 +2868,7 @@ def test_predict_scan_without_points_lists_the_detected_nodules(phantom_root, tm
     import data
     from typer.testing import CliRunner
     import luna_cli
+    import predict
     mhd = sorted((phantom_root / "subset0").glob("*.mhd"))[0]
     annotations, _ = data.read_point_csv(phantom_root / "annotations.csv", "diameter_mm")
     mine = annotations.take(np.flatnonzero(annotations.seriesuid == mhd.stem))
@@ -2726,11 +2879,13 @@ def test_predict_scan_without_points_lists_the_detected_nodules(phantom_root, tm
     result = CliRunner().invoke(luna_cli.app, ["predict", "--checkpoint", str(checkpoint), "--scan", str(mhd),
                                                "--device", "cpu", "--max-per-scan", "25",
                                                "--out", str(tmp_path / "p.csv")])
-    assert result.exception is None and result.exit_code == 0, result.output
-    assert "findings at or above the cutoff among the detected candidates" in " ".join(result.output.split())
+    assert result.exception is None and result.exit_code == 0, _why(result)
     assert len(reads) == 1, reads
     header, *lines = (tmp_path / "p.csv").read_text().splitlines()
     rows = [dict(zip(header.split(","), line.split(","))) for line in lines]
+    assert "among the detected candidates" in predict.results_title(mhd, rows, detected=True)
+    assert "detected" not in predict.results_title(mhd, rows, detected=False)
+    assert "no detected candidate reaches the checkpoint's cutoff" in predict.results_title(mhd, [], detected=True)
     probability = [float(row["probability"]) for row in rows]
     assert len(rows) > len(mine) and probability == sorted(probability, reverse=True)
     points = np.array([[float(row[c]) for c in ("coordX", "coordY", "coordZ")] for row in rows])
@@ -2739,7 +2894,9 @@ def test_predict_scan_without_points_lists_the_detected_nodules(phantom_root, tm
 
 
 def test_detect_bad_input_is_named_and_the_other_scans_go_on(phantom_root, tmp_path):
+    import json
     import shutil
+    import detect
     from typer.testing import CliRunner
     import luna_cli
     root = tmp_path / "luna"
@@ -2753,8 +2910,8 @@ def test_detect_bad_input_is_named_and_the_other_scans_go_on(phantom_root, tmp_p
     out = tmp_path / "d.csv"
     args = ["detect", "--subsets", "0", "--data-dir", str(root), "--out", str(out), "--max-per-scan", "20"]
     result = CliRunner().invoke(luna_cli.app, args)
-    assert isinstance(result.exception, SystemExit) and result.exit_code == 1
-    assert "1.2.3.broken" in result.output and "could not be read" in " ".join(result.output.split())
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 1, _why(result)
+    assert list(json.loads(detect.manifest_path(out).read_text())["failed"]) == ["1.2.3.broken"]
     assert {line.split(",")[0] for line in out.read_text().splitlines()[1:]} == {good.stem}
     for bad, words in ((["detect", "--out", str(out)], "either --subsets"),
                        (["detect", "--scan", str(tmp_path / "nothing.mhd"), "--out", str(tmp_path / "e.csv")],
@@ -2763,8 +2920,8 @@ def test_detect_bad_input_is_named_and_the_other_scans_go_on(phantom_root, tmp_p
                        (["detect", "--scan", str(good), "--out", str(phantom_root / "candidates_V2.csv")],
                         "not a file written by detect")):
         result = CliRunner().invoke(luna_cli.app, bad)
-        assert isinstance(result.exception, SystemExit) and result.exit_code != 0
-        assert words in " ".join(result.output.split()), result.output
+        assert isinstance(result.exception, SystemExit) and result.exit_code == 1, _why(result)
+        assert words in str(_user_error(result)), _why(result)
 
 
 def test_distinct_findings_keep_one_row_per_overlapping_sphere():
@@ -2937,15 +3094,7 @@ def test_synth_background_writes_a_luna_folder_and_refuses_what_does_not_apply(t
     assert first == {p.name: p.read_bytes() for p in sorted(out.rglob("*.*")) if p.is_file()}, "seeded"
     for extra in (["--size", "small"], ["--scans-per-subset", "2"]):
         result = CliRunner().invoke(luna_cli.app, args + ["--force"] + extra)
-        assert result.exit_code == 1 and extra[0] in str(luna_cli_last_error(result))
-
-
-def luna_cli_last_error(result) -> str:
-    """The message a refused command gave, read from the exception chain (a typer.Exit keeps its UserError)."""
-    error = result.exception
-    while error is not None and not isinstance(error, ValueError):
-        error = error.__context__
-    return "" if error is None else str(error)
+        assert result.exit_code == 1 and extra[0] in str(_user_error(result))
 
 
 def test_synth_background_names_unreadable_and_lungless_backgrounds(tmp_path):
@@ -2990,3 +3139,42 @@ def test_detect_finds_nodules_inserted_beside_real_vessels_and_pleura():
     for p in placed:
         squared = ((detections.world_xyz - p.nodule.centre_xyz) ** 2).sum(axis=1)
         assert (squared < p.nodule.radius_mm ** 2).any(), (p.placement, p.detail, p.nodule.diameter_mm)
+
+
+# --- the command line's documentation ---
+
+def _command_options() -> dict:
+    """``{command: its option names}`` of the command line."""
+    import typer
+    import luna_cli
+    commands = typer.main.get_command(luna_cli.app).commands
+    return {name: {opt for param in command.params
+                   for opt in [*param.opts, *(getattr(param, "secondary_opts", None) or [])]} | {"--help"}
+            for name, command in commands.items()}
+
+
+def test_readme_and_hints_name_only_real_options():
+    import re
+    import features
+    from data import UserError
+    options = _command_options()
+    readme = (Path(__file__).resolve().parent / "README.md").read_text()
+    option_pattern = r"(?<![\w-])--[a-z][a-z0-9-]*"
+    torchrun_own = {"--nproc", "--run-path"}   # torchrun's --nproc_per_node and --run-path, named in the README
+    assert set(re.findall(option_pattern, readme)) - torchrun_own <= set().union(*options.values())
+    inline = re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", readme, flags=re.S))   # may span lines
+    spans = [" ".join(span.split()) for span in inline]
+    spans += [line for line in readme.splitlines() if line.strip().startswith("python luna_cli.py")]
+    checked = 0
+    for span in spans:   # `extract --subsets 0-9`, `python luna_cli.py evaluate --run ft ...`: that command's options
+        found = re.match(r"(?:.*luna_cli\.py )?([a-z-]+)\b(.*)", span.strip())
+        if found and found.group(1) in options:
+            checked += 1
+            assert set(re.findall(option_pattern, found.group(2))) <= options[found.group(1)], span
+    assert checked
+    caches = {k: features.SubsetCache(k, Path("."), {"patch_size": size, "spacing_mm": 1.0}, *[np.zeros(0)] * 3)
+              for k, size in ((0, 32), (1, 64))}
+    with pytest.raises(UserError) as refused:
+        features.check_patch_geometry(caches)
+    hinted = set(re.findall(option_pattern, str(refused.value)))
+    assert hinted and hinted <= options["extract"]
