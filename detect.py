@@ -266,10 +266,9 @@ def _local_maxima(response: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarr
     return np.stack(np.unravel_index(flat, response.shape), axis=1), values
 
 
-def blobness(smoothed: np.ndarray, index_kji: np.ndarray) -> np.ndarray:
-    """``(N,)`` in [0, 1]: how ball-like the smoothed volume is at each point (``index_kji`` ``(N, 3)`` int):
-    the ratio of the smallest to the largest Hessian eigenvalue magnitude when all three are negative (a bright
-    ball: 1; a tube or a wall: near 0), else 0. Central differences; points on the array's rim are clamped."""
+def hessian_eigenvalues(smoothed: np.ndarray, index_kji: np.ndarray) -> np.ndarray:
+    """``(N, 3)`` ascending eigenvalues of the Hessian (per voxel squared) of a volume at points ``index_kji``
+    ``(N, 3)`` int, by central differences; points on the array's rim are clamped one voxel in."""
     shape = np.array(smoothed.shape)
     p = np.clip(index_kji, 1, shape - 2)
     unit = np.eye(3, dtype=int)
@@ -284,7 +283,14 @@ def blobness(smoothed: np.ndarray, index_kji: np.ndarray) -> np.ndarray:
         for b in range(a + 1, 3):
             mixed = (at(unit[a] + unit[b]) - at(unit[a] - unit[b]) - at(unit[b] - unit[a]) + at(-unit[a] - unit[b])) / 4
             hessian[:, a, b] = hessian[:, b, a] = mixed
-    eigen = np.linalg.eigvalsh(hessian) if len(p) else np.zeros((0, 3))   # ascending: most negative first
+    return np.linalg.eigvalsh(hessian) if len(p) else np.zeros((0, 3))
+
+
+def blobness(smoothed: np.ndarray, index_kji: np.ndarray) -> np.ndarray:
+    """``(N,)`` in [0, 1]: how ball-like the smoothed volume is at each point (``index_kji`` ``(N, 3)`` int):
+    the ratio of the smallest to the largest Hessian eigenvalue magnitude when all three are negative (a bright
+    ball: 1; a tube or a wall: near 0), else 0."""
+    eigen = hessian_eigenvalues(smoothed, index_kji)   # ascending: most negative first
     return np.where(eigen[:, 2] < 0, eigen[:, 2] / np.minimum(eigen[:, 0], -1e-12), 0.0)
 
 

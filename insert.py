@@ -100,23 +100,6 @@ def _signed_distance(mask: np.ndarray) -> np.ndarray:
                                                                squaredDistance=False, useImageSpacing=True))
 
 
-def _hessian_at(smoothed: np.ndarray, index_kji: np.ndarray) -> np.ndarray:
-    """``(N, 3)`` ascending Hessian eigenvalues (HU / mm^2) of a 1 mm volume at interior points."""
-    unit = np.eye(3, dtype=int)
-
-    def at(offset) -> np.ndarray:
-        q = index_kji + offset
-        return smoothed[q[:, 0], q[:, 1], q[:, 2]].astype(np.float64)
-    centre = at(0)
-    hessian = np.empty((len(index_kji), 3, 3))
-    for a in range(3):
-        hessian[:, a, a] = at(unit[a]) - 2 * centre + at(-unit[a])
-        for b in range(a + 1, 3):
-            hessian[:, a, b] = hessian[:, b, a] = (at(unit[a] + unit[b]) - at(unit[a] - unit[b])
-                                                   - at(unit[b] - unit[a]) + at(-unit[a] - unit[b])) / 4
-    return np.linalg.eigvalsh(hessian) if len(index_kji) else np.zeros((0, 3))
-
-
 def _sample(rng: np.random.Generator, flat: np.ndarray, n: int) -> np.ndarray:
     return flat if len(flat) <= n else rng.choice(flat, n, replace=False)
 
@@ -132,7 +115,7 @@ def _fissure_points(hu: np.ndarray, depth: np.ndarray, vessel_mm: np.ndarray) ->
     coarse = (slice(2, -2, 2),) * 3
     pool = (depth[coarse] > 6.0) & (vessel_mm[coarse] > 3.0) & (smoothed[coarse] > -900.0) & (smoothed[coarse] < -500.0)
     index = np.argwhere(pool)
-    eigen = _hessian_at(smoothed, index * 2 + 2)
+    eigen = detect.hessian_eigenvalues(smoothed, index * 2 + 2)
     sheet = (-eigen[:, 0] > FISSURE_CURVATURE) & (np.abs(eigen[:, 1:]).max(axis=1) < FISSURE_FLATNESS * -eigen[:, 0])
     hits = np.zeros(pool.shape, np.uint8)
     hits[tuple(index[sheet].T)] = 1

@@ -3040,18 +3040,22 @@ def _surface_points(nodule, n: int = 400) -> np.ndarray:
 
 
 def test_detect_finds_vessel_attached_and_juxtapleural_nodules_of_6mm(tmp_path):
+    _, scan = _lung_background(tmp_path, seed=9)
+    _insert_and_detect(scan, np.random.default_rng(2), ("vessel", "pleura") * 2, (6.0, 12.0))
+
+
+def _insert_and_detect(scan, rng, placements, diameter_range) -> None:
+    """Solid nodules inserted at the given placements of a CT, then ``detect``: each must have a candidate."""
     import data
     import detect
     import insert
-    _, scan = _lung_background(tmp_path, seed=9)
     maps = insert.lung_maps(scan, np.random.default_rng(0))
-    rng = np.random.default_rng(2)
     hu = np.array(scan.hu, copy=True)
     placed, occupied = [], []
-    for placement in ("vessel", "pleura", "vessel", "pleura"):
-        found = insert.place_nodule(rng, maps, scan, placement, occupied, diameter_mm=float(rng.uniform(6, 12)),
-                                    kind="solid")
-        assert found is not None
+    for placement in placements:
+        found = insert.place_nodule(rng, maps, scan, placement, occupied,
+                                    diameter_mm=float(rng.uniform(*diameter_range)), kind="solid")
+        assert found is not None, placement
         placed.append(found)
         occupied.append((found.nodule.centre_xyz, found.nodule.reach_mm))
         insert.insert_into(hu, scan, found.nodule)
@@ -3120,25 +3124,8 @@ def test_synth_background_names_unreadable_and_lungless_backgrounds(tmp_path):
 @pytest.mark.skipif(not (SHARED_DATA / "real_ct").is_dir(), reason="real LIDC-IDRI scans in ../shared/data absent")
 def test_detect_finds_nodules_inserted_beside_real_vessels_and_pleura():
     import data
-    import detect
-    import insert
     folder = sorted(p for p in (SHARED_DATA / "real_ct" / "LIDC-IDRI-0003").glob("*/*") if p.is_dir())[0]
-    scan = data.read_ct(folder)
-    maps = insert.lung_maps(scan, np.random.default_rng(0))
-    rng = np.random.default_rng(3)
-    hu = np.array(scan.hu, copy=True)
-    placed, occupied = [], []
-    for placement in ("vessel", "pleura") * 3:
-        found = insert.place_nodule(rng, maps, scan, placement, occupied, diameter_mm=float(rng.uniform(6, 14)),
-                                    kind="solid")
-        assert found is not None
-        placed.append(found)
-        occupied.append((found.nodule.centre_xyz, found.nodule.reach_mm))
-        insert.insert_into(hu, scan, found.nodule)
-    detections = detect.detect_scan(data.CTScan(hu, scan.origin, scan.spacing, scan.direction, "LIDC-IDRI-0003"))
-    for p in placed:
-        squared = ((detections.world_xyz - p.nodule.centre_xyz) ** 2).sum(axis=1)
-        assert (squared < p.nodule.radius_mm ** 2).any(), (p.placement, p.detail, p.nodule.diameter_mm)
+    _insert_and_detect(data.read_ct(folder), np.random.default_rng(3), ("vessel", "pleura") * 3, (6.0, 14.0))
 
 
 # --- the command line's documentation ---
