@@ -823,9 +823,10 @@ def _rate_cell(ranks: list, limit: int) -> str:
     return f"{hits / max(1, len(ranks)):.3f} ({low:.2f}-{high:.2f})" if ranks else "-"
 
 
-def _real_anatomy_rows(root, max_per_scan: int) -> tuple[list, list]:
+def _real_anatomy_rows(root, max_per_scan: int, detected_csv=None) -> tuple[list, list]:
     """Detect in every copy of an inserted folder: ``(rows, seconds)``, a row per nodule: placement, type, shape,
-    diameter and first-hit rank; the CT's own nodules have placement ``real``."""
+    diameter and first-hit rank; the CT's own nodules have placement ``real``. With ``detected_csv``, the
+    candidates are written there too (LUNA16 format with the class by the official hit rule)."""
     import json
     from pathlib import Path
     import data
@@ -833,13 +834,14 @@ def _real_anatomy_rows(root, max_per_scan: int) -> tuple[list, list]:
     root = Path(root)
     manifest = json.loads((root / "phantom_manifest.json").read_text())
     annotations, _ = data.read_point_csv(root / "annotations.csv", "diameter_mm")
-    rows, seconds = [], []
+    rows, seconds, lines = [], [], [detect.CSV_COLUMNS]
     for scan_row in manifest["scan_geometry"]:
         uid = scan_row["seriesuid"]
         scan = data.read_ct(root / f"subset{scan_row['subset']}" / f"{uid}.mhd")
         start = time.perf_counter()
         found = detect.detect_scan(scan, max_per_scan)
         seconds.append(time.perf_counter() - start)
+        lines += detect.csv_lines(uid, found, detect.hit_classes(uid, found.world_xyz, annotations))
         inserted = [n for n in manifest["inserted_nodules"] if n["seriesuid"] == uid]
         mine = annotations.seriesuid == uid
         centres, diameters = annotations.world_xyz[mine], annotations.value[mine]
@@ -849,7 +851,36 @@ def _real_anatomy_rows(root, max_per_scan: int) -> tuple[list, list]:
             n = match[0] if match else {"placement": "real", "detail": "real", "type": "real", "shape": "real"}
             rows.append(dict(placement=n["placement"], detail=n["detail"], type=n["type"], shape=n["shape"],
                              diameter=float(diameter), rank=rank, scan=uid, background=scan_row["background"]))
+    if detected_csv is not None:
+        data.atomic_write_text(detected_csv, "\n".join(lines) + "\n")
     return rows, seconds
+
+
+def _real_anatomy_end_to_end(root, detected_csv, demo_dir, subsets: list) -> None:
+    """The demo's models on the inserted folder: every candidate of its own list and of the detected list,
+    scored with the official FROC, and the size error of the size output and of the plain measurement."""
+    from pathlib import Path
+    from rich.table import Table
+    import evaluate
+    runs = [run for run in ("demo-head", "demo-finetune") if (Path(demo_dir) / "runs" / run / "best.pt").is_file()]
+    if not runs:
+        console.print(f"no demo models under {demo_dir}/runs (run `python luna_cli.py demo` first): end to end skipped")
+        return
+    table = Table(title=f"end to end on real CT with inserted nodules: the demo's phantom-trained models ({demo_dir})")
+    for column in ("model", "candidates", "candidates (class 1)", "AUC", "CPM (95% interval)", "size MAE mm: model",
+                   "plain"):
+        table.add_column(column, justify="right")
+    for run in runs:
+        for name, csv in (("own list", Path(root) / "candidates_V2.csv"), ("detected", detected_csv)):
+            result = evaluate.evaluate_model(Path(demo_dir) / "runs" / run / "best.pt", Path(root), subsets,
+                                             Path(root).parent / "eval" / f"{run}-{name.replace(' ', '-')}",
+                                             workers=1, device="cpu", candidates_path=Path(csv))
+            size = result.get("size", {})
+            mae = [f"{size[k]['mae_mm']:.2f} ({size[k]['n_measured']})" if k in size and size[k].get("n_measured")
+                   else "-" for k in ("model", "plain")]
+            table.add_row(run, name, f"{result['n_candidates']} ({result['n_positive']})", f"{result['auc']:.3f}",
+                          f"{result['cpm']:.3f} ({result['cpm_ci95'][0]:.2f}-{result['cpm_ci95'][1]:.2f})", *mae)
+    console.print(table)
 
 
 def _real_anatomy_table(rows: list, limits: tuple, title: str):
@@ -875,11 +906,13 @@ def _real_anatomy_table(rows: list, limits: tuple, title: str):
 
 @bench_app.command("real-anatomy")
 def bench_real_anatomy(copies: int = 10, nodules_per_scan: int = 10, seed: int = 1001, max_per_scan: int = 300,
-                       folder: str = typer.Option("", help="reuse or write the inserted folder here (default: temp)")):
+                       folder: str = typer.Option("", help="reuse or write the inserted folder here (default: temp)"),
+                       demo_dir: str = typer.Option("demo_work", help="the demo's work folder, for end to end")):
     """Detection on real anatomy: nodules inserted into the real LIDC-IDRI CTs of ../shared/data/real_ct
     (``synth --background``, with the scans' own LUNA16 nodules kept), then ``detect`` on every copy:
     sensitivity at 50 and ``max_per_scan`` candidates a scan by size, placement, type and shape (95% Wilson
-    intervals), the real nodules, and the detection time a scan."""
+    intervals), the real nodules, and the detection time a scan; then, when the demo's models are there, end to end
+    (their AUC, CPM and size error on the folder's own candidates and on the detected ones)."""
     import tempfile
     from pathlib import Path
     import insert
@@ -895,7 +928,8 @@ def bench_real_anatomy(copies: int = 10, nodules_per_scan: int = 10, seed: int =
                                                shared / "luna16" / "annotations.csv", 1, seed, 40, force=True)
         console.print(insert.summary_table(summary))
         console.print(f"inserted in {time.perf_counter() - start:.0f} s")
-    rows, seconds = _real_anatomy_rows(root, max(max_per_scan, 50))
+    detected_csv = root.parent / "detected.csv"
+    rows, seconds = _real_anatomy_rows(root, max(max_per_scan, 50), detected_csv)
     limits = (50, max_per_scan)
     console.print(_real_anatomy_table(rows, limits, f"detect on real CT with inserted nodules: {len(seconds)} copies "
                                                      f"of {len(backgrounds)} LIDC-IDRI scans, seed {seed}, official hit rule"))
@@ -905,6 +939,7 @@ def bench_real_anatomy(copies: int = 10, nodules_per_scan: int = 10, seed: int =
     for r in missed:
         console.print(f"  missed at {max_per_scan}: {r['placement']}/{r['detail']} {r['type']} {r['shape']} "
                       f"{r['diameter']:.1f} mm (rank {r['rank']}) in {r['scan']}")
+    _real_anatomy_end_to_end(root, detected_csv, demo_dir, [0])
 
 
 if __name__ == "__main__":
