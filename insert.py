@@ -26,10 +26,9 @@ Coordinates: world mm ``(x, y, z)`` as ITK/LPS physical points (the LUNA16 CSVs)
 """
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -238,7 +237,6 @@ def place_nodule(rng, maps: LungMaps, scan: CTScan, placement: str, occupied: li
                                                           math.log(nodules.MAX_DIAMETER_MM))))
     if shape == "spiculated" and diameter < 6.0:
         shape = "lobulated"          # spicules of a nodule under 6 mm are under a voxel
-    radius = diameter / 2.0
     details = [["touching", "engulfing"][int(rng.integers(2))]] if placement == "vessel" else [placement]
     for detail in details + (["touching"] if details == ["engulfing"] else []):
         found = _try_spots(rng, maps, scan, placement, detail, diameter, kind, shape, occupied)
