@@ -62,7 +62,7 @@ AIR_HU = -1000.0
 SLAB_VOXELS = 4_000_000  # background and noise are made in z-slabs of about this many voxels
 PIXEL_MM = (0.6, 0.9)    # in-plane voxel size, as in LUNA16
 SLICE_MM = (0.625, 2.5)  # slice spacing, as in LUNA16
-MIN_FOV_MM = 150.0       # smaller shapes (quick tests) get coarser pixels rather than a smaller chest
+MIN_FOV_MM = 130.0       # smaller shapes (quick tests) get coarser pixels rather than a smaller chest
 LUNG_MARGIN_MM = 8.0     # the lungs keep this far from every face of the field of view
 NOISE_SIGMA_MM = (0.4, 0.6)  # Gaussian that correlates the noise (autocorrelation FWHM about 1.3-2 mm)
 NODULE_KINDS = (("solid", 0.55), ("ground-glass", 0.25), ("part-solid", 0.20))
@@ -274,6 +274,9 @@ class PhantomCase:
     nodules: list = field(default_factory=list)     # Finding, including excluded ones
     candidates: list = field(default_factory=list)  # Candidate
     geometry: Geometry | None = None
+    anatomy: Anatomy | None = None
+    vessels: list = field(default_factory=list)     # VesselTree: arteries and veins
+    airways: list = field(default_factory=list)     # VesselTree: trachea and main bronchi first, then bronchi
 
 
 # --- random layout -----------------------------------------------------------
@@ -729,13 +732,14 @@ def _body_reach_mm(nodule: nodule_shapes.Nodule) -> float:
 
 
 def _place_isolated(rng, anatomy: Anatomy, vessels: np.ndarray, reach: float):
-    """A lung point at least ``reach`` + 3 mm deep, clear of every vessel of 1 mm radius or more; or None."""
+    """A lung point at least ``reach`` + 3 mm deep whose nodule of that reach touches no vessel of 1 mm radius or
+    more; or None."""
     centre = _lung_points(rng, anatomy, 1)[0]
     if lung_depth_mm(anatomy, centre)[0] <= reach + 3.0:
         return None
     thick = vessels[np.minimum(vessels[:, 6], vessels[:, 7]) >= 1.0]
     clear = _distances_to_segments(centre, thick) - np.maximum(thick[:, 6], thick[:, 7])
-    return centre if np.all(clear > reach + 1.0) else None
+    return centre if np.all(clear > reach) else None
 
 
 def _place_on_vessel(rng, anatomy: Anatomy, vessels: np.ndarray, body_radius: float, reach: float):
@@ -764,33 +768,44 @@ def _place_on_pleura(rng, anatomy: Anatomy, body_radius: float):
 
 def _random_nodules(rng, anatomy: Anatomy, geom: Geometry, trees: list, count: int) -> list:
     """Solid, ground-glass and part-solid nodules (4-25 mm; round, lobulated or spiculated) in the lungs, each
-    isolated, on a vessel or on the pleura. A nodule that finds no room in 20 tries is drawn 20% smaller."""
+    isolated, on a vessel or on the pleura. A nodule that finds no room where it was meant to go is tried at the
+    next placement (isolated, then on a vessel, then on the pleura); its Finding records where it went."""
     vessels = np.concatenate([t.segments for t in trees]) if trees else np.zeros((0, 8))
+    names = [name for name, _ in PLACEMENTS]
     found: list[Finding] = []
     for _ in range(count):
         diameter = float(math.exp(rng.uniform(*np.log(NODULE_DIAMETER_MM))))
         kind, shape, placement = _choice(rng, NODULE_KINDS), _choice(rng, NODULE_SHAPES), _choice(rng, PLACEMENTS)
-        for attempt in range(60):
-            if attempt % 20 == 0:
-                if attempt:
-                    diameter = max(NODULE_DIAMETER_MM[0], 0.8 * diameter)
-                nodule = nodule_shapes.random_nodule(rng, np.zeros(3), diameter, kind, shape)
-                body_radius, reach = nodule.body_radius_mm, _body_reach_mm(nodule)
-            if placement == "isolated":
-                centre = _place_isolated(rng, anatomy, vessels, reach)
-            elif placement == "vessel":
-                centre = _place_on_vessel(rng, anatomy, vessels, body_radius, reach)
-            else:
-                centre = _place_on_pleura(rng, anatomy, body_radius)
-            if centre is None or not geom.contains(centre, nodule.reach_mm + 2.0)[0]:
-                continue
-            if all(np.linalg.norm(centre - other.center_xyz) > nodule.reach_mm + other.reach_mm + 4.0 for other in found):
+        for where in names[names.index(placement):]:
+            nodule = _place_nodule(rng, where, anatomy, geom, vessels, found, diameter, kind, shape)
+            if nodule is not None:
+                found.append(_finding(nodule, where))
                 break
-        else:
-            continue
-        nodule.centre_xyz = centre
-        found.append(_finding(nodule, placement))
     return found
+
+
+def _place_nodule(rng, placement: str, anatomy: Anatomy, geom: Geometry, vessels: np.ndarray, found: list,
+                  diameter: float, kind: str, shape: str):
+    """A nodule of the type and shape at a ``placement`` spot clear of the ``found`` ones and of the scan's faces,
+    or None after 60 tries (a nodule that finds no room in 20 tries is drawn 20% smaller, down to 4 mm)."""
+    for attempt in range(60):
+        if attempt % 20 == 0:
+            if attempt:
+                diameter = max(NODULE_DIAMETER_MM[0], 0.8 * diameter)
+            nodule = nodule_shapes.random_nodule(rng, np.zeros(3), diameter, kind, shape)
+            body_radius, reach = nodule.body_radius_mm, _body_reach_mm(nodule)
+        if placement == "isolated":
+            centre = _place_isolated(rng, anatomy, vessels, reach)
+        elif placement == "vessel":
+            centre = _place_on_vessel(rng, anatomy, vessels, body_radius, reach)
+        else:
+            centre = _place_on_pleura(rng, anatomy, body_radius)
+        if centre is None or not geom.contains(centre, nodule.reach_mm + 2.0)[0]:
+            continue
+        if all(np.linalg.norm(centre - other.center_xyz) > nodule.reach_mm + other.reach_mm + 4.0 for other in found):
+            nodule.centre_xyz = centre
+            return nodule
+    return None
 
 
 def _finding(nodule: nodule_shapes.Nodule, placement: str, excluded: bool = False, csv_diameter=None) -> Finding:
@@ -1167,7 +1182,8 @@ def make_phantom_scan(rng: np.random.Generator, shape_zyx: tuple = SIZES["small"
     hu = _add_noise_and_quantise(rng, volume, float(rng.uniform(*noise_std)), geom)
     scan = CTScan(hu=hu, origin=geom.origin.copy(), spacing=geom.spacing.copy(),
                   direction=geom.direction.copy(), name=uid)
-    return PhantomCase(scan=scan, nodules=nodules + excluded, candidates=candidates, geometry=geom)
+    return PhantomCase(scan=scan, nodules=nodules + excluded, candidates=candidates, geometry=geom, anatomy=anatomy,
+                       vessels=vessels, airways=airways)
 
 
 def _render(geom: Geometry, anatomy: Anatomy, ribs: VesselTree, vessels: list, airways: list,
