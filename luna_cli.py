@@ -155,8 +155,7 @@ def synth(
     n_subsets: Annotated[int, typer.Option(min=1, max=10, help="Number of subsets subset0..subset{n-1}.")] = 3,
     scans_per_subset: Annotated[int, typer.Option(min=1, help="Scans in each subset.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed; the same seed writes byte-identical files.")] = 0,
-    size: Annotated[PhantomSize, typer.Option(help="small (80x224x224 voxels: a child-sized chest, 0.6-0.9 mm "
-                                                   "pixels) or realistic (250x512x512: an adult chest).")] = PhantomSize.small,
+    size: Annotated[PhantomSize, typer.Option(help="small (96x160x160 voxels) or realistic (250x512x512).")] = PhantomSize.small,
     negatives_per_scan: Annotated[int, typer.Option(min=0, help="Mean number of non-nodule candidates per scan.")] = 40,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing phantom folder.")] = False,
 ):
