@@ -1736,25 +1736,30 @@ def test_centre_pooling_reads_the_middle_of_every_stage():
 
 @pytest.mark.slow
 def test_demo_runs_every_stage_and_keeps_the_readme_promise(tmp_path):
-    """The demo with its default settings (about 4 minutes on 2 CPUs): the README's held-out figures."""
+    """The demo with its default settings (about 4 minutes on 2 idle CPUs): the README's held-out figures."""
     import demo
     result = demo.run_demo(tmp_path / "demo", demo.DemoSettings())
     assert set(result["timings"]) >= {"synth", "extract", "cache-features", "train-head", "finetune", "evaluate"}
     assert set(result["all_metrics"]) == {"demo-head", "demo-finetune"}
     assert result["validation_auc"][result["chosen"]] == max(result["validation_auc"].values())  # never on held-out
     metrics, head_run = result["metrics"], result["all_metrics"]["demo-head"]
-    assert metrics["subsets"] == [4] and metrics["n_candidates"] == 406 and metrics["n_positive"] == 57
+    held_out = _subset_candidates(tmp_path / "demo" / "luna16", 4)
+    positives = sum(row[4] == "1" for row in held_out)
+    assert metrics["subsets"] == [4] and metrics["n_candidates"] == len(held_out) and metrics["n_positive"] == positives
     tuned = result["all_metrics"]["demo-finetune"]
-    # README: head AUC 0.960, CPM 0.852; fine-tuned 0.990, 0.857. Fine-tuning from the head must not lose AUC;
-    # the CPM of 57 nodule candidates in 8 scans varies by about 0.1 between equally good models, so each
-    # run's CPM is held to the floor rather than to the other's.
-    assert head_run["auc"] >= 0.95 and tuned["auc"] >= head_run["auc"]
-    assert min(head_run["cpm"], tuned["cpm"]) >= 0.8
-    # README: the size output within about 1.6 mm on average, of every nodule candidate; the plain measurement
-    # (-400 HU) misses the ground-glass ones
+    # Floors re-set for the chest-like phantoms of issue 17 (correlated noise, curved crossing vessels, airways,
+    # lobulated and spiculated nodules on vessels and the pleura, ground-glass down to -700 HU). README, measured on
+    # them: head AUC 0.982, CPM 0.894; fine-tuned 0.979, 0.915. The held-out subset has 54 nodule candidates: AUCs
+    # this close differ by noise, so fine-tuning may not lose more than 0.01 against the head (it lost 0.003), and
+    # each run is held to the floors AUC 0.95 and CPM 0.85 (the earlier phantoms gave 0.960 / 0.852 and 0.990 /
+    # 0.857 against floors 0.95 and 0.8).
+    assert min(head_run["auc"], tuned["auc"]) >= 0.95 and tuned["auc"] >= head_run["auc"] - 0.01
+    assert min(head_run["cpm"], tuned["cpm"]) >= 0.85
+    # README: the size output within about 1 mm on average of every nodule candidate (0.99 and 1.12 mm; held
+    # under 1.5 mm); the plain measurement (-400 HU) misses the ground-glass ones
     for run in (head_run, tuned):
-        assert run["size"]["model"]["n_measured"] == 57 and run["size"]["model"]["mae_mm"] < 2.0
-        assert run["size"]["plain"]["n_measured"] < 57
+        assert run["size"]["model"]["n_measured"] == positives and run["size"]["model"]["mae_mm"] < 1.5
+        assert run["size"]["plain"]["n_measured"] < positives
     page = result["report"].read_text()
     for picture in ("training.png", "roc.png", "froc.png", "size.png", "true_positives.png", "false_positives.png",
                     "false_negatives.png"):
