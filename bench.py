@@ -758,9 +758,11 @@ def bench_detect(scans: int = 24, seed: int = 13, repeats: int = 3, e2e_scans_pe
     from pathlib import Path
     from rich.table import Table
     import detect
+    import phantom
     rows, seconds = _phantom_detect_sensitivity(scans, seed)
     console.print(_sensitivity_table(rows, f"candidate sensitivity, {scans} held-out phantom scans "
-                                           f"(96 x 160 x 160, seeds [{seed}, n]), official hit rule"))
+                                           f"({' x '.join(map(str, phantom.SIZES['small']))}, seeds [{seed}, n]), "
+                                           "official hit rule"))
     console.print(f"median detection time of a phantom scan: {seconds:.1f} s")
     shared = Path(__file__).resolve().parent.parent / "shared" / "data"
     if (shared / "real_ct").is_dir():

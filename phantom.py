@@ -1,15 +1,23 @@
 """Synthetic chest-CT phantoms in the LUNA16 folder layout, for tests and the demo.
 
-Every object (body, lungs, spine, vessel trees, nodules) is laid out in world mm
-(ITK/LPS physical points ``(x, y, z)``; the patient's left-right, front-back and
-head-foot axes are the world axes) and then voxelised through the scan's own
-geometry ``world = origin + direction @ (spacing * index)``. Scans get anisotropic
-spacing, random origins and, for most of them, a non-identity direction (flipped
-axes, small rotations), so a reader that ignores the direction matrix looks in the
-wrong place.
+Every object is laid out in world mm (ITK/LPS physical points ``(x, y, z)``; the patient's left-right, front-back
+and head-foot axes are the world axes) and then voxelised through the scan's own geometry
+``world = origin + direction @ (spacing * index)``, each edge with its partial volume. Scans get LUNA16-like
+voxels (square pixels of 0.6-0.9 mm, slices of 0.625-2.5 mm; only shapes too small for a ``MIN_FOV_MM`` field of
+view get coarser pixels), random origins and, for most of them, a non-identity direction (flipped axes, small
+rotations), so a reader that ignores the direction matrix looks in the wrong place.
 
-Arrays are indexed ``[z, y, x]`` (array axes = ITK index ``k, j, i``); the
-geometry vectors ``origin`` and ``spacing`` are ordered ``(x, y, z)`` / ``(i, j, k)``.
+The anatomy is scaled to the field of view (the ``small`` size is a child-sized chest): a body of fat and soft
+tissue, a spine, two lungs held at least a body wall inside the soft tissue and ``LUNG_MARGIN_MM`` inside the field
+of view on every side (no lung opens through the body wall or the top and bottom of the scan), fissures (thin
+sheets a little brighter than the lung: an oblique one in each lung, a horizontal one in the right), pulmonary
+artery and vein trees that branch, taper (Murray's law), curve and cross one another, airways (air tubes with a
+thin wall, from a trachea that leaves through the top of the scan) and nodules of ``nodules.py`` (solid,
+part-solid, ground-glass; round, lobulated, spiculated) placed alone, on a vessel or on the pleura. The noise is
+spatially correlated (white noise smoothed by a Gaussian of ``NOISE_SIGMA_MM``, then rescaled to its level).
+
+Arrays are indexed ``[z, y, x]`` (array axes = ITK index ``k, j, i``); the geometry vectors ``origin`` and
+``spacing`` are ordered ``(x, y, z)`` / ``(i, j, k)``.
 
 Written folder (see :func:`write_luna_folder`)::
 
@@ -18,8 +26,9 @@ Written folder (see :func:`write_luna_folder`)::
     <root>/annotations_excluded.csv              same columns, diameter -1 allowed
     <root>/candidates_V2.csv                     seriesuid,coordX,coordY,coordZ,class
     <root>/seriesuids.csv                        one uid per line, no header
-    <root>/candidate_sources.csv                 the candidates plus what each one sits on
-    <root>/phantom_manifest.json                 the parameters and per-scan geometry
+    <root>/candidate_sources.csv                 the candidates plus what each one sits on and, for the ones
+                                                 on a nodule, where that nodule was placed
+    <root>/phantom_manifest.json                 the parameters, per-scan geometry and every finding
 
 The data are synthetic; only the folder layout follows the LUNA16 challenge.
 """
@@ -36,18 +45,31 @@ from pathlib import Path
 
 import numpy as np
 
+import nodules as nodule_shapes
+import phantom_kernels as kernels
 from data import CTScan, UserError, atomic_write_text, write_mhd
 
-SIZES = {"small": (96, 160, 160), "realistic": (250, 512, 512)}
+SIZES = {"small": (80, 224, 224), "realistic": (250, 512, 512)}
 DIRECTION_KINDS = ("identity", "flip", "rotate", "flip_rotate")
-# Share of each negative-candidate type (vessel trees are the hard negatives).
-NEGATIVE_MIX = (("vessel", 0.35), ("bifurcation", 0.15), ("pleura", 0.15),
+# Share of each negative-candidate type (vessel trees, their branch points and crossings are the hard negatives).
+NEGATIVE_MIX = (("vessel", 0.30), ("bifurcation", 0.12), ("crossing", 0.08), ("pleura", 0.15),
                 ("near-nodule", 0.15), ("parenchyma", 0.10), ("soft-tissue", 0.10))
 # LUNA16's candidates are mostly easy: about 850 a scan, a few of them look-alikes (for the mining benchmark).
 LUNA_LIKE_MIX = (("parenchyma", 0.80), ("soft-tissue", 0.08), ("vessel", 0.06), ("bifurcation", 0.03),
                  ("pleura", 0.02), ("near-nodule", 0.01))
 HU_MIN, HU_MAX = -1024, 3071
-SLAB_VOXELS = 4_000_000  # background is rendered in z-slabs of about this many voxels
+AIR_HU = -1000.0
+SLAB_VOXELS = 4_000_000  # background and noise are made in z-slabs of about this many voxels
+PIXEL_MM = (0.6, 0.9)    # in-plane voxel size, as in LUNA16
+SLICE_MM = (0.625, 2.5)  # slice spacing, as in LUNA16
+MIN_FOV_MM = 130.0       # smaller shapes (quick tests) get coarser pixels rather than a smaller chest
+LUNG_MARGIN_MM = 8.0     # the lungs keep this far from every face of the field of view
+NOISE_SIGMA_MM = (0.4, 0.6)  # Gaussian that correlates the noise (autocorrelation FWHM about 1.3-2 mm)
+NODULE_KINDS = (("solid", 0.55), ("ground-glass", 0.25), ("part-solid", 0.20))
+NODULE_SHAPES = (("round", 0.40), ("lobulated", 0.35), ("spiculated", 0.25))
+# Where a nodule is put: alone in the lung, touching or engulfing a vessel, or against the pleura (juxtapleural).
+PLACEMENTS = (("isolated", 0.40), ("vessel", 0.30), ("pleura", 0.30))
+NODULE_DIAMETER_MM = (4.0, 25.0)
 
 
 # --- scene description (world mm) -------------------------------------------
@@ -83,10 +105,14 @@ class Geometry:
 
     def contains(self, world_xyz: np.ndarray, margin_mm: float | np.ndarray = 0.0) -> np.ndarray:
         """(N,) bool: points at least ``margin_mm`` inside the first and last voxel centres on every axis."""
+        return self.face_distance_mm(world_xyz) >= np.asarray(margin_mm, dtype=np.float64).reshape(-1)
+
+    def face_distance_mm(self, world_xyz: np.ndarray) -> np.ndarray:
+        """(N,) mm from each point to the nearest face of the grid (first and last voxel centres; negative outside),
+        measured along the index axes."""
         index = self.world_to_index(np.atleast_2d(world_xyz))
         size_ijk = np.array(self.shape_zyx[::-1], dtype=np.float64)
-        margin = np.asarray(margin_mm, dtype=np.float64).reshape(-1, 1) / self.spacing[None, :]
-        return np.all((index >= margin) & (index <= size_ijk - 1 - margin), axis=1)
+        return (np.minimum(index, size_ijk - 1 - index) * self.spacing[None, :]).min(axis=1)
 
     def box_around(self, center_xyz: np.ndarray, radius_mm: float):
         """Index box ``(lo_ijk, hi_ijk)`` (hi exclusive) holding the world cube centre +- radius, or None."""
@@ -115,6 +141,12 @@ class Geometry:
         return tuple(np.float32(base[c]) + np.float32(matrix[c, 2]) * k_ax + np.float32(matrix[c, 1]) * j_ax
                      + np.float32(matrix[c, 0]) * i_ax for c in components)
 
+    def value_at(self, volume: np.ndarray, world_xyz: np.ndarray) -> np.ndarray:
+        """(N,) values of ``volume`` ``[z, y, x]`` at the voxels nearest to world points (clamped to the grid)."""
+        index = np.rint(self.world_to_index(np.atleast_2d(world_xyz))).astype(int)
+        index = np.clip(index, 0, np.array(self.shape_zyx[::-1]) - 1)
+        return volume[index[:, 2], index[:, 1], index[:, 0]]
+
     @property
     def partial_volume_mm(self) -> float:
         """Width over which an edge is smeared by the voxel size (mean spacing)."""
@@ -122,33 +154,78 @@ class Geometry:
 
 
 @dataclass
+class Fissure:
+    """A thin sheet in one lung (world mm): the points where ``n . (p - point) + bend * ((p - point) . along)^2``
+    is 0, ``thickness_mm`` thick. ``only_front_of``: another Fissure; the sheet exists only on its positive side
+    (the right lung's horizontal fissure stops at the oblique one)."""
+    lung: int
+    point: np.ndarray
+    normal: np.ndarray
+    along: np.ndarray
+    bend: float
+    thickness_mm: float
+    hu: float
+    only_front_of: "Fissure | None" = None
+
+    def signed(self, x, y, z):
+        """The sheet's level function (about mm from it) at world offsets from ``point`` (float32 arrays)."""
+        n, a = self.normal.astype(np.float32), self.along.astype(np.float32)
+        across = n[0] * x + n[1] * y + n[2] * z
+        length = a[0] * x + a[1] * y + a[2] * z
+        return across + np.float32(self.bend) * length * length
+
+
+@dataclass
 class Anatomy:
-    """Body layout in world mm around ``center`` (x, y, z); lungs are axis-aligned ellipsoids."""
+    """Body layout in world mm around ``center`` (x, y, z); the lungs' shape is :func:`lung_sdf`.
+
+    The trachea runs from ``trachea_top`` (above the scan) to the ``carina`` (both world mm) with a lumen of
+    ``trachea_radius`` mm; ``wall_mm`` is the least soft tissue between a lung and the body's fat."""
     center: np.ndarray
     body_axes: np.ndarray            # (2,) semi-axes of the elliptic body cylinder, x and y
     fat_mm: float
-    lung_centers: np.ndarray         # (2, 3)
-    lung_axes: np.ndarray            # (2, 3)
+    wall_mm: float
+    cavity_axes: np.ndarray          # (2,) the rib cage: the body's semi-axes less fat and wall
+    lung_centers: np.ndarray         # (2, 3) centres of the lungs' ellipsoids
+    lung_axes: np.ndarray            # (2, 3) their semi-axes (the lungs are these, trimmed: see lung_sdf)
     spine_center: np.ndarray         # (2,) x, y of the vertebral cylinder
     spine_radius: float
+    trachea_top: np.ndarray
+    carina: np.ndarray
+    trachea_radius: float
+    mediastinum_center: np.ndarray   # (2,) x, y of the mediastinum's elliptic cylinder (no lung in it)
+    mediastinum_axes: np.ndarray     # (2,) its semi-axes
     hu_fat: float
     hu_soft: float
     hu_lung: float
     hu_lung_gradient: float          # denser towards the back (+y)
+    heart_center: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    heart_axes: np.ndarray = field(default_factory=lambda: np.ones(3))
+    dome_centers: np.ndarray = field(default_factory=lambda: np.zeros((2, 3)))   # diaphragm domes under the lungs
+    dome_axes: np.ndarray = field(default_factory=lambda: np.ones((2, 3)))
+    fissures: list = field(default_factory=list)
+    parameters: np.ndarray | None = None   # lung_parameters, kept while the lungs do not change
 
 
 @dataclass
 class VesselTree:
-    """Tapered tube segments (world mm) sharing one HU: rows p0(3), p1(3), r0, r1."""
+    """Tapered tube segments (world mm) sharing one HU: rows p0(3), p1(3), r0, r1.
+
+    For an airway the radii are the lumen's and ``wall_mm`` (the wall's thickness as a share of the lumen radius
+    plus a floor, see :func:`airway_wall_mm`) is drawn around it."""
     segments: np.ndarray
     bifurcations: np.ndarray         # (B, 4): branch point x, y, z (world mm) and the parent's end radius (mm)
     hu: float
+    airway: bool = False
 
 
 @dataclass
 class Finding:
-    """A nodule-like object. ``center_xyz`` world mm; ``diameter_mm`` = equivalent-sphere diameter.
+    """A nodule-like object. ``center_xyz`` world mm (the centroid); ``diameter_mm`` = volume-equivalent diameter.
 
+    ``axes_mm`` are the semi-axes (mm) of the nodule's body before lobes and spicules, ``rotation`` its frame
+    (columns: world directions of those axes); ``nodule`` is the :class:`nodules.Nodule` that is drawn.
+    ``placement``: "isolated", "vessel" (touching or engulfing a vessel) or "pleura" (juxtapleural).
     ``excluded`` marks tiny irrelevant findings listed in annotations_excluded.csv (never class 1);
     ``csv_diameter`` is the value written to the CSV (-1 for some excluded findings, as in LUNA16).
     """
@@ -163,18 +240,32 @@ class Finding:
     excluded: bool = False
     core_hu: float | None = None
     csv_diameter: float = 0.0
+    shape: str = "round"
+    placement: str = "isolated"
+    nodule: nodule_shapes.Nodule | None = None
 
     @property
     def radius_mm(self) -> float:
         return self.diameter_mm / 2.0
 
+    @property
+    def reach_mm(self) -> float:
+        """Farthest the finding reaches from its centre (mm), spicules included."""
+        return self.nodule.reach_mm if self.nodule is not None else float(np.max(self.axes_mm))
+
+    def manifest_entry(self) -> dict:
+        return {"center_xyz": [round(float(v), 4) for v in self.center_xyz], "diameter_mm": round(self.diameter_mm, 3),
+                "kind": self.kind, "shape": self.shape, "placement": self.placement, "excluded": self.excluded}
+
 
 @dataclass
 class Candidate:
-    """A candidate location in world mm with LUNA16 class (1 = nodule) and what it sits on."""
+    """A candidate location in world mm with LUNA16 class (1 = nodule), what it sits on and, on a nodule, that
+    nodule's placement."""
     center_xyz: np.ndarray
     label: int
     source: str
+    placement: str = ""
 
 
 @dataclass
@@ -183,6 +274,9 @@ class PhantomCase:
     nodules: list = field(default_factory=list)     # Finding, including excluded ones
     candidates: list = field(default_factory=list)  # Candidate
     geometry: Geometry | None = None
+    anatomy: Anatomy | None = None
+    vessels: list = field(default_factory=list)     # VesselTree: arteries and veins
+    airways: list = field(default_factory=list)     # VesselTree: trachea and main bronchi first, then bronchi
 
 
 # --- random layout -----------------------------------------------------------
@@ -193,12 +287,9 @@ def _rotation(axis: np.ndarray, angle_rad: float) -> np.ndarray:
     return np.eye(3) + math.sin(angle_rad) * cross + (1 - math.cos(angle_rad)) * cross @ cross
 
 
-def _random_rotation(rng: np.random.Generator) -> np.ndarray:
-    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
-    q = q * np.sign(np.diag(r))[None, :]
-    if np.linalg.det(q) < 0:
-        q[:, 0] = -q[:, 0]
-    return q
+def _unit(vector) -> np.ndarray:
+    vector = np.asarray(vector, dtype=np.float64)
+    return vector / np.linalg.norm(vector)
 
 
 def _random_direction(rng: np.random.Generator, kind: str) -> np.ndarray:
@@ -218,10 +309,14 @@ def _random_direction(rng: np.random.Generator, kind: str) -> np.ndarray:
 
 
 def _random_geometry(rng: np.random.Generator, shape_zyx: tuple, kind: str) -> Geometry:
-    """Anisotropic spacing: square pixels filling a 260-320 mm field of view, slices 0.625-2.5 mm."""
+    """LUNA16-like spacing: square pixels of PIXEL_MM (coarser only where the shape is too small for a MIN_FOV_MM
+    field of view), slices of SLICE_MM long enough for a chest 0.75-0.9 times as tall as the field of view is
+    wide, and at least 0.25 mm from the pixel size (so a reader that mixes up the axes' spacings is caught)."""
     nz, ny, nx = shape_zyx
-    pixel = rng.uniform(260.0, 320.0) / max(nx, ny)
-    slice_mm = float(np.clip(rng.uniform(180.0, 300.0) / nz, 0.625, 2.5))
+    pixel = max(rng.uniform(*PIXEL_MM), MIN_FOV_MM / max(nx, ny))
+    slice_mm = float(np.clip(pixel * max(nx, ny) * rng.uniform(0.75, 0.9) / nz, *SLICE_MM))
+    if abs(slice_mm - pixel) < 0.25:
+        slice_mm = pixel + 0.3 if pixel + 0.3 <= SLICE_MM[1] else pixel - 0.3
     spacing = np.round(np.array([pixel, pixel, slice_mm]), 6)
     direction = _random_direction(rng, kind)
     center = np.array([rng.uniform(-30, 30), rng.uniform(-40, 40), rng.uniform(-260, -40)])
@@ -230,160 +325,495 @@ def _random_geometry(rng: np.random.Generator, shape_zyx: tuple, kind: str) -> G
     return Geometry(tuple(int(s) for s in shape_zyx), origin, spacing, direction, kind)
 
 
+def _fibonacci_directions(n: int) -> np.ndarray:
+    """``(n, 3)`` nearly uniform unit vectors."""
+    k = np.arange(n) + 0.5
+    z = 1.0 - 2.0 * k / n
+    phi = math.pi * (1.0 + math.sqrt(5.0)) * k
+    r = np.sqrt(1.0 - z * z)
+    return np.column_stack([r * np.cos(phi), r * np.sin(phi), z])
+
+
 def _random_anatomy(rng: np.random.Generator, geom: Geometry) -> Anatomy:
+    """A chest scaled to the field of view; the lungs shrunk where needed to keep inside it (:func:`_fit_lungs`)."""
     nz, ny, nx = geom.shape_zyx
     fov_x, fov_y = nx * geom.spacing[0], ny * geom.spacing[1]
     extent_z = nz * geom.spacing[2]
     center = geom.index_to_world(((np.array([nx, ny, nz]) - 1) / 2.0)[None])[0]
-    center = center + np.array([rng.uniform(-5, 5), rng.uniform(-5, 5), 0.0])
-    ax, ay = 0.46 * fov_x * rng.uniform(0.93, 1.0), 0.32 * fov_y * rng.uniform(0.92, 1.05)
-    fat = rng.uniform(5.0, 12.0)
-    lung_axes, lung_centers = [], []
+    center = center + np.array([rng.uniform(-0.02, 0.02) * fov_x, rng.uniform(-0.02, 0.02) * fov_y, 0.0])
+    ax, ay = 0.45 * fov_x * rng.uniform(0.93, 1.0), 0.32 * fov_y * rng.uniform(0.92, 1.05)
+    fat, wall = ax * rng.uniform(0.04, 0.08), max(5.0, 0.06 * ax)
+    cavity = np.array([ax, ay]) - fat - wall
+    trachea_radius = ax * rng.uniform(0.05, 0.065)
+    trachea_xy = center[:2] + np.array([rng.uniform(-0.02, 0.02) * ax, rng.uniform(0.1, 0.2) * ay])
+    lung_centers, lung_axes = [], []
     for side in (-1.0, 1.0):
-        cx, cy = side * ax * rng.uniform(0.48, 0.52), 0.04 * ay
-        lx = min(ax * rng.uniform(0.37, 0.41), ax - fat - 8.0 - abs(cx))
-        ly = min(ay * rng.uniform(0.70, 0.78), ay - fat - 8.0 - abs(cy))
-        lz = 0.5 * extent_z * rng.uniform(0.95, 1.1)
-        lung_centers.append(center + np.array([cx, cy, rng.uniform(-0.05, 0.05) * extent_z]))
-        lung_axes.append([lx, ly, lz])
-    return Anatomy(
-        center=center, body_axes=np.array([ax, ay]), fat_mm=fat,
-        lung_centers=np.array(lung_centers), lung_axes=np.array(lung_axes, dtype=np.float64),
-        spine_center=center[:2] + np.array([0.0, 0.76 * ay]), spine_radius=rng.uniform(13.0, 17.0),
+        lung_centers.append(center + np.array([side * 0.52 * cavity[0], 0.0, rng.uniform(-0.03, 0.03) * extent_z]))
+        lung_axes.append([0.56 * cavity[0], 1.05 * cavity[1], 0.5 * extent_z * rng.uniform(0.82, 0.9)])
+    trachea_room = trachea_radius + float(airway_wall_mm(trachea_radius)) + 3.0
+    lung_centers, lung_axes = np.array(lung_centers), np.array(lung_axes, dtype=np.float64)
+    top = float(np.mean(lung_centers[:, 2] + lung_axes[:, 2]))
+    anatomy = Anatomy(
+        center=center, body_axes=np.array([ax, ay]), fat_mm=fat, wall_mm=wall, cavity_axes=cavity,
+        lung_centers=lung_centers, lung_axes=lung_axes,
+        spine_center=center[:2] + np.array([0.0, 0.76 * ay]), spine_radius=ax * rng.uniform(0.09, 0.12),
+        trachea_top=np.array([*trachea_xy, center[2] + extent_z]),
+        carina=np.array([trachea_xy[0], trachea_xy[1] + 0.05 * ay, top - 0.65 * float(np.mean(lung_axes[:, 2]))]),
+        trachea_radius=trachea_radius,
+        mediastinum_center=np.array([trachea_xy[0] + rng.uniform(0.0, 0.06) * cavity[0], center[1]]),
+        mediastinum_axes=np.array([max(rng.uniform(0.2, 0.28) * cavity[0], 1.3 * trachea_room), 1.2 * cavity[1]]),
         hu_fat=rng.uniform(-120, -80), hu_soft=rng.uniform(30, 60),
         hu_lung=rng.uniform(-880, -840), hu_lung_gradient=rng.uniform(10, 40))
+    _random_heart_and_diaphragm(rng, anatomy)
+    _fit_lungs(anatomy, geom)
+    anatomy.fissures = _random_fissures(rng, anatomy)
+    return anatomy
 
 
-def _ellipsoid_sdf(u, v, w, axes) -> np.ndarray:
-    """Approximate signed distance (mm, negative inside) to an axis-aligned ellipsoid at the origin."""
-    scaled_sq, gradient_sq = None, None
-    for coord, semi_axis in zip((u, v, w), axes):
-        term = np.square(coord * np.float32(1.0 / semi_axis))
-        if scaled_sq is None:
-            scaled_sq, gradient_sq = np.array(term), np.array(term * np.float32(1.0 / semi_axis ** 2))
-        else:
-            scaled_sq += term
-            term *= np.float32(1.0 / semi_axis ** 2)
-            gradient_sq += term
-    k0 = np.sqrt(scaled_sq, out=scaled_sq)
-    k1 = np.sqrt(gradient_sq, out=gradient_sq)
-    np.maximum(k1, np.float32(1e-6), out=k1)
-    distance = k0 - np.float32(1.0)
-    distance *= k0
-    distance /= k1
-    return distance
+def _random_heart_and_diaphragm(rng, anatomy: Anatomy) -> None:
+    """The heart (low, in front, to the patient's left: world +x) and a diaphragm dome under each lung, the
+    right one higher (the liver)."""
+    cavity, centre = anatomy.cavity_axes, anatomy.center
+    height = float(np.mean(anatomy.lung_axes[:, 2]))
+    base = float(np.mean(anatomy.lung_centers[:, 2] - anatomy.lung_axes[:, 2]))
+    anatomy.heart_center = np.array([centre[0] + rng.uniform(0.08, 0.16) * cavity[0],
+                                     centre[1] - rng.uniform(0.2, 0.3) * cavity[1], base + rng.uniform(0.6, 0.75) * height])
+    anatomy.heart_axes = np.array([rng.uniform(0.38, 0.45) * cavity[0], rng.uniform(0.42, 0.5) * cavity[1],
+                                   rng.uniform(0.32, 0.4) * height])
+    domes, dome_axes = [], []
+    for lung_centre in anatomy.lung_centers:
+        side = np.sign(lung_centre[0] - centre[0])
+        dome_axes.append([rng.uniform(0.32, 0.38) * cavity[0], rng.uniform(0.65, 0.75) * cavity[1],
+                          rng.uniform(0.4, 0.5) * height])
+        dome_top = base + (rng.uniform(0.3, 0.4) + (0.08 if side < 0 else 0.0)) * height
+        domes.append([centre[0] + side * 0.48 * cavity[0], centre[1] + 0.05 * cavity[1], dome_top - dome_axes[-1][2]])
+    anatomy.dome_centers, anatomy.dome_axes = np.array(domes), np.array(dome_axes)
+
+
+def _ellipse_sdf(x, y, axes) -> np.ndarray:
+    """Approximate signed distance (mm, negative inside) to an ellipse at the origin with semi-axes ``axes``."""
+    kx, ky = np.float32(1.0 / axes[0]), np.float32(1.0 / axes[1])
+    k0 = np.sqrt(np.square(x * kx) + np.square(y * ky))
+    k1 = np.maximum(np.sqrt(np.square(x * (kx * kx)) + np.square(y * (ky * ky))), np.float32(1e-6))
+    return k0 * (k0 - np.float32(1.0)) / k1
+
+
+def lung_parameters(anatomy: Anatomy) -> np.ndarray:
+    """(2, LUNG_PARAMETERS) float64 rows describing each lung for :func:`phantom_kernels.lung_distance`: its
+    ellipsoid, less what lies outside the rib cage (the body less fat and wall), within 2 mm of the midline (the
+    trachea's x) or across it, in the mediastinum or the heart, under its diaphragm dome, or within 3 mm of the
+    spine."""
+    rows = np.zeros((2, kernels.LUNG_PARAMETERS))
+    for lung, row in enumerate(rows):
+        row[kernels.LUNG_CENTRE:kernels.LUNG_CENTRE + 3] = anatomy.lung_centers[lung]
+        row[kernels.LUNG_AXES:kernels.LUNG_AXES + 3] = anatomy.lung_axes[lung]
+        row[kernels.CAVITY_CENTRE:kernels.CAVITY_CENTRE + 2] = anatomy.center[:2]
+        row[kernels.CAVITY_AXES:kernels.CAVITY_AXES + 2] = anatomy.cavity_axes
+        row[kernels.SIDE] = np.sign(anatomy.lung_centers[lung][0] - anatomy.center[0])
+        row[kernels.BAND_X], row[kernels.BAND_HALF] = anatomy.carina[0], 2.0
+        row[kernels.MEDIASTINUM_CENTRE:kernels.MEDIASTINUM_CENTRE + 2] = anatomy.mediastinum_center
+        row[kernels.MEDIASTINUM_AXES:kernels.MEDIASTINUM_AXES + 2] = anatomy.mediastinum_axes
+        row[kernels.HEART_CENTRE:kernels.HEART_CENTRE + 3] = anatomy.heart_center
+        row[kernels.HEART_AXES:kernels.HEART_AXES + 3] = anatomy.heart_axes
+        row[kernels.DOME_CENTRE:kernels.DOME_CENTRE + 3] = anatomy.dome_centers[lung]
+        row[kernels.DOME_AXES:kernels.DOME_AXES + 3] = anatomy.dome_axes[lung]
+        row[kernels.SPINE_CENTRE:kernels.SPINE_CENTRE + 2] = anatomy.spine_center
+        row[kernels.SPINE_CLEAR] = anatomy.spine_radius + 3.0
+    return rows
+
+
+def _lung_sdf_points(anatomy: Anatomy, lung: int, points: np.ndarray) -> np.ndarray:
+    """(N,) approximate signed distance (mm, negative inside) of world points (N, 3) to lung ``lung`` (0, 1)."""
+    points = np.ascontiguousarray(np.atleast_2d(points), dtype=np.float64)
+    if anatomy.parameters is None:
+        anatomy.parameters = lung_parameters(anatomy)
+    return kernels.lung_distances(anatomy.parameters[lung], points)
 
 
 def lung_depth_mm(anatomy: Anatomy, world_xyz: np.ndarray) -> np.ndarray:
     """(N,) approximate depth in mm inside the nearer lung (negative outside both lungs)."""
-    points = np.atleast_2d(world_xyz).astype(np.float64)
-    depths = [-_ellipsoid_sdf(*(points - c).T, axes) for c, axes in zip(anatomy.lung_centers, anatomy.lung_axes)]
-    return np.max(depths, axis=0)
+    return np.max([-_lung_sdf_points(anatomy, lung, world_xyz) for lung in range(2)], axis=0)
+
+
+def _lung_core(anatomy: Anatomy, lung: int) -> np.ndarray:
+    """A point well inside the lung (world mm), from which every ray leaves it once: above the heart, lateral."""
+    c, axes = anatomy.lung_centers[lung], anatomy.lung_axes[lung]
+    return c + np.array([np.sign(c[0] - anatomy.center[0]) * 0.12 * axes[0], 0.0, 0.15 * axes[2]])
+
+
+def _surface_along(anatomy: Anatomy, lung: int, origins: np.ndarray, directions: np.ndarray) -> np.ndarray:
+    """(N, 3) the first points (world mm) where rays from ``origins`` (inside the lung) along unit ``directions``
+    leave it: 1 mm steps, then bisection."""
+    origins = np.broadcast_to(origins, directions.shape)
+    steps = np.arange(0.0, 2.2 * float(anatomy.lung_axes[lung].max()), 1.0)
+    along = origins[:, None, :] + steps[None, :, None] * directions[:, None, :]
+    outside = _lung_sdf_points(anatomy, lung, along.reshape(-1, 3)).reshape(len(directions), len(steps)) > 0
+    first = np.where(outside.any(axis=1), outside.argmax(axis=1), len(steps) - 1)
+    low, high = steps[np.maximum(first - 1, 0)], steps[first]
+    for _ in range(12):
+        middle = (low + high) / 2
+        out = _lung_sdf_points(anatomy, lung, origins + middle[:, None] * directions) > 0
+        high, low = np.where(out, middle, high), np.where(out, low, middle)
+    return origins + ((low + high) / 2)[:, None] * directions
+
+
+def _lung_normals(anatomy: Anatomy, lung: int, points: np.ndarray) -> np.ndarray:
+    """(N, 3) outward unit normals: the lung distance's gradient by central differences (0.5 mm)."""
+    gradient = np.stack([_lung_sdf_points(anatomy, lung, points + step) - _lung_sdf_points(anatomy, lung, points - step)
+                         for step in 0.5 * np.eye(3)], axis=1)
+    return gradient / np.maximum(np.linalg.norm(gradient, axis=1, keepdims=True), 1e-9)
 
 
 def _lung_surface_points(rng, anatomy: Anatomy, n: int):
-    """n random points on the lung walls and their outward unit normals (world mm)."""
+    """n random points on the lung walls (the pleura: ribs, mediastinum, diaphragm) and their outward unit normals
+    (world mm)."""
     side = rng.integers(0, 2, n)
     unit = rng.standard_normal((n, 3))
     unit /= np.linalg.norm(unit, axis=1, keepdims=True)
-    axes = anatomy.lung_axes[side]
-    points = anatomy.lung_centers[side] + axes * unit
-    normals = unit / axes
-    normals /= np.linalg.norm(normals, axis=1, keepdims=True)
+    points, normals = np.zeros((n, 3)), np.zeros((n, 3))
+    for lung in range(2):
+        rows = side == lung
+        if rows.any():
+            points[rows] = _surface_along(anatomy, lung, _lung_core(anatomy, lung), unit[rows])
+            normals[rows] = _lung_normals(anatomy, lung, points[rows])
     return points, normals
 
 
 def _lung_points(rng, anatomy: Anatomy, n: int) -> np.ndarray:
-    """n points spread through the lung ellipsoids (not uniform, which is fine for placement)."""
-    side = rng.integers(0, 2, n)
-    unit = rng.standard_normal((n, 3))
-    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
-    return anatomy.lung_centers[side] + anatomy.lung_axes[side] * unit * rng.random((n, 1)) ** (1 / 3)
+    """n points spread through the lungs (drawn in their ellipsoids, those outside the lungs drawn again)."""
+    found = np.zeros((0, 3))
+    while len(found) < n:
+        side = rng.integers(0, 2, 2 * n)
+        unit = rng.standard_normal((2 * n, 3))
+        unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+        points = anatomy.lung_centers[side] + anatomy.lung_axes[side] * unit * rng.random((2 * n, 1)) ** (1 / 3)
+        found = np.concatenate([found, points[lung_depth_mm(anatomy, points) > 0]])
+    return found[:n]
 
 
-def _grow_tree(rng, anatomy: Anatomy, lung: int, start, heading, radius: float) -> VesselTree:
-    """Binary tree of tapering tubes grown from the hilum outwards, kept inside the lung."""
+def _distances_to_segments(point: np.ndarray, segments: np.ndarray) -> np.ndarray:
+    """(S,) mm from one point to each segment (rows p0(3), p1(3), ...)."""
+    p0, d = segments[:, :3], segments[:, 3:6] - segments[:, :3]
+    t = np.clip(np.sum((point - p0) * d, axis=1) / np.maximum(np.sum(d * d, axis=1), 1e-12), 0.0, 1.0)
+    return np.linalg.norm(point - (p0 + t[:, None] * d), axis=1)
+
+
+def _segment_distance(points: np.ndarray, p0: np.ndarray, p1: np.ndarray) -> np.ndarray:
+    """(N,) mm from points (N, 3) to the segment p0-p1."""
+    d = p1 - p0
+    t = np.clip((points - p0) @ d / max(float(d @ d), 1e-12), 0.0, 1.0)
+    return np.linalg.norm(points - (p0 + t[:, None] * d), axis=1)
+
+
+def lung_surface_samples(anatomy: Anatomy, per_lung: int = 800) -> np.ndarray:
+    """(2 * per_lung, 3) points spread over both lungs' surfaces (world mm), for checks."""
+    unit = _fibonacci_directions(per_lung)
+    return np.concatenate([_surface_along(anatomy, lung, _lung_core(anatomy, lung), unit) for lung in range(2)])
+
+
+def lung_shortfall_mm(anatomy: Anatomy, geom: Geometry) -> float:
+    """How much closer (mm) than allowed the lung surfaces come to the body's fat (``wall_mm``, less 1 mm for the
+    distance approximations), the trachea (3 mm) and the faces of the field of view (``LUNG_MARGIN_MM``); 0 or
+    less: they fit."""
+    points = lung_surface_samples(anatomy)
+    inner = anatomy.body_axes - anatomy.fat_mm
+    flat = points[:, :2] - anatomy.center[:2]
+    body = -_ellipse_sdf(flat[:, 0], flat[:, 1], inner)
+    trachea = _segment_distance(points, anatomy.trachea_top, anatomy.carina)
+    room = anatomy.trachea_radius + float(airway_wall_mm(anatomy.trachea_radius)) + 3.0
+    return max(float(np.max(anatomy.wall_mm - 1.0 - body)), float(np.max(room - trachea)),
+               float(np.max(LUNG_MARGIN_MM - geom.face_distance_mm(points))))
+
+
+def _fit_lungs(anatomy: Anatomy, geom: Geometry) -> None:
+    """Shrink both lungs' ellipsoids about their centres until the lungs keep clear of the body wall, the trachea
+    and the faces of the field of view (:func:`lung_shortfall_mm`)."""
+    for _ in range(60):
+        if lung_shortfall_mm(anatomy, geom) <= 0:
+            return
+        anatomy.lung_axes *= 0.97
+        anatomy.parameters = None
+    raise ValueError("the lungs do not fit this field of view")
+
+
+def _random_fissures(rng, anatomy: Anatomy) -> list:
+    """An oblique fissure in each lung (from high at the back to low at the front) and a horizontal one in front
+    of it in the right lung (world -x is the patient's right)."""
+    fissures = []
+    for lung, (centre, axes) in enumerate(zip(anatomy.lung_centers, anatomy.lung_axes)):
+        angle = math.radians(rng.uniform(45.0, 65.0))          # from the horizontal, in the y-z plane
+        turn = _rotation([0.0, 0.0, 1.0], math.radians(rng.uniform(5.0, 20.0) * rng.choice([-1.0, 1.0])))
+        along = turn @ _unit([0.0, math.cos(angle), math.sin(angle)])
+        normal = _unit(np.cross(turn @ [1.0, 0.0, 0.0], along))
+        normal = normal if normal[1] < 0 else -normal         # positive side: in front (-y) and up
+        point = centre + axes * np.array([0.0, rng.uniform(-0.1, 0.1), rng.uniform(-0.05, 0.15)])
+        oblique = Fissure(lung, point, normal, along, rng.uniform(-0.5, 0.5) / axes[2], 1.0, rng.uniform(-790, -750))
+        fissures.append(oblique)
+        if centre[0] < anatomy.center[0]:
+            level = centre + axes * np.array([0.0, 0.0, rng.uniform(0.1, 0.3)])
+            flat = _unit([rng.uniform(-0.1, 0.1), rng.uniform(-0.15, 0.15), 1.0])
+            fissures.append(Fissure(lung, level, flat, _unit(np.cross(flat, [1.0, 0.0, 0.0])),
+                                    rng.uniform(-0.3, 0.3) / axes[1], 1.0, rng.uniform(-790, -750), oblique))
+    return fissures
+
+
+# --- trees: vessels and airways ------------------------------------------------
+
+def airway_wall_mm(lumen_radius_mm):
+    """Thickness (mm) of an airway's wall around a lumen of the given radius (mm)."""
+    return 0.3 + 0.18 * np.asarray(lumen_radius_mm)
+
+
+def _curved_branch(rng, p0, heading, r0: float, anatomy: Anatomy, lung: int, length_per_radius: tuple,
+                   pieces: int = 3):
+    """One branch: ``pieces`` straight pieces whose heading turns a little at each joint, tapering from ``r0``,
+    kept at least its radius + 1 mm inside the lung (a try that leaves it is repeated shorter). Returns ``(rows
+    p0 p1 r0 r1, end point, end heading, end radius)`` or None when eight tries leave the lung."""
+    length = float(np.clip(r0 * rng.uniform(*length_per_radius), 3.0, 40.0))
+    r1 = r0 * rng.uniform(0.9, 0.97)
+    radii = np.linspace(r0, r1, pieces + 1)
+    for attempt in range(8):
+        direction = _unit(heading + 0.25 * rng.standard_normal(3))
+        points = [np.asarray(p0, float)]
+        step = length * 0.7 ** (attempt // 2) / pieces
+        for n in range(pieces):
+            if n:
+                direction = _unit(direction + 0.22 * rng.standard_normal(3))
+            point = points[-1] + step * direction
+            if -_lung_sdf_points(anatomy, lung, point)[0] <= radii[n + 1] + 1.0:
+                break
+            points.append(point)
+        else:
+            rows = [[*points[n], *points[n + 1], radii[n], radii[n + 1]] for n in range(pieces)]
+            return rows, points[-1], direction, r1
+    return None
+
+
+def _grow_tree(rng, anatomy: Anatomy, lung: int, start, heading, radius: float, *, max_depth: int = 9,
+               min_radius: float = 0.25, length_per_radius: tuple = (8.0, 16.0), hu: float | None = None,
+               airway: bool = False) -> VesselTree:
+    """Branching tree of curved, tapering tubes grown from the hilum outwards inside one lung.
+
+    At each branch point the flow splits unevenly and the children's radii follow Murray's law
+    (``r^3 = r1^3 + r2^3``); the thinner child leaves at the wider angle. Branches thinner than ``min_radius``
+    (mm) are not grown."""
     segments, bifurcations = [], []
-    stack = [(np.asarray(start, float), np.asarray(heading, float) / np.linalg.norm(heading), radius, 0)]
-    centre, axes = anatomy.lung_centers[lung], anatomy.lung_axes[lung]
+    stack = [(np.asarray(start, float), _unit(heading), radius, 0)]
     while stack:
         p0, heading, r0, depth = stack.pop()
-        r1 = r0 * rng.uniform(0.88, 0.96)
-        length = float(np.clip(r0 * rng.uniform(5.0, 10.0), 6.0, 35.0))
-        for _ in range(6):
-            direction = heading + 0.25 * rng.standard_normal(3)
-            direction /= np.linalg.norm(direction)
-            p1 = p0 + length * direction
-            if -_ellipsoid_sdf(*(p1 - centre), axes) > r1 + 1.0:
-                break
-        else:
+        branch = _curved_branch(rng, p0, heading, r0, anatomy, lung, length_per_radius)
+        if branch is None:
             continue
-        segments.append([*p0, *p1, r0, r1])
-        child_radius = r1 * rng.uniform(0.76, 0.9)
-        if depth >= 7 or child_radius < 0.5:
+        rows, end, direction, r1 = branch
+        segments.extend(rows)
+        share = rng.uniform(0.3, 0.7)
+        radii = r1 * np.array([share, 1.0 - share]) ** (1 / 3)
+        if depth >= max_depth or radii.max() < min_radius:
             continue
-        bifurcations.append([*p1, r1])
-        side = np.cross(direction, rng.standard_normal(3))
-        side /= np.linalg.norm(side)
-        for sign in (1.0, -1.0):
-            angle = math.radians(rng.uniform(20.0, 45.0))
+        bifurcations.append([*end, r1])
+        side = _unit(np.cross(direction, rng.standard_normal(3)))
+        for child_radius, sign in zip(radii, (1.0, -1.0)):
+            if child_radius < min_radius:
+                continue
+            angle = math.radians(rng.uniform(15.0, 25.0) + 60.0 * (1.0 - child_radius / r1))
             child = math.cos(angle) * direction + sign * math.sin(angle) * side
-            stack.append((p1, child, child_radius * rng.uniform(0.9, 1.1), depth + 1))
+            stack.append((end, child, child_radius, depth + 1))
     return VesselTree(np.array(segments, dtype=np.float64).reshape(-1, 8),
-                      np.array(bifurcations, dtype=np.float64).reshape(-1, 4), hu=float(rng.uniform(0.0, 150.0)))
+                      np.array(bifurcations, dtype=np.float64).reshape(-1, 4),
+                      hu=float(rng.uniform(0.0, 150.0)) if hu is None else float(hu), airway=airway)
+
+
+def _random_ribs(rng, anatomy: Anatomy) -> VesselTree:
+    """Ribs: bone tubes in the chest wall (half-way through its soft tissue) from beside the spine round to the
+    front, falling towards the front as ribs do, one pair every 8-11% of the lungs' height from their tops down."""
+    cavity, centre = anatomy.cavity_axes, anatomy.center
+    path = cavity + anatomy.wall_mm / 2.0
+    radius = min(0.4 * anatomy.wall_mm, 0.035 * anatomy.body_axes[0])
+    height = 2.0 * float(np.mean(anatomy.lung_axes[:, 2]))
+    top = float(np.mean(anatomy.lung_centers[:, 2] + anatomy.lung_axes[:, 2]))
+    angles = np.linspace(0.12 * np.pi, 0.85 * np.pi, 12)   # 0: straight back (+y), pi: straight to the front
+    rows, z = [], top + 0.04 * height
+    while z > top - 1.05 * height:
+        drop = rng.uniform(0.12, 0.2) * height
+        for side in (-1.0, 1.0):
+            x = centre[0] + side * path[0] * np.sin(angles)
+            y = centre[1] + path[1] * np.cos(angles)
+            points = np.column_stack([x, y, z - drop * (angles - angles[0]) / (angles[-1] - angles[0])])
+            rows += [[*points[n], *points[n + 1], radius, radius] for n in range(len(points) - 1)]
+        z -= rng.uniform(0.08, 0.11) * height
+    return VesselTree(np.array(rows, dtype=np.float64).reshape(-1, 8), np.zeros((0, 4)), float(rng.uniform(350, 550)))
+
+
+def _hilum(anatomy: Anatomy, lung: int, y_share: float, z_share: float, depth_mm: float) -> np.ndarray:
+    """A point ``depth_mm`` inside the lung's medial wall (world mm), on the ray from its core towards the midline
+    tilted by ``y_share`` (front-back) and ``z_share`` (up-down)."""
+    core = _lung_core(anatomy, lung)
+    lateral = np.sign(anatomy.lung_centers[lung][0] - anatomy.center[0])
+    direction = _unit([-lateral, y_share, z_share])
+    return _surface_along(anatomy, lung, core, direction[None])[0] - depth_mm * direction
+
+
+# Headings (lateral, y, z) of the arterial and venous trees from each hilum; lateral is away from the midline.
+_ARTERY_HEADINGS = ((0.5, -0.2, 1.0), (1.0, -0.5, 0.3), (1.0, 0.5, 0.2), (1.0, 0.4, -0.4), (0.5, 0.3, -1.0))
+_VEIN_HEADINGS = ((0.6, -0.6, 0.8), (1.0, 0.1, 0.0), (0.8, 0.6, -0.5), (0.6, -0.3, -1.0))
 
 
 def _random_vessels(rng, anatomy: Anatomy) -> list:
+    """Pulmonary arteries and veins: per lung five arterial and four venous trees from two hilar points, so that
+    the trees interleave and some of their vessels cross."""
     trees = []
+    scale = float(anatomy.cavity_axes[0])
     for lung in range(2):
-        centre, axes = anatomy.lung_centers[lung], anatomy.lung_axes[lung]
-        lateral = np.sign(centre[0] - anatomy.center[0])
-        for up in (0.9, 0.35, -0.25, -0.8):
-            hilum = centre + axes * np.array([-lateral * 0.7, rng.uniform(-0.15, 0.1), rng.uniform(-0.12, 0.12)])
-            heading = np.array([lateral, rng.uniform(-0.4, 0.4), up + rng.uniform(-0.2, 0.2)])
-            trees.append(_grow_tree(rng, anatomy, lung, hilum, heading, rng.uniform(2.4, 4.0)))
+        lateral = np.sign(anatomy.lung_centers[lung][0] - anatomy.center[0])
+        hila = (((rng.uniform(-0.1, 0.2), rng.uniform(0.0, 0.2)), _ARTERY_HEADINGS, (0.028, 0.036)),
+                ((rng.uniform(-0.3, -0.1), rng.uniform(-0.4, -0.2)), _VEIN_HEADINGS, (0.03, 0.04)))
+        for (hy, hz), headings, radius in hila:
+            hilum = _hilum(anatomy, lung, hy, hz, 0.04 * scale)
+            for gx, gy, gz in headings:
+                heading = np.array([lateral * gx, gy + rng.uniform(-0.3, 0.3), gz + rng.uniform(-0.2, 0.2)])
+                trees.append(_grow_tree(rng, anatomy, lung, hilum, heading, scale * rng.uniform(*radius)))
     return trees
 
 
-def _nodule_shape(rng, diameter: float):
-    """Random ellipsoid semi-axes (mm) with the given equivalent-sphere diameter, and its rotation."""
-    axes = (diameter / 2.0) * rng.uniform(0.8, 1.2, 3)
-    axes *= (diameter / 2.0) / np.prod(axes) ** (1 / 3)
-    return axes, _random_rotation(rng)
+def _random_airways(rng, anatomy: Anatomy) -> list:
+    """The trachea (from above the scan to the carina), the two main bronchi to the hila and, in each lung, lobar
+    bronchial trees: lumen radii in ``segments``, the wall drawn by :func:`airway_wall_mm`."""
+    wall_hu = float(rng.uniform(-80.0, 20.0))
+    radius = anatomy.trachea_radius
+    rows = [[*anatomy.trachea_top, *anatomy.carina, radius, radius]]
+    trees = []
+    for lung in range(2):
+        lateral = np.sign(anatomy.lung_centers[lung][0] - anatomy.center[0])
+        hilum = _hilum(anatomy, lung, rng.uniform(-0.1, 0.1), rng.uniform(0.15, 0.3), 0.6 * radius)
+        rows.append([*anatomy.carina, *hilum, 0.72 * radius, 0.62 * radius])
+        for gx, gy, gz in ((0.4, 0.0, 1.0), (1.0, -0.3, -0.2), (0.5, 0.3, -1.0)):
+            heading = np.array([lateral * gx, gy + rng.uniform(-0.3, 0.3), gz + rng.uniform(-0.2, 0.2)])
+            trees.append(_grow_tree(rng, anatomy, lung, hilum, heading, 0.42 * radius, max_depth=4, min_radius=0.7,
+                                    length_per_radius=(6.0, 11.0), hu=wall_hu, airway=True))
+    central = VesselTree(np.array(rows, dtype=np.float64), np.zeros((0, 4)), wall_hu, airway=True)
+    return [central] + trees
 
 
-def _random_nodules(rng, anatomy: Anatomy, geom: Geometry, count: int) -> list:
-    """Solid, ground-glass and part-solid nodules (4-25 mm) in the lungs, some on the pleura."""
-    nodules: list[Finding] = []
-    for _ in range(count):
-        diameter = float(math.exp(rng.uniform(math.log(4.0), math.log(25.0))))
-        kind = ["solid", "ground-glass", "part-solid"][rng.choice(3, p=[0.55, 0.25, 0.20])]
-        juxtapleural = bool(rng.random() < 0.3)
-        axes, rotation = _nodule_shape(rng, diameter)
-        reach = float(axes.max())
-        for _attempt in range(50):
-            if juxtapleural:
-                wall, normal = _lung_surface_points(rng, anatomy, 1)
-                centre = wall[0] - normal[0] * reach * rng.uniform(0.5, 0.8)
-                ok = lung_depth_mm(anatomy, centre)[0] > 0.3 * reach
-            else:
-                centre = _lung_points(rng, anatomy, 1)[0]
-                ok = lung_depth_mm(anatomy, centre)[0] > reach + 3.0
-            ok = ok and geom.contains(centre, reach + 3.0)[0]
-            ok = ok and all(np.linalg.norm(centre - other.center_xyz) > reach + other.axes_mm.max() + 6.0
-                            for other in nodules)
-            if ok:
-                break
-        else:
+def _vessel_crossings(trees: list, min_radius: float = 0.5) -> np.ndarray:
+    """``(M, 4)``: where vessels (radius >= ``min_radius`` mm) of different trees touch or cross at more than 35
+    degrees, more than 8 mm from their roots (trees that leave one hilum touch there): x, y, z world mm and the
+    thinner vessel's radius (mm); at least 4 mm apart."""
+    rows, owner, from_root = [], [], []
+    for index, tree in enumerate(trees):
+        thick = tree.segments[np.minimum(tree.segments[:, 6], tree.segments[:, 7]) >= min_radius]
+        if not len(thick):
             continue
-        if kind == "solid":
-            hu, edge, core = rng.uniform(30.0, 100.0), rng.uniform(0.4, 1.0), None
+        root = tree.segments[0, :3]
+        rows.append(thick)
+        owner.append(np.full(len(thick), index))
+        from_root.append(np.stack([np.linalg.norm(thick[:, :3] - root, axis=1),
+                                   np.linalg.norm(thick[:, 3:6] - root, axis=1)], axis=1))
+    if not rows:
+        return np.zeros((0, 4))
+    found = kernels.crossings(np.ascontiguousarray(np.concatenate(rows)), np.concatenate(owner),
+                              np.ascontiguousarray(np.concatenate(from_root)), 8.0, math.cos(math.radians(35.0)))
+    kept: list = []
+    for row in found:
+        if all(np.linalg.norm(row[:3] - other[:3]) >= 4.0 for other in kept):
+            kept.append(row)
+    return np.array(kept, dtype=np.float64).reshape(-1, 4)
+
+
+# --- nodules --------------------------------------------------------------------
+
+def _choice(rng, table: tuple) -> str:
+    names, shares = zip(*table)
+    return names[int(rng.choice(len(names), p=np.array(shares) / np.sum(shares)))]
+
+
+def _body_reach_mm(nodule: nodule_shapes.Nodule) -> float:
+    """How far the nodule's body (without spicules) reaches from its centre (mm)."""
+    return nodule.reach_mm - float(np.max(nodule.spicules[:, 3], initial=0.0))
+
+
+def _place_isolated(rng, anatomy: Anatomy, vessels: np.ndarray, reach: float):
+    """A lung point at least ``reach`` + 3 mm deep whose nodule of that reach touches no vessel of 1 mm radius or
+    more; or None."""
+    centre = _lung_points(rng, anatomy, 1)[0]
+    if lung_depth_mm(anatomy, centre)[0] <= reach + 3.0:
+        return None
+    thick = vessels[np.minimum(vessels[:, 6], vessels[:, 7]) >= 1.0]
+    clear = _distances_to_segments(centre, thick) - np.maximum(thick[:, 6], thick[:, 7])
+    return centre if np.all(clear > reach) else None
+
+
+def _place_on_vessel(rng, anatomy: Anatomy, vessels: np.ndarray, body_radius: float, reach: float):
+    """A point beside a vessel of at least 0.8 mm radius, near enough that the nodule touches or engulfs it; or
+    None."""
+    thick = vessels[np.minimum(vessels[:, 6], vessels[:, 7]) >= 0.8]
+    if not len(thick):
+        return None
+    lengths = np.linalg.norm(thick[:, 3:6] - thick[:, :3], axis=1)
+    segment = thick[rng.choice(len(thick), p=lengths / lengths.sum())]
+    t = rng.uniform(0.1, 0.9)
+    axis_point = segment[:3] + t * (segment[3:6] - segment[:3])
+    along = _unit(segment[3:6] - segment[:3])
+    across = _unit(np.cross(along, rng.standard_normal(3)))
+    vessel_radius = segment[6] + t * (segment[7] - segment[6])
+    centre = axis_point + across * rng.uniform(0.0, 1.0) * (vessel_radius + 0.85 * body_radius)
+    return centre if lung_depth_mm(anatomy, centre)[0] > reach + 2.0 else None
+
+
+def _place_on_pleura(rng, anatomy: Anatomy, body_radius: float):
+    """A point 0.4-0.85 body radii inside a lung wall, so the nodule leans on the pleura; or None."""
+    wall, normal = _lung_surface_points(rng, anatomy, 1)
+    centre = wall[0] - normal[0] * body_radius * rng.uniform(0.4, 0.85)
+    return centre if lung_depth_mm(anatomy, centre)[0] > 0.3 * body_radius else None
+
+
+def _random_nodules(rng, anatomy: Anatomy, geom: Geometry, trees: list, count: int) -> list:
+    """Solid, ground-glass and part-solid nodules (4-25 mm; round, lobulated or spiculated) in the lungs, each
+    isolated, on a vessel or on the pleura. A nodule that finds no room where it was meant to go is tried at the
+    next placement (isolated, then on a vessel, then on the pleura); its Finding records where it went."""
+    vessels = np.concatenate([t.segments for t in trees]) if trees else np.zeros((0, 8))
+    names = [name for name, _ in PLACEMENTS]
+    found: list[Finding] = []
+    for _ in range(count):
+        diameter = float(math.exp(rng.uniform(*np.log(NODULE_DIAMETER_MM))))
+        kind, shape, placement = _choice(rng, NODULE_KINDS), _choice(rng, NODULE_SHAPES), _choice(rng, PLACEMENTS)
+        for where in names[names.index(placement):]:
+            nodule = _place_nodule(rng, where, anatomy, geom, vessels, found, diameter, kind, shape)
+            if nodule is not None:
+                found.append(_finding(nodule, where))
+                break
+    return found
+
+
+def _place_nodule(rng, placement: str, anatomy: Anatomy, geom: Geometry, vessels: np.ndarray, found: list,
+                  diameter: float, kind: str, shape: str):
+    """A nodule of the type and shape at a ``placement`` spot clear of the ``found`` ones and of the scan's faces,
+    or None after 60 tries (a nodule that finds no room in 20 tries is drawn 20% smaller, down to 4 mm)."""
+    for attempt in range(60):
+        if attempt % 20 == 0:
+            if attempt:
+                diameter = max(NODULE_DIAMETER_MM[0], 0.8 * diameter)
+            nodule = nodule_shapes.random_nodule(rng, np.zeros(3), diameter, kind, shape)
+            body_radius, reach = nodule.body_radius_mm, _body_reach_mm(nodule)
+        if placement == "isolated":
+            centre = _place_isolated(rng, anatomy, vessels, reach)
+        elif placement == "vessel":
+            centre = _place_on_vessel(rng, anatomy, vessels, body_radius, reach)
         else:
-            hu, edge = rng.uniform(-550.0, -300.0), rng.uniform(0.8, 1.8)
-            core = rng.uniform(0.0, 80.0) if kind == "part-solid" else None
-        nodules.append(Finding(centre, diameter, kind, axes, rotation, float(hu), float(edge), juxtapleural,
-                               core_hu=None if core is None else float(core), csv_diameter=round(diameter, 3)))
-    return nodules
+            centre = _place_on_pleura(rng, anatomy, body_radius)
+        if centre is None or not geom.contains(centre, nodule.reach_mm + 2.0)[0]:
+            continue
+        if all(np.linalg.norm(centre - other.center_xyz) > nodule.reach_mm + other.reach_mm + 4.0 for other in found):
+            nodule.centre_xyz = centre
+            return nodule
+    return None
+
+
+def _finding(nodule: nodule_shapes.Nodule, placement: str, excluded: bool = False, csv_diameter=None) -> Finding:
+    return Finding(nodule.centre_xyz, nodule.diameter_mm, "tiny" if excluded else nodule.kind,
+                   nodule.body_radius_mm * nodule.stretch, nodule.rotation, nodule.hu, nodule.edge_mm,
+                   juxtapleural=placement == "pleura", excluded=excluded, core_hu=nodule.core_hu,
+                   csv_diameter=round(nodule.diameter_mm, 3) if csv_diameter is None else csv_diameter,
+                   shape=nodule.shape, placement=placement, nodule=nodule)
 
 
 def _random_excluded(rng, anatomy: Anatomy, geom: Geometry, nodules: list, count: int) -> list:
@@ -395,13 +825,12 @@ def _random_excluded(rng, anatomy: Anatomy, geom: Geometry, nodules: list, count
             break
         if lung_depth_mm(anatomy, centre)[0] < 4.0 or not geom.contains(centre, 4.0)[0]:
             continue
-        if any(np.linalg.norm(centre - n.center_xyz) < n.axes_mm.max() + 6.0 for n in nodules + found):
+        if any(np.linalg.norm(centre - n.center_xyz) < n.reach_mm + 6.0 for n in nodules + found):
             continue
         diameter = float(rng.uniform(1.5, 2.9))
-        axes, rotation = _nodule_shape(rng, diameter)
+        nodule = nodule_shapes.random_nodule(rng, centre, diameter, "solid", "round")
         csv_diameter = -1.0 if rng.random() < 0.5 else round(diameter, 3)
-        found.append(Finding(centre, diameter, "tiny", axes, rotation, float(rng.uniform(20.0, 120.0)), 0.4,
-                             excluded=True, csv_diameter=csv_diameter))
+        found.append(_finding(nodule, "isolated", excluded=True, csv_diameter=csv_diameter))
     return found
 
 
@@ -410,69 +839,90 @@ def _random_excluded(rng, anatomy: Anatomy, geom: Geometry, nodules: list, count
 def _far_from_nodules(points: np.ndarray, nodules: list, margin_mm: float) -> np.ndarray:
     keep = np.ones(len(points), dtype=bool)
     for nodule in nodules:
-        keep &= np.linalg.norm(points - nodule.center_xyz, axis=1) > nodule.axes_mm.max() + margin_mm
+        keep &= np.linalg.norm(points - nodule.center_xyz, axis=1) > nodule.reach_mm + margin_mm
     return keep
 
 
-def _negative_pool(rng, source: str, anatomy: Anatomy, trees: list, nodules: list, n: int) -> np.ndarray:
-    """Up to ``n`` proposals (world mm) of one negative type, before filtering."""
+def _vessel_points(rng, segments: np.ndarray, n: int) -> np.ndarray:
+    """n points on vessels (world mm), likelier on long and thick ones, a little off their axes."""
+    lengths = np.linalg.norm(segments[:, 3:6] - segments[:, :3], axis=1)
+    weights = lengths * (segments[:, 6] + segments[:, 7]) ** 2
+    seg = segments[rng.choice(len(segments), n, p=weights / weights.sum())]
+    t = rng.uniform(0.15, 0.85, (n, 1))
+    radius = seg[:, 6:7] + t * (seg[:, 7:8] - seg[:, 6:7])
+    return seg[:, :3] + t * (seg[:, 3:6] - seg[:, :3]) + 0.2 * radius * rng.standard_normal((n, 3))
+
+
+def _junction_points(rng, nodes: np.ndarray, n: int) -> np.ndarray:
+    """n points at branch points or crossings (rows x, y, z, radius), likelier at thick ones."""
+    weights = nodes[:, 3] ** 2
+    return nodes[rng.choice(len(nodes), n, p=weights / weights.sum()), :3] + 0.3 * rng.standard_normal((n, 3))
+
+
+def _soft_tissue_points(rng, anatomy: Anatomy, n: int) -> np.ndarray:
+    angle = rng.uniform(0, 2 * np.pi, n)
+    radial = np.sqrt(rng.random(n)) * 0.9
+    inner = anatomy.body_axes - anatomy.fat_mm
+    xy = anatomy.center[:2] + np.stack([inner[0] * radial * np.cos(angle), inner[1] * radial * np.sin(angle)], 1)
+    z = anatomy.center[2] + rng.uniform(-0.5, 0.5, n) * anatomy.lung_axes[:, 2].mean() * 2
+    points = np.column_stack([xy, z])
+    spine = np.linalg.norm(points[:, :2] - anatomy.spine_center, axis=1) > anatomy.spine_radius + 3.0
+    return points[(lung_depth_mm(anatomy, points) < -5.0) & spine]
+
+
+def _negative_pool(rng, source: str, anatomy: Anatomy, trees: list, crossings: np.ndarray, nodules: list,
+                   n: int) -> tuple[np.ndarray, str]:
+    """``(points, source)``: up to ``n`` proposals (world mm) of one negative type before filtering. A type with
+    nothing to offer in this scan gives way: crossings to branch points, the others to parenchyma."""
     segments = np.concatenate([t.segments for t in trees]) if trees else np.zeros((0, 8))
+    nodes = np.concatenate([t.bifurcations for t in trees]) if trees else np.zeros((0, 4))
+    if source == "crossing":
+        if len(crossings):
+            return _junction_points(rng, crossings, n), source
+        source = "bifurcation"
     if source == "vessel" and len(segments):
-        lengths = np.linalg.norm(segments[:, 3:6] - segments[:, :3], axis=1)
-        weights = lengths * (segments[:, 6] + segments[:, 7]) ** 2
-        pick = rng.choice(len(segments), n, p=weights / weights.sum())
-        t = rng.uniform(0.15, 0.85, (n, 1))
-        seg = segments[pick]
-        radius = seg[:, 6:7] + t * (seg[:, 7:8] - seg[:, 6:7])
-        return seg[:, :3] + t * (seg[:, 3:6] - seg[:, :3]) + 0.2 * radius * rng.standard_normal((n, 3))
-    if source == "bifurcation":
-        nodes = np.concatenate([t.bifurcations for t in trees]) if trees else np.zeros((0, 4))
-        if len(nodes):
-            weights = nodes[:, 3] ** 2
-            return nodes[rng.choice(len(nodes), n, p=weights / weights.sum()), :3] + 0.3 * rng.standard_normal((n, 3))
+        return _vessel_points(rng, segments, n), source
+    if source == "bifurcation" and len(nodes):
+        return _junction_points(rng, nodes, n), source
     if source == "pleura":
         points, normals = _lung_surface_points(rng, anatomy, n)
-        return points + normals * rng.uniform(-3.0, 2.0, (n, 1))
+        return points + normals * rng.uniform(-3.0, 2.0, (n, 1)), source
     if source == "near-nodule" and nodules:
         pick = rng.integers(0, len(nodules), n)
         unit = rng.standard_normal((n, 3))
         unit /= np.linalg.norm(unit, axis=1, keepdims=True)
-        reach = np.array([nodules[p].axes_mm.max() for p in pick])[:, None]
-        return np.array([nodules[p].center_xyz for p in pick]) + unit * (reach + rng.uniform(3.0, 10.0, (n, 1)))
+        reach = np.array([nodules[p].reach_mm for p in pick])[:, None]
+        return np.array([nodules[p].center_xyz for p in pick]) + unit * (reach + rng.uniform(3.0, 10.0, (n, 1))), source
     if source == "soft-tissue":
-        angle = rng.uniform(0, 2 * np.pi, n)
-        radial = np.sqrt(rng.random(n)) * 0.9
-        inner = anatomy.body_axes - anatomy.fat_mm
-        xy = anatomy.center[:2] + np.stack([inner[0] * radial * np.cos(angle), inner[1] * radial * np.sin(angle)], 1)
-        z = anatomy.center[2] + rng.uniform(-0.5, 0.5, n) * anatomy.lung_axes[:, 2].mean() * 2
-        points = np.column_stack([xy, z])
-        spine = np.linalg.norm(points[:, :2] - anatomy.spine_center, axis=1) > anatomy.spine_radius + 3.0
-        return points[(lung_depth_mm(anatomy, points) < -5.0) & spine]
-    return _lung_points(rng, anatomy, n)   # parenchyma, and the fallback when a type has nothing to offer
+        return _soft_tissue_points(rng, anatomy, n), source
+    return _lung_points(rng, anatomy, n), "parenchyma"
 
 
-def _random_candidates(rng, anatomy, geom, trees, nodules, excluded, negatives: int,
-                       negative_mix: tuple = NEGATIVE_MIX) -> list:
+def _random_candidates(rng, anatomy, geom, trees, crossings, nodules, excluded, negatives: int,
+                       negative_mix: tuple, volume: np.ndarray) -> list:
     """1-3 class-1 candidates per nodule near its centre; class-0 candidates elsewhere, of the types and shares
-    of ``negative_mix``."""
+    of ``negative_mix``. ``volume`` is the noise-free scan ``[z, y, x]`` (HU): soft-tissue candidates must not
+    sit in air (the trachea), parenchyma candidates not on a vessel, fissure or airway wall."""
     candidates = []
     for nodule in nodules:
         for _ in range(int(rng.integers(1, 4))):
             unit = rng.standard_normal(3)
             unit /= np.linalg.norm(unit)
             offset = unit * rng.uniform(0.0, 0.3) * nodule.axes_mm.min()
-            candidates.append(Candidate(nodule.center_xyz + offset, 1, "nodule"))
+            candidates.append(Candidate(nodule.center_xyz + offset, 1, "nodule", nodule.placement))
     for finding in excluded:
         candidates.append(Candidate(finding.center_xyz + 0.2 * rng.standard_normal(3), 0, "excluded"))
     counts = [int(negatives * share) for _, share in negative_mix]
     counts[0] += negatives - sum(counts)
-    for (source, _), count in zip(negative_mix, counts):
+    for (wanted, _), count in zip(negative_mix, counts):
         if count == 0:
             continue
-        pool = _negative_pool(rng, source, anatomy, trees, nodules, 8 * count + 16)
+        pool, source = _negative_pool(rng, wanted, anatomy, trees, crossings, nodules, 8 * count + 16)
         keep = geom.contains(pool, 1.0) & _far_from_nodules(pool, nodules + excluded, 2.0)
         if source == "parenchyma":
-            keep &= lung_depth_mm(anatomy, pool) > 3.0
+            keep &= (lung_depth_mm(anatomy, pool) > 3.0) & (geom.value_at(volume, pool) < -795.0)
+        elif source == "soft-tissue":
+            keep &= geom.value_at(volume, pool) > -300.0
         for point in pool[keep][:count]:
             candidates.append(Candidate(point, 0, source))
     order = rng.permutation(len(candidates))
@@ -511,10 +961,10 @@ def _region(volume: np.ndarray, lo_ijk, hi_ijk) -> np.ndarray:
 
 
 def _render_background(volume: np.ndarray, geom: Geometry, anatomy: Anatomy) -> None:
-    """Air, body (fat shell, soft tissue), spine and lung parenchyma; each drawn only inside its own box."""
+    """Air, body (fat shell, soft tissue), spine, lung parenchyma and fissures; each drawn only inside its box."""
     edge = geom.partial_volume_mm
     ax, ay = (np.float32(v) for v in anatomy.body_axes)
-    volume[...] = -1000.0
+    volume[...] = AIR_HU
     far = 1e4   # the body and spine are cylinders along world z, cut only by the scan
     body_reach = np.array([ax + edge, ay + edge, far])
     body_box = geom.box_world(anatomy.center - body_reach, anatomy.center + body_reach)
@@ -538,81 +988,152 @@ def _render_background(volume: np.ndarray, geom: Geometry, anatomy: Anatomy) -> 
         x, y = geom.offsets(lo, hi, spine, components=(0, 1))
         spine_sd = np.sqrt(np.square(x) + np.square(y)) - np.float32(anatomy.spine_radius)
         view = _region(volume, lo, hi)
-        marrow_sd = spine_sd + np.float32(2.5)   # cortical shell 2.5 mm thick
+        marrow_sd = spine_sd + np.float32(0.17 * anatomy.spine_radius)   # the cortical shell
         _blend(view, _edge_alpha(spine_sd, edge), 650.0)
         _blend(view, _edge_alpha(marrow_sd, edge), 230.0)
-    for centre, axes in zip(anatomy.lung_centers, anatomy.lung_axes):
-        box = geom.box_world(centre - axes - edge, centre + axes + edge)
+    cavity = np.append(anatomy.cavity_axes, far)
+    for lung, (centre, axes) in enumerate(zip(anatomy.lung_centers, anatomy.lung_axes)):
+        low = np.maximum(centre - axes, anatomy.center - cavity) - edge
+        high = np.minimum(centre + axes, anatomy.center + cavity) + edge
+        box = geom.box_world(low, high)
         for lo, hi in ([] if box is None else _slabs(*box)):
-            u, v, w = geom.offsets(lo, hi, centre)
-            lung_hu = np.float32(anatomy.hu_lung) + np.float32(anatomy.hu_lung_gradient / axes[1]) * v
-            _blend(_region(volume, lo, hi), _edge_alpha(_ellipsoid_sdf(u, v, w, axes), edge), lung_hu)
+            _render_lung_slab(_region(volume, lo, hi), geom, lo, hi, anatomy, lung)
 
 
-def _render_tree(volume: np.ndarray, geom: Geometry, tree: VesselTree) -> None:
-    """Union of tapered tubes (max of their partial-volume fractions), then one blend with the tree's HU."""
-    if not len(tree.segments):
-        return
+def _render_lung_slab(view, geom: Geometry, lo, hi, anatomy: Anatomy, lung: int) -> None:
+    """Parenchyma (denser towards the back) and its fissures in one slab of a lung's box."""
     edge = geom.partial_volume_mm
-    reach = tree.segments[:, 6].max() + 2 * edge
-    ends = tree.segments[:, :6].reshape(-1, 3)
-    low, high = ends.min(axis=0) - reach, ends.max(axis=0) + reach
-    box = geom.box_world(low, high)
-    if box is None:
-        return
-    tree_lo, tree_hi = box
-    fraction = np.zeros(tuple((tree_hi - tree_lo)[::-1]), dtype=np.float32)
-    for p0x, p0y, p0z, p1x, p1y, p1z, r0, r1 in tree.segments:
-        p0, p1 = np.array([p0x, p0y, p0z]), np.array([p1x, p1y, p1z])
-        seg_box = geom.box_around((p0 + p1) / 2, np.linalg.norm(p1 - p0) / 2 + max(r0, r1) + edge)
-        if seg_box is None:
-            continue
-        lo, hi = np.maximum(seg_box[0], tree_lo), np.minimum(seg_box[1], tree_hi)
-        if np.any(hi <= lo):
-            continue
-        x, y, z = geom.offsets(lo, hi, p0)
-        d = (p1 - p0).astype(np.float32)
-        t = np.clip((x * d[0] + y * d[1] + z * d[2]) / np.float32(d @ d), 0.0, 1.0)
-        distance = np.sqrt((x - t * d[0]) ** 2 + (y - t * d[1]) ** 2 + (z - t * d[2]) ** 2)
-        radius = np.float32(r0) + np.float32(r1 - r0) * t
-        alpha = _edge_alpha(distance - radius, edge) * np.minimum(1.0, 2.0 * radius / np.float32(edge))
-        sub = fraction[lo[2] - tree_lo[2]:hi[2] - tree_lo[2], lo[1] - tree_lo[1]:hi[1] - tree_lo[1],
-                       lo[0] - tree_lo[0]:hi[0] - tree_lo[0]]
-        np.maximum(sub, alpha, out=sub)
-    view = volume[tree_lo[2]:tree_hi[2], tree_lo[1]:tree_hi[1], tree_lo[0]:tree_hi[0]]
-    _blend(view, fraction, tree.hu)
+    centre = anatomy.lung_centers[lung]
+    u, v, w = geom.offsets(lo, hi, centre)
+    inside = kernels.lung_fraction(lung_parameters(anatomy)[lung], geom.origin, geom.index_to_world_matrix,
+                                   np.asarray(lo, np.int64), np.array(v.shape, np.int64), edge)
+    lung_hu = np.float32(anatomy.hu_lung) + np.float32(anatomy.hu_lung_gradient / anatomy.cavity_axes[1]) * v
+    _blend(view, inside, lung_hu)
+    for fissure in (f for f in anatomy.fissures if f.lung == lung):
+        shift = (fissure.point - centre).astype(np.float32)
+        sheet = _sheet_alpha(fissure, u - shift[0], v - shift[1], w - shift[2], edge)
+        if fissure.only_front_of is not None:
+            other = fissure.only_front_of
+            back = (other.point - centre).astype(np.float32)
+            sheet *= _edge_alpha(-other.signed(u - back[0], v - back[1], w - back[2]), edge)
+        sheet *= inside
+        _blend(view, sheet, fissure.hu)
 
 
-def _render_ellipsoid(volume, geom: Geometry, centre, axes, rotation, hu: float, edge_mm: float) -> None:
-    width = float(np.hypot(edge_mm, 0.7 * geom.partial_volume_mm))
-    box = geom.box_around(centre, float(np.max(axes)) + width)
+def _sheet_alpha(fissure: Fissure, x, y, z, edge: float) -> np.ndarray:
+    """Filled fraction of a sheet ``fissure.thickness_mm`` thick (a thinner sheet than the voxel shows fainter)."""
+    distance = np.abs(fissure.signed(x, y, z))
+    distance -= np.float32(fissure.thickness_mm / 2.0)
+    return _edge_alpha(distance, edge) * np.float32(min(1.0, fissure.thickness_mm / edge))
+
+
+def _tube_fraction(geom: Geometry, segments: np.ndarray, extra_mm: float | np.ndarray = 0.0):
+    """Union (max) of the partial-volume fractions of tapered tubes (rows p0, p1, r0, r1; radii grown by
+    ``extra_mm``, one value or one per segment): ``(lo_ijk, hi_ijk, fraction [z, y, x])`` over the box holding
+    them, or None when they miss the grid."""
+    if not len(segments):
+        return None
+    edge = geom.partial_volume_mm
+    extra = np.ascontiguousarray(np.broadcast_to(np.asarray(extra_mm, dtype=np.float64), (len(segments),)))
+    reach = float((np.maximum(segments[:, 6], segments[:, 7]) + extra).max()) + 2 * edge
+    ends = segments[:, :6].reshape(-1, 3)
+    box = geom.box_world(ends.min(axis=0) - reach, ends.max(axis=0) + reach)
     if box is None:
-        return
+        return None
     lo, hi = box
-    x, y, z = geom.offsets(lo, hi, centre)
-    rot = rotation.astype(np.float32)
-    local = [rot[0, c] * x + rot[1, c] * y + rot[2, c] * z for c in range(3)]
-    alpha = _edge_alpha(_ellipsoid_sdf(*local, axes), width) * min(1.0, 2.0 * float(np.min(axes)) / width)
-    _blend(volume[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]], alpha, hu)
+    fraction = np.zeros(tuple((hi - lo)[::-1]), dtype=np.float32)
+    kernels.tube_union(fraction, lo.astype(np.int64), geom.origin, geom.index_to_world_matrix,
+                       geom.world_to_index_matrix, np.ascontiguousarray(segments, dtype=np.float64), extra, edge)
+    return lo, hi, fraction
+
+
+def _render_tree(volume: np.ndarray, geom: Geometry, tree: VesselTree, extra_mm=0.0, hu: float | None = None) -> None:
+    """One blend of the tree's tubes (radii grown by ``extra_mm``) with ``hu`` (default: the tree's HU)."""
+    drawn = _tube_fraction(geom, tree.segments, extra_mm)
+    if drawn is not None:
+        lo, hi, fraction = drawn
+        _blend(_region(volume, lo, hi), fraction, tree.hu if hu is None else hu)
+
+
+def _render_airways(volume: np.ndarray, geom: Geometry, airways: list) -> None:
+    """Every airway's wall first, then every lumen (air), so no wall of one tree closes another's lumen."""
+    for tree in airways:
+        _render_tree(volume, geom, tree, airway_wall_mm(np.maximum(tree.segments[:, 6], tree.segments[:, 7])))
+    for tree in airways:
+        _render_tree(volume, geom, tree, 0.0, AIR_HU)
 
 
 def _render_finding(volume, geom: Geometry, finding: Finding) -> None:
-    _render_ellipsoid(volume, geom, finding.center_xyz, finding.axes_mm, finding.rotation, finding.hu, finding.edge_mm)
-    if finding.core_hu is not None:
-        _render_ellipsoid(volume, geom, finding.center_xyz, finding.axes_mm * 0.5, finding.rotation,
-                          finding.core_hu, 0.6)
+    """The nodule's partial-volume fractions blended towards its HU (its core's where it has one); where the
+    scan is already brighter (a vessel through a ground-glass nodule, the chest wall) it stays so."""
+    drawn = nodule_shapes.render_fractions(finding.nodule, geom.origin, geom.spacing, geom.direction, volume.shape)
+    if drawn is None:
+        return
+    lo, hi, fraction, core = drawn
+    view = _region(volume, lo, hi)
+    _blend(view, fraction, np.maximum(nodule_shapes.target_hu(finding.nodule, core), view))
 
 
-def _add_noise_and_quantise(rng, volume: np.ndarray, noise_std: float) -> np.ndarray:
-    """int16 HU: volume + white Gaussian noise, rounded and clipped to the CT range."""
+# --- noise ----------------------------------------------------------------------
+
+def _gaussian_taps(sigma_voxels: float) -> np.ndarray:
+    """Normalised 1-D Gaussian weights (float32) out to 3 sigma; a single tap for a sigma under 0.15 voxel."""
+    if sigma_voxels < 0.15:
+        return np.ones(1, dtype=np.float32)
+    half = min(8, int(math.ceil(3.0 * sigma_voxels)))
+    x = np.arange(-half, half + 1, dtype=np.float64)
+    weights = np.exp(-0.5 * (x / sigma_voxels) ** 2)
+    return (weights / weights.sum()).astype(np.float32)
+
+
+def _filter_axis(array: np.ndarray, taps: np.ndarray, axis: int) -> np.ndarray:
+    """Correlate ``array`` with ``taps`` along one axis (edges reflected)."""
+    half = len(taps) // 2
+    if half == 0:
+        return array
+    pad = [(0, 0)] * array.ndim
+    pad[axis] = (half, half)
+    padded = np.pad(array, pad, mode="reflect")
+    out = np.zeros_like(array)
+    window = [slice(None)] * array.ndim
+    for t, weight in enumerate(taps):
+        window[axis] = slice(t, t + array.shape[axis])
+        out += weight * padded[tuple(window)]
+    return out
+
+
+def _noise_planes(seed: int, k0: int, k1: int, shape_yx: tuple) -> np.ndarray:
+    """White noise planes ``k0..k1`` (may run past the scan), each from its own seeded stream, so a slab and its
+    halo come out the same whichever slab asks."""
+    return np.stack([np.random.default_rng([seed, k + 64]).standard_normal(shape_yx, dtype=np.float32)
+                     for k in range(k0, k1)])
+
+
+def _add_noise_and_quantise(rng, volume: np.ndarray, noise_std: float, geom: Geometry | None = None) -> np.ndarray:
+    """int16 HU: volume + spatially correlated Gaussian noise of standard deviation ``noise_std`` HU (white noise
+    smoothed by a Gaussian of NOISE_SIGMA_MM along each index axis, then rescaled), rounded and clipped to the
+    CT range. Made in z-slabs; without ``geom`` the noise is white."""
     nz, ny, nx = volume.shape
+    sigma_mm = rng.uniform(*NOISE_SIGMA_MM)
+    spacing = geom.spacing if geom is not None else np.full(3, np.inf)
+    taps_x, taps_y, taps_z = (_gaussian_taps(sigma_mm / s) for s in spacing)
+    gain = math.sqrt(float(np.sum(taps_x ** 2) * np.sum(taps_y ** 2) * np.sum(taps_z ** 2)))
+    scale = np.float32(noise_std / gain)
+    seed = int(rng.integers(0, 2**63))
+    half = len(taps_z) // 2
     slab = max(1, SLAB_VOXELS // (ny * nx))
     out = np.empty(volume.shape, dtype=np.int16)
     for k0 in range(0, nz, slab):
-        view = volume[k0:k0 + slab]
-        view += rng.standard_normal(view.shape, dtype=np.float32) * np.float32(noise_std)
+        k1 = min(nz, k0 + slab)
+        planes = _filter_axis(_filter_axis(_noise_planes(seed, k0 - half, k1 + half, (ny, nx)), taps_x, 2), taps_y, 1)
+        noise = np.zeros((k1 - k0, ny, nx), dtype=np.float32)
+        for t, weight in enumerate(taps_z):
+            noise += weight * planes[t:t + k1 - k0]
+        view = volume[k0:k1]
+        noise *= scale
+        view += noise
         np.clip(np.rint(view, out=view), HU_MIN, HU_MAX, out=view)
-        out[k0:k0 + slab] = view
+        out[k0:k1] = view
     return out
 
 
@@ -626,13 +1147,13 @@ def _series_uid(rng: np.random.Generator) -> str:
 def make_phantom_scan(rng: np.random.Generator, shape_zyx: tuple = SIZES["small"], *,
                       direction_kind: str | None = None, nodules_per_scan: tuple = (2, 5),
                       negatives_per_scan: int = 40, excluded_per_scan: tuple = (0, 2),
-                      noise_std: tuple = (20.0, 40.0), negative_mix: tuple = NEGATIVE_MIX) -> PhantomCase:
+                      noise_std: tuple = (15.0, 40.0), negative_mix: tuple = NEGATIVE_MIX) -> PhantomCase:
     """One synthetic chest CT with its nodules and candidates.
 
     shape_zyx: array shape (nz, ny, nx). direction_kind: one of DIRECTION_KINDS, or None for a random one.
-    nodules_per_scan / excluded_per_scan: inclusive (low, high) counts. negatives_per_scan: mean number of
-    class-0 candidates (each scan draws 0.6-1.4 times it), of the types and shares of ``negative_mix``.
-    noise_std: (low, high) HU of the Gaussian noise.
+    nodules_per_scan / excluded_per_scan: inclusive (low, high) counts (a nodule that finds no room is left out).
+    negatives_per_scan: mean number of class-0 candidates (each scan draws 0.6-1.4 times it), of the types and
+    shares of ``negative_mix``. noise_std: (low, high) HU of the correlated noise's standard deviation.
     Returns a :class:`PhantomCase`: ``scan`` (data.CTScan, int16 HU ``[z, y, x]``, named by its seriesuid),
     ``nodules`` (Finding list, world mm, excluded findings flagged), ``candidates`` (Candidate list, world mm).
     """
@@ -649,23 +1170,34 @@ def make_phantom_scan(rng: np.random.Generator, shape_zyx: tuple = SIZES["small"
     uid = _series_uid(rng)
     geom = _random_geometry(rng, shape_zyx, direction_kind)
     anatomy = _random_anatomy(rng, geom)
-    trees = _random_vessels(rng, anatomy)
-    nodules = _random_nodules(rng, anatomy, geom, int(rng.integers(nodules_per_scan[0], nodules_per_scan[1] + 1)))
+    vessels, airways = _random_vessels(rng, anatomy), _random_airways(rng, anatomy)
+    nodules = _random_nodules(rng, anatomy, geom, vessels,
+                              int(rng.integers(nodules_per_scan[0], nodules_per_scan[1] + 1)))
     excluded = _random_excluded(rng, anatomy, geom, nodules,
                                 int(rng.integers(excluded_per_scan[0], excluded_per_scan[1] + 1)))
+    volume = _render(geom, anatomy, _random_ribs(rng, anatomy), vessels, airways, nodules + excluded)
     negatives = int(round(negatives_per_scan * rng.uniform(0.6, 1.4)))
-    candidates = _random_candidates(rng, anatomy, geom, trees, nodules, excluded, negatives, negative_mix)
-
-    volume = np.empty(shape_zyx, dtype=np.float32)
-    _render_background(volume, geom, anatomy)
-    for tree in trees:
-        _render_tree(volume, geom, tree)
-    for finding in nodules + excluded:
-        _render_finding(volume, geom, finding)
-    hu = _add_noise_and_quantise(rng, volume, float(rng.uniform(*noise_std)))
+    candidates = _random_candidates(rng, anatomy, geom, vessels, _vessel_crossings(vessels), nodules, excluded,
+                                    negatives, negative_mix, volume)
+    hu = _add_noise_and_quantise(rng, volume, float(rng.uniform(*noise_std)), geom)
     scan = CTScan(hu=hu, origin=geom.origin.copy(), spacing=geom.spacing.copy(),
                   direction=geom.direction.copy(), name=uid)
-    return PhantomCase(scan=scan, nodules=nodules + excluded, candidates=candidates, geometry=geom)
+    return PhantomCase(scan=scan, nodules=nodules + excluded, candidates=candidates, geometry=geom, anatomy=anatomy,
+                       vessels=vessels, airways=airways)
+
+
+def _render(geom: Geometry, anatomy: Anatomy, ribs: VesselTree, vessels: list, airways: list,
+            findings: list) -> np.ndarray:
+    """The noise-free scan, float32 HU ``[z, y, x]``: background, ribs, vessels, airways, then the findings."""
+    volume = np.empty(geom.shape_zyx, dtype=np.float32)
+    _render_background(volume, geom, anatomy)
+    _render_tree(volume, geom, ribs)
+    for tree in vessels:
+        _render_tree(volume, geom, tree)
+    _render_airways(volume, geom, airways)
+    for finding in findings:
+        _render_finding(volume, geom, finding)
+    return volume
 
 
 def _check_shape(shape_zyx) -> tuple:
@@ -757,20 +1289,23 @@ def write_luna_folder(root: Path, n_subsets: int = 3, scans_per_subset: int = 4,
                 (excluded_rows if finding.excluded else annotations).append(row)
             for cand in case.candidates:
                 candidate_rows.append([uid, *map(_fmt, cand.center_xyz), str(cand.label)])
-                source_rows.append([uid, *map(_fmt, cand.center_xyz), str(cand.label), cand.source])
+                source_rows.append([uid, *map(_fmt, cand.center_xyz), str(cand.label), cand.source, cand.placement])
             scans_meta.append({"seriesuid": uid, "subset": subset, "shape_zyx": list(shape),
                                "spacing_xyz": case.scan.spacing.tolist(), "origin_xyz": case.scan.origin.tolist(),
                                "direction": case.scan.direction.tolist(), "direction_kind": kind,
                                "nodules": sum(not f.excluded for f in case.nodules),
-                               "candidates": len(case.candidates)})
+                               "candidates": len(case.candidates),
+                               "findings": [f.manifest_entry() for f in case.nodules]})
     _write_tables(root, annotations, excluded_rows, candidate_rows, source_rows, uids)
+    placements = {name: sum(f["placement"] == name and not f["excluded"] for scan in scans_meta
+                            for f in scan["findings"]) for name, _ in PLACEMENTS}
     summary = {"root": str(root), "synthetic": True, "seed": seed, "subsets": n_subsets,
                "scans_per_subset": scans_per_subset, "scans": len(uids), "shape_zyx": list(shape),
                "nodules": len(annotations), "excluded_findings": len(excluded_rows),
                "candidates": len(candidate_rows), "positives": sum(r[-1] == "1" for r in candidate_rows),
                "negatives": sum(r[-1] == "0" for r in candidate_rows),
                "negatives_per_scan": negatives_per_scan, "nodules_per_scan": list(nodules_per_scan),
-               "excluded_per_scan": list(excluded_per_scan)}
+               "excluded_per_scan": list(excluded_per_scan), "placements": placements}
     manifest = dict(summary, root=None, scan_geometry=scans_meta)
     atomic_write_text(root / "phantom_manifest.json", json.dumps(manifest, indent=1) + "\n")
     (root / UNFINISHED_MARK).unlink()
@@ -780,12 +1315,13 @@ def write_luna_folder(root: Path, n_subsets: int = 3, scans_per_subset: int = 4,
 
 def _write_tables(root: Path, annotations: list, excluded_rows: list, candidate_rows: list, source_rows: list,
                   uids: list) -> None:
-    """The four LUNA16 CSVs, ``candidate_sources.csv`` (each candidate's kind) and ``seriesuids.csv``."""
+    """The four LUNA16 CSVs, ``candidate_sources.csv`` (what each candidate sits on and, for class 1, its
+    nodule's placement) and ``seriesuids.csv``."""
     header = "seriesuid,coordX,coordY,coordZ,"
     tables = {"annotations.csv": (header + "diameter_mm", annotations),
               "annotations_excluded.csv": (header + "diameter_mm", excluded_rows),
               "candidates_V2.csv": (header + "class", candidate_rows),
-              "candidate_sources.csv": (header + "class,source", source_rows)}
+              "candidate_sources.csv": (header + "class,source,placement", source_rows)}
     for name, (head, rows) in tables.items():
         atomic_write_text(root / name, "\n".join([head] + [",".join(r) for r in rows]) + "\n")
     atomic_write_text(root / "seriesuids.csv", "".join(uid + "\n" for uid in uids))
