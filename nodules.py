@@ -123,7 +123,7 @@ def random_nodule(rng: np.random.Generator, centre_xyz, diameter_mm: float, kind
 
 # --- volume -----------------------------------------------------------------------
 
-def _fibonacci_directions(n: int) -> np.ndarray:
+def fibonacci_directions(n: int) -> np.ndarray:
     """``(n, 3)`` nearly uniform unit vectors (a Fibonacci lattice on the sphere)."""
     k = np.arange(n) + 0.5
     z = 1.0 - 2.0 * k / n
@@ -151,7 +151,7 @@ def _spicule_volume(nodule: Nodule) -> float:
 
 def _body_centroid(nodule: Nodule) -> np.ndarray:
     """Centroid of the body at unit scale, in its own frame (lobes move it off the centre)."""
-    unit = _fibonacci_directions(_QUADRATURE)
+    unit = fibonacci_directions(_QUADRATURE)
     radius = _relative_radius(nodule, unit)
     return 0.75 * (radius[:, None] ** 4 * unit).mean(axis=0) / float(np.mean(radius ** 3))
 
@@ -159,7 +159,7 @@ def _body_centroid(nodule: Nodule) -> np.ndarray:
 def _body_scale(nodule: Nodule) -> float:
     target = math.pi * nodule.diameter_mm ** 3 / 6.0
     body = max(target - _spicule_volume(nodule), 0.5 * target)
-    mean_cube = float(np.mean(_relative_radius(nodule, _fibonacci_directions(_QUADRATURE)) ** 3))
+    mean_cube = float(np.mean(_relative_radius(nodule, fibonacci_directions(_QUADRATURE)) ** 3))
     return (3.0 * body / (4.0 * math.pi * mean_cube)) ** (1 / 3)
 
 

@@ -325,15 +325,6 @@ def _random_geometry(rng: np.random.Generator, shape_zyx: tuple, kind: str) -> G
     return Geometry(tuple(int(s) for s in shape_zyx), origin, spacing, direction, kind)
 
 
-def _fibonacci_directions(n: int) -> np.ndarray:
-    """``(n, 3)`` nearly uniform unit vectors."""
-    k = np.arange(n) + 0.5
-    z = 1.0 - 2.0 * k / n
-    phi = math.pi * (1.0 + math.sqrt(5.0)) * k
-    r = np.sqrt(1.0 - z * z)
-    return np.column_stack([r * np.cos(phi), r * np.sin(phi), z])
-
-
 def _random_anatomy(rng: np.random.Generator, geom: Geometry) -> Anatomy:
     """A chest scaled to the field of view; the lungs shrunk where needed to keep inside it (:func:`_fit_lungs`)."""
     nz, ny, nx = geom.shape_zyx
@@ -507,7 +498,7 @@ def _segment_distance(points: np.ndarray, p0: np.ndarray, p1: np.ndarray) -> np.
 
 def lung_surface_samples(anatomy: Anatomy, per_lung: int = 800) -> np.ndarray:
     """(2 * per_lung, 3) points spread over both lungs' surfaces (world mm), for checks."""
-    unit = _fibonacci_directions(per_lung)
+    unit = nodule_shapes.fibonacci_directions(per_lung)
     return np.concatenate([_surface_along(anatomy, lung, _lung_core(anatomy, lung), unit) for lung in range(2)])
 
 
