@@ -25,22 +25,23 @@ What it measures, as checked in test_luna.py (numbers measured with this code, 1
 
 * Solid spheres drawn on -850 HU lung with 30 HU noise, alone or touching a 2-3 mm vessel, 5-20 mm:
   within 1 mm (spheres alone within 0.4 mm; a 5 mm sphere reads 5.4 mm, the voxel-centre count).
-* Solid nodules of phantom.make_phantom_scan (ellipsoids, axis ratios up to 1.5, slices 0.6-2.5 mm
-  resampled to 1 mm), not on the pleura: within 1 mm of ``Finding.csv_diameter`` (its equivalent-sphere
-  diameter) in 72 of 72 over 40 seeded scans, mean error -0.26 mm; small ones read low (about -0.9 mm
-  at 4-6 mm with 2.5 mm slices, from partial volume).
+* Solid nodules of phantom.make_phantom_scan (nodules.py: round, lobulated or spiculated; 0.6-0.9 mm pixels,
+  0.6-2.5 mm slices, resampled to 1 mm) against ``Finding.csv_diameter`` (the volume-equivalent diameter), on
+  30 'small' scans (seeds 200-229): isolated ones within 1 mm in 27 of 27, mean error -0.23 mm; on a vessel
+  within 1 mm in 26 of 28 (mean +0.51 mm; up to 7.5 mm too large where the vessel is taken in).
 * Ellipsoids: this is the volume's diameter. Radiologists' and the guidelines' diameters (mean of the
   long and short axis on one slice) differ from it for elongated nodules, and LUNA16's ``diameter_mm``
   is not an equivalent-sphere diameter either.
 * Juxtapleural nodules: a sphere tangent to a flat wall, or sunk into it by a fifth of its radius, reads
   within 1 mm from 8 mm up; sunk by half its radius the opening may fail to cut it off (NaN: 12 mm) or cut
-  it close (8 and 20 mm: within 0.4 mm); a 5 mm sphere sunk by half is NaN. On the
-  phantoms' juxtapleural solid nodules: NaN in 5 of 26, within 1 mm in 17 of the other 21, up to 5.6 mm
+  it close (8 and 20 mm: within 0.4 mm); a 5 mm sphere sunk by half is NaN. On the same 30
+  phantoms' juxtapleural solid nodules: NaN in 3 of 29, within 1 mm in 16 of the other 26, up to 7.1 mm
   too large in the rest (wall taken in). Treat such values as rough.
-* Ground-glass nodules (-550 to -300 HU in the phantoms) fall partly or wholly below -400 HU (NaN or far
+* Ground-glass nodules (-700 to -350 HU in the phantoms) fall partly or wholly below -400 HU (NaN or far
   too small); with ``threshold_hu`` about halfway between lung and nodule (-650 for -450 HU on -850 HU)
-  a ground-glass sphere reads within 1 mm; phantom ground-glass nodules off the pleura: 26 of 31 within
-  1 mm at -650 HU. Part-solid nodules at -400 HU give about the solid core, at -650 HU the whole.
+  a ground-glass sphere reads within 1 mm; on the 30 phantoms' ground-glass nodules off the pleura only 14
+  of 26 read within 1 mm at -650 HU (the fainter ones, near -700 HU, read low). Part-solid nodules at
+  -400 HU give about the solid core (3.6-6 mm low on average), at -650 HU the whole.
 * Nodules under about 4 mm are measured with a small ``k`` and may take in a touching vessel.
 """
 from __future__ import annotations
