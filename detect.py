@@ -61,7 +61,8 @@ MERGE_MM = 4.0              # candidates closer than this are one
 DEFAULT_MAX_PER_SCAN = 300
 # What makes the candidates (the resumable files are keyed by it).
 DETECTOR = dict(grid_mm=GRID_MM, air_hu=AIR_HU, outside_hu=OUTSIDE_HU, outside_margin_mm=OUTSIDE_MARGIN_MM,
-                min_lung_ml=MIN_LUNG_ML, min_piece_ml=MIN_PIECE_ML, gas_hu=GAS_HU, closing_mm=CLOSING_MM, pleura_margin_mm=PLEURA_MARGIN_MM,
+                min_lung_ml=MIN_LUNG_ML, min_piece_ml=MIN_PIECE_ML, gas_hu=GAS_HU, closing_mm=CLOSING_MM,
+                pleura_margin_mm=PLEURA_MARGIN_MM,
                 clip_hu=CLIP_HU, sigmas_mm=list(SIGMAS_MM), min_score_hu=MIN_SCORE_HU, raw_peaks=RAW_PEAKS,
                 blobness_power=BLOBNESS_POWER, merge_mm=MERGE_MM)
 CSV_COLUMNS = "seriesuid,coordX,coordY,coordZ,class,score"
@@ -159,7 +160,8 @@ def _body(hu: np.ndarray, spacing_mm: float, axial: int) -> np.ndarray:
     filled = np.moveaxis(body, axial, 0).copy()
     for n, plane in enumerate(filled):
         if plane.any():
-            filled[n] = sitk.GetArrayFromImage(sitk.BinaryFillhole(sitk.GetImageFromArray(plane.astype(np.uint8)))) > 0
+            plane_image = sitk.GetImageFromArray(plane.astype(np.uint8))
+            filled[n] = sitk.GetArrayFromImage(sitk.BinaryFillhole(plane_image)) > 0
     return np.moveaxis(filled, 0, axial)
 
 

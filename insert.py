@@ -112,10 +112,12 @@ def _fissure_points(hu: np.ndarray, depth: np.ndarray, vessel_mm: np.ndarray) ->
     import SimpleITK as sitk
     smoothed = detect._smooth(hu, 1.0, FISSURE_SIGMA_MM)
     coarse = (slice(2, -2, 2),) * 3
-    pool = (depth[coarse] > 6.0) & (vessel_mm[coarse] > 3.0) & (smoothed[coarse] > -900.0) & (smoothed[coarse] < -500.0)
+    tested = smoothed[coarse]
+    pool = (depth[coarse] > 6.0) & (vessel_mm[coarse] > 3.0) & (tested > -900.0) & (tested < -500.0)
     index = np.argwhere(pool)
     eigen = detect.hessian_eigenvalues(smoothed, index * 2 + 2)
-    sheet = (-eigen[:, 0] > FISSURE_CURVATURE) & (np.abs(eigen[:, 1:]).max(axis=1) < FISSURE_FLATNESS * -eigen[:, 0])
+    across = -eigen[:, 0]
+    sheet = (across > FISSURE_CURVATURE) & (np.abs(eigen[:, 1:]).max(axis=1) < FISSURE_FLATNESS * across)
     hits = np.zeros(pool.shape, np.uint8)
     hits[tuple(index[sheet].T)] = 1
     labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(hits), True))
@@ -153,7 +155,8 @@ def lung_maps(scan: CTScan, rng: np.random.Generator) -> Optional[LungMaps]:
     depth = np.maximum(-_signed_distance(lung), 0.0).astype(np.float32)
     vessel_mm = _signed_distance(vessel).astype(np.float32)
     vessel_radius = detect.neighbourhood_max(np.maximum(-vessel_mm, 0.0))
-    return LungMaps(grid, lo[::-1].astype(float), hu, lung, lung & (hu < AIR_HU), vessel, depth, vessel_mm, vessel_radius,
+    return LungMaps(grid, lo[::-1].astype(float), hu, lung, lung & (hu < AIR_HU), vessel, depth, vessel_mm,
+                    vessel_radius,
                     _fissure_points(hu, depth, vessel_mm), _crossing_points(hu, vessel, depth, rng))
 
 
