@@ -12,6 +12,12 @@ Written under ``W/crossval/<NAME>/``: ``crossval.json`` (the settings, so that a
 cross-validation), ``fold<k>/`` (one model evaluation per fold), ``submission.csv`` (all folds), ``metrics.json``
 (CPM, the seven FROC sensitivities, their 95% intervals, each fold's CPM), ``folds.csv`` and ``froc.png``.
 
+Mined negatives: a fold refuses to train on cache rows mined by a model that saw its test subset, or by a model
+whose subsets are not recorded (``features.check_mined_rows``). ``mine_rounds`` N mines inside each fold: its
+model scores every negative candidate of the fold's training subsets, their top ``per_scan`` a scan are added to
+the caches tagged with the fold (only that fold trains on them; ``mining.mine_subset``), and a new run
+``<NAME>-fold<k>-mine<r>`` trains from the start; the last round's model is evaluated.
+
 Resumable: a fold whose evaluation finished is skipped; a fold whose run already has a ``last.pt`` continues it
 (``resume``; a finished run does nothing more); an evaluation continues from the scans it finished.
 """
@@ -25,9 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import numpy as np
+
 import data
 import evaluate
+import features as features_mod
 import head
+import mining
 import train
 from data import UserError
 from features import extracted_subsets
@@ -137,16 +147,16 @@ def _fold_done(fold_dir: Path, scans: Sequence[str]) -> Optional[Dict[str, Any]]
     return metrics
 
 
-def _train_fold(work_dir: Path, fold: Fold, stage: str, training: Dict[str, Any], device: str,
+def _train_fold(work_dir: Path, fold: Fold, run: str, stage: str, training: Dict[str, Any], device: str,
                 workers: Optional[int], quiet: bool) -> Path:
-    """Train (or continue, or leave as it is when finished) the fold's run; returns its best.pt."""
-    run_dir = train.runs_dir(work_dir) / fold.run
+    """Train (or continue, or leave as it is when finished) the fold's run ``run``; returns its best.pt."""
+    run_dir = train.runs_dir(work_dir) / run
     resume = (run_dir / "last.pt").is_file() and (run_dir / "config.json").is_file()
     options = dict(training, val_subsets=[fold.val], test_subsets=[fold.test])
     if stage == "head":
-        train.train_head(work_dir, run=fold.run, resume=resume, device=device, quiet=quiet, **options)
+        train.train_head(work_dir, run=run, resume=resume, device=device, quiet=quiet, **options)
     else:
-        train.finetune(work_dir, run=fold.run, resume=resume, device=device, workers=workers, quiet=quiet, **options)
+        train.finetune(work_dir, run=run, resume=resume, device=device, workers=workers, quiet=quiet, **options)
     best = run_dir / "best.pt"
     if not best.is_file():
         raise UserError(f"fold {fold.test}: run {run_dir} wrote no best.pt (no epoch had a validation AUC); "
@@ -167,13 +177,47 @@ def _run_fold(work_dir: Path, data_dir: Path, out_dir: Path, fold: Fold, scans: 
     training = dict(settings["training"])
     if settings["stage"] == "finetune" and settings.get("views") is not None:
         training["views"] = settings["views"]
-    best = _train_fold(work_dir, fold, settings["stage"], training, runtime["device"], runtime["workers"],
+    best = _train_fold(work_dir, fold, fold.run, settings["stage"], training, runtime["device"], runtime["workers"],
                        runtime["quiet"])
+    for round_ in range(1, int(settings.get("mine_rounds", 0)) + 1):
+        say(f"fold {fold.test}: mining round {round_} with {best.parent.name}")
+        _mine_for_fold(work_dir, data_dir, fold, best, settings, runtime)
+        best = _train_fold(work_dir, fold, f"{fold.run}-mine{round_}", settings["stage"], training,
+                           runtime["device"], runtime["workers"], runtime["quiet"])
     return evaluate.evaluate_model(best, data_dir, [fold.test], fold_dir, views=settings.get("views"),
                                    batch_size=EVAL_BATCH_SIZE,
                                    workers=EVAL_WORKERS if runtime["workers"] is None else runtime["workers"],
                                    device=runtime["device"], precision=runtime["precision"] or "auto",
                                    bootstrap=runtime["bootstrap"], seed=0, console=console, work_dir=work_dir)
+
+
+def _mine_for_fold(work_dir: Path, data_dir: Path, fold: Fold, best: Path, settings: Dict[str, Any],
+                   runtime: Dict[str, Any]) -> None:
+    """Add the fold model's hardest negatives of each of the fold's training subsets to their caches, tagged
+    with the fold; for the head stage, encode them into the feature set."""
+    subsets = [k for k in extracted_subsets(work_dir) if k not in (fold.test, fold.val)]
+    workers = EVAL_WORKERS if runtime["workers"] is None else runtime["workers"]
+    for subset in subsets:
+        summary = mining.mine_subset(data_dir, work_dir, subset, str(best), per_scan=int(settings["per_scan"]),
+                                     batch_size=EVAL_BATCH_SIZE, workers=workers, device=runtime["device"],
+                                     precision=runtime["precision"] or "auto", views=settings.get("views"),
+                                     for_fold=fold.test)
+        if summary.unreadable:
+            raise UserError(f"fold {fold.test}: mining subset {subset} could not read "
+                            + ", ".join(sorted(summary.unreadable)) + "; fix or remove the scan(s) and rerun")
+    if settings["stage"] == "head":
+        tag, _ = features_mod.choose_feature_set(work_dir, settings["training"].get("features"))
+        features_mod.encode_new_rows(work_dir, tag, subsets, runtime["device"])
+
+
+def check_mined_rows(work_dir: Path, plan: List[Fold]) -> None:
+    """Refuse, before any training, a fold whose training or validation rows hold negatives mined by a model
+    that saw its test subset, or mined without a record of what the model saw."""
+    caches = {k: features_mod.read_subset_cache(work_dir, k) for k in extracted_subsets(work_dir)}
+    for fold in plan:
+        rows = {k: np.flatnonzero(np.isin(cache.mining[:, 2], ["", str(fold.test)]))
+                for k, cache in caches.items() if k != fold.test}
+        features_mod.check_mined_rows(caches, rows, [fold.test], strict=True)
 
 
 def _number(value: Optional[float]) -> str:
@@ -217,9 +261,11 @@ def pool_folds(out_dir: Path, data_dir: Path, plan: List[Fold], fold_metrics: Di
 
 
 def _prepare(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str, stage: str, val_offset: int,
-             given: Dict[str, Any], views: Optional[int]):
+             given: Dict[str, Any], views: Optional[int], mine_rounds: int = 0, per_scan: int = 20):
     """Check the request before any work: ``(plan, settings, out_dir, {subset: seriesuids})``."""
     plan = plan_folds(folds, check_name(name), val_offset)
+    if mine_rounds < 0 or per_scan < 1:
+        raise UserError(f"--mine-rounds must be 0 or more and --per-scan at least 1, got {mine_rounds} and {per_scan}")
     if views is not None:
         head.check_views(views)
     missing = sorted(set(folds) - set(extracted_subsets(work_dir)))
@@ -228,9 +274,12 @@ def _prepare(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str, st
                         f"{Path(work_dir) / 'patches'}; run `python luna_cli.py extract --subsets {data.format_subsets(missing)}` "
                         f"(with the patch options of the others) first")
     evaluate.check_scans(data_dir, folds, work_dir)   # a scan missing from its fold is refused before any training
+    check_mined_rows(work_dir, plan)
     fold_scans = {f.test: list(data.subset_scans(data_dir, [f.test])) for f in plan}
     out_dir = crossval_dir(work_dir, name)
     wanted = {"stage": stage, "folds": [f.test for f in plan], "val_offset": int(val_offset)}
+    if mine_rounds:
+        wanted.update(mine_rounds=int(mine_rounds), per_scan=int(per_scan))
     settings = _settings(out_dir, name, wanted, given, views, _started(Path(work_dir), out_dir, name))
     return plan, settings, out_dir, fold_scans
 
@@ -241,18 +290,21 @@ def run_crossval(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str
                  patience: Optional[int] = None, epoch_samples: Optional[int] = None, weights: Optional[Path] = None,
                  feature_size: Optional[int] = None, window_size: Optional[int] = None,
                  pooling: Optional[str] = None, views: Optional[int] = None, precision: Optional[str] = None,
-                 positive_share: Optional[float] = None, size_weight: Optional[float] = None, device: str = "auto", workers: Optional[int] = None, bootstrap: int = 1000,
-                 json_out: Optional[Path] = None, quiet: bool = False, console=None) -> Dict[str, Any]:
+                 positive_share: Optional[float] = None, size_weight: Optional[float] = None,
+                 mine_rounds: int = 0, per_scan: int = 20, device: str = "auto", workers: Optional[int] = None,
+                 bootstrap: int = 1000, json_out: Optional[Path] = None, quiet: bool = False,
+                 console=None) -> Dict[str, Any]:
     """Cross-validate over the subsets ``folds`` (see the module docstring); returns the pooled metrics.
 
     ``stage``: "head" (``train.train_head`` on a feature set that covers every fold: cache-features with
     ``--test-subsets none``) or "finetune" (``train.finetune``). Training options left None take the stage's
     defaults. ``views``: evaluation flips (default: the checkpoint's own); for finetune also its validation's.
-    ``precision``: evaluation precision (and finetune's). Writes ``W/crossval/<name>/`` and ``json_out``.
+    ``precision``: evaluation precision (and finetune's). ``mine_rounds``: rounds of hard-negative mining inside
+    each fold, ``per_scan`` negatives a scan each. Writes ``W/crossval/<name>/`` and ``json_out``.
     """
     given = _given_training(stage, locals(), precision)
     plan, settings, out_dir, fold_scans = _prepare(Path(work_dir), Path(data_dir), folds, name, stage, val_offset,
-                                                   given, views)
+                                                   given, views, mine_rounds, per_scan)
     runtime = {"device": device, "workers": workers, "precision": precision, "bootstrap": bootstrap, "quiet": quiet}
     fold_metrics = {f.test: _run_fold(Path(work_dir), Path(data_dir), out_dir, f, fold_scans[f.test], settings,
                                       runtime, console) for f in plan}

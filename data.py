@@ -666,8 +666,10 @@ class Parts:
 
 # --- the extract stage -------------------------------------------------------------
 
-# "mined": empty for extracted rows, the run whose scores chose a mined hard negative (see mining.py)
-INDEX_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "label", "diameter_mm", "mined"]
+# "mined": empty for extracted rows, the run whose scores chose a mined hard negative (see mining.py);
+# "mined_saw": the subsets that run trained and validated on ("0-7,9"; empty: not known);
+# "mined_for": the test subset of the cross-validation fold the row was mined for (empty: any use)
+INDEX_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "label", "diameter_mm", "mined", "mined_saw", "mined_for"]
 CACHE_PARAMETERS = ("patch_size", "spacing_mm", "seed", "negatives_per_positive", "all_candidates", "candidates_file")
 
 
@@ -800,16 +802,17 @@ def _extract_scans(paths: dict, todo: list, selected: PointTable, diameters: np.
     return failed
 
 
-def index_rows(uid: str, world_xyz: np.ndarray, labels: np.ndarray, diameters: np.ndarray, mined: str = "") -> list:
+def index_rows(uid: str, world_xyz: np.ndarray, labels: np.ndarray, diameters: np.ndarray, mined: str = "",
+               mined_saw: str = "", mined_for: str = "") -> list:
     """Rows of ``index.csv`` (:data:`INDEX_COLUMNS`) for one scan's patches."""
     return [[uid, repr(float(x)), repr(float(y)), repr(float(z)), str(int(label)),
-             "" if np.isnan(d) else repr(float(d)), mined]
+             "" if np.isnan(d) else repr(float(d)), mined, mined_saw, mined_for]
             for (x, y, z), label, d in zip(world_xyz, labels, diameters)]
 
 
 def read_cache_index(cache: Path) -> list[list[str]]:
     """The rows of a subset's ``index.csv``, padded to :data:`INDEX_COLUMNS` (caches made before the
-    ``mined`` column have one field less)."""
+    ``mined`` or the ``mined_saw`` and ``mined_for`` columns have fewer fields)."""
     import csv
     with open(Path(cache) / "index.csv", newline="") as handle:
         rows = list(csv.reader(handle))[1:]

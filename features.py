@@ -45,13 +45,15 @@ FEATURE_FORMAT = "luna16-features/1"
 @dataclass
 class SubsetCache:
     """One extracted subset: per-row seriesuid, label (0/1) and annotated diameter (mm; NaN off nodules, or
-    where the annotation is unknown), and its manifest."""
+    where the annotation is unknown), and its manifest; ``mining``: per row ``(mined, mined_saw, mined_for)``
+    of ``index.csv`` (all "" for extracted rows; see mining.py)."""
     subset: int
     folder: Path
     manifest: Dict[str, Any]
     seriesuids: np.ndarray
     labels: np.ndarray
     diameters: np.ndarray
+    mining: Optional[np.ndarray] = None
 
     @property
     def patches_path(self) -> Path:
@@ -92,7 +94,7 @@ def read_subset_cache(work_dir: Path, subset: int) -> SubsetCache:
     for key in ("patch_size", "spacing_mm"):
         if key not in manifest:
             raise UserError(f"{manifest_path}: no '{key}'; run `{EXTRACT_HINT.replace('K', str(subset))}` again")
-    seriesuids, labels, diameters = _read_index(index_path)
+    seriesuids, labels, diameters, mining = _read_index(index_path)
     patches = np.load(folder / "patches.npy", mmap_mode="r")
     size = int(manifest["patch_size"])
     if patches.ndim != 4 or patches.shape[1:] != (size,) * 3 or patches.dtype != np.int16:
@@ -102,12 +104,14 @@ def read_subset_cache(work_dir: Path, subset: int) -> SubsetCache:
         raise UserError(f"{folder}: patches.npy has {patches.shape[0]} patches but index.csv {len(labels)} rows; "
                         f"run `{EXTRACT_HINT.replace('K', str(subset))}` again")
     return SubsetCache(subset, folder, manifest, np.asarray(seriesuids, dtype=object),
-                       np.asarray(labels, dtype=np.int64), np.asarray(diameters, dtype=np.float64))
+                       np.asarray(labels, dtype=np.int64), np.asarray(diameters, dtype=np.float64),
+                       np.asarray(mining, dtype=object).reshape(-1, 3))
 
 
-def _read_index(index_path: Path) -> Tuple[list, list, list]:
-    """seriesuids, labels and diameters (mm, NaN when empty) of ``index.csv``; bad rows named by line."""
-    seriesuids, labels, diameters = [], [], []
+def _read_index(index_path: Path) -> Tuple[list, list, list, list]:
+    """seriesuids, labels, diameters (mm, NaN when empty) and ``(mined, mined_saw, mined_for)`` of ``index.csv``;
+    bad rows named by line."""
+    seriesuids, labels, diameters, mining = [], [], [], []
     with open(index_path, newline="") as handle:
         reader = csv.DictReader(handle)
         missing = {"seriesuid", "label"} - set(reader.fieldnames or [])
@@ -127,7 +131,8 @@ def _read_index(index_path: Path) -> Tuple[list, list, list]:
             seriesuids.append(row["seriesuid"])
             labels.append(int(row["label"]))
             diameters.append(diameter)
-    return seriesuids, labels, diameters
+            mining.append(tuple(row.get(column) or "" for column in ("mined", "mined_saw", "mined_for")))
+    return seriesuids, labels, diameters, mining
 
 
 def check_patch_geometry(caches: Dict[int, SubsetCache]) -> Tuple[int, float]:
@@ -238,7 +243,9 @@ def load_split(work_dir: Path, val_subsets, test_subsets: Sequence[int],
                         f"{list(test_subsets)}; run `{EXTRACT_HINT}` first")
     caches = {k: read_subset_cache(work_dir, k) for k in present}
     patch_size, spacing_mm = check_patch_geometry(caches)
-    split = split_by_scan(caches, val_subsets, test_subsets, seed)
+    split = _rows_for_fold(caches, split_by_scan(caches, val_subsets, test_subsets, seed), test_subsets)
+    for rows_by_subset in (split.train, split.val):
+        check_mined_rows(caches, rows_by_subset, test_subsets, strict=False)
     for name, rows_by_subset in (("training", split.train), ("validation", split.val)):
         labels = np.concatenate([caches[k].labels[rows] for k, rows in rows_by_subset.items()] or [[]])
         if len(labels) == 0 or labels.min() == labels.max():
@@ -246,6 +253,40 @@ def load_split(work_dir: Path, val_subsets, test_subsets: Sequence[int],
                             f"{int(np.sum(labels == 0))} non-nodule patches; it needs both: run `{EXTRACT_HINT}` "
                             f"for more subsets or choose other --val-subsets")
     return caches, split, patch_size, spacing_mm
+
+
+def _rows_for_fold(caches: Dict[int, SubsetCache], split: ScanSplit, test_subsets: Sequence[int]) -> ScanSplit:
+    """The split without the rows mined for another cross-validation fold (``mined_for`` names a test subset
+    other than this job's only one)."""
+    own = str(test_subsets[0]) if len(test_subsets) == 1 else None
+
+    def keep(k: int, rows: np.ndarray) -> np.ndarray:
+        mined_for = caches[k].mining[rows, 2] if caches[k].mining is not None and len(rows) else np.zeros(0, object)
+        return rows[(mined_for == "") | (mined_for == own)] if len(mined_for) else rows
+    return ScanSplit({k: keep(k, r) for k, r in split.train.items()}, {k: keep(k, r) for k, r in split.val.items()},
+                     split.method, split.note)
+
+
+def check_mined_rows(caches: Dict[int, SubsetCache], rows_by_subset: Dict[int, np.ndarray],
+                     test_subsets: Sequence[int], strict: bool) -> None:
+    """Refuse mined rows chosen by a model that saw a test subset (their ``mined_saw``), naming the run; with
+    ``strict`` (cross-validation) also mined rows whose run's subsets are not recorded (mined before they were)."""
+    for k, rows in sorted(rows_by_subset.items()):
+        if caches[k].mining is None or not len(rows):
+            continue
+        for mined, saw, _ in sorted({tuple(r) for r in caches[k].mining[rows] if r[0]}):
+            if not saw and strict:
+                raise UserError(f"subset {k}'s patch cache holds hard negatives mined by {mined!r} without a record "
+                                f"of the subsets that run saw (mined before it was kept), so a fold could train on "
+                                f"what its test subset taught; remove {caches[k].folder}, extract it again (`python "
+                                f"luna_cli.py extract --subset {k}`) and mine it again, or use crossval --mine-rounds")
+            leaked = sorted(set(data.parse_subsets(saw, "mined_saw")) & set(test_subsets)) if saw else []
+            if leaked:
+                raise UserError(f"subset {k}'s patch cache holds hard negatives mined by {mined!r}, a model that "
+                                f"trained or validated on subset(s) {data.format_subsets(leaked)}, the test "
+                                f"subset(s) here: training on them leaks the test labels; remove {caches[k].folder} "
+                                f"and extract it again, or mine with a model that did not see "
+                                f"{data.format_subsets(leaked)}")
 
 
 class PatchPool:
@@ -470,6 +511,22 @@ def cache_features_hint(identity: Dict[str, Any], subset: int) -> str:
             f"--window-size {encoder['window_size']} --pooling {identity['pooling']} --views {identity.get('views', 1)}"
             f" --hu-min {identity['hu_min']:g} --hu-max {identity['hu_max']:g} "
             + (f"--weights {identity['weights']}" if identity["weights"] else f"--seed {identity['init_seed']}"))
+
+
+def encode_new_rows(work_dir: Path, tag: str, subsets: Sequence[int], device: str = "auto",
+                    quiet: bool = True) -> None:
+    """Encode the rows appended to the patch caches of ``subsets`` (mined ones) into feature set ``tag``,
+    with the encoder and settings that made it."""
+    identity = feature_sets(work_dir)[tag]
+    encoder = identity["encoder"]
+    made = cache_features(work_dir, weights=identity["weights"] or None, feature_size=encoder["feature_size"],
+                          window_size=encoder["window_size"], pooling=identity["pooling"],
+                          hu_min=identity["hu_min"], hu_max=identity["hu_max"], seed=identity.get("init_seed", 0),
+                          subsets=list(subsets), test_subsets=[], views=identity.get("views", 1), device=device,
+                          quiet=quiet)
+    if made != tag:
+        raise UserError(f"feature set {tag} could not be extended (its settings gave the set {made}); run "
+                        f"`{cache_features_hint(identity, subsets[0])}` for the mined subsets")
 
 
 class RateColumn(ProgressColumn):

@@ -501,6 +501,8 @@ def crossval(
     feature_size: FeatureSize = None,
     window_size: WindowSize = None,
     pooling: PoolingOption = None,
+    mine_rounds: Annotated[int, typer.Option(min=0, help="Rounds of hard-negative mining inside each fold, with its own model on its training subsets.")] = 0,
+    per_scan: Annotated[int, typer.Option(min=1, help="With --mine-rounds: the top negatives of each scan to hold.")] = 20,
     views: Annotated[Optional[int], typer.Option(min=1, max=8, help="Flips averaged in evaluation (default: the checkpoint's own); finetune: in validation too.")] = None,
     precision: PrecisionOption = None,
     device: Device = "auto",
@@ -515,8 +517,9 @@ def crossval(
     import evaluate as evaluation
     result = cv.run_crossval(work_dir_option(work_dir), data_dir_option(data_dir),
                              parse_subsets(folds, "--folds", required=True), name, stage=stage.value,
-                             val_offset=val_offset, device=device, workers=workers, bootstrap=bootstrap,
-                             json_out=json_out, console=console, **given_options(ctx, CROSSVAL_OPTIONS, locals()))
+                             val_offset=val_offset, mine_rounds=mine_rounds, per_scan=per_scan, device=device,
+                             workers=workers, bootstrap=bootstrap, json_out=json_out, console=console,
+                             **given_options(ctx, CROSSVAL_OPTIONS, locals()))
     console.print(cv.fold_table(result))
     evaluation.print_froc(console, result["froc"], f"LUNA16 FROC, cross-validation {name} (all folds)")
     console.print(f"files in {cv.crossval_dir(work_dir_option(work_dir), name)}: submission.csv, metrics.json, "

@@ -3,7 +3,10 @@
 ``extract --subsets K --hard-negatives RUN --per-scan N`` scores every negative candidate of subset K with
 RUN's best model (each scan read once and cut as ``evaluate`` does) and adds, for each scan, those of its N
 highest-scoring negatives that the cache does not hold yet. Their ``index.csv`` rows name RUN in the
-``mined`` column; they are appended after the existing rows, so ``cache-features`` only encodes them.
+``mined`` column and the subsets RUN trained and validated on (its ``config.json``) in ``mined_saw``, so that
+cross-validation can refuse a row chosen by a model that saw a fold's test subset; rows mined inside a
+cross-validation fold (``crossval --mine-rounds``) carry that fold's test subset in ``mined_for`` and only that
+fold trains on them. They are appended after the existing rows, so ``cache-features`` only encodes them.
 The same call again adds nothing (the top N are in the cache by then); a round with a model trained on the
 mined cache adds what that model now finds hardest. Finished scans are kept in ``W/mining/<run>/subset<k>``
 until the cache is written, so a killed run resumes; a finished round leaves ``done.json`` there.
@@ -39,6 +42,21 @@ def _checkpoint_of(work_dir: Path, run: str) -> Path:
     return Path(run) if run.endswith(".pt") else evaluate.checkpoint_for_run(work_dir, run)
 
 
+def seen_subsets(checkpoint: Path) -> Optional[list]:
+    """The subsets the run of ``checkpoint`` trained and validated on (from ``config.json`` beside it), or None
+    when no run configuration records them."""
+    try:
+        split = json.loads((Path(checkpoint).parent / "config.json").read_text())["resolved"]["split"]
+        return sorted(set(split["train"]["subsets"]) | set(split["val"]["subsets"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def visible_to(row: list, mined_for: str) -> bool:
+    """Whether a cache row (:data:`data.INDEX_COLUMNS`) is used by a job for fold ``mined_for`` ("" outside one)."""
+    return row[8] in ("", mined_for)
+
+
 def _negatives_to_score(data_dir: Path, scans: dict) -> data.PointTable:
     candidates, _ = data.read_point_csv(data.candidates_file(data_dir), "class", strict=False)
     keep = np.isin(candidates.seriesuid, list(scans)) & (candidates.value <= 0.5)
@@ -50,7 +68,7 @@ def _top_of_scan(scores: np.ndarray, per_scan: int) -> np.ndarray:
     return np.lexsort((np.arange(len(scores)), -scores))[:per_scan]
 
 
-def _score_and_keep(run: evaluate.ModelRun, todo: list, per_scan: int, in_cache: set, name: str,
+def _score_and_keep(run: evaluate.ModelRun, todo: list, per_scan: int, in_cache: set, tags: dict,
                     negatives: data.PointTable, console) -> dict:
     """Score each scan's negatives; save, per scan, the patches and index rows of those of its top
     ``per_scan`` not in the cache. Returns ``{seriesuid: reason}`` of unreadable scans."""
@@ -77,7 +95,7 @@ def _score_and_keep(run: evaluate.ModelRun, todo: list, per_scan: int, in_cache:
             picked = rows_of[uid][fresh]
             block = np.stack([patches[uid][n] for n in fresh]) if fresh else np.zeros((0, *cut.shape[1:]), np.int16)
             run.parts.save(uid, block, data.index_rows(uid, negatives.world_xyz[picked], negatives.value[picked],
-                                                       np.full(len(picked), np.nan), mined=name))
+                                                       np.full(len(picked), np.nan), **tags))
             del patches[uid]
     return unreadable
 
@@ -88,8 +106,9 @@ def _key(uid: str, world_xyz) -> tuple:
 
 def mine_subset(data_dir: Path, work_dir: Path, subset: int, run: str, per_scan: int = 20, batch_size: int = 64,
                 workers: int = 2, device: str = "auto", precision: str = "auto",
-                views: Optional[int] = None, console=None) -> MiningSummary:
-    """Add the hard negatives of RUN (a run name or a ``.pt`` file) to the patch cache of one subset."""
+                views: Optional[int] = None, for_fold: Optional[int] = None, console=None) -> MiningSummary:
+    """Add the hard negatives of RUN (a run name or a ``.pt`` file) to the patch cache of one subset;
+    ``for_fold``: the test subset of the cross-validation fold they are mined for (only it uses them)."""
     if per_scan < 1:
         raise UserError(f"--per-scan must be at least 1, got {per_scan}")
     data_dir, work_dir = Path(data_dir), Path(work_dir)
@@ -105,26 +124,29 @@ def mine_subset(data_dir: Path, work_dir: Path, subset: int, run: str, per_scan:
     folder = work_dir / "mining" / name / f"subset{subset}"
     model_run, _ = evaluate.open_model_run(checkpoint, data.candidates_file(data_dir), folder / "parts", views,
                                            batch_size, workers, device, precision, per_scan=per_scan)
+    seen = seen_subsets(checkpoint)
+    tags = {"mined": name, "mined_saw": data.format_subsets(seen) if seen is not None else "",
+            "mined_for": "" if for_fold is None else str(int(for_fold))}
     done_path = folder / "done.json"
     if done_path.is_file() and json.loads(done_path.read_text()).get("key") == model_run.parts.key:
         return MiningSummary(subset, name, 0, 0, manifest["n_patches"], {})
     scans = data.subset_scans(data_dir, [subset])
     negatives = _negatives_to_score(data_dir, scans)
-    in_cache = {_key(row[0], row[1:4]) for row in data.read_cache_index(cache)}
+    in_cache = {_key(row[0], row[1:4]) for row in data.read_cache_index(cache) if visible_to(row, tags["mined_for"])}
     todo = [(uid, scans[uid], negatives.world_xyz[rows]) for uid, rows in negatives.rows_by_scan().items()
             if uid not in model_run.parts.done()]
-    unreadable = _score_and_keep(model_run, todo, per_scan, in_cache, name, negatives, console)
-    added, n_patches = _append_parts(cache, manifest, model_run.parts, name, per_scan)
+    unreadable = _score_and_keep(model_run, todo, per_scan, in_cache, tags, negatives, console)
+    added, n_patches = _append_parts(cache, manifest, model_run.parts, tags, per_scan)
     if not unreadable:
         data.atomic_write_json(done_path, {"key": model_run.parts.key, "added": added})
         model_run.parts.remove()
     return MiningSummary(subset, name, len(todo), added, n_patches, unreadable)
 
 
-def _append_parts(cache: Path, manifest: dict, parts: data.Parts, name: str, per_scan: int) -> tuple[int, int]:
+def _append_parts(cache: Path, manifest: dict, parts: data.Parts, tags: dict, per_scan: int) -> tuple[int, int]:
     """Append the mined patches of every finished scan to the cache (once: rows already there are skipped)."""
     rows = data.read_cache_index(cache)
-    present = {_key(row[0], row[1:4]) for row in rows}
+    present = {_key(row[0], row[1:4]) for row in rows if visible_to(row, tags["mined_for"])}
     sources, new_rows = [np.load(cache / "patches.npy", mmap_mode="r")], []
     for uid in sorted(parts.done()):
         mined = [n for n, row in enumerate(parts.meta(uid)) if _key(row[0], row[1:4]) not in present]
@@ -135,6 +157,8 @@ def _append_parts(cache: Path, manifest: dict, parts: data.Parts, name: str, per
         return 0, len(rows)
     n_patches, n_positive = data.write_cache(cache, sources, rows + new_rows, int(manifest["patch_size"]))
     manifest.update(n_patches=n_patches, n_positive=n_positive,
-                    mined=manifest.get("mined", []) + [{"run": name, "per_scan": per_scan, "added": len(new_rows)}])
+                    mined=manifest.get("mined", []) + [{"run": tags["mined"], "saw": tags["mined_saw"],
+                                                        "for_fold": tags["mined_for"], "per_scan": per_scan,
+                                                        "added": len(new_rows)}])
     data.atomic_write_json(cache / "manifest.json", manifest)
     return len(new_rows), n_patches

@@ -2319,6 +2319,51 @@ def test_crossval_refuses_bad_folds_offsets_and_changed_settings(crossval_run):
     assert not (work / "crossval" / "cli").exists() and not (work / "runs" / "cv-fold4").exists()
 
 
+def test_crossval_mines_inside_each_fold_and_refuses_leaked_mined_rows(crossval_run, tmp_path):
+    import json
+    import numpy as np
+    import crossval
+    import data
+    import features
+    from data import UserError
+    root, _, _ = crossval_run
+    work = tmp_path / "work"   # caches of a sample of the negatives, so that mining has some to add
+    for k in range(4):
+        data.extract_subset(root, work, k, patch_size=32, spacing_mm=1.0, negatives_per_positive=1, show_progress=False)
+    features.cache_features(work, test_subsets=[], quiet=True, device="cpu", **SMALL_MODEL)
+    before = {k: len(data.read_cache_index(data.subset_dir(work, k))) for k in range(4)}
+    result = crossval.run_crossval(work, root, [0, 1], "mined", mine_rounds=1, per_scan=3, **dict(CV_ARGS, epochs=1))
+    assert [r["run"] for r in result["fold_results"]] == ["mined-fold0", "mined-fold1"]
+    assert [Path(r["checkpoint"]).parent.name for r in result["fold_results"]] == ["mined-fold0-mine1", "mined-fold1-mine1"]
+    for k in (2, 3):   # the training subsets of both folds hold negatives mined for each fold, by its own model
+        rows = data.read_cache_index(data.subset_dir(work, k))[before[k]:]
+        assert rows and all(r[4] == "0" for r in rows)
+        for fold in ("0", "1"):
+            mine = [r for r in rows if r[8] == fold]
+            assert mine and {r[6] for r in mine} == {f"mined-fold{fold}"}
+            assert all(int(fold) not in data.parse_subsets(r[7]) and data.parse_subsets(r[7]) for r in mine)
+    for fold, other in (("0", "1"), ("1", "0")):   # each fold's second round trains on its own mined rows only
+        config = json.loads((work / "runs" / f"mined-fold{fold}-mine1" / "config.json").read_text())
+        first = json.loads((work / "runs" / f"mined-fold{fold}" / "config.json").read_text())
+        own = sum(r[8] == fold for k in (2, 3) for r in data.read_cache_index(data.subset_dir(work, k)))
+        assert config["resolved"]["split"]["train"]["patches"] == first["resolved"]["split"]["train"]["patches"] + own
+    # a mined row chosen by a model that saw subset 0 is refused by a fold that tests on 0, naming its run
+    cache = data.subset_dir(work, 2)
+    rows, patches = data.read_cache_index(cache), np.load(cache / "patches.npy")
+    leaked = list(rows[0][:6]) + ["leaky", "0-3", ""]
+    leaked[4], leaked[5] = "0", ""
+    data.write_cache(cache, [patches, patches[:1]], rows + [leaked], 32)
+    with pytest.raises(UserError, match="mined by 'leaky', a model that trained or validated on subset\\(s\\) 0"):
+        crossval.run_crossval(work, root, [0, 1], "leak", **CV_ARGS)
+    assert not (work / "runs" / "leak-fold0").exists()
+    with pytest.raises(UserError, match="'leaky', a model that trained or validated on subset\\(s\\) 1"):
+        features.load_split(work, [0], [1], seed=0)
+    # one mined before the subsets were recorded is refused by cross-validation, naming the run and the way out
+    data.write_cache(cache, [patches, patches[:1]], rows + [leaked[:7] + ["", ""]], 32)
+    with pytest.raises(UserError, match="mined by 'leaky' without a record of the subsets"):
+        crossval.run_crossval(work, root, [0, 1], "leak", **CV_ARGS)
+
+
 def test_predict_averages_several_checkpoints(crossval_run, tmp_path):
     from typer.testing import CliRunner
     import head
