@@ -384,20 +384,24 @@ def series_uid_of(path: Path) -> str:
     return detect.scan_name(path)
 
 
-def _annotated(annotations: Optional[Path], uid: str) -> tuple[list, list]:
-    """The nodules (``annotations``) and excluded findings (``annotations_excluded.csv`` beside it) of a scan."""
+def _read_annotations(annotations: Optional[Path]) -> list:
+    """``[nodules, excluded]`` point tables (diameter_mm): ``annotations`` and ``annotations_excluded.csv`` beside
+    it (None where absent), each read once for every background."""
     if annotations is None:
-        return [], []
+        return [None, None]
+    excluded = annotations.parent / "annotations_excluded.csv"
+    return [data.read_point_csv(annotations, "diameter_mm")[0],
+            data.read_point_csv(excluded, "diameter_mm")[0] if excluded.is_file() else None]
+
+
+def _annotated(tables: list, uid: str) -> tuple[list, list]:
+    """The nodules ``(world xyz, radius mm)`` and excluded findings ``(world xyz, diameter mm)`` of a scan."""
     found = []
-    for path in (annotations, annotations.parent / "annotations_excluded.csv"):
-        rows = []
-        if path.is_file() or path == annotations:
-            table, _ = data.read_point_csv(path, "diameter_mm")
-            mine = table.seriesuid == uid
-            rows = [(xyz, float(d)) for xyz, d in zip(table.world_xyz[mine], table.value[mine])]
-        found.append(rows)
-    nodules_found = [(xyz, d / 2.0) for xyz, d in found[0] if d > 0]
-    return nodules_found, found[1]
+    for table in tables:
+        mine = table.seriesuid == uid if table is not None else []
+        found.append([(xyz, float(d)) for xyz, d in zip(table.world_xyz[mine], table.value[mine])]
+                     if table is not None else [])
+    return [(xyz, d / 2.0) for xyz, d in found[0] if d > 0], found[1]
 
 
 def _copy_nodules(rng, maps: LungMaps, scan: CTScan, count: int, real: list) -> list:
@@ -442,6 +446,7 @@ def write_inserted_folder(root, backgrounds: Sequence, copies: int = 1, nodules_
     (root / phantom.UNFINISHED_MARK).write_text("synth is writing this folder; rerun synth with --force to finish it\n")
     start = time.perf_counter()
     tables = dict(annotations=[], excluded=[], candidates=[], sources=[], uids=[])
+    known = _read_annotations(annotations)
     scans, inserted, skipped, unreadable = [], [], [], []
     for b, path in enumerate(backgrounds):
         path = Path(path)
@@ -452,7 +457,7 @@ def write_inserted_folder(root, backgrounds: Sequence, copies: int = 1, nodules_
             unreadable.append(str(path))
             continue
         background = Background(path, series_uid_of(path))
-        background.real, background.excluded = _annotated(annotations, background.uid)
+        background.real, background.excluded = _annotated(known, background.uid)
         maps = lung_maps(scan, np.random.default_rng(np.random.SeedSequence([seed, b])))
         if maps is None:
             skipped.append((str(path), "no lung found in this CT; skipped"))
