@@ -43,13 +43,15 @@ from data import UserError
 from features import extracted_subsets
 
 STAGES = ("head", "finetune")
-# The training options crossval passes on to each stage, when given (the others take the stage's defaults).
-# ``views`` (both stages) and ``precision`` (finetune; evaluation only for head) are handled on their own.
+# The training options crossval passes on to each stage, when given (the others take the stage's defaults):
+# every option of train-head and of finetune but those each fold decides (its validation and test subsets, run
+# and resume); ``views`` (both stages) and ``precision`` (finetune; evaluation only for head) are handled on their
+# own, and finetune's ``head_from`` names a head-stage cross-validation whose fold k starts fold k.
+FOLD_DECIDES = ("val_subsets", "test_subsets", "views", "precision")
 STAGE_OPTIONS = {
     "head": ("features", "epochs", "batch_size", "lr", "seed", "patience", "epoch_samples", "positive_share",
              "size_weight"),
-    "finetune": ("epochs", "batch_size", "lr", "seed", "patience", "epoch_samples", "positive_share", "size_weight",
-                 "weights", "feature_size", "window_size", "pooling"),
+    "finetune": tuple(k for k in train.FINETUNE_DEFAULTS if k not in FOLD_DECIDES),
 }
 TRAINING_OPTIONS = tuple(dict.fromkeys(STAGE_OPTIONS["head"] + STAGE_OPTIONS["finetune"]))
 FOLD_COLUMNS = ("fold", "test_subset", "val_subset", "run", "checkpoint", "n_scans", "n_candidates", "auc", "cpm")
@@ -175,6 +177,8 @@ def _run_fold(work_dir: Path, data_dir: Path, out_dir: Path, fold: Fold, scans: 
         return metrics
     say(f"[bold]fold {fold.test}[/]: test subset {fold.test}, validation subset {fold.val}, run {fold.run}")
     training = dict(settings["training"])
+    if training.get("head_from"):
+        training["head_from"] = str(fold_head(work_dir, training["head_from"], fold))
     if settings["stage"] == "finetune" and settings.get("views") is not None:
         training["views"] = settings["views"]
     best = _train_fold(work_dir, fold, fold.run, settings["stage"], training, runtime["device"], runtime["workers"],
@@ -189,6 +193,22 @@ def _run_fold(work_dir: Path, data_dir: Path, out_dir: Path, fold: Fold, scans: 
                                    workers=EVAL_WORKERS if runtime["workers"] is None else runtime["workers"],
                                    device=runtime["device"], precision=runtime["precision"] or "auto",
                                    bootstrap=runtime["bootstrap"], seed=0, console=console, work_dir=work_dir)
+
+
+def fold_head(work_dir: Path, head_cv: str, fold: Fold) -> Path:
+    """``--head-from CV`` for fold k: ``W/runs/<CV>-fold<k>/best.pt``, a model that never saw subset k;
+    UserError when it is missing or was tested on another subset."""
+    best = train.runs_dir(work_dir) / f"{head_cv}-fold{fold.test}" / "best.pt"
+    try:
+        tested = json.loads((best.parent / "config.json").read_text())["options"]["test_subsets"]
+    except (OSError, ValueError, KeyError):
+        raise UserError(f"--head-from {head_cv}: fold {fold.test} needs {best} (with its config.json), the model "
+                        f"of fold {fold.test} of cross-validation {head_cv!r}; run `python luna_cli.py crossval "
+                        f"--name {head_cv} --stage head` with the same --folds first") from None
+    if list(tested) != [fold.test] or not best.is_file():
+        raise UserError(f"--head-from {head_cv}: {best.parent} was tested on subset(s) "
+                        f"{data.format_subsets(tested)}, not on subset {fold.test}, or has no best.pt")
+    return best
 
 
 def _mine_for_fold(work_dir: Path, data_dir: Path, fold: Fold, best: Path, settings: Dict[str, Any],
@@ -291,14 +311,19 @@ def run_crossval(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str
                  feature_size: Optional[int] = None, window_size: Optional[int] = None,
                  pooling: Optional[str] = None, views: Optional[int] = None, precision: Optional[str] = None,
                  positive_share: Optional[float] = None, size_weight: Optional[float] = None,
-                 mine_rounds: int = 0, per_scan: int = 20, device: str = "auto", workers: Optional[int] = None,
+                 accumulate: Optional[int] = None, weight_decay: Optional[float] = None,
+                 warmup_epochs: Optional[float] = None, grad_checkpoint: Optional[bool] = None,
+                 head_from: Optional[str] = None, hu_min: Optional[float] = None, hu_max: Optional[float] = None,
+                 augment: Optional[bool] = None, max_shift_mm: Optional[float] = None,
+                 target_sensitivity: Optional[float] = None, mine_rounds: int = 0, per_scan: int = 20, device: str = "auto", workers: Optional[int] = None,
                  bootstrap: int = 1000, json_out: Optional[Path] = None, quiet: bool = False,
                  console=None) -> Dict[str, Any]:
     """Cross-validate over the subsets ``folds`` (see the module docstring); returns the pooled metrics.
 
     ``stage``: "head" (``train.train_head`` on a feature set that covers every fold: cache-features with
     ``--test-subsets none``) or "finetune" (``train.finetune``). Training options left None take the stage's
-    defaults. ``views``: evaluation flips (default: the checkpoint's own); for finetune also its validation's.
+    defaults; finetune takes every option of ``train.finetune`` but the fold's own (``head_from``: a head-stage
+    cross-validation, fold k starting from its fold k). ``views``: evaluation flips (default: the checkpoint's own); for finetune also its validation's.
     ``precision``: evaluation precision (and finetune's). ``mine_rounds``: rounds of hard-negative mining inside
     each fold, ``per_scan`` negatives a scan each. Writes ``W/crossval/<name>/`` and ``json_out``.
     """

@@ -476,7 +476,9 @@ def _positive_if_given(value: Optional[float]) -> Optional[float]:
 
 
 CROSSVAL_OPTIONS = ["features", "epochs", "batch_size", "lr", "seed", "patience", "epoch_samples", "weights",
-                    "feature_size", "window_size", "pooling", "views", "precision", "positive_share", "size_weight"]
+                    "feature_size", "window_size", "pooling", "views", "precision", "positive_share", "size_weight",
+                    "accumulate", "weight_decay", "warmup_epochs", "head_from", "grad_checkpoint", "hu_min", "hu_max",
+                    "augment", "max_shift_mm"]
 
 
 @app.command()
@@ -501,6 +503,15 @@ def crossval(
     feature_size: FeatureSize = None,
     window_size: WindowSize = None,
     pooling: PoolingOption = None,
+    accumulate: Annotated[Optional[int], typer.Option(min=1, help="finetune: steps of gradient accumulation per update.")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(min=0, help="finetune: AdamW weight decay.")] = None,
+    warmup_epochs: Annotated[Optional[float], typer.Option(min=0, help="finetune: epochs of linear learning-rate warm-up.")] = None,
+    head_from: Annotated[Optional[str], typer.Option(help="finetune: a head-stage cross-validation NAME; fold k starts from W/runs/NAME-fold<k>/best.pt.")] = None,
+    grad_checkpoint: Annotated[Optional[bool], typer.Option("--grad-checkpoint/--no-grad-checkpoint", help="finetune: recompute activations to save GPU memory.")] = None,
+    hu_min: Annotated[Optional[float], typer.Option(help="finetune: HU mapped to 0.")] = None,
+    hu_max: Annotated[Optional[float], typer.Option(help="finetune: HU mapped to 1.")] = None,
+    augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="finetune: random flips and shifts of every patch.")] = None,
+    max_shift_mm: Annotated[Optional[float], typer.Option(min=0, help="finetune: largest shift per axis in mm.")] = None,
     mine_rounds: Annotated[int, typer.Option(min=0, help="Rounds of hard-negative mining inside each fold, with its own model on its training subsets.")] = 0,
     per_scan: Annotated[int, typer.Option(min=1, help="With --mine-rounds: the top negatives of each scan to hold.")] = 20,
     views: Annotated[Optional[int], typer.Option(min=1, max=8, help="Flips averaged in evaluation (default: the checkpoint's own); finetune: in validation too.")] = None,

@@ -2395,7 +2395,9 @@ def test_predict_averages_several_checkpoints(crossval_run, tmp_path):
 
 
 def test_crossval_finetune_passes_its_options_to_each_fold(crossval_run, tmp_path, monkeypatch):
+    import json
     import crossval
+    import data
     import train
     root, work, _ = crossval_run
     calls = []
@@ -2406,14 +2408,26 @@ def test_crossval_finetune_passes_its_options_to_each_fold(crossval_run, tmp_pat
         run_dir.mkdir(parents=True, exist_ok=True)
         return _tiny_checkpoint(run_dir / "best.pt", cutoff=0.4).parent
     monkeypatch.setattr(train, "finetune", fake_finetune)
-    result = crossval.run_crossval(work, root, [0, 1], "ft", stage="finetune", epochs=1, feature_size=12,
-                                   window_size=4, views=2, precision="fp32", device="cpu", workers=0, bootstrap=0,
-                                   positive_share=0.2, size_weight=0.5, quiet=True)
+    every = dict(epochs=1, batch_size=4, accumulate=2, lr=2e-4, weight_decay=0.01, warmup_epochs=0.5, feature_size=12,
+                 window_size=4, pooling="max", grad_checkpoint=True, weights=None, hu_min=-900.0, hu_max=900.0,
+                 augment=False, max_shift_mm=2.0, patience=3, epoch_samples=64, seed=4, target_sensitivity=0.8,
+                 positive_share=0.2, size_weight=0.5)
+    assert set(every) | {"head_from"} == set(crossval.STAGE_OPTIONS["finetune"])
+    with pytest.raises(data.UserError, match="--head-from cvh: fold 0 needs"):   # no head cross-validation yet
+        crossval.run_crossval(work, root, [0, 1], "ft", stage="finetune", head_from="cvh", views=2, precision="fp32",
+                              device="cpu", workers=0, bootstrap=0, quiet=True, **every)
+    for fold in (0, 1):   # a head-stage cross-validation "cvh" over the same folds
+        run_dir = train.runs_dir(work) / f"cvh-fold{fold}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _tiny_checkpoint(run_dir / "best.pt")
+        (run_dir / "config.json").write_text(json.dumps({"options": {"test_subsets": [fold]}}))
+    result = crossval.run_crossval(work, root, [0, 1], "ft", stage="finetune", head_from="cvh", views=2,
+                                   precision="fp32", device="cpu", workers=0, bootstrap=0, quiet=True, **every)
     assert [(c["run"], c["val_subsets"], c["test_subsets"], c["resume"]) for c in calls] == \
         [("ft-fold0", [1], [0], False), ("ft-fold1", [0], [1], False)]
-    assert all(c["views"] == 2 and c["precision"] == "fp32" and c["workers"] == 0 and c["epochs"] == 1
-               and c["feature_size"] == 12 and c["positive_share"] == 0.2 and c["size_weight"] == 0.5
-               and "features" not in c for c in calls)
+    assert all(c["views"] == 2 and c["precision"] == "fp32" and c["workers"] == 0 and "features" not in c
+               and all(c[k] == v for k, v in every.items() if v is not None) for c in calls)
+    assert [Path(c["head_from"]) for c in calls] == [train.runs_dir(work) / f"cvh-fold{k}" / "best.pt" for k in (0, 1)]
     assert result["views"] == 2 and result["stage"] == "finetune" and len(result["fold_cpm"]) == 2
     assert (work / "crossval" / "ft" / "fold1" / "metrics.json").is_file()
 
