@@ -114,12 +114,6 @@ def cap_marks_per_scan(scan_index: np.ndarray, probability: np.ndarray, n_scans:
                   "tie_dropped": int((at_cut & on_tied_scan).sum())}
 
 
-def _squared_distances(marks_xyz: np.ndarray, findings_xyz: np.ndarray) -> np.ndarray:
-    """``(M, F)`` squared world distances in mm^2, summed x, y, z in that order."""
-    diff = findings_xyz[None, :, :] - marks_xyz[:, None, :]
-    return diff[..., 0] * diff[..., 0] + diff[..., 1] * diff[..., 1] + diff[..., 2] * diff[..., 2]
-
-
 def match_marks(n_scans: int, mark_scan: np.ndarray, mark_xyz: np.ndarray, mark_probability: np.ndarray,
                 nodule_scan: np.ndarray, nodule_xyz: np.ndarray, nodule_diameter: np.ndarray,
                 excluded_scan: np.ndarray, excluded_xyz: np.ndarray, excluded_diameter: np.ndarray
@@ -133,8 +127,6 @@ def match_marks(n_scans: int, mark_scan: np.ndarray, mark_xyz: np.ndarray, mark_
     mark_order, mark_bounds = _group_bounds(mark_scan, n_scans)
     nodule_order, nodule_bounds = _group_bounds(nodule_scan, n_scans)
     excluded_order, excluded_bounds = _group_bounds(excluded_scan, n_scans)
-    nodule_radius_sq = (nodule_diameter / 2.0) ** 2
-    excluded_radius_sq = (excluded_diameter / 2.0) ** 2
     parts_nodule_prob, parts_nodule_scan, parts_fp_prob, parts_fp_scan = [], [], [], []
     n_on_excluded = n_double = 0
     for s in np.flatnonzero(np.diff(nodule_bounds) + np.diff(mark_bounds)):
@@ -142,8 +134,9 @@ def match_marks(n_scans: int, mark_scan: np.ndarray, mark_xyz: np.ndarray, mark_
         nodules = nodule_order[nodule_bounds[s]:nodule_bounds[s + 1]]
         others = excluded_order[excluded_bounds[s]:excluded_bounds[s + 1]]
         xyz, prob = mark_xyz[marks], mark_probability[marks]
-        hits = _squared_distances(xyz, nodule_xyz[nodules]) < nodule_radius_sq[nodules]
-        on_excluded = (_squared_distances(xyz, excluded_xyz[others]) < excluded_radius_sq[others]).any(axis=1)
+        hits = data.within_radius(data.squared_distances(xyz, nodule_xyz[nodules]), nodule_diameter[nodules])
+        on_excluded = data.within_radius(data.squared_distances(xyz, excluded_xyz[others]),
+                                         excluded_diameter[others]).any(axis=1)
         on_nodule = hits.any(axis=1)
         best = np.where(hits, prob[:, None], -np.inf).max(axis=0, initial=-np.inf)
         parts_nodule_prob.append(np.where(hits.any(axis=0), best, MISSED_NODULE_SCORE))
@@ -164,6 +157,27 @@ def match_marks(n_scans: int, mark_scan: np.ndarray, mark_xyz: np.ndarray, mark_
     counts = {"n_detected": int((~missed).sum()), "n_missed": int(missed.sum()), "n_false_positives": len(fp_prob),
               "n_marks_on_excluded": n_on_excluded, "n_double_hits": n_double}
     return entries, counts
+
+
+def nodule_hits(mark_uid: np.ndarray, mark_xyz: np.ndarray, nodule_uid: np.ndarray, nodule_xyz: np.ndarray,
+                nodule_diameter: np.ndarray) -> list:
+    """For each nodule, the rows of the marks (candidates, world mm ``(M, 3)``) that hit it by the official rule
+    (same scan, inside its sphere; diameters in mm as :func:`scoring_diameters` reads them); empty where none."""
+    marks_of: dict = {}
+    for row, uid in enumerate(mark_uid):
+        marks_of.setdefault(uid, []).append(row)
+    diameters = scoring_diameters(np.asarray(nodule_diameter, np.float64))
+    hits = []
+    for uid, xyz, diameter in zip(nodule_uid, np.asarray(nodule_xyz, np.float64).reshape(-1, 3), diameters):
+        rows = np.asarray(marks_of.get(uid, []), int)
+        inside = data.within_radius(data.squared_distances(mark_xyz[rows], xyz[None, :]), [diameter])[:, 0]
+        hits.append(rows[inside])
+    return hits
+
+
+def best_per_nodule(hits: list, score: np.ndarray) -> np.ndarray:
+    """Each nodule's highest score among the marks that hit it (:func:`nodule_hits`); -inf where none does."""
+    return np.array([score[rows].max() if len(rows) else -np.inf for rows in hits], np.float64)
 
 
 # --- FROC curve, CPM and bootstrap ------------------------------------------------------

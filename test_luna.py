@@ -1424,7 +1424,9 @@ def test_cached_features_head_and_finetune_learn(tmp_path):
     model, meta = head.load_classifier(run_dir / "best.pt")
     assert meta["preprocess"] == {"patch_size": 32, "spacing_mm": 1.0, "hu_min": -1000.0, "hu_max": 1000.0}
     best = next(row for row in history if row["epoch"] == meta["epoch"])  # equal AUCs: the lower validation loss
-    assert best["val_auc"] == max(row["val_auc"] for row in history) and abs(meta["cutoff"] - best["cutoff"]) < 1e-12
+    assert best["val_auc"] == max(row["val_auc"] for row in history)
+    point = meta["operating_point"]   # hand-made manifests list no nodules: chosen per patch, at the 1 cached view
+    assert point["basis"] == "patch" and point["cutoff_logits"] == {"1": best["cutoff_logit"]}
     # the saved classifier on raw patches scores the validation subset as the head did on cached features
     patches = torch.from_numpy(np.load(work / "patches" / "subset2" / "patches.npy"))
     labels = features.read_subset_cache(work, 2).labels
@@ -1471,8 +1473,9 @@ def test_finetune_resume_repeats_the_uninterrupted_run(tmp_path):
     last_a = torch.load(whole / "last.pt", weights_only=True)
     last_b = torch.load(part / "last.pt", weights_only=True)
     assert all(torch.allclose(last_a["model"][k], last_b["model"][k], atol=1e-6) for k in last_a["model"])
-    assert last_b["preprocess"]["patch_size"] == 32 and 0.0 <= last_b["cutoff"] <= 1.0
-    assert "optimizer" not in torch.load(whole / "best.pt", weights_only=True)
+    assert last_b["preprocess"]["patch_size"] == 32
+    best = torch.load(whole / "best.pt", weights_only=True)
+    assert "optimizer" not in best and sorted(best["operating_point"]["cutoff_logits"]) == ["1", "2", "4", "8"]
     model, meta = head.load_classifier(whole / "last.pt")
     assert meta["epoch"] == 4 and meta["config"]["encoder"]["window_size"] == 4
     # a finished run resumed again does nothing
