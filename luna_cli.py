@@ -91,6 +91,12 @@ WindowSize = Annotated[int, typer.Option(min=2, help="Attention window (7 for th
 PoolingOption = Annotated[Pooling, typer.Option(
     help="avg (16 * feature_size values), flatten (the whole last stage) or centre (each stage's centre, 31 * feature_size).")]
 Weights = Annotated[Optional[Path], typer.Option(help="Pretrained Swin UNETR checkpoint for the encoder (random init without).")]
+CutoffOption = Annotated[Optional[float], typer.Option(
+    help="Cutoff as a raw logit (the model's score before calibration; probability p is log(p/(1-p))), instead of "
+         "the validated one.")]
+TargetSensitivity = Annotated[float, typer.Option(
+    min=0.01, max=1.0, help="The cutoff is the highest threshold at which this share of the validation nodules has "
+                            "a candidate at or above it.")]
 HuMin = Annotated[float, typer.Option(help="HU mapped to 0.")]
 HuMax = Annotated[float, typer.Option(help="HU mapped to 1.")]
 
@@ -319,7 +325,7 @@ def cache_features(
 
 
 HEAD_OPTIONS = ["features", "val_subsets", "test_subsets", "epochs", "batch_size", "lr", "patience", "epoch_samples",
-                "seed", "positive_share", "size_weight"]
+                "seed", "positive_share", "size_weight", "target_sensitivity"]
 
 
 @app.command("train-head")
@@ -338,6 +344,7 @@ def train_head(
     epoch_samples: EpochSamples = 0,
     positive_share: PositiveShare = 0.5,
     size_weight: SizeWeight = 1.0,
+    target_sensitivity: TargetSensitivity = 0.9,
     seed: Seed = 0,
     run: Run = None,
     resume: Resume = False,
@@ -353,7 +360,7 @@ def train_head(
 FINETUNE_OPTIONS = ["epochs", "batch_size", "accumulate", "lr", "weight_decay", "warmup_epochs", "weights",
                     "head_from", "feature_size", "window_size", "pooling", "grad_checkpoint", "val_subsets",
                     "test_subsets", "hu_min", "hu_max", "augment", "max_shift_mm", "precision", "patience",
-                    "epoch_samples", "seed", "views", "positive_share", "size_weight"]
+                    "epoch_samples", "seed", "views", "positive_share", "size_weight", "target_sensitivity"]
 
 
 @app.command("finetune")
@@ -384,6 +391,7 @@ def finetune(
     epoch_samples: EpochSamples = 0,
     positive_share: PositiveShare = 0.5,
     size_weight: SizeWeight = 1.0,
+    target_sensitivity: TargetSensitivity = 0.9,
     seed: Seed = 0,
     views: Annotated[int, typer.Option(min=1, max=8, help="Flips of each validation patch averaged, recorded for evaluate and predict.")] = 1,
     run: Run = None,
@@ -425,6 +433,7 @@ def evaluate(
     allow_missing: Annotated[bool, typer.Option(
         "--allow-missing", help="Keep scans missing from a subset folder (against extract's manifest, and seriesuids.csv "
                                 "with all ten subsets) in the FROC, their nodules missed, instead of refusing.")] = False,
+    cutoff: CutoffOption = None,
     data_dir: DataDir = None,
     work_dir: WorkDir = None,
 ):
@@ -435,8 +444,9 @@ def evaluate(
         raise UserError("give exactly one of --submission FILE, --run NAME or --checkpoint FILE")
     root, work = data_dir_option(data_dir), work_dir_option(work_dir)
     subset_list = parse_subsets(subsets, "--subsets", required=True) if subsets is not None else None
-    if submission is not None and candidates is not None:
-        raise UserError("--candidates is for evaluating a model (--run or --checkpoint); a submission holds its own marks")
+    if submission is not None and (candidates is not None or cutoff is not None):
+        raise UserError("--candidates and --cutoff are for evaluating a model (--run or --checkpoint); a submission "
+                        "holds its own marks")
     if submission is not None:
         scan_list, notes = evaluation.submission_scans(root, subset_list, seriesuids, work, allow_missing)
         result = evaluation.score_submission(submission, annotations or root / "annotations.csv",
@@ -453,14 +463,17 @@ def evaluate(
     result = evaluation.evaluate_model(checkpoint, root, subset_list, out_dir, views=views, batch_size=batch_size,
                                        workers=workers, device=device, precision=precision.value,
                                        bootstrap=bootstrap, seed=seed, console=console, candidates_path=candidates,
-                                       work_dir=work, allow_missing=allow_missing)
+                                       work_dir=work, allow_missing=allow_missing, cutoff=cutoff)
     if json_out is not None:
         data.atomic_write_json(json_out, result)
     console.print(evaluation.candidate_table(result))
     evaluation.print_froc(console, result["froc"], f"LUNA16 FROC, subsets {subsets}", result["warnings"])
     if result["size"]["plain"]["n_nodules"]:
         console.print(evaluation.size_table(result["size"]))
-    console.print(f"files in {out_dir}: submission.csv, predictions.csv, metrics.json, roc.png, froc.png, size.png")
+    console.print(f"files in {out_dir}: submission.csv, predictions.csv, metrics.json, roc.png, froc.png, size.png, "
+                  f"calibration.png")
+    ece = result["calibration"]["ece"]
+    console.print(f"calibration: {result['calibration']['note']}; ECE (10 bins) {'-' if ece is None else f'{ece:.4f}'}")
     if result["unreadable_scans"]:
         console.print(f"[red]{len(result['unreadable_scans'])} unreadable scan(s) skipped (named above)[/]")
         raise typer.Exit(1)

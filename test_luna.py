@@ -680,15 +680,19 @@ def test_evaluate_model_scores_every_candidate_and_resumes(eval_phantom, tmp_pat
         assert key in saved and key in result
     assert saved["n_candidates"] == len(expected) and saved["n_scans"] == 2 and saved["unreadable_scans"] == {}
     assert sorted(saved["froc_sensitivities"]) == sorted(["0.125", "0.25", "0.5", "1", "2", "4", "8"])
-    for figure in ("roc.png", "froc.png", "size.png"):
+    for figure in ("roc.png", "froc.png", "size.png", "calibration.png"):
         assert (out / figure).read_bytes()[:4] == b"\x89PNG"
     # sizes: the tiny model has no size output; the plain measurement reads the solid nodule candidates
     nodules = sum(r[4] == "1" for r in expected)
     assert saved["size"]["model_has_size_output"] is False and saved["size"]["model"]["n_measured"] == 0
     assert saved["size"]["plain"]["n_nodules"] == nodules and saved["size"]["plain"]["n_measured"] >= 1
     predicted = [line.split(",") for line in (out / "predictions.csv").read_text().splitlines()]
-    assert predicted[0][-3:] == ["annotated_diameter_mm", "model_diameter_mm", "plain_diameter_mm"]
-    assert sum(bool(r[-3]) for r in predicted[1:]) == nodules and not any(r[-2] for r in predicted[1:])
+    assert predicted[0][6:] == ["annotated_diameter_mm", "model_diameter_mm", "plain_diameter_mm",
+                                "calibrated_probability"]
+    assert sum(bool(r[6]) for r in predicted[1:]) == nodules and not any(r[7] for r in predicted[1:])
+    # a checkpoint without a recorded candidate prior: no calibrated probability; the raw one's reliability only
+    assert not any(r[9] for r in predicted[1:]) and saved["calibration"]["ece"] is None
+    assert saved["calibration"]["raw"]["n"] == len(expected) and saved["calibration"]["calibrated"] is None
     # The probabilities are the model's on freshly extracted patches, written at full precision.
     model, meta = head.load_classifier(checkpoint)
     uid = expected[0][0]
@@ -729,7 +733,7 @@ def test_evaluate_cli_model_skips_an_unreadable_scan(eval_phantom, tmp_path):
     out = tmp_path / "work" / "eval" / "tiny_subsets0"
     saved = json.loads((out / "metrics.json").read_text())   # the FROC of the readable scan is still written
     assert list(saved["unreadable_scans"]) == [broken.stem] and saved["n_scans"] == 1 and "cpm" in saved
-    assert saved["at_cutoff"]["cutoff"] == 0.3
+    assert saved["at_cutoff"]["cutoff_probability"] == pytest.approx(0.3, abs=1e-12)
     rows = (out / "submission.csv").read_text().splitlines()[1:]
     assert rows and not any(r.startswith(broken.stem) for r in rows)
     assert len(rows) == sum(r[0] != broken.stem for r in _subset_candidates(root, 0))
@@ -807,8 +811,8 @@ def test_two_checkpoints_evaluations_do_not_collide(eval_phantom, tmp_path):
                                                    "--workers", "0", "--bootstrap", "0", "--device", "cpu"])
         assert result.exit_code == 0, _why(result)
     saved = [json.loads(path.read_text()) for path in sorted((work / "eval").glob("*/metrics.json"))]
-    assert [(m["checkpoint"], m["at_cutoff"]["cutoff"]) for m in saved] == [(str(checkpoints["a"]), 0.3),
-                                                                              (str(checkpoints["b"]), 0.7)]
+    assert [m["checkpoint"] for m in saved] == [str(checkpoints["a"]), str(checkpoints["b"])]
+    assert [m["at_cutoff"]["cutoff_probability"] for m in saved] == pytest.approx([0.3, 0.7], abs=1e-12)
     # --run a and --checkpoint W/runs/a/best.pt share a folder; every other checkpoint has its own
     assert evaluate.evaluation_name(work, checkpoints["a"]) == "a"
     others = [work / "runs" / "a" / "last.pt", tmp_path / "x" / "best.pt", tmp_path / "y" / "best.pt"]
