@@ -489,7 +489,8 @@ def _positive_if_given(value: Optional[float]) -> Optional[float]:
 
 
 CROSSVAL_OPTIONS = ["features", "epochs", "batch_size", "lr", "seed", "patience", "epoch_samples", "weights",
-                    "feature_size", "window_size", "pooling", "views", "precision", "positive_share", "size_weight"]
+                    "feature_size", "window_size", "pooling", "views", "precision", "positive_share", "size_weight",
+                    "target_sensitivity"]
 
 
 @app.command()
@@ -510,6 +511,10 @@ def crossval(
     epoch_samples: EpochSamples = None,
     positive_share: PositiveShare = None,
     size_weight: SizeWeight = None,
+    target_sensitivity: Annotated[Optional[float], typer.Option(
+        min=0.01, max=1.0, help="Each fold's validation cutoff, and the folds' pooled operating point, is the highest "
+                                "threshold at which this share of the nodules has a candidate at or above it "
+                                "(default 0.9).")] = None,
     weights: Weights = None,
     feature_size: FeatureSize = None,
     window_size: WindowSize = None,
@@ -533,7 +538,7 @@ def crossval(
     console.print(cv.fold_table(result))
     evaluation.print_froc(console, result["froc"], f"LUNA16 FROC, cross-validation {name} (all folds)")
     console.print(f"files in {cv.crossval_dir(work_dir_option(work_dir), name)}: submission.csv, metrics.json, "
-                  f"folds.csv, froc.png")
+                  f"folds.csv, froc.png, operating_point.json")
     if result["unreadable_scans"]:
         console.print(f"[red]{len(result['unreadable_scans'])} unreadable scan(s) skipped (named above); rerun to retry[/]")
         raise typer.Exit(1)
@@ -542,15 +547,20 @@ def crossval(
 @app.command()
 @friendly_errors
 def predict(
-    checkpoint: Annotated[List[Path], typer.Option(help="Classifier checkpoint (best.pt of a run); repeat it to average "
-                                                         "several models, e.g. the folds of a crossval.")],
     scan: Annotated[Path, typer.Option(help="The CT: .mhd, NIfTI, or a DICOM series folder.")],
+    checkpoint: Annotated[List[Path], typer.Option(help="Classifier checkpoint (best.pt of a run); repeat it to average "
+                                                         "several models (their mean cutoff is unvalidated: give "
+                                                         "--cutoff, or use --ensemble).")] = [],
+    ensemble: Annotated[Optional[str], typer.Option(
+        help="Average the folds of crossval NAME (W/crossval/NAME) at the operating point chosen on their pooled "
+             "out-of-fold scores.")] = None,
     coord: Annotated[List[str], typer.Option("--coord", help="World mm point X,Y,Z, LPS as in the LUNA16 CSVs (repeat for several).")] = [],
     candidates: Annotated[Optional[Path], typer.Option(help="CSV of points with coordX,coordY,coordZ columns (world mm, LPS). "
                                                             "Without --coord and --candidates, detect finds them.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write the predictions here as CSV.")] = None,
     max_per_scan: Annotated[int, typer.Option(min=1, help="Without --coord and --candidates: most candidates detect finds.")] = 300,
     views: Views = None,
+    cutoff: CutoffOption = None,
     batch_size: BatchSize = 64,
     device: Device = "auto",
     precision: PrecisionOption = Precision.auto,
@@ -561,15 +571,22 @@ def predict(
         "--type", case_sensitive=False, help="Nodule type assumed for every point (not measured); with part-solid or "
                                              "ground-glass the diameter is measured at -650 HU instead of -400.")] = NoduleType("solid"),
     risk: Annotated[Risk, typer.Option(case_sensitive=False, help="Patient risk assumed (Fleischner only).")] = Risk("low"),
+    work_dir: WorkDir = None,
 ):
-    """Probability that the candidate at each world point of a new scan is a nodule, whether it needs follow-up,
-    its plain measured diameter and, for follow-up points, the guideline's size category (research use only)."""
+    """Probability that the candidate at each world point of a new scan is a nodule (calibrated to the training
+    candidate list, the raw score beside it), whether it needs follow-up, its diameter and, for follow-up points,
+    the guideline's size category (research use only)."""
+    import crossval as cv
     import predict as prediction
+    if not checkpoint and ensemble is None:
+        raise UserError("give --checkpoint FILE (one or more) or --ensemble NAME of a crossval")
+    folder = None if ensemble is None else cv.crossval_dir(work_dir_option(work_dir), cv.check_name(ensemble, "--ensemble"))
     rows = prediction.predict_scan(checkpoint, scan, coord, candidates, out, device=device, batch_size=batch_size,
                                    views=views, precision=precision.value, guideline=guideline.value,
-                                   nodule_type=nodule_type.value, risk=risk.value, max_per_scan=max_per_scan)
+                                   nodule_type=nodule_type.value, risk=risk.value, max_per_scan=max_per_scan,
+                                   cutoff=cutoff, ensemble=folder)
     title = prediction.results_title(scan, rows, detected=not coord and candidates is None)
-    console.print(prediction.prediction_table(rows, title=title, n_models=len(checkpoint)) if rows else title)
+    console.print(prediction.prediction_table(rows, title=title) if rows else title)
     if out is not None:
         console.print(f"written to {out}")
 

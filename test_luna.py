@@ -927,10 +927,13 @@ def test_predict_points_on_mhd_and_on_a_dicom_series_agree(eval_phantom, tmp_pat
 
 
 def test_evaluate_and_predict_apply_the_checkpoint_views_unless_told(eval_phantom, tmp_path):
+    from typer.testing import CliRunner
     import data
     import evaluate
     import head
+    import luna_cli
     import predict
+    from data import UserError
     checkpoint = _tiny_checkpoint(tmp_path / "tiny.pt", views=8)
     model, meta = head.load_classifier(checkpoint)
     mhd = sorted((eval_phantom / "subset1").glob("*.mhd"))[0]
@@ -938,10 +941,20 @@ def test_evaluate_and_predict_apply_the_checkpoint_views_unless_told(eval_phanto
     patches = data.extract_patches(data.read_ct(mhd), points, 32, 1.25)
     eight, one = (head.predict_patches(model, patches, meta["preprocess"], views=v) for v in (8, 1))
     assert np.abs(eight - one).max() > 1e-4
-    got = {v: [r["probability"] for r in predict.predict_points(checkpoint, mhd, points, device="cpu", views=v)]
+    got = {v: [r["probability"] for r in predict.predict_points(checkpoint, mhd, points, device="cpu", views=v,
+                                                                 cutoff=None if v is None else 0.0)]
            for v in (None, 1)}
     np.testing.assert_allclose(got[None], eight, rtol=1e-6)
     np.testing.assert_allclose(got[1], one, rtol=1e-6)
+    # other views than the one cutoff this (older) checkpoint stores are refused without --cutoff, naming it
+    with pytest.raises(UserError, match=r"--views 1: .*cutoffs for 8 view\(s\) only"):
+        predict.predict_points(checkpoint, mhd, points, device="cpu", views=1)
+    cli = CliRunner().invoke(luna_cli.app, ["evaluate", "--checkpoint", str(checkpoint), "--subsets", "1", "--views",
+                                            "2", "--data-dir", str(eval_phantom), "--work-dir", str(tmp_path / "w"),
+                                            "--workers", "0", "--device", "cpu"])
+    assert cli.exit_code == 1 and isinstance(_user_error(cli), UserError), _why(cli)
+    assert "--views 2" in str(_user_error(cli)) and "8 view(s)" in str(_user_error(cli))
+    assert not list((tmp_path / "w").glob("eval/*/*.csv"))   # refused before any scan was scored
     result = evaluate.evaluate_model(checkpoint, eval_phantom, [1], tmp_path / "eval", workers=0, bootstrap=0)
     rows = [line.split(",") for line in (tmp_path / "eval" / "submission.csv").read_text().splitlines()[1:]]
     assert result["views"] == 8
@@ -2326,7 +2339,9 @@ def test_crossval_refuses_bad_folds_offsets_and_changed_settings(crossval_run):
     assert not (work / "crossval" / "cli").exists() and not (work / "runs" / "cv-fold4").exists()
 
 
-def test_predict_averages_several_checkpoints(crossval_run, tmp_path):
+def test_predict_averages_several_checkpoints_and_the_crossval_ensemble(crossval_run, tmp_path):
+    import csv
+    import json
     from typer.testing import CliRunner
     import head
     import luna_cli
@@ -2340,20 +2355,33 @@ def test_predict_averages_several_checkpoints(crossval_run, tmp_path):
     both = predict.predict_points([a, b], mhd, points, device="cpu")
     mean = (np.array([r["probability"] for r in one]) + np.array([r["probability"] for r in two])) / 2
     np.testing.assert_allclose([r["probability"] for r in both], mean, rtol=1e-12)
-    cutoff = (head.load_classifier(a)[1]["cutoff"] + head.load_classifier(b)[1]["cutoff"]) / 2
-    assert all(r["cutoff"] == cutoff and r["follow_up"] == (r["probability"] >= cutoff) for r in both)
+    # the mean of the checkpoints' validated cutoffs (raw logits) applies, and says that no data validated it
+    cutoff = np.mean([head.load_classifier(c)[1]["operating_point"]["cutoff_logits"]["1"] for c in (a, b)])
+    assert all(r["cutoff"] == cutoff and r["follow_up"] == (r["logit"] >= cutoff) and "UNVALIDATED" in r["cutoff_source"]
+               for r in both)
+    given = predict.predict_points([a, b], mhd, points, device="cpu", cutoff=0.25)
+    assert all(r["cutoff"] == 0.25 and "UNVALIDATED" not in r["cutoff_source"] for r in given)
     assert predict.predict_points([a], mhd, points, device="cpu") == one
     with pytest.raises(UserError, match="tiny.pt takes patches of 32 voxels at 1.25 mm.*share the patch size"):
         predict.predict_points([a, _tiny_checkpoint(tmp_path / "tiny.pt")], mhd, points, device="cpu")
-    base = ["predict", "--scan", str(mhd), "--coord", ",".join(map(str, points[0])), "--device", "cpu"]
-    for checkpoints, source in (([a, b], "probabilities averaged over 2 models"), ([a], "(the checkpoint's cutoff)")):
-        result = CliRunner().invoke(luna_cli.app, base + [arg for c in checkpoints for arg in ("--checkpoint", str(c))]
-                                    + ["--out", str(tmp_path / "p.csv")])
+    base = ["predict", "--scan", str(mhd), "--coord", ",".join(map(str, points[0])), "--device", "cpu",
+            "--out", str(tmp_path / "p.csv"), "--work-dir", str(work)]
+    point = json.loads((work / "crossval" / "cv" / "operating_point.json").read_text())
+    folds = [work / "runs" / f"cv-fold{k}" / "best.pt" for k in range(4)]
+    for options, models, source in (([f"--checkpoint={a}", f"--checkpoint={b}"], [a, b], "UNVALIDATED"),
+                                    ([f"--checkpoint={a}"], [a], "cutoff for 1 view(s)"),
+                                    (["--ensemble", "cv"], folds, "cross-validation cv's operating point")):
+        result = CliRunner().invoke(luna_cli.app, base + options)
         assert result.exit_code == 0, _why(result)
-        written = [float(line.split(",")[3]) for line in (tmp_path / "p.csv").read_text().splitlines()[1:]]
-        rows = predict.predict_points(checkpoints, mhd, points[:1], device="cpu")
-        assert written == [r["probability"] for r in rows]
-        assert source in predict.prediction_table(rows, n_models=len(checkpoints)).caption
+        with open(tmp_path / "p.csv", newline="") as handle:
+            written = list(csv.DictReader(handle))
+        rows = predict.predict_points(models, mhd, points[:1], device="cpu")
+        assert [float(w["probability"]) for w in written] == [r["probability"] for r in rows]
+        assert all(source in w["cutoff_source"] for w in written), written
+    assert float(written[0]["cutoff_logit"]) == point["cutoff_logit"] and point["views"] == 1
+    assert written[0]["calibrated_probability"] and "prior" in written[0]["calibration_note"]
+    refused = CliRunner().invoke(luna_cli.app, base + ["--ensemble", "cv", "--views", "2"])
+    assert refused.exit_code == 1 and "chosen at 1 view(s)" in str(_user_error(refused)), _why(refused)
 
 
 def test_crossval_finetune_passes_its_options_to_each_fold(crossval_run, tmp_path, monkeypatch):
