@@ -1,16 +1,16 @@
 """Calibrated probabilities and validated operating points.
 
-Calibration (prior shift). Training draws nodules ``positive_share`` of the time (``--positive-share``, default
-0.5), while a candidate list holds far fewer of them (about 1 candidate in 480 of ``candidates_V2.csv`` is a
-nodule). A head that is calibrated on its training draws gives probabilities at that share; Bayes' rule moves
-them to the prior ``pi`` of a candidate list by a shift of the logit (natural log of the odds)::
+Calibration (prior shift). Training draws nodules ``positive_share`` of the time (``--positive-share``,
+default 0.5), while a candidate list holds far fewer of them. A head that is calibrated on its training draws
+gives probabilities at that share; Bayes' rule moves them to the prior ``pi`` of a candidate list by a shift
+of the logit (natural log of the odds)::
 
     logit_cal = logit - log(share / (1 - share)) + log(pi / (1 - pi))
 
-Checkpoints record both (``calibration``: ``positive_share``, ``prior`` and ``prior_source``). The prior is the
-share of nodule candidates (class 1) among all rows of the candidate file on the training scans, from the
-per-scan counts ``extract`` writes into each subset's manifest (the whole list, not the extracted sample).
-The calibrated probability is that of a candidate drawn from that list; for points of another source (``detect``,
+Checkpoints record both (``calibration``: ``positive_share``, ``prior`` and ``prior_source``). The prior is
+the share of nodule candidates (class 1) among all rows of the candidate file on the training scans, from the
+per-scan counts ``extract`` writes into each subset's manifest (the whole list, not the extracted sample). The
+calibrated probability is that of a candidate drawn from that list; for points of another source (``detect``,
 ``--coord``) it still uses the training list's prior, and outputs say so. The shift is the same for every
 candidate, so rankings, the AUC and the FROC/CPM do not change; the raw score is kept beside it.
 
@@ -37,7 +37,8 @@ STORED_VIEWS = (1, 2, 4, 8)   # view counts whose cutoff validation stores (besi
 ECE_BINS = 10
 
 
-LOGIT_EPS = 1e-12   # probabilities are clipped to [LOGIT_EPS, 1 - LOGIT_EPS] before their logit (|logit| <= 27.6)
+# probabilities are clipped to [LOGIT_EPS, 1 - LOGIT_EPS] before their logit (so |logit| <= 27.7)
+LOGIT_EPS = 1e-12
 
 
 def logit(probability) -> np.ndarray:
@@ -55,7 +56,7 @@ def sigmoid(logits) -> np.ndarray:
 
 
 def prior_shift(logits, positive_share: float, prior: float) -> np.ndarray:
-    """Logits of a model trained at ``positive_share`` nodules, moved to a population with ``prior`` nodules."""
+    """Logits of a model trained at ``positive_share`` nodules, moved to a population of ``prior`` nodules."""
     return np.asarray(logits, np.float64) - math.log(positive_share / (1.0 - positive_share)) \
         + math.log(prior / (1.0 - prior))
 
@@ -73,8 +74,8 @@ def calibrated_probability(probability, calibration: Optional[dict]) -> Optional
 
 
 def calibration_note(calibration: Optional[dict], points: str = "") -> str:
-    """Where a checkpoint's calibrated probability comes from (or why there is none); ``points``: the source of
-    the scored points when it is not the training candidate list (e.g. ``"detect"``, ``"--coord"``)."""
+    """Where a checkpoint's calibrated probability comes from (or why there is none); ``points``: the source
+    of the scored points when it is not the training candidate list (e.g. ``"detect"``, ``"--coord"``)."""
     if not has_prior(calibration):
         why = (calibration or {}).get("note") or "the checkpoint records no candidate prior (made before it)"
         return f"no calibrated probability: {why}"
@@ -99,15 +100,16 @@ def reliability(labels, probability, bins: int = ECE_BINS) -> dict:
         mean_p = float(p[inside].mean()) if n else None
         rate = float(labels[inside].mean()) if n else None
         ece += n / len(p) * abs(mean_p - rate) if n else 0.0
-        rows.append({"low": b / bins, "high": (b + 1) / bins, "n": n, "mean_probability": mean_p, "nodule_rate": rate})
+        rows.append({"low": b / bins, "high": (b + 1) / bins, "n": n, "mean_probability": mean_p,
+                     "nodule_rate": rate})
     return {"ece": ece if len(p) else None, "bins": bins, "n": int(len(p)),
             "mean_probability": float(p.mean()) if len(p) else None,
             "nodule_rate": float(labels.mean()) if len(p) else None, "per_bin": rows}
 
 
 def plot_reliability(path: Path, curves: Dict[str, dict], title: str = "") -> None:
-    """Reliability diagram: per bin, the nodule share against the mean probability, one line per :func:`reliability`
-    result in ``curves`` (legend: its ECE), and the diagonal of perfect calibration."""
+    """Reliability diagram: per bin, the nodule share against the mean probability, one line per
+    :func:`reliability` result in ``curves`` (legend: its ECE), and the diagonal of perfect calibration."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -116,7 +118,8 @@ def plot_reliability(path: Path, curves: Dict[str, dict], title: str = "") -> No
     ax.plot([0, 1], [0, 1], color="grey", ls=":")
     for (name, found), marker in zip(curves.items(), ("o", "s")):
         shown = [row for row in found["per_bin"] if row["n"]]
-        ax.plot([row["mean_probability"] for row in shown], [row["nodule_rate"] for row in shown], marker=marker,
+        ax.plot([row["mean_probability"] for row in shown], [row["nodule_rate"] for row in shown],
+                marker=marker,
                 label=f"{name} (ECE {found['ece']:.4f})" if found["ece"] is not None else name)
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel=f"mean probability ({ECE_BINS} equal-width bins)",
            ylabel="share of nodules", title=f"Calibration {title}".strip())
@@ -129,9 +132,9 @@ def plot_reliability(path: Path, curves: Dict[str, dict], title: str = "") -> No
 
 def cutoff_for_nodules(best_scores, target: float = 0.9) -> Tuple[Optional[float], float]:
     """``(cutoff, sensitivity)``: the highest threshold at which at least ``target`` of the nodules have a
-    candidate scoring at or above it. ``best_scores``: each nodule's highest candidate score (-inf: no candidate,
-    a nodule missed at any threshold). When no threshold reaches ``target``, the lowest score of a nodule with a
-    candidate (its sensitivity below ``target``); None when no nodule has one."""
+    candidate scoring at or above it. ``best_scores``: each nodule's highest candidate score (-inf: no
+    candidate, a nodule missed at any threshold). When no threshold reaches ``target``, the lowest score of a
+    nodule with a candidate (its sensitivity below ``target``); None when no nodule has one."""
     if not 0.0 < target <= 1.0:
         raise ValueError(f"target sensitivity must be in (0, 1], got {target}")
     best = np.sort(np.asarray(best_scores, np.float64))[::-1]
@@ -145,8 +148,8 @@ def cutoff_for_nodules(best_scores, target: float = 0.9) -> Tuple[Optional[float
 
 def view_counts(own: int, available: int) -> Tuple[int, ...]:
     """The view counts whose cutoffs validation stores for a run validated at ``own`` views: those of
-    :data:`STORED_VIEWS` up to the ``available`` views (8 flips for fine-tuning, the cached ones for a head), and
-    ``own``."""
+    :data:`STORED_VIEWS` up to the ``available`` views (8 flips for fine-tuning, the cached ones for a head),
+    and ``own``."""
     return tuple(sorted({v for v in STORED_VIEWS if v <= available} | {int(own)}))
 
 
@@ -192,8 +195,8 @@ def resolve_cutoff(meta: dict, views: int, given: Optional[float] = None, strict
         return Cutoff(None, f"{name} stores no validated cutoff", False)
     stored = ", ".join(map(str, sorted(cutoffs)))
     if strict:
-        raise UserError(f"--views {views}: {name} has validated cutoffs for {stored} view(s) only; use --views "
-                        f"{stored.replace(', ', ' or ')}, or give --cutoff LOGIT (a raw logit)")
+        raise UserError(f"--views {views}: {name} has validated cutoffs for {stored} view(s) only; use "
+                        f"--views {stored.replace(', ', ' or ')}, or give --cutoff LOGIT (a raw logit)")
     return Cutoff(None, f"no cutoff validated for {views} view(s) ({name} has {stored})", False)
 
 
@@ -202,5 +205,5 @@ def mean_cutoff(cutoffs: Sequence[Cutoff]) -> Cutoff:
     if any(c.logit is None for c in cutoffs):
         return Cutoff(None, "a model without a validated cutoff", False)
     return Cutoff(float(np.mean([c.logit for c in cutoffs])),
-                  f"UNVALIDATED: the mean of {len(cutoffs)} checkpoints' cutoffs, which no data has chosen for "
-                  f"their average; give --cutoff, or use predict --ensemble NAME of a crossval", False)
+                  f"UNVALIDATED: the mean of {len(cutoffs)} checkpoints' cutoffs, which no data has chosen "
+                  f"for their average; give --cutoff, or use predict --ensemble NAME of a crossval", False)

@@ -60,9 +60,11 @@ class Fold:
 
 
 def check_name(name: str, option: str = "--name") -> str:
-    """``--name`` (or ``option``): a plain folder name under ``W/crossval`` (its runs are ``<name>-fold<k>``)."""
+    """``--name`` (or ``option``): a plain folder name under ``W/crossval`` (its runs are ``<name>-fold<k>``).
+    """
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(name or "")):
-        raise UserError(f"{option} must be a plain folder name (letters, digits, '.', '_', '-'), got {name!r}")
+        raise UserError(f"{option} must be a plain folder name (letters, digits, '.', '_', '-'), "
+                        f"got {name!r}")
     return name
 
 
@@ -211,7 +213,8 @@ def concatenate_submissions(paths: Sequence[Path], out: Path) -> None:
 
 def _readable_scans(plan: List[Fold], fold_metrics: Dict[int, Dict[str, Any]],
                     fold_scans: Dict[int, List[str]]) -> List[str]:
-    return [uid for f in plan for uid in fold_scans[f.test] if uid not in fold_metrics[f.test]["unreadable_scans"]]
+    return [uid for f in plan for uid in fold_scans[f.test]
+            if uid not in fold_metrics[f.test]["unreadable_scans"]]
 
 
 def pool_folds(out_dir: Path, data_dir: Path, plan: List[Fold], fold_metrics: Dict[int, Dict[str, Any]],
@@ -225,27 +228,31 @@ def pool_folds(out_dir: Path, data_dir: Path, plan: List[Fold], fold_metrics: Di
                                 bootstrap=bootstrap, seed=seed)
 
 
-def write_operating_point(out_dir: Path, data_dir: Path, plan: List[Fold], fold_metrics: Dict[int, Dict[str, Any]],
-                          uids: Sequence[str], target: float) -> Dict[str, Any]:
-    """The fold ensemble's operating point, ``operating_point.json``: the cutoff (raw logit) chosen per nodule on
-    the pooled out-of-fold scores of ``submission.csv`` (each candidate scored by the one fold model that never
-    trained on it) over the scans ``uids``: the highest threshold at which ``target`` of their nodules have a
-    candidate at or above it (official hit rule; a nodule without one is missed). ``predict --ensemble`` applies
-    it to the mean of the folds' probabilities: an approximation, since no fold model scored the pooled list."""
+def write_operating_point(out_dir: Path, data_dir: Path, plan: List[Fold],
+                          fold_metrics: Dict[int, Dict[str, Any]], uids: Sequence[str],
+                          target: float) -> Dict[str, Any]:
+    """The fold ensemble's operating point, ``operating_point.json``: the cutoff (raw logit) chosen per nodule
+    on the pooled out-of-fold scores of ``submission.csv`` (each candidate scored by the one fold model that
+    never trained on it) over the scans ``uids``: the highest threshold at which ``target`` of their nodules
+    have a candidate at or above it (official hit rule; a nodule without one is missed).
+    ``predict --ensemble`` applies it to the mean of the folds' probabilities: an approximation, since no fold
+    model scored the pooled list."""
     marks = evaluate.read_submission(out_dir / "submission.csv")
     nodules = evaluate.read_findings(Path(data_dir) / "annotations.csv")
     nodules = nodules.take(np.flatnonzero(np.isin(nodules.seriesuid, list(uids))))
-    hits = evaluate.nodule_hits(marks.seriesuid, marks.world_xyz, nodules.seriesuid, nodules.world_xyz, nodules.value)
+    hits = evaluate.nodule_hits(marks.seriesuid, marks.world_xyz, nodules.seriesuid, nodules.world_xyz,
+                                nodules.value)
     cutoff, sensitivity = calibration.cutoff_for_nodules(
         evaluate.best_per_nodule(hits, calibration.logit(marks.value)), target)
     views = sorted({int(fold_metrics[f.test]["views"]) for f in plan})
-    point = {"cutoff_logit": cutoff, "cutoff_probability": None if cutoff is None else float(calibration.sigmoid(cutoff)),
+    point = {"cutoff_logit": cutoff,
+             "cutoff_probability": None if cutoff is None else float(calibration.sigmoid(cutoff)),
              "target_sensitivity": float(target), "sensitivity": sensitivity, "n_nodules": len(hits),
              "n_nodules_without_candidate": sum(not len(h) for h in hits), "n_scans": len(uids),
              "views": views[0] if len(views) == 1 else None, "runs": [f.run for f in plan],
              "checkpoints": [fold_metrics[f.test]["checkpoint"] for f in plan],
-             "note": "chosen per nodule on the pooled out-of-fold scores; predict --ensemble applies it to the mean "
-                     "of the folds' probabilities, an approximation for that average"}
+             "note": "chosen per nodule on the pooled out-of-fold scores; predict --ensemble applies it to "
+                     "the mean of the folds' probabilities, an approximation for that average"}
     data.atomic_write_json(out_dir / "operating_point.json", point)
     return point
 
@@ -276,8 +283,8 @@ def run_crossval(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str
                  feature_size: Optional[int] = None, window_size: Optional[int] = None,
                  pooling: Optional[str] = None, views: Optional[int] = None, precision: Optional[str] = None,
                  positive_share: Optional[float] = None, size_weight: Optional[float] = None,
-                 target_sensitivity: Optional[float] = None, device: str = "auto", workers: Optional[int] = None,
-                 bootstrap: int = 1000,
+                 target_sensitivity: Optional[float] = None, device: str = "auto",
+                 workers: Optional[int] = None, bootstrap: int = 1000,
                  json_out: Optional[Path] = None, quiet: bool = False, console=None) -> Dict[str, Any]:
     """Cross-validate over the subsets ``folds`` (see the module docstring); returns the pooled metrics.
 
@@ -296,7 +303,8 @@ def run_crossval(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str
     target = {**(train.HEAD_DEFAULTS if settings["stage"] == "head" else train.FINETUNE_DEFAULTS),
               **settings["training"]}
     point = write_operating_point(out_dir, Path(data_dir), plan, fold_metrics,
-                                  _readable_scans(plan, fold_metrics, fold_scans), target["target_sensitivity"])
+                                  _readable_scans(plan, fold_metrics, fold_scans),
+                                  target["target_sensitivity"])
     rows = [fold_row(f, fold_metrics[f.test]) for f in plan]
     result = {"name": name, "stage": settings["stage"], "folds": [f.test for f in plan],
               "val_offset": settings["val_offset"], "training": settings["training"], "views": settings.get("views"),
@@ -306,8 +314,8 @@ def run_crossval(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str
               "operating_point": point,
               "unreadable_scans": {uid: why for m in fold_metrics.values()
                                    for uid, why in m["unreadable_scans"].items()},
-              "files": {n: str(out_dir / n) for n in ("submission.csv", "metrics.json", "folds.csv", "froc.png",
-                                                      "operating_point.json")}}
+              "files": {n: str(out_dir / n) for n in ("submission.csv", "metrics.json", "folds.csv",
+                                                      "froc.png", "operating_point.json")}}
     _write_folds_csv(out_dir / "folds.csv", rows)
     evaluate.plot_froc(froc, out_dir / "froc.png", title=f"cross-validation {name}")
     data.atomic_write_json(out_dir / "metrics.json", result)

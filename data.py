@@ -531,15 +531,15 @@ def candidates_file(data_dir) -> Path:
 
 
 def squared_distances(marks_xyz: np.ndarray, findings_xyz: np.ndarray) -> np.ndarray:
-    """``(M, F)`` squared world distances in mm^2 between points ``(M, 3)`` and ``(F, 3)``, summed x, y, z in that
-    order (the arithmetic of the official evaluation, so that boundary cases fall the same way)."""
+    """``(M, F)`` squared world distances in mm^2 between points ``(M, 3)`` and ``(F, 3)``, summed x, y, z in
+    that order (the arithmetic of the official evaluation, so that boundary cases fall the same way)."""
     diff = findings_xyz[None, :, :] - marks_xyz[:, None, :]
     return diff[..., 0] * diff[..., 0] + diff[..., 1] * diff[..., 1] + diff[..., 2] * diff[..., 2]
 
 
 def within_radius(squared_mm2: np.ndarray, diameters_mm: np.ndarray) -> np.ndarray:
-    """The official LUNA16 hit rule on :func:`squared_distances` ``(M, F)``: a point hits finding f when its squared
-    distance is below ``(diameter_f / 2) ** 2`` (mm^2)."""
+    """The official LUNA16 hit rule on :func:`squared_distances` ``(M, F)``: a point hits finding f when its
+    squared distance is below ``(diameter_f / 2) ** 2`` (mm^2)."""
     return squared_mm2 < (np.asarray(diameters_mm, np.float64) / 2.0) ** 2
 
 
@@ -740,10 +740,10 @@ def recorded_scans(manifest: dict) -> list[str]:
 
 def scan_records(candidates: PointTable, annotations: PointTable | None, scans) -> dict:
     """What training needs to know of a subset's scans beyond its patches, for its manifest:
-    ``candidate_counts`` ``{seriesuid: [candidates, nodule candidates (class 1)]}`` of the candidates file (the
-    whole list, not the extracted sample: the prior a calibrated probability is corrected to), and ``nodules``
-    ``[[seriesuid, x, y, z, diameter_mm], ...]`` of ``annotations.csv`` (world mm; None without that file: the
-    validation cutoff is then chosen per candidate instead of per nodule)."""
+    ``candidate_counts`` ``{seriesuid: [candidates, nodule candidates (class 1)]}`` of the candidates file
+    (the whole list, not the extracted sample: the prior a calibrated probability is corrected to), and
+    ``nodules`` ``[[seriesuid, x, y, z, diameter_mm], ...]`` of ``annotations.csv`` (world mm; None without
+    that file: the validation cutoff is then chosen per candidate instead of per nodule)."""
     scans = set(scans)
     mine = np.isin(candidates.seriesuid, list(scans))
     counts = {uid: [0, 0] for uid in sorted(scans)}
@@ -753,14 +753,14 @@ def scan_records(candidates: PointTable, annotations: PointTable | None, scans) 
     nodules = None
     if annotations is not None:
         rows = np.flatnonzero(np.isin(annotations.seriesuid, list(scans)))
-        nodules = [[str(annotations.seriesuid[r]), *map(float, annotations.world_xyz[r]), float(annotations.value[r])]
-                   for r in rows]
+        nodules = [[str(annotations.seriesuid[r]), *map(float, annotations.world_xyz[r]),
+                    float(annotations.value[r])] for r in rows]
     return {"candidate_counts": counts, "nodules": nodules}
 
 
 def _subset_candidates(data_dir: Path, candidates_path: Path, scans: dict, subset: int, wanted: dict):
-    """``(selected candidates, their annotated diameters (NaN off nodules), problems met, scan_records)`` of one
-    subset."""
+    """``(selected candidates, their annotated diameters (NaN off nodules), problems met, scan_records)`` of
+    one subset."""
     candidates, problems = read_point_csv(candidates_path, "class", strict=False)
     unknown = set(candidates.seriesuid) - set(scan_subset_map(data_dir))
     if unknown:
@@ -917,7 +917,8 @@ def extract_subset(data_dir, work_dir, subset: int, patch_size: int = 64, spacin
                   negatives_per_positive=float(negatives_per_positive), all_candidates=all_candidates)
     manifest = _read_manifest(cache, wanted)
     scans = subset_scans(data_dir, [subset])
-    selected, diameters, problems, records = _subset_candidates(data_dir, candidates_path, scans, subset, wanted)
+    selected, diameters, problems, records = _subset_candidates(data_dir, candidates_path, scans, subset,
+                                                                wanted)
     parts = Parts(cache / "parts", wanted)
     done = set(manifest.get("scans", [])) | parts.done()
     todo = [uid for uid in scans if uid not in done]
@@ -932,7 +933,7 @@ def extract_subset(data_dir, work_dir, subset: int, patch_size: int = 64, spacin
         manifest.update(n_patches=n_patches, n_positive=n_positive, failed=failed, **records)
         atomic_write_json(cache / "manifest.json", manifest)
         parts.remove()
-    elif any(manifest.get(key) != value for key, value in records.items()):   # a cache made before the records
+    elif any(manifest.get(key) != value for key, value in records.items()):   # made before the records
         manifest.update(records)
         atomic_write_json(cache / "manifest.json", manifest)
     for message in problems:

@@ -162,8 +162,9 @@ def match_marks(n_scans: int, mark_scan: np.ndarray, mark_xyz: np.ndarray, mark_
 
 def nodule_hits(mark_uid: np.ndarray, mark_xyz: np.ndarray, nodule_uid: np.ndarray, nodule_xyz: np.ndarray,
                 nodule_diameter: np.ndarray) -> list:
-    """For each nodule, the rows of the marks (candidates, world mm ``(M, 3)``) that hit it by the official rule
-    (same scan, inside its sphere; diameters in mm as :func:`scoring_diameters` reads them); empty where none."""
+    """For each nodule, the rows of the marks (candidates, world mm ``(M, 3)``) that hit it by the official
+    rule (same scan, inside its sphere; diameters in mm as :func:`scoring_diameters` reads them); empty where
+    none."""
     marks_of: dict = {}
     for row, uid in enumerate(mark_uid):
         marks_of.setdefault(uid, []).append(row)
@@ -538,8 +539,9 @@ def froc_summary_line(result: dict) -> str:
 
 # --- evaluating a model on whole subsets ---------------------------------------------------------
 
-# probability: the raw score (as in submission.csv); calibrated_probability: at the checkpoint's recorded candidate
-# prior (calibration.py; empty for checkpoints without one), after the columns readers had before it.
+# probability: the raw score (as in submission.csv); calibrated_probability: at the checkpoint's recorded
+# candidate prior (calibration.py; empty for checkpoints without one), after the columns readers had before
+# it.
 PREDICTION_COLUMNS = ("seriesuid,coordX,coordY,coordZ,probability,class,annotated_diameter_mm,model_diameter_mm,"
                       "plain_diameter_mm,calibrated_probability")
 # What evaluation keeps per candidate (the columns of each scan's part): the probability, the model's diameter
@@ -711,9 +713,9 @@ def open_model_run(checkpoint: Path, candidates_path: Path, parts_dir: Path, vie
 
 def _write_scored(out_dir: Path, candidates: PointTable, scores: np.ndarray, annotated: np.ndarray,
                   scored: np.ndarray, calibrated: Optional[np.ndarray]) -> PointTable:
-    """``submission.csv`` (the raw probabilities: the FROC ranks them) and ``predictions.csv`` (with the class, the
-    annotated, model and plain diameters, empty where unknown, and the ``calibrated`` probability, empty without)
-    of the scored candidates; returns the marks."""
+    """``submission.csv`` (the raw probabilities: the FROC ranks them) and ``predictions.csv`` (with the
+    class, the annotated, model and plain diameters, empty where unknown, and the ``calibrated`` probability,
+    empty without) of the scored candidates; returns the marks."""
     marks = candidates.take(scored)
     marks.value = scores[scored, 0]
     calibrated_text = [""] * len(scored) if calibrated is None else [repr(float(p)) for p in calibrated]
@@ -733,26 +735,27 @@ def _write_scored(out_dir: Path, candidates: PointTable, scores: np.ndarray, ann
 def evaluate_model(checkpoint: Path, data_dir: Path, subsets: list[int], out_dir: Path, views: Optional[int] = None,
                    batch_size: int = 64, workers: int = 2, device: str = "auto", precision: str = "auto",
                    bootstrap: int = 1000, seed: int = 0, console=None, candidates_path: Optional[Path] = None,
-                   work_dir: Optional[Path] = None, allow_missing: bool = False, cutoff: Optional[float] = None,
-                   strict_cutoff: bool = True) -> dict:
+                   work_dir: Optional[Path] = None, allow_missing: bool = False,
+                   cutoff: Optional[float] = None, strict_cutoff: bool = True) -> dict:
     """Score every candidate of the given LUNA16 subsets with a checkpoint, then evaluate.
 
     Each scan is read once and its patches (the checkpoint's ``patch_size``/``spacing_mm``) go through the
-    model, averaged over ``views`` flips (default: the views the checkpoint was validated with), while
-    worker processes prepare the next scans. Each finished scan is kept in ``out_dir/parts``, so a rerun
-    resumes. Writes ``submission.csv`` (LUNA16 format, full-precision probabilities), ``predictions.csv``,
-    ``metrics.json``, ``roc.png``, ``froc.png`` and ``size.png``. The FROC counts the readable scans; unreadable ones
-    are skipped and listed in ``unreadable_scans``. ``candidates_path``: the candidates CSV (default: the data
-    folder's ``candidates_V2.csv``). For the nodule candidates (class 1) with an annotated diameter (that of
-    the nodule whose sphere holds them), ``size`` compares the model's and the plain diameters with it
-    (:func:`size_metrics`). A scan missing from a subset folder (against the extract manifests under
-    ``work_dir``, and ``seriesuids.csv`` with all ten subsets; :func:`check_scans`) is refused before any work,
-    or with ``allow_missing`` kept in the FROC with its nodules missed and listed in ``missing_scans``.
-    ``at_cutoff`` applies ``cutoff`` (a raw logit) when given, else the checkpoint's validated cutoff for these
-    views (``calibration.resolve_cutoff``: a number of views without one is refused before any work when
-    ``strict_cutoff``, else left without ``at_cutoff``). ``calibration`` (:func:`calibration_metrics`) and
-    ``calibration.png`` judge the probabilities calibrated to the checkpoint's candidate prior on every scored
-    candidate; the FROC ranks the raw ones (the same order). Returns the metrics dict.
+    model, averaged over ``views`` flips (default: the views the checkpoint was validated with), while worker
+    processes prepare the next scans. Each finished scan is kept in ``out_dir/parts``, so a rerun resumes.
+    Writes ``submission.csv`` (LUNA16 format, full-precision probabilities), ``predictions.csv``,
+    ``metrics.json``, ``roc.png``, ``froc.png`` and ``size.png``. The FROC counts the readable scans;
+    unreadable ones are skipped and listed in ``unreadable_scans``. ``candidates_path``: the candidates CSV
+    (default: the data folder's ``candidates_V2.csv``). For the nodule candidates (class 1) with an annotated
+    diameter (that of the nodule whose sphere holds them), ``size`` compares the model's and the plain
+    diameters with it (:func:`size_metrics`). A scan missing from a subset folder (against the extract
+    manifests under ``work_dir``, and ``seriesuids.csv`` with all ten subsets; :func:`check_scans`) is refused
+    before any work, or with ``allow_missing`` kept in the FROC with its nodules missed and listed in
+    ``missing_scans``. ``at_cutoff`` applies ``cutoff`` (a raw logit) when given, else the checkpoint's
+    validated cutoff for these views (``calibration.resolve_cutoff``: a number of views without one is refused
+    before any work when ``strict_cutoff``, else left without ``at_cutoff``). ``calibration``
+    (:func:`calibration_metrics`) and ``calibration.png`` judge the probabilities calibrated to the
+    checkpoint's candidate prior on every scored candidate; the FROC ranks the raw ones (the same order).
+    Returns the metrics dict.
     """
     start = time.perf_counter()
     checkpoint, data_dir, out_dir = Path(checkpoint), Path(data_dir), Path(out_dir)
@@ -824,7 +827,8 @@ def _candidate_metrics(labels: np.ndarray, probability: np.ndarray, operating: c
     at_cutoff = None
     if operating.logit is not None:
         at_cutoff = dict(threshold_metrics(labels, calibration.logit(probability), operating.logit),
-                         cutoff_probability=float(calibration.sigmoid(operating.logit)), cutoff_source=operating.source)
+                         cutoff_probability=float(calibration.sigmoid(operating.logit)),
+                         cutoff_source=operating.source)
     return {"n_candidates": len(labels), "n_positive": int(labels.sum()), "auc": roc_auc(labels, probability),
             "accuracy": at_half["accuracy"], "sensitivity": at_half["sensitivity"],
             "specificity": at_half["specificity"], "at_0.5": at_half, "at_cutoff": at_cutoff,
@@ -833,18 +837,20 @@ def _candidate_metrics(labels: np.ndarray, probability: np.ndarray, operating: c
 
 def calibration_metrics(labels: np.ndarray, raw: np.ndarray, calibrated: Optional[np.ndarray],
                         record: Optional[dict], candidates_path: Path, figure: Path, title: str) -> dict:
-    """The reliability (``calibration.reliability``: ECE over 10 equal-width bins, per-bin counts, mean probability,
-    nodule rate) of the ``calibrated`` probabilities (None without a recorded prior) and of the ``raw`` ones, over
-    the scored candidates, with the prior behind them; draws both into ``figure`` (the reliability diagram)."""
+    """The reliability (``calibration.reliability``: ECE over 10 equal-width bins, per-bin counts, mean
+    probability, nodule rate) of the ``calibrated`` probabilities (None without a recorded prior) and of the
+    ``raw`` ones, over the scored candidates, with the prior behind them; draws both into ``figure`` (the
+    reliability diagram)."""
     curves = {"raw": calibration.reliability(labels, raw)}
     if calibrated is not None:
         curves = {"calibrated": calibration.reliability(labels, calibrated), **curves}
     calibration.plot_reliability(figure, curves, title)
     record = record or {}
-    return {"ece": curves["calibrated"]["ece"] if calibrated is not None else None, "ece_bins": calibration.ECE_BINS,
-            "calibrated": curves.get("calibrated"), "raw": curves["raw"], "positive_share": record.get("positive_share"),
-            "prior": record.get("prior"), "note": f"{calibration.calibration_note(record)}; scored: every candidate "
-                                                  f"of {Path(candidates_path).name} on the evaluated scans"}
+    note = (f"{calibration.calibration_note(record)}; scored: every candidate of "
+            f"{Path(candidates_path).name} on the evaluated scans")
+    return {"ece": curves["calibrated"]["ece"] if calibrated is not None else None,
+            "ece_bins": calibration.ECE_BINS, "calibrated": curves.get("calibrated"), "raw": curves["raw"],
+            "positive_share": record.get("positive_share"), "prior": record.get("prior"), "note": note}
 
 
 def candidate_table(result: dict):

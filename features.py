@@ -108,8 +108,8 @@ def read_subset_cache(work_dir: Path, subset: int) -> SubsetCache:
 
 
 def _read_index(index_path: Path) -> Tuple[list, list, list, list]:
-    """seriesuids, labels, diameters (mm, NaN when empty) and world mm points (x, y, z) of ``index.csv``; bad rows
-    named by line."""
+    """seriesuids, labels, diameters (mm, NaN when empty) and world mm points (x, y, z) of ``index.csv``; bad
+    rows named by line."""
     seriesuids, labels, diameters, world_xyz = [], [], [], []
     with open(index_path, newline="") as handle:
         reader = csv.DictReader(handle)
@@ -130,7 +130,8 @@ def _read_index(index_path: Path) -> Tuple[list, list, list, list]:
             try:
                 world_xyz.append([float(row[c]) for c in ("coordX", "coordY", "coordZ")])
             except (TypeError, ValueError):
-                raise UserError(f"{index_path}, line {line}: coordX, coordY and coordZ must be numbers") from None
+                raise UserError(f"{index_path}, line {line}: coordX, coordY and coordZ must be "
+                                f"numbers") from None
             seriesuids.append(row["seriesuid"])
             labels.append(int(row["label"]))
             diameters.append(diameter)
@@ -267,7 +268,8 @@ class PatchPool:
         self.diameters = np.concatenate([caches[k].diameters[rows_by_subset[k]] for k in keys] or [np.zeros(0)])
         self.seriesuids = np.concatenate([caches[k].seriesuids[rows_by_subset[k]] for k in keys]
                                          or [np.zeros(0, object)])
-        self.world_xyz = np.concatenate([caches[k].world_xyz[rows_by_subset[k]] for k in keys] or [np.zeros((0, 3))])
+        self.world_xyz = np.concatenate([caches[k].world_xyz[rows_by_subset[k]] for k in keys]
+                                        or [np.zeros((0, 3))])
         self.patch_size = caches[keys[0]].patch_size if keys else 0
         self._arrays: Dict[int, np.ndarray] = {}
 

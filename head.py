@@ -260,9 +260,9 @@ def load_classifier(path: Path, device: str = "cpu") -> Tuple[Classifier, Dict[s
     """Checkpoint -> (classifier in eval mode on ``device``, meta).
 
     meta: ``config`` (model config), ``preprocess`` {patch_size, spacing_mm, hu_min, hu_max}, ``epoch``, plus
-    when present ``metrics``, ``kind``, ``views``, ``operating_point`` (validated cutoffs, raw logits per number of
-    views; see calibration.py), ``calibration`` (training share and candidate prior) and, in checkpoints made
-    before operating points, ``cutoff`` (a probability chosen per candidate patch).
+    when present ``metrics``, ``kind``, ``views``, ``operating_point`` (validated cutoffs, raw logits per
+    number of views; see calibration.py), ``calibration`` (training share and candidate prior) and, in
+    checkpoints made before operating points, ``cutoff`` (a probability chosen per candidate patch).
     """
     payload = read_checkpoint(path)
     try:
@@ -271,8 +271,8 @@ def load_classifier(path: Path, device: str = "cpu") -> Tuple[Classifier, Dict[s
     except (RuntimeError, ValueError, TypeError, KeyError) as err:
         raise UserError(f"{path}: weights do not fit the model config stored with them ({err})") from None
     model.to(device).eval()
-    meta = {key: payload[key] for key in ("config", "preprocess", "cutoff", "epoch", "metrics", "kind", "run", "views",
-                                          "operating_point", "calibration") if key in payload}
+    meta = {key: payload[key] for key in ("config", "preprocess", "cutoff", "epoch", "metrics", "kind", "run",
+                                          "views", "operating_point", "calibration") if key in payload}
     return model, meta
 
 
@@ -339,12 +339,13 @@ def flipped_views(x: torch.Tensor, views: int):
         yield (torch.flip(x, flip) if flip else x).unsqueeze(1)
 
 
-def view_outputs(model: Classifier, patches, preprocess: Dict[str, Any], device: str = "cpu", batch_size: int = 64,
-                 views: int = 1, precision: str = "fp32", with_size: bool = False):
+def view_outputs(model: Classifier, patches, preprocess: Dict[str, Any], device: str = "cpu",
+                 batch_size: int = 64, views: int = 1, precision: str = "fp32", with_size: bool = False):
     """Per flip: nodule probabilities (float64, sigmoid in float64) of int16 HU patches ``(N, P, P, P)``
-    ``[z, y, x]`` under each of the first ``views`` flips, ``(N, views)`` (column v: ``VIEW_FLIPS[v]``), and with
-    ``with_size`` the log-diameters (mm) ``(N, views)`` (None without, or for a model without a size output).
-    ``precision`` (resolved) applies to the encoder only: the head, its logits and size run in float32."""
+    ``[z, y, x]`` under each of the first ``views`` flips, ``(N, views)`` (column v: ``VIEW_FLIPS[v]``), and
+    with ``with_size`` the log-diameters (mm) ``(N, views)`` (None without, or for a model without a size
+    output). ``precision`` (resolved) applies to the encoder only: the head, its logits and size run in
+    float32."""
     patches = torch.as_tensor(patches)
     probability = np.empty((len(patches), views), np.float64)
     sized = with_size and model.has_size
@@ -366,7 +367,8 @@ def view_outputs(model: Classifier, patches, preprocess: Dict[str, Any], device:
 
 
 def mean_of_views(per_view: np.ndarray, views: Optional[int] = None) -> np.ndarray:
-    """The mean over the first ``views`` columns (default all) of ``(N, V)`` per-flip values, summed in flip order."""
+    """The mean over the first ``views`` columns (default all) of ``(N, V)`` per-flip values, summed in flip
+    order."""
     views = per_view.shape[1] if views is None else views
     total = per_view[:, 0].copy()
     for v in range(1, views):
@@ -376,15 +378,18 @@ def mean_of_views(per_view: np.ndarray, views: Optional[int] = None) -> np.ndarr
 
 def predict_patches(model: Classifier, patches, preprocess: Dict[str, Any], device: str = "cpu",
                     batch_size: int = 64, views: int = 1, precision: str = "fp32", with_size: bool = False):
-    """Nodule probabilities (float64) of int16 HU patches ``(N, P, P, P)`` ``[z, y, x]``, averaged over the first
-    ``views`` flips of each patch (:func:`view_outputs`). With ``with_size``: ``(probability, diameter_mm)``, the
-    diameter from the mean log-diameter over the views (all NaN when the model has no size output)."""
-    probability, log_size = view_outputs(model, patches, preprocess, device, batch_size, views, precision, with_size)
+    """Nodule probabilities (float64) of int16 HU patches ``(N, P, P, P)`` ``[z, y, x]``, averaged over the
+    first ``views`` flips of each patch (:func:`view_outputs`). With ``with_size``:
+    ``(probability, diameter_mm)``, the diameter from the mean log-diameter over the views (all NaN when the
+    model has no size output)."""
+    probability, log_size = view_outputs(model, patches, preprocess, device, batch_size, views, precision,
+                                         with_size)
     probability = mean_of_views(probability)
     if not with_size:
         return probability
-    diameter = np.full(len(probability), np.nan) if log_size is None else diameter_from_log(mean_of_views(log_size))
-    return probability, diameter
+    if log_size is None:
+        return probability, np.full(len(probability), np.nan)
+    return probability, diameter_from_log(mean_of_views(log_size))
 
 
 # --- metrics ------------------------------------------------------------------------

@@ -92,11 +92,11 @@ PoolingOption = Annotated[Pooling, typer.Option(
     help="avg (16 * feature_size values), flatten (the whole last stage) or centre (each stage's centre, 31 * feature_size).")]
 Weights = Annotated[Optional[Path], typer.Option(help="Pretrained Swin UNETR checkpoint for the encoder (random init without).")]
 CutoffOption = Annotated[Optional[float], typer.Option(
-    help="Cutoff as a raw logit (the model's score before calibration; probability p is log(p/(1-p))), instead of "
-         "the validated one.")]
+    help="Cutoff as a raw logit (the model's score before calibration; probability p is log(p/(1-p))), "
+         "instead of the validated one.")]
 TargetSensitivity = Annotated[float, typer.Option(
-    min=0.01, max=1.0, help="The cutoff is the highest threshold at which this share of the validation nodules has "
-                            "a candidate at or above it.")]
+    min=0.01, max=1.0, help="The cutoff is the highest threshold at which this share of the validation "
+                            "nodules has a candidate at or above it.")]
 HuMin = Annotated[float, typer.Option(help="HU mapped to 0.")]
 HuMax = Annotated[float, typer.Option(help="HU mapped to 1.")]
 
@@ -445,8 +445,8 @@ def evaluate(
     root, work = data_dir_option(data_dir), work_dir_option(work_dir)
     subset_list = parse_subsets(subsets, "--subsets", required=True) if subsets is not None else None
     if submission is not None and (candidates is not None or cutoff is not None):
-        raise UserError("--candidates and --cutoff are for evaluating a model (--run or --checkpoint); a submission "
-                        "holds its own marks")
+        raise UserError("--candidates and --cutoff are for evaluating a model (--run or --checkpoint); a "
+                        "submission holds its own marks")
     if submission is not None:
         scan_list, notes = evaluation.submission_scans(root, subset_list, seriesuids, work, allow_missing)
         result = evaluation.score_submission(submission, annotations or root / "annotations.csv",
@@ -470,10 +470,11 @@ def evaluate(
     evaluation.print_froc(console, result["froc"], f"LUNA16 FROC, subsets {subsets}", result["warnings"])
     if result["size"]["plain"]["n_nodules"]:
         console.print(evaluation.size_table(result["size"]))
-    console.print(f"files in {out_dir}: submission.csv, predictions.csv, metrics.json, roc.png, froc.png, size.png, "
-                  f"calibration.png")
+    console.print(f"files in {out_dir}: submission.csv, predictions.csv, metrics.json, roc.png, froc.png, "
+                  f"size.png, calibration.png")
     ece = result["calibration"]["ece"]
-    console.print(f"calibration: {result['calibration']['note']}; ECE (10 bins) {'-' if ece is None else f'{ece:.4f}'}")
+    console.print(f"calibration: {result['calibration']['note']}; ECE (10 bins) "
+                  f"{'-' if ece is None else f'{ece:.4f}'}")
     if result["unreadable_scans"]:
         console.print(f"[red]{len(result['unreadable_scans'])} unreadable scan(s) skipped (named above)[/]")
         raise typer.Exit(1)
@@ -489,8 +490,8 @@ def _positive_if_given(value: Optional[float]) -> Optional[float]:
 
 
 CROSSVAL_OPTIONS = ["features", "epochs", "batch_size", "lr", "seed", "patience", "epoch_samples", "weights",
-                    "feature_size", "window_size", "pooling", "views", "precision", "positive_share", "size_weight",
-                    "target_sensitivity"]
+                    "feature_size", "window_size", "pooling", "views", "precision", "positive_share",
+                    "size_weight", "target_sensitivity"]
 
 
 @app.command()
@@ -512,9 +513,9 @@ def crossval(
     positive_share: PositiveShare = None,
     size_weight: SizeWeight = None,
     target_sensitivity: Annotated[Optional[float], typer.Option(
-        min=0.01, max=1.0, help="Each fold's validation cutoff, and the folds' pooled operating point, is the highest "
-                                "threshold at which this share of the nodules has a candidate at or above it "
-                                "(default 0.9).")] = None,
+        min=0.01, max=1.0, help="Each fold's validation cutoff, and the folds' pooled operating point, is "
+                                "the highest threshold at which this share of the nodules has a candidate at "
+                                "or above it (default 0.9).")] = None,
     weights: Weights = None,
     feature_size: FeatureSize = None,
     window_size: WindowSize = None,
@@ -548,12 +549,12 @@ def crossval(
 @friendly_errors
 def predict(
     scan: Annotated[Path, typer.Option(help="The CT: .mhd, NIfTI, or a DICOM series folder.")],
-    checkpoint: Annotated[List[Path], typer.Option(help="Classifier checkpoint (best.pt of a run); repeat it to average "
-                                                         "several models (their mean cutoff is unvalidated: give "
-                                                         "--cutoff, or use --ensemble).")] = [],
+    checkpoint: Annotated[List[Path], typer.Option(
+        help="Classifier checkpoint (best.pt of a run); repeat it to average several models (their mean "
+             "cutoff is unvalidated: give --cutoff, or use --ensemble).")] = [],
     ensemble: Annotated[Optional[str], typer.Option(
-        help="Average the folds of crossval NAME (W/crossval/NAME) at the operating point chosen on their pooled "
-             "out-of-fold scores.")] = None,
+        help="Average the folds of crossval NAME (W/crossval/NAME) at the operating point chosen on their "
+             "pooled out-of-fold scores.")] = None,
     coord: Annotated[List[str], typer.Option("--coord", help="World mm point X,Y,Z, LPS as in the LUNA16 CSVs (repeat for several).")] = [],
     candidates: Annotated[Optional[Path], typer.Option(help="CSV of points with coordX,coordY,coordZ columns (world mm, LPS). "
                                                             "Without --coord and --candidates, detect finds them.")] = None,
@@ -573,14 +574,15 @@ def predict(
     risk: Annotated[Risk, typer.Option(case_sensitive=False, help="Patient risk assumed (Fleischner only).")] = Risk("low"),
     work_dir: WorkDir = None,
 ):
-    """Probability that the candidate at each world point of a new scan is a nodule (calibrated to the training
-    candidate list, the raw score beside it), whether it needs follow-up, its diameter and, for follow-up points,
-    the guideline's size category (research use only)."""
+    """Probability that the candidate at each world point of a new scan is a nodule (calibrated to the
+    training candidate list, the raw score beside it), whether it needs follow-up, its diameter and, for
+    follow-up points, the guideline's size category (research use only)."""
     import crossval as cv
     import predict as prediction
     if not checkpoint and ensemble is None:
         raise UserError("give --checkpoint FILE (one or more) or --ensemble NAME of a crossval")
-    folder = None if ensemble is None else cv.crossval_dir(work_dir_option(work_dir), cv.check_name(ensemble, "--ensemble"))
+    folder = None if ensemble is None else \
+        cv.crossval_dir(work_dir_option(work_dir), cv.check_name(ensemble, "--ensemble"))
     rows = prediction.predict_scan(checkpoint, scan, coord, candidates, out, device=device, batch_size=batch_size,
                                    views=views, precision=precision.value, guideline=guideline.value,
                                    nodule_type=nodule_type.value, risk=risk.value, max_per_scan=max_per_scan,

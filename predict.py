@@ -41,8 +41,8 @@ from detect import scan_name
 # above, bone or metal. (Calcified nodules reach a few hundred HU, so the upper bound is generous.)
 PLAUSIBLE_HU = (-950.0, 500.0)
 CENTRE_MM = 3  # side of the cube (in patch voxels) averaged for the HU at the point
-# The size and follow-up columns come after the first seven, and the calibration and cutoff columns after those,
-# so readers of the older files keep working. probability: the raw score (the models' mean);
+# The size and follow-up columns come after the first seven, and the calibration and cutoff columns after
+# those, so readers of the older files keep working. probability: the raw score (the models' mean);
 # calibrated_probability: at the checkpoints' recorded candidate prior (calibration.py; empty without one);
 # logit: the raw score's logit, compared with cutoff_logit; cutoff_source: where the cutoff comes from (and
 # whether any data validated it); calibration_note: where the prior comes from.
@@ -119,16 +119,17 @@ def load_models(checkpoints, device) -> list[tuple]:
 
 @dataclass
 class ModelSet:
-    """What predict applies: ``models`` ``[(path, model, meta)]``, each one's number of views, and the cutoff (a raw
-    logit for the logit of the models' mean raw probability) with its source."""
+    """What predict applies: ``models`` ``[(path, model, meta)]``, each one's number of views, and the cutoff
+    (a raw logit for the logit of the models' mean raw probability) with its source."""
     models: list
     views: list
     cutoff: calibration.Cutoff
 
 
 def read_ensemble(folder: Path) -> dict:
-    """A cross-validation's ``operating_point.json`` (``crossval.write_operating_point``): its folds' checkpoints,
-    the views they were evaluated with and the cutoff chosen on their pooled out-of-fold scores."""
+    """A cross-validation's ``operating_point.json`` (``crossval.write_operating_point``): its folds'
+    checkpoints, the views they were evaluated with and the cutoff chosen on their pooled out-of-fold scores.
+    """
     path = Path(folder) / "operating_point.json"
     if not path.is_file():
         raise UserError(f"--ensemble: {path} not found; run (or finish) `python luna_cli.py crossval --name "
@@ -137,33 +138,42 @@ def read_ensemble(folder: Path) -> dict:
 
 
 def _ensemble_set(folder: Path, device, views: Optional[int], cutoff: Optional[float]) -> ModelSet:
-    point = read_ensemble(folder)
-    models = load_models(point["checkpoints"], device)
-    if views is not None and views != point["views"] and cutoff is None:
-        raise UserError(f"--views {views}: cross-validation {Path(folder).name}'s operating point was chosen at "
-                        f"{point['views']} view(s); use --views {point['views']}, or give --cutoff LOGIT (a raw logit)")
-    chosen = calibration.Cutoff(point["cutoff_logit"], f"cross-validation {Path(folder).name}'s operating point: "
-                                f"chosen for {point['target_sensitivity']:.0%} of its nodules on the pooled "
-                                f"out-of-fold scores at {point['views']} view(s), an approximation for the average "
-                                f"of its {len(models)} folds", True)
+    """The folds of a crossval folder (``W/crossval/NAME``; their runs ``W/runs/<run>``) at its operating
+    point, or at ``cutoff``; another number of views than the operating point's needs ``cutoff``."""
+    point, name = read_ensemble(folder), Path(folder).name
+    runs = Path(folder).parent.parent / "runs"
+    models = load_models([runs / run / "best.pt" for run in point["runs"]], device)
+    used = views or point["views"]
+    if used is None or (cutoff is None and point["cutoff_logit"] is None):
+        raise UserError(f"--ensemble {name}: its operating point has no single cutoff (no nodule with a "
+                        f"candidate, or folds evaluated with other views); give --views and --cutoff LOGIT")
     if cutoff is not None:
-        chosen = calibration.resolve_cutoff({}, point["views"], cutoff)
-    return ModelSet(models, [views or point["views"]] * len(models), chosen)
+        return ModelSet(models, [used] * len(models), calibration.resolve_cutoff({}, used, cutoff))
+    if used != point["views"]:
+        raise UserError(f"--views {views}: cross-validation {name}'s operating point was chosen at "
+                        f"{point['views']} view(s); use --views {point['views']}, or give --cutoff LOGIT "
+                        f"(a raw logit)")
+    source = (f"cross-validation {name}'s operating point: chosen for {point['target_sensitivity']:.0%} of "
+              f"its nodules on the pooled out-of-fold scores at {used} view(s), an approximation for the "
+              f"average of its {len(models)} folds")
+    return ModelSet(models, [used] * len(models), calibration.Cutoff(point["cutoff_logit"], source, True))
 
 
 def resolve_models(checkpoint, device, views: Optional[int] = None, cutoff: Optional[float] = None,
                    ensemble: Optional[Path] = None) -> ModelSet:
-    """The models and the cutoff of a prediction: a crossval folder's folds and operating point (``ensemble``),
-    else one checkpoint or a list (each with ``views`` or its own, and its validated cutoff for them: a number of
-    views without one is refused). ``cutoff`` (a raw logit) replaces the validated one. Several checkpoints without
-    ``cutoff`` get the mean of their cutoffs, marked unvalidated; a checkpoint without any a raw 0.5, the same."""
+    """The models and the cutoff of a prediction: a crossval folder's folds and operating point
+    (``ensemble``), else one checkpoint or a list (each with ``views`` or its own, and its validated cutoff
+    for them: a number of views without one is refused). ``cutoff`` (a raw logit) replaces the validated one.
+    Several checkpoints without ``cutoff`` get the mean of their cutoffs, marked unvalidated; a checkpoint
+    without any a raw 0.5, the same."""
     if ensemble is not None:
         if checkpoint:
             raise UserError("give either --ensemble NAME or --checkpoint, not both")
         return _ensemble_set(ensemble, device, views, cutoff)
     models = load_models(checkpoint, device)
     used = [head.check_views(views or meta.get("views", 1)) for _, _, meta in models]
-    cutoffs = [calibration.resolve_cutoff(meta, v, cutoff, name=str(path)) for (path, _, meta), v in zip(models, used)]
+    cutoffs = [calibration.resolve_cutoff(meta, v, cutoff, name=str(path))
+               for (path, _, meta), v in zip(models, used)]
     chosen = cutoffs[0] if len(cutoffs) == 1 or cutoff is not None else calibration.mean_cutoff(cutoffs)
     if chosen.logit is None:
         chosen = calibration.Cutoff(0.0, NO_CUTOFF, False)
@@ -238,18 +248,18 @@ def predict_points(checkpoint, scan_path, world_xyz, device: str = "auto", batch
     already read).
 
     ``checkpoint``: one checkpoint, a list of them (say the models of a cross-validation's folds, whose
-    probabilities are averaged: the scan is read and the patches cut once, each model applies its own HU window
-    and views), or a :class:`ModelSet` already resolved; ``ensemble``: a crossval folder instead
-    (:func:`resolve_models`: which cutoff applies, ``cutoff`` a raw logit replacing it). ``views``: flips averaged
-    per patch (default: those each checkpoint was validated with). ``points``: where the points come from, for
-    the calibration note (e.g. ``"detect"``). Returns one dict per point: ``coordX/Y/Z`` (mm), ``probability``
-    (raw, float64), ``calibrated_probability`` (at the recorded candidate prior; None without one), ``logit`` (of
-    the raw probability), ``follow_up`` (``logit >= cutoff``), ``cutoff`` (raw logit) with ``cutoff_source``,
-    ``calibration_note``, ``hu_at_point`` (mean HU of the central 3 x 3 x 3 patch voxels) and ``warning`` ("" or
-    why the point is implausible: outside the scan, air, bone); then the keys of :func:`size_and_follow_up`
-    (``diameter_mm``, ``size_source``, ``guideline``, ``category``, ``recommendation``, ``assumptions``) for
-    ``guideline``/``nodule_type``/``risk`` (see followup.py), whose bad values raise UserError before anything
-    is read.
+    probabilities are averaged: the scan is read and the patches cut once, each model applies its own HU
+    window and views), or a :class:`ModelSet` already resolved; ``ensemble``: a crossval folder instead
+    (:func:`resolve_models`: which cutoff applies, ``cutoff`` a raw logit replacing it). ``views``: flips
+    averaged per patch (default: those each checkpoint was validated with). ``points``: where the points come
+    from, for the calibration note (e.g. ``"detect"``). Returns one dict per point: ``coordX/Y/Z`` (mm),
+    ``probability`` (raw, float64), ``calibrated_probability`` (at the recorded candidate prior; None without
+    one), ``logit`` (of the raw probability), ``follow_up`` (``logit >= cutoff``), ``cutoff`` (raw logit) with
+    ``cutoff_source``, ``calibration_note``, ``hu_at_point`` (mean HU of the central 3 x 3 x 3 patch voxels)
+    and ``warning`` ("" or why the point is implausible: outside the scan, air, bone); then the keys of
+    :func:`size_and_follow_up` (``diameter_mm``, ``size_source``, ``guideline``, ``category``,
+    ``recommendation``, ``assumptions``) for ``guideline``/``nodule_type``/``risk`` (see followup.py), whose
+    bad values raise UserError before anything is read.
     """
     world_xyz = np.atleast_2d(np.asarray(world_xyz, float))
     if world_xyz.shape[1:] != (3,) or len(world_xyz) == 0:
@@ -262,21 +272,24 @@ def predict_points(checkpoint, scan_path, world_xyz, device: str = "auto", batch
         resolve_models(checkpoint, torch_device, views, cutoff, ensemble)
     preprocess = chosen.models[0][2]["preprocess"]
     scan, patches = _scan_and_patches(scan_path, world_xyz, preprocess)
-    probability, calibrated, model_diameters = _model_outputs(chosen, patches, torch_device, batch_size, precision)
+    probability, calibrated, model_diameters = _model_outputs(chosen, patches, torch_device, batch_size,
+                                                              precision)
     logits = calibration.logit(probability)
     lo = int(preprocess["patch_size"]) // 2 - CENTRE_MM // 2
     hu_at_point = patches[:, lo:lo + CENTRE_MM, lo:lo + CENTRE_MM, lo:lo + CENTRE_MM].reshape(len(patches), -1).mean(1)
     inside = data.inside_scan(scan, world_xyz)
-    sizes = size_and_follow_up(patches, float(preprocess["spacing_mm"]), logits >= chosen.cutoff.logit, **options,
+    follow_up = logits >= chosen.cutoff.logit
+    sizes = size_and_follow_up(patches, float(preprocess["spacing_mm"]), follow_up, **options,
                                model_diameters=model_diameters)
     shared = {"cutoff": chosen.cutoff.logit, "cutoff_source": chosen.cutoff.source,
               "calibration_note": _calibration_note(chosen, points), "n_models": len(chosen.models)}
+    calibrated = [None] * len(probability) if calibrated is None else calibrated.tolist()
     return [{"coordX": float(x), "coordY": float(y), "coordZ": float(z), "probability": float(p),
-             "calibrated_probability": None if calibrated is None else float(calibrated[n]), "logit": float(logit),
-             "follow_up": bool(logit >= chosen.cutoff.logit), "hu_at_point": float(h) if ok else None,
-             "warning": _point_warning(bool(ok), float(h)), **shared, **size}
-            for n, ((x, y, z), p, logit, h, ok, size) in enumerate(zip(world_xyz.tolist(), probability, logits,
-                                                                      hu_at_point, inside, sizes))]
+             "calibrated_probability": c, "logit": float(logit), "follow_up": bool(yes),
+             "hu_at_point": float(h) if ok else None, "warning": _point_warning(bool(ok), float(h)),
+             **shared, **size}
+            for (x, y, z), p, c, logit, yes, h, ok, size in zip(
+                world_xyz.tolist(), probability, calibrated, logits, follow_up, hu_at_point, inside, sizes)]
 
 
 def _scan_and_patches(scan_path, world_xyz: np.ndarray, preprocess: dict):
@@ -297,13 +310,14 @@ def _calibration_note(chosen: ModelSet, points: str) -> str:
 
 def _model_outputs(chosen: ModelSet, patches: np.ndarray, device, batch_size: int,
                    precision: str) -> tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
-    """The mean raw probability of the models, the mean of their calibrated probabilities (None when one has no
-    recorded prior), and the diameter (mm) from the mean log-diameter of those with a size output (None when none
-    has one)."""
+    """The mean raw probability of the models, the mean of their calibrated probabilities (None when one has
+    no recorded prior), and the diameter (mm) from the mean log-diameter of those with a size output (None
+    when none has one)."""
     probabilities, calibrated, log_sizes = [], [], []
     for (_, model, meta), views in zip(chosen.models, chosen.views):
-        probability, diameter = head.predict_patches(model, patches, meta["preprocess"], device, batch_size, views,
-                                                     head.resolve_precision(precision, device), with_size=True)
+        probability, diameter = head.predict_patches(model, patches, meta["preprocess"], device, batch_size,
+                                                     views, head.resolve_precision(precision, device),
+                                                     with_size=True)
         probabilities.append(probability)
         calibrated.append(calibration.calibrated_probability(probability, meta.get("calibration")))
         if model.has_size:
@@ -334,8 +348,8 @@ def write_predictions_csv(predictions: Sequence[dict], path) -> None:
 
 
 def _table_caption(predictions: Sequence[dict], n_models: int) -> str:
-    """The cutoff and its source, where the calibration's prior comes from, the guideline and the assumptions of
-    the size and category, the disclaimer."""
+    """The cutoff and its source, where the calibration's prior comes from, the guideline and the assumptions
+    of the size and category, the disclaimer."""
     lines = []
     if predictions:
         first = predictions[0]
@@ -356,10 +370,10 @@ def _table_caption(predictions: Sequence[dict], n_models: int) -> str:
 
 
 def prediction_table(predictions: Sequence[dict], title: str = "", n_models: int = 1):
-    """A rich table: coordinates, calibrated and raw probability, follow-up at the cutoff, HU at the point, the
-    diameter, the guideline's category and recommendation (follow-up points only) and warnings; the caption names
-    the cutoff and its source, the calibration's prior, the guideline, the assumptions and followup.DISCLAIMER.
-    ``n_models`` > 1: the probabilities are the average of that many checkpoints."""
+    """A rich table: coordinates, calibrated and raw probability, follow-up at the cutoff, HU at the point,
+    the diameter, the guideline's category and recommendation (follow-up points only) and warnings; the
+    caption names the cutoff and its source, the calibration's prior, the guideline, the assumptions and
+    followup.DISCLAIMER. ``n_models`` > 1: the probabilities are the average of that many checkpoints."""
     from rich.table import Table
     table = Table(title=title or None, caption=_table_caption(predictions, n_models))
     sized = bool(predictions) and predictions[0].get("size_source") == SIZE_FROM_MODEL
@@ -409,13 +423,14 @@ def distinct_findings(predictions: Sequence[dict], unknown_diameter_mm: float = 
 def predict_scan(checkpoint, scan_path, coords: Sequence[str] = (), candidates=None, out=None,
                  device: str = "auto", batch_size: int = 64, views: Optional[int] = None,
                  precision: str = "auto", *, guideline: str = "fleischner", nodule_type: str = "solid",
-                 risk: str = "low", max_per_scan: int = detect.DEFAULT_MAX_PER_SCAN, cutoff: Optional[float] = None,
-                 ensemble: Optional[Path] = None) -> list[dict]:
+                 risk: str = "low", max_per_scan: int = detect.DEFAULT_MAX_PER_SCAN,
+                 cutoff: Optional[float] = None, ensemble: Optional[Path] = None) -> list[dict]:
     """Points from ``--coord X,Y,Z`` strings or a candidates CSV -> :func:`predict_points` (one checkpoint or
     a list, averaged, or a crossval ``ensemble``; ``cutoff`` a raw logit; ``guideline``, ``nodule_type`` and
-    ``risk`` for the follow-up category), written to ``out``. With neither, :func:`detect.detect_scan` finds up to
-    ``max_per_scan`` candidates first, and the distinct findings at or above the cutoff (:func:`distinct_findings`)
-    are returned, highest probability first, with their follow-up categories for that number of nodules."""
+    ``risk`` for the follow-up category), written to ``out``. With neither, :func:`detect.detect_scan` finds
+    up to ``max_per_scan`` candidates first, and the distinct findings at or above the cutoff
+    (:func:`distinct_findings`) are returned, highest probability first, with their follow-up categories for
+    that number of nodules."""
     if coords and candidates is not None:
         raise UserError("give either --coord X,Y,Z (one or more) or --candidates FILE.csv, not both")
     chosen = resolve_models(checkpoint, head.resolve_device(device), views, cutoff, ensemble)

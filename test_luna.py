@@ -690,7 +690,8 @@ def test_evaluate_model_scores_every_candidate_and_resumes(eval_phantom, tmp_pat
     assert predicted[0][6:] == ["annotated_diameter_mm", "model_diameter_mm", "plain_diameter_mm",
                                 "calibrated_probability"]
     assert sum(bool(r[6]) for r in predicted[1:]) == nodules and not any(r[7] for r in predicted[1:])
-    # a checkpoint without a recorded candidate prior: no calibrated probability; the raw one's reliability only
+    # a checkpoint without a recorded candidate prior: no calibrated probability; the raw one's reliability
+    # only
     assert not any(r[9] for r in predicted[1:]) and saved["calibration"]["ece"] is None
     assert saved["calibration"]["raw"]["n"] == len(expected) and saved["calibration"]["calibrated"] is None
     # The probabilities are the model's on freshly extracted patches, written at full precision.
@@ -941,17 +942,17 @@ def test_evaluate_and_predict_apply_the_checkpoint_views_unless_told(eval_phanto
     patches = data.extract_patches(data.read_ct(mhd), points, 32, 1.25)
     eight, one = (head.predict_patches(model, patches, meta["preprocess"], views=v) for v in (8, 1))
     assert np.abs(eight - one).max() > 1e-4
-    got = {v: [r["probability"] for r in predict.predict_points(checkpoint, mhd, points, device="cpu", views=v,
-                                                                 cutoff=None if v is None else 0.0)]
+    got = {v: [r["probability"] for r in predict.predict_points(checkpoint, mhd, points, device="cpu",
+                                                                 views=v, cutoff=None if v is None else 0.0)]
            for v in (None, 1)}
     np.testing.assert_allclose(got[None], eight, rtol=1e-6)
     np.testing.assert_allclose(got[1], one, rtol=1e-6)
     # other views than the one cutoff this (older) checkpoint stores are refused without --cutoff, naming it
     with pytest.raises(UserError, match=r"--views 1: .*cutoffs for 8 view\(s\) only"):
         predict.predict_points(checkpoint, mhd, points, device="cpu", views=1)
-    cli = CliRunner().invoke(luna_cli.app, ["evaluate", "--checkpoint", str(checkpoint), "--subsets", "1", "--views",
-                                            "2", "--data-dir", str(eval_phantom), "--work-dir", str(tmp_path / "w"),
-                                            "--workers", "0", "--device", "cpu"])
+    cli = CliRunner().invoke(luna_cli.app, ["evaluate", "--checkpoint", str(checkpoint), "--subsets", "1",
+                                            "--views", "2", "--data-dir", str(eval_phantom), "--work-dir",
+                                            str(tmp_path / "w"), "--workers", "0", "--device", "cpu"])
     assert cli.exit_code == 1 and isinstance(_user_error(cli), UserError), _why(cli)
     assert "--views 2" in str(_user_error(cli)) and "8 view(s)" in str(_user_error(cli))
     assert not list((tmp_path / "w").glob("eval/*/*.csv"))   # refused before any scan was scored
@@ -1399,6 +1400,44 @@ def test_balanced_sampling_draws_positives_at_the_share_asked():
         train._check_options(dict(train.HEAD_DEFAULTS, positive_share=1.0))
 
 
+def test_prior_shift_gives_the_known_answer():
+    import calibration
+    # trained at half nodules, moved to 1 in 10: odds 4 (p 0.8) become 4 * (1/9) / 1, p = 4/13
+    assert calibration.calibrated_probability([0.8], {"positive_share": 0.5, "prior": 0.1})[0] == \
+        pytest.approx(4 / 13, rel=1e-12)
+    # a score at the training share lands on the prior; trained at 1 in 5, odds 1/4 -> prior odds 1/479
+    record = {"positive_share": 0.2, "prior": 1 / 480}
+    assert calibration.calibrated_probability([0.2], record)[0] == pytest.approx(1 / 480, rel=1e-12)
+    assert calibration.calibrated_probability([0.5], record)[0] == pytest.approx(4 / 483, rel=1e-12)
+    assert calibration.calibrated_probability([0.5], {"positive_share": 0.5, "prior": None}) is None
+    found = calibration.reliability(np.array([0, 0, 1, 1]), np.array([0.05, 0.15, 0.15, 0.95]))
+    assert found["ece"] == pytest.approx((0.05 + 2 * 0.35 + 0.05) / 4, rel=1e-12)
+    assert [row["n"] for row in found["per_bin"]] == [1, 2, 0, 0, 0, 0, 0, 0, 0, 1]
+
+
+def test_per_nodule_cutoff_counts_a_nodule_once_and_a_nodule_without_candidate_as_missed():
+    from types import SimpleNamespace
+    import train
+    # scan A: nodule 1 (10 mm at the origin) holds two candidates (logits 2.0 and 1.5), nodule 2 (6 mm at x =
+    # 50) one (0.5) and, exactly on its rim (squared distance = r^2: no hit), another (5.0); nodule 3 none
+    pool = SimpleNamespace(labels=np.array([1, 1, 1, 0, 0]), seriesuids=np.array(["A"] * 5, object),
+                           world_xyz=np.array([[0, 0, 0], [3, 0, 0], [50, 1, 0], [53, 0, 0], [20, 0, 0]],
+                                              float))
+    nodules = (np.array(["A", "A", "B"], object), np.array([[0, 0, 0], [50, 0, 0], [0, 0, 0]], float),
+               np.array([10.0, 6.0, 8.0]))
+    logits = np.array([2.0, 1.5, 0.5, 5.0, 3.0])
+    chooser = train.CutoffChooser(pool, nodules, 2 / 3)
+    assert chooser.basis == "nodule" and chooser.choose(logits) == (0.5, pytest.approx(2 / 3))
+    order = np.array([4, 2, 0, 3, 1])                 # outputs in another order, with their pool positions
+    assert chooser.choose(logits[order], order) == chooser.choose(logits)
+    # per candidate patch, the second candidate of nodule 1 would pass for another nodule found
+    assert train.CutoffChooser(pool, None, 2 / 3).choose(logits)[0] == 1.5
+    # 90% of three nodules cannot be reached with one missed: the lowest cutoff that finds the others
+    assert train.CutoffChooser(pool, nodules, 0.9).choose(logits) == (0.5, pytest.approx(2 / 3))
+    point = chooser.operating_point({1: logits, 8: logits - 1.0}, None, epoch=3)
+    assert point["cutoff_logits"] == {"1": 0.5, "8": -0.5} and point["n_nodules_without_candidate"] == 1
+
+
 def test_sensitivity_cutoff_and_training_metrics():
     import head
     rng = np.random.default_rng(0)
@@ -1442,7 +1481,7 @@ def test_cached_features_head_and_finetune_learn(tmp_path):
     assert meta["preprocess"] == {"patch_size": 32, "spacing_mm": 1.0, "hu_min": -1000.0, "hu_max": 1000.0}
     best = next(row for row in history if row["epoch"] == meta["epoch"])  # equal AUCs: the lower validation loss
     assert best["val_auc"] == max(row["val_auc"] for row in history)
-    point = meta["operating_point"]   # hand-made manifests list no nodules: chosen per patch, at the 1 cached view
+    point = meta["operating_point"]   # hand-made manifests list no nodules: per patch, at the 1 cached view
     assert point["basis"] == "patch" and point["cutoff_logits"] == {"1": best["cutoff_logit"]}
     # the saved classifier on raw patches scores the validation subset as the head did on cached features
     patches = torch.from_numpy(np.load(work / "patches" / "subset2" / "patches.npy"))
@@ -1492,7 +1531,8 @@ def test_finetune_resume_repeats_the_uninterrupted_run(tmp_path):
     assert all(torch.allclose(last_a["model"][k], last_b["model"][k], atol=1e-6) for k in last_a["model"])
     assert last_b["preprocess"]["patch_size"] == 32
     best = torch.load(whole / "best.pt", weights_only=True)
-    assert "optimizer" not in best and sorted(best["operating_point"]["cutoff_logits"]) == ["1", "2", "4", "8"]
+    assert "optimizer" not in best
+    assert sorted(best["operating_point"]["cutoff_logits"]) == ["1", "2", "4", "8"]
     model, meta = head.load_classifier(whole / "last.pt")
     assert meta["epoch"] == 4 and meta["config"]["encoder"]["window_size"] == 4
     # a finished run resumed again does nothing
@@ -2265,6 +2305,53 @@ def test_crossval_cpm_equals_scoring_its_concatenated_submission(crossval_run, t
                                                            ["2", "2", "1", "cv-fold2"], ["3", "3", "2", "cv-fold3"]]
     assert sum(int(line.split(",")[6]) for line in lines[1:]) == n_rows
     assert (out / "froc.png").read_bytes()[:4] == b"\x89PNG"
+    assert all((out / f"fold{k}" / "calibration.png").read_bytes()[:4] == b"\x89PNG" for k in range(4))
+
+
+def test_calibrated_probabilities_meet_the_nodule_rate_and_leave_the_froc_alone(crossval_run):
+    """Every candidate of the four held-out subsets, each scored by the fold model that never trained on
+    it."""
+    import csv
+    import json
+    import data
+    import evaluate
+    root, work, saved = crossval_run
+    out = work / "crossval" / "cv"
+    rows = []
+    for k in range(4):
+        with open(out / f"fold{k}" / "predictions.csv", newline="") as handle:
+            rows += list(csv.DictReader(handle))
+        fold = json.loads((out / f"fold{k}" / "metrics.json").read_text())["calibration"]
+        assert fold["prior"] is not None and 0.0 <= fold["ece"] <= 1.0
+        assert fold["calibrated"]["n"] == fold["raw"]["n"]
+    labels = np.array([int(r["class"]) for r in rows])
+    raw, calibrated = (np.array([float(r[key]) for r in rows])
+                       for key in ("probability", "calibrated_probability"))
+    rate = labels.mean()   # the raw probabilities are far above it (about twice), the calibrated ones are not
+    within = lambda mean: 1 / 1.5 < mean / rate < 1.5
+    assert within(calibrated.mean()) and not within(raw.mean()), (calibrated.mean(), raw.mean(), rate)
+    # the correction keeps the rank of every candidate of one model, so each fold's official FROC is the same
+    # (the pooled submission keeps the raw scores: each fold has a prior of its own)
+    marks = data.PointTable(np.array([r["seriesuid"] for r in rows], object),
+                            np.array([[float(r[c]) for c in ("coordX", "coordY", "coordZ")] for r in rows]),
+                            calibrated, np.arange(len(rows)) + 2)
+    for k in range(4):
+        fold = json.loads((out / f"fold{k}" / "metrics.json").read_text())
+        again = evaluate.score_marks(marks, list(data.subset_scans(root, [k])),
+                                     evaluate.read_findings(root / "annotations.csv"),
+                                     evaluate.read_findings(root / "annotations_excluded.csv"), bootstrap=0)
+        assert (again["cpm"], again["froc_sensitivities"]) == (fold["cpm"], fold["froc_sensitivities"])
+    # the pooled operating point: the highest cutoff at which 90% of the nodules have a candidate at or above
+    # it
+    point = json.loads((out / "operating_point.json").read_text())
+    assert point == saved["operating_point"] and point["n_nodules"] == saved["n_nodules"]
+    nodules = evaluate.read_findings(root / "annotations.csv")
+    hits = evaluate.nodule_hits(marks.seriesuid, marks.world_xyz, nodules.seriesuid, nodules.world_xyz,
+                                nodules.value)
+    best = evaluate.best_per_nodule(hits, np.log(raw) - np.log1p(-raw))
+    share = lambda cutoff: np.mean(best >= cutoff)
+    cutoff = point["cutoff_logit"]
+    assert share(cutoff) == point["sensitivity"] >= 0.9 > share(np.nextafter(cutoff, 99))
 
 
 def test_crossval_never_trains_or_validates_on_a_fold_test_scan(crossval_run):
@@ -2357,8 +2444,8 @@ def test_predict_averages_several_checkpoints_and_the_crossval_ensemble(crossval
     np.testing.assert_allclose([r["probability"] for r in both], mean, rtol=1e-12)
     # the mean of the checkpoints' validated cutoffs (raw logits) applies, and says that no data validated it
     cutoff = np.mean([head.load_classifier(c)[1]["operating_point"]["cutoff_logits"]["1"] for c in (a, b)])
-    assert all(r["cutoff"] == cutoff and r["follow_up"] == (r["logit"] >= cutoff) and "UNVALIDATED" in r["cutoff_source"]
-               for r in both)
+    assert all(r["cutoff"] == cutoff and r["follow_up"] == (r["logit"] >= cutoff)
+               and "UNVALIDATED" in r["cutoff_source"] for r in both)
     given = predict.predict_points([a, b], mhd, points, device="cpu", cutoff=0.25)
     assert all(r["cutoff"] == 0.25 and "UNVALIDATED" not in r["cutoff_source"] for r in given)
     assert predict.predict_points([a], mhd, points, device="cpu") == one

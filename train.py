@@ -105,8 +105,8 @@ def epoch_batches(labels: np.ndarray, n_samples: int, batch_size: int, seed: int
 class ValOutputs:
     """Validation outputs: logits of each patch (its views averaged as probabilities), labels, the annotated
     diameters (mm, NaN where unknown) and, for a model with a size output, the mean log-diameter over views;
-    ``positions``: each output's place in the validation pool (None: in pool order); ``view_logits``: the logits
-    for other numbers of views ``{views: logits}``, where validation computed them."""
+    ``positions``: each output's place in the validation pool (None: in pool order); ``view_logits``: the
+    logits for other numbers of views ``{views: logits}``, where validation computed them."""
     logits: np.ndarray
     labels: np.ndarray
     diameters: np.ndarray
@@ -125,15 +125,18 @@ def _outputs(module: nn.Module, x: torch.Tensor, sized: bool) -> Tuple[torch.Ten
 # --- validation cutoffs and the calibration record ----------------------------------------------------
 
 class CutoffChooser:
-    """Chooses validation cutoffs (raw logits) for ``target`` sensitivity. Per nodule when the validation subsets'
-    manifests list their annotated nodules: the highest threshold at which ``target`` of them have a validation
-    patch at or above it, a patch belonging to a nodule by the official hit rule (``evaluate.nodule_hits``), a
-    nodule without one counting as missed. Otherwise (caches made before the nodules were recorded, or no
-    nodule hit by any patch) per nodule candidate patch, as ``head.cutoff_for_sensitivity``."""
+    """Chooses validation cutoffs (raw logits) for ``target`` sensitivity. Per nodule when the validation
+    subsets' manifests list their annotated nodules: the highest threshold at which ``target`` of them have a
+    validation patch at or above it, a patch belonging to a nodule by the official hit rule
+    (``evaluate.nodule_hits``), a nodule without one counting as missed. Otherwise (caches made before the
+    nodules were recorded, or no nodule hit by any patch) per nodule candidate patch, as
+    ``head.cutoff_for_sensitivity``."""
 
-    def __init__(self, pool: PatchPool, nodules: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]], target: float):
+    def __init__(self, pool: PatchPool, nodules: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]],
+                 target: float):
         self.labels, self.target = pool.labels, float(target)
-        self.hits = None if nodules is None else evaluate.nodule_hits(pool.seriesuids, pool.world_xyz, *nodules)
+        self.hits = None if nodules is None else \
+            evaluate.nodule_hits(pool.seriesuids, pool.world_xyz, *nodules)
         if self.hits is not None and not any(len(rows) for rows in self.hits):
             self.hits = None
 
@@ -152,10 +155,12 @@ class CutoffChooser:
 
     def operating_point(self, view_logits: Dict[int, np.ndarray], positions: Optional[np.ndarray],
                         epoch: int) -> Dict[str, Any]:
-        """A checkpoint's ``operating_point``: the cutoff (raw logit) and its sensitivity for each number of views."""
+        """A checkpoint's ``operating_point``: the cutoff (raw logit) and its sensitivity for each number of
+        views."""
         chosen = {str(v): self.choose(logits, positions) for v, logits in sorted(view_logits.items())}
         counts = ({"n_positive_patches": int((self.labels == 1).sum())} if self.hits is None else
-                  {"n_nodules": len(self.hits), "n_nodules_without_candidate": sum(not len(h) for h in self.hits)})
+                  {"n_nodules": len(self.hits),
+                   "n_nodules_without_candidate": sum(not len(h) for h in self.hits)})
         return {"cutoff_logits": {v: c for v, (c, _) in chosen.items()},
                 "sensitivity": {v: sens for v, (_, sens) in chosen.items()},
                 "target_sensitivity": self.target, "basis": self.basis, "epoch": epoch, **counts}
@@ -165,9 +170,10 @@ def _uids(caches: Dict[int, SubsetCache], rows_by_subset: Dict[int, np.ndarray])
     return {uid for k, rows in rows_by_subset.items() for uid in caches[k].seriesuids[rows]}
 
 
-def validation_nodules(caches: Dict[int, SubsetCache], split) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """``(seriesuid, world mm (N, 3), diameter mm)`` of the annotated nodules of the validation scans, from the
-    validation subsets' extract manifests; None when one of them has no nodule record (made before it, or
+def validation_nodules(caches: Dict[int, SubsetCache],
+                       split) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``(seriesuid, world mm (N, 3), diameter mm)`` of the annotated nodules of the validation scans, from
+    the validation subsets' extract manifests; None when one of them has no nodule record (made before it, or
     extracted without annotations.csv)."""
     subsets = [k for k, rows in split.val.items() if len(rows)]
     if any(caches[k].manifest.get("nodules") is None for k in subsets):
@@ -183,25 +189,29 @@ def validation_nodules(caches: Dict[int, SubsetCache], split) -> Optional[Tuple[
 def training_calibration(caches: Dict[int, SubsetCache], split, positive_share: float) -> Dict[str, Any]:
     """A checkpoint's ``calibration`` record: ``positive_share`` (the nodule share of the training draws) and
     ``prior``, the nodule candidates (class 1) per row of the candidate file on the training scans, from the
-    per-scan counts of the training subsets' extract manifests (the whole list, not the extracted sample), with
-    ``prior_source`` naming them; ``prior`` None, and a ``note`` why, when the manifests predate those counts."""
+    per-scan counts of the training subsets' extract manifests (the whole list, not the extracted sample),
+    with ``prior_source`` naming them; ``prior`` None, and a ``note`` why, when the manifests predate those
+    counts."""
     subsets = sorted(k for k, rows in split.train.items() if len(rows))
     record: Dict[str, Any] = {"positive_share": float(positive_share), "prior": None}
     lacking = [k for k in subsets if "candidate_counts" not in caches[k].manifest]
     if lacking:
         listed = data.format_subsets(lacking)
-        return {**record, "note": f"the extract manifests of subset(s) {listed} predate the candidate counts; rerun "
-                                  f"`python luna_cli.py extract --subsets {listed}` with the options they were made "
-                                  f"with to record them"}
+        note = (f"the extract manifests of subset(s) {listed} predate the candidate counts; rerun "
+                f"`python luna_cli.py extract --subsets {listed}` with the options they were made with")
+        return {**record, "note": note}
     val_uids = _uids(caches, split.val)
-    counts = [c for k in subsets for uid, c in caches[k].manifest["candidate_counts"].items() if uid not in val_uids]
+    counts = [c for k in subsets for uid, c in caches[k].manifest["candidate_counts"].items()
+              if uid not in val_uids]
     n, positives = sum(c[0] for c in counts), sum(c[1] for c in counts)
-    files = "/".join(sorted({str(caches[k].manifest.get("candidates_file", "the candidate file")) for k in subsets}))
+    files = "/".join(sorted({str(caches[k].manifest.get("candidates_file", "the candidate file"))
+                             for k in subsets}))
     source = (f"{files} over the {len(counts)} training scans of subset(s) {data.format_subsets(subsets)} "
               f"({positives} nodule candidates of {n})")
     if not 0 < positives < n:
         return {**record, "prior_source": source, "note": f"{source}: no prior strictly between 0 and 1"}
-    return {**record, "prior": positives / n, "n_candidates": n, "n_positive": positives, "prior_source": source}
+    return {**record, "prior": positives / n, "n_candidates": n, "n_positive": positives,
+            "prior_source": source}
 
 
 def _say_fallbacks(chooser: CutoffChooser, record: Dict[str, Any], quiet: bool) -> None:
@@ -209,9 +219,9 @@ def _say_fallbacks(chooser: CutoffChooser, record: Dict[str, Any], quiet: bool) 
     if quiet:
         return
     if chooser.basis == "patch":
-        console.print("[yellow]the validation subsets' extract manifests list no nodules (made before they were "
-                      "recorded: rerun extract on them with the same options): the cutoff is chosen per nodule "
-                      "candidate patch, not per nodule[/]")
+        console.print("[yellow]the validation subsets' extract manifests list no nodules (made before they "
+                      "were recorded: rerun extract on them with the same options): the cutoff is chosen per "
+                      "nodule candidate patch, not per nodule[/]")
     if record["prior"] is None:
         console.print(f"[yellow]no calibrated probability for this model: {record['note']}[/]")
 
@@ -494,14 +504,15 @@ def _restore(fit: Fit, payload: Dict[str, Any], optimizer, scheduler, scaler) ->
 
 def _save_epoch(fit: Fit, state: FitState, metrics: Dict[str, float], point: Optional[Dict[str, Any]],
                 optimizer, scheduler, scaler, plot: bool) -> None:
-    """best.pt with the operating point ``point`` (an improved epoch; None otherwise), last.pt with the state to
-    resume from, history.csv (and .png); rank 0 only."""
+    """best.pt with the operating point ``point`` (an improved epoch; None otherwise), last.pt with the state
+    to resume from, history.csv (and .png); rank 0 only."""
     rng_states = gather_objects(fit.job, rng_state())
     if not fit.job.main:
         return
     improved = point is not None
     payload = {**fit.base_payload, "model": {k: v.detach().cpu() for k, v in fit.classifier.state_dict().items()},
-               "epoch": state.epoch, "metrics": dict(metrics), **({"operating_point": point} if improved else {})}
+               "epoch": state.epoch, "metrics": dict(metrics),
+               **({"operating_point": point} if improved else {})}
     if improved:
         head_mod.save_checkpoint(fit.run_dir / "best.pt", payload)
     payload.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
@@ -615,7 +626,8 @@ def _check_options(options: Dict[str, Any]) -> None:
     if not 0.0 < options["positive_share"] < 1.0:
         raise UserError(f"--positive-share must be between 0 and 1, got {options['positive_share']}")
     if not 0.0 < options["target_sensitivity"] <= 1.0:
-        raise UserError(f"--target-sensitivity must be above 0 and at most 1, got {options['target_sensitivity']}")
+        raise UserError(f"--target-sensitivity must be above 0 and at most 1, "
+                        f"got {options['target_sensitivity']}")
     if not options["size_weight"] >= 0.0:
         raise UserError(f"--size-weight cannot be negative, got {options['size_weight']}")
 
@@ -733,8 +745,8 @@ def train_head(work_dir: Path, *, features: Optional[str] = None, val_subsets: O
             "preprocess": preprocess, "views": views, "feature_tag": tag, "weights": identity["weights"],
             "calibration": record}
     fit = Fit(run_dir, options, classifier.to(torch_device), classifier.head, batches.train_batches,
-              batches.n_batches, lambda: batches.val_logits(classifier.head), base, torch_device, "fp32", job, quiet,
-              chooser, lambda outputs: (outputs.view_logits, outputs.positions))
+              batches.n_batches, lambda: batches.val_logits(classifier.head), base, torch_device, "fp32", job,
+              quiet, chooser, lambda outputs: (outputs.view_logits, outputs.positions))
     run_fit(fit, resume_payload, stop_after)
     return run_dir
 
@@ -903,7 +915,8 @@ def _finetune(work_dir: Path, given: Dict[str, Any], run: Optional[str], resume:
             "effective_batch": options["batch_size"] * options["accumulate"] * job.world, "workers": workers,
             "max_shift_vox": loaders.max_shift_vox, "split": split.summary(caches), "preprocess": preprocess,
             "config": config, "sources": sources})
-    chooser = CutoffChooser(loaders.val_pool, validation_nodules(caches, split), options["target_sensitivity"])
+    chooser = CutoffChooser(loaders.val_pool, validation_nodules(caches, split),
+                            options["target_sensitivity"])
     record = training_calibration(caches, split, options["positive_share"])
     _say_fallbacks(chooser, record, quiet or not job.main)
     base = {"format": head_mod.CHECKPOINT_FORMAT, "kind": "finetune", "run": run_dir.name, "config": config,
@@ -941,15 +954,16 @@ class PatchBatches:
             yield x, y, diameters.to(self.device, non_blocking=True).float()
 
     def _val_flips(self, classifier: head_mod.Classifier, views: int, sized: bool):
-        """``(per-flip probabilities (N, views), per-flip log-diameters or None, pool positions)`` of the validation
-        patches: this rank's share through ``head.view_outputs``, gathered from every rank."""
+        """``(per-flip probabilities (N, views), per-flip log-diameters or None, pool positions)`` of the
+        validation patches: this rank's share through ``head.view_outputs``, gathered from every rank."""
         classifier.eval()
         mine = np.arange(len(self.val_pool))[self.job.rank::self.job.world]
         size, preprocess = self.options["batch_size"], {k: self.options[k] for k in ("hu_min", "hu_max")}
         probability, log_size = [np.zeros((0, views))], [np.zeros((0, views))]
         for hu, _, _ in batch_loader(self.val_pool, [mine[i:i + size] for i in range(0, len(mine), size)],
                                      self.workers, self.device.type == "cuda"):
-            p, d = head_mod.view_outputs(classifier, hu, preprocess, self.device, size, views, self.precision, sized)
+            p, d = head_mod.view_outputs(classifier, hu, preprocess, self.device, size, views, self.precision,
+                                         sized)
             probability.append(p)
             log_size.append(d if sized else np.zeros((len(p), views)))
         gathered = gather_objects(self.job, (np.concatenate(probability), np.concatenate(log_size), mine))
@@ -961,15 +975,16 @@ class PatchBatches:
     def val_logits(self, classifier: head_mod.Classifier) -> ValOutputs:
         """Each validation patch's logit of its mean probability over the run's views, and its size output."""
         probability, log_size, rows = self._val_flips(classifier, self.options["views"], classifier.has_size)
+        mean_log_size = None if log_size is None else head_mod.mean_of_views(log_size)
         return ValOutputs(calibration.logit(head_mod.mean_of_views(probability)), self.val_pool.labels[rows],
-                          self.val_pool.diameters[rows], None if log_size is None else head_mod.mean_of_views(log_size),
-                          positions=rows)
+                          self.val_pool.diameters[rows], mean_log_size, positions=rows)
 
     @torch.no_grad()
     def view_logits(self, classifier: head_mod.Classifier,
                     counts: Sequence[int]) -> Tuple[Dict[int, np.ndarray], np.ndarray]:
-        """``({k: logit of each validation patch's mean probability over its first k flips}, pool positions)`` for
-        each k of ``counts``; the epoch's validation flips when it had enough of them, else one more pass."""
+        """``({k: logit of each validation patch's mean probability over its first k flips}, pool positions)``
+        for each k of ``counts``; the epoch's validation flips when it had enough of them, else one more pass.
+        """
         probability, rows = self._last
         if probability.shape[1] < max(counts):
             probability, _, rows = self._val_flips(classifier, max(counts), False)
