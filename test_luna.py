@@ -1960,6 +1960,9 @@ def test_demo_runs_every_stage_and_keeps_the_readme_promise(tmp_path):
     for run in (head_run, tuned):
         assert run["size"]["model"]["n_measured"] == positives and run["size"]["model"]["mae_mm"] < 1.5
         assert run["size"]["plain"]["n_measured"] < positives
+        # README: the mean calibrated probability 0.111 and 0.157 against a nodule rate of 0.142
+        calibrated = run["calibration"]["calibrated"]
+        assert 1 / 1.5 < calibrated["mean_probability"] / calibrated["nodule_rate"] < 1.5
     page = result["report"].read_text()
     for picture in ("training.png", "roc.png", "froc.png", "size.png", "true_positives.png", "false_positives.png",
                     "false_negatives.png"):
