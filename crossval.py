@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+import calibration
 import data
 import evaluate
 import features as features_mod
@@ -50,7 +51,7 @@ STAGES = ("head", "finetune")
 FOLD_DECIDES = ("val_subsets", "test_subsets", "views", "precision")
 STAGE_OPTIONS = {
     "head": ("features", "epochs", "batch_size", "lr", "seed", "patience", "epoch_samples", "positive_share",
-             "size_weight"),
+             "size_weight", "target_sensitivity"),
     "finetune": tuple(k for k in train.FINETUNE_DEFAULTS if k not in FOLD_DECIDES),
 }
 TRAINING_OPTIONS = tuple(dict.fromkeys(STAGE_OPTIONS["head"] + STAGE_OPTIONS["finetune"]))
@@ -68,10 +69,12 @@ class Fold:
     run: str
 
 
-def check_name(name: str) -> str:
-    """``--name``: a plain folder name under ``W/crossval`` (its runs are ``<name>-fold<k>``)."""
+def check_name(name: str, option: str = "--name") -> str:
+    """``--name`` (or ``option``): a plain folder name under ``W/crossval`` (its runs are ``<name>-fold<k>``).
+    """
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(name or "")):
-        raise UserError(f"--name must be a plain folder name (letters, digits, '.', '_', '-'), got {name!r}")
+        raise UserError(f"{option} must be a plain folder name (letters, digits, '.', '_', '-'), "
+                        f"got {name!r}")
     return name
 
 
@@ -192,7 +195,8 @@ def _run_fold(work_dir: Path, data_dir: Path, out_dir: Path, fold: Fold, scans: 
                                    batch_size=EVAL_BATCH_SIZE,
                                    workers=EVAL_WORKERS if runtime["workers"] is None else runtime["workers"],
                                    device=runtime["device"], precision=runtime["precision"] or "auto",
-                                   bootstrap=runtime["bootstrap"], seed=0, console=console, work_dir=work_dir)
+                                   bootstrap=runtime["bootstrap"], seed=0, console=console, work_dir=work_dir,
+                                   strict_cutoff=False)
 
 
 def fold_head(work_dir: Path, head_cv: str, fold: Fold) -> Path:
@@ -269,15 +273,50 @@ def concatenate_submissions(paths: Sequence[Path], out: Path) -> None:
     data.atomic_write_text(out, "\n".join(lines) + "\n")
 
 
+def _readable_scans(plan: List[Fold], fold_metrics: Dict[int, Dict[str, Any]],
+                    fold_scans: Dict[int, List[str]]) -> List[str]:
+    return [uid for f in plan for uid in fold_scans[f.test]
+            if uid not in fold_metrics[f.test]["unreadable_scans"]]
+
+
 def pool_folds(out_dir: Path, data_dir: Path, plan: List[Fold], fold_metrics: Dict[int, Dict[str, Any]],
                fold_scans: Dict[int, List[str]], bootstrap: int, seed: int = 0) -> Dict[str, Any]:
     """Concatenate the fold submissions and score them over the readable scans of all folds: the FROC result."""
     concatenate_submissions([out_dir / f"fold{f.test}" / "submission.csv" for f in plan], out_dir / "submission.csv")
-    uids = [uid for f in plan for uid in fold_scans[f.test] if uid not in fold_metrics[f.test]["unreadable_scans"]]
+    uids = _readable_scans(plan, fold_metrics, fold_scans)
     return evaluate.score_marks(evaluate.read_submission(out_dir / "submission.csv"), uids,
                                 evaluate.read_findings(Path(data_dir) / "annotations.csv"),
                                 evaluate.read_findings(Path(data_dir) / "annotations_excluded.csv"),
                                 bootstrap=bootstrap, seed=seed)
+
+
+def write_operating_point(out_dir: Path, data_dir: Path, plan: List[Fold],
+                          fold_metrics: Dict[int, Dict[str, Any]], uids: Sequence[str],
+                          target: float) -> Dict[str, Any]:
+    """The fold ensemble's operating point, ``operating_point.json``: the cutoff (raw logit) chosen per nodule
+    on the pooled out-of-fold scores of ``submission.csv`` (each candidate scored by the one fold model that
+    never trained on it) over the scans ``uids``: the highest threshold at which ``target`` of their nodules
+    have a candidate at or above it (official hit rule; a nodule without one is missed).
+    ``predict --ensemble`` applies it to the mean of the folds' probabilities: an approximation, since no fold
+    model scored the pooled list."""
+    marks = evaluate.read_submission(out_dir / "submission.csv")
+    nodules = evaluate.read_findings(Path(data_dir) / "annotations.csv")
+    nodules = nodules.take(np.flatnonzero(np.isin(nodules.seriesuid, list(uids))))
+    hits = evaluate.nodule_hits(marks.seriesuid, marks.world_xyz, nodules.seriesuid, nodules.world_xyz,
+                                nodules.value)
+    cutoff, sensitivity = calibration.cutoff_for_nodules(
+        evaluate.best_per_nodule(hits, calibration.logit(marks.value)), target)
+    views = sorted({int(fold_metrics[f.test]["views"]) for f in plan})
+    point = {"cutoff_logit": cutoff,
+             "cutoff_probability": None if cutoff is None else float(calibration.sigmoid(cutoff)),
+             "target_sensitivity": float(target), "sensitivity": sensitivity, "n_nodules": len(hits),
+             "n_nodules_without_candidate": sum(not len(h) for h in hits), "n_scans": len(uids),
+             "views": views[0] if len(views) == 1 else None, "runs": [f.run for f in plan],
+             "checkpoints": [fold_metrics[f.test]["checkpoint"] for f in plan],
+             "note": "chosen per nodule on the pooled out-of-fold scores; predict --ensemble applies it to "
+                     "the mean of the folds' probabilities, an approximation for that average"}
+    data.atomic_write_json(out_dir / "operating_point.json", point)
+    return point
 
 
 def _prepare(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str, stage: str, val_offset: int,
@@ -334,15 +373,22 @@ def run_crossval(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str
     fold_metrics = {f.test: _run_fold(Path(work_dir), Path(data_dir), out_dir, f, fold_scans[f.test], settings,
                                       runtime, console) for f in plan}
     froc = pool_folds(out_dir, Path(data_dir), plan, fold_metrics, fold_scans, bootstrap)
+    target = {**(train.HEAD_DEFAULTS if settings["stage"] == "head" else train.FINETUNE_DEFAULTS),
+              **settings["training"]}
+    point = write_operating_point(out_dir, Path(data_dir), plan, fold_metrics,
+                                  _readable_scans(plan, fold_metrics, fold_scans),
+                                  target["target_sensitivity"])
     rows = [fold_row(f, fold_metrics[f.test]) for f in plan]
     result = {"name": name, "stage": settings["stage"], "folds": [f.test for f in plan],
               "val_offset": settings["val_offset"], "training": settings["training"], "views": settings.get("views"),
               "cpm": froc["cpm"], "cpm_ci95": froc.get("cpm_ci95"), "froc_sensitivities": froc["froc_sensitivities"],
               "froc_sensitivities_ci95": froc.get("froc_sensitivities_ci95"), "fold_cpm": [r["cpm"] for r in rows],
               "fold_results": rows, "n_scans": froc["n_scans"], "n_nodules": froc["n_nodules"], "froc": froc,
+              "operating_point": point,
               "unreadable_scans": {uid: why for m in fold_metrics.values()
                                    for uid, why in m["unreadable_scans"].items()},
-              "files": {n: str(out_dir / n) for n in ("submission.csv", "metrics.json", "folds.csv", "froc.png")}}
+              "files": {n: str(out_dir / n) for n in ("submission.csv", "metrics.json", "folds.csv",
+                                                      "froc.png", "operating_point.json")}}
     _write_folds_csv(out_dir / "folds.csv", rows)
     evaluate.plot_froc(froc, out_dir / "froc.png", title=f"cross-validation {name}")
     data.atomic_write_json(out_dir / "metrics.json", result)

@@ -530,9 +530,22 @@ def candidates_file(data_dir) -> Path:
                     "(set --data-dir or LUNA16_DIR to the LUNA16 folder, or run 'python luna_cli.py synth')")
 
 
+def squared_distances(marks_xyz: np.ndarray, findings_xyz: np.ndarray) -> np.ndarray:
+    """``(M, F)`` squared world distances in mm^2 between points ``(M, 3)`` and ``(F, 3)``, summed x, y, z in
+    that order (the arithmetic of the official evaluation, so that boundary cases fall the same way)."""
+    diff = findings_xyz[None, :, :] - marks_xyz[:, None, :]
+    return diff[..., 0] * diff[..., 0] + diff[..., 1] * diff[..., 1] + diff[..., 2] * diff[..., 2]
+
+
+def within_radius(squared_mm2: np.ndarray, diameters_mm: np.ndarray) -> np.ndarray:
+    """The official LUNA16 hit rule on :func:`squared_distances` ``(M, F)``: a point hits finding f when its
+    squared distance is below ``(diameter_f / 2) ** 2`` (mm^2)."""
+    return squared_mm2 < (np.asarray(diameters_mm, np.float64) / 2.0) ** 2
+
+
 def match_diameters(candidates: PointTable, annotations: PointTable) -> np.ndarray:
-    """Diameter (mm) of the nearest annotation whose sphere holds each candidate (the official hit rule:
-    squared distance below ``(diameter / 2) ** 2``), else NaN; annotations without a size (-1, 0) hold none."""
+    """Diameter (mm) of the nearest annotation whose sphere holds each candidate (the official hit rule,
+    :func:`within_radius`), else NaN; annotations without a size (-1, 0) hold none."""
     diameters = np.full(len(candidates), np.nan)
     annotations = annotations.take(np.flatnonzero(annotations.value > 0))
     by_scan = annotations.rows_by_scan()
@@ -540,8 +553,8 @@ def match_diameters(candidates: PointTable, annotations: PointTable) -> np.ndarr
         found = by_scan.get(uid)
         if found is None:
             continue
-        squared = ((candidates.world_xyz[rows, None, :] - annotations.world_xyz[None, found, :]) ** 2).sum(axis=2)
-        squared[squared >= (annotations.value[found] / 2.0) ** 2] = np.inf
+        squared = squared_distances(candidates.world_xyz[rows], annotations.world_xyz[found])
+        squared[~within_radius(squared, annotations.value[found])] = np.inf
         nearest = np.argmin(squared, axis=1)
         hit = np.isfinite(squared[np.arange(len(rows)), nearest])
         diameters[rows[hit]] = annotations.value[found][nearest[hit]]
@@ -727,8 +740,29 @@ def recorded_scans(manifest: dict) -> list[str]:
     return sorted(set(manifest.get("scans", [])) | set(manifest.get("failed", {})))
 
 
+def scan_records(candidates: PointTable, annotations: PointTable | None, scans) -> dict:
+    """What training needs to know of a subset's scans beyond its patches, for its manifest:
+    ``candidate_counts`` ``{seriesuid: [candidates, nodule candidates (class 1)]}`` of the candidates file
+    (the whole list, not the extracted sample: the prior a calibrated probability is corrected to), and
+    ``nodules`` ``[[seriesuid, x, y, z, diameter_mm], ...]`` of ``annotations.csv`` (world mm; None without
+    that file: the validation cutoff is then chosen per candidate instead of per nodule)."""
+    scans = set(scans)
+    mine = np.isin(candidates.seriesuid, list(scans))
+    counts = {uid: [0, 0] for uid in sorted(scans)}
+    for uid, label in zip(candidates.seriesuid[mine], candidates.value[mine]):
+        counts[uid][0] += 1
+        counts[uid][1] += int(label > 0.5)
+    nodules = None
+    if annotations is not None:
+        rows = np.flatnonzero(np.isin(annotations.seriesuid, list(scans)))
+        nodules = [[str(annotations.seriesuid[r]), *map(float, annotations.world_xyz[r]),
+                    float(annotations.value[r])] for r in rows]
+    return {"candidate_counts": counts, "nodules": nodules}
+
+
 def _subset_candidates(data_dir: Path, candidates_path: Path, scans: dict, subset: int, wanted: dict):
-    """``(selected candidates, their annotated diameters (NaN off nodules), problems met)`` of one subset."""
+    """``(selected candidates, their annotated diameters (NaN off nodules), problems met, scan_records)`` of
+    one subset."""
     candidates, problems = read_point_csv(candidates_path, "class", strict=False)
     unknown = set(candidates.seriesuid) - set(scan_subset_map(data_dir))
     if unknown:
@@ -745,7 +779,8 @@ def _subset_candidates(data_dir: Path, candidates_path: Path, scans: dict, subse
         problems.append(f"{annotations_path}: not found, diameter_mm left empty")
     selected = candidates.take(select_candidates(candidates, set(scans), subset, wanted["seed"],
                                                  wanted["negatives_per_positive"], wanted["all_candidates"]))
-    return selected, match_diameters(selected, annotations), problems
+    records = scan_records(candidates, annotations if annotations_path.is_file() else None, scans)
+    return selected, match_diameters(selected, annotations), problems, records
 
 
 def _read_and_cut_or_error(path: Path, world_xyz: np.ndarray, patch_size: int, spacing_mm: float):
@@ -871,7 +906,8 @@ def extract_subset(data_dir, work_dir, subset: int, patch_size: int = 64, spacin
     Each scan is read once; finished scans are kept as parts, so an interrupted run resumes and a
     rerun adds nothing twice. Unreadable scans are reported in ``summary.failed``. The manifest records every
     scan found in the subset's folder (``scans_found``, kept across reruns), so that evaluate can name a scan
-    that goes missing later.
+    that goes missing later, and the :func:`scan_records` training reads (the candidate file's counts per scan
+    and the annotated nodules); a rerun on a finished cache adds them to a manifest made before them.
     """
     from rich.console import Console
     validate_patch_args(patch_size, spacing_mm)
@@ -884,7 +920,8 @@ def extract_subset(data_dir, work_dir, subset: int, patch_size: int = 64, spacin
                   negatives_per_positive=float(negatives_per_positive), all_candidates=all_candidates)
     manifest = _read_manifest(cache, wanted)
     scans = subset_scans(data_dir, [subset])
-    selected, diameters, problems = _subset_candidates(data_dir, candidates_path, scans, subset, wanted)
+    selected, diameters, problems, records = _subset_candidates(data_dir, candidates_path, scans, subset,
+                                                                wanted)
     parts = Parts(cache / "parts", wanted)
     done = set(manifest.get("scans", [])) | parts.done()
     todo = [uid for uid in scans if uid not in done]
@@ -896,9 +933,12 @@ def extract_subset(data_dir, work_dir, subset: int, patch_size: int = 64, spacin
         manifest = dict(wanted, subset=subset, dtype="int16", axis_order="z,y,x (world axes, increasing)",
                         units="HU", outside_value=AIR_HU, scans=finished, scans_found=found)
         n_patches, n_positive = _assemble_cache(cache, finished, parts, patch_size)
-        manifest.update(n_patches=n_patches, n_positive=n_positive, failed=failed)
+        manifest.update(n_patches=n_patches, n_positive=n_positive, failed=failed, **records)
         atomic_write_json(cache / "manifest.json", manifest)
         parts.remove()
+    elif any(manifest.get(key) != value for key, value in records.items()):   # made before the records
+        manifest.update(records)
+        atomic_write_json(cache / "manifest.json", manifest)
     for message in problems:
         console.print(f"[yellow]{message}[/]")
     return ExtractSummary(subset, cache, manifest["n_patches"], manifest["n_positive"], len(finished),

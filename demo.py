@@ -167,7 +167,7 @@ def write_report(report_dir: Path, run_dir: Path, eval_dir: Path, data_dir: Path
     report_dir.mkdir(parents=True, exist_ok=True)
     metrics = json.loads((Path(eval_dir) / "metrics.json").read_text())
     _, meta = head.load_classifier(Path(run_dir) / "best.pt")
-    cutoff = float(meta.get("cutoff") or 0.5)
+    cutoff = float((metrics.get("at_cutoff") or {}).get("cutoff_probability") or 0.5)   # raw probability
     for source, name in ((Path(run_dir) / "history.png", "training.png"), (Path(eval_dir) / "roc.png", "roc.png"),
                          (Path(eval_dir) / "froc.png", "froc.png"), (Path(eval_dir) / "size.png", "size.png")):
         if source.is_file():

@@ -31,6 +31,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+import calibration
 import data
 import head
 from data import PointTable, UserError
@@ -114,12 +115,6 @@ def cap_marks_per_scan(scan_index: np.ndarray, probability: np.ndarray, n_scans:
                   "tie_dropped": int((at_cut & on_tied_scan).sum())}
 
 
-def _squared_distances(marks_xyz: np.ndarray, findings_xyz: np.ndarray) -> np.ndarray:
-    """``(M, F)`` squared world distances in mm^2, summed x, y, z in that order."""
-    diff = findings_xyz[None, :, :] - marks_xyz[:, None, :]
-    return diff[..., 0] * diff[..., 0] + diff[..., 1] * diff[..., 1] + diff[..., 2] * diff[..., 2]
-
-
 def match_marks(n_scans: int, mark_scan: np.ndarray, mark_xyz: np.ndarray, mark_probability: np.ndarray,
                 nodule_scan: np.ndarray, nodule_xyz: np.ndarray, nodule_diameter: np.ndarray,
                 excluded_scan: np.ndarray, excluded_xyz: np.ndarray, excluded_diameter: np.ndarray
@@ -133,8 +128,6 @@ def match_marks(n_scans: int, mark_scan: np.ndarray, mark_xyz: np.ndarray, mark_
     mark_order, mark_bounds = _group_bounds(mark_scan, n_scans)
     nodule_order, nodule_bounds = _group_bounds(nodule_scan, n_scans)
     excluded_order, excluded_bounds = _group_bounds(excluded_scan, n_scans)
-    nodule_radius_sq = (nodule_diameter / 2.0) ** 2
-    excluded_radius_sq = (excluded_diameter / 2.0) ** 2
     parts_nodule_prob, parts_nodule_scan, parts_fp_prob, parts_fp_scan = [], [], [], []
     n_on_excluded = n_double = 0
     for s in np.flatnonzero(np.diff(nodule_bounds) + np.diff(mark_bounds)):
@@ -142,8 +135,9 @@ def match_marks(n_scans: int, mark_scan: np.ndarray, mark_xyz: np.ndarray, mark_
         nodules = nodule_order[nodule_bounds[s]:nodule_bounds[s + 1]]
         others = excluded_order[excluded_bounds[s]:excluded_bounds[s + 1]]
         xyz, prob = mark_xyz[marks], mark_probability[marks]
-        hits = _squared_distances(xyz, nodule_xyz[nodules]) < nodule_radius_sq[nodules]
-        on_excluded = (_squared_distances(xyz, excluded_xyz[others]) < excluded_radius_sq[others]).any(axis=1)
+        hits = data.within_radius(data.squared_distances(xyz, nodule_xyz[nodules]), nodule_diameter[nodules])
+        on_excluded = data.within_radius(data.squared_distances(xyz, excluded_xyz[others]),
+                                         excluded_diameter[others]).any(axis=1)
         on_nodule = hits.any(axis=1)
         best = np.where(hits, prob[:, None], -np.inf).max(axis=0, initial=-np.inf)
         parts_nodule_prob.append(np.where(hits.any(axis=0), best, MISSED_NODULE_SCORE))
@@ -164,6 +158,28 @@ def match_marks(n_scans: int, mark_scan: np.ndarray, mark_xyz: np.ndarray, mark_
     counts = {"n_detected": int((~missed).sum()), "n_missed": int(missed.sum()), "n_false_positives": len(fp_prob),
               "n_marks_on_excluded": n_on_excluded, "n_double_hits": n_double}
     return entries, counts
+
+
+def nodule_hits(mark_uid: np.ndarray, mark_xyz: np.ndarray, nodule_uid: np.ndarray, nodule_xyz: np.ndarray,
+                nodule_diameter: np.ndarray) -> list:
+    """For each nodule, the rows of the marks (candidates, world mm ``(M, 3)``) that hit it by the official
+    rule (same scan, inside its sphere; diameters in mm as :func:`scoring_diameters` reads them); empty where
+    none."""
+    marks_of: dict = {}
+    for row, uid in enumerate(mark_uid):
+        marks_of.setdefault(uid, []).append(row)
+    diameters = scoring_diameters(np.asarray(nodule_diameter, np.float64))
+    hits = []
+    for uid, xyz, diameter in zip(nodule_uid, np.asarray(nodule_xyz, np.float64).reshape(-1, 3), diameters):
+        rows = np.asarray(marks_of.get(uid, []), int)
+        inside = data.within_radius(data.squared_distances(mark_xyz[rows], xyz[None, :]), [diameter])[:, 0]
+        hits.append(rows[inside])
+    return hits
+
+
+def best_per_nodule(hits: list, score: np.ndarray) -> np.ndarray:
+    """Each nodule's highest score among the marks that hit it (:func:`nodule_hits`); -inf where none does."""
+    return np.array([score[rows].max() if len(rows) else -np.inf for rows in hits], np.float64)
 
 
 # --- FROC curve, CPM and bootstrap ------------------------------------------------------
@@ -523,8 +539,11 @@ def froc_summary_line(result: dict) -> str:
 
 # --- evaluating a model on whole subsets ---------------------------------------------------------
 
+# probability: the raw score (as in submission.csv); calibrated_probability: at the checkpoint's recorded
+# candidate prior (calibration.py; empty for checkpoints without one), after the columns readers had before
+# it.
 PREDICTION_COLUMNS = ("seriesuid,coordX,coordY,coordZ,probability,class,annotated_diameter_mm,model_diameter_mm,"
-                      "plain_diameter_mm")
+                      "plain_diameter_mm,calibrated_probability")
 # What evaluation keeps per candidate (the columns of each scan's part): the probability, the model's diameter
 # (NaN without a size output) and the plain measurement (sizing.py; only for nodule candidates, else NaN).
 SCORE_COLUMNS = ("probability", "model_diameter_mm", "plain_diameter_mm")
@@ -693,11 +712,13 @@ def open_model_run(checkpoint: Path, candidates_path: Path, parts_dir: Path, vie
 
 
 def _write_scored(out_dir: Path, candidates: PointTable, scores: np.ndarray, annotated: np.ndarray,
-                  scored: np.ndarray) -> PointTable:
-    """``submission.csv`` and ``predictions.csv`` (with the class and the annotated, model and plain diameters,
-    empty where unknown) of the scored candidates; returns the marks."""
+                  scored: np.ndarray, calibrated: Optional[np.ndarray]) -> PointTable:
+    """``submission.csv`` (the raw probabilities: the FROC ranks them) and ``predictions.csv`` (with the
+    class, the annotated, model and plain diameters, empty where unknown, and the ``calibrated`` probability,
+    empty without) of the scored candidates; returns the marks."""
     marks = candidates.take(scored)
     marks.value = scores[scored, 0]
+    calibrated_text = [""] * len(scored) if calibrated is None else [repr(float(p)) for p in calibrated]
     lines = [f"{u},{x!r},{y!r},{z!r},{p!r}" for u, (x, y, z), p in
              zip(marks.seriesuid, marks.world_xyz.tolist(), marks.value.tolist())]
     classes = [str(int(c > 0.5)) for c in candidates.value[scored]]
@@ -706,27 +727,34 @@ def _write_scored(out_dir: Path, candidates: PointTable, scores: np.ndarray, ann
     data.atomic_write_text(out_dir / "submission.csv", ",".join(SUBMISSION_COLUMNS) + "\n"
                            + "".join(line + "\n" for line in lines))
     data.atomic_write_text(out_dir / "predictions.csv", PREDICTION_COLUMNS + "\n"
-                           + "".join(f"{line},{c},{d}\n" for line, c, d in zip(lines, classes, sizes)))
+                           + "".join(f"{line},{c},{d},{p}\n" for line, c, d, p in zip(lines, classes, sizes,
+                                                                                      calibrated_text)))
     return marks
 
 
 def evaluate_model(checkpoint: Path, data_dir: Path, subsets: list[int], out_dir: Path, views: Optional[int] = None,
                    batch_size: int = 64, workers: int = 2, device: str = "auto", precision: str = "auto",
                    bootstrap: int = 1000, seed: int = 0, console=None, candidates_path: Optional[Path] = None,
-                   work_dir: Optional[Path] = None, allow_missing: bool = False) -> dict:
+                   work_dir: Optional[Path] = None, allow_missing: bool = False,
+                   cutoff: Optional[float] = None, strict_cutoff: bool = True) -> dict:
     """Score every candidate of the given LUNA16 subsets with a checkpoint, then evaluate.
 
     Each scan is read once and its patches (the checkpoint's ``patch_size``/``spacing_mm``) go through the
-    model, averaged over ``views`` flips (default: the views the checkpoint was validated with), while
-    worker processes prepare the next scans. Each finished scan is kept in ``out_dir/parts``, so a rerun
-    resumes. Writes ``submission.csv`` (LUNA16 format, full-precision probabilities), ``predictions.csv``,
-    ``metrics.json``, ``roc.png``, ``froc.png`` and ``size.png``. The FROC counts the readable scans; unreadable ones
-    are skipped and listed in ``unreadable_scans``. ``candidates_path``: the candidates CSV (default: the data
-    folder's ``candidates_V2.csv``). For the nodule candidates (class 1) with an annotated diameter (that of
-    the nodule whose sphere holds them), ``size`` compares the model's and the plain diameters with it
-    (:func:`size_metrics`). A scan missing from a subset folder (against the extract manifests under
-    ``work_dir``, and ``seriesuids.csv`` with all ten subsets; :func:`check_scans`) is refused before any work,
-    or with ``allow_missing`` kept in the FROC with its nodules missed and listed in ``missing_scans``.
+    model, averaged over ``views`` flips (default: the views the checkpoint was validated with), while worker
+    processes prepare the next scans. Each finished scan is kept in ``out_dir/parts``, so a rerun resumes.
+    Writes ``submission.csv`` (LUNA16 format, full-precision probabilities), ``predictions.csv``,
+    ``metrics.json``, ``roc.png``, ``froc.png`` and ``size.png``. The FROC counts the readable scans;
+    unreadable ones are skipped and listed in ``unreadable_scans``. ``candidates_path``: the candidates CSV
+    (default: the data folder's ``candidates_V2.csv``). For the nodule candidates (class 1) with an annotated
+    diameter (that of the nodule whose sphere holds them), ``size`` compares the model's and the plain
+    diameters with it (:func:`size_metrics`). A scan missing from a subset folder (against the extract
+    manifests under ``work_dir``, and ``seriesuids.csv`` with all ten subsets; :func:`check_scans`) is refused
+    before any work, or with ``allow_missing`` kept in the FROC with its nodules missed and listed in
+    ``missing_scans``. ``at_cutoff`` applies ``cutoff`` (a raw logit) when given, else the checkpoint's
+    validated cutoff for these views (``calibration.resolve_cutoff``: a number of views without one is refused
+    before any work when ``strict_cutoff``, else left without ``at_cutoff``). ``calibration``
+    (:func:`calibration_metrics`) and ``calibration.png`` judge the probabilities calibrated to the
+    checkpoint's candidate prior on every scored candidate; the FROC ranks the raw ones (the same order).
     Returns the metrics dict.
     """
     start = time.perf_counter()
@@ -736,6 +764,7 @@ def evaluate_model(checkpoint: Path, data_dir: Path, subsets: list[int], out_dir
     candidates_path = Path(candidates_path) if candidates_path else data.candidates_file(data_dir)
     run, meta = open_model_run(checkpoint, candidates_path, out_dir / "parts", views, batch_size, workers, device,
                                precision)
+    operating = calibration.resolve_cutoff(meta, run.views, cutoff, strict_cutoff, name=str(checkpoint))
     candidates, problems = data.read_point_csv(candidates_path, "class", strict=False)
     candidates = candidates.take(np.flatnonzero(np.isin(candidates.seriesuid, list(scans))))
     annotations = read_findings(data_dir / "annotations.csv")
@@ -752,14 +781,17 @@ def evaluate_model(checkpoint: Path, data_dir: Path, subsets: list[int], out_dir
     n_new = sum(len(rows_of[uid]) for uid, _, _ in todo if uid not in unreadable)
     scored = np.flatnonzero(~np.isnan(scores[:, 0]))
     annotated = np.where(candidates.value > 0.5, data.match_diameters(candidates, annotations), np.nan)
-    marks = _write_scored(out_dir, candidates, scores, annotated, scored)
+    calibrated = calibration.calibrated_probability(scores[scored, 0], meta.get("calibration"))
+    marks = _write_scored(out_dir, candidates, scores, annotated, scored, calibrated)
     froc = score_marks(marks, [uid for uid in scans if uid not in unreadable] + list(check.missing),
                        annotations, read_findings(data_dir / "annotations_excluded.csv"),
                        bootstrap=bootstrap, seed=seed)
     title = f"{checkpoint.parent.name}/{checkpoint.name}"
     size = _evaluate_sizes(annotated[scored], scores[scored], run.model.has_size, out_dir / "size.png", title)
     labels = candidates.value[scored] > 0.5
-    result = _candidate_metrics(labels, marks.value, meta.get("cutoff"))
+    result = _candidate_metrics(labels, marks.value, operating)
+    result["calibration"] = calibration_metrics(labels, marks.value, calibrated, meta.get("calibration"),
+                                                candidates_path, out_dir / "calibration.png", title)
     result.update({
         "checkpoint": str(checkpoint), "epoch": meta.get("epoch"), "subsets": list(subsets), "views": run.views,
         "encoder_precision": run.precision, "head_precision": "fp32",
@@ -771,7 +803,8 @@ def evaluate_model(checkpoint: Path, data_dir: Path, subsets: list[int], out_dir
         "seconds": time.perf_counter() - start, "seconds_scoring_candidates": seconds_scoring,
         "candidates_per_second": n_new / seconds_scoring if n_new else None,
         "files": {name: str(out_dir / name) for name in
-                  ("submission.csv", "predictions.csv", "metrics.json", "roc.png", "froc.png", "size.png")}})
+                  ("submission.csv", "predictions.csv", "metrics.json", "roc.png", "froc.png", "size.png",
+                   "calibration.png")}})
     plot_roc(labels, marks.value, out_dir / "roc.png", title=title)
     plot_froc(froc, out_dir / "froc.png", title=title)
     data.atomic_write_json(out_dir / "metrics.json", result)
@@ -786,13 +819,38 @@ def _missed_nodules(missing: dict, annotations: PointTable) -> list:
     return [f"the {n_nodules} nodule(s) of the {len(missing)} missing scan(s) count as missed"]
 
 
-def _candidate_metrics(labels: np.ndarray, probability: np.ndarray, cutoff: Optional[float]) -> dict:
-    """Candidate-level AUC and the threshold metrics at 0.5 and at the checkpoint's cutoff."""
+def _candidate_metrics(labels: np.ndarray, probability: np.ndarray, operating: calibration.Cutoff) -> dict:
+    """Candidate-level AUC, the threshold metrics at a raw probability of 0.5 and at the cutoff that applies
+    (``cutoff``: a raw logit, compared with the logit of each raw probability; with ``cutoff_probability`` and
+    ``cutoff_source``; None without a cutoff)."""
     at_half = threshold_metrics(labels, probability, 0.5)
+    at_cutoff = None
+    if operating.logit is not None:
+        at_cutoff = dict(threshold_metrics(labels, calibration.logit(probability), operating.logit),
+                         cutoff_probability=float(calibration.sigmoid(operating.logit)),
+                         cutoff_source=operating.source)
     return {"n_candidates": len(labels), "n_positive": int(labels.sum()), "auc": roc_auc(labels, probability),
             "accuracy": at_half["accuracy"], "sensitivity": at_half["sensitivity"],
-            "specificity": at_half["specificity"], "at_0.5": at_half,
-            "at_cutoff": threshold_metrics(labels, probability, cutoff) if cutoff is not None else None}
+            "specificity": at_half["specificity"], "at_0.5": at_half, "at_cutoff": at_cutoff,
+            "cutoff_note": None if at_cutoff else operating.source}
+
+
+def calibration_metrics(labels: np.ndarray, raw: np.ndarray, calibrated: Optional[np.ndarray],
+                        record: Optional[dict], candidates_path: Path, figure: Path, title: str) -> dict:
+    """The reliability (``calibration.reliability``: ECE over 10 equal-width bins, per-bin counts, mean
+    probability, nodule rate) of the ``calibrated`` probabilities (None without a recorded prior) and of the
+    ``raw`` ones, over the scored candidates, with the prior behind them; draws both into ``figure`` (the
+    reliability diagram)."""
+    curves = {"raw": calibration.reliability(labels, raw)}
+    if calibrated is not None:
+        curves = {"calibrated": calibration.reliability(labels, calibrated), **curves}
+    calibration.plot_reliability(figure, curves, title)
+    record = record or {}
+    note = (f"{calibration.calibration_note(record)}; scored: every candidate of "
+            f"{Path(candidates_path).name} on the evaluated scans")
+    return {"ece": curves["calibrated"]["ece"] if calibrated is not None else None,
+            "ece_bins": calibration.ECE_BINS, "calibrated": curves.get("calibrated"), "raw": curves["raw"],
+            "positive_share": record.get("positive_share"), "prior": record.get("prior"), "note": note}
 
 
 def candidate_table(result: dict):
@@ -808,7 +866,8 @@ def candidate_table(result: dict):
         table.add_column(name, justify="right")
     for label, metrics in (("0.5", result["at_0.5"]), ("cutoff", result["at_cutoff"])):
         if metrics:
-            table.add_row(f"{label} ({metrics['cutoff']:.4g})" if label == "cutoff" else label,
+            table.add_row(f"cutoff (logit {metrics['cutoff']:.4g}, p {metrics['cutoff_probability']:.4g})"
+                          if label == "cutoff" else "raw p 0.5",
                           fmt(metrics["accuracy"]), fmt(metrics["sensitivity"]), fmt(metrics["specificity"]))
     return table
 

@@ -17,7 +17,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -44,15 +44,16 @@ FEATURE_FORMAT = "luna16-features/1"
 
 @dataclass
 class SubsetCache:
-    """One extracted subset: per-row seriesuid, label (0/1) and annotated diameter (mm; NaN off nodules, or
-    where the annotation is unknown), and its manifest; ``mining``: per row ``(mined, mined_saw, mined_for)``
-    of ``index.csv`` (all "" for extracted rows; see mining.py)."""
+    """One extracted subset: per-row seriesuid, label (0/1), annotated diameter (mm; NaN off nodules, or
+    where the annotation is unknown) and world mm point ``(N, 3)`` (x, y, z), and its manifest; ``mining``: per
+    row ``(mined, mined_saw, mined_for)`` of ``index.csv`` (all "" for extracted rows; see mining.py)."""
     subset: int
     folder: Path
     manifest: Dict[str, Any]
     seriesuids: np.ndarray
     labels: np.ndarray
     diameters: np.ndarray
+    world_xyz: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
     mining: Optional[np.ndarray] = None
 
     @property
@@ -94,7 +95,7 @@ def read_subset_cache(work_dir: Path, subset: int) -> SubsetCache:
     for key in ("patch_size", "spacing_mm"):
         if key not in manifest:
             raise UserError(f"{manifest_path}: no '{key}'; run `{EXTRACT_HINT.replace('K', str(subset))}` again")
-    seriesuids, labels, diameters, mining = _read_index(index_path)
+    seriesuids, labels, diameters, world_xyz, mining = _read_index(index_path)
     patches = np.load(folder / "patches.npy", mmap_mode="r")
     size = int(manifest["patch_size"])
     if patches.ndim != 4 or patches.shape[1:] != (size,) * 3 or patches.dtype != np.int16:
@@ -105,16 +106,17 @@ def read_subset_cache(work_dir: Path, subset: int) -> SubsetCache:
                         f"run `{EXTRACT_HINT.replace('K', str(subset))}` again")
     return SubsetCache(subset, folder, manifest, np.asarray(seriesuids, dtype=object),
                        np.asarray(labels, dtype=np.int64), np.asarray(diameters, dtype=np.float64),
+                       np.asarray(world_xyz, dtype=np.float64).reshape(-1, 3),
                        np.asarray(mining, dtype=object).reshape(-1, 3))
 
 
-def _read_index(index_path: Path) -> Tuple[list, list, list, list]:
-    """seriesuids, labels, diameters (mm, NaN when empty) and ``(mined, mined_saw, mined_for)`` of ``index.csv``;
-    bad rows named by line."""
-    seriesuids, labels, diameters, mining = [], [], [], []
+def _read_index(index_path: Path) -> Tuple[list, list, list, list, list]:
+    """seriesuids, labels, diameters (mm, NaN when empty), world mm points (x, y, z) and
+    ``(mined, mined_saw, mined_for)`` of ``index.csv``; bad rows named by line."""
+    seriesuids, labels, diameters, world_xyz, mining = [], [], [], [], []
     with open(index_path, newline="") as handle:
         reader = csv.DictReader(handle)
-        missing = {"seriesuid", "label"} - set(reader.fieldnames or [])
+        missing = {"seriesuid", "label", "coordX", "coordY", "coordZ"} - set(reader.fieldnames or [])
         if missing:
             raise UserError(f"{index_path}: missing column(s) {', '.join(sorted(missing))}")
         for line, row in enumerate(reader, start=2):
@@ -128,11 +130,16 @@ def _read_index(index_path: Path) -> Tuple[list, list, list, list]:
             if not (math.isnan(diameter) or diameter > 0):
                 raise UserError(f"{index_path}, line {line}: diameter_mm must be a positive number or empty, "
                                 f"got {text!r}")
+            try:
+                world_xyz.append([float(row[c]) for c in ("coordX", "coordY", "coordZ")])
+            except (TypeError, ValueError):
+                raise UserError(f"{index_path}, line {line}: coordX, coordY and coordZ must be "
+                                f"numbers") from None
             seriesuids.append(row["seriesuid"])
             labels.append(int(row["label"]))
             diameters.append(diameter)
             mining.append(tuple(row.get(column) or "" for column in ("mined", "mined_saw", "mined_for")))
-    return seriesuids, labels, diameters, mining
+    return seriesuids, labels, diameters, world_xyz, mining
 
 
 def check_patch_geometry(caches: Dict[int, SubsetCache]) -> Tuple[int, float]:
@@ -299,6 +306,10 @@ class PatchPool:
         self.row = np.concatenate([np.asarray(rows_by_subset[k]) for k in keys] or [np.zeros(0, int)])
         self.labels = np.concatenate([caches[k].labels[rows_by_subset[k]] for k in keys] or [np.zeros(0, int)])
         self.diameters = np.concatenate([caches[k].diameters[rows_by_subset[k]] for k in keys] or [np.zeros(0)])
+        self.seriesuids = np.concatenate([caches[k].seriesuids[rows_by_subset[k]] for k in keys]
+                                         or [np.zeros(0, object)])
+        self.world_xyz = np.concatenate([caches[k].world_xyz[rows_by_subset[k]] for k in keys]
+                                        or [np.zeros((0, 3))])
         self.patch_size = caches[keys[0]].patch_size if keys else 0
         self._arrays: Dict[int, np.ndarray] = {}
 

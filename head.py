@@ -17,7 +17,7 @@ Checkpoints are ``torch.save`` dicts of plain Python values and tensors only (lo
 ``torch.load(weights_only=True)``)::
 
     {"format": CHECKPOINT_FORMAT, "model": state_dict, "config": {...}, "preprocess": {...},
-     "cutoff": float, "epoch": int, ...train state for resuming...}
+     "operating_point": {...}, "calibration": {...}, "epoch": int, ...train state for resuming...}
 """
 from __future__ import annotations
 
@@ -259,8 +259,10 @@ def read_checkpoint(path: Path) -> Dict[str, Any]:
 def load_classifier(path: Path, device: str = "cpu") -> Tuple[Classifier, Dict[str, Any]]:
     """Checkpoint -> (classifier in eval mode on ``device``, meta).
 
-    meta: ``config`` (model config), ``preprocess`` {patch_size, spacing_mm, hu_min, hu_max},
-    ``cutoff`` (probability threshold chosen on validation), ``epoch``, plus ``metrics`` and ``kind`` when present.
+    meta: ``config`` (model config), ``preprocess`` {patch_size, spacing_mm, hu_min, hu_max}, ``epoch``, plus
+    when present ``metrics``, ``kind``, ``views``, ``operating_point`` (validated cutoffs, raw logits per
+    number of views; see calibration.py), ``calibration`` (training share and candidate prior) and, in
+    checkpoints made before operating points, ``cutoff`` (a probability chosen per candidate patch).
     """
     payload = read_checkpoint(path)
     try:
@@ -269,8 +271,8 @@ def load_classifier(path: Path, device: str = "cpu") -> Tuple[Classifier, Dict[s
     except (RuntimeError, ValueError, TypeError, KeyError) as err:
         raise UserError(f"{path}: weights do not fit the model config stored with them ({err})") from None
     model.to(device).eval()
-    meta = {key: payload[key] for key in ("config", "preprocess", "cutoff", "epoch", "metrics", "kind", "run", "views")
-            if key in payload}
+    meta = {key: payload[key] for key in ("config", "preprocess", "cutoff", "epoch", "metrics", "kind", "run",
+                                          "views", "operating_point", "calibration") if key in payload}
     return model, meta
 
 
@@ -337,34 +339,57 @@ def flipped_views(x: torch.Tensor, views: int):
         yield (torch.flip(x, flip) if flip else x).unsqueeze(1)
 
 
-def predict_patches(model: Classifier, patches, preprocess: Dict[str, Any], device: str = "cpu",
-                    batch_size: int = 64, views: int = 1, precision: str = "fp32", with_size: bool = False):
-    """Nodule probabilities (float64, sigmoid in float64) of int16 HU patches ``(N, P, P, P)`` ``[z, y, x]``,
-    averaged over the first ``views`` flips of each patch. With ``with_size``: ``(probability, diameter_mm)``,
-    the diameter from the mean log-diameter over the views (all NaN when the model has no size output).
-    ``precision`` (resolved) applies to the encoder only: the head, its logits and size run in float32."""
+def view_outputs(model: Classifier, patches, preprocess: Dict[str, Any], device: str = "cpu",
+                 batch_size: int = 64, views: int = 1, precision: str = "fp32", with_size: bool = False):
+    """Per flip: nodule probabilities (float64, sigmoid in float64) of int16 HU patches ``(N, P, P, P)``
+    ``[z, y, x]`` under each of the first ``views`` flips, ``(N, views)`` (column v: ``VIEW_FLIPS[v]``), and
+    with ``with_size`` the log-diameters (mm) ``(N, views)`` (None without, or for a model without a size
+    output). ``precision`` (resolved) applies to the encoder only: the head, its logits and size run in
+    float32."""
     patches = torch.as_tensor(patches)
-    out = np.empty(len(patches), np.float64)
-    diameter = np.full(len(patches), np.nan)
+    probability = np.empty((len(patches), views), np.float64)
     sized = with_size and model.has_size
+    log_size = np.empty((len(patches), views), np.float64) if sized else None
     device = torch.device(device)
     with torch.inference_mode():
         for first in range(0, len(patches), batch_size):
             hu = patches[first:first + batch_size].to(device, non_blocking=True)
             x = hu_to_unit(hu, preprocess.get("hu_min", -1000.0), preprocess.get("hu_max", 1000.0))
-            probability, log_size = 0.0, 0.0
-            for view in flipped_views(x, views):
+            for v, view in enumerate(flipped_views(x, views)):
                 with autocast(device, precision):
                     features = model.forward_features(view)
                 outputs = model.forward_head(features, with_size=sized)
                 logits, size = outputs if sized else (outputs, None)
-                probability = probability + torch.sigmoid(logits.double())
+                probability[first:first + len(x), v] = torch.sigmoid(logits.double()).cpu().numpy()
                 if sized:
-                    log_size = log_size + size.double()
-            out[first:first + len(x)] = (probability / views).cpu().numpy()
-            if sized:
-                diameter[first:first + len(x)] = diameter_from_log(log_size / views).cpu().numpy()
-    return (out, diameter) if with_size else out
+                    log_size[first:first + len(x), v] = size.double().cpu().numpy()
+    return probability, log_size
+
+
+def mean_of_views(per_view: np.ndarray, views: Optional[int] = None) -> np.ndarray:
+    """The mean over the first ``views`` columns (default all) of ``(N, V)`` per-flip values, summed in flip
+    order."""
+    views = per_view.shape[1] if views is None else views
+    total = per_view[:, 0].copy()
+    for v in range(1, views):
+        total += per_view[:, v]
+    return total / views
+
+
+def predict_patches(model: Classifier, patches, preprocess: Dict[str, Any], device: str = "cpu",
+                    batch_size: int = 64, views: int = 1, precision: str = "fp32", with_size: bool = False):
+    """Nodule probabilities (float64) of int16 HU patches ``(N, P, P, P)`` ``[z, y, x]``, averaged over the
+    first ``views`` flips of each patch (:func:`view_outputs`). With ``with_size``:
+    ``(probability, diameter_mm)``, the diameter from the mean log-diameter over the views (all NaN when the
+    model has no size output)."""
+    probability, log_size = view_outputs(model, patches, preprocess, device, batch_size, views, precision,
+                                         with_size)
+    probability = mean_of_views(probability)
+    if not with_size:
+        return probability
+    if log_size is None:
+        return probability, np.full(len(probability), np.nan)
+    return probability, diameter_from_log(mean_of_views(log_size))
 
 
 # --- metrics ------------------------------------------------------------------------

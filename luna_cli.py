@@ -91,6 +91,12 @@ WindowSize = Annotated[int, typer.Option(min=2, help="Attention window (7 for th
 PoolingOption = Annotated[Pooling, typer.Option(
     help="avg (16 * feature_size values), flatten (the whole last stage) or centre (each stage's centre, 31 * feature_size).")]
 Weights = Annotated[Optional[Path], typer.Option(help="Pretrained Swin UNETR checkpoint for the encoder (random init without).")]
+CutoffOption = Annotated[Optional[float], typer.Option(
+    help="Cutoff as a raw logit (the model's score before calibration; probability p is log(p/(1-p))), "
+         "instead of the validated one.")]
+TargetSensitivity = Annotated[float, typer.Option(
+    min=0.01, max=1.0, help="The cutoff is the highest threshold at which this share of the validation "
+                            "nodules has a candidate at or above it.")]
 HuMin = Annotated[float, typer.Option(help="HU mapped to 0.")]
 HuMax = Annotated[float, typer.Option(help="HU mapped to 1.")]
 
@@ -319,7 +325,7 @@ def cache_features(
 
 
 HEAD_OPTIONS = ["features", "val_subsets", "test_subsets", "epochs", "batch_size", "lr", "patience", "epoch_samples",
-                "seed", "positive_share", "size_weight"]
+                "seed", "positive_share", "size_weight", "target_sensitivity"]
 
 
 @app.command("train-head")
@@ -338,6 +344,7 @@ def train_head(
     epoch_samples: EpochSamples = 0,
     positive_share: PositiveShare = 0.5,
     size_weight: SizeWeight = 1.0,
+    target_sensitivity: TargetSensitivity = 0.9,
     seed: Seed = 0,
     run: Run = None,
     resume: Resume = False,
@@ -353,7 +360,7 @@ def train_head(
 FINETUNE_OPTIONS = ["epochs", "batch_size", "accumulate", "lr", "weight_decay", "warmup_epochs", "weights",
                     "head_from", "feature_size", "window_size", "pooling", "grad_checkpoint", "val_subsets",
                     "test_subsets", "hu_min", "hu_max", "augment", "max_shift_mm", "precision", "patience",
-                    "epoch_samples", "seed", "views", "positive_share", "size_weight"]
+                    "epoch_samples", "seed", "views", "positive_share", "size_weight", "target_sensitivity"]
 
 
 @app.command("finetune")
@@ -384,6 +391,7 @@ def finetune(
     epoch_samples: EpochSamples = 0,
     positive_share: PositiveShare = 0.5,
     size_weight: SizeWeight = 1.0,
+    target_sensitivity: TargetSensitivity = 0.9,
     seed: Seed = 0,
     views: Annotated[int, typer.Option(min=1, max=8, help="Flips of each validation patch averaged, recorded for evaluate and predict.")] = 1,
     run: Run = None,
@@ -425,6 +433,7 @@ def evaluate(
     allow_missing: Annotated[bool, typer.Option(
         "--allow-missing", help="Keep scans missing from a subset folder (against extract's manifest, and seriesuids.csv "
                                 "with all ten subsets) in the FROC, their nodules missed, instead of refusing.")] = False,
+    cutoff: CutoffOption = None,
     data_dir: DataDir = None,
     work_dir: WorkDir = None,
 ):
@@ -435,8 +444,9 @@ def evaluate(
         raise UserError("give exactly one of --submission FILE, --run NAME or --checkpoint FILE")
     root, work = data_dir_option(data_dir), work_dir_option(work_dir)
     subset_list = parse_subsets(subsets, "--subsets", required=True) if subsets is not None else None
-    if submission is not None and candidates is not None:
-        raise UserError("--candidates is for evaluating a model (--run or --checkpoint); a submission holds its own marks")
+    if submission is not None and (candidates is not None or cutoff is not None):
+        raise UserError("--candidates and --cutoff are for evaluating a model (--run or --checkpoint); a "
+                        "submission holds its own marks")
     if submission is not None:
         scan_list, notes = evaluation.submission_scans(root, subset_list, seriesuids, work, allow_missing)
         result = evaluation.score_submission(submission, annotations or root / "annotations.csv",
@@ -453,14 +463,18 @@ def evaluate(
     result = evaluation.evaluate_model(checkpoint, root, subset_list, out_dir, views=views, batch_size=batch_size,
                                        workers=workers, device=device, precision=precision.value,
                                        bootstrap=bootstrap, seed=seed, console=console, candidates_path=candidates,
-                                       work_dir=work, allow_missing=allow_missing)
+                                       work_dir=work, allow_missing=allow_missing, cutoff=cutoff)
     if json_out is not None:
         data.atomic_write_json(json_out, result)
     console.print(evaluation.candidate_table(result))
     evaluation.print_froc(console, result["froc"], f"LUNA16 FROC, subsets {subsets}", result["warnings"])
     if result["size"]["plain"]["n_nodules"]:
         console.print(evaluation.size_table(result["size"]))
-    console.print(f"files in {out_dir}: submission.csv, predictions.csv, metrics.json, roc.png, froc.png, size.png")
+    console.print(f"files in {out_dir}: submission.csv, predictions.csv, metrics.json, roc.png, froc.png, "
+                  f"size.png, calibration.png")
+    ece = result["calibration"]["ece"]
+    console.print(f"calibration: {result['calibration']['note']}; ECE (10 bins) "
+                  f"{'-' if ece is None else f'{ece:.4f}'}")
     if result["unreadable_scans"]:
         console.print(f"[red]{len(result['unreadable_scans'])} unreadable scan(s) skipped (named above)[/]")
         raise typer.Exit(1)
@@ -478,7 +492,7 @@ def _positive_if_given(value: Optional[float]) -> Optional[float]:
 CROSSVAL_OPTIONS = ["features", "epochs", "batch_size", "lr", "seed", "patience", "epoch_samples", "weights",
                     "feature_size", "window_size", "pooling", "views", "precision", "positive_share", "size_weight",
                     "accumulate", "weight_decay", "warmup_epochs", "head_from", "grad_checkpoint", "hu_min", "hu_max",
-                    "augment", "max_shift_mm"]
+                    "augment", "max_shift_mm", "target_sensitivity"]
 
 
 @app.command()
@@ -499,6 +513,10 @@ def crossval(
     epoch_samples: EpochSamples = None,
     positive_share: PositiveShare = None,
     size_weight: SizeWeight = None,
+    target_sensitivity: Annotated[Optional[float], typer.Option(
+        min=0.01, max=1.0, help="Each fold's validation cutoff, and the folds' pooled operating point, is "
+                                "the highest threshold at which this share of the nodules has a candidate at "
+                                "or above it (default 0.9).")] = None,
     weights: Weights = None,
     feature_size: FeatureSize = None,
     window_size: WindowSize = None,
@@ -534,7 +552,7 @@ def crossval(
     console.print(cv.fold_table(result))
     evaluation.print_froc(console, result["froc"], f"LUNA16 FROC, cross-validation {name} (all folds)")
     console.print(f"files in {cv.crossval_dir(work_dir_option(work_dir), name)}: submission.csv, metrics.json, "
-                  f"folds.csv, froc.png")
+                  f"folds.csv, froc.png, operating_point.json")
     if result["unreadable_scans"]:
         console.print(f"[red]{len(result['unreadable_scans'])} unreadable scan(s) skipped (named above); rerun to retry[/]")
         raise typer.Exit(1)
@@ -543,15 +561,20 @@ def crossval(
 @app.command()
 @friendly_errors
 def predict(
-    checkpoint: Annotated[List[Path], typer.Option(help="Classifier checkpoint (best.pt of a run); repeat it to average "
-                                                         "several models, e.g. the folds of a crossval.")],
     scan: Annotated[Path, typer.Option(help="The CT: .mhd, NIfTI, or a DICOM series folder.")],
+    checkpoint: Annotated[List[Path], typer.Option(
+        help="Classifier checkpoint (best.pt of a run); repeat it to average several models (their mean "
+             "cutoff is unvalidated: give --cutoff, or use --ensemble).")] = [],
+    ensemble: Annotated[Optional[str], typer.Option(
+        help="Average the folds of crossval NAME (W/crossval/NAME) at the operating point chosen on their "
+             "pooled out-of-fold scores.")] = None,
     coord: Annotated[List[str], typer.Option("--coord", help="World mm point X,Y,Z, LPS as in the LUNA16 CSVs (repeat for several).")] = [],
     candidates: Annotated[Optional[Path], typer.Option(help="CSV of points with coordX,coordY,coordZ columns (world mm, LPS). "
                                                             "Without --coord and --candidates, detect finds them.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write the predictions here as CSV.")] = None,
     max_per_scan: Annotated[int, typer.Option(min=1, help="Without --coord and --candidates: most candidates detect finds.")] = 300,
     views: Views = None,
+    cutoff: CutoffOption = None,
     batch_size: BatchSize = 64,
     device: Device = "auto",
     precision: PrecisionOption = Precision.auto,
@@ -562,15 +585,23 @@ def predict(
         "--type", case_sensitive=False, help="Nodule type assumed for every point (not measured); with part-solid or "
                                              "ground-glass the diameter is measured at -650 HU instead of -400.")] = NoduleType("solid"),
     risk: Annotated[Risk, typer.Option(case_sensitive=False, help="Patient risk assumed (Fleischner only).")] = Risk("low"),
+    work_dir: WorkDir = None,
 ):
-    """Probability that the candidate at each world point of a new scan is a nodule, whether it needs follow-up,
-    its plain measured diameter and, for follow-up points, the guideline's size category (research use only)."""
+    """Probability that the candidate at each world point of a new scan is a nodule (calibrated to the
+    training candidate list, the raw score beside it), whether it needs follow-up, its diameter and, for
+    follow-up points, the guideline's size category (research use only)."""
+    import crossval as cv
     import predict as prediction
+    if not checkpoint and ensemble is None:
+        raise UserError("give --checkpoint FILE (one or more) or --ensemble NAME of a crossval")
+    folder = None if ensemble is None else \
+        cv.crossval_dir(work_dir_option(work_dir), cv.check_name(ensemble, "--ensemble"))
     rows = prediction.predict_scan(checkpoint, scan, coord, candidates, out, device=device, batch_size=batch_size,
                                    views=views, precision=precision.value, guideline=guideline.value,
-                                   nodule_type=nodule_type.value, risk=risk.value, max_per_scan=max_per_scan)
+                                   nodule_type=nodule_type.value, risk=risk.value, max_per_scan=max_per_scan,
+                                   cutoff=cutoff, ensemble=folder)
     title = prediction.results_title(scan, rows, detected=not coord and candidates is None)
-    console.print(prediction.prediction_table(rows, title=title, n_models=len(checkpoint)) if rows else title)
+    console.print(prediction.prediction_table(rows, title=title) if rows else title)
     if out is not None:
         console.print(f"written to {out}")
 

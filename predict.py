@@ -20,12 +20,15 @@ recommendation for that diameter, or ``"size unknown"`` with a request to measur
 """
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
+import calibration
 import data
 import detect
 import followup
@@ -38,10 +41,16 @@ from detect import scan_name
 # above, bone or metal. (Calcified nodules reach a few hundred HU, so the upper bound is generous.)
 PLAUSIBLE_HU = (-950.0, 500.0)
 CENTRE_MM = 3  # side of the cube (in patch voxels) averaged for the HU at the point
-# The size and follow-up columns come after the first seven, so readers of the older files keep working.
+# The size and follow-up columns come after the first seven, and the calibration and cutoff columns after
+# those, so readers of the older files keep working. probability: the raw score (the models' mean);
+# calibrated_probability: at the checkpoints' recorded candidate prior (calibration.py; empty without one);
+# logit: the raw score's logit, compared with cutoff_logit; cutoff_source: where the cutoff comes from (and
+# whether any data validated it); calibration_note: where the prior comes from.
 OUTPUT_COLUMNS = ("coordX", "coordY", "coordZ", "probability", "follow_up", "hu_at_point", "warning",
                   "diameter_mm", "size_source", "guideline", "category", "recommendation", "model_diameter_mm",
-                  "plain_diameter_mm")
+                  "plain_diameter_mm", "calibrated_probability", "logit", "cutoff_logit", "cutoff_source",
+                  "calibration_note")
+NO_CUTOFF = "no validated cutoff stored: a raw probability of 0.5 (logit 0), UNVALIDATED"
 SIZE_FROM_MODEL = "model"                      # the checkpoint's size output
 SIZE_FROM_PLAIN = "plain measurement"          # sizing.py, for checkpoints without a size output
 # HU threshold of the plain diameter by nodule type (sizing.py): halfway between aerated lung and soft tissue
@@ -108,6 +117,69 @@ def load_models(checkpoints, device) -> list[tuple]:
     return models
 
 
+@dataclass
+class ModelSet:
+    """What predict applies: ``models`` ``[(path, model, meta)]``, each one's number of views, and the cutoff
+    (a raw logit for the logit of the models' mean raw probability) with its source."""
+    models: list
+    views: list
+    cutoff: calibration.Cutoff
+
+
+def read_ensemble(folder: Path) -> dict:
+    """A cross-validation's ``operating_point.json`` (``crossval.write_operating_point``): its folds'
+    checkpoints, the views they were evaluated with and the cutoff chosen on their pooled out-of-fold scores.
+    """
+    path = Path(folder) / "operating_point.json"
+    if not path.is_file():
+        raise UserError(f"--ensemble: {path} not found; run (or finish) `python luna_cli.py crossval --name "
+                        f"{Path(folder).name}` first")
+    return json.loads(path.read_text())
+
+
+def _ensemble_set(folder: Path, device, views: Optional[int], cutoff: Optional[float]) -> ModelSet:
+    """The folds of a crossval folder (``W/crossval/NAME``; their runs ``W/runs/<run>``) at its operating
+    point, or at ``cutoff``; another number of views than the operating point's needs ``cutoff``."""
+    point, name = read_ensemble(folder), Path(folder).name
+    runs = Path(folder).parent.parent / "runs"
+    models = load_models([runs / run / "best.pt" for run in point["runs"]], device)
+    used = views or point["views"]
+    if used is None or (cutoff is None and point["cutoff_logit"] is None):
+        raise UserError(f"--ensemble {name}: its operating point has no single cutoff (no nodule with a "
+                        f"candidate, or folds evaluated with other views); give --views and --cutoff LOGIT")
+    if cutoff is not None:
+        return ModelSet(models, [used] * len(models), calibration.resolve_cutoff({}, used, cutoff))
+    if used != point["views"]:
+        raise UserError(f"--views {views}: cross-validation {name}'s operating point was chosen at "
+                        f"{point['views']} view(s); use --views {point['views']}, or give --cutoff LOGIT "
+                        f"(a raw logit)")
+    source = (f"cross-validation {name}'s operating point: chosen for {point['target_sensitivity']:.0%} of "
+              f"its nodules on the pooled out-of-fold scores at {used} view(s), an approximation for the "
+              f"average of its {len(models)} folds")
+    return ModelSet(models, [used] * len(models), calibration.Cutoff(point["cutoff_logit"], source, True))
+
+
+def resolve_models(checkpoint, device, views: Optional[int] = None, cutoff: Optional[float] = None,
+                   ensemble: Optional[Path] = None) -> ModelSet:
+    """The models and the cutoff of a prediction: a crossval folder's folds and operating point
+    (``ensemble``), else one checkpoint or a list (each with ``views`` or its own, and its validated cutoff
+    for them: a number of views without one is refused). ``cutoff`` (a raw logit) replaces the validated one.
+    Several checkpoints without ``cutoff`` get the mean of their cutoffs, marked unvalidated; a checkpoint
+    without any a raw 0.5, the same."""
+    if ensemble is not None:
+        if checkpoint:
+            raise UserError("give either --ensemble NAME or --checkpoint, not both")
+        return _ensemble_set(ensemble, device, views, cutoff)
+    models = load_models(checkpoint, device)
+    used = [head.check_views(views or meta.get("views", 1)) for _, _, meta in models]
+    cutoffs = [calibration.resolve_cutoff(meta, v, cutoff, name=str(path))
+               for (path, _, meta), v in zip(models, used)]
+    chosen = cutoffs[0] if len(cutoffs) == 1 or cutoff is not None else calibration.mean_cutoff(cutoffs)
+    if chosen.logit is None:
+        chosen = calibration.Cutoff(0.0, NO_CUTOFF, False)
+    return ModelSet(models, used, chosen)
+
+
 def largest_measurable_mm(patch_size: int, spacing_mm: float) -> float:
     """About the largest diameter (mm) sizing.py can measure in a patch: the object must stay inside the ball
     of radius ``patch_size // 2 - 2`` voxels (off the rim of its mask ball), so ``(patch_size - 4) * spacing_mm``."""
@@ -170,18 +242,22 @@ def size_and_follow_up(patches: np.ndarray, spacing_mm: float, follow_ups: Seque
 
 def predict_points(checkpoint, scan_path, world_xyz, device: str = "auto", batch_size: int = 64,
                    views: Optional[int] = None, precision: str = "auto", *, guideline: str = "fleischner",
-                   nodule_type: str = "solid", risk: str = "low") -> list[dict]:
+                   nodule_type: str = "solid", risk: str = "low", cutoff: Optional[float] = None,
+                   ensemble: Optional[Path] = None, points: str = "") -> list[dict]:
     """Probability of a nodule at each world mm point ``(N, 3)`` (x, y, z) of one scan (a path, or a data.CTScan
     already read).
 
-    ``checkpoint``: one checkpoint, or a list of them (say the models of a cross-validation's folds), whose
+    ``checkpoint``: one checkpoint, a list of them (say the models of a cross-validation's folds, whose
     probabilities are averaged: the scan is read and the patches cut once, each model applies its own HU
-    window, views and cutoff, and the cutoff is the mean of the models' cutoffs.
-    ``views``: flips averaged per patch (default: those each checkpoint was validated with). Returns one
-    dict per point: ``coordX/Y/Z`` (mm), ``probability`` (float64), ``follow_up`` (probability at or above
-    the checkpoint's cutoff, 0.5 when it has none), ``hu_at_point`` (mean HU of the central 3 x 3 x 3
-    patch voxels) and ``warning`` ("" or why the point is implausible: outside the scan, air, bone); then
-    the keys of :func:`size_and_follow_up` (``diameter_mm``, ``size_source``, ``guideline``, ``category``,
+    window and views), or a :class:`ModelSet` already resolved; ``ensemble``: a crossval folder instead
+    (:func:`resolve_models`: which cutoff applies, ``cutoff`` a raw logit replacing it). ``views``: flips
+    averaged per patch (default: those each checkpoint was validated with). ``points``: where the points come
+    from, for the calibration note (e.g. ``"detect"``). Returns one dict per point: ``coordX/Y/Z`` (mm),
+    ``probability`` (raw, float64), ``calibrated_probability`` (at the recorded candidate prior; None without
+    one), ``logit`` (of the raw probability), ``follow_up`` (``logit >= cutoff``), ``cutoff`` (raw logit) with
+    ``cutoff_source``, ``calibration_note``, ``hu_at_point`` (mean HU of the central 3 x 3 x 3 patch voxels)
+    and ``warning`` ("" or why the point is implausible: outside the scan, air, bone); then the keys of
+    :func:`size_and_follow_up` (``diameter_mm``, ``size_source``, ``guideline``, ``category``,
     ``recommendation``, ``assumptions``) for ``guideline``/``nodule_type``/``risk`` (see followup.py), whose
     bad values raise UserError before anything is read.
     """
@@ -192,41 +268,70 @@ def predict_points(checkpoint, scan_path, world_xyz, device: str = "auto", batch
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     options = dict(zip(("guideline", "nodule_type", "risk"), followup.check_options(guideline, nodule_type, risk)))
     torch_device = head.resolve_device(device)
-    models = load_models(checkpoint, torch_device)
-    preprocess = models[0][2]["preprocess"]
-    cutoffs = [float(meta["cutoff"]) if meta.get("cutoff") is not None else 0.5 for _, _, meta in models]
-    cutoff = sum(cutoffs) / len(cutoffs)
-    if isinstance(scan_path, data.CTScan):   # already read (predict_scan's detection): cut from memory
-        scan = scan_path
-        patches = data.extract_patches(scan, world_xyz, int(preprocess["patch_size"]), float(preprocess["spacing_mm"]))
-    else:
-        scan, patches = data.read_and_extract(scan_path, world_xyz, int(preprocess["patch_size"]),
-                                              float(preprocess["spacing_mm"]))
-    probability, model_diameters = _model_outputs(models, patches, torch_device, batch_size, views, precision)
+    chosen = checkpoint if isinstance(checkpoint, ModelSet) else \
+        resolve_models(checkpoint, torch_device, views, cutoff, ensemble)
+    preprocess = chosen.models[0][2]["preprocess"]
+    scan, patches = _scan_and_patches(scan_path, world_xyz, preprocess)
+    probability, calibrated, model_diameters = _model_outputs(chosen, patches, torch_device, batch_size,
+                                                              precision)
+    logits = calibration.logit(probability)
     lo = int(preprocess["patch_size"]) // 2 - CENTRE_MM // 2
     hu_at_point = patches[:, lo:lo + CENTRE_MM, lo:lo + CENTRE_MM, lo:lo + CENTRE_MM].reshape(len(patches), -1).mean(1)
     inside = data.inside_scan(scan, world_xyz)
-    sizes = size_and_follow_up(patches, float(preprocess["spacing_mm"]), probability >= cutoff, **options,
+    follow_up = logits >= chosen.cutoff.logit
+    sizes = size_and_follow_up(patches, float(preprocess["spacing_mm"]), follow_up, **options,
                                model_diameters=model_diameters)
+    shared = {"cutoff": chosen.cutoff.logit, "cutoff_source": chosen.cutoff.source,
+              "calibration_note": _calibration_note(chosen, points), "n_models": len(chosen.models)}
+    calibrated = [None] * len(probability) if calibrated is None else calibrated.tolist()
     return [{"coordX": float(x), "coordY": float(y), "coordZ": float(z), "probability": float(p),
-             "follow_up": bool(p >= cutoff), "cutoff": cutoff, "hu_at_point": float(h) if ok else None,
-             "warning": _point_warning(bool(ok), float(h)), **size}
-            for (x, y, z), p, h, ok, size in zip(world_xyz.tolist(), probability, hu_at_point, inside, sizes)]
+             "calibrated_probability": c, "logit": float(logit), "follow_up": bool(yes),
+             "hu_at_point": float(h) if ok else None, "warning": _point_warning(bool(ok), float(h)),
+             **shared, **size}
+            for (x, y, z), p, c, logit, yes, h, ok, size in zip(
+                world_xyz.tolist(), probability, calibrated, logits, follow_up, hu_at_point, inside, sizes)]
 
 
-def _model_outputs(models: list, patches: np.ndarray, device, batch_size: int, views: Optional[int],
-                   precision: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """The mean probability of the models, and the diameter (mm) from the mean log-diameter of those with a
-    size output (None when none has one)."""
-    probabilities, log_sizes = [], []
-    for _, model, meta in models:
+def _scan_and_patches(scan_path, world_xyz: np.ndarray, preprocess: dict):
+    """``(scan, int16 patches)`` of the points: cut from a data.CTScan already read, else read and cut."""
+    size, spacing = int(preprocess["patch_size"]), float(preprocess["spacing_mm"])
+    if isinstance(scan_path, data.CTScan):   # already read (predict_scan's detection): cut from memory
+        return scan_path, data.extract_patches(scan_path, world_xyz, size, spacing)
+    return data.read_and_extract(scan_path, world_xyz, size, spacing)
+
+
+def _calibration_note(chosen: ModelSet, points: str) -> str:
+    """The models' calibration note (several: the first one's, the mean of their calibrated probabilities)."""
+    note = calibration.calibration_note(chosen.models[0][2].get("calibration"), points)
+    if len(chosen.models) > 1:
+        note += f"; the mean of the {len(chosen.models)} models' calibrated probabilities"
+    return note
+
+
+def _model_outputs(chosen: ModelSet, patches: np.ndarray, device, batch_size: int,
+                   precision: str) -> tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
+    """The mean raw probability of the models, the mean of their calibrated probabilities (None when one has
+    no recorded prior), and the diameter (mm) from the mean log-diameter of those with a size output (None
+    when none has one)."""
+    probabilities, calibrated, log_sizes = [], [], []
+    for (_, model, meta), views in zip(chosen.models, chosen.views):
         probability, diameter = head.predict_patches(model, patches, meta["preprocess"], device, batch_size,
-                                                     head.check_views(views or meta.get("views", 1)),
-                                                     head.resolve_precision(precision, device), with_size=True)
+                                                     views, head.resolve_precision(precision, device),
+                                                     with_size=True)
         probabilities.append(probability)
+        calibrated.append(calibration.calibrated_probability(probability, meta.get("calibration")))
         if model.has_size:
             log_sizes.append(np.log(diameter))
-    return sum(probabilities) / len(models), np.exp(sum(log_sizes) / len(log_sizes)) if log_sizes else None
+    mean_calibrated = None if any(c is None for c in calibrated) else sum(calibrated) / len(calibrated)
+    return (sum(probabilities) / len(probabilities), mean_calibrated,
+            np.exp(sum(log_sizes) / len(log_sizes)) if log_sizes else None)
+
+
+def _text(value) -> str:
+    """A CSV cell: "" for None, full precision for floats, commas replaced by semicolons in text."""
+    if value is None:
+        return ""
+    return repr(value) if isinstance(value, float) else str(value).replace(",", ";")
 
 
 def write_predictions_csv(predictions: Sequence[dict], path) -> None:
@@ -234,22 +339,25 @@ def write_predictions_csv(predictions: Sequence[dict], path) -> None:
     lines = [",".join(OUTPUT_COLUMNS)]
     for row in predictions:
         hu = "" if row["hu_at_point"] is None else f"{row['hu_at_point']:.1f}"
-        warning = row["warning"].replace(",", ";")
-        diameter, model_mm, plain_mm = ("" if row.get(key) is None else repr(row[key])
-                                        for key in ("diameter_mm", "model_diameter_mm", "plain_diameter_mm"))
-        size = ",".join(str(row.get(key, "")).replace(",", ";")
-                        for key in ("size_source", "guideline", "category", "recommendation"))
-        lines.append(f"{row['coordX']!r},{row['coordY']!r},{row['coordZ']!r},{row['probability']!r},"
-                     f"{'yes' if row['follow_up'] else 'no'},{hu},{warning},{diameter},{size},{model_mm},{plain_mm}")
+        cells = [_text(row.get(key)) for key in OUTPUT_COLUMNS]
+        cells[OUTPUT_COLUMNS.index("follow_up")] = "yes" if row["follow_up"] else "no"
+        cells[OUTPUT_COLUMNS.index("hu_at_point")] = hu
+        cells[OUTPUT_COLUMNS.index("cutoff_logit")] = _text(row["cutoff"])
+        lines.append(",".join(cells))
     data.atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def _table_caption(predictions: Sequence[dict], n_models: int) -> str:
-    """The cutoff and its source, the guideline and the assumptions of the size and category, the disclaimer."""
-    cutoff = predictions[0]["cutoff"] if predictions else 0.5
-    source = "the checkpoint's cutoff" if n_models == 1 else \
-        f"the mean of the {n_models} checkpoints' cutoffs; probabilities averaged over {n_models} models"
-    lines = [f"follow-up: probability >= {cutoff:.4g} ({source})"]
+    """The cutoff and its source, where the calibration's prior comes from, the guideline and the assumptions
+    of the size and category, the disclaimer."""
+    lines = []
+    if predictions:
+        first = predictions[0]
+        n_models = first.get("n_models", n_models)
+        averaged = f"; raw probabilities averaged over {n_models} models" if n_models > 1 else ""
+        lines += [f"follow-up: raw logit >= {first['cutoff']:.4g} (raw probability >= "
+                  f"{float(calibration.sigmoid(first['cutoff'])):.4g}): {first['cutoff_source']}{averaged}",
+                  f"probability: {first['calibration_note']}"]
     if predictions and "guideline" in predictions[0]:
         first = predictions[0]
         source = ("the model's size output (the plain measurement beside it)" if first["size_source"] == SIZE_FROM_MODEL
@@ -262,21 +370,22 @@ def _table_caption(predictions: Sequence[dict], n_models: int) -> str:
 
 
 def prediction_table(predictions: Sequence[dict], title: str = "", n_models: int = 1):
-    """A rich table: coordinates, probability, follow-up at the cutoff, HU at the point, the plain diameter,
-    the guideline's category and recommendation (follow-up points only) and warnings; the caption names the
-    guideline, the assumptions and followup.DISCLAIMER. ``n_models`` > 1: the probabilities are the average of
-    that many checkpoints, the cutoff their mean."""
+    """A rich table: coordinates, calibrated and raw probability, follow-up at the cutoff, HU at the point,
+    the diameter, the guideline's category and recommendation (follow-up points only) and warnings; the
+    caption names the cutoff and its source, the calibration's prior, the guideline, the assumptions and
+    followup.DISCLAIMER. ``n_models`` > 1: the probabilities are the average of that many checkpoints."""
     from rich.table import Table
     table = Table(title=title or None, caption=_table_caption(predictions, n_models))
     sized = bool(predictions) and predictions[0].get("size_source") == SIZE_FROM_MODEL
-    for name in ("#", "x (mm)", "y (mm)", "z (mm)", "probability", "follow-up", "HU", "diameter (mm)",
+    for name in ("#", "x (mm)", "y (mm)", "z (mm)", "probability", "raw", "follow-up", "HU", "diameter (mm)",
                  *(("plain (mm)",) if sized else ()), "category", "recommendation", "warning"):
         table.add_column(name, justify="left" if name in ("category", "recommendation", "warning") else "right",
                          overflow="fold")   # a narrow terminal folds cells rather than cropping columns
     for n, row in enumerate(predictions, start=1):
-        diameter = row.get("diameter_mm")
+        diameter, calibrated = row.get("diameter_mm"), row.get("calibrated_probability")
         table.add_row(str(n), f"{row['coordX']:.1f}", f"{row['coordY']:.1f}", f"{row['coordZ']:.1f}",
-                      f"{row['probability']:.4f}", "[bold red]yes[/]" if row["follow_up"] else "no",
+                      "-" if calibrated is None else f"{calibrated:.4f}", f"{row['probability']:.4f}",
+                      "[bold red]yes[/]" if row["follow_up"] else "no",
                       "-" if row["hu_at_point"] is None else f"{row['hu_at_point']:.0f}",
                       _mm(diameter),
                       *((_mm(row.get("plain_diameter_mm")),) if sized else ()), row.get("category", ""),
@@ -314,31 +423,36 @@ def distinct_findings(predictions: Sequence[dict], unknown_diameter_mm: float = 
 def predict_scan(checkpoint, scan_path, coords: Sequence[str] = (), candidates=None, out=None,
                  device: str = "auto", batch_size: int = 64, views: Optional[int] = None,
                  precision: str = "auto", *, guideline: str = "fleischner", nodule_type: str = "solid",
-                 risk: str = "low", max_per_scan: int = detect.DEFAULT_MAX_PER_SCAN) -> list[dict]:
+                 risk: str = "low", max_per_scan: int = detect.DEFAULT_MAX_PER_SCAN,
+                 cutoff: Optional[float] = None, ensemble: Optional[Path] = None) -> list[dict]:
     """Points from ``--coord X,Y,Z`` strings or a candidates CSV -> :func:`predict_points` (one checkpoint or
-    a list, averaged; ``guideline``, ``nodule_type`` and ``risk`` for the follow-up category), written to
-    ``out``. With neither, :func:`detect.detect_scan` finds up to ``max_per_scan`` candidates first, and the
-    distinct findings at or above the cutoff (:func:`distinct_findings`) are returned, highest probability first,
-    with their follow-up categories for that number of nodules."""
+    a list, averaged, or a crossval ``ensemble``; ``cutoff`` a raw logit; ``guideline``, ``nodule_type`` and
+    ``risk`` for the follow-up category), written to ``out``. With neither, :func:`detect.detect_scan` finds
+    up to ``max_per_scan`` candidates first, and the distinct findings at or above the cutoff
+    (:func:`distinct_findings`) are returned, highest probability first, with their follow-up categories for
+    that number of nodules."""
     if coords and candidates is not None:
         raise UserError("give either --coord X,Y,Z (one or more) or --candidates FILE.csv, not both")
+    chosen = resolve_models(checkpoint, head.resolve_device(device), views, cutoff, ensemble)
     if coords:
         world_xyz = np.array([parse_coordinate(c) for c in coords])
     elif candidates is not None:
         world_xyz = read_scan_points(candidates, scan_name=scan_name(scan_path))
     scan = Path(scan_path)
-    if not coords and candidates is None:
+    detected = not coords and candidates is None
+    if detected:
         scan = data.read_ct(scan_path)   # read once: detection and the patches both use it
         found = detect.detect_scan(scan, max_per_scan)
         if not len(found.score):
             raise UserError(found.warning or f"scan {scan_name(scan_path)}: detect found no candidates")
         world_xyz = found.world_xyz
-    options = dict(guideline=guideline, nodule_type=nodule_type, risk=risk)
-    predictions = predict_points(checkpoint, scan, world_xyz, device, batch_size, views, precision, **options)
-    if not coords and candidates is None:
+    options = dict(guideline=guideline, nodule_type=nodule_type, risk=risk,
+                   points="detect" if detected else "--coord" if coords else "")
+    predictions = predict_points(chosen, scan, world_xyz, device, batch_size, views, precision, **options)
+    if detected:
         findings = distinct_findings(predictions)
         predictions = [] if not findings else predict_points(   # again on the findings alone: their number and
-            checkpoint, scan, np.array([[r["coordX"], r["coordY"], r["coordZ"]] for r in findings]), device,
+            chosen, scan, np.array([[r["coordX"], r["coordY"], r["coordZ"]] for r in findings]), device,
             batch_size, views, precision, **options)            # size categories are those of distinct nodules
     if out is not None:
         write_predictions_csv(predictions, out)

@@ -680,15 +680,20 @@ def test_evaluate_model_scores_every_candidate_and_resumes(eval_phantom, tmp_pat
         assert key in saved and key in result
     assert saved["n_candidates"] == len(expected) and saved["n_scans"] == 2 and saved["unreadable_scans"] == {}
     assert sorted(saved["froc_sensitivities"]) == sorted(["0.125", "0.25", "0.5", "1", "2", "4", "8"])
-    for figure in ("roc.png", "froc.png", "size.png"):
+    for figure in ("roc.png", "froc.png", "size.png", "calibration.png"):
         assert (out / figure).read_bytes()[:4] == b"\x89PNG"
     # sizes: the tiny model has no size output; the plain measurement reads the solid nodule candidates
     nodules = sum(r[4] == "1" for r in expected)
     assert saved["size"]["model_has_size_output"] is False and saved["size"]["model"]["n_measured"] == 0
     assert saved["size"]["plain"]["n_nodules"] == nodules and saved["size"]["plain"]["n_measured"] >= 1
     predicted = [line.split(",") for line in (out / "predictions.csv").read_text().splitlines()]
-    assert predicted[0][-3:] == ["annotated_diameter_mm", "model_diameter_mm", "plain_diameter_mm"]
-    assert sum(bool(r[-3]) for r in predicted[1:]) == nodules and not any(r[-2] for r in predicted[1:])
+    assert predicted[0][6:] == ["annotated_diameter_mm", "model_diameter_mm", "plain_diameter_mm",
+                                "calibrated_probability"]
+    assert sum(bool(r[6]) for r in predicted[1:]) == nodules and not any(r[7] for r in predicted[1:])
+    # a checkpoint without a recorded candidate prior: no calibrated probability; the raw one's reliability
+    # only
+    assert not any(r[9] for r in predicted[1:]) and saved["calibration"]["ece"] is None
+    assert saved["calibration"]["raw"]["n"] == len(expected) and saved["calibration"]["calibrated"] is None
     # The probabilities are the model's on freshly extracted patches, written at full precision.
     model, meta = head.load_classifier(checkpoint)
     uid = expected[0][0]
@@ -729,7 +734,7 @@ def test_evaluate_cli_model_skips_an_unreadable_scan(eval_phantom, tmp_path):
     out = tmp_path / "work" / "eval" / "tiny_subsets0"
     saved = json.loads((out / "metrics.json").read_text())   # the FROC of the readable scan is still written
     assert list(saved["unreadable_scans"]) == [broken.stem] and saved["n_scans"] == 1 and "cpm" in saved
-    assert saved["at_cutoff"]["cutoff"] == 0.3
+    assert saved["at_cutoff"]["cutoff_probability"] == pytest.approx(0.3, abs=1e-12)
     rows = (out / "submission.csv").read_text().splitlines()[1:]
     assert rows and not any(r.startswith(broken.stem) for r in rows)
     assert len(rows) == sum(r[0] != broken.stem for r in _subset_candidates(root, 0))
@@ -807,8 +812,8 @@ def test_two_checkpoints_evaluations_do_not_collide(eval_phantom, tmp_path):
                                                    "--workers", "0", "--bootstrap", "0", "--device", "cpu"])
         assert result.exit_code == 0, _why(result)
     saved = [json.loads(path.read_text()) for path in sorted((work / "eval").glob("*/metrics.json"))]
-    assert [(m["checkpoint"], m["at_cutoff"]["cutoff"]) for m in saved] == [(str(checkpoints["a"]), 0.3),
-                                                                              (str(checkpoints["b"]), 0.7)]
+    assert [m["checkpoint"] for m in saved] == [str(checkpoints["a"]), str(checkpoints["b"])]
+    assert [m["at_cutoff"]["cutoff_probability"] for m in saved] == pytest.approx([0.3, 0.7], abs=1e-12)
     # --run a and --checkpoint W/runs/a/best.pt share a folder; every other checkpoint has its own
     assert evaluate.evaluation_name(work, checkpoints["a"]) == "a"
     others = [work / "runs" / "a" / "last.pt", tmp_path / "x" / "best.pt", tmp_path / "y" / "best.pt"]
@@ -923,10 +928,13 @@ def test_predict_points_on_mhd_and_on_a_dicom_series_agree(eval_phantom, tmp_pat
 
 
 def test_evaluate_and_predict_apply_the_checkpoint_views_unless_told(eval_phantom, tmp_path):
+    from typer.testing import CliRunner
     import data
     import evaluate
     import head
+    import luna_cli
     import predict
+    from data import UserError
     checkpoint = _tiny_checkpoint(tmp_path / "tiny.pt", views=8)
     model, meta = head.load_classifier(checkpoint)
     mhd = sorted((eval_phantom / "subset1").glob("*.mhd"))[0]
@@ -934,10 +942,20 @@ def test_evaluate_and_predict_apply_the_checkpoint_views_unless_told(eval_phanto
     patches = data.extract_patches(data.read_ct(mhd), points, 32, 1.25)
     eight, one = (head.predict_patches(model, patches, meta["preprocess"], views=v) for v in (8, 1))
     assert np.abs(eight - one).max() > 1e-4
-    got = {v: [r["probability"] for r in predict.predict_points(checkpoint, mhd, points, device="cpu", views=v)]
+    got = {v: [r["probability"] for r in predict.predict_points(checkpoint, mhd, points, device="cpu",
+                                                                 views=v, cutoff=None if v is None else 0.0)]
            for v in (None, 1)}
     np.testing.assert_allclose(got[None], eight, rtol=1e-6)
     np.testing.assert_allclose(got[1], one, rtol=1e-6)
+    # other views than the one cutoff this (older) checkpoint stores are refused without --cutoff, naming it
+    with pytest.raises(UserError, match=r"--views 1: .*cutoffs for 8 view\(s\) only"):
+        predict.predict_points(checkpoint, mhd, points, device="cpu", views=1)
+    cli = CliRunner().invoke(luna_cli.app, ["evaluate", "--checkpoint", str(checkpoint), "--subsets", "1",
+                                            "--views", "2", "--data-dir", str(eval_phantom), "--work-dir",
+                                            str(tmp_path / "w"), "--workers", "0", "--device", "cpu"])
+    assert cli.exit_code == 1 and isinstance(_user_error(cli), UserError), _why(cli)
+    assert "--views 2" in str(_user_error(cli)) and "8 view(s)" in str(_user_error(cli))
+    assert not list((tmp_path / "w").glob("eval/*/*.csv"))   # refused before any scan was scored
     result = evaluate.evaluate_model(checkpoint, eval_phantom, [1], tmp_path / "eval", workers=0, bootstrap=0)
     rows = [line.split(",") for line in (tmp_path / "eval" / "submission.csv").read_text().splitlines()[1:]]
     assert result["views"] == 8
@@ -1382,6 +1400,44 @@ def test_balanced_sampling_draws_positives_at_the_share_asked():
         train._check_options(dict(train.HEAD_DEFAULTS, positive_share=1.0))
 
 
+def test_prior_shift_gives_the_known_answer():
+    import calibration
+    # trained at half nodules, moved to 1 in 10: odds 4 (p 0.8) become 4 * (1/9) / 1, p = 4/13
+    assert calibration.calibrated_probability([0.8], {"positive_share": 0.5, "prior": 0.1})[0] == \
+        pytest.approx(4 / 13, rel=1e-12)
+    # a score at the training share lands on the prior; trained at 1 in 5, odds 1/4 -> prior odds 1/479
+    record = {"positive_share": 0.2, "prior": 1 / 480}
+    assert calibration.calibrated_probability([0.2], record)[0] == pytest.approx(1 / 480, rel=1e-12)
+    assert calibration.calibrated_probability([0.5], record)[0] == pytest.approx(4 / 483, rel=1e-12)
+    assert calibration.calibrated_probability([0.5], {"positive_share": 0.5, "prior": None}) is None
+    found = calibration.reliability(np.array([0, 0, 1, 1]), np.array([0.05, 0.15, 0.15, 0.95]))
+    assert found["ece"] == pytest.approx((0.05 + 2 * 0.35 + 0.05) / 4, rel=1e-12)
+    assert [row["n"] for row in found["per_bin"]] == [1, 2, 0, 0, 0, 0, 0, 0, 0, 1]
+
+
+def test_per_nodule_cutoff_counts_a_nodule_once_and_a_nodule_without_candidate_as_missed():
+    from types import SimpleNamespace
+    import train
+    # scan A: nodule 1 (10 mm at the origin) holds two candidates (logits 2.0 and 1.5), nodule 2 (6 mm at x =
+    # 50) one (0.5) and, exactly on its rim (squared distance = r^2: no hit), another (5.0); nodule 3 none
+    pool = SimpleNamespace(labels=np.array([1, 1, 1, 0, 0]), seriesuids=np.array(["A"] * 5, object),
+                           world_xyz=np.array([[0, 0, 0], [3, 0, 0], [50, 1, 0], [53, 0, 0], [20, 0, 0]],
+                                              float))
+    nodules = (np.array(["A", "A", "B"], object), np.array([[0, 0, 0], [50, 0, 0], [0, 0, 0]], float),
+               np.array([10.0, 6.0, 8.0]))
+    logits = np.array([2.0, 1.5, 0.5, 5.0, 3.0])
+    chooser = train.CutoffChooser(pool, nodules, 2 / 3)
+    assert chooser.basis == "nodule" and chooser.choose(logits) == (0.5, pytest.approx(2 / 3))
+    order = np.array([4, 2, 0, 3, 1])                 # outputs in another order, with their pool positions
+    assert chooser.choose(logits[order], order) == chooser.choose(logits)
+    # per candidate patch, the second candidate of nodule 1 would pass for another nodule found
+    assert train.CutoffChooser(pool, None, 2 / 3).choose(logits)[0] == 1.5
+    # 90% of three nodules cannot be reached with one missed: the lowest cutoff that finds the others
+    assert train.CutoffChooser(pool, nodules, 0.9).choose(logits) == (0.5, pytest.approx(2 / 3))
+    point = chooser.operating_point({1: logits, 8: logits - 1.0}, None, epoch=3)
+    assert point["cutoff_logits"] == {"1": 0.5, "8": -0.5} and point["n_nodules_without_candidate"] == 1
+
+
 def test_sensitivity_cutoff_and_training_metrics():
     import head
     rng = np.random.default_rng(0)
@@ -1424,7 +1480,9 @@ def test_cached_features_head_and_finetune_learn(tmp_path):
     model, meta = head.load_classifier(run_dir / "best.pt")
     assert meta["preprocess"] == {"patch_size": 32, "spacing_mm": 1.0, "hu_min": -1000.0, "hu_max": 1000.0}
     best = next(row for row in history if row["epoch"] == meta["epoch"])  # equal AUCs: the lower validation loss
-    assert best["val_auc"] == max(row["val_auc"] for row in history) and abs(meta["cutoff"] - best["cutoff"]) < 1e-12
+    assert best["val_auc"] == max(row["val_auc"] for row in history)
+    point = meta["operating_point"]   # hand-made manifests list no nodules: per patch, at the 1 cached view
+    assert point["basis"] == "patch" and point["cutoff_logits"] == {"1": best["cutoff_logit"]}
     # the saved classifier on raw patches scores the validation subset as the head did on cached features
     patches = torch.from_numpy(np.load(work / "patches" / "subset2" / "patches.npy"))
     labels = features.read_subset_cache(work, 2).labels
@@ -1471,8 +1529,10 @@ def test_finetune_resume_repeats_the_uninterrupted_run(tmp_path):
     last_a = torch.load(whole / "last.pt", weights_only=True)
     last_b = torch.load(part / "last.pt", weights_only=True)
     assert all(torch.allclose(last_a["model"][k], last_b["model"][k], atol=1e-6) for k in last_a["model"])
-    assert last_b["preprocess"]["patch_size"] == 32 and 0.0 <= last_b["cutoff"] <= 1.0
-    assert "optimizer" not in torch.load(whole / "best.pt", weights_only=True)
+    assert last_b["preprocess"]["patch_size"] == 32
+    best = torch.load(whole / "best.pt", weights_only=True)
+    assert "optimizer" not in best
+    assert sorted(best["operating_point"]["cutoff_logits"]) == ["1", "2", "4", "8"]
     model, meta = head.load_classifier(whole / "last.pt")
     assert meta["epoch"] == 4 and meta["config"]["encoder"]["window_size"] == 4
     # a finished run resumed again does nothing
@@ -1900,6 +1960,9 @@ def test_demo_runs_every_stage_and_keeps_the_readme_promise(tmp_path):
     for run in (head_run, tuned):
         assert run["size"]["model"]["n_measured"] == positives and run["size"]["model"]["mae_mm"] < 1.5
         assert run["size"]["plain"]["n_measured"] < positives
+        # README: the mean calibrated probability 0.111 and 0.157 against a nodule rate of 0.142
+        calibrated = run["calibration"]["calibrated"]
+        assert 1 / 1.5 < calibrated["mean_probability"] / calibrated["nodule_rate"] < 1.5
     page = result["report"].read_text()
     for picture in ("training.png", "roc.png", "froc.png", "size.png", "true_positives.png", "false_positives.png",
                     "false_negatives.png"):
@@ -2245,6 +2308,53 @@ def test_crossval_cpm_equals_scoring_its_concatenated_submission(crossval_run, t
                                                            ["2", "2", "1", "cv-fold2"], ["3", "3", "2", "cv-fold3"]]
     assert sum(int(line.split(",")[6]) for line in lines[1:]) == n_rows
     assert (out / "froc.png").read_bytes()[:4] == b"\x89PNG"
+    assert all((out / f"fold{k}" / "calibration.png").read_bytes()[:4] == b"\x89PNG" for k in range(4))
+
+
+def test_calibrated_probabilities_meet_the_nodule_rate_and_leave_the_froc_alone(crossval_run):
+    """Every candidate of the four held-out subsets, each scored by the fold model that never trained on
+    it."""
+    import csv
+    import json
+    import data
+    import evaluate
+    root, work, saved = crossval_run
+    out = work / "crossval" / "cv"
+    rows = []
+    for k in range(4):
+        with open(out / f"fold{k}" / "predictions.csv", newline="") as handle:
+            rows += list(csv.DictReader(handle))
+        fold = json.loads((out / f"fold{k}" / "metrics.json").read_text())["calibration"]
+        assert fold["prior"] is not None and 0.0 <= fold["ece"] <= 1.0
+        assert fold["calibrated"]["n"] == fold["raw"]["n"]
+    labels = np.array([int(r["class"]) for r in rows])
+    raw, calibrated = (np.array([float(r[key]) for r in rows])
+                       for key in ("probability", "calibrated_probability"))
+    rate = labels.mean()   # the raw probabilities are far above it (about twice), the calibrated ones are not
+    within = lambda mean: 1 / 1.5 < mean / rate < 1.5
+    assert within(calibrated.mean()) and not within(raw.mean()), (calibrated.mean(), raw.mean(), rate)
+    # the correction keeps the rank of every candidate of one model, so each fold's official FROC is the same
+    # (the pooled submission keeps the raw scores: each fold has a prior of its own)
+    marks = data.PointTable(np.array([r["seriesuid"] for r in rows], object),
+                            np.array([[float(r[c]) for c in ("coordX", "coordY", "coordZ")] for r in rows]),
+                            calibrated, np.arange(len(rows)) + 2)
+    for k in range(4):
+        fold = json.loads((out / f"fold{k}" / "metrics.json").read_text())
+        again = evaluate.score_marks(marks, list(data.subset_scans(root, [k])),
+                                     evaluate.read_findings(root / "annotations.csv"),
+                                     evaluate.read_findings(root / "annotations_excluded.csv"), bootstrap=0)
+        assert (again["cpm"], again["froc_sensitivities"]) == (fold["cpm"], fold["froc_sensitivities"])
+    # the pooled operating point: the highest cutoff at which 90% of the nodules have a candidate at or above
+    # it
+    point = json.loads((out / "operating_point.json").read_text())
+    assert point == saved["operating_point"] and point["n_nodules"] == saved["n_nodules"]
+    nodules = evaluate.read_findings(root / "annotations.csv")
+    hits = evaluate.nodule_hits(marks.seriesuid, marks.world_xyz, nodules.seriesuid, nodules.world_xyz,
+                                nodules.value)
+    best = evaluate.best_per_nodule(hits, np.log(raw) - np.log1p(-raw))
+    share = lambda cutoff: np.mean(best >= cutoff)
+    cutoff = point["cutoff_logit"]
+    assert share(cutoff) == point["sensitivity"] >= 0.9 > share(np.nextafter(cutoff, 99))
 
 
 def test_crossval_never_trains_or_validates_on_a_fold_test_scan(crossval_run):
@@ -2364,7 +2474,9 @@ def test_crossval_mines_inside_each_fold_and_refuses_leaked_mined_rows(crossval_
         crossval.run_crossval(work, root, [0, 1], "leak", **CV_ARGS)
 
 
-def test_predict_averages_several_checkpoints(crossval_run, tmp_path):
+def test_predict_averages_several_checkpoints_and_the_crossval_ensemble(crossval_run, tmp_path):
+    import csv
+    import json
     from typer.testing import CliRunner
     import head
     import luna_cli
@@ -2378,20 +2490,33 @@ def test_predict_averages_several_checkpoints(crossval_run, tmp_path):
     both = predict.predict_points([a, b], mhd, points, device="cpu")
     mean = (np.array([r["probability"] for r in one]) + np.array([r["probability"] for r in two])) / 2
     np.testing.assert_allclose([r["probability"] for r in both], mean, rtol=1e-12)
-    cutoff = (head.load_classifier(a)[1]["cutoff"] + head.load_classifier(b)[1]["cutoff"]) / 2
-    assert all(r["cutoff"] == cutoff and r["follow_up"] == (r["probability"] >= cutoff) for r in both)
+    # the mean of the checkpoints' validated cutoffs (raw logits) applies, and says that no data validated it
+    cutoff = np.mean([head.load_classifier(c)[1]["operating_point"]["cutoff_logits"]["1"] for c in (a, b)])
+    assert all(r["cutoff"] == cutoff and r["follow_up"] == (r["logit"] >= cutoff)
+               and "UNVALIDATED" in r["cutoff_source"] for r in both)
+    given = predict.predict_points([a, b], mhd, points, device="cpu", cutoff=0.25)
+    assert all(r["cutoff"] == 0.25 and "UNVALIDATED" not in r["cutoff_source"] for r in given)
     assert predict.predict_points([a], mhd, points, device="cpu") == one
     with pytest.raises(UserError, match="tiny.pt takes patches of 32 voxels at 1.25 mm.*share the patch size"):
         predict.predict_points([a, _tiny_checkpoint(tmp_path / "tiny.pt")], mhd, points, device="cpu")
-    base = ["predict", "--scan", str(mhd), "--coord", ",".join(map(str, points[0])), "--device", "cpu"]
-    for checkpoints, source in (([a, b], "probabilities averaged over 2 models"), ([a], "(the checkpoint's cutoff)")):
-        result = CliRunner().invoke(luna_cli.app, base + [arg for c in checkpoints for arg in ("--checkpoint", str(c))]
-                                    + ["--out", str(tmp_path / "p.csv")])
+    base = ["predict", "--scan", str(mhd), "--coord", ",".join(map(str, points[0])), "--device", "cpu",
+            "--out", str(tmp_path / "p.csv"), "--work-dir", str(work)]
+    point = json.loads((work / "crossval" / "cv" / "operating_point.json").read_text())
+    folds = [work / "runs" / f"cv-fold{k}" / "best.pt" for k in range(4)]
+    for options, models, source in (([f"--checkpoint={a}", f"--checkpoint={b}"], [a, b], "UNVALIDATED"),
+                                    ([f"--checkpoint={a}"], [a], "cutoff for 1 view(s)"),
+                                    (["--ensemble", "cv"], folds, "cross-validation cv's operating point")):
+        result = CliRunner().invoke(luna_cli.app, base + options)
         assert result.exit_code == 0, _why(result)
-        written = [float(line.split(",")[3]) for line in (tmp_path / "p.csv").read_text().splitlines()[1:]]
-        rows = predict.predict_points(checkpoints, mhd, points[:1], device="cpu")
-        assert written == [r["probability"] for r in rows]
-        assert source in predict.prediction_table(rows, n_models=len(checkpoints)).caption
+        with open(tmp_path / "p.csv", newline="") as handle:
+            written = list(csv.DictReader(handle))
+        rows = predict.predict_points(models, mhd, points[:1], device="cpu")
+        assert [float(w["probability"]) for w in written] == [r["probability"] for r in rows]
+        assert all(source in w["cutoff_source"] for w in written), written
+    assert float(written[0]["cutoff_logit"]) == point["cutoff_logit"] and point["views"] == 1
+    assert written[0]["calibrated_probability"] and "prior" in written[0]["calibration_note"]
+    refused = CliRunner().invoke(luna_cli.app, base + ["--ensemble", "cv", "--views", "2"])
+    assert refused.exit_code == 1 and "chosen at 1 view(s)" in str(_user_error(refused)), _why(refused)
 
 
 def test_crossval_finetune_passes_its_options_to_each_fold(crossval_run, tmp_path, monkeypatch):

@@ -43,7 +43,9 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
+import calibration
 import data
+import evaluate
 import head as head_mod
 from data import UserError
 from features import (PatchPool, SubsetCache, batch_loader, cache_features_hint, check_preprocess_matches,
@@ -102,11 +104,15 @@ def epoch_batches(labels: np.ndarray, n_samples: int, batch_size: int, seed: int
 @dataclass
 class ValOutputs:
     """Validation outputs: logits of each patch (its views averaged as probabilities), labels, the annotated
-    diameters (mm, NaN where unknown) and, for a model with a size output, the mean log-diameter over views."""
+    diameters (mm, NaN where unknown) and, for a model with a size output, the mean log-diameter over views;
+    ``positions``: each output's place in the validation pool (None: in pool order); ``view_logits``: the
+    logits for other numbers of views ``{views: logits}``, where validation computed them."""
     logits: np.ndarray
     labels: np.ndarray
     diameters: np.ndarray
     log_size: Optional[np.ndarray] = None
+    positions: Optional[np.ndarray] = None
+    view_logits: Optional[Dict[int, np.ndarray]] = None
 
 
 def _outputs(module: nn.Module, x: torch.Tensor, sized: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -114,6 +120,110 @@ def _outputs(module: nn.Module, x: torch.Tensor, sized: bool) -> Tuple[torch.Ten
     if sized:
         return module(x, with_size=True)
     return module(x), None
+
+
+# --- validation cutoffs and the calibration record ----------------------------------------------------
+
+class CutoffChooser:
+    """Chooses validation cutoffs (raw logits) for ``target`` sensitivity. Per nodule when the validation
+    subsets' manifests list their annotated nodules: the highest threshold at which ``target`` of them have a
+    validation patch at or above it, a patch belonging to a nodule by the official hit rule
+    (``evaluate.nodule_hits``), a nodule without one counting as missed. Otherwise (caches made before the
+    nodules were recorded, or no nodule hit by any patch) per nodule candidate patch, as
+    ``head.cutoff_for_sensitivity``."""
+
+    def __init__(self, pool: PatchPool, nodules: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]],
+                 target: float):
+        self.labels, self.target = pool.labels, float(target)
+        self.hits = None if nodules is None else \
+            evaluate.nodule_hits(pool.seriesuids, pool.world_xyz, *nodules)
+        if self.hits is not None and not any(len(rows) for rows in self.hits):
+            self.hits = None
+
+    @property
+    def basis(self) -> str:
+        return "patch" if self.hits is None else "nodule"
+
+    def choose(self, logits: np.ndarray, positions: Optional[np.ndarray] = None) -> Tuple[float, float]:
+        """``(cutoff, sensitivity there)`` of validation logits, given in pool order or at ``positions``."""
+        scores = np.full(len(self.labels), -np.inf)
+        scores[np.arange(len(logits)) if positions is None else positions] = logits
+        if self.hits is not None:
+            return calibration.cutoff_for_nodules(evaluate.best_per_nodule(self.hits, scores), self.target)
+        cutoff = head_mod.cutoff_for_sensitivity(self.labels, scores, self.target)
+        return cutoff, float((scores[self.labels == 1] >= cutoff).mean())
+
+    def operating_point(self, view_logits: Dict[int, np.ndarray], positions: Optional[np.ndarray],
+                        epoch: int) -> Dict[str, Any]:
+        """A checkpoint's ``operating_point``: the cutoff (raw logit) and its sensitivity for each number of
+        views."""
+        chosen = {str(v): self.choose(logits, positions) for v, logits in sorted(view_logits.items())}
+        counts = ({"n_positive_patches": int((self.labels == 1).sum())} if self.hits is None else
+                  {"n_nodules": len(self.hits),
+                   "n_nodules_without_candidate": sum(not len(h) for h in self.hits)})
+        return {"cutoff_logits": {v: c for v, (c, _) in chosen.items()},
+                "sensitivity": {v: sens for v, (_, sens) in chosen.items()},
+                "target_sensitivity": self.target, "basis": self.basis, "epoch": epoch, **counts}
+
+
+def _uids(caches: Dict[int, SubsetCache], rows_by_subset: Dict[int, np.ndarray]) -> set:
+    return {uid for k, rows in rows_by_subset.items() for uid in caches[k].seriesuids[rows]}
+
+
+def validation_nodules(caches: Dict[int, SubsetCache],
+                       split) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``(seriesuid, world mm (N, 3), diameter mm)`` of the annotated nodules of the validation scans, from
+    the validation subsets' extract manifests; None when one of them has no nodule record (made before it, or
+    extracted without annotations.csv)."""
+    subsets = [k for k, rows in split.val.items() if len(rows)]
+    if any(caches[k].manifest.get("nodules") is None for k in subsets):
+        return None
+    found = [n for k in subsets for n in caches[k].manifest["nodules"]]
+    if split.method != "subsets":   # an 80:20 split of scans: only the validation ones
+        val_uids = _uids(caches, split.val)
+        found = [n for n in found if n[0] in val_uids]
+    return (np.array([n[0] for n in found], object), np.array([n[1:4] for n in found], float).reshape(-1, 3),
+            np.array([n[4] for n in found], float))
+
+
+def training_calibration(caches: Dict[int, SubsetCache], split, positive_share: float) -> Dict[str, Any]:
+    """A checkpoint's ``calibration`` record: ``positive_share`` (the nodule share of the training draws) and
+    ``prior``, the nodule candidates (class 1) per row of the candidate file on the training scans, from the
+    per-scan counts of the training subsets' extract manifests (the whole list, not the extracted sample),
+    with ``prior_source`` naming them; ``prior`` None, and a ``note`` why, when the manifests predate those
+    counts."""
+    subsets = sorted(k for k, rows in split.train.items() if len(rows))
+    record: Dict[str, Any] = {"positive_share": float(positive_share), "prior": None}
+    lacking = [k for k in subsets if "candidate_counts" not in caches[k].manifest]
+    if lacking:
+        listed = data.format_subsets(lacking)
+        note = (f"the extract manifests of subset(s) {listed} predate the candidate counts; rerun "
+                f"`python luna_cli.py extract --subsets {listed}` with the options they were made with")
+        return {**record, "note": note}
+    val_uids = _uids(caches, split.val)
+    counts = [c for k in subsets for uid, c in caches[k].manifest["candidate_counts"].items()
+              if uid not in val_uids]
+    n, positives = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    files = "/".join(sorted({str(caches[k].manifest.get("candidates_file", "the candidate file"))
+                             for k in subsets}))
+    source = (f"{files} over the {len(counts)} training scans of subset(s) {data.format_subsets(subsets)} "
+              f"({positives} nodule candidates of {n})")
+    if not 0 < positives < n:
+        return {**record, "prior_source": source, "note": f"{source}: no prior strictly between 0 and 1"}
+    return {**record, "prior": positives / n, "n_candidates": n, "n_positive": positives,
+            "prior_source": source}
+
+
+def _say_fallbacks(chooser: CutoffChooser, record: Dict[str, Any], quiet: bool) -> None:
+    """A warning for a cutoff chosen per patch or a checkpoint without a calibration prior."""
+    if quiet:
+        return
+    if chooser.basis == "patch":
+        console.print("[yellow]the validation subsets' extract manifests list no nodules (made before they "
+                      "were recorded: rerun extract on them with the same options): the cutoff is chosen per "
+                      "nodule candidate patch, not per nodule[/]")
+    if record["prior"] is None:
+        console.print(f"[yellow]no calibrated probability for this model: {record['note']}[/]")
 
 
 # --- processes -------------------------------------------------------------------------
@@ -190,8 +300,10 @@ def broadcast_object(job: Dist, obj: Any) -> Any:
 # --- runs: folders, history, plots ------------------------------------------------------------
 
 PLOT_INTERVAL_S = 10.0  # history.png is redrawn at most this often (and after the last epoch)
+# cutoff: the validation cutoff of the epoch at the run's views as a probability (raw, before calibration);
+# cutoff_logit: the same as the raw logit that checkpoints store.
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_sensitivity", "val_specificity",
-                   "val_auc", "val_size_mae_mm", "cutoff", "lr", "seconds"]
+                   "val_auc", "val_size_mae_mm", "cutoff", "lr", "seconds", "cutoff_logit"]
 
 
 def runs_dir(work_dir: Path) -> Path:
@@ -300,6 +412,8 @@ class Fit:
     precision: str
     job: Dist
     quiet: bool = False
+    chooser: Optional["CutoffChooser"] = None
+    view_logits: Optional[Callable[[ValOutputs], Tuple[Dict[int, np.ndarray], np.ndarray]]] = None
 
 
 @dataclass
@@ -388,14 +502,17 @@ def _restore(fit: Fit, payload: Dict[str, Any], optimizer, scheduler, scaler) ->
                     payload.get("best_loss", math.inf))
 
 
-def _save_epoch(fit: Fit, state: FitState, metrics: Dict[str, float], cutoff: float, improved: bool,
+def _save_epoch(fit: Fit, state: FitState, metrics: Dict[str, float], point: Optional[Dict[str, Any]],
                 optimizer, scheduler, scaler, plot: bool) -> None:
-    """best.pt (when improved), last.pt with the state to resume from, history.csv (and .png); rank 0 only."""
+    """best.pt with the operating point ``point`` (an improved epoch; None otherwise), last.pt with the state
+    to resume from, history.csv (and .png); rank 0 only."""
     rng_states = gather_objects(fit.job, rng_state())
     if not fit.job.main:
         return
+    improved = point is not None
     payload = {**fit.base_payload, "model": {k: v.detach().cpu() for k, v in fit.classifier.state_dict().items()},
-               "cutoff": float(cutoff), "epoch": state.epoch, "metrics": dict(metrics)}
+               "epoch": state.epoch, "metrics": dict(metrics),
+               **({"operating_point": point} if improved else {})}
     if improved:
         head_mod.save_checkpoint(fit.run_dir / "best.pt", payload)
     payload.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
@@ -415,21 +532,21 @@ def _val_size_loss(fit: Fit, outputs: ValOutputs) -> float:
 
 
 def _epoch_row(fit: Fit, epoch: int, train_loss: float, started: float, lr: float, kept_epoch: int):
-    """Validate after an epoch: the history row, the metrics and the cutoff for the target sensitivity."""
+    """Validate after an epoch: the history row, the metrics and the validation outputs."""
     outputs = fit.val_logits()
     logits, labels = outputs.logits, outputs.labels
     metrics = head_mod.binary_metrics(labels, logits)
     metrics["size_mae_mm"] = head_mod.size_mae_mm(labels, outputs.diameters, outputs.log_size)
     metrics["total_loss"] = metrics["loss"] + _val_size_loss(fit, outputs)
-    probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-    cutoff = head_mod.cutoff_for_sensitivity(labels, probs, fit.options["target_sensitivity"])
+    cutoff, _ = fit.chooser.choose(logits, outputs.positions)
     if not (math.isfinite(train_loss) and math.isfinite(metrics["loss"])):
         raise NonFiniteLoss(f"a loss became NaN/inf in epoch {epoch}; {_kept_message(fit.run_dir, kept_epoch)}; "
                             f"try a lower --lr")
     row = {"epoch": epoch, "train_loss": train_loss, "val_loss": metrics["loss"],
            **{f"val_{k}": metrics[k] for k in ("accuracy", "sensitivity", "specificity", "auc", "size_mae_mm")},
-           "cutoff": cutoff, "lr": lr, "seconds": time.perf_counter() - started}
-    return row, metrics, cutoff
+           "cutoff": float(calibration.sigmoid(cutoff)), "lr": lr, "seconds": time.perf_counter() - started,
+           "cutoff_logit": cutoff}
+    return row, metrics, outputs
 
 
 def run_fit(fit: Fit, resume_payload: Optional[Dict[str, Any]] = None,
@@ -458,14 +575,17 @@ def run_fit(fit: Fit, resume_payload: Optional[Dict[str, Any]] = None,
                 train_loss = _train_epoch(fit, epoch, optimizer, scheduler, scaler, lambda: progress.advance(task))
             except NonFiniteLoss as err:
                 raise NonFiniteLoss(f"{err}; {_kept_message(fit.run_dir, epoch - 1)}; try a lower --lr") from None
-        row, metrics, cutoff = _epoch_row(fit, epoch, train_loss, started, optimizer.param_groups[0]["lr"], epoch - 1)
+        row, metrics, outputs = _epoch_row(fit, epoch, train_loss, started, optimizer.param_groups[0]["lr"],
+                                           epoch - 1)
         improved = state.improves(metrics)
         state.history.append(row)
         state.epoch = epoch
+        point = None
         if improved:
             state.best_auc, state.best_loss, state.best_epoch = metrics["auc"], metrics["total_loss"], epoch
+            point = fit.chooser.operating_point(*fit.view_logits(outputs), epoch)
         plot = epoch == opts["epochs"] or time.perf_counter() - last_plot >= PLOT_INTERVAL_S
-        _save_epoch(fit, state, metrics, cutoff, improved, optimizer, scheduler, scaler, plot)
+        _save_epoch(fit, state, metrics, point, optimizer, scheduler, scaler, plot)
         if plot:
             last_plot, plotted = time.perf_counter(), len(state.history)
         if fit.job.main and not fit.quiet:
@@ -505,6 +625,9 @@ def _check_options(options: Dict[str, Any]) -> None:
         raise UserError(f"--views must be 1..{len(head_mod.VIEW_FLIPS)}, got {options['views']}")
     if not 0.0 < options["positive_share"] < 1.0:
         raise UserError(f"--positive-share must be between 0 and 1, got {options['positive_share']}")
+    if not 0.0 < options["target_sensitivity"] <= 1.0:
+        raise UserError(f"--target-sensitivity must be above 0 and at most 1, "
+                        f"got {options['target_sensitivity']}")
     if not options["size_weight"] >= 0.0:
         raise UserError(f"--size-weight cannot be negative, got {options['size_weight']}")
 
@@ -610,14 +733,20 @@ def train_head(work_dir: Path, *, features: Optional[str] = None, val_subsets: O
     if split.method == "seriesuid" and not quiet:
         console.print(f"[yellow]{split.note}[/]")
     preprocess = _preprocess(patch_size, spacing_mm, identity["hu_min"], identity["hu_max"])
+    chooser = CutoffChooser(PatchPool(caches, split.val), validation_nodules(caches, split),
+                            options["target_sensitivity"])
+    record = training_calibration(caches, split, options["positive_share"])
+    _say_fallbacks(chooser, record, quiet)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_config(run_dir, "train-head", options, {
         "device": str(torch_device), "precision": "fp32", "feature_set": identity, "split": split.summary(caches),
         "preprocess": preprocess, "config": config, "world_size": 1})
     base = {"format": head_mod.CHECKPOINT_FORMAT, "kind": "train-head", "run": run_dir.name, "config": config,
-            "preprocess": preprocess, "views": views, "feature_tag": tag, "weights": identity["weights"]}
+            "preprocess": preprocess, "views": views, "feature_tag": tag, "weights": identity["weights"],
+            "calibration": record}
     fit = Fit(run_dir, options, classifier.to(torch_device), classifier.head, batches.train_batches,
-              batches.n_batches, lambda: batches.val_logits(classifier.head), base, torch_device, "fp32", job, quiet)
+              batches.n_batches, lambda: batches.val_logits(classifier.head), base, torch_device, "fp32", job,
+              quiet, chooser, lambda outputs: (outputs.view_logits, outputs.positions))
     run_fit(fit, resume_payload, stop_after)
     return run_dir
 
@@ -643,16 +772,21 @@ class FeatureBatches:
 
     @torch.no_grad()
     def val_logits(self, module: head_mod.MLPHead) -> ValOutputs:
+        """Each validation patch's logit of its mean probability over all cached views, and over the first k
+        views for each count of ``calibration.view_counts`` (``view_logits``)."""
         module.eval()
         probability, log_size = [], []
         for i in range(0, len(self.val_y), 4096):
             logits, size = _outputs(module, self.val_x[i:i + 4096].to(self.device).float(), module.has_size)
-            probability.append(torch.sigmoid(logits.float()).mean(dim=1).cpu())
+            probability.append(torch.sigmoid(logits.double()).cpu())
             if size is not None:
                 log_size.append(size.float().mean(dim=1).cpu())
-        logits = torch.logit(torch.cat(probability).double(), eps=1e-12).numpy() if probability else np.zeros(0)
-        return ValOutputs(logits, self.val_y.numpy(), self.val_d.numpy(),
-                          torch.cat(log_size).double().numpy() if log_size else None)
+        views = self.val_x.shape[1]
+        per_view = torch.cat(probability) if probability else torch.zeros(0, views, dtype=torch.float64)
+        by_views = {v: calibration.logit(per_view[:, :v].mean(dim=1).numpy())
+                    for v in calibration.view_counts(views, views)}
+        return ValOutputs(by_views[views], self.val_y.numpy(), self.val_d.numpy(),
+                          torch.cat(log_size).double().numpy() if log_size else None, view_logits=by_views)
 
 
 class FeatureRows(NamedTuple):
@@ -781,10 +915,16 @@ def _finetune(work_dir: Path, given: Dict[str, Any], run: Optional[str], resume:
             "effective_batch": options["batch_size"] * options["accumulate"] * job.world, "workers": workers,
             "max_shift_vox": loaders.max_shift_vox, "split": split.summary(caches), "preprocess": preprocess,
             "config": config, "sources": sources})
+    chooser = CutoffChooser(loaders.val_pool, validation_nodules(caches, split),
+                            options["target_sensitivity"])
+    record = training_calibration(caches, split, options["positive_share"])
+    _say_fallbacks(chooser, record, quiet or not job.main)
     base = {"format": head_mod.CHECKPOINT_FORMAT, "kind": "finetune", "run": run_dir.name, "config": config,
-            "preprocess": preprocess, "views": options["views"], "sources": sources}
+            "preprocess": preprocess, "views": options["views"], "sources": sources, "calibration": record}
+    counts = calibration.view_counts(options["views"], len(head_mod.VIEW_FLIPS))
     fit = Fit(run_dir, options, classifier, module, loaders.train_batches, loaders.n_batches,
-              lambda: loaders.val_logits(classifier), base, torch_device, precision, job, quiet)
+              lambda: loaders.val_logits(classifier), base, torch_device, precision, job, quiet, chooser,
+              lambda outputs: loaders.view_logits(classifier, counts))
     run_fit(fit, resume_payload, stop_after)
     return run_dir
 
@@ -800,6 +940,7 @@ class PatchBatches:
         self.n_samples = options["epoch_samples"] or len(train_pool)
         self.n_batches = int(math.ceil(math.ceil(self.n_samples / job.world) / options["batch_size"]))
         self.max_shift_vox = int(round(options["max_shift_mm"] / spacing_mm)) if options["augment"] else 0
+        self._last = (np.zeros((0, 0)), np.zeros(0, int))
 
     def train_batches(self, epoch: int):
         opts, job = self.options, self.job
@@ -812,24 +953,42 @@ class PatchBatches:
                                 opts["augment"], self.max_shift_vox)
             yield x, y, diameters.to(self.device, non_blocking=True).float()
 
-    @torch.no_grad()
-    def val_logits(self, classifier: head_mod.Classifier) -> ValOutputs:
-        """This rank's share of the validation patches through ``head.predict_patches``, gathered from every rank."""
+    def _val_flips(self, classifier: head_mod.Classifier, views: int, sized: bool):
+        """``(per-flip probabilities (N, views), per-flip log-diameters or None, pool positions)`` of the
+        validation patches: this rank's share through ``head.view_outputs``, gathered from every rank."""
         classifier.eval()
         mine = np.arange(len(self.val_pool))[self.job.rank::self.job.world]
         size, preprocess = self.options["batch_size"], {k: self.options[k] for k in ("hu_min", "hu_max")}
-        probability, diameter = [np.zeros(0)], [np.zeros(0)]
+        probability, log_size = [np.zeros((0, views))], [np.zeros((0, views))]
         for hu, _, _ in batch_loader(self.val_pool, [mine[i:i + size] for i in range(0, len(mine), size)],
                                      self.workers, self.device.type == "cuda"):
-            p, d = head_mod.predict_patches(classifier, hu, preprocess, self.device, size, self.options["views"],
-                                            self.precision, with_size=True)
+            p, d = head_mod.view_outputs(classifier, hu, preprocess, self.device, size, views, self.precision,
+                                         sized)
             probability.append(p)
-            diameter.append(d)
-        gathered = gather_objects(self.job, (np.concatenate(probability), np.concatenate(diameter), mine))
-        probability, diameter, rows = (np.concatenate([g[i] for g in gathered]) for i in range(3))
-        logits = torch.logit(torch.from_numpy(probability), eps=1e-12).numpy()
-        return ValOutputs(logits, self.val_pool.labels[rows], self.val_pool.diameters[rows],
-                          np.log(diameter) if classifier.has_size else None)
+            log_size.append(d if sized else np.zeros((len(p), views)))
+        gathered = gather_objects(self.job, (np.concatenate(probability), np.concatenate(log_size), mine))
+        probability, log_size, rows = (np.concatenate([g[i] for g in gathered]) for i in range(3))
+        self._last = (probability, rows)   # for view_logits after the same epoch's validation
+        return probability, log_size if sized else None, rows
+
+    @torch.no_grad()
+    def val_logits(self, classifier: head_mod.Classifier) -> ValOutputs:
+        """Each validation patch's logit of its mean probability over the run's views, and its size output."""
+        probability, log_size, rows = self._val_flips(classifier, self.options["views"], classifier.has_size)
+        mean_log_size = None if log_size is None else head_mod.mean_of_views(log_size)
+        return ValOutputs(calibration.logit(head_mod.mean_of_views(probability)), self.val_pool.labels[rows],
+                          self.val_pool.diameters[rows], mean_log_size, positions=rows)
+
+    @torch.no_grad()
+    def view_logits(self, classifier: head_mod.Classifier,
+                    counts: Sequence[int]) -> Tuple[Dict[int, np.ndarray], np.ndarray]:
+        """``({k: logit of each validation patch's mean probability over its first k flips}, pool positions)``
+        for each k of ``counts``; the epoch's validation flips when it had enough of them, else one more pass.
+        """
+        probability, rows = self._last
+        if probability.shape[1] < max(counts):
+            probability, _, rows = self._val_flips(classifier, max(counts), False)
+        return {k: calibration.logit(head_mod.mean_of_views(probability, k)) for k in counts}, rows
 
 
 def _finetune_model(work_dir: Path, options: Dict[str, Any], resume_payload: Optional[Dict[str, Any]],
