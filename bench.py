@@ -521,7 +521,7 @@ def bench_mining(seeds: str = "0,1", scans_per_subset: int = 12, negatives_per_s
 
 
 
-# --- nodule size (issue 12) ----------------------------------------------------------------
+# --- nodule size ----------------------------------------------------------------
 
 SHARED_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data")
 

@@ -1947,7 +1947,7 @@ def test_demo_runs_every_stage_and_keeps_the_readme_promise(tmp_path):
     positives = sum(row[4] == "1" for row in held_out)
     assert metrics["subsets"] == [4] and metrics["n_candidates"] == len(held_out) and metrics["n_positive"] == positives
     tuned = result["all_metrics"]["demo-finetune"]
-    # Floors re-set for the chest-like phantoms of issue 17 (correlated noise, curved crossing vessels, airways,
+    # Floors re-set for the chest-like phantoms (correlated noise, curved crossing vessels, airways,
     # lobulated and spiculated nodules on vessels and the pleura, ground-glass down to -700 HU). README, measured on
     # them: head AUC 0.982, CPM 0.894; fine-tuned 0.979, 0.915. The held-out subset has 54 nodule candidates: AUCs
     # this close differ by noise, so fine-tuning may not lose more than 0.01 against the head (it lost 0.003), and
@@ -2935,7 +2935,7 @@ def test_predict_cli_shows_size_category_and_disclaimer_and_writes_them(eval_pha
         assert isinstance(refused, typer.BadParameter) and bad[0] in refused.param.opts, _why(result)
 
 
-# --- size output (issue 12) ---------------------------------------------------------
+# --- size output ---------------------------------------------------------
 
 def test_size_output_learns_diameters_and_old_checkpoints_have_none(tmp_path):
     import math
@@ -3045,7 +3045,7 @@ def test_predict_uses_the_size_output_and_shows_the_plain_measurement_beside_it(
     assert "the model's size output (the plain measurement beside it)" in caption and math.isfinite(rows[0]["diameter_mm"])
 
 
-# --- detect (issue 13) ---
+# --- detect ---
 
 def _chest(shape_zyx=(80, 120, 170), nodule_mm: float = 10.0) -> tuple:
     """A 1 mm chest: air, a body of soft tissue, two lungs (-850 HU) and a 40 HU sphere on the right lung's
@@ -3185,8 +3185,8 @@ def test_predict_scan_without_points_lists_the_detected_nodules(phantom_root, tm
     mhd = sorted((phantom_root / "subset0").glob("*.mhd"))[0]
     annotations, _ = data.read_point_csv(phantom_root / "annotations.csv", "diameter_mm")
     mine = annotations.take(np.flatnonzero(annotations.seriesuid == mhd.stem))
-    # The nodules that detection itself finds among its first 25 candidates must all be listed (on the phantoms
-    # of issue 17 a faint ground-glass nodule may escape detection; that is detect's test, not predict's).
+    # The nodules that detection itself finds among its first 25 candidates must all be listed (on the chest-like
+    # phantoms a faint ground-glass nodule may escape detection; that is detect's test, not predict's).
     detected = detect.detect_scan(data.read_ct(mhd), 25).world_xyz
     found = [((detected - c) ** 2).sum(axis=1).min() < (d / 2) ** 2 for c, d in zip(mine.world_xyz, mine.value)]
     mine = mine.take(np.flatnonzero(found))
