@@ -344,26 +344,38 @@ def view_outputs(model: Classifier, patches, preprocess: Dict[str, Any], device:
     """Per flip: nodule probabilities (float64, sigmoid in float64) of int16 HU patches ``(N, P, P, P)``
     ``[z, y, x]`` under each of the first ``views`` flips, ``(N, views)`` (column v: ``VIEW_FLIPS[v]``), and
     with ``with_size`` the log-diameters (mm) ``(N, views)`` (None without, or for a model without a size
-    output). ``precision`` (resolved) applies to the encoder only: the head, its logits and size run in
+    output). The flips of several patches go through the model together, ``batch_size`` inputs a forward pass
+    at most. ``precision`` (resolved) applies to the encoder only: the head, its logits and size run in
     float32."""
     patches = torch.as_tensor(patches)
     probability = np.empty((len(patches), views), np.float64)
     sized = with_size and model.has_size
     log_size = np.empty((len(patches), views), np.float64) if sized else None
-    device = torch.device(device)
+    device, chunk = torch.device(device), max(1, batch_size // views)
     with torch.inference_mode():
-        for first in range(0, len(patches), batch_size):
-            hu = patches[first:first + batch_size].to(device, non_blocking=True)
+        for first in range(0, len(patches), chunk):
+            hu = patches[first:first + chunk].to(device, non_blocking=True)
             x = hu_to_unit(hu, preprocess.get("hu_min", -1000.0), preprocess.get("hu_max", 1000.0))
-            for v, view in enumerate(flipped_views(x, views)):
-                with autocast(device, precision):
-                    features = model.forward_features(view)
-                outputs = model.forward_head(features, with_size=sized)
-                logits, size = outputs if sized else (outputs, None)
-                probability[first:first + len(x), v] = torch.sigmoid(logits.double()).cpu().numpy()
-                if sized:
-                    log_size[first:first + len(x), v] = size.double().cpu().numpy()
+            logits, size = _forward_in_batches(model, torch.cat(list(flipped_views(x, views))), batch_size,
+                                               device, precision, sized)
+            probability[first:first + len(x)] = \
+                torch.sigmoid(logits.double()).reshape(views, -1).T.cpu().numpy()
+            if sized:
+                log_size[first:first + len(x)] = size.double().reshape(views, -1).T.cpu().numpy()
     return probability, log_size
+
+
+def _forward_in_batches(model: Classifier, x: torch.Tensor, batch_size: int, device: torch.device,
+                        precision: str, sized: bool):
+    """``(logits, log-diameters or None)`` of model inputs ``(B, 1, P, P, P)``, ``batch_size`` at a time."""
+    logits, sizes = [], []
+    for first in range(0, len(x), batch_size):
+        with autocast(device, precision):
+            features = model.forward_features(x[first:first + batch_size])
+        outputs = model.forward_head(features, with_size=sized)
+        logits.append(outputs[0] if sized else outputs)
+        sizes.append(outputs[1] if sized else None)
+    return torch.cat(logits), torch.cat(sizes) if sized else None
 
 
 def mean_of_views(per_view: np.ndarray, views: Optional[int] = None) -> np.ndarray:

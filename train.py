@@ -929,6 +929,12 @@ def _finetune(work_dir: Path, given: Dict[str, Any], run: Optional[str], resume:
     return run_dir
 
 
+def val_batch(batch_size: int) -> int:
+    """Patches a validation forward pass takes (flips included): twice the training batch, at least 16.
+    Inference keeps no activations for a backward pass, so it fits where training did."""
+    return max(2 * int(batch_size), 16)
+
+
 class PatchBatches:
     """Fine-tuning's batches: balanced, augmented training batches of this rank, and validation logits
     gathered from every rank."""
@@ -958,7 +964,8 @@ class PatchBatches:
         validation patches: this rank's share through ``head.view_outputs``, gathered from every rank."""
         classifier.eval()
         mine = np.arange(len(self.val_pool))[self.job.rank::self.job.world]
-        size, preprocess = self.options["batch_size"], {k: self.options[k] for k in ("hu_min", "hu_max")}
+        size = val_batch(self.options["batch_size"])
+        preprocess = {k: self.options[k] for k in ("hu_min", "hu_max")}
         probability, log_size = [np.zeros((0, views))], [np.zeros((0, views))]
         for hu, _, _ in batch_loader(self.val_pool, [mine[i:i + size] for i in range(0, len(mine), size)],
                                      self.workers, self.device.type == "cuda"):
