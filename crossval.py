@@ -184,8 +184,8 @@ def _run_fold(work_dir: Path, data_dir: Path, out_dir: Path, fold: Fold, scans: 
         training["head_from"] = str(fold_head(work_dir, training["head_from"], fold))
     if settings["stage"] == "finetune" and settings.get("views") is not None:
         training["views"] = settings["views"]
-    best = _train_fold(work_dir, fold, fold.run, settings["stage"], training, runtime["device"], runtime["workers"],
-                       runtime["quiet"])
+    best = _train_fold(work_dir, fold, fold.run, settings["stage"], training, runtime["device"],
+                       runtime["workers"], runtime["quiet"])
     for round_ in range(1, int(settings.get("mine_rounds", 0)) + 1):
         say(f"fold {fold.test}: mining round {round_} with {best.parent.name}")
         _mine_for_fold(work_dir, data_dir, fold, best, settings, runtime)
@@ -239,7 +239,7 @@ def check_mined_rows(work_dir: Path, plan: List[Fold]) -> None:
     that saw its test subset, or mined without a record of what the model saw."""
     caches = {k: features_mod.read_subset_cache(work_dir, k) for k in extracted_subsets(work_dir)}
     for fold in plan:
-        rows = {k: np.flatnonzero(np.isin(cache.mining[:, 2], ["", str(fold.test)]))
+        rows = {k: features_mod.rows_for_fold(cache, np.arange(len(cache)), [fold.test])
                 for k, cache in caches.items() if k != fold.test}
         features_mod.check_mined_rows(caches, rows, [fold.test], strict=True)
 
@@ -324,7 +324,8 @@ def _prepare(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str, st
     """Check the request before any work: ``(plan, settings, out_dir, {subset: seriesuids})``."""
     plan = plan_folds(folds, check_name(name), val_offset)
     if mine_rounds < 0 or per_scan < 1:
-        raise UserError(f"--mine-rounds must be 0 or more and --per-scan at least 1, got {mine_rounds} and {per_scan}")
+        raise UserError(f"--mine-rounds must be 0 or more and --per-scan at least 1, "
+                        f"got {mine_rounds} and {per_scan}")
     if views is not None:
         head.check_views(views)
     missing = sorted(set(folds) - set(extracted_subsets(work_dir)))
@@ -354,7 +355,8 @@ def run_crossval(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str
                  warmup_epochs: Optional[float] = None, grad_checkpoint: Optional[bool] = None,
                  head_from: Optional[str] = None, hu_min: Optional[float] = None, hu_max: Optional[float] = None,
                  augment: Optional[bool] = None, max_shift_mm: Optional[float] = None,
-                 target_sensitivity: Optional[float] = None, mine_rounds: int = 0, per_scan: int = 20, device: str = "auto", workers: Optional[int] = None,
+                 target_sensitivity: Optional[float] = None, mine_rounds: int = 0, per_scan: int = 20,
+                 device: str = "auto", workers: Optional[int] = None,
                  bootstrap: int = 1000, json_out: Optional[Path] = None, quiet: bool = False,
                  console=None) -> Dict[str, Any]:
     """Cross-validate over the subsets ``folds`` (see the module docstring); returns the pooled metrics.

@@ -262,16 +262,21 @@ def load_split(work_dir: Path, val_subsets, test_subsets: Sequence[int],
     return caches, split, patch_size, spacing_mm
 
 
-def _rows_for_fold(caches: Dict[int, SubsetCache], split: ScanSplit, test_subsets: Sequence[int]) -> ScanSplit:
-    """The split without the rows mined for another cross-validation fold (``mined_for`` names a test subset
-    other than this job's only one)."""
+def rows_for_fold(cache: SubsetCache, rows: np.ndarray, test_subsets: Sequence[int]) -> np.ndarray:
+    """``rows`` of ``cache`` without those mined for another cross-validation fold (``mined_for`` names a
+    test subset other than this job's only one)."""
+    if cache.mining is None or not len(rows):
+        return rows
     own = str(test_subsets[0]) if len(test_subsets) == 1 else None
+    mined_for = cache.mining[rows, 2]
+    return rows[(mined_for == "") | (mined_for == own)]
 
-    def keep(k: int, rows: np.ndarray) -> np.ndarray:
-        mined_for = caches[k].mining[rows, 2] if caches[k].mining is not None and len(rows) else np.zeros(0, object)
-        return rows[(mined_for == "") | (mined_for == own)] if len(mined_for) else rows
-    return ScanSplit({k: keep(k, r) for k, r in split.train.items()}, {k: keep(k, r) for k, r in split.val.items()},
-                     split.method, split.note)
+
+def _rows_for_fold(caches: Dict[int, SubsetCache], split: ScanSplit, test_subsets: Sequence[int]) -> ScanSplit:
+    """The split without the rows mined for another cross-validation fold (:func:`rows_for_fold`)."""
+    def keep(side: Dict[int, np.ndarray]) -> Dict[int, np.ndarray]:
+        return {k: rows_for_fold(caches[k], rows, test_subsets) for k, rows in side.items()}
+    return ScanSplit(keep(split.train), keep(split.val), split.method, split.note)
 
 
 def check_mined_rows(caches: Dict[int, SubsetCache], rows_by_subset: Dict[int, np.ndarray],

@@ -2452,7 +2452,7 @@ def test_crossval_mines_inside_each_fold_and_refuses_leaked_mined_rows(crossval_
             mine = [r for r in rows if r[8] == fold]
             assert mine and {r[6] for r in mine} == {f"mined-fold{fold}"}
             assert all(int(fold) not in data.parse_subsets(r[7]) and data.parse_subsets(r[7]) for r in mine)
-    for fold, other in (("0", "1"), ("1", "0")):   # each fold's second round trains on its own mined rows only
+    for fold in ("0", "1"):   # each fold's second round trains on its own mined rows only
         config = json.loads((work / "runs" / f"mined-fold{fold}-mine1" / "config.json").read_text())
         first = json.loads((work / "runs" / f"mined-fold{fold}" / "config.json").read_text())
         own = sum(r[8] == fold for k in (2, 3) for r in data.read_cache_index(data.subset_dir(work, k)))
