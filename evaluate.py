@@ -332,13 +332,7 @@ def score_marks(marks: PointTable, seriesuids: Sequence[str], annotations: Point
     """
     index = _evaluated_scans(list(seriesuids))
     n_scans, warnings = len(index), []
-    kept, mark_counts = _marks_that_count(marks, index, max_marks, warnings)
-    nodules = _findings_on(annotations, index)
-    if (nodules[2] == 0.0).any():
-        warnings.append(f"{int((nodules[2] == 0.0).sum())} nodule(s) with diameter 0 mm: no mark can hit them")
-    entries, counts = match_marks(n_scans, _scan_indices(marks.seriesuid[kept], index), marks.world_xyz[kept],
-                                  marks.value[kept], *nodules, *_findings_on(excluded, index))
-    n_nodules = len(nodules[0])
+    entries, counts, mark_counts, n_nodules = _froc_entries(marks, index, annotations, excluded, max_marks, warnings)
     if n_nodules == 0:
         warnings.append("no annotated nodule in the evaluated scans: sensitivity and CPM are undefined")
     fp_per_scan, sensitivity, _ = froc_curve(entries, n_scans)
@@ -355,6 +349,37 @@ def score_marks(marks: PointTable, seriesuids: Sequence[str], annotations: Point
     if bootstrap and n_nodules:
         _add_bootstrap_intervals(result, entries, n_scans, bootstrap, seed)
     return result
+
+
+def _froc_entries(marks: PointTable, index: dict, annotations: PointTable, excluded: PointTable, max_marks: int,
+                  warnings: list) -> tuple:
+    """The scored marks of the scans in ``index`` matched to their nodules: entries, match counts, mark counts
+    and the number of nodules."""
+    kept, mark_counts = _marks_that_count(marks, index, max_marks, warnings)
+    nodules = _findings_on(annotations, index)
+    if (nodules[2] == 0.0).any():
+        warnings.append(f"{int((nodules[2] == 0.0).sum())} nodule(s) with diameter 0 mm: no mark can hit them")
+    entries, counts = match_marks(len(index), _scan_indices(marks.seriesuid[kept], index), marks.world_xyz[kept],
+                                  marks.value[kept], *nodules, *_findings_on(excluded, index))
+    return entries, counts, mark_counts, len(nodules[0])
+
+
+def paired_cpm_difference(first: PointTable, second: PointTable, seriesuids: Sequence[str],
+                          annotations: PointTable, excluded: PointTable, bootstrap: int = 1000,
+                          seed: int = 0) -> dict:
+    """CPM of ``second`` minus CPM of ``first`` on the same scans, with a paired 95% bootstrap interval: both
+    submissions are scored on the same resamples of the scans, so the interval is that of the difference."""
+    index = _evaluated_scans(list(seriesuids))
+    cpm = {}
+    for name, marks in (("first", first), ("second", second)):
+        entries, _, _, n_nodules = _froc_entries(marks, index, annotations, excluded, MAX_MARKS_PER_SCAN, [])
+        fp_per_scan, sensitivity, _ = froc_curve(entries, len(index))
+        cpm[name] = (float(sensitivities_at(fp_per_scan, sensitivity).mean()),
+                     bootstrap_froc(entries, len(index), bootstrap, seed).mean(axis=1))
+    low, high = _interval((cpm["second"][1] - cpm["first"][1])[:, None])
+    return {"difference": cpm["second"][0] - cpm["first"][0], "ci95": [float(low[0]), float(high[0])],
+            "first": cpm["first"][0], "second": cpm["second"][0], "n_scans": len(index), "n_nodules": n_nodules,
+            "share_of_resamples_above_zero": float(np.mean(cpm["second"][1] > cpm["first"][1]))}
 
 
 def _add_bootstrap_intervals(result: dict, entries: FrocEntries, n_scans: int, bootstrap: int, seed: int) -> None:

@@ -1510,6 +1510,7 @@ def test_cached_features_head_and_finetune_learn(tmp_path):
 
 def test_finetune_resume_repeats_the_uninterrupted_run(tmp_path):
     import torch
+    import calibration
     import head
     import train
     work = _train_cache(tmp_path / "w", subsets=(0, 1), scans=2, positives=1, negatives=1, seed=3)
@@ -1535,6 +1536,9 @@ def test_finetune_resume_repeats_the_uninterrupted_run(tmp_path):
     assert sorted(best["operating_point"]["cutoff_logits"]) == ["1", "2", "4", "8"]
     model, meta = head.load_classifier(whole / "last.pt")
     assert meta["epoch"] == 4 and meta["config"]["encoder"]["window_size"] == 4
+    # last.pt carries its own epoch's cutoff (all four view counts when that epoch was the best)
+    assert meta["operating_point"]["epoch"] == 4 and str(meta["views"]) in meta["operating_point"]["cutoff_logits"]
+    assert calibration.resolve_cutoff(meta, int(meta["views"])).validated
     # a finished run resumed again does nothing
     train.finetune(work, run="whole", resume=True, device="cpu", quiet=True)
     assert len(train.read_history(whole / "history.csv")) == 4

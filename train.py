@@ -502,17 +502,15 @@ def _restore(fit: Fit, payload: Dict[str, Any], optimizer, scheduler, scaler) ->
                     payload.get("best_loss", math.inf))
 
 
-def _save_epoch(fit: Fit, state: FitState, metrics: Dict[str, float], point: Optional[Dict[str, Any]],
+def _save_epoch(fit: Fit, state: FitState, metrics: Dict[str, float], point: Dict[str, Any], improved: bool,
                 optimizer, scheduler, scaler, plot: bool) -> None:
-    """best.pt with the operating point ``point`` (an improved epoch; None otherwise), last.pt with the state
-    to resume from, history.csv (and .png); rank 0 only."""
+    """best.pt (an improved epoch) and last.pt, each with the epoch's operating point ``point``, last.pt also
+    with the state to resume from; history.csv (and .png); rank 0 only."""
     rng_states = gather_objects(fit.job, rng_state())
     if not fit.job.main:
         return
-    improved = point is not None
     payload = {**fit.base_payload, "model": {k: v.detach().cpu() for k, v in fit.classifier.state_dict().items()},
-               "epoch": state.epoch, "metrics": dict(metrics),
-               **({"operating_point": point} if improved else {})}
+               "epoch": state.epoch, "metrics": dict(metrics), "operating_point": point}
     if improved:
         head_mod.save_checkpoint(fit.run_dir / "best.pt", payload)
     payload.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
@@ -580,12 +578,14 @@ def run_fit(fit: Fit, resume_payload: Optional[Dict[str, Any]] = None,
         improved = state.improves(metrics)
         state.history.append(row)
         state.epoch = epoch
-        point = None
         if improved:
             state.best_auc, state.best_loss, state.best_epoch = metrics["auc"], metrics["total_loss"], epoch
             point = fit.chooser.operating_point(*fit.view_logits(outputs), epoch)
+        else:  # last.pt only: the cutoff at the run's own views, from this epoch's validation pass
+            point = fit.chooser.operating_point({int(fit.base_payload.get("views", 1)): outputs.logits},
+                                                outputs.positions, epoch)
         plot = epoch == opts["epochs"] or time.perf_counter() - last_plot >= PLOT_INTERVAL_S
-        _save_epoch(fit, state, metrics, point, optimizer, scheduler, scaler, plot)
+        _save_epoch(fit, state, metrics, point, improved, optimizer, scheduler, scaler, plot)
         if plot:
             last_plot, plotted = time.perf_counter(), len(state.history)
         if fit.job.main and not fit.quiet:
