@@ -4,6 +4,7 @@ Each benchmark prints a rich table of medians and side-by-side ratios, and names
 """
 from __future__ import annotations
 
+import common
 import os
 import platform
 import statistics
@@ -362,7 +363,6 @@ def _train_step_speed(patch_size: int, feature_size: int, window_size: int, batc
     import torch
     import features
     import head
-    import train
     torch.manual_seed(0)
     config = {"encoder": features.encoder_config(feature_size, window_size), "pooling": "avg", "patch_size": patch_size}
     model = head.build_classifier(config).to(device).train()
@@ -913,7 +913,7 @@ def _real_anatomy_rows(root, max_per_scan: int, detected_csv=None) -> tuple[list
             rows.append(dict(placement=n["placement"], detail=n["detail"], type=n["type"], shape=n["shape"],
                              diameter=float(diameter), rank=rank, scan=uid, background=scan_row["background"]))
     if detected_csv is not None:
-        data.atomic_write_text(detected_csv, "\n".join(lines) + "\n")
+        common.atomic_write_text(detected_csv, "\n".join(lines) + "\n")
     return rows, seconds
 
 

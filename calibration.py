@@ -24,6 +24,7 @@ one that applies, or refuses a number of views without one.
 """
 from __future__ import annotations
 
+import common
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from data import UserError
+from common import UserError
 
 STORED_VIEWS = (1, 2, 4, 8)   # view counts whose cutoff validation stores (besides the run's own)
 ECE_BINS = 10
@@ -113,7 +114,6 @@ def plot_reliability(path: Path, curves: Dict[str, dict], title: str = "") -> No
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import data
     fig, ax = plt.subplots(figsize=(4.8, 4.5))
     ax.plot([0, 1], [0, 1], color="grey", ls=":")
     for (name, found), marker in zip(curves.items(), ("o", "s")):
@@ -125,7 +125,7 @@ def plot_reliability(path: Path, curves: Dict[str, dict], title: str = "") -> No
            ylabel="share of nodules", title=f"Calibration {title}".strip())
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
-    data.atomic_save_figure(fig, path)
+    common.atomic_save_figure(fig, path)
 
 
 # --- operating points ----------------------------------------------------------------------------------

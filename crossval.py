@@ -34,13 +34,14 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 import calibration
+import common
 import data
 import evaluate
 import features as features_mod
 import head
 import mining
 import train
-from data import UserError
+from common import UserError
 from features import extracted_subsets
 
 STAGES = ("head", "finetune")
@@ -85,7 +86,7 @@ def plan_folds(folds: Sequence[int], name: str, val_offset: int = 1) -> List[Fol
     folds = list(folds)
     if len(folds) < 2:
         raise UserError(f"--folds must name at least 2 subsets (each one is the test subset of one fold), "
-                        f"got {data.format_subsets(folds)}")
+                        f"got {common.format_subsets(folds)}")
     if val_offset % len(folds) == 0:
         raise UserError(f"--val-offset {val_offset} puts each fold's validation subset on its own test subset "
                         f"({len(folds)} folds); use an offset that is not a multiple of {len(folds)}, e.g. 1")
@@ -123,7 +124,7 @@ def _settings(out_dir: Path, name: str, wanted: Dict[str, Any], given: Dict[str,
     path = out_dir / "crossval.json"
     if not path.is_file() or not started:
         settings = {**wanted, "training": given, "views": views}
-        data.atomic_write_json(path, settings)
+        common.atomic_write_json(path, settings)
         return settings
     saved = json.loads(path.read_text())
     defaults = train.HEAD_DEFAULTS if saved.get("stage") == "head" else train.FINETUNE_DEFAULTS
@@ -211,7 +212,7 @@ def fold_head(work_dir: Path, head_cv: str, fold: Fold) -> Path:
                         f"--name {head_cv} --stage head` with the same --folds first") from None
     if list(tested) != [fold.test] or not best.is_file():
         raise UserError(f"--head-from {head_cv}: {best.parent} was tested on subset(s) "
-                        f"{data.format_subsets(tested)}, not on subset {fold.test}, or has no best.pt")
+                        f"{common.format_subsets(tested)}, not on subset {fold.test}, or has no best.pt")
     return best
 
 
@@ -262,7 +263,7 @@ def _write_folds_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
     for row in rows:
         writer.writerow(["" if row[c] is None else repr(row[c]) if isinstance(row[c], float) else row[c]
                          for c in FOLD_COLUMNS])
-    data.atomic_write_text(path, buffer.getvalue())
+    common.atomic_write_text(path, buffer.getvalue())
 
 
 def concatenate_submissions(paths: Sequence[Path], out: Path) -> None:
@@ -270,7 +271,7 @@ def concatenate_submissions(paths: Sequence[Path], out: Path) -> None:
     lines = [",".join(evaluate.SUBMISSION_COLUMNS)]
     for path in paths:
         lines += [line for line in Path(path).read_text().splitlines()[1:] if line.strip()]
-    data.atomic_write_text(out, "\n".join(lines) + "\n")
+    common.atomic_write_text(out, "\n".join(lines) + "\n")
 
 
 def _readable_scans(plan: List[Fold], fold_metrics: Dict[int, Dict[str, Any]],
@@ -315,7 +316,7 @@ def write_operating_point(out_dir: Path, data_dir: Path, plan: List[Fold],
              "checkpoints": [fold_metrics[f.test]["checkpoint"] for f in plan],
              "note": "chosen per nodule on the pooled out-of-fold scores; predict --ensemble applies it to "
                      "the mean of the folds' probabilities, an approximation for that average"}
-    data.atomic_write_json(out_dir / "operating_point.json", point)
+    common.atomic_write_json(out_dir / "operating_point.json", point)
     return point
 
 
@@ -330,8 +331,8 @@ def _prepare(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str, st
         head.check_views(views)
     missing = sorted(set(folds) - set(extracted_subsets(work_dir)))
     if missing:
-        raise UserError(f"--folds {data.format_subsets(folds)}: subset(s) {data.format_subsets(missing)} not extracted under "
-                        f"{Path(work_dir) / 'patches'}; run `python luna_cli.py extract --subsets {data.format_subsets(missing)}` "
+        raise UserError(f"--folds {common.format_subsets(folds)}: subset(s) {common.format_subsets(missing)} not extracted under "
+                        f"{Path(work_dir) / 'patches'}; run `python luna_cli.py extract --subsets {common.format_subsets(missing)}` "
                         f"(with the patch options of the others) first")
     evaluate.check_scans(data_dir, folds, work_dir)   # a scan missing from its fold is refused before any training
     check_mined_rows(work_dir, plan)
@@ -393,9 +394,9 @@ def run_crossval(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str
                                                       "froc.png", "operating_point.json")}}
     _write_folds_csv(out_dir / "folds.csv", rows)
     evaluate.plot_froc(froc, out_dir / "froc.png", title=f"cross-validation {name}")
-    data.atomic_write_json(out_dir / "metrics.json", result)
+    common.atomic_write_json(out_dir / "metrics.json", result)
     if json_out is not None:
-        data.atomic_write_json(json_out, result)
+        common.atomic_write_json(json_out, result)
     return result
 
 

@@ -18,11 +18,8 @@ from pathlib import Path
 import numpy as np
 
 import resample
+from common import (Parts, UserError, atomic_concatenate_npy, atomic_write_json, atomic_write_text, problems_message, progress_bar)
 from resample import AIR_HU
-
-
-class UserError(ValueError):
-    """A problem with the user's input or files: shown as a one-line message, never a traceback."""
 
 
 @dataclass
@@ -369,9 +366,6 @@ def write_mhd(scan: CTScan, path) -> None:
 
 # --- LUNA16 files ------------------------------------------------------------
 
-MAX_LISTED_PROBLEMS = 10
-
-
 @dataclass
 class PointTable:
     """Rows of a LUNA16-style point CSV (annotations, candidates, submissions, a scan's points).
@@ -400,12 +394,6 @@ class PointTable:
         for row, uid in enumerate(self.seriesuid):
             groups.setdefault(uid, []).append(row)
         return {uid: np.array(rows) for uid, rows in groups.items()}
-
-
-def problems_message(path, problems: list[str], what: str = "row(s)") -> str:
-    shown = "\n  ".join(problems[:MAX_LISTED_PROBLEMS])
-    more = f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
-    return f"{path}: {len(problems)} bad {what}:\n  {shown}{more}"
 
 
 def read_point_csv(path, value_column: str | None, strict: bool = True,
@@ -561,122 +549,6 @@ def match_diameters(candidates: PointTable, annotations: PointTable) -> np.ndarr
     return diameters
 
 
-def format_subsets(subsets) -> str:
-    """Subset numbers as the command line writes them: ``"7,8"``, or ``"none"``."""
-    return ",".join(map(str, subsets)) or "none"
-
-
-def parse_subsets(text, option: str = "--subsets", required: bool = False) -> list[int]:
-    """Subset numbers from ``"9"``, ``"7,8"`` or ``"0-7,9"`` (sorted, unique); ``""``/``"none"`` -> []."""
-    text = str(text).strip().lower().replace(" ", "")
-    subsets: set = set()
-    try:
-        for part in filter(None, text.split(",") if text != "none" else []):
-            low, _, high = part.partition("-")
-            subsets.update(range(int(low), int(high or low) + 1))
-    except ValueError:
-        raise UserError(f"{option} takes subset numbers like 9, 7,8 or 0-7,9; got {text!r}") from None
-    if required and not subsets:
-        raise UserError(f"{option} must name at least one subset, got {text!r}")
-    return sorted(subsets)
-
-
-# --- atomic files and resumable parts ------------------------------------------------
-
-@contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside ``path``; when the block succeeds, rename it over ``path``.
-
-    Readers never see a half-written file; a failed block leaves the old file and no temporary one.
-    """
-    import os
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-def atomic_write_json(path, payload) -> None:
-    import json
-    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
-
-
-def atomic_save_npy(path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        np.save(handle, array)
-
-
-def atomic_concatenate_npy(path, blocks: list, row_shape: tuple, dtype) -> int:
-    """Write the row-wise concatenation of ``blocks`` (arrays or memory maps) as one ``.npy``,
-    block by block through a memory map, atomically; returns the number of rows."""
-    total = sum(len(block) for block in blocks)
-    with atomic_path(path) as tmp:
-        merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(total, *row_shape))
-        start = 0
-        for block in blocks:
-            merged[start:start + len(block)] = block
-            start += len(block)
-        merged.flush()
-        del merged
-    return total
-
-
-def atomic_save_figure(fig, path, dpi: int = 110) -> None:
-    """Save a matplotlib figure through a temporary file and a rename, then close it."""
-    import matplotlib.pyplot as plt
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-
-
-class Parts:
-    """The finished pieces of a long job (extract, cache-features, evaluate), so that a killed run resumes.
-
-    A folder of ``<name>.npy`` arrays, each with an optional ``<name>.json`` beside it, written atomically
-    (the ``.npy`` last: it marks the piece done), and ``key.json``: what made them. Pieces made under
-    another key are discarded when the folder is opened.
-    """
-
-    def __init__(self, folder, key: dict):
-        import json
-        import shutil
-        self.folder = Path(folder)
-        key_path = self.folder / "key.json"
-        if self.folder.is_dir() and (not key_path.is_file() or json.loads(key_path.read_text()) != key):
-            shutil.rmtree(self.folder)
-        self.key = key
-
-    def done(self) -> set:
-        return {path.stem for path in self.folder.glob("*.npy")}
-
-    def save(self, name: str, array: np.ndarray, meta=None) -> None:
-        if not (self.folder / "key.json").is_file():
-            atomic_write_json(self.folder / "key.json", self.key)
-        if meta is not None:
-            atomic_write_json(self.folder / f"{name}.json", meta)
-        atomic_save_npy(self.folder / f"{name}.npy", array)
-
-    def load(self, name: str) -> np.ndarray:
-        return np.load(self.folder / f"{name}.npy", mmap_mode="r")
-
-    def meta(self, name: str):
-        import json
-        return json.loads((self.folder / f"{name}.json").read_text())
-
-    def remove(self) -> None:
-        import shutil
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-
 # --- the extract stage -------------------------------------------------------------
 
 # "mined": empty for extracted rows, the run whose scores chose a mined hard negative (see mining.py);
@@ -791,13 +663,6 @@ def _read_and_cut_or_error(path: Path, world_xyz: np.ndarray, patch_size: int, s
         return None, str(err)
     except (OSError, MemoryError, ValueError) as err:
         return None, f"{path}: cannot read this scan ({err})"
-
-
-def progress_bar(*columns, console=None, disable: bool = False, transient: bool = False):
-    """A rich progress bar: description, bar, done/total, the given columns, elapsed time."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *columns,
-                    TimeElapsedColumn(), console=console, disable=disable, transient=transient)
 
 
 def _extract_scans(paths: dict, todo: list, selected: PointTable, diameters: np.ndarray, parts: Parts,

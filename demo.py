@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+import common
 import data
 
 MONTAGE_PER_GROUP = 6
@@ -156,7 +157,7 @@ def draw_montage(path: Path, groups: dict, patches: dict, probability: np.ndarra
     if not rows:
         axes[0, 1].text(0.5, 0.5, "no examples", ha="center", va="center")
     fig.tight_layout()
-    data.atomic_save_figure(fig, path, dpi=90)
+    common.atomic_save_figure(fig, path, dpi=90)
 
 
 def write_report(report_dir: Path, run_dir: Path, eval_dir: Path, data_dir: Path) -> Path:
@@ -180,7 +181,7 @@ def write_report(report_dir: Path, run_dir: Path, eval_dir: Path, data_dir: Path
     for name, members in groups.items():
         draw_montage(report_dir / f"{name.replace(' ', '_')}.png", {name: members}, patches, marks.value)
     path = report_dir / "report.html"
-    data.atomic_write_text(path, _report_html(metrics, cutoff, groups))
+    common.atomic_write_text(path, _report_html(metrics, cutoff, groups))
     return path
 
 

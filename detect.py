@@ -39,8 +39,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+import common
 import data
-from data import CTScan, PointTable, UserError
+from data import CTScan, PointTable
+from common import UserError
 
 GRID_MM = 1.0               # voxel size the detector works at
 AIR_HU = -400.0             # below: air or aerated lung, for the lung mask
@@ -452,10 +454,10 @@ def detect_path(scan_path, out_csv=None, max_per_scan: int = DEFAULT_MAX_PER_SCA
         annotations, problems = data.read_point_csv(path, "diameter_mm", strict=False)
     known = data_dir is not None and uid in known_scans(data_dir, annotations)
     if known and problems:   # its nodules are needed: a bad row would lose one
-        raise UserError(data.problems_message(path, problems, "line(s)"))
+        raise UserError(common.problems_message(path, problems, "line(s)"))
     classes = hit_classes(uid, detections.world_xyz, annotations if known else None)
     if out_csv is not None:
-        data.atomic_write_text(out_csv, "\n".join([CSV_COLUMNS] + csv_lines(uid, detections, classes)) + "\n")
+        common.atomic_write_text(out_csv, "\n".join([CSV_COLUMNS] + csv_lines(uid, detections, classes)) + "\n")
     return uid, detections, classes
 
 
@@ -522,11 +524,11 @@ def _detect_or_error(path: Path, max_per_scan: int) -> tuple[Optional[Detections
         return None, f"{path}: cannot read this scan ({err})"
 
 
-def _detect_scans(scans: dict, todo: list, parts: data.Parts, max_per_scan: int, console, show_progress: bool):
+def _detect_scans(scans: dict, todo: list, parts: common.Parts, max_per_scan: int, console, show_progress: bool):
     """Detect each scan of ``todo`` into a part (``[x, y, z, score]`` rows, the warning in its meta); returns
     ``{seriesuid: reason}`` of the unreadable scans."""
     failed: dict = {}
-    with data.progress_bar(console=console, disable=not show_progress) as progress:
+    with common.progress_bar(console=console, disable=not show_progress) as progress:
         task = progress.add_task("[bold]detecting candidates", total=len(todo))
         for uid in todo:
             detections, reason = _detect_or_error(scans[uid], max_per_scan)
@@ -542,7 +544,7 @@ def _detect_scans(scans: dict, todo: list, parts: data.Parts, max_per_scan: int,
     return failed
 
 
-def _assemble(scans: dict, parts: data.Parts, finished: dict, annotations: Optional[PointTable]):
+def _assemble(scans: dict, parts: common.Parts, finished: dict, annotations: Optional[PointTable]):
     """``(CSV lines, scans in the CSV, {seriesuid: warning} of new scans)``, in ``scans`` order: new scans from the
     parts (classed with ``annotations``), the others as an earlier call wrote them."""
     lines, done, warnings, new = [], [], {}, parts.done()
@@ -578,13 +580,13 @@ def detect_subsets(data_dir, subsets: Sequence[int], out_csv, max_per_scan: int 
     scans = data.subset_scans(data_dir, subsets)
     key = dict(DETECTOR, max_per_scan=int(max_per_scan))
     finished, old_warnings = _finished_rows(out_csv, key)
-    parts = data.Parts(out_csv.with_suffix(".parts"), key)
+    parts = common.Parts(out_csv.with_suffix(".parts"), key)
     todo = [uid for uid in scans if uid not in finished and uid not in parts.done()]
     failed = _detect_scans(scans, todo, parts, max_per_scan, console, show_progress)
     lines, done, warnings = _assemble(scans, parts, finished, _annotations_of(data_dir))
     warnings.update({uid: text for uid, text in old_warnings.items() if uid in done and uid not in warnings})
-    data.atomic_write_text(out_csv, "\n".join([CSV_COLUMNS] + lines) + "\n")
-    data.atomic_write_json(manifest_path(out_csv), {"key": key, "subsets": list(subsets), "scans": done,
+    common.atomic_write_text(out_csv, "\n".join([CSV_COLUMNS] + lines) + "\n")
+    common.atomic_write_json(manifest_path(out_csv), {"key": key, "subsets": list(subsets), "scans": done,
                                                     "failed": failed, "warnings": warnings,
                                                     "n_candidates": len(lines)})
     parts.remove()

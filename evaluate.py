@@ -32,9 +32,11 @@ import numpy as np
 import torch
 
 import calibration
+import common
 import data
 import head
-from data import PointTable, UserError
+from data import PointTable
+from common import UserError
 from head import roc_auc, threshold_metrics
 
 FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -430,7 +432,7 @@ def _recorded_by_extract(work_dir: Path, subset: int) -> tuple[Optional[Path], l
 def _missing_message(missing: dict, subsets: Sequence[int], data_dir: Path) -> str:
     """Every missing scan, one a line with the file that records it, and what to do."""
     listed = "\n  ".join(f"{uid} (recorded in {where})" for uid, where in missing.items())
-    return (f"{len(missing)} scan(s) of subset(s) {data.format_subsets(subsets)} are missing from {data_dir}:\n"
+    return (f"{len(missing)} scan(s) of subset(s) {common.format_subsets(subsets)} are missing from {data_dir}:\n"
             f"  {listed}\nrestore them (or fix --data-dir); evaluate --allow-missing keeps them in the FROC "
             f"with their nodules counted as missed")
 
@@ -494,7 +496,7 @@ def score_submission(submission, annotations, excluded, seriesuids: Union[Path, 
     result["submission"] = str(submission)
     result["warnings"] = list(warnings) + result["warnings"]
     if json_out is not None:
-        data.atomic_write_json(json_out, result)
+        common.atomic_write_json(json_out, result)
     if figure is not None:
         plot_froc(result, figure, title=Path(submission).stem)
     return result
@@ -523,7 +525,7 @@ def plot_froc(result: dict, path: Path, title: str = "") -> None:
     ax.set_title(f"FROC {title}".strip())
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
-    data.atomic_save_figure(fig, path)
+    common.atomic_save_figure(fig, path)
 
 
 def froc_table(result: dict, title: str = "LUNA16 FROC"):
@@ -666,7 +668,7 @@ def plot_roc(labels: np.ndarray, probability: np.ndarray, path: Path, title: str
     ax.set_ylabel("sensitivity")
     ax.set_title(f"ROC {title}".strip())
     ax.grid(True, alpha=0.3)
-    data.atomic_save_figure(fig, path)
+    common.atomic_save_figure(fig, path)
 
 
 @dataclass
@@ -679,7 +681,7 @@ class ModelRun:
     workers: int
     device: torch.device
     precision: str
-    parts: data.Parts
+    parts: common.Parts
 
 
 def _score_scans(run: ModelRun, todo: list, rows_of: dict, scores: np.ndarray, measure: np.ndarray, console) -> dict:
@@ -690,7 +692,7 @@ def _score_scans(run: ModelRun, todo: list, rows_of: dict, scores: np.ndarray, m
     remaining = {uid: len(rows_of[uid]) for uid, _, _ in todo}
     unreadable: dict = {}
     spacing_mm = float(run.preprocess["spacing_mm"])
-    with data.progress_bar(console=console, disable=console is None, transient=True) as progress:
+    with common.progress_bar(console=console, disable=console is None, transient=True) as progress:
         task = progress.add_task("scoring candidates", total=sum(remaining.values()))
         chunks = stream_scan_patches(todo, int(run.preprocess["patch_size"]), spacing_mm,
                                      run.workers, chunk=max(run.batch_size, 256)) if todo else []
@@ -732,7 +734,7 @@ def open_model_run(checkpoint: Path, candidates_path: Path, parts_dir: Path, vie
                encoder_precision=precision, head_precision="fp32",
                candidates=str(candidates_path.resolve()), columns=list(SCORE_COLUMNS))
     run = ModelRun(model, meta["preprocess"], views, batch_size, workers, torch_device, precision,
-                   data.Parts(parts_dir, key))
+                   common.Parts(parts_dir, key))
     return run, meta
 
 
@@ -749,9 +751,9 @@ def _write_scored(out_dir: Path, candidates: PointTable, scores: np.ndarray, ann
     classes = [str(int(c > 0.5)) for c in candidates.value[scored]]
     sizes = [",".join("" if math.isnan(d) else f"{d:.2f}" for d in row)
              for row in np.column_stack([annotated[scored], scores[scored, 1:]]).tolist()]
-    data.atomic_write_text(out_dir / "submission.csv", ",".join(SUBMISSION_COLUMNS) + "\n"
+    common.atomic_write_text(out_dir / "submission.csv", ",".join(SUBMISSION_COLUMNS) + "\n"
                            + "".join(line + "\n" for line in lines))
-    data.atomic_write_text(out_dir / "predictions.csv", PREDICTION_COLUMNS + "\n"
+    common.atomic_write_text(out_dir / "predictions.csv", PREDICTION_COLUMNS + "\n"
                            + "".join(f"{line},{c},{d},{p}\n" for line, c, d, p in zip(lines, classes, sizes,
                                                                                       calibrated_text)))
     return marks
@@ -823,7 +825,7 @@ def evaluate_model(checkpoint: Path, data_dir: Path, subsets: list[int], out_dir
         "n_scans": froc["n_scans"], "cpm": froc["cpm"], "cpm_ci95": froc.get("cpm_ci95"),
         "froc_sensitivities": froc["froc_sensitivities"], "froc_sensitivities_ci95": froc.get("froc_sensitivities_ci95"),
         "froc": froc, "size": size, "unreadable_scans": unreadable, "missing_scans": check.missing,
-        "warnings": [f"candidates file: {p}" for p in problems[:data.MAX_LISTED_PROBLEMS]] + check.warnings
+        "warnings": [f"candidates file: {p}" for p in problems[:common.MAX_LISTED_PROBLEMS]] + check.warnings
                     + _missed_nodules(check.missing, annotations) + froc["warnings"],
         "seconds": time.perf_counter() - start, "seconds_scoring_candidates": seconds_scoring,
         "candidates_per_second": n_new / seconds_scoring if n_new else None,
@@ -832,7 +834,7 @@ def evaluate_model(checkpoint: Path, data_dir: Path, subsets: list[int], out_dir
                    "calibration.png")}})
     plot_roc(labels, marks.value, out_dir / "roc.png", title=title)
     plot_froc(froc, out_dir / "froc.png", title=title)
-    data.atomic_write_json(out_dir / "metrics.json", result)
+    common.atomic_write_json(out_dir / "metrics.json", result)
     return result
 
 
@@ -967,7 +969,7 @@ def plot_sizes(annotated: np.ndarray, estimates: dict, path: Path, title: str = 
            title=f"Nodule size {title}".strip())
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    data.atomic_save_figure(fig, path)
+    common.atomic_save_figure(fig, path)
 
 
 def size_table(size: dict):

@@ -28,9 +28,10 @@ from rich.progress import ProgressColumn, TimeRemainingColumn
 from rich.text import Text
 from torch import nn
 
+import common
 import data
 import head as head_mod
-from data import UserError
+from common import UserError
 from head import autocast
 
 console = Console()
@@ -194,13 +195,13 @@ def split_by_scan(caches: Dict[int, SubsetCache], val_subsets, test_subsets: Seq
         raise UserError(f"subsets {sorted(set(val_subsets) & set(test_subsets))} are both validation and test subsets")
     missing = sorted(set(val_subsets) - set(caches))
     if missing or not val_subsets:
-        raise UserError(f"--val-subsets {data.format_subsets(val_subsets)}: subset(s) {data.format_subsets(missing)} not extracted (extracted, "
-                        f"outside the test subsets: {data.format_subsets(sorted(caches))}); extract them, or use --val-subsets "
+        raise UserError(f"--val-subsets {common.format_subsets(val_subsets)}: subset(s) {common.format_subsets(missing)} not extracted (extracted, "
+                        f"outside the test subsets: {common.format_subsets(sorted(caches))}); extract them, or use --val-subsets "
                         f"auto to split the scans 80:20")
     train_present = sorted(set(caches) - set(val_subsets))
     if not train_present:
-        raise UserError(f"no extracted subset is left for training besides --val-subsets {data.format_subsets(val_subsets)} "
-                        f"and --test-subsets {data.format_subsets(test_subsets)}; run `{EXTRACT_HINT}` for more subsets")
+        raise UserError(f"no extracted subset is left for training besides --val-subsets {common.format_subsets(val_subsets)} "
+                        f"and --test-subsets {common.format_subsets(test_subsets)}; run `{EXTRACT_HINT}` for more subsets")
     uids = {side: set(np.concatenate([caches[k].seriesuids for k in ks])) for side, ks in
             (("train", train_present), ("val", val_subsets))}
     shared = uids["train"] & uids["val"]
@@ -241,8 +242,8 @@ def load_split(work_dir: Path, val_subsets, test_subsets: Sequence[int],
         raise UserError(f"no patch cache under {Path(work_dir) / 'patches'}; run `{EXTRACT_HINT}` first")
     missing = sorted(set(test_subsets) - set(extracted))
     if missing:
-        raise UserError(f"--test-subsets {data.format_subsets(test_subsets)}: subset(s) {data.format_subsets(missing)} not extracted under "
-                        f"{Path(work_dir) / 'patches'} (extracted: {data.format_subsets(extracted)}); use --test-subsets none "
+        raise UserError(f"--test-subsets {common.format_subsets(test_subsets)}: subset(s) {common.format_subsets(missing)} not extracted under "
+                        f"{Path(work_dir) / 'patches'} (extracted: {common.format_subsets(extracted)}); use --test-subsets none "
                         f"for no test subset")
     present = [k for k in extracted if k not in set(test_subsets)]
     if not present:
@@ -292,13 +293,13 @@ def check_mined_rows(caches: Dict[int, SubsetCache], rows_by_subset: Dict[int, n
                                 f"of the subsets that run saw (mined before it was kept), so a fold could train on "
                                 f"what its test subset taught; remove {caches[k].folder}, extract it again (`python "
                                 f"luna_cli.py extract --subset {k}`) and mine it again, or use crossval --mine-rounds")
-            leaked = sorted(set(data.parse_subsets(saw, "mined_saw")) & set(test_subsets)) if saw else []
+            leaked = sorted(set(common.parse_subsets(saw, "mined_saw")) & set(test_subsets)) if saw else []
             if leaked:
                 raise UserError(f"subset {k}'s patch cache holds hard negatives mined by {mined!r}, a model that "
-                                f"trained or validated on subset(s) {data.format_subsets(leaked)}, the test "
+                                f"trained or validated on subset(s) {common.format_subsets(leaked)}, the test "
                                 f"subset(s) here: training on them leaks the test labels; remove {caches[k].folder} "
                                 f"and extract it again, or mine with a model that did not see "
-                                f"{data.format_subsets(leaked)}")
+                                f"{common.format_subsets(leaked)}")
 
 
 class PatchPool:
@@ -558,7 +559,7 @@ class RateColumn(ProgressColumn):
 
 
 def progress_bar(unit: str, disable: bool = False):
-    return data.progress_bar(RateColumn(unit), TimeRemainingColumn(), console=console, disable=disable)
+    return common.progress_bar(RateColumn(unit), TimeRemainingColumn(), console=console, disable=disable)
 
 
 def _prepare_feature_encoder(work_dir: Path, identity: Dict[str, Any], tag: str, weights: Optional[Path],
@@ -578,7 +579,7 @@ def _prepare_feature_encoder(work_dir: Path, identity: Dict[str, Any], tag: str,
             warn_random_init("cache-features")
         head_mod.save_checkpoint(state_path, {"format": ENCODER_FORMAT, "encoder": encoder_cfg,
                                               "identity": identity, "state": encoder.state_dict()})
-    data.atomic_write_json(state_path.parent / f"{tag}.json", identity)
+    common.atomic_write_json(state_path.parent / f"{tag}.json", identity)
     return encoder
 
 
@@ -605,7 +606,7 @@ def cache_features(work_dir: Path, *, weights: Optional[Path] = None, feature_si
     available = extracted_subsets(work_dir)
     chosen = sorted(set(available) - set(test_subsets) if subsets is None else subsets)
     if set(chosen) & set(test_subsets):
-        raise UserError(f"subset(s) {data.format_subsets(sorted(set(chosen) & set(test_subsets)))} are test subsets, whose "
+        raise UserError(f"subset(s) {common.format_subsets(sorted(set(chosen) & set(test_subsets)))} are test subsets, whose "
                         f"features are never computed; give --test-subsets none (or others) to encode them")
     missing = [k for k in chosen if k not in available]
     if not chosen or missing:
@@ -690,7 +691,7 @@ def _cache_subset_features(work_dir: Path, cache: SubsetCache, tag: str, identit
     first = _reusable_rows(cache, npy, meta)
     advance(first)
     stat = cache.patches_path.stat()  # parts of an earlier patches.npy are discarded
-    parts = data.Parts(parts_dir, {"rows": len(cache), "from": first, "patches_bytes": stat.st_size,
+    parts = common.Parts(parts_dir, {"rows": len(cache), "from": first, "patches_bytes": stat.st_size,
                                    "patches_mtime_ns": stat.st_mtime_ns})
     names = {start: f"rows_{start:010d}" for start in range(first, len(cache), chunk_rows)}
     done = parts.done()
@@ -702,8 +703,8 @@ def _cache_subset_features(work_dir: Path, cache: SubsetCache, tag: str, identit
             parts.save(name, _encode_rows(cache, np.arange(start, stop), identity, extractor, device, precision,
                                           batch_size, workers, advance))
     blocks = ([np.load(npy, mmap_mode="r")[:first]] if first else []) + [parts.load(n) for n in names.values()]
-    data.atomic_concatenate_npy(npy, blocks, blocks[0].shape[1:], np.float16)
-    data.atomic_write_json(meta, {"format": FEATURE_FORMAT, "tag": tag, "rows": len(cache),
+    common.atomic_concatenate_npy(npy, blocks, blocks[0].shape[1:], np.float16)
+    common.atomic_write_json(meta, {"format": FEATURE_FORMAT, "tag": tag, "rows": len(cache),
                                   "index_sha256": _index_digest(cache, len(cache)),
                                   "feature_dim": int(blocks[0].shape[1]), "patch_size": cache.patch_size,
                                   "spacing_mm": cache.spacing_mm, "precision": precision,

@@ -43,7 +43,7 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from data import UserError
+from common import UserError
 
 GUIDELINES = ("fleischner", "lung-rads")
 NODULE_TYPES = ("solid", "part-solid", "ground-glass")
@@ -205,7 +205,7 @@ def follow_up(diameter_mm: float, guideline: str = "fleischner", nodule_type: st
 
     ``guideline``: one of :data:`GUIDELINES`; ``nodule_type``: one of :data:`NODULE_TYPES`; ``risk``: one
     of :data:`RISKS` (Fleischner's patient risk; ignored by Lung-RADS); ``multiple``: several nodules
-    (Fleischner only). Bad values raise :class:`data.UserError` naming the option (--guideline, --type,
+    (Fleischner only). Bad values raise :class:`common.UserError` naming the option (--guideline, --type,
     --risk) and the allowed values; a negative or non-finite diameter raises UserError too.
     """
     value = _check_diameter(diameter_mm)

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from data import UserError, atomic_path, hu_to_unit
+from data import hu_to_unit
+from common import UserError, atomic_path
 
 CHECKPOINT_FORMAT = "luna16-classifier/1"
 POOLINGS = ("avg", "flatten", "centre")

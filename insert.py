@@ -34,11 +34,13 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+import common
 import data
 import detect
 import nodules
 import phantom
-from data import CTScan, UserError
+from data import CTScan
+from common import UserError
 
 PLACEMENTS = ("isolated", "vessel", "pleura", "fissure")
 TYPE_SHARES = (("solid", 0.6), ("part-solid", 0.2), ("ground-glass", 0.2))
@@ -484,7 +486,7 @@ def write_inserted_folder(root, backgrounds: Sequence, copies: int = 1, nodules_
                 "subsets": n_subsets, "scans": len(scans), "nodules": len(tables["annotations"]),
                 "inserted_nodules": inserted, "scan_geometry": scans,
                 "skipped": [{"background": p, "reason": why} for p, why in skipped]}
-    data.atomic_write_json(root / "phantom_manifest.json", manifest)
+    common.atomic_write_json(root / "phantom_manifest.json", manifest)
     (root / phantom.UNFINISHED_MARK).unlink()
     summary.seconds = time.perf_counter() - start
     return summary

@@ -7,6 +7,7 @@ Coordinates are world mm: ITK/LPS physical points, as in the LUNA16 CSVs.
 """
 from __future__ import annotations
 
+import common
 import functools
 import os
 from enum import Enum
@@ -17,7 +18,7 @@ import typer
 from rich.console import Console
 
 import followup
-from data import UserError, parse_subsets
+from common import UserError, parse_subsets
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="LUNA16 false-positive reduction with a Swin UNETR encoder and an MLP head. "
@@ -438,7 +439,6 @@ def evaluate(
     work_dir: WorkDir = None,
 ):
     """Score a submission with the official LUNA16 FROC/CPM rules, or a model on every candidate of whole subsets."""
-    import data
     import evaluate as evaluation
     if sum(x is not None for x in (submission, run, checkpoint)) != 1:
         raise UserError("give exactly one of --submission FILE, --run NAME or --checkpoint FILE")
@@ -465,7 +465,7 @@ def evaluate(
                                        bootstrap=bootstrap, seed=seed, console=console, candidates_path=candidates,
                                        work_dir=work, allow_missing=allow_missing, cutoff=cutoff)
     if json_out is not None:
-        data.atomic_write_json(json_out, result)
+        common.atomic_write_json(json_out, result)
     console.print(evaluation.candidate_table(result))
     evaluation.print_froc(console, result["froc"], f"LUNA16 FROC, subsets {subsets}", result["warnings"])
     if result["size"]["plain"]["n_nodules"]:

@@ -20,11 +20,12 @@ from typing import Optional
 
 import numpy as np
 
+import common
 import data
 import evaluate
 import features
 import head
-from data import UserError
+from common import UserError
 
 
 @dataclass
@@ -125,7 +126,7 @@ def mine_subset(data_dir: Path, work_dir: Path, subset: int, run: str, per_scan:
     model_run, _ = evaluate.open_model_run(checkpoint, data.candidates_file(data_dir), folder / "parts", views,
                                            batch_size, workers, device, precision, per_scan=per_scan)
     seen = seen_subsets(checkpoint)
-    tags = {"mined": name, "mined_saw": data.format_subsets(seen) if seen is not None else "",
+    tags = {"mined": name, "mined_saw": common.format_subsets(seen) if seen is not None else "",
             "mined_for": "" if for_fold is None else str(int(for_fold))}
     done_path = folder / "done.json"
     if done_path.is_file() and json.loads(done_path.read_text()).get("key") == model_run.parts.key:
@@ -138,12 +139,12 @@ def mine_subset(data_dir: Path, work_dir: Path, subset: int, run: str, per_scan:
     unreadable = _score_and_keep(model_run, todo, per_scan, in_cache, tags, negatives, console)
     added, n_patches = _append_parts(cache, manifest, model_run.parts, tags, per_scan)
     if not unreadable:
-        data.atomic_write_json(done_path, {"key": model_run.parts.key, "added": added})
+        common.atomic_write_json(done_path, {"key": model_run.parts.key, "added": added})
         model_run.parts.remove()
     return MiningSummary(subset, name, len(todo), added, n_patches, unreadable)
 
 
-def _append_parts(cache: Path, manifest: dict, parts: data.Parts, tags: dict, per_scan: int) -> tuple[int, int]:
+def _append_parts(cache: Path, manifest: dict, parts: common.Parts, tags: dict, per_scan: int) -> tuple[int, int]:
     """Append the mined patches of every finished scan to the cache (once: rows already there are skipped)."""
     rows = data.read_cache_index(cache)
     present = {_key(row[0], row[1:4]) for row in rows if visible_to(row, tags["mined_for"])}
@@ -160,5 +161,5 @@ def _append_parts(cache: Path, manifest: dict, parts: data.Parts, tags: dict, pe
                     mined=manifest.get("mined", []) + [{"run": tags["mined"], "saw": tags["mined_saw"],
                                                         "for_fold": tags["mined_for"], "per_scan": per_scan,
                                                         "added": len(new_rows)}])
-    data.atomic_write_json(cache / "manifest.json", manifest)
+    common.atomic_write_json(cache / "manifest.json", manifest)
     return len(new_rows), n_patches

@@ -47,7 +47,8 @@ import numpy as np
 
 import nodules as nodule_shapes
 import phantom_kernels as kernels
-from data import CTScan, UserError, atomic_write_text, write_mhd
+from data import CTScan, write_mhd
+from common import UserError, atomic_write_text
 
 SIZES = {"small": (80, 224, 224), "realistic": (250, 512, 512)}
 DIRECTION_KINDS = ("identity", "flip", "rotate", "flip_rotate")

@@ -29,12 +29,13 @@ from typing import Optional, Sequence
 import numpy as np
 
 import calibration
+import common
 import data
 import detect
 import followup
 import head
 import sizing
-from data import UserError
+from common import UserError
 from detect import scan_name
 
 # HU at a candidate's centre that no lung nodule has: below, air outside the body or in an airway;
@@ -344,7 +345,7 @@ def write_predictions_csv(predictions: Sequence[dict], path) -> None:
         cells[OUTPUT_COLUMNS.index("hu_at_point")] = hu
         cells[OUTPUT_COLUMNS.index("cutoff_logit")] = _text(row["cutoff"])
         lines.append(",".join(cells))
-    data.atomic_write_text(path, "\n".join(lines) + "\n")
+    common.atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def _table_caption(predictions: Sequence[dict], n_models: int) -> str:

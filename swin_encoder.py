@@ -613,7 +613,7 @@ def load_pretrained(encoder: SwinEncoder, path, verbose: bool = False) -> dict:
     self-supervised ``module.*`` checkpoint (``mlp.fc1``/``fc2`` names; heads ignored), bare state dicts
     and dicts under "state_dict" or "model". A patch embedding trained on several input channels is summed
     over them for a 1-channel encoder, so one channel gives what the original gives for that channel
-    copied into all. Raises ``data.UserError`` naming the file when any encoder tensor is missing or has
+    copied into all. Raises ``common.UserError`` naming the file when any encoder tensor is missing or has
     another shape. Returns a report: "loaded", "ignored" (checkpoint keys not used), "converted" notes
     and "summary".
     """

@@ -4,6 +4,7 @@ Run with ``pytest test_luna.py``. Tests that read the real data in ``../shared/d
 """
 from __future__ import annotations
 
+import common
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,6 @@ def _scan(direction, spacing=(0.7, 0.8, 2.5), shape_zyx=(40, 90, 80), origin=(-1
 
 @pytest.mark.parametrize("name", sorted(DIRECTIONS))
 def test_world_index_round_trip_matches_simpleitk(name):
-    import SimpleITK as sitk
     import data
     scan = _scan(DIRECTIONS[name])
     rng = np.random.default_rng(1)
@@ -278,7 +278,7 @@ def test_extract_writes_cache_and_rerun_is_idempotent(tmp_path):
                                 show_progress=False)
     assert again.scans_new == 0 and _cache_files(tmp_path / "work") == before
     assert not (cache / "parts").exists()
-    with pytest.raises(data.UserError, match="patch_size: cache has 16, this run asks for 24"):
+    with pytest.raises(common.UserError, match="patch_size: cache has 16, this run asks for 24"):
         data.extract_subset(tmp_path / "luna", tmp_path / "work", 0, patch_size=24, show_progress=False)
 
 
@@ -1765,9 +1765,9 @@ def test_mining_adds_each_scans_top_negatives_once_and_features_follow(eval_phan
     payload = head.read_checkpoint(checkpoint)
     payload["preprocess"] = dict(payload["preprocess"], spacing_mm=0.8)
     head.save_checkpoint(foreign, payload)
-    with pytest.raises(data.UserError, match=r"32 voxels at 0.8 mm.*32 voxels at 1.25 mm"):
+    with pytest.raises(common.UserError, match=r"32 voxels at 0.8 mm.*32 voxels at 1.25 mm"):
         mining.mine_subset(eval_phantom, work, 1, str(foreign), per_scan=2, workers=0, device="cpu")
-    with pytest.raises(data.UserError, match="no best.pt"):
+    with pytest.raises(common.UserError, match="no best.pt"):
         mining.mine_subset(eval_phantom, work, 1, "nothing", per_scan=2, workers=0, device="cpu")
 
 
@@ -2455,7 +2455,7 @@ def test_crossval_mines_inside_each_fold_and_refuses_leaked_mined_rows(crossval_
         for fold in ("0", "1"):
             mine = [r for r in rows if r[8] == fold]
             assert mine and {r[6] for r in mine} == {f"mined-fold{fold}"}
-            assert all(int(fold) not in data.parse_subsets(r[7]) and data.parse_subsets(r[7]) for r in mine)
+            assert all(int(fold) not in common.parse_subsets(r[7]) and common.parse_subsets(r[7]) for r in mine)
     for fold in ("0", "1"):   # each fold's second round trains on its own mined rows only
         config = json.loads((work / "runs" / f"mined-fold{fold}-mine1" / "config.json").read_text())
         first = json.loads((work / "runs" / f"mined-fold{fold}" / "config.json").read_text())
@@ -2526,7 +2526,6 @@ def test_predict_averages_several_checkpoints_and_the_crossval_ensemble(crossval
 def test_crossval_finetune_passes_its_options_to_each_fold(crossval_run, tmp_path, monkeypatch):
     import json
     import crossval
-    import data
     import train
     root, work, _ = crossval_run
     calls = []
@@ -2542,7 +2541,7 @@ def test_crossval_finetune_passes_its_options_to_each_fold(crossval_run, tmp_pat
                  augment=False, max_shift_mm=2.0, patience=3, epoch_samples=64, seed=4, target_sensitivity=0.8,
                  positive_share=0.2, size_weight=0.5)
     assert set(every) | {"head_from"} == set(crossval.STAGE_OPTIONS["finetune"])
-    with pytest.raises(data.UserError, match="--head-from cvh: fold 0 needs"):   # no head cross-validation yet
+    with pytest.raises(common.UserError, match="--head-from cvh: fold 0 needs"):   # no head cross-validation yet
         crossval.run_crossval(work, root, [0, 1], "ft", stage="finetune", head_from="cvh", views=2, precision="fp32",
                               device="cpu", workers=0, bootstrap=0, quiet=True, **every)
     for fold in (0, 1):   # a head-stage cross-validation "cvh" over the same folds
@@ -3278,7 +3277,7 @@ def test_extract_names_annotations_without_a_size_and_leaves_their_diameter_empt
     near = [r for r in rows if r[0] == fields[0] and np.linalg.norm(np.array(r[1:4], float) - centre) < radius]
     assert near and all(r[5] == "" for r in near)
     (root / "annotations.csv").write_text("seriesuid,coordX,coordY,coordZ\n")
-    with pytest.raises(data.UserError, match=r"annotations.csv: missing column\(s\) diameter_mm"):
+    with pytest.raises(common.UserError, match=r"annotations.csv: missing column\(s\) diameter_mm"):
         data.extract_subset(root, tmp_path / "other", 0, 32, 1.0, show_progress=False)
 
 
@@ -3438,7 +3437,7 @@ def test_synth_background_names_unreadable_and_lungless_backgrounds(tmp_path):
     row = crowded.scans[0]
     assert 0 < row["nodules_placed"] < 400 and row["nodules_requested"] == 400
     assert len(crowded.nodules) == row["nodules_placed"]
-    with pytest.raises(data.UserError, match="no copy"):
+    with pytest.raises(common.UserError, match="no copy"):
         insert.write_inserted_folder(tmp_path / "none", [broken])
 
 

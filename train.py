@@ -44,10 +44,10 @@ from rich.console import Console
 from torch import nn
 
 import calibration
-import data
+import common
 import evaluate
 import head as head_mod
-from data import UserError
+from common import UserError
 from features import (PatchPool, SubsetCache, batch_loader, cache_features_hint, check_preprocess_matches,
                       choose_feature_set, encoder_config, encoder_state_path, feature_paths, features_complete,
                       load_encoder_weights, load_split, progress_bar, training_inputs, warn_random_init)
@@ -196,7 +196,7 @@ def training_calibration(caches: Dict[int, SubsetCache], split, positive_share: 
     record: Dict[str, Any] = {"positive_share": float(positive_share), "prior": None}
     lacking = [k for k in subsets if "candidate_counts" not in caches[k].manifest]
     if lacking:
-        listed = data.format_subsets(lacking)
+        listed = common.format_subsets(lacking)
         note = (f"the extract manifests of subset(s) {listed} predate the candidate counts; rerun "
                 f"`python luna_cli.py extract --subsets {listed}` with the options they were made with")
         return {**record, "note": note}
@@ -206,7 +206,7 @@ def training_calibration(caches: Dict[int, SubsetCache], split, positive_share: 
     n, positives = sum(c[0] for c in counts), sum(c[1] for c in counts)
     files = "/".join(sorted({str(caches[k].manifest.get("candidates_file", "the candidate file"))
                              for k in subsets}))
-    source = (f"{files} over the {len(counts)} training scans of subset(s) {data.format_subsets(subsets)} "
+    source = (f"{files} over the {len(counts)} training scans of subset(s) {common.format_subsets(subsets)} "
               f"({positives} nodule candidates of {n})")
     if not 0 < positives < n:
         return {**record, "prior_source": source, "note": f"{source}: no prior strictly between 0 and 1"}
@@ -327,7 +327,7 @@ def write_history(run_dir: Path, history: List[Dict[str, float]], plot: bool = T
     for row in history:
         lines.append(",".join(str(row[c]) if c == "epoch" else repr(float(row.get(c, math.nan)))
                               for c in HISTORY_COLUMNS))
-    data.atomic_write_text(run_dir / "history.csv", "\n".join(lines) + "\n")
+    common.atomic_write_text(run_dir / "history.csv", "\n".join(lines) + "\n")
     if plot:
         plot_history(run_dir / "history.png", history)
 
@@ -363,7 +363,7 @@ def plot_history(path: Path, history: List[Dict[str, float]]) -> None:
     ax_val.set_ylim(0.0, 1.02)
     ax_val.legend(loc="lower right")
     fig.tight_layout()
-    data.atomic_save_figure(fig, path, dpi=100)
+    common.atomic_save_figure(fig, path, dpi=100)
 
 
 def rng_state() -> Dict[str, Any]:
@@ -685,7 +685,7 @@ def _run_kind(run_dir: Path) -> Optional[str]:
 
 
 def _write_config(run_dir: Path, kind: str, options: Dict[str, Any], resolved: Dict[str, Any]) -> None:
-    data.atomic_write_json(run_dir / "config.json", {"kind": kind, "options": options, "resolved": resolved})
+    common.atomic_write_json(run_dir / "config.json", {"kind": kind, "options": options, "resolved": resolved})
 
 
 def _preprocess(patch_size: int, spacing_mm: float, hu_min: float, hu_max: float) -> Dict[str, Any]:
