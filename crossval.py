@@ -40,22 +40,18 @@ import evaluate
 import features as features_mod
 import head
 import mining
+import options as options_mod
 import train
 from common import UserError
 from features import extracted_subsets
 
-STAGES = ("head", "finetune")
-# The training options crossval passes on to each stage, when given (the others take the stage's defaults):
-# every option of train-head and of finetune but those each fold decides (its validation and test subsets, run
-# and resume); ``views`` (both stages) and ``precision`` (finetune; evaluation only for head) are handled on their
-# own, and finetune's ``head_from`` names a head-stage cross-validation whose fold k starts fold k.
-FOLD_DECIDES = ("val_subsets", "test_subsets", "views", "precision")
-STAGE_OPTIONS = {
-    "head": ("features", "epochs", "batch_size", "lr", "seed", "patience", "epoch_samples", "positive_share",
-             "size_weight", "target_sensitivity"),
-    "finetune": tuple(k for k in train.FINETUNE_DEFAULTS if k not in FOLD_DECIDES),
-}
-TRAINING_OPTIONS = tuple(dict.fromkeys(STAGE_OPTIONS["head"] + STAGE_OPTIONS["finetune"]))
+# The training options crossval passes on to each fold, when given (the others take the stage's defaults):
+# every option of the stage but those each fold decides (options.FOLD_DECIDES: its validation and test subsets;
+# views and precision, which also set the folds' evaluation, are crossval's own). finetune's ``head_from`` names a
+# head-stage cross-validation whose fold k starts fold k.
+STAGE_OPTIONS = {stage: tuple(k for k in options_mod.stage_names(stage) if k not in options_mod.FOLD_DECIDES)
+                 for stage in options_mod.STAGES}
+TRAINING_OPTIONS = options_mod.crossval_names()
 FOLD_COLUMNS = ("fold", "test_subset", "val_subset", "run", "checkpoint", "n_scans", "n_candidates", "auc", "cpm")
 EVAL_BATCH_SIZE = 64
 EVAL_WORKERS = 2  # evaluate's default reader processes when --workers is not given
@@ -97,17 +93,15 @@ def crossval_dir(work_dir: Path, name: str) -> Path:
     return Path(work_dir) / "crossval" / name
 
 
-def _given_training(stage: str, arguments: Dict[str, Any], precision: Optional[str]) -> Dict[str, Any]:
-    """The training options given for ``stage`` (JSON values); UserError naming one that belongs to the other stage."""
-    if stage not in STAGES:
-        raise UserError(f"--stage must be one of {', '.join(STAGES)}, got {stage!r}")
-    given = train.given_options(arguments, TRAINING_OPTIONS)
-    foreign = [k for k in given if k not in STAGE_OPTIONS[stage]]
-    if foreign:
-        other = next(s for s in STAGES if s != stage)
-        raise UserError(f"--{foreign[0].replace('_', '-')} is an option of --stage {other}, not of --stage {stage}")
+def _given_training(stage: str, training: Dict[str, Any], precision: Optional[str]) -> Dict[str, Any]:
+    """The training options given for ``stage``, checked (JSON values); UserError naming one that a fold decides
+    or that belongs to the other stage."""
+    decided = [k for k in training if k in options_mod.FOLD_DECIDES and training[k] is not None]
+    if decided:
+        raise UserError(f"--{decided[0].replace('_', '-')} is decided by each fold (or given to crossval itself)")
+    given = options_mod.given(stage, training)
     if stage == "finetune" and precision is not None:
-        given["precision"] = precision
+        given["precision"] = options_mod.OPTIONS["precision"].check(precision)
     return given
 
 
@@ -346,30 +340,20 @@ def _prepare(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str, st
 
 
 def run_crossval(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str, *, stage: str = "head",
-                 val_offset: int = 1, features: Optional[str] = None, epochs: Optional[int] = None,
-                 batch_size: Optional[int] = None, lr: Optional[float] = None, seed: Optional[int] = None,
-                 patience: Optional[int] = None, epoch_samples: Optional[int] = None, weights: Optional[Path] = None,
-                 feature_size: Optional[int] = None, window_size: Optional[int] = None,
-                 pooling: Optional[str] = None, views: Optional[int] = None, precision: Optional[str] = None,
-                 positive_share: Optional[float] = None, size_weight: Optional[float] = None,
-                 accumulate: Optional[int] = None, weight_decay: Optional[float] = None,
-                 warmup_epochs: Optional[float] = None, grad_checkpoint: Optional[bool] = None,
-                 head_from: Optional[str] = None, hu_min: Optional[float] = None, hu_max: Optional[float] = None,
-                 augment: Optional[bool] = None, max_shift_mm: Optional[float] = None,
-                 target_sensitivity: Optional[float] = None, mine_rounds: int = 0, per_scan: int = 20,
-                 device: str = "auto", workers: Optional[int] = None,
-                 bootstrap: int = 1000, json_out: Optional[Path] = None, quiet: bool = False,
-                 console=None) -> Dict[str, Any]:
+                 val_offset: int = 1, views: Optional[int] = None, precision: Optional[str] = None,
+                 mine_rounds: int = 0, per_scan: int = 20, device: str = "auto", workers: Optional[int] = None,
+                 bootstrap: int = 1000, json_out: Optional[Path] = None, quiet: bool = False, console=None,
+                 **training: Any) -> Dict[str, Any]:
     """Cross-validate over the subsets ``folds`` (see the module docstring); returns the pooled metrics.
 
     ``stage``: "head" (``train.train_head`` on a feature set that covers every fold: cache-features with
-    ``--test-subsets none``) or "finetune" (``train.finetune``). Training options left None take the stage's
-    defaults; finetune takes every option of ``train.finetune`` but the fold's own (``head_from``: a head-stage
+    ``--test-subsets none``) or "finetune" (``train.finetune``). ``training``: the stage's options
+    (:data:`STAGE_OPTIONS`); those left out take the stage's defaults (finetune's ``head_from``: a head-stage
     cross-validation, fold k starting from its fold k). ``views``: evaluation flips (default: the checkpoint's own); for finetune also its validation's.
     ``precision``: evaluation precision (and finetune's). ``mine_rounds``: rounds of hard-negative mining inside
     each fold, ``per_scan`` negatives a scan each. Writes ``W/crossval/<name>/`` and ``json_out``.
     """
-    given = _given_training(stage, locals(), precision)
+    given = _given_training(stage, training, precision)
     plan, settings, out_dir, fold_scans = _prepare(Path(work_dir), Path(data_dir), folds, name, stage, val_offset,
                                                    given, views, mine_rounds, per_scan)
     runtime = {"device": device, "workers": workers, "precision": precision, "bootstrap": bootstrap, "quiet": quiet}

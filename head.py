@@ -33,9 +33,9 @@ from torch import nn
 
 from data import hu_to_unit
 from common import UserError, atomic_path
+from options import MAX_VIEWS, OPTIONS, POOLINGS, PRECISIONS
 
 CHECKPOINT_FORMAT = "luna16-classifier/1"
-POOLINGS = ("avg", "flatten", "centre")
 ENCODER_DEFAULTS: Dict[str, Any] = {"in_channels": 1, "feature_size": 48, "depths": [2, 2, 2, 2],
                                     "num_heads": [3, 6, 12, 24], "window_size": 7, "patch_size": 2,
                                     "use_checkpoint": False}
@@ -279,7 +279,6 @@ def load_classifier(path: Path, device: str = "cpu") -> Tuple[Classifier, Dict[s
 
 # --- devices and precision ---------------------------------------------------------
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
@@ -327,10 +326,11 @@ VIEW_FLIPS = tuple(tuple(axis for axis, bit in zip((1, 2, 3), bits) if bit)
                    for bits in itertools.product((0, 1), repeat=3))
 
 
+assert len(VIEW_FLIPS) == MAX_VIEWS
+
+
 def check_views(views: int) -> int:
-    if not 1 <= int(views) <= len(VIEW_FLIPS):
-        raise UserError(f"--views must be 1..{len(VIEW_FLIPS)} (flips of the cube), got {views}")
-    return int(views)
+    return OPTIONS["views"].check(views)
 
 
 def flipped_views(x: torch.Tensor, views: int):

@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 
 import followup
+import options
 from common import UserError, parse_subsets
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -125,27 +126,6 @@ def friendly_errors(func):
             console.print("[yellow]interrupted: finished work is kept, rerun the same command to resume[/]")
             raise typer.Exit(130)
     return wrapper
-
-
-def subsets_option(text: str, option: str):
-    """``--val-subsets``/``--test-subsets``: subset numbers, or ``auto`` (validation only: an 80:20 split by scan)."""
-    if option == "--val-subsets" and str(text).strip().lower() == "auto":
-        return "auto"
-    return parse_subsets(text, option)
-
-
-def given_options(ctx: typer.Context, names: list, values: dict) -> dict:
-    """The options among ``names`` that the user gave on the command line, as the stage functions take them."""
-    given = {}
-    for name in names:
-        source = ctx.get_parameter_source(name)
-        if source is None or source.name == "DEFAULT":
-            continue
-        value = values[name]
-        if name in ("val_subsets", "test_subsets"):
-            value = subsets_option(value, f"--{name.replace('_', '-')}")
-        given[name] = value.value if isinstance(value, Enum) else value
-    return given
 
 
 @app.callback()
@@ -325,86 +305,31 @@ def cache_features(
                             workers=workers, seed=seed, views=views)
 
 
-HEAD_OPTIONS = ["features", "val_subsets", "test_subsets", "epochs", "batch_size", "lr", "patience", "epoch_samples",
-                "seed", "positive_share", "size_weight", "target_sensitivity"]
-
-
 @app.command("train-head")
 @friendly_errors
-def train_head(
-    ctx: typer.Context,
-    work_dir: WorkDir = None,
-    features: Annotated[Optional[str], typer.Option(
-        help="Feature set made by cache-features (default: the only one; listed when there are several).")] = None,
-    val_subsets: ValSubsets = "8",
-    test_subsets: TestSubsets = "9",
-    epochs: Epochs = 100,
-    batch_size: Annotated[int, typer.Option(min=1, help="Feature vectors per step.")] = 256,
-    lr: LearningRate = 1e-3,
-    patience: Patience = 10,
-    epoch_samples: EpochSamples = 0,
-    positive_share: PositiveShare = 0.5,
-    size_weight: SizeWeight = 1.0,
-    target_sensitivity: TargetSensitivity = 0.9,
-    seed: Seed = 0,
-    run: Run = None,
-    resume: Resume = False,
-    device: Device = "auto",
-):
+@options.with_options(options.stage_names("head"), "head")
+def train_head(given: dict, work_dir: WorkDir = None, run: Run = None, resume: Resume = False,
+               stop_after: StopAfter = None, device: Device = "auto"):
     """Train the MLP head on cached features (class-balanced, early stopping on validation AUC)."""
     import train
     run_dir = train.train_head(work_dir_option(work_dir), run=run, resume=resume, device=device,
-                               **given_options(ctx, HEAD_OPTIONS, locals()))
+                               stop_after=stop_after, **given)
     console.print(f"run folder: [bold]{run_dir}[/] (best.pt, last.pt, history.csv, history.png, config.json)")
-
-
-FINETUNE_OPTIONS = ["epochs", "batch_size", "accumulate", "lr", "weight_decay", "warmup_epochs", "weights",
-                    "head_from", "feature_size", "window_size", "pooling", "grad_checkpoint", "val_subsets",
-                    "test_subsets", "hu_min", "hu_max", "augment", "max_shift_mm", "precision", "patience",
-                    "epoch_samples", "seed", "views", "positive_share", "size_weight", "target_sensitivity"]
 
 
 @app.command("finetune")
 @friendly_errors
-def finetune(
-    ctx: typer.Context,
-    work_dir: WorkDir = None,
-    epochs: Epochs = 30,
-    batch_size: Annotated[int, typer.Option(min=1, help="Patches per step and process.")] = 32,
-    accumulate: Annotated[int, typer.Option(min=1, help="Steps of gradient accumulation per optimiser update.")] = 1,
-    lr: LearningRate = 1e-4,
-    weight_decay: Annotated[float, typer.Option(min=0, help="AdamW weight decay.")] = 1e-5,
-    warmup_epochs: Annotated[float, typer.Option(min=0, help="Epochs of linear learning-rate warm-up.")] = 1.0,
-    weights: Weights = None,
-    head_from: Annotated[Optional[str], typer.Option(help="Start from this run's best.pt (a run name or a .pt path).")] = None,
-    feature_size: FeatureSize = 48,
-    window_size: WindowSize = 7,
-    pooling: PoolingOption = Pooling.avg,
-    grad_checkpoint: Annotated[bool, typer.Option("--grad-checkpoint", help="Recompute activations to save GPU memory.")] = False,
-    val_subsets: ValSubsets = "8",
-    test_subsets: TestSubsets = "9",
-    hu_min: HuMin = -1000.0,
-    hu_max: HuMax = 1000.0,
-    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random flips and shifts of every patch, whatever its class.")] = True,
-    max_shift_mm: Annotated[float, typer.Option(min=0, help="Largest shift per axis in mm.")] = 3.0,
-    precision: PrecisionOption = Precision.auto,
-    patience: Patience = 0,
-    epoch_samples: EpochSamples = 0,
-    positive_share: PositiveShare = 0.5,
-    size_weight: SizeWeight = 1.0,
-    target_sensitivity: TargetSensitivity = 0.9,
-    seed: Seed = 0,
-    views: Annotated[int, typer.Option(min=1, max=8, help="Flips of each validation patch averaged, recorded for evaluate and predict.")] = 1,
-    run: Run = None,
-    resume: Resume = False,
-    stop_after: StopAfter = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (under torchrun: each process's GPU).")] = "auto",
-    workers: Workers = None,
-):
-    """Train encoder + head end to end (class-balanced, augmented, mixed precision on GPUs; torchrun for several GPUs)."""
+@options.with_options(options.stage_names("finetune"), "finetune")
+def finetune(given: dict, work_dir: WorkDir = None, run: Run = None, resume: Resume = False,
+             stop_after: StopAfter = None,
+             device: Annotated[str, typer.Option(
+                 help="auto, cpu, cuda or cuda:N (under torchrun: each process's GPU).")] = "auto",
+             workers: Workers = None):
+    """Train encoder + head end to end (class-balanced, augmented, mixed precision on GPUs; torchrun for several
+    GPUs)."""
     import train
     run_dir = train.finetune(work_dir_option(work_dir), run=run, resume=resume, device=device, workers=workers,
-                             stop_after=stop_after, **given_options(ctx, FINETUNE_OPTIONS, locals()))
+                             stop_after=stop_after, **given)
     if int(os.environ.get("RANK", "0")) == 0:
         console.print(f"run folder: [bold]{run_dir}[/] (best.pt, last.pt, history.csv, history.png, config.json)")
 
@@ -485,76 +410,55 @@ class Stage(str, Enum):
     finetune = "finetune"
 
 
-def _positive_if_given(value: Optional[float]) -> Optional[float]:
-    return value if value is None else _positive(value)
-
-
-CROSSVAL_OPTIONS = ["features", "epochs", "batch_size", "lr", "seed", "patience", "epoch_samples", "weights",
-                    "feature_size", "window_size", "pooling", "views", "precision", "positive_share", "size_weight",
-                    "accumulate", "weight_decay", "warmup_epochs", "head_from", "grad_checkpoint", "hu_min", "hu_max",
-                    "augment", "max_shift_mm", "target_sensitivity"]
-
-
 @app.command()
 @friendly_errors
+@options.with_options(options.crossval_names(), None)
 def crossval(
-    ctx: typer.Context,
-    folds: Annotated[str, typer.Option(help="The subsets that are the folds, e.g. 0-9 (at least 2); fold k tests on subset k.")],
+    given: dict,
+    folds: Annotated[str, typer.Option(
+        help="The subsets that are the folds, e.g. 0-9 (at least 2); fold k tests on subset k.")],
     name: Annotated[str, typer.Option(help="Cross-validation name: W/crossval/NAME, runs W/runs/NAME-fold<k>.")],
-    stage: Annotated[Stage, typer.Option(help="head: train-head on cached features (cache-features --test-subsets none); "
-                                              "finetune: encoder and head end to end.", case_sensitive=False)] = Stage.head,
-    val_offset: Annotated[int, typer.Option(help="Fold k validates on the fold this many places before it in --folds (cyclic).")] = 1,
-    features: Annotated[Optional[str], typer.Option(help="head: the feature set (default: the only one).")] = None,
-    epochs: Epochs = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Training batch (default: the stage's own).")] = None,
-    lr: Annotated[Optional[float], typer.Option(callback=_positive_if_given, help="Peak AdamW learning rate (default: the stage's own).")] = None,
-    seed: Seed = None,
-    patience: Patience = None,
-    epoch_samples: EpochSamples = None,
-    positive_share: PositiveShare = None,
-    size_weight: SizeWeight = None,
-    target_sensitivity: Annotated[Optional[float], typer.Option(
-        min=0.01, max=1.0, help="Each fold's validation cutoff, and the folds' pooled operating point, is "
-                                "the highest threshold at which this share of the nodules has a candidate at "
-                                "or above it (default 0.9).")] = None,
-    weights: Weights = None,
-    feature_size: FeatureSize = None,
-    window_size: WindowSize = None,
-    pooling: PoolingOption = None,
-    accumulate: Annotated[Optional[int], typer.Option(min=1, help="finetune: steps of gradient accumulation per update.")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(min=0, help="finetune: AdamW weight decay.")] = None,
-    warmup_epochs: Annotated[Optional[float], typer.Option(min=0, help="finetune: epochs of linear learning-rate warm-up.")] = None,
-    head_from: Annotated[Optional[str], typer.Option(help="finetune: a head-stage cross-validation NAME; fold k starts from W/runs/NAME-fold<k>/best.pt.")] = None,
-    grad_checkpoint: Annotated[Optional[bool], typer.Option("--grad-checkpoint/--no-grad-checkpoint", help="finetune: recompute activations to save GPU memory.")] = None,
-    hu_min: Annotated[Optional[float], typer.Option(help="finetune: HU mapped to 0.")] = None,
-    hu_max: Annotated[Optional[float], typer.Option(help="finetune: HU mapped to 1.")] = None,
-    augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="finetune: random flips and shifts of every patch.")] = None,
-    max_shift_mm: Annotated[Optional[float], typer.Option(min=0, help="finetune: largest shift per axis in mm.")] = None,
-    mine_rounds: Annotated[int, typer.Option(min=0, help="Rounds of hard-negative mining inside each fold, with its own model on its training subsets.")] = 0,
-    per_scan: Annotated[int, typer.Option(min=1, help="With --mine-rounds: the top negatives of each scan to hold.")] = 20,
-    views: Annotated[Optional[int], typer.Option(min=1, max=8, help="Flips averaged in evaluation (default: the checkpoint's own); finetune: in validation too.")] = None,
-    precision: PrecisionOption = None,
+    stage: Annotated[Stage, typer.Option(
+        help="head: train-head on cached features (cache-features --test-subsets none); finetune: encoder and "
+             "head end to end.", case_sensitive=False)] = Stage.head,
+    val_offset: Annotated[int, typer.Option(
+        help="Fold k validates on the fold this many places before it in --folds (cyclic).")] = 1,
+    mine_rounds: Annotated[int, typer.Option(
+        min=0, help="Rounds of hard-negative mining inside each fold, with its own model on its training "
+                    "subsets.")] = 0,
+    per_scan: Annotated[int, typer.Option(
+        min=1, help="With --mine-rounds: the top negatives of each scan to hold.")] = 20,
+    views: Annotated[Optional[int], typer.Option(
+        min=1, max=8, help="Flips averaged in evaluation (default: the checkpoint's own); finetune: in "
+                           "validation too.")] = None,
+    precision: Annotated[Optional[Precision], typer.Option(
+        help="Evaluation precision (and finetune's): auto is bf16 on recent GPUs, fp16 on older ones, fp32 on "
+             "the CPU.", case_sensitive=False)] = None,
     device: Device = "auto",
-    workers: Annotated[Optional[int], typer.Option(min=0, help="Loader processes (default: finetune's own; 2 reading scans for evaluation).")] = None,
-    bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples of the scans for 95% intervals (0: none).")] = 1000,
+    workers: Annotated[Optional[int], typer.Option(
+        min=0, help="Loader processes (default: finetune's own; 2 reading scans for evaluation).")] = None,
+    bootstrap: Annotated[int, typer.Option(
+        min=0, help="Bootstrap resamples of the scans for 95% intervals (0: none).")] = 1000,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the pooled metrics as JSON here.")] = None,
     data_dir: DataDir = None,
     work_dir: WorkDir = None,
 ):
-    """Cross-validate over subsets: per fold train, evaluate every candidate of its test subset; pool the FROC (resumable)."""
+    """Cross-validate over subsets: per fold train, evaluate every candidate of its test subset; pool the FROC
+    (resumable)."""
     import crossval as cv
     import evaluate as evaluation
     result = cv.run_crossval(work_dir_option(work_dir), data_dir_option(data_dir),
                              parse_subsets(folds, "--folds", required=True), name, stage=stage.value,
-                             val_offset=val_offset, mine_rounds=mine_rounds, per_scan=per_scan, device=device,
-                             workers=workers, bootstrap=bootstrap, json_out=json_out, console=console,
-                             **given_options(ctx, CROSSVAL_OPTIONS, locals()))
+                             val_offset=val_offset, views=views, precision=None if precision is None else precision.value,
+                             mine_rounds=mine_rounds, per_scan=per_scan, device=device, workers=workers,
+                             bootstrap=bootstrap, json_out=json_out, console=console, **given)
     console.print(cv.fold_table(result))
     evaluation.print_froc(console, result["froc"], f"LUNA16 FROC, cross-validation {name} (all folds)")
     console.print(f"files in {cv.crossval_dir(work_dir_option(work_dir), name)}: submission.csv, metrics.json, "
                   f"folds.csv, froc.png, operating_point.json")
     if result["unreadable_scans"]:
-        console.print(f"[red]{len(result['unreadable_scans'])} unreadable scan(s) skipped (named above); rerun to retry[/]")
+        console.print(f"[red]{len(result['unreadable_scans'])} unreadable scan(s) skipped (named above); "
+                      f"rerun to retry[/]")
         raise typer.Exit(1)
 
 

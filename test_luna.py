@@ -1349,7 +1349,7 @@ def test_augmentation_flips_and_shifts_every_class_alike(tmp_path):
     import torch
     import features
     import head
-    import train
+    import data
     cube = torch.arange(4 ** 3, dtype=torch.float32).reshape(4, 4, 4)  # no symmetry of its own
     images = features.flip_patches(cube.expand(8, 4, 4, 4), torch.arange(8))
     assert len({tuple(row.tolist()) for row in images.reshape(8, -1)}) == 8
@@ -1360,7 +1360,7 @@ def test_augmentation_flips_and_shifts_every_class_alike(tmp_path):
     hu = (torch.rand(16, 8, 8, 8, generator=generator) * 500 + torch.arange(16)[:, None, None, None] * 600)
     hu = hu.clamp(max=30000).to(torch.int16)
     out = features.training_inputs(hu, generator, -1000.0, 20000.0, True, 0)
-    expected = train.data.hu_to_unit(hu.float(), -1000.0, 20000.0)
+    expected = data.hu_to_unit(hu.float(), -1000.0, 20000.0)
     assert out.shape == (16, 1, 8, 8, 8) and not torch.equal(out[:, 0], expected)
     assert torch.equal(out[:, 0].reshape(16, -1).sort(dim=1).values, expected.reshape(16, -1).sort(dim=1).values)
     assert torch.equal(features.training_inputs(hu, generator, -1000.0, 20000.0, False, 0)[:, 0], expected)
@@ -1390,14 +1390,15 @@ def test_augmentation_flips_and_shifts_every_class_alike(tmp_path):
 
 def test_balanced_sampling_draws_positives_at_the_share_asked():
     import torch
+    import options
     import train
     from data import UserError
     labels = np.array([1] * 5 + [0] * 995)
     for share in (0.5, 0.25, 0.1):
         drawn = train.balanced_sample(labels, 20000, torch.Generator().manual_seed(0), share)
         assert abs(labels[drawn].mean() - share) < 0.01
-    with pytest.raises(UserError, match="--positive-share"):
-        train._check_options(dict(train.HEAD_DEFAULTS, positive_share=1.0))
+    with pytest.raises(UserError, match="--positive-share must be above 0 and below 1"):
+        options.check("head", dict(train.HEAD_DEFAULTS, positive_share=1.0))
 
 
 def test_prior_shift_gives_the_known_answer():
@@ -1454,6 +1455,7 @@ def test_sensitivity_cutoff_and_training_metrics():
 def test_cached_features_head_and_finetune_learn(tmp_path):
     import json
     import torch
+    import data
     import features
     import head
     import train
@@ -1487,7 +1489,7 @@ def test_cached_features_head_and_finetune_learn(tmp_path):
     patches = torch.from_numpy(np.load(work / "patches" / "subset2" / "patches.npy"))
     labels = features.read_subset_cache(work, 2).labels
     with torch.no_grad():
-        probs = torch.sigmoid(model(train.data.hu_to_unit(patches).unsqueeze(1))).numpy()
+        probs = torch.sigmoid(model(data.hu_to_unit(patches).unsqueeze(1))).numpy()
     assert abs(head.roc_auc(labels, probs) - best["val_auc"]) < 0.02
 
     tuned = train.finetune(work, epochs=1, batch_size=8, epoch_samples=8, lr=1e-4, head_from="head",
@@ -1563,16 +1565,46 @@ def test_resume_refuses_changed_options_and_the_cli_passes_only_given_ones(tmp_p
     done = CliRunner().invoke(luna_cli.app, base + ["--epochs", "3", "--workers", "0", "--stop-after", "1"])
     assert done.exit_code == 0, _why(done)
     assert [row["epoch"] for row in train.read_history(work / "runs" / "r" / "history.csv")] == [1, 2]
-    # so the command line's defaults must be the stages' own
+
+
+def test_every_training_option_is_defined_once_and_maps_to_the_command_line(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+    import crossval
+    import luna_cli
+    import options
+    import train
     commands = typer.main.get_command(luna_cli.app).commands
-    for name, defaults, options in (("finetune", train.FINETUNE_DEFAULTS, luna_cli.FINETUNE_OPTIONS),
-                                    ("train-head", train.HEAD_DEFAULTS, luna_cli.HEAD_OPTIONS)):
-        params = {p.name: p for p in commands[name].params}
-        for option in options:
-            default = params[option].default
-            if option.endswith("_subsets"):
-                default = luna_cli.parse_subsets(default)
-            assert getattr(default, "value", default) == defaults[option], (name, option)
+    own = {"train-head": {"work_dir", "run", "resume", "stop_after", "device"},
+           "finetune": {"work_dir", "run", "resume", "stop_after", "device", "workers"},
+           "crossval": {"folds", "name", "stage", "val_offset", "mine_rounds", "per_scan", "views", "precision",
+                        "device", "workers", "bootstrap", "json_out", "data_dir", "work_dir"}}
+    for command, stage, defaults in (("train-head", "head", train.HEAD_DEFAULTS),
+                                     ("finetune", "finetune", train.FINETUNE_DEFAULTS)):
+        params = {p.name: p for p in commands[command].params}
+        assert set(params) - own[command] == set(options.stage_names(stage)) == set(defaults), command
+        for name, value in defaults.items():   # the command line's defaults are the stage's own
+            default = params[name].default
+            default = options.OPTIONS[name].check(default) if name.endswith("_subsets") else default
+            assert getattr(default, "value", default) == value, (command, name)
+    params = {p.name: p for p in commands["crossval"].params}
+    assert set(params) - own["crossval"] == set(options.crossval_names()) == set(crossval.TRAINING_OPTIONS)
+    assert all(params[name].default is None for name in options.crossval_names())
+    # and back: every option reaches some command, with its flag
+    exposed = {p.opts[0] for c in ("train-head", "finetune", "crossval") for p in commands[c].params}
+    assert {o.flag for o in options.OPTIONS.values()} <= exposed
+    # one check for the command line, the functions and crossval
+    for argv, flag in ((["train-head", "--positive-share", "1.0"], "--positive-share must be above 0"),
+                       (["finetune", "--warmup-epochs", "-1"], "--warmup-epochs must be at least 0 epochs"),
+                       (["crossval", "--folds", "0,1", "--name", "cv", "--lr", "0"], "--lr must be above 0")):
+        refused = CliRunner().invoke(luna_cli.app, argv + ["--work-dir", str(tmp_path)])
+        assert refused.exit_code == 1 and flag in str(_user_error(refused)), (argv, _why(refused))
+    with pytest.raises(common.UserError, match="--pooling must be one of avg, flatten, centre"):
+        train.finetune(tmp_path, pooling="max", device="cpu", quiet=True)
+    with pytest.raises(common.UserError, match="--window-size is an option of --stage finetune"):
+        train.train_head(tmp_path, window_size=4, device="cpu", quiet=True)
+    with pytest.raises(common.UserError, match="--epoch is not a training option"):
+        train.train_head(tmp_path, epoch=4, device="cpu", quiet=True)
 
 
 def test_finetune_two_processes_with_gloo(tmp_path):
@@ -2537,7 +2569,7 @@ def test_crossval_finetune_passes_its_options_to_each_fold(crossval_run, tmp_pat
         return _tiny_checkpoint(run_dir / "best.pt", cutoff=0.4).parent
     monkeypatch.setattr(train, "finetune", fake_finetune)
     every = dict(epochs=1, batch_size=4, accumulate=2, lr=2e-4, weight_decay=0.01, warmup_epochs=0.5, feature_size=12,
-                 window_size=4, pooling="max", grad_checkpoint=True, weights=None, hu_min=-900.0, hu_max=900.0,
+                 window_size=4, pooling="centre", grad_checkpoint=True, weights=None, hu_min=-900.0, hu_max=900.0,
                  augment=False, max_shift_mm=2.0, patience=3, epoch_samples=64, seed=4, target_sensitivity=0.8,
                  positive_share=0.2, size_weight=0.5)
     assert set(every) | {"head_from"} == set(crossval.STAGE_OPTIONS["finetune"])

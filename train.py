@@ -47,6 +47,7 @@ import calibration
 import common
 import evaluate
 import head as head_mod
+import options as options_mod
 from common import UserError
 from features import (PatchPool, SubsetCache, batch_loader, cache_features_hint, check_preprocess_matches,
                       choose_feature_set, encoder_config, encoder_state_path, feature_paths, features_complete,
@@ -54,16 +55,10 @@ from features import (PatchPool, SubsetCache, batch_loader, cache_features_hint,
 from head import autocast
 
 console = Console()
+STAGE_OF = {"train-head": "head", "finetune": "finetune"}  # run kind -> options stage
 
-HEAD_DEFAULTS: Dict[str, Any] = dict(
-    features=None, val_subsets=[8], test_subsets=[9], epochs=100, batch_size=256, accumulate=1, lr=1e-3,
-    weight_decay=1e-4, warmup_epochs=1.0, patience=10, epoch_samples=0, seed=0, target_sensitivity=0.9,
-    positive_share=0.5, size_weight=1.0)
-FINETUNE_DEFAULTS: Dict[str, Any] = dict(
-    epochs=30, batch_size=32, accumulate=1, lr=1e-4, weight_decay=1e-5, warmup_epochs=1.0, feature_size=48,
-    window_size=7, pooling="avg", grad_checkpoint=False, weights=None, head_from=None, val_subsets=[8],
-    test_subsets=[9], hu_min=-1000.0, hu_max=1000.0, augment=True, max_shift_mm=3.0, precision="auto", patience=0,
-    epoch_samples=0, seed=0, target_sensitivity=0.9, views=1, positive_share=0.5, size_weight=1.0)
+HEAD_DEFAULTS: Dict[str, Any] = options_mod.defaults("head")
+FINETUNE_DEFAULTS: Dict[str, Any] = options_mod.defaults("finetune")
 
 
 # --- patch cache ---------------------------------------------------------------
@@ -607,36 +602,6 @@ def _kept_message(run_dir: Path, last_epoch: int) -> str:
 
 # --- run set-up shared by train-head and finetune ----------------------------------------------------
 
-def _check_options(options: Dict[str, Any]) -> None:
-    for key in ("epochs", "batch_size", "accumulate"):
-        if int(options[key]) < 1:
-            raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {options[key]}")
-    if not options["lr"] > 0:
-        raise UserError(f"--lr must be positive, got {options['lr']}")
-    if options.get("hu_max", 1.0) <= options.get("hu_min", 0.0):
-        raise UserError(f"--hu-max ({options['hu_max']}) must be greater than --hu-min ({options['hu_min']})")
-    if options.get("pooling", "avg") not in head_mod.POOLINGS:
-        raise UserError(f"--pooling must be one of {', '.join(head_mod.POOLINGS)}, got {options['pooling']!r}")
-    if options["epoch_samples"] < 0 or options["patience"] < 0:
-        raise UserError("--epoch-samples and --patience cannot be negative")
-    if options.get("max_shift_mm", 0.0) < 0:
-        raise UserError(f"--max-shift-mm cannot be negative, got {options['max_shift_mm']}")
-    if not 1 <= int(options.get("views", 1)) <= len(head_mod.VIEW_FLIPS):
-        raise UserError(f"--views must be 1..{len(head_mod.VIEW_FLIPS)}, got {options['views']}")
-    if not 0.0 < options["positive_share"] < 1.0:
-        raise UserError(f"--positive-share must be between 0 and 1, got {options['positive_share']}")
-    if not 0.0 < options["target_sensitivity"] <= 1.0:
-        raise UserError(f"--target-sensitivity must be above 0 and at most 1, "
-                        f"got {options['target_sensitivity']}")
-    if not options["size_weight"] >= 0.0:
-        raise UserError(f"--size-weight cannot be negative, got {options['size_weight']}")
-
-
-def given_options(arguments: Dict[str, Any], names) -> Dict[str, Any]:
-    """The options among ``names`` of a stage's call that were given (not None), as JSON values (paths as text)."""
-    return {k: json.loads(json.dumps(v, default=str)) for k, v in arguments.items() if k in names and v is not None}
-
-
 def _latest_run(work_dir: Path, kind: str) -> Path:
     found = [p.parent for p in sorted(runs_dir(work_dir).glob("*/last.pt"), key=lambda p: p.stat().st_mtime)
              if _run_kind(p.parent) == kind]
@@ -656,7 +621,7 @@ def _open_run(work_dir: Path, kind: str, defaults: Dict[str, Any], given: Dict[s
             raise UserError(f"run folder {run_dir} already holds a run; add --resume to continue it or choose "
                             f"another --run name")
         options = {**defaults, **given}
-        _check_options(options)
+        options_mod.check(STAGE_OF[kind], options)
         return run_dir, options, None
     run_dir = resolve_run_dir(work_dir, run) if run else _latest_run(work_dir, kind)
     if not (run_dir / "last.pt").is_file():
@@ -695,24 +660,19 @@ def _preprocess(patch_size: int, spacing_mm: float, hu_min: float, hu_max: float
 
 # --- train-head ---------------------------------------------------------------------------------
 
-def train_head(work_dir: Path, *, features: Optional[str] = None, val_subsets: Optional[Sequence[int]] = None,
-               test_subsets: Optional[Sequence[int]] = None, epochs: Optional[int] = None,
-               batch_size: Optional[int] = None, accumulate: Optional[int] = None, lr: Optional[float] = None,
-               weight_decay: Optional[float] = None, warmup_epochs: Optional[float] = None,
-               patience: Optional[int] = None, epoch_samples: Optional[int] = None, seed: Optional[int] = None,
-               target_sensitivity: Optional[float] = None, positive_share: Optional[float] = None,
-               size_weight: Optional[float] = None, run: Optional[str] = None, resume: bool = False, device: str = "auto",
-               stop_after: Optional[int] = None, quiet: bool = False) -> Path:
+def train_head(work_dir: Path, *, run: Optional[str] = None, resume: bool = False, device: str = "auto",
+               stop_after: Optional[int] = None, quiet: bool = False, **settings: Any) -> Path:
     """Train the MLP head on a cached feature set (``features``: its name; default: the only one there is).
 
-    Options left None take :data:`HEAD_DEFAULTS` (or the saved run's values when resuming). Every cached
+    ``settings``: the options of ``options.stage_names("head")``; those left out (or None) take
+    :data:`HEAD_DEFAULTS` (or the saved run's values when resuming). Every cached
     flip of a training patch is a training sample; a validation patch scores the average probability of its
     views, and the checkpoint records that number of views for evaluate and predict. Class-balanced sampling,
     early stopping on validation AUC (``patience`` epochs; 0 = off). ``best.pt``/``last.pt`` hold the full
     classifier (frozen encoder + head), so ``head.load_classifier`` and ``finetune --head-from`` need nothing
     else. Returns the run folder.
     """
-    given = given_options(locals(), HEAD_DEFAULTS)
+    given = options_mod.given("head", settings)
     job = Dist()
     run_dir, options, resume_payload = _open_run(work_dir, "train-head", HEAD_DEFAULTS, given, run, resume, job)
     torch_device = head_mod.resolve_device(device)
@@ -849,22 +809,13 @@ def _load_features(work_dir: Path, caches: Dict[int, SubsetCache], rows_by_subse
 
 # --- finetune ------------------------------------------------------------------------------------
 
-def finetune(work_dir: Path, *, epochs: Optional[int] = None, batch_size: Optional[int] = None,
-             accumulate: Optional[int] = None, lr: Optional[float] = None, weight_decay: Optional[float] = None,
-             warmup_epochs: Optional[float] = None, feature_size: Optional[int] = None,
-             window_size: Optional[int] = None, pooling: Optional[str] = None, grad_checkpoint: Optional[bool] = None,
-             weights: Optional[Path] = None, head_from: Optional[str] = None,
-             val_subsets: Optional[Sequence[int]] = None, test_subsets: Optional[Sequence[int]] = None,
-             hu_min: Optional[float] = None, hu_max: Optional[float] = None, augment: Optional[bool] = None,
-             max_shift_mm: Optional[float] = None, precision: Optional[str] = None, patience: Optional[int] = None,
-             epoch_samples: Optional[int] = None, seed: Optional[int] = None,
-             target_sensitivity: Optional[float] = None, views: Optional[int] = None,
-             positive_share: Optional[float] = None, size_weight: Optional[float] = None, run: Optional[str] = None,
-             resume: bool = False, device: str = "auto", workers: Optional[int] = None,
-             stop_after: Optional[int] = None, quiet: bool = False) -> Path:
+def finetune(work_dir: Path, *, run: Optional[str] = None, resume: bool = False, device: str = "auto",
+             workers: Optional[int] = None, stop_after: Optional[int] = None, quiet: bool = False,
+             **settings: Any) -> Path:
     """Train encoder + head end to end on the patch cache; returns the run folder.
 
-    Options left None take :data:`FINETUNE_DEFAULTS` (or the saved run's values when resuming). Starts from
+    ``settings``: the options of ``options.stage_names("finetune")``; those left out (or None) take
+    :data:`FINETUNE_DEFAULTS` (or the saved run's values when resuming). Starts from
     ``weights`` (pretrained Swin UNETR encoder; random init with a warning when absent) and optionally from a
     trained run's classifier (``head_from``: its head, and its encoder too unless ``weights`` is given).
     Class-balanced sampling, class-blind augmentation (the 8 flips and small shifts), AdamW with warm-up then
@@ -873,7 +824,7 @@ def finetune(work_dir: Path, *, epochs: Optional[int] = None, batch_size: Option
     this call after that many epochs (``resume`` continues the same run exactly). Validation scores each patch
     as the average of its first ``views`` flips, and the checkpoint records that for evaluate and predict.
     """
-    given = given_options(locals(), FINETUNE_DEFAULTS)
+    given = options_mod.given("finetune", settings)
     job, torch_device = start_processes(device)
     try:
         run_dir = _finetune(work_dir, given, run, resume, job, torch_device, workers, stop_after, quiet)
