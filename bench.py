@@ -54,14 +54,16 @@ def _naive_extract(scan_path, world_xyz, patch_size: int, spacing_mm: float):
     image = sitk.ReadImage(str(scan_path))
     size = np.array(image.GetSize()) * np.array(image.GetSpacing()) / spacing_mm
     resampled = sitk.Resample(image, [int(v) for v in np.ceil(size)], sitk.Transform(), sitk.sitkLinear,
-                              image.GetOrigin(), (spacing_mm,) * 3, image.GetDirection(), -1000, sitk.sitkInt16)
+                              image.GetOrigin(), (spacing_mm,) * 3, image.GetDirection(), -1000,
+                              sitk.sitkInt16)
     volume = sitk.GetArrayViewFromImage(resampled)
     half = patch_size // 2
     padded = np.pad(volume, half, constant_values=-1000)
     out = []
     for point in world_xyz:
         i, j, k = np.rint(resampled.TransformPhysicalPointToContinuousIndex(tuple(point))).astype(int) + half
-        out.append(padded[k - half:k - half + patch_size, j - half:j - half + patch_size, i - half:i - half + patch_size])
+        out.append(padded[k - half:k - half + patch_size, j - half:j - half + patch_size,
+                          i - half:i - half + patch_size])
     return np.stack(out)
 
 
@@ -92,7 +94,8 @@ def _evict_from_page_cache(path) -> None:
 
 @bench_app.command("extract")
 def bench_extract(patch_size: int = 64, spacing_mm: float = 1.0, repeats: int = 9, seed: int = 0,
-                  cold: bool = typer.Option(False, help="evict the scan from the page cache before every call")):
+                  cold: bool = typer.Option(False, help="evict the scan from the page cache before "
+                                                        "every call")):
     """Patch extraction on a 512 x 512 x 250 phantom scan: 30 and 800 candidates, against the bare
     read and against resampling the whole scan first. The same voxels are timed at the phantom's
     own fine spacing and at a coarser one."""
@@ -111,8 +114,8 @@ def bench_extract(patch_size: int = 64, spacing_mm: float = 1.0, repeats: int = 
     for name, scan in scans.items():
         data.write_mhd(scan, folder / f"{name}.mhd")
     data.extract_patches(case.scan, case.scan.origin[None], patch_size, spacing_mm)  # compile once
-    table = Table(title=f"extract, {patch_size}^3 at {spacing_mm} mm from a scan of {tuple(case.scan.hu.shape)} "
-                        "voxels [z,y,x]")
+    table = Table(title=f"extract, {patch_size}^3 at {spacing_mm} mm from a scan of "
+                        f"{tuple(case.scan.hu.shape)} voxels [z,y,x]")
     for column in ("voxel (mm)", "candidates", "read (s)", "read + extract (s)", "ratio to read",
                    "naive (s)", "naive / ours", "SimpleITK read (s)"):
         table.add_column(column, justify="right")
@@ -128,17 +131,20 @@ def bench_extract(patch_size: int = 64, spacing_mm: float = 1.0, repeats: int = 
                 "sitk": lambda: sitk.GetArrayFromImage(sitk.ReadImage(str(path)))}, repeats,
                 before=(lambda: _evict_from_page_cache(path.with_suffix(".raw"))) if cold else None)
             table.add_row(" x ".join(f"{v:.2f}" for v in scan.spacing), str(count), f"{timed['read']:.3f}",
-                          f"{timed['ours']:.3f}", f"{timed['ours'] / timed['read']:.2f}x", f"{timed['naive']:.3f}",
-                          f"{timed['naive'] / timed['ours']:.2f}x", f"{timed['sitk']:.3f}")
+                          f"{timed['ours']:.3f}", f"{timed['ours'] / timed['read']:.2f}x",
+                          f"{timed['naive']:.3f}", f"{timed['naive'] / timed['ours']:.2f}x",
+                          f"{timed['sitk']:.3f}")
     console.print(table)
     cache = "evicted before each call" if cold else "warm"
-    console.print(f"medians of {repeats} interleaved runs, page cache {cache}; read = data.read_ct (voxels straight "
-                  f"from the .raw); read + extract = data.read_and_extract; machine: {machine_description()}")
+    console.print(f"medians of {repeats} interleaved runs, page cache {cache}; read = data.read_ct "
+                  "(voxels straight from the .raw); read + extract = data.read_and_extract; "
+                  f"machine: {machine_description()}")
 
 
 def _synthetic_submission(path, n_rows: int, seed: int = 0):
     """A LUNA16-sized submission: jittered nodule points plus random marks over the real 888 seriesuids
-    (or synthetic uids and nodules when ../shared is absent). Returns (annotations, excluded, seriesuids) paths."""
+    (or synthetic uids and nodules when ../shared is absent).
+    Returns (annotations, excluded, seriesuids) paths."""
     from pathlib import Path
     import numpy as np
     shared = Path(__file__).resolve().parent.parent / "shared" / "data" / "luna16"
@@ -183,7 +189,8 @@ def bench_froc(rows: int = 754_975, repeats: int = 3, bootstrap: int = 1000, see
     submission = folder / "submission.csv"
     annotations, excluded, seriesuids = _synthetic_submission(submission, rows, seed)
     import data
-    reference = (evaluate.read_findings(annotations), evaluate.read_findings(excluded), data.read_seriesuids(seriesuids))
+    reference = (evaluate.read_findings(annotations), evaluate.read_findings(excluded),
+                 data.read_seriesuids(seriesuids))
 
     def dict_reader():
         with open(submission, newline="") as handle:
@@ -195,15 +202,18 @@ def bench_froc(rows: int = 754_975, repeats: int = 3, bootstrap: int = 1000, see
     dict_s = median_seconds(dict_reader, repeats)
     score_s = median_seconds(lambda: evaluate.score_marks(marks, reference[2], reference[0], reference[1],
                                                           bootstrap=0), repeats)
-    with_bootstrap_s = median_seconds(lambda: evaluate.score_marks(marks, reference[2], reference[0], reference[1],
-                                                                   bootstrap=bootstrap, seed=seed), repeats)
+    with_bootstrap_s = median_seconds(lambda: evaluate.score_marks(marks, reference[2], reference[0],
+                                                                   reference[1], bootstrap=bootstrap,
+                                                                   seed=seed), repeats)
     result = evaluate.score_marks(marks, reference[2], reference[0], reference[1], bootstrap=0)
     table = Table(title=f"FROC scoring of {len(marks):,} marks over {len(reference[2])} scans "
-                        f"({result['n_marks_scored']:,} kept by the 100-per-scan cap, CPM {result['cpm']:.3f})")
+                        f"({result['n_marks_scored']:,} kept by the 100-per-scan cap, "
+                        f"CPM {result['cpm']:.3f})")
     table.add_column("step")
     table.add_column("median (s)", justify="right")
     table.add_column("note", justify="right")
-    table.add_row("parse (numpy loadtxt)", f"{parse_s:.3f}", f"csv.DictReader {dict_s:.3f} s = {dict_s / parse_s:.1f}x")
+    table.add_row("parse (numpy loadtxt)", f"{parse_s:.3f}",
+                  f"csv.DictReader {dict_s:.3f} s = {dict_s / parse_s:.1f}x")
     table.add_row("score (cap, match, FROC, CPM)", f"{score_s:.3f}", "")
     table.add_row("parse + score", f"{parse_s + score_s:.3f}", "")
     table.add_row(f"bootstrap ({bootstrap} resamples)", f"{with_bootstrap_s - score_s:.3f}",
@@ -229,15 +239,17 @@ def bench_evaluate(device: str = "cpu", precision: str = "fp32", size: int = 32,
     import head
     import phantom
     folder = Path(tempfile.mkdtemp(prefix="bench_evaluate_"))
-    phantom.write_luna_folder(folder / "luna16", n_subsets=1, scans_per_subset=scans, shape=phantom.SIZES[scan_shape],
-                              seed=seed, negatives_per_scan=negatives_per_scan)
+    phantom.write_luna_folder(folder / "luna16", n_subsets=1, scans_per_subset=scans,
+                              shape=phantom.SIZES[scan_shape], seed=seed,
+                              negatives_per_scan=negatives_per_scan)
     torch.manual_seed(seed)
     config = {"encoder": {"feature_size": feature_size, "window_size": window_size,
                           "input_layout": head.PRETRAINING_LAYOUT}, "pooling": "avg", "patch_size": size}
     preprocess = {"patch_size": size, "spacing_mm": 1.0, "hu_min": -1000.0, "hu_max": 1000.0}
     checkpoint = folder / "model.pt"
-    head.save_checkpoint(checkpoint, {"format": head.CHECKPOINT_FORMAT, "model": head.build_classifier(config).state_dict(),
-                                      "config": config, "preprocess": preprocess, "cutoff": 0.5, "epoch": 0})
+    head.save_checkpoint(checkpoint, {"format": head.CHECKPOINT_FORMAT,
+                                      "model": head.build_classifier(config).state_dict(), "config": config,
+                                      "preprocess": preprocess, "cutoff": 0.5, "epoch": 0})
     runs = iter(range(10**6))
     loop_rates = {}
 
@@ -249,9 +261,11 @@ def bench_evaluate(device: str = "cpu", precision: str = "fp32", size: int = 32,
         return result
 
     n_candidates = evaluation(workers)["n_candidates"]
-    timings = {f"evaluate, {workers} reader process(es)": median_seconds(lambda: evaluation(workers), repeats, 0)}
+    timings = {f"evaluate, {workers} reader process(es)":
+               median_seconds(lambda: evaluation(workers), repeats, 0)}
     if workers and in_process:
-        timings["evaluate, reading in the model's process"] = median_seconds(lambda: evaluation(0), repeats, 0)
+        timings["evaluate, reading in the model's process"] = median_seconds(
+            lambda: evaluation(0), repeats, 0)
     scan_path = next((folder / "luna16" / "subset0").glob("*.mhd"))
     scan = data.read_ct(scan_path)
     table_csv, _ = data.read_point_csv(folder / "luna16" / "candidates_V2.csv", "class")
@@ -259,9 +273,10 @@ def bench_evaluate(device: str = "cpu", precision: str = "fp32", size: int = 32,
     patches = data.extract_patches(scan, points, size, 1.0)
     ready = np.concatenate([patches] * max(1, -(-4 * batch_size // len(patches))))  # at least 4 full batches
     model, meta = head.load_classifier(checkpoint, device=device)
-    model_s = median_seconds(lambda: head.predict_patches(model, ready, meta["preprocess"], device, batch_size,
-                                                          precision=precision), repeats)
-    extract_s = median_seconds(lambda: data.extract_patches(data.read_ct(scan_path), points, size, 1.0), repeats)
+    model_s = median_seconds(lambda: head.predict_patches(model, ready, meta["preprocess"], device,
+                                                          batch_size, precision=precision), repeats)
+    extract_s = median_seconds(lambda: data.extract_patches(data.read_ct(scan_path), points, size, 1.0),
+                               repeats)
     title = (f"evaluate: {n_candidates} candidates of {scans} phantom scans {phantom.SIZES[scan_shape]}, "
              f"{size}^3 patches, feature size {feature_size}, {device} {precision}")
     rows = [(f"model only, {len(ready)} patches ready", model_s, len(ready)),
@@ -285,8 +300,8 @@ def _print_evaluate_table(title: str, n_candidates: int, timings: dict, loop_rat
                       f"{all_candidates / rate / 3600:.2f} h")
     for n_workers, rates in loop_rates.items():
         rate = float(np.median(rates))
-        table.add_row(f"scoring loop alone, {n_workers} reader(s) (no start-up or FROC)", f"{n_candidates / rate:.2f}",
-                      f"{rate:.1f}", f"{all_candidates / rate / 3600:.2f} h")
+        table.add_row(f"scoring loop alone, {n_workers} reader(s) (no start-up or FROC)",
+                      f"{n_candidates / rate:.2f}", f"{rate:.1f}", f"{all_candidates / rate / 3600:.2f} h")
     for label, seconds, count in rows:
         rate = count / seconds
         table.add_row(label, f"{seconds:.2f}", f"{rate:.1f}", f"{all_candidates / rate / 3600:.2f} h")
@@ -294,8 +309,8 @@ def _print_evaluate_table(title: str, n_candidates: int, timings: dict, loop_rat
 
 
 @bench_app.command("encoder")
-def bench_encoder(size: int = 64, feature_size: int = 48, batch: int = 2, window: int = 7, device: str = "cpu",
-                  bf16: bool = False, repeats: int = 3, seed: int = 0):
+def bench_encoder(size: int = 64, feature_size: int = 48, batch: int = 2, window: int = 7,
+                  device: str = "cpu", bf16: bool = False, repeats: int = 3, seed: int = 0):
     """Swin encoder inference and training step (forward + backward) against MONAI's SwinTransformer
     with the same weights when MONAI is importable (it is not a dependency: run with an environment that has
     it). GPU: --device cuda --bf16 --size 96."""
@@ -339,20 +354,23 @@ def bench_encoder(size: int = 64, feature_size: int = 48, batch: int = 2, window
         sum(o.float().square().mean() for o in outputs).backward()
 
     results = {name: (median_seconds(synced(lambda m=m: infer(m)), repeats),
-                      median_seconds(synced(lambda m=m: train_step(m)), repeats)) for name, m in models.items()}
-    table = Table(title=f"Swin encoder, batch {batch} x 1 x {size}^3, feature size {feature_size}, window {window}, "
-                        f"{device}{' bf16' if bf16 else ' float32'}")
+                      median_seconds(synced(lambda m=m: train_step(m)), repeats))
+               for name, m in models.items()}
+    table = Table(title=f"Swin encoder, batch {batch} x 1 x {size}^3, feature size {feature_size}, "
+                        f"window {window}, {device}{' bf16' if bf16 else ' float32'}")
     for column in ("model", "inference (s)", "images/s", "train step (s)", "images/s"):
         table.add_column(column, justify="right")
     for name, (infer_s, train_s) in results.items():
-        table.add_row(name, f"{infer_s:.3f}", f"{batch / infer_s:.1f}", f"{train_s:.3f}", f"{batch / train_s:.1f}")
+        table.add_row(name, f"{infer_s:.3f}", f"{batch / infer_s:.1f}", f"{train_s:.3f}",
+                      f"{batch / train_s:.1f}")
     console.print(table)
     if len(models) == 2:
         (ref_infer, ref_train), (our_infer, our_train) = results.values()
         expected, got = infer(models["MONAI SwinTransformer"]), infer(ours)
-        error = max(float((a.float() - b.float()).abs().max() / a.float().abs().max()) for a, b in zip(expected, got))
-        console.print(f"speed-up: inference {ref_infer / our_infer:.2f}x, train step {ref_train / our_train:.2f}x; "
-                      f"max relative output difference {error:.2e}")
+        error = max(float((a.float() - b.float()).abs().max() / a.float().abs().max())
+                    for a, b in zip(expected, got))
+        console.print(f"speed-up: inference {ref_infer / our_infer:.2f}x, "
+                      f"train step {ref_train / our_train:.2f}x; max relative output difference {error:.2e}")
     console.print(f"medians of {repeats} runs; machine: {machine_description()}")
 
 def _train_step_speed(patch_size: int, feature_size: int, window_size: int, batch_size: int, device: str,
@@ -364,7 +382,8 @@ def _train_step_speed(patch_size: int, feature_size: int, window_size: int, batc
     import features
     import head
     torch.manual_seed(0)
-    config = {"encoder": features.encoder_config(feature_size, window_size), "pooling": "avg", "patch_size": patch_size}
+    config = {"encoder": features.encoder_config(feature_size, window_size), "pooling": "avg",
+              "patch_size": patch_size}
     model = head.build_classifier(config).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(0)
@@ -407,7 +426,8 @@ def bench_train(device: str = "cpu", repeats: int = 3, small_batch: int = 0, lar
     import multiprocessing
     from rich.table import Table
     on_gpu = device.startswith("cuda")
-    cases = [(32, 12, 4, small_batch or (32 if on_gpu else 8)), (64, 48, 7, large_batch or (32 if on_gpu else 4))]
+    cases = [(32, 12, 4, small_batch or (32 if on_gpu else 8)),
+             (64, 48, 7, large_batch or (32 if on_gpu else 4))]
     precisions = ["fp32", "bf16"] if on_gpu else ["fp32"]
     context = multiprocessing.get_context("spawn")
     table = Table(title=f"fine-tuning step (augment, forward, backward, AdamW) on {device}")
@@ -418,15 +438,15 @@ def bench_train(device: str = "cpu", repeats: int = 3, small_batch: int = 0, lar
         baseline = None
         for precision in precisions:
             queue = context.Queue()
-            child = context.Process(target=_train_step_speed_child,
-                                    args=(queue, patch, feature_size, window, batch, device, precision, repeats))
+            child = context.Process(target=_train_step_speed_child, args=(queue, patch, feature_size, window,
+                                                                          batch, device, precision, repeats))
             child.start()
             result = queue.get()
             child.join()
             baseline = baseline or result["samples_per_s"]
             table.add_row(f"{patch}^3", str(feature_size), str(window), str(batch), precision,
-                          f"{result['step_s']:.3f}", f"{result['samples_per_s']:.3g}", f"{result['peak_mb']:.0f}",
-                          f"{result['samples_per_s'] / baseline:.2f}x")
+                          f"{result['step_s']:.3f}", f"{result['samples_per_s']:.3g}",
+                          f"{result['peak_mb']:.0f}", f"{result['samples_per_s'] / baseline:.2f}x")
     console.print(table)
     memory = "torch.cuda.max_memory_allocated" if on_gpu else "peak RSS of the whole process (torch included)"
     console.print(f"medians of {repeats} steps after 2 warm-up steps, in-memory batches (no disk reads); "
@@ -439,7 +459,8 @@ MINING_SETTINGS = dict(feature_size=12, window_size=4, pooling="centre")
 def _held_out(run_dir, root, out) -> dict:
     """CPM (with its 95% interval) and AUC of a run's best.pt on the held-out subset 3."""
     import evaluate
-    result = evaluate.evaluate_model(run_dir / "best.pt", root, [3], out, workers=1, device="cpu", bootstrap=1000)
+    result = evaluate.evaluate_model(run_dir / "best.pt", root, [3], out, workers=1, device="cpu",
+                                     bootstrap=1000)
     return {"cpm": result["cpm"], "ci": result["cpm_ci95"], "auc": result["auc"]}
 
 
@@ -454,22 +475,24 @@ def _mining_seed(folder, seed: int, scans: int, negatives: int, per_scan: int, r
     import train
     root = folder / "luna16"
     if not (root / "phantom_manifest.json").is_file():
-        phantom.write_luna_folder(root, n_subsets=4, scans_per_subset=scans, seed=seed, negatives_per_scan=negatives,
-                                  nodules_per_scan=(1, 3), negative_mix=phantom.LUNA_LIKE_MIX, force=True)
+        phantom.write_luna_folder(root, n_subsets=4, scans_per_subset=scans, seed=seed,
+                                  negatives_per_scan=negatives, nodules_per_scan=(1, 3),
+                                  negative_mix=phantom.LUNA_LIKE_MIX, force=True)
     split = dict(val_subsets=[2], test_subsets=[3], seed=seed, quiet=True)
     results = {}
 
     def train_and_score(work, variant: str) -> None:
-        tag = features.cache_features(work, test_subsets=[3], views=views, seed=seed, quiet=True, device="cpu",
-                                      **MINING_SETTINGS)
-        head_run = train.train_head(work, features=tag, epochs=head_epochs, run=f"head-{variant}", device="cpu",
-                                    **split)
-        tuned = train.finetune(work, head_from=f"head-{variant}", epochs=finetune_epochs, lr=finetune_lr, epoch_samples=512,
-                               batch_size=16, views=views, run=f"ft-{variant}", device="cpu", **split,
-                               **MINING_SETTINGS)
-        negatives_cached = sum(json.loads((data.subset_dir(work, k) / "manifest.json").read_text())["n_patches"]
-                               - json.loads((data.subset_dir(work, k) / "manifest.json").read_text())["n_positive"]
-                               for k in (0, 1))
+        tag = features.cache_features(work, test_subsets=[3], views=views, seed=seed, quiet=True,
+                                      device="cpu", **MINING_SETTINGS)
+        head_run = train.train_head(work, features=tag, epochs=head_epochs, run=f"head-{variant}",
+                                    device="cpu", **split)
+        tuned = train.finetune(work, head_from=f"head-{variant}", epochs=finetune_epochs, lr=finetune_lr,
+                               epoch_samples=512, batch_size=16, views=views, run=f"ft-{variant}",
+                               device="cpu", **split, **MINING_SETTINGS)
+        negatives_cached = sum(
+            json.loads((data.subset_dir(work, k) / "manifest.json").read_text())["n_patches"]
+            - json.loads((data.subset_dir(work, k) / "manifest.json").read_text())["n_positive"]
+            for k in (0, 1))
         results[variant] = {"head": _held_out(head_run, root, work / "eval" / variant),
                             "finetune": _held_out(tuned, root, work / "eval" / f"ft-{variant}"),
                             "training_negatives": negatives_cached}
@@ -484,26 +507,27 @@ def _mining_seed(folder, seed: int, scans: int, negatives: int, per_scan: int, r
             break
         for n in range(1, rounds + 1):
             for k in (0, 1):  # mine the training subsets with the previous round's head
-                mining.mine_subset(root, work, k, "head-sample" if n == 1 else f"head-mined {n - 1}", per_scan,
-                                   workers=1, device="cpu")
+                mining.mine_subset(root, work, k, "head-sample" if n == 1 else f"head-mined {n - 1}",
+                                   per_scan, workers=1, device="cpu")
             train_and_score(work, f"mined {n}")
     return results
 
 
 @bench_app.command("mining")
-def bench_mining(seeds: str = "0,1", scans_per_subset: int = 12, negatives_per_scan: int = 150, per_scan: int = 10,
-                 rounds: int = 2, head_epochs: int = 40, finetune_epochs: int = 3, views: int = 2,
-                 finetune_lr: float = 1e-4):
-    """Held-out CPM of the default negative sample, rounds of hard-negative mining and every candidate, for the
-    frozen-feature head and for fine-tuning from it, on phantoms with LUNA16-like candidates (mostly easy
+def bench_mining(seeds: str = "0,1", scans_per_subset: int = 12, negatives_per_scan: int = 150,
+                 per_scan: int = 10, rounds: int = 2, head_epochs: int = 40, finetune_epochs: int = 3,
+                 views: int = 2, finetune_lr: float = 1e-4):
+    """Held-out CPM of the default negative sample, rounds of hard-negative mining and every candidate, for
+    the frozen-feature head and for fine-tuning from it, on phantoms with LUNA16-like candidates (mostly easy
     lung points, a few look-alikes a scan): subsets 0-1 train, 2 validates, 3 is held out."""
     import tempfile
     from pathlib import Path
     import numpy as np
     from rich.table import Table
     base = Path(tempfile.mkdtemp(prefix="bench_mining_"))
-    by_seed = {int(s): _mining_seed(base / f"seed{s}", int(s), scans_per_subset, negatives_per_scan, per_scan, rounds,
-                                    head_epochs, finetune_epochs, views, finetune_lr) for s in seeds.split(",")}
+    by_seed = {int(s): _mining_seed(base / f"seed{s}", int(s), scans_per_subset, negatives_per_scan, per_scan,
+                                    rounds, head_epochs, finetune_epochs, views, finetune_lr)
+               for s in seeds.split(",")}
     table = Table(title=f"held-out CPM (95% interval) on {scans_per_subset} phantom scans a seed, about "
                         f"{negatives_per_scan} negatives a scan; mining {per_scan} a scan a round")
     for column in ("training negatives", "stage", *(f"seed {s}" for s in by_seed), "mean CPM", "mean AUC"):
@@ -514,10 +538,12 @@ def bench_mining(seeds: str = "0,1", scans_per_subset: int = 12, negatives_per_s
             negatives = "/".join(str(by_seed[s][variant]["training_negatives"]) for s in by_seed)
             table.add_row(f"{variant} ({negatives})", stage,
                           *(f"{c['cpm']:.3f} ({c['ci'][0]:.2f}-{c['ci'][1]:.2f})" for c in cells),
-                          f"{np.mean([c['cpm'] for c in cells]):.3f}", f"{np.mean([c['auc'] for c in cells]):.3f}")
+                          f"{np.mean([c['cpm'] for c in cells]):.3f}",
+                          f"{np.mean([c['auc'] for c in cells]):.3f}")
     console.print(table)
-    console.print(f"feature size 12, window 4, centre pooling, {views} views, 32^3 at 1 mm, head {head_epochs} epochs, "
-                  f"fine-tuning {finetune_epochs} epochs of 512 draws at lr {finetune_lr:g}; machine: {machine_description()}")
+    console.print(f"feature size 12, window 4, centre pooling, {views} views, 32^3 at 1 mm, "
+                  f"head {head_epochs} epochs, fine-tuning {finetune_epochs} epochs of 512 draws at lr "
+                  f"{finetune_lr:g}; machine: {machine_description()}")
 
 
 
@@ -532,8 +558,9 @@ def _crossval_mining_seed(folder, seed: int, scans: int, negatives: int, per_sca
     import phantom
     root, work = folder / "luna16", folder / "work"
     if not (root / "phantom_manifest.json").is_file():
-        phantom.write_luna_folder(root, n_subsets=4, scans_per_subset=scans, seed=seed, negatives_per_scan=negatives,
-                                  nodules_per_scan=(1, 3), negative_mix=phantom.LUNA_LIKE_MIX, force=True)
+        phantom.write_luna_folder(root, n_subsets=4, scans_per_subset=scans, seed=seed,
+                                  negatives_per_scan=negatives, nodules_per_scan=(1, 3),
+                                  negative_mix=phantom.LUNA_LIKE_MIX, force=True)
     for k in range(4):
         data.extract_subset(root, work, k, 32, 1.0, seed=seed, show_progress=False)
     tag = features.cache_features(work, test_subsets=[], views=views, seed=seed, quiet=True, device="cpu",
@@ -541,8 +568,10 @@ def _crossval_mining_seed(folder, seed: int, scans: int, negatives: int, per_sca
     common = dict(folds=[0, 1, 2, 3], stage="head", features=tag, epochs=head_epochs, seed=seed, device="cpu",
                   workers=1, quiet=True)
     results = {"plain": crossval.run_crossval(work, root, name="plain", **common),
-               "mined": crossval.run_crossval(work, root, name="mined", mine_rounds=1, per_scan=per_scan, **common)}
-    submissions = [evaluate.read_submission(crossval.crossval_dir(work, n) / "submission.csv") for n in results]
+               "mined": crossval.run_crossval(work, root, name="mined", mine_rounds=1, per_scan=per_scan,
+                                              **common)}
+    submissions = [evaluate.read_submission(crossval.crossval_dir(work, n) / "submission.csv")
+                   for n in results]
     uids = [row.split(",")[0] for row in (root / "seriesuids.csv").read_text().split()]
     results["difference"] = evaluate.paired_cpm_difference(
         *submissions, uids, evaluate.read_findings(root / "annotations.csv"),
@@ -563,8 +592,9 @@ def bench_crossval_mining(seeds: str = "0,1", scans_per_subset: int = 12, negati
     started = time.perf_counter()
     by_seed = {int(s): _crossval_mining_seed(base / f"seed{s}", int(s), scans_per_subset, negatives_per_scan,
                                              per_scan, head_epochs, views) for s in seeds.split(",")}
-    table = Table(title=f"pooled 4-fold CPM (95% interval), {4 * scans_per_subset} phantom scans a seed, about "
-                        f"{negatives_per_scan} candidates a scan; mining {per_scan} a scan inside each fold")
+    table = Table(title=f"pooled 4-fold CPM (95% interval), {4 * scans_per_subset} phantom scans a seed, "
+                        f"about {negatives_per_scan} candidates a scan; "
+                        f"mining {per_scan} a scan inside each fold")
     for column in ("seed", "nodules", "no mining", "1 round of mining", "difference (paired 95%)",
                    "resamples better"):
         table.add_column(column, justify="right")
@@ -576,8 +606,9 @@ def bench_crossval_mining(seeds: str = "0,1", scans_per_subset: int = 12, negati
                       f"{d['difference']:+.3f} ({d['ci95'][0]:+.2f} to {d['ci95'][1]:+.2f})",
                       f"{d['share_of_resamples_above_zero']:.0%}")
     console.print(table)
-    console.print(f"feature size 12, window 4, centre pooling, {views} views, 32^3 at 1 mm, head {head_epochs} "
-                  f"epochs; {time.perf_counter() - started:.0f} s; folder {base}; machine: {machine_description()}")
+    console.print(f"feature size 12, window 4, centre pooling, {views} views, 32^3 at 1 mm, "
+                  f"head {head_epochs} epochs; {time.perf_counter() - started:.0f} s; folder {base}; "
+                  f"machine: {machine_description()}")
 
 
 # --- nodule size ----------------------------------------------------------------
@@ -586,13 +617,15 @@ SHARED_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sh
 
 
 def _size_rows(metrics: dict, run: str, estimates=("model", "plain")) -> list:
-    """Table rows of evaluate's size metrics of one run: per estimate, MAE (bias) overall and per band, agreement."""
+    """Table rows of evaluate's size metrics of one run: per estimate, MAE (bias) overall and per band,
+    agreement."""
     import evaluate
     rows = []
     for estimate in estimates:
         found = metrics["size"][estimate]
         cells = [found["by_band"][band] for band in evaluate.SIZE_BANDS]
-        fmt = lambda e: "-" if e["mae_mm"] is None else f"{e['mae_mm']:.2f} ({e['bias_mm']:+.2f}), n={e['n']}"
+        def fmt(e):
+            return "-" if e["mae_mm"] is None else f"{e['mae_mm']:.2f} ({e['bias_mm']:+.2f}), n={e['n']}"
         rows.append([run if estimate == "model" else "plain measurement (-400 HU)",
                      f"{found['n_measured']}/{found['n_nodules']}", fmt(found), *map(fmt, cells),
                      "-" if found["agreement"] is None else f"{found['agreement']:.2f}"])
@@ -600,8 +633,8 @@ def _size_rows(metrics: dict, run: str, estimates=("model", "plain")) -> list:
 
 
 def _real_nodule_sizes(checkpoints: dict) -> list:
-    """Rows ``[scan, annotated, model estimates..., plain 32^3 patch, plain 64^3 patch]`` for the LUNA16 nodules
-    of the LIDC-IDRI series in ../shared/data/real_ct (none when absent)."""
+    """Rows ``[scan, annotated, model estimates..., plain 32^3 patch, plain 64^3 patch]`` for the LUNA16
+    nodules of the LIDC-IDRI series in ../shared/data/real_ct (none when absent)."""
     from pathlib import Path
     import numpy as np
     import data
@@ -617,7 +650,8 @@ def _real_nodule_sizes(checkpoints: dict) -> list:
         if not len(found):
             continue
         points = annotations.world_xyz[found]
-        model = {name: predict.predict_points(path, series, points, device="cpu") for name, path in checkpoints.items()}
+        model = {name: predict.predict_points(path, series, points, device="cpu")
+                 for name, path in checkpoints.items()}
         _, wide = data.read_and_extract(series, points, 64, 1.0)
         wide_mm = sizing.measure_diameters(wide, 1.0)
         for n, row in enumerate(found):
@@ -647,12 +681,14 @@ def bench_size(demo_dir: str = "demo_work", scans: int = 24, seed: int = 100):
     if not (root / "phantom_manifest.json").is_file():
         phantom.write_luna_folder(root, n_subsets=1, scans_per_subset=scans, seed=seed, negatives_per_scan=5,
                                   force=True)
-    table = Table(title=f"diameter error (mm): MAE (bias), on the nodule candidates of {scans} held-out phantom scans")
-    for column in ("estimate", "measured", "all", *(f"annotated {b}" for b in evaluate.SIZE_BANDS), "band agreement"):
+    table = Table(title=f"diameter error (mm): MAE (bias), on the nodule candidates of {scans} "
+                        "held-out phantom scans")
+    for column in ("estimate", "measured", "all", *(f"annotated {b}" for b in evaluate.SIZE_BANDS),
+                   "band agreement"):
         table.add_column(column, justify="right")
     for name, checkpoint in runs.items():
-        metrics = evaluate.evaluate_model(checkpoint, root, [0], work / "bench_size" / name, views=8, workers=1,
-                                          device="cpu", bootstrap=0)
+        metrics = evaluate.evaluate_model(checkpoint, root, [0], work / "bench_size" / name, views=8,
+                                          workers=1, device="cpu", bootstrap=0)
         last = name == list(runs)[-1]   # the plain measurement is the same for every run: shown once
         for row in _size_rows(metrics, name, ("model", "plain") if last else ("model",)):
             table.add_row(*row)
@@ -667,7 +703,8 @@ def bench_size(demo_dir: str = "demo_work", scans: int = 24, seed: int = 100):
         console.print(table)
     else:
         console.print("../shared/data/real_ct absent: the real-scan table is skipped")
-    console.print(f"models: the demo's (phantom-trained, feature size 12, 32^3 at 1 mm); machine: {machine_description()}")
+    console.print("models: the demo's (phantom-trained, feature size 12, 32^3 at 1 mm); "
+                  f"machine: {machine_description()}")
 
 # --- detect: candidate sensitivity, real scans, speed and memory, end to end -------------
 
@@ -675,7 +712,8 @@ DETECT_LIMITS = (50, 100, 200, 300, 500)
 
 
 def _first_hit_ranks(world_xyz, centres, diameters) -> list:
-    """Rank (0 = best) of the first candidate inside each nodule's sphere (official hit rule), None when missed."""
+    """Rank (0 = best) of the first candidate inside each nodule's sphere (official hit rule), None when
+    missed."""
     import numpy as np
     ranks = []
     for centre, diameter in zip(centres, diameters):
@@ -685,11 +723,13 @@ def _first_hit_ranks(world_xyz, centres, diameters) -> list:
 
 
 def _size_band(diameter: float) -> str:
-    return "< 6 mm" if diameter < 6 else "6-10 mm" if diameter < 10 else "10-20 mm" if diameter < 20 else ">= 20 mm"
+    return ("< 6 mm" if diameter < 6 else "6-10 mm" if diameter < 10 else "10-20 mm" if diameter < 20
+            else ">= 20 mm")
 
 
 def _phantom_detect_sensitivity(scans: int, seed: int) -> tuple:
-    """``(rows of (size band, type, juxtapleural, first-hit rank), median seconds a scan)`` on held-out phantoms."""
+    """``(rows of (size band, type, juxtapleural, first-hit rank), median seconds a scan)`` on held-out
+    phantoms."""
     import numpy as np
     import detect
     import phantom
@@ -701,7 +741,8 @@ def _phantom_detect_sensitivity(scans: int, seed: int) -> tuple:
         found = detect.detect_scan(case.scan, max(DETECT_LIMITS))
         seconds.append(time.perf_counter() - start)
         nodules = [f for f in case.nodules if not f.excluded]
-        ranks = _first_hit_ranks(found.world_xyz, [f.center_xyz for f in nodules], [f.diameter_mm for f in nodules])
+        ranks = _first_hit_ranks(found.world_xyz, [f.center_xyz for f in nodules],
+                                 [f.diameter_mm for f in nodules])
         rows += [(_size_band(f.diameter_mm), f.kind, f.juxtapleural, rank) for f, rank in zip(nodules, ranks)]
     return rows, statistics.median(seconds)
 
@@ -717,13 +758,15 @@ def _sensitivity_table(rows: list, title: str):
     groups += [("juxtapleural", lambda r: r[2]), ("not juxtapleural", lambda r: not r[2])]
     for name, keep in groups:
         ranks = [r[3] for r in rows if keep(r)]
-        table.add_row(name, str(len(ranks)), *(f"{sum(x is not None and x < n for x in ranks) / max(1, len(ranks)):.3f}"
-                                              for n in DETECT_LIMITS))
+        table.add_row(name, str(len(ranks)),
+                      *(f"{sum(x is not None and x < n for x in ranks) / max(1, len(ranks)):.3f}"
+                        for n in DETECT_LIMITS))
     return table
 
 
 def _real_detect_ranks(real_ct, annotations_csv) -> list:
-    """``[(series, diameter, first-hit rank, seconds)]`` of the LUNA16 nodules in the real LIDC-IDRI series."""
+    """``[(series, diameter, first-hit rank, seconds)]`` of the LUNA16 nodules in the real LIDC-IDRI
+    series."""
     import numpy as np
     import data
     import detect
@@ -738,8 +781,8 @@ def _real_detect_ranks(real_ct, annotations_csv) -> list:
         found = detect.detect_scan(scan, max(DETECT_LIMITS))
         seconds = time.perf_counter() - start
         ranks = _first_hit_ranks(found.world_xyz, annotations.world_xyz[rows], annotations.value[rows])
-        found_rows += [(f"{series.parent.parent.name} {scan.hu.shape[::-1]}", float(annotations.value[r]), rank, seconds)
-                       for r, rank in zip(rows, ranks)]
+        found_rows += [(f"{series.parent.parent.name} {scan.hu.shape[::-1]}", float(annotations.value[r]),
+                        rank, seconds) for r, rank in zip(rows, ranks)]
     return found_rows
 
 
@@ -765,8 +808,8 @@ def _detect_speed_child(queue, path: str, repeats: int) -> None:
         start = time.perf_counter()
         found = detect.detect_scan(scan)
         seconds.append(time.perf_counter() - start)
-    queue.put({"seconds": statistics.median(seconds), "all": seconds, "read_mb": read_mb, "n": len(found.score),
-               "peak_mb": _memory_mb("VmHWM")})
+    queue.put({"seconds": statistics.median(seconds), "all": seconds, "read_mb": read_mb,
+               "n": len(found.score), "peak_mb": _memory_mb("VmHWM")})
 
 
 def _detect_speed(folder, repeats: int) -> dict:
@@ -789,13 +832,15 @@ def _detect_speed(folder, repeats: int) -> dict:
 
 
 def _pipeline_cpm(root, work, candidates, seed: int, head_epochs: int, views: int) -> dict:
-    """extract -> cache-features (subsets 0-2) -> train-head -> evaluate subset 3, all from one candidates CSV."""
+    """extract -> cache-features (subsets 0-2) -> train-head -> evaluate subset 3, all from one
+    candidates CSV."""
     import data
     import evaluate
     import features
     import train
     for k in range(4):   # train-head wants the held-out subset extracted too (it never reads it)
-        data.extract_subset(root, work, k, 32, 1.0, seed=seed, show_progress=False, candidates_path=candidates)
+        data.extract_subset(root, work, k, 32, 1.0, seed=seed, show_progress=False,
+                            candidates_path=candidates)
     tag = features.cache_features(work, test_subsets=[3], views=views, seed=seed, quiet=True, device="cpu",
                                   **MINING_SETTINGS)
     run = train.train_head(work, features=tag, epochs=head_epochs, run="head", device="cpu", val_subsets=[2],
@@ -810,9 +855,9 @@ def _pipeline_cpm(root, work, candidates, seed: int, head_epochs: int, views: in
 def bench_detect(scans: int = 24, seed: int = 13, repeats: int = 3, e2e_scans_per_subset: int = 6,
                  e2e_max_per_scan: int = 100, head_epochs: int = 40, views: int = 2, skip_e2e: bool = False):
     """Candidate detection: sensitivity against candidates per scan on held-out phantoms (by size, type,
-    juxtapleural), the rank of each real LIDC-IDRI nodule's first hit (when ../shared/data holds them), time and
-    peak memory for a 512 x 512 x 300 scan, and end to end (detect, extract, features, head, evaluate on subset 3)
-    against the same pipeline on the generator's own candidates_V2.csv."""
+    juxtapleural), the rank of each real LIDC-IDRI nodule's first hit (when ../shared/data holds them),
+    time and peak memory for a 512 x 512 x 300 scan, and end to end (detect, extract, features, head,
+    evaluate on subset 3) against the same pipeline on the generator's own candidates_V2.csv."""
     import tempfile
     from pathlib import Path
     from rich.table import Table
@@ -820,24 +865,26 @@ def bench_detect(scans: int = 24, seed: int = 13, repeats: int = 3, e2e_scans_pe
     import phantom
     rows, seconds = _phantom_detect_sensitivity(scans, seed)
     console.print(_sensitivity_table(rows, f"candidate sensitivity, {scans} held-out phantom scans "
-                                           f"({' x '.join(map(str, phantom.SIZES['small']))}, seeds [{seed}, n]), "
-                                           "official hit rule"))
+                                           f"({' x '.join(map(str, phantom.SIZES['small']))}, "
+                                           f"seeds [{seed}, n]), official hit rule"))
     console.print(f"median detection time of a phantom scan: {seconds:.1f} s")
     shared = Path(__file__).resolve().parent.parent / "shared" / "data"
     if (shared / "real_ct").is_dir():
         table = Table(title="real LIDC-IDRI series, LUNA16 annotations")
         for column in ("series (voxels x, y, z)", "diameter mm", "first hit rank", "detection s"):
             table.add_column(column, justify="right")
-        for name, diameter, rank, sec in _real_detect_ranks(shared / "real_ct", shared / "luna16" / "annotations.csv"):
+        for name, diameter, rank, sec in _real_detect_ranks(shared / "real_ct",
+                                                            shared / "luna16" / "annotations.csv"):
             table.add_row(name, f"{diameter:.1f}", "missed" if rank is None else str(rank), f"{sec:.1f}")
         console.print(table)
     else:
         console.print("real LIDC-IDRI series not found under ../shared/data/real_ct: skipped")
     folder = Path(tempfile.mkdtemp(prefix="bench_detect_"))
     speed = _detect_speed(folder, repeats)
-    console.print(f"512 x 512 x 300 phantom at 0.7 x 0.7 x 1.25 mm: detection median {speed['seconds']:.1f} s of "
-                  f"{repeats} ({', '.join(f'{s:.1f}' for s in speed['all'])}), peak RSS {speed['peak_mb']:.0f} MiB "
-                  f"(after reading the scan: {speed['read_mb']:.0f} MiB), {speed['n']} candidates")
+    console.print(f"512 x 512 x 300 phantom at 0.7 x 0.7 x 1.25 mm: detection median {speed['seconds']:.1f} "
+                  f"s of {repeats} ({', '.join(f'{s:.1f}' for s in speed['all'])}), "
+                  f"peak RSS {speed['peak_mb']:.0f} MiB (after reading the scan: "
+                  f"{speed['read_mb']:.0f} MiB), {speed['n']} candidates")
     if not skip_e2e:
         _bench_detect_end_to_end(folder, seed, e2e_scans_per_subset, e2e_max_per_scan, head_epochs, views)
     console.print(f"defaults: max {detect.DEFAULT_MAX_PER_SCAN} a scan; machine: {machine_description()}")
@@ -861,11 +908,13 @@ def _bench_detect_end_to_end(folder, seed: int, scans_per_subset: int, max_per_s
     for column in ("candidates", "held-out candidates (on nodules)", "AUC", "CPM (95% interval)"):
         table.add_column(column, justify="right")
     for name, r in results.items():
-        table.add_row(name if name != "detect" else f"detect, {max_per_scan} a scan", f"{r['n']} ({r['positives']})",
-                      f"{r['auc']:.3f}", f"{r['cpm']:.3f} ({r['ci'][0]:.2f}-{r['ci'][1]:.2f})")
+        table.add_row(name if name != "detect" else f"detect, {max_per_scan} a scan",
+                      f"{r['n']} ({r['positives']})", f"{r['auc']:.3f}",
+                      f"{r['cpm']:.3f} ({r['ci'][0]:.2f}-{r['ci'][1]:.2f})")
     console.print(table)
-    console.print(f"detect on {4 * scans_per_subset} scans: {detect_seconds:.0f} s; head: feature size 12, window 4, "
-                  f"centre pooling, {views} views, {head_epochs} epochs, 32^3 patches at 1 mm, 10 negatives a positive")
+    console.print(f"detect on {4 * scans_per_subset} scans: {detect_seconds:.0f} s; head: feature size 12, "
+                  f"window 4, centre pooling, {views} views, {head_epochs} epochs, 32^3 patches at 1 mm, "
+                  "10 negatives a positive")
 
 
 def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple:
@@ -885,9 +934,9 @@ def _rate_cell(ranks: list, limit: int) -> str:
 
 
 def _real_anatomy_rows(root, max_per_scan: int, detected_csv=None) -> tuple[list, list]:
-    """Detect in every copy of an inserted folder: ``(rows, seconds)``, a row per nodule: placement, type, shape,
-    diameter and first-hit rank; the CT's own nodules have placement ``real``. With ``detected_csv``, the
-    candidates are written there too (LUNA16 format with the class by the official hit rule)."""
+    """Detect in every copy of an inserted folder: ``(rows, seconds)``, a row per nodule: placement, type,
+    shape, diameter and first-hit rank; the CT's own nodules have placement ``real``. With ``detected_csv``,
+    the candidates are written there too (LUNA16 format with the class by the official hit rule)."""
     import json
     from pathlib import Path
     import data
@@ -909,9 +958,11 @@ def _real_anatomy_rows(root, max_per_scan: int, detected_csv=None) -> tuple[list
         ranks = _first_hit_ranks(found.world_xyz, centres, diameters)
         for centre, diameter, rank in zip(centres, diameters, ranks):
             match = [n for n in inserted if np.allclose(n["centre_xyz"], centre, atol=1e-3)]
-            n = match[0] if match else {"placement": "real", "detail": "real", "type": "real", "shape": "real"}
+            n = match[0] if match else {"placement": "real", "detail": "real", "type": "real",
+                                        "shape": "real"}
             rows.append(dict(placement=n["placement"], detail=n["detail"], type=n["type"], shape=n["shape"],
-                             diameter=float(diameter), rank=rank, scan=uid, background=scan_row["background"]))
+                             diameter=float(diameter), rank=rank, scan=uid,
+                             background=scan_row["background"]))
     if detected_csv is not None:
         common.atomic_write_text(detected_csv, "\n".join(lines) + "\n")
     return rows, seconds
@@ -923,13 +974,16 @@ def _real_anatomy_end_to_end(root, detected_csv, demo_dir, subsets: list) -> Non
     from pathlib import Path
     from rich.table import Table
     import evaluate
-    runs = [run for run in ("demo-head", "demo-finetune") if (Path(demo_dir) / "runs" / run / "best.pt").is_file()]
+    runs = [run for run in ("demo-head", "demo-finetune")
+            if (Path(demo_dir) / "runs" / run / "best.pt").is_file()]
     if not runs:
-        console.print(f"no demo models under {demo_dir}/runs (run `python luna_cli.py demo` first): end to end skipped")
+        console.print(f"no demo models under {demo_dir}/runs (run `python luna_cli.py demo` first): "
+                      "end to end skipped")
         return
-    table = Table(title=f"end to end on real CT with inserted nodules: the demo's phantom-trained models ({demo_dir})")
-    for column in ("model", "candidates", "candidates (class 1)", "AUC", "CPM (95% interval)", "size MAE mm: model",
-                   "plain"):
+    table = Table(title="end to end on real CT with inserted nodules: the demo's phantom-trained models "
+                        f"({demo_dir})")
+    for column in ("model", "candidates", "candidates (class 1)", "AUC", "CPM (95% interval)",
+                   "size MAE mm: model", "plain"):
         table.add_column(column, justify="right")
     for run in runs:
         for name, csv in (("own list", Path(root) / "candidates_V2.csv"), ("detected", detected_csv)):
@@ -937,10 +991,12 @@ def _real_anatomy_end_to_end(root, detected_csv, demo_dir, subsets: list) -> Non
                                              Path(root).parent / "eval" / f"{run}-{name.replace(' ', '-')}",
                                              workers=1, device="cpu", candidates_path=Path(csv))
             size = result.get("size", {})
-            mae = [f"{size[k]['mae_mm']:.2f} ({size[k]['n_measured']})" if k in size and size[k].get("n_measured")
-                   else "-" for k in ("model", "plain")]
-            table.add_row(run, name, f"{result['n_candidates']} ({result['n_positive']})", f"{result['auc']:.3f}",
-                          f"{result['cpm']:.3f} ({result['cpm_ci95'][0]:.2f}-{result['cpm_ci95'][1]:.2f})", *mae)
+            mae = [f"{size[k]['mae_mm']:.2f} ({size[k]['n_measured']})"
+                   if k in size and size[k].get("n_measured") else "-" for k in ("model", "plain")]
+            table.add_row(run, name, f"{result['n_candidates']} ({result['n_positive']})",
+                          f"{result['auc']:.3f}",
+                          f"{result['cpm']:.3f} ({result['cpm_ci95'][0]:.2f}-{result['cpm_ci95'][1]:.2f})",
+                          *mae)
     console.print(table)
 
 
@@ -955,10 +1011,12 @@ def _real_anatomy_table(rows: list, limits: tuple, title: str):
     big = [("inserted, >= 6 mm", lambda r: r["placement"] != "real" and r["diameter"] >= 6)]
     big += [(f"  {p}", lambda r, p=p: r["placement"] == p and r["diameter"] >= 6)
             for p in ("isolated", "vessel", "pleura", "fissure")]
-    big += [(f"  vessel, {d}", lambda r, d=d: r["detail"] == d and r["diameter"] >= 6) for d in ("touching", "engulfing")]
+    big += [(f"  vessel, {d}", lambda r, d=d: r["detail"] == d and r["diameter"] >= 6)
+            for d in ("touching", "engulfing")]
     big += [(f"  {t}", lambda r, t=t: r["type"] == t and r["diameter"] >= 6)
             for t in ("solid", "part-solid", "ground-glass")]
-    big += [(f"  {s}", lambda r, s=s: r["shape"] == s and r["diameter"] >= 6) for s in ("round", "lobulated", "spiculated")]
+    big += [(f"  {s}", lambda r, s=s: r["shape"] == s and r["diameter"] >= 6)
+            for s in ("round", "lobulated", "spiculated")]
     for name, keep in groups + big:
         ranks = [r["rank"] for r in rows if keep(r)]
         table.add_row(name, str(len(ranks)), *(_rate_cell(ranks, n) for n in limits))
@@ -966,14 +1024,17 @@ def _real_anatomy_table(rows: list, limits: tuple, title: str):
 
 
 @bench_app.command("real-anatomy")
-def bench_real_anatomy(copies: int = 10, nodules_per_scan: int = 10, seed: int = 1001, max_per_scan: int = 300,
-                       folder: str = typer.Option("", help="reuse or write the inserted folder here (default: temp)"),
-                       demo_dir: str = typer.Option("demo_work", help="the demo's work folder, for end to end")):
+def bench_real_anatomy(copies: int = 10, nodules_per_scan: int = 10, seed: int = 1001,
+                       max_per_scan: int = 300,
+                       folder: str = typer.Option("", help="reuse or write the inserted folder here "
+                                                           "(default: temp)"),
+                       demo_dir: str = typer.Option("demo_work", help="the demo's work folder, "
+                                                                      "for end to end")):
     """Detection on real anatomy: nodules inserted into the real LIDC-IDRI CTs of ../shared/data/real_ct
     (``synth --background``, with the scans' own LUNA16 nodules kept), then ``detect`` on every copy:
     sensitivity at 50 and ``max_per_scan`` candidates a scan by size, placement, type and shape (95% Wilson
-    intervals), the real nodules, and the detection time a scan; then, when the demo's models are there, end to end
-    (their AUC, CPM and size error on the folder's own candidates and on the detected ones)."""
+    intervals), the real nodules, and the detection time a scan; then, when the demo's models are there,
+    end to end (their AUC, CPM and size error on the folder's own candidates and on the detected ones)."""
     import tempfile
     from pathlib import Path
     import insert
@@ -992,8 +1053,9 @@ def bench_real_anatomy(copies: int = 10, nodules_per_scan: int = 10, seed: int =
     detected_csv = root.parent / "detected.csv"
     rows, seconds = _real_anatomy_rows(root, max(max_per_scan, 50), detected_csv)
     limits = (50, max_per_scan)
-    console.print(_real_anatomy_table(rows, limits, f"detect on real CT with inserted nodules: {len(seconds)} copies "
-                                                     f"of {len(backgrounds)} LIDC-IDRI scans, seed {seed}, official hit rule"))
+    console.print(_real_anatomy_table(rows, limits,
+                                      f"detect on real CT with inserted nodules: {len(seconds)} copies of "
+                                      f"{len(backgrounds)} LIDC-IDRI scans, seed {seed}, official hit rule"))
     console.print(f"detection a scan: median {statistics.median(seconds):.1f} s, max {max(seconds):.1f} s; "
                   f"machine: {machine_description()}")
     missed = [r for r in rows if r["rank"] is None or r["rank"] >= max_per_scan]

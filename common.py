@@ -1,5 +1,5 @@
-"""Small pieces every stage shares: the user-facing error, subset numbers, atomic writes, the resumable parts of
-a long job and progress bars. Only numpy and the standard library are imported here (matplotlib and rich
+"""Small pieces every stage shares: the user-facing error, subset numbers, atomic writes, the resumable parts
+of a long job and progress bars. Only numpy and the standard library are imported here (matplotlib and rich
 inside the functions that draw), so any module can use it without pulling in a CT reader or torch.
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ MAX_LISTED_PROBLEMS = 10
 
 def problems_message(path, problems: list[str], what: str = "row(s)") -> str:
     shown = "\n  ".join(problems[:MAX_LISTED_PROBLEMS])
-    more = f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
+    more = (f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS
+            else "")
     return f"{path}: {len(problems)} bad {what}:\n  {shown}{more}"
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 import resample
-from common import (Parts, UserError, atomic_concatenate_npy, atomic_write_json, atomic_write_text, problems_message, progress_bar)
+from common import (Parts, UserError, atomic_concatenate_npy, atomic_write_json, atomic_write_text,
+                    problems_message, progress_bar)
 from resample import AIR_HU
 
 
@@ -141,7 +142,8 @@ def extract_patches(scan: CTScan, world_xyz: np.ndarray, patch_size: int = 64,
     index_per_world = _world_to_index_matrix(scan)  # column a: index step per mm along world axis a
     perm = _axis_permutation(scan)
     if perm is None:
-        steps = (index_per_world * spacing_mm).T[::-1].copy()  # row a: index (i, j, k) step per sample along z, y, x
+        # row a: index (i, j, k) step per sample along z, y, x
+        steps = (index_per_world * spacing_mm).T[::-1].copy()
         first = base_ijk - (patch_size // 2) * steps.sum(axis=0)  # index of sample [0, 0, 0]
         resample.sample_oblique(volume, first, steps, order, out)
         return out
@@ -228,7 +230,8 @@ def check_metaimage(path: Path) -> dict:
         expected = np.dtype(dtype).itemsize * int(np.prod(dims))
         actual = data_file.stat().st_size
         if actual < expected:
-            raise UserError(f"{path}: data file {data_file.name} is truncated ({actual} bytes, the header needs {expected})")
+            raise UserError(f"{path}: data file {data_file.name} is truncated ({actual} bytes, the header "
+                            f"needs {expected})")
     return header
 
 
@@ -313,7 +316,8 @@ def _read_with_simpleitk(path: Path) -> CTScan:
 
 
 def _read_metaimage(path: Path, info, source) -> CTScan:
-    """A ``.mhd`` whose header :func:`_metaimage_layout` has read: plain voxels in one copy, else SimpleITK."""
+    """A ``.mhd`` whose header :func:`_metaimage_layout` has read: plain voxels in one copy, else
+    SimpleITK."""
     if source is None:
         return _read_with_simpleitk(path)
     voxels = np.fromfile(source[0], source[1], int(np.prod(info.GetSize())))
@@ -436,14 +440,16 @@ def _read_regular_rows(text: str, lines: list[str], width: int, columns: list) -
     body = lines[1:]
     numbers_of_lines = np.arange(2, len(body) + 2)
     if any(not line or line.isspace() for line in body):
-        numbers_of_lines = np.array([n for n, line in enumerate(body, start=2) if line and not line.isspace()], int)
+        numbers_of_lines = np.array([n for n, line in enumerate(body, start=2)
+                                     if line and not line.isspace()], int)
         body = [lines[n - 1] for n in numbers_of_lines]
     if not body:
         return PointTable.empty()
     if '"' in text or text.count(",") - lines[0].count(",") != len(body) * (width - 1):
         return None
     try:
-        numbers = np.loadtxt(body, delimiter=",", usecols=columns[1:], dtype=np.float64, ndmin=2, comments=None)
+        numbers = np.loadtxt(body, delimiter=",", usecols=columns[1:], dtype=np.float64, ndmin=2,
+                             comments=None)
     except ValueError:
         return None
     uid_column = columns[0]
@@ -473,11 +479,13 @@ def _read_rows_one_by_one(path: Path, lines: list[str], columns: list) -> tuple[
         numbers.append(values)
         line_numbers.append(line_number)
     numbers = np.array(numbers, float).reshape(-1, 4)
-    return PointTable(np.array(uids, dtype=object), numbers[:, :3], numbers[:, 3], np.array(line_numbers, int)), problems
+    return PointTable(np.array(uids, dtype=object), numbers[:, :3], numbers[:, 3],
+                      np.array(line_numbers, int)), problems
 
 
 def read_seriesuids(path) -> list[str]:
-    """One seriesuid per line (no header, as LUNA16's ``seriesuids.csv``; a ``seriesuid`` header is skipped)."""
+    """One seriesuid per line (no header, as LUNA16's ``seriesuids.csv``; a ``seriesuid`` header is
+    skipped)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
@@ -499,13 +507,15 @@ def scan_subset_map(data_dir) -> dict[str, int]:
 
 
 def subset_scans(data_dir, subsets) -> dict:
-    """``{seriesuid: .mhd path}`` of the scans in the ``subset<k>`` folders of the LUNA16 root, k in ``subsets``."""
+    """``{seriesuid: .mhd path}`` of the scans in the ``subset<k>`` folders of the LUNA16 root, k in
+    ``subsets``."""
     data_dir = Path(data_dir)
     found = {uid: data_dir / f"subset{k}" / f"{uid}.mhd"
              for uid, k in sorted(scan_subset_map(data_dir).items()) if k in set(subsets)}
     if not found:
         raise UserError(f"no scans in {', '.join(str(data_dir / f'subset{k}') for k in subsets)} (expected "
-                        "<seriesuid>.mhd files; set --data-dir or LUNA16_DIR, or run 'python luna_cli.py synth')")
+                        "<seriesuid>.mhd files; set --data-dir or LUNA16_DIR, "
+                        "or run 'python luna_cli.py synth')")
     return found
 
 
@@ -554,8 +564,10 @@ def match_diameters(candidates: PointTable, annotations: PointTable) -> np.ndarr
 # "mined": empty for extracted rows, the run whose scores chose a mined hard negative (see mining.py);
 # "mined_saw": the subsets that run trained and validated on ("0-7,9"; empty: not known);
 # "mined_for": the test subset of the cross-validation fold the row was mined for (empty: any use)
-INDEX_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "label", "diameter_mm", "mined", "mined_saw", "mined_for"]
-CACHE_PARAMETERS = ("patch_size", "spacing_mm", "seed", "negatives_per_positive", "all_candidates", "candidates_file")
+INDEX_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "label", "diameter_mm", "mined", "mined_saw",
+                 "mined_for"]
+CACHE_PARAMETERS = ("patch_size", "spacing_mm", "seed", "negatives_per_positive", "all_candidates",
+                    "candidates_file")
 
 
 @dataclass
@@ -645,8 +657,9 @@ def _subset_candidates(data_dir: Path, candidates_path: Path, scans: dict, subse
     if annotations_path.is_file():
         annotations, more = read_point_csv(annotations_path, "diameter_mm", strict=False)
         sizeless = annotations.line[annotations.value <= 0]
-        problems += more + ([f"{annotations_path}, line(s) {', '.join(map(str, sizeless[:20]))}: diameter_mm is not "
-                             f"positive; those nodules give their candidates no size"] if len(sizeless) else [])
+        problems += more + ([f"{annotations_path}, line(s) {', '.join(map(str, sizeless[:20]))}: diameter_mm "
+                             f"is not positive; those nodules give their candidates no size"]
+                            if len(sizeless) else [])
     else:
         problems.append(f"{annotations_path}: not found, diameter_mm left empty")
     selected = candidates.take(select_candidates(candidates, set(scans), subset, wanted["seed"],
@@ -694,8 +707,8 @@ def _extract_scans(paths: dict, todo: list, selected: PointTable, diameters: np.
             scan, patches = result
             rows = rows_todo[n]
             inside = inside_scan(scan, selected.world_xyz[rows], (size // 2) * spacing)
-            problems.extend(f"candidate on line {selected.line[row]} ({uid}) lies wholly outside its scan, skipped"
-                            for row in rows[~inside])
+            problems.extend(f"candidate on line {selected.line[row]} ({uid}) lies wholly outside its scan, "
+                            "skipped" for row in rows[~inside])
             rows = rows[inside]
             parts.save(uid, patches[inside], index_rows(uid, selected.world_xyz[rows], selected.value[rows],
                                                          diameters[rows]))
@@ -781,8 +794,9 @@ def extract_subset(data_dir, work_dir, subset: int, patch_size: int = 64, spacin
     console = console or Console(stderr=True)
     data_dir, cache = Path(data_dir), subset_dir(work_dir, subset)
     candidates_path = Path(candidates_path) if candidates_path is not None else candidates_file(data_dir)
-    wanted = dict(patch_size=patch_size, spacing_mm=float(spacing_mm), seed=seed, candidates_file=candidates_path.name,
-                  negatives_per_positive=float(negatives_per_positive), all_candidates=all_candidates)
+    wanted = dict(patch_size=patch_size, spacing_mm=float(spacing_mm), seed=seed,
+                  candidates_file=candidates_path.name, negatives_per_positive=float(negatives_per_positive),
+                  all_candidates=all_candidates)
     manifest = _read_manifest(cache, wanted)
     scans = subset_scans(data_dir, [subset])
     selected, diameters, problems, records = _subset_candidates(data_dir, candidates_path, scans, subset,

@@ -61,11 +61,13 @@ def run_demo(work_dir: Path, settings: DemoSettings | None = None, console=None)
     import train
     settings = settings or DemoSettings()
     if settings.subsets < 3:
-        raise ValueError(f"the demo needs at least 3 subsets (train, validation, test), got {settings.subsets}")
+        raise ValueError("the demo needs at least 3 subsets (train, validation, test), "
+                         f"got {settings.subsets}")
     work_dir = Path(work_dir)
     data_dir = work_dir / "luna16"
     val, test = [settings.subsets - 2], [settings.subsets - 1]
-    model = dict(feature_size=settings.feature_size, window_size=settings.window_size, pooling=settings.pooling)
+    model = dict(feature_size=settings.feature_size, window_size=settings.window_size,
+                 pooling=settings.pooling)
     if not (data_dir / "phantom_manifest.json").is_file():
         _timed(settings, "synth", phantom.write_luna_folder, data_dir, n_subsets=settings.subsets,
                scans_per_subset=settings.scans_per_subset, seed=settings.seed,
@@ -82,37 +84,43 @@ def run_demo(work_dir: Path, settings: DemoSettings | None = None, console=None)
     head_run = _timed(settings, "train-head", train.train_head, work_dir, features=tag, val_subsets=val,
                       test_subsets=test, epochs=settings.head_epochs, seed=settings.seed, run="demo-head")
     tuned_run = _timed(settings, "finetune", train.finetune, work_dir, epochs=settings.finetune_epochs,
-                       batch_size=settings.finetune_batch_size, lr=settings.finetune_lr, head_from="demo-head",
-                       epoch_samples=settings.finetune_samples, val_subsets=val, test_subsets=test,
-                       seed=settings.seed, run="demo-finetune", device="cpu", views=settings.views, **model)
+                       batch_size=settings.finetune_batch_size, lr=settings.finetune_lr,
+                       head_from="demo-head", epoch_samples=settings.finetune_samples, val_subsets=val,
+                       test_subsets=test, seed=settings.seed, run="demo-finetune", device="cpu",
+                       views=settings.views, **model)
     # The model for the report is chosen on validation AUC, never on the held-out subset.
-    validation_auc = {run: head.read_checkpoint(run / "best.pt")["metrics"]["auc"] for run in (head_run, tuned_run)}
+    validation_auc = {run: head.read_checkpoint(run / "best.pt")["metrics"]["auc"]
+                      for run in (head_run, tuned_run)}
     chosen = max(validation_auc, key=validation_auc.get)
     start = time.perf_counter()
     results = {}
     for run in (head_run, tuned_run):
-        results[run.name] = evaluate.evaluate_model(run / "best.pt", data_dir, test, work_dir / "eval" / run.name,
+        results[run.name] = evaluate.evaluate_model(run / "best.pt", data_dir, test,
+                                                    work_dir / "eval" / run.name,
                                                     views=settings.views if settings.tta else 1, device="cpu",
                                                     console=console, work_dir=work_dir)
     settings.timings["evaluate"] = time.perf_counter() - start
     start = time.perf_counter()
     report = write_report(work_dir / "report", chosen, work_dir / "eval" / chosen.name, data_dir)
     settings.timings["report"] = time.perf_counter() - start
-    return dict(metrics=results[chosen.name], all_metrics=results, validation_auc={r.name: a for r, a in validation_auc.items()},
-                chosen=chosen.name, timings=dict(settings.timings), report=report)
+    return dict(metrics=results[chosen.name], all_metrics=results,
+                validation_auc={r.name: a for r, a in validation_auc.items()}, chosen=chosen.name,
+                timings=dict(settings.timings), report=report)
 
 
 # --- report -----------------------------------------------------------------------
 
 
 def _read_predictions(predictions: Path):
-    """Per-candidate predictions of ``evaluate`` (``predictions.csv``): ``(PointTable of probabilities, labels)``."""
+    """Per-candidate predictions of ``evaluate`` (``predictions.csv``):
+    ``(PointTable of probabilities, labels)``."""
     marks, _ = data.read_point_csv(predictions, "probability")
     labels, _ = data.read_point_csv(predictions, "class")
     return marks, labels.value > 0.5
 
 
-def pick_examples(probability: np.ndarray, labels: np.ndarray, cutoff: float, per_group: int = MONTAGE_PER_GROUP) -> dict:
+def pick_examples(probability: np.ndarray, labels: np.ndarray, cutoff: float,
+                  per_group: int = MONTAGE_PER_GROUP) -> dict:
     """Row indices of the most confident true positives, the highest-scoring false positives and
     the lowest-scoring false negatives at ``cutoff``."""
     order = np.argsort(-probability, kind="stable")
@@ -122,7 +130,8 @@ def pick_examples(probability: np.ndarray, labels: np.ndarray, cutoff: float, pe
     return {"true positives": tp, "false positives": fp, "false negatives": fn}
 
 
-def _example_patches(marks: data.PointTable, rows: list, data_dir: Path, patch_size: int, spacing_mm: float) -> dict:
+def _example_patches(marks: data.PointTable, rows: list, data_dir: Path, patch_size: int,
+                     spacing_mm: float) -> dict:
     """``{row: int16 patch [z, y, x]}``, reading each scan once."""
     patches = {}
     by_scan: dict = {}
@@ -131,8 +140,8 @@ def _example_patches(marks: data.PointTable, rows: list, data_dir: Path, patch_s
     paths = {uid: path for uid, path in data.scan_subset_map(data_dir).items()}
     for uid, scan_rows in by_scan.items():
         if uid in paths:
-            _, cut = data.read_and_extract(data_dir / f"subset{paths[uid]}" / f"{uid}.mhd", marks.world_xyz[scan_rows],
-                                           patch_size, spacing_mm)
+            _, cut = data.read_and_extract(data_dir / f"subset{paths[uid]}" / f"{uid}.mhd",
+                                           marks.world_xyz[scan_rows], patch_size, spacing_mm)
             patches.update(zip(scan_rows, cut))
     return patches
 
@@ -161,7 +170,8 @@ def draw_montage(path: Path, groups: dict, patches: dict, probability: np.ndarra
 
 
 def write_report(report_dir: Path, run_dir: Path, eval_dir: Path, data_dir: Path) -> Path:
-    """``report.html`` with the training curves, ROC, FROC, the size scatter and example montages; returns its path."""
+    """``report.html`` with the training curves, ROC, FROC, the size scatter and example montages;
+    returns its path."""
     import json
     import head
     report_dir = Path(report_dir)
@@ -169,8 +179,9 @@ def write_report(report_dir: Path, run_dir: Path, eval_dir: Path, data_dir: Path
     metrics = json.loads((Path(eval_dir) / "metrics.json").read_text())
     _, meta = head.load_classifier(Path(run_dir) / "best.pt")
     cutoff = float((metrics.get("at_cutoff") or {}).get("cutoff_probability") or 0.5)   # raw probability
-    for source, name in ((Path(run_dir) / "history.png", "training.png"), (Path(eval_dir) / "roc.png", "roc.png"),
-                         (Path(eval_dir) / "froc.png", "froc.png"), (Path(eval_dir) / "size.png", "size.png")):
+    for source, name in ((Path(run_dir) / "history.png", "training.png"),
+                         (Path(eval_dir) / "roc.png", "roc.png"), (Path(eval_dir) / "froc.png", "froc.png"),
+                         (Path(eval_dir) / "size.png", "size.png")):
         if source.is_file():
             shutil.copyfile(source, report_dir / name)
     marks, labels = _read_predictions(Path(eval_dir) / "predictions.csv")
@@ -204,11 +215,11 @@ def _report_html(metrics: dict, cutoff: float, groups: dict) -> str:
                ("ROC of the held-out candidates", "roc.png"), ("LUNA16 FROC", "froc.png"),
                ("Estimated against annotated diameter of the nodule candidates (model size output and plain "
                 "measurement; grey lines: the 6 and 8 mm Fleischner bands)", "size.png")]
-    figures += [(f"{name.capitalize()} (axial, coronal, sagittal centre slices)", f"{name.replace(' ', '_')}.png")
-                for name in groups]
+    figures += [(f"{name.capitalize()} (axial, coronal, sagittal centre slices)",
+                 f"{name.replace(' ', '_')}.png") for name in groups]
     blocks = "\n".join(f'<figure><img src="{src}" alt="{html.escape(title)}"><figcaption>{html.escape(title)}'
                        "</figcaption></figure>" for title, src in figures)
-    return f"""<!DOCTYPE html>
+    return (f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>LUNA16 candidate classification report</title>
 <style>
 body {{ font-family: sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
@@ -219,12 +230,13 @@ img {{ max-width: 520px; border: 1px solid #ddd; }}
 figcaption {{ font-size: 0.9em; color: #555; max-width: 520px; }}
 </style></head><body>
 <h1>LUNA16 candidate classification</h1>
-<p>Held-out subset(s) {html.escape(str(metrics.get('subsets')))}, checkpoint {html.escape(str(metrics.get('checkpoint')))}.
+<p>Held-out subset(s) {html.escape(str(metrics.get('subsets')))}, """
+            f"""checkpoint {html.escape(str(metrics.get('checkpoint')))}.
 Research use only, not for clinical decisions.</p>
 <table>{table}</table>
 {blocks}
 </body></html>
-"""
+""")
 
 
 def size_summary(found: dict) -> str:
@@ -243,13 +255,16 @@ def result_table(result: dict, n_subsets: int):
                         f"{metrics['n_positive']} on nodules, {metrics['n_scans']} scans")
     table.add_column("measure")
     for run in runs:
-        table.add_column(run + (" (chosen on validation)" if run == result["chosen"] else ""), justify="right")
+        table.add_column(run + (" (chosen on validation)" if run == result["chosen"] else ""),
+                         justify="right")
     rows = [("validation ROC AUC", lambda run, m: result["validation_auc"][run]),
             ("ROC AUC", lambda run, m: m["auc"]),
             ("sensitivity at 0.5", lambda run, m: m["sensitivity"]),
             ("specificity at 0.5", lambda run, m: m["specificity"]),
-            ("sensitivity at the validation cutoff", lambda run, m: (m.get("at_cutoff") or {}).get("sensitivity")),
-            ("specificity at the validation cutoff", lambda run, m: (m.get("at_cutoff") or {}).get("specificity")),
+            ("sensitivity at the validation cutoff",
+             lambda run, m: (m.get("at_cutoff") or {}).get("sensitivity")),
+            ("specificity at the validation cutoff",
+             lambda run, m: (m.get("at_cutoff") or {}).get("specificity")),
             ("CPM (LUNA16 FROC)", lambda run, m: m["cpm"])]
     for name, value in rows:
         cells = [value(run, result["all_metrics"][run]) for run in runs]

@@ -9,14 +9,14 @@ The detector, per scan:
 
 1. Resample the HU volume to ``GRID_MM`` (1 mm) voxels along the scan's own axes (linear; outside is air).
 2. Lung mask on a 2 mm copy (2 x 2 x 2 block means): the body is the largest component at tissue density, its
-   holes filled on every axial slice (so the air under the body, between it and the table or the arms, is not in
-   it); lung air is the air (below ``AIR_HU``, -400 HU) inside the body and more than ``OUTSIDE_MARGIN_MM`` from
-   the air around it. Every component of lung air with at least ``MIN_PIECE_ML`` and a median above ``GAS_HU``
-   is kept (both lungs, and an apex or a lobe the scan shows apart; bowel and stomach gas are darker), holes
-   filled, then a closing with a ball of ``CLOSING_MM`` (by distance maps), which takes a nodule on the pleura
-   (a bite out of the air region) into the mask, which then reaches ``PLEURA_MARGIN_MM`` further, so that a
-   nodule centred on the pleura is not cut in half. Under ``MIN_LUNG_ML`` of lung: no lung, no candidates, a
-   warning naming the scan.
+   holes filled on every axial slice (so the air under the body, between it and the table or the arms, is not
+   in it); lung air is the air (below ``AIR_HU``, -400 HU) inside the body and more than ``OUTSIDE_MARGIN_MM``
+   from the air around it. Every component of lung air with at least ``MIN_PIECE_ML`` and a median above
+   ``GAS_HU`` is kept (both lungs, and an apex or a lobe the scan shows apart; bowel and stomach gas are
+   darker), holes filled, then a closing with a ball of ``CLOSING_MM`` (by distance maps), which takes a
+   nodule on the pleura (a bite out of the air region) into the mask, which then reaches ``PLEURA_MARGIN_MM``
+   further, so that a nodule centred on the pleura is not cut in half. Under ``MIN_LUNG_ML`` of lung: no lung,
+   no candidates, a warning naming the scan.
 3. HU clipped at ``CLIP_HU`` (-600: solid and ground-glass blobs compete by shape, not density) and set to the
    lungs' median HU outside the mask, so the chest wall does not hide a nodule that touches it; then
    scale-normalised differences of Gaussians (``(G(s) - G(s * sqrt 2)) / (sqrt 2 - 1)``, about ``-s^2`` times
@@ -46,13 +46,16 @@ from common import UserError
 
 GRID_MM = 1.0               # voxel size the detector works at
 AIR_HU = -400.0             # below: air or aerated lung, for the lung mask
-OUTSIDE_HU = -950.0         # below, on 2 mm block means, and touching the in-plane border: the air around the body
-OUTSIDE_MARGIN_MM = 4.0     # lung air this close to the air around the body is not lung (the skin's partial volume)
+OUTSIDE_HU = -950.0         # below, on 2 mm block means, and touching the in-plane border: the air around
+                            # the body
+OUTSIDE_MARGIN_MM = 4.0     # lung air this close to the air around the body is not lung (the skin's
+                            # partial volume)
 MIN_LUNG_ML = 100.0         # less air than this inside the body: no lung in the scan
 MIN_PIECE_ML = 2.0          # smaller air components are not kept as lung
 GAS_HU = -975.0             # an air component whose median (2 mm block means) is below this is gas, not lung
 PLEURA_MARGIN_MM = 2.0      # the mask searched is the lung mask and this much beyond it
-CLOSING_MM = 15.0           # ball radius of the mask's closing: keeps nodules on the pleura up to 30 mm inside
+CLOSING_MM = 15.0           # ball radius of the mask's closing: keeps nodules on the pleura up to 30 mm
+                            # inside
 SIGMAS_MM = (0.8, 1.13, 1.6, 2.26, 3.2, 4.5, 6.4, 9.05, 12.8)   # Gaussian scales, ratio sqrt 2
 LEVEL_LAST_SIGMA = (2.26, 6.4)  # the pyramid halves its voxel count per axis after these scales
 CLIP_HU = -600.0            # brighter is clipped: solid and ground-glass blobs compete by shape, not density
@@ -110,7 +113,8 @@ def resample_to_grid(scan: CTScan, spacing_mm: float = GRID_MM):
 
 
 def axial_array_axis(scan: CTScan) -> int:
-    """The array axis (0, 1, 2 of ``[k, j, i]``) whose index axis runs most nearly along world z (head-foot)."""
+    """The array axis (0, 1, 2 of ``[k, j, i]``) whose index axis runs most nearly along world z
+    (head-foot)."""
     steps = data.index_to_world(np.eye(3), scan) - data.index_to_world(np.zeros((1, 3)), scan)
     return 2 - int(np.argmax(np.abs(steps[:, 2])))
 
@@ -134,10 +138,11 @@ def _in_plane_border_labels(labels: np.ndarray, axial: int) -> np.ndarray:
 
 
 def _border_components(binary: np.ndarray, spacing_mm: float, axial: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(labels, volume_ml per label)`` of the face-connected components of a boolean ``[k, j, i]`` array; the
-    components that touch the in-plane border count as 0 ml (label 0 is the background, 0 ml too)."""
+    """``(labels, volume_ml per label)`` of the face-connected components of a boolean ``[k, j, i]`` array;
+    the components that touch the in-plane border count as 0 ml (label 0 is the background, 0 ml too)."""
     import SimpleITK as sitk
-    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(_image(binary.astype(np.uint8), spacing_mm), False))
+    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(_image(binary.astype(np.uint8), spacing_mm),
+                                                            False))
     volume_ml = np.bincount(labels.ravel()).astype(float) * spacing_mm ** 3 / 1000.0
     volume_ml[0] = 0.0
     volume_ml[_in_plane_border_labels(labels, axial)] = 0.0
@@ -154,8 +159,8 @@ def _distance_outside(mask: np.ndarray, spacing_mm: float) -> np.ndarray:
 
 def _body(hu: np.ndarray, spacing_mm: float, axial: int) -> np.ndarray:
     """Boolean ``[k, j, i]``: the body, the largest face-connected component at tissue density (``AIR_HU`` and
-    above), with its holes filled on every axial slice (so the lungs and airways are in it, and the air between
-    the body and the table or the arms is not)."""
+    above), with its holes filled on every axial slice (so the lungs and airways are in it, and the air
+    between the body and the table or the arms is not)."""
     import SimpleITK as sitk
     components = sitk.ConnectedComponent(_image((hu >= AIR_HU).astype(np.uint8), spacing_mm), False)
     body = sitk.GetArrayFromImage(sitk.RelabelComponent(components, sortByObjectSize=True)) == 1
@@ -171,9 +176,10 @@ def _lung_components(hu: np.ndarray, spacing_mm: float, axial: int) -> Optional[
     """Boolean ``[k, j, i]`` of the lung air components of a HU volume (see the module docstring), or None.
 
     Lung air is air inside the body (:func:`_body`) and more than ``OUTSIDE_MARGIN_MM`` from the air around it
-    (a body wall thinner than a voxel keeps the two apart). Every component of it with at least ``MIN_PIECE_ML``
-    and the density of aerated lung (median above ``GAS_HU``: not bowel or stomach gas) is kept, so an apex or a
-    lobe that the scan shows apart from the rest stays in; the largest must hold ``MIN_LUNG_ML``."""
+    (a body wall thinner than a voxel keeps the two apart). Every component of it with at least
+    ``MIN_PIECE_ML`` and the density of aerated lung (median above ``GAS_HU``: not bowel or stomach gas) is
+    kept, so an apex or a lobe that the scan shows apart from the rest stays in; the largest must hold
+    ``MIN_LUNG_ML``."""
     body = _body(hu, spacing_mm, axial)
     air = (hu < AIR_HU) & body & (_distance_outside(~body, spacing_mm) > OUTSIDE_MARGIN_MM)
     labels, sizes = _border_components(air, spacing_mm, axial)
@@ -205,13 +211,14 @@ def close_mask(mask: np.ndarray, spacing_mm: float, radius_mm: float) -> np.ndar
     inside = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
         _image(dilated.astype(np.uint8), spacing_mm), insideIsPositive=True, squaredDistance=False,
         useImageSpacing=True))
-    return (inside + spacing_mm > radius_mm) | mask   # inside: distance to the contour voxels, one voxel short
+    return (inside + spacing_mm > radius_mm) | mask   # inside: distance to the contour voxels, one voxel
+                                                      # short
 
 
 def lung_mask(volume: np.ndarray, grid: CTScan, closing_mm: float = CLOSING_MM):
-    """Lung mask of a HU volume ``[k, j, i]`` on ``grid``: ``(mask, spacing_mm)``, the boolean mask on a 2 x 2 x 2
-    block-mean copy of the volume (voxel ``n`` covers voxels ``2n, 2n + 1`` of ``volume``), or ``(None, ...)``
-    when the scan holds no lung."""
+    """Lung mask of a HU volume ``[k, j, i]`` on ``grid``: ``(mask, spacing_mm)``, the boolean mask on a
+    2 x 2 x 2 block-mean copy of the volume (voxel ``n`` covers voxels ``2n, 2n + 1`` of ``volume``), or
+    ``(None, ...)`` when the scan holds no lung."""
     import SimpleITK as sitk
     spacing = float(grid.spacing[0]) * 2
     coarse = sitk.GetArrayFromImage(sitk.BinShrink(_image(volume, grid.spacing[0]), [2, 2, 2]))
@@ -241,11 +248,13 @@ class _Peaks:
 
 
 def _smooth(volume: np.ndarray, spacing_mm: float, sigma_mm: float) -> np.ndarray:
-    """Recursive Gaussian smoothing of a float32 ``[k, j, i]`` array with voxels of ``spacing_mm`` (sigma in mm)."""
+    """Recursive Gaussian smoothing of a float32 ``[k, j, i]`` array with voxels of ``spacing_mm``
+    (sigma in mm)."""
     import SimpleITK as sitk
     if sigma_mm <= 0:
         return volume
-    return sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(_image(volume, spacing_mm), float(sigma_mm)))
+    return sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(_image(volume, spacing_mm),
+                                                                  float(sigma_mm)))
 
 
 def neighbourhood_max(volume: np.ndarray) -> np.ndarray:
@@ -261,7 +270,8 @@ def neighbourhood_max(volume: np.ndarray) -> np.ndarray:
 
 
 def _local_maxima(response: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(index_kji (N, 3) int, value (N,))`` of the ``keep`` highest 3 x 3 x 3 local maxima above MIN_SCORE_HU."""
+    """``(index_kji (N, 3) int, value (N,))`` of the ``keep`` highest 3 x 3 x 3 local maxima above
+    MIN_SCORE_HU."""
     flat = np.flatnonzero((response >= neighbourhood_max(response)) & (response > MIN_SCORE_HU))
     values = response.ravel()[flat]
     if len(flat) > keep:
@@ -285,21 +295,23 @@ def hessian_eigenvalues(smoothed: np.ndarray, index_kji: np.ndarray) -> np.ndarr
     for a in range(3):
         hessian[:, a, a] = at(unit[a]) - 2 * centre + at(-unit[a])
         for b in range(a + 1, 3):
-            mixed = (at(unit[a] + unit[b]) - at(unit[a] - unit[b]) - at(unit[b] - unit[a]) + at(-unit[a] - unit[b])) / 4
+            mixed = (at(unit[a] + unit[b]) - at(unit[a] - unit[b]) - at(unit[b] - unit[a])
+                     + at(-unit[a] - unit[b])) / 4
             hessian[:, a, b] = hessian[:, b, a] = mixed
     return np.linalg.eigvalsh(hessian) if len(p) else np.zeros((0, 3))
 
 
 def blobness(smoothed: np.ndarray, index_kji: np.ndarray) -> np.ndarray:
     """``(N,)`` in [0, 1]: how ball-like the smoothed volume is at each point (``index_kji`` ``(N, 3)`` int):
-    the ratio of the smallest to the largest Hessian eigenvalue magnitude when all three are negative (a bright
-    ball: 1; a tube or a wall: near 0), else 0."""
+    the ratio of the smallest to the largest Hessian eigenvalue magnitude when all three are negative (a
+    bright ball: 1; a tube or a wall: near 0), else 0."""
     eigen = hessian_eigenvalues(smoothed, index_kji)   # ascending: most negative first
     return np.where(eigen[:, 2] < 0, eigen[:, 2] / np.minimum(eigen[:, 0], -1e-12), 0.0)
 
 
 def _pyramid_levels():
-    """The scales of each pyramid level: lists of sigmas (mm), each level's first the last of the one before."""
+    """The scales of each pyramid level: lists of sigmas (mm), each level's first the last of the one
+    before."""
     levels, current = [], []
     for sigma in SIGMAS_MM:
         current.append(sigma)
@@ -310,8 +322,8 @@ def _pyramid_levels():
 
 
 def blob_peaks(volume: np.ndarray, inside, keep: int) -> list[_Peaks]:
-    """Scale-normalised differences of Gaussians of a float32 HU volume ``[k, j, i]`` with 1 mm voxels, and the
-    local maxima of each scale for which ``inside(index_kji)`` (a boolean per point) holds."""
+    """Scale-normalised differences of Gaussians of a float32 HU volume ``[k, j, i]`` with 1 mm voxels, and
+    the local maxima of each scale for which ``inside(index_kji)`` (a boolean per point) holds."""
     peaks, base, base_sigma, step = [], volume, 0.0, 1
     for sigmas in _pyramid_levels():
         spacing = GRID_MM * step
@@ -332,8 +344,9 @@ def blob_peaks(volume: np.ndarray, inside, keep: int) -> list[_Peaks]:
 
 
 def merge_peaks(points_mm: np.ndarray, score: np.ndarray, radius_mm: np.ndarray, limit: int) -> np.ndarray:
-    """Rows of the points (world mm ``(N, 3)``) kept by greedy merging, highest score first: a point is dropped
-    when a kept one lies within ``max(MERGE_MM, min(radius_a, radius_b))`` of it; at most ``limit`` rows."""
+    """Rows of the points (world mm ``(N, 3)``) kept by greedy merging, highest score first: a point is
+    dropped when a kept one lies within ``max(MERGE_MM, min(radius_a, radius_b))`` of it; at most ``limit``
+    rows."""
     order = np.argsort(-score, kind="stable")
     points, radius = points_mm[order], radius_mm[order]
     dropped = np.zeros(len(order), bool)
@@ -351,7 +364,8 @@ def merge_peaks(points_mm: np.ndarray, score: np.ndarray, radius_mm: np.ndarray,
 
 
 def _crop_box(mask: np.ndarray, shape_zyx: tuple, margin: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """``(lo, hi)`` array-index box ``[k, j, i]`` on the fine grid around a 2 x 2 x 2 block mask, with a margin."""
+    """``(lo, hi)`` array-index box ``[k, j, i]`` on the fine grid around a 2 x 2 x 2 block mask, with a
+    margin."""
     nonzero = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
     lo = np.maximum(np.array([n[0] for n in nonzero]) * 2 - margin, 0)
     hi = np.minimum(np.array([n[-1] + 1 for n in nonzero]) * 2 + margin, shape_zyx)
@@ -368,14 +382,16 @@ def _lung_only(volume: np.ndarray, inside_mask: np.ndarray) -> np.ndarray:
 
 
 def detect_scan(scan: CTScan, max_per_scan: int = DEFAULT_MAX_PER_SCAN) -> Detections:
-    """Nodule candidates of one scan (see the module docstring), at most ``max_per_scan``, highest score first.
+    """Nodule candidates of one scan (see the module docstring), at most ``max_per_scan``, highest score
+    first.
 
     A scan without lung (only air, only tissue, a head CT) gives no candidates and a ``warning`` naming it."""
     if max_per_scan < 1:
         raise UserError(f"--max-per-scan must be at least 1, got {max_per_scan}")
     volume, grid = resample_to_grid(scan, GRID_MM)
     if min(volume.shape) < 8:
-        return Detections.none(f"scan {scan.name}: too small for detection ({volume.shape[::-1]} voxels of 1 mm)")
+        return Detections.none(f"scan {scan.name}: too small for detection "
+                               f"({volume.shape[::-1]} voxels of 1 mm)")
     mask, coarse_mm = lung_mask(volume, grid)
     if mask is None:
         return Detections.none(f"scan {scan.name}: no lung found (under {MIN_LUNG_ML:g} ml of air inside the "
@@ -409,7 +425,8 @@ def scan_name(path) -> str:
 
 
 def known_scans(data_dir, annotations: Optional[PointTable]) -> set:
-    """The seriesuids a LUNA16 folder knows (``seriesuids.csv``, its subset folders, and its ``annotations``)."""
+    """The seriesuids a LUNA16 folder knows (``seriesuids.csv``, its subset folders, and its
+    ``annotations``)."""
     data_dir = Path(data_dir)
     known = set(data.scan_subset_map(data_dir))
     if (data_dir / "seriesuids.csv").is_file():
@@ -441,9 +458,9 @@ def _annotations_of(data_dir) -> Optional[PointTable]:
 
 def detect_path(scan_path, out_csv=None, max_per_scan: int = DEFAULT_MAX_PER_SCAN,
                 data_dir=None) -> tuple[str, Detections, list[str]]:
-    """Detect candidates in one scan file or DICOM folder: ``(seriesuid, detections, classes)``; the seriesuid is
-    the scan's name (:func:`scan_name`). The class comes from ``data_dir``'s ``annotations.csv`` when that folder
-    knows the scan, else it is "". With ``out_csv``, the candidates are written there (atomically)."""
+    """Detect candidates in one scan file or DICOM folder: ``(seriesuid, detections, classes)``; the seriesuid
+    is the scan's name (:func:`scan_name`). The class comes from ``data_dir``'s ``annotations.csv`` when that
+    folder knows the scan, else it is "". With ``out_csv``, the candidates are written there (atomically)."""
     uid = scan_name(scan_path)
     if out_csv is not None:
         check_output(out_csv)
@@ -457,7 +474,8 @@ def detect_path(scan_path, out_csv=None, max_per_scan: int = DEFAULT_MAX_PER_SCA
         raise UserError(common.problems_message(path, problems, "line(s)"))
     classes = hit_classes(uid, detections.world_xyz, annotations if known else None)
     if out_csv is not None:
-        common.atomic_write_text(out_csv, "\n".join([CSV_COLUMNS] + csv_lines(uid, detections, classes)) + "\n")
+        common.atomic_write_text(out_csv,
+                                 "\n".join([CSV_COLUMNS] + csv_lines(uid, detections, classes)) + "\n")
     return uid, detections, classes
 
 
@@ -479,8 +497,9 @@ def manifest_path(out_csv) -> Path:
 
 
 def _finished_rows(out_csv: Path, key: dict) -> tuple[dict, dict]:
-    """``({seriesuid: CSV lines}, {seriesuid: warning})`` of the scans an earlier call finished into ``out_csv``
-    (every scan of its manifest, with or without candidates); refused when that call used other settings."""
+    """``({seriesuid: CSV lines}, {seriesuid: warning})`` of the scans an earlier call finished into
+    ``out_csv`` (every scan of its manifest, with or without candidates); refused when that call used other
+    settings."""
     import json
     path = manifest_path(out_csv)
     if not path.is_file() or not out_csv.is_file():
@@ -524,7 +543,8 @@ def _detect_or_error(path: Path, max_per_scan: int) -> tuple[Optional[Detections
         return None, f"{path}: cannot read this scan ({err})"
 
 
-def _detect_scans(scans: dict, todo: list, parts: common.Parts, max_per_scan: int, console, show_progress: bool):
+def _detect_scans(scans: dict, todo: list, parts: common.Parts, max_per_scan: int, console,
+                  show_progress: bool):
     """Detect each scan of ``todo`` into a part (``[x, y, z, score]`` rows, the warning in its meta); returns
     ``{seriesuid: reason}`` of the unreadable scans."""
     failed: dict = {}
@@ -545,8 +565,8 @@ def _detect_scans(scans: dict, todo: list, parts: common.Parts, max_per_scan: in
 
 
 def _assemble(scans: dict, parts: common.Parts, finished: dict, annotations: Optional[PointTable]):
-    """``(CSV lines, scans in the CSV, {seriesuid: warning} of new scans)``, in ``scans`` order: new scans from the
-    parts (classed with ``annotations``), the others as an earlier call wrote them."""
+    """``(CSV lines, scans in the CSV, {seriesuid: warning} of new scans)``, in ``scans`` order: new scans
+    from the parts (classed with ``annotations``), the others as an earlier call wrote them."""
     lines, done, warnings, new = [], [], {}, parts.done()
     for uid in scans:
         if uid in new:
@@ -570,8 +590,8 @@ def detect_subsets(data_dir, subsets: Sequence[int], out_csv, max_per_scan: int 
 
     Resumable: each detected scan is kept as a part beside ``out_csv`` until the CSV and its
     ``.manifest.json`` (settings, scans, failures, warnings) are written, so a killed call resumes and a rerun
-    detects only the scans not yet in the CSV (the scans of other subsets are dropped from it). Unreadable scans
-    are named and skipped (``summary.failed``); a scan without lung has no rows and a warning."""
+    detects only the scans not yet in the CSV (the scans of other subsets are dropped from it). Unreadable
+    scans are named and skipped (``summary.failed``); a scan without lung has no rows and a warning."""
     from rich.console import Console
     if max_per_scan < 1:
         raise UserError(f"--max-per-scan must be at least 1, got {max_per_scan}")
@@ -590,4 +610,5 @@ def detect_subsets(data_dir, subsets: Sequence[int], out_csv, max_per_scan: int 
                                                     "failed": failed, "warnings": warnings,
                                                     "n_candidates": len(lines)})
     parts.remove()
-    return DetectSummary(out_csv, len(done), len(lines), len(todo) - len(failed), failed, list(warnings.values()))
+    return DetectSummary(out_csv, len(done), len(lines), len(todo) - len(failed), failed,
+                         list(warnings.values()))

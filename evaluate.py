@@ -57,7 +57,8 @@ def read_submission(path) -> PointTable:
 
 def read_findings(path) -> PointTable:
     """``annotations.csv`` or ``annotations_excluded.csv``: ``value`` = diameter in mm as written (see
-    :func:`scoring_diameters`). Any unreadable row refuses the file: losing a nodule would change the score."""
+    :func:`scoring_diameters`). Any unreadable row refuses the file: losing a nodule would change the
+    score."""
     return data.read_point_csv(path, "diameter_mm")[0]
 
 
@@ -96,8 +97,8 @@ def cap_marks_per_scan(scan_index: np.ndarray, probability: np.ndarray, n_scans:
     probability is strictly greater than the ``max_marks + 1``-th highest of that scan.
 
     Returns ``(keep (N,) bool, stats)`` with stats ``n_over_cap`` (marks dropped), ``tie_scans`` (scans that
-    keep fewer than ``max_marks`` because of ties at the cut) and ``tie_dropped`` (their marks tied at the cut,
-    all dropped).
+    keep fewer than ``max_marks`` because of ties at the cut) and ``tie_dropped`` (their marks tied at the
+    cut, all dropped).
     """
     counts = np.bincount(scan_index, minlength=n_scans)
     keep = np.ones(len(scan_index), bool)
@@ -156,9 +157,11 @@ def match_marks(n_scans: int, mark_scan: np.ndarray, mark_xyz: np.ndarray, mark_
         is_nodule=np.concatenate([np.ones(len(nodule_prob), bool), np.zeros(len(fp_prob), bool)]),
         probability=np.concatenate([nodule_prob, fp_prob]),
         is_missed=np.concatenate([missed, np.zeros(len(fp_prob), bool)]),
-        scan=np.concatenate(parts_nodule_scan + parts_fp_scan).astype(int) if parts_nodule_scan else np.zeros(0, int))
-    counts = {"n_detected": int((~missed).sum()), "n_missed": int(missed.sum()), "n_false_positives": len(fp_prob),
-              "n_marks_on_excluded": n_on_excluded, "n_double_hits": n_double}
+        scan=(np.concatenate(parts_nodule_scan + parts_fp_scan).astype(int) if parts_nodule_scan
+              else np.zeros(0, int)))
+    counts = {"n_detected": int((~missed).sum()), "n_missed": int(missed.sum()),
+              "n_false_positives": len(fp_prob), "n_marks_on_excluded": n_on_excluded,
+              "n_double_hits": n_double}
     return entries, counts
 
 
@@ -268,8 +271,10 @@ def bootstrap_froc(entries: FrocEntries, n_scans: int, n_resamples: int = 1000, 
         draws = rng.integers(n_scans, size=(b, n_scans)) + np.arange(b)[:, None] * n_scans
         weights = np.bincount(draws.ravel(), minlength=b * n_scans).reshape(b, n_scans).astype(np.int32)
         n_nodules = weights @ nodules_per_scan
-        tp = np.concatenate([np.zeros((b, 1)), np.cumsum(weights[:, scan_pos], axis=1)], axis=1)[:, pos_before_end]
-        fp = np.concatenate([np.zeros((b, 1)), np.cumsum(weights[:, scan_neg], axis=1)], axis=1)[:, neg_before_end]
+        tp = np.concatenate([np.zeros((b, 1)), np.cumsum(weights[:, scan_pos], axis=1)],
+                            axis=1)[:, pos_before_end]
+        fp = np.concatenate([np.zeros((b, 1)), np.cumsum(weights[:, scan_neg], axis=1)],
+                            axis=1)[:, neg_before_end]
         for row in range(b):
             if n_nodules[row] == 0:
                 continue
@@ -285,7 +290,8 @@ def _scan_indices(uids: np.ndarray, index: dict) -> np.ndarray:
 
 
 def _evaluated_scans(seriesuids: Sequence[str]) -> dict:
-    """``{seriesuid: position}`` of the evaluated scan list, which must be non-empty and name each scan once."""
+    """``{seriesuid: position}`` of the evaluated scan list, which must be non-empty and name each scan
+    once."""
     index = {uid: i for i, uid in enumerate(seriesuids)}
     if len(index) != len(seriesuids):
         duplicated = sorted({uid for uid in seriesuids if seriesuids.count(uid) > 1})[:3]
@@ -295,17 +301,20 @@ def _evaluated_scans(seriesuids: Sequence[str]) -> dict:
     return index
 
 
-def _marks_that_count(marks: PointTable, index: dict, max_marks: int, warnings: list) -> tuple[np.ndarray, dict]:
+def _marks_that_count(marks: PointTable, index: dict, max_marks: int,
+                      warnings: list) -> tuple[np.ndarray, dict]:
     """Rows of the marks on evaluated scans that survive the per-scan cap, and counts for the result."""
     mark_scan = _scan_indices(marks.seriesuid, index)
     known = mark_scan >= 0
     unknown_uids = list(dict.fromkeys(marks.seriesuid[~known]))
     if len(marks) and not known.any():
-        raise UserError(f"none of the submission's {len(unknown_uids)} seriesuid(s) is among the {len(index)} "
-                        f"evaluated scans (first: {unknown_uids[0]}, line {int(marks.line[0])}): wrong seriesuid list?")
+        raise UserError(f"none of the submission's {len(unknown_uids)} seriesuid(s) is among the "
+                        f"{len(index)} evaluated scans (first: {unknown_uids[0]}, "
+                        f"line {int(marks.line[0])}): wrong seriesuid list?")
     if unknown_uids:
-        warnings.append(f"{int((~known).sum())} mark(s) on {len(unknown_uids)} seriesuid(s) outside the evaluated "
-                        f"list were not scored (first: {unknown_uids[0]}, line {int(marks.line[np.argmax(~known)])})")
+        warnings.append(f"{int((~known).sum())} mark(s) on {len(unknown_uids)} seriesuid(s) outside the "
+                        f"evaluated list were not scored (first: {unknown_uids[0]}, "
+                        f"line {int(marks.line[np.argmax(~known)])})")
     keep, cap = cap_marks_per_scan(mark_scan[known], marks.value[known], len(index), max_marks)
     if cap["tie_scans"]:
         warnings.append(f"{cap['tie_scans']} scan(s) had marks tied at the {max_marks}-mark cut: all "
@@ -334,14 +343,16 @@ def score_marks(marks: PointTable, seriesuids: Sequence[str], annotations: Point
     """
     index = _evaluated_scans(list(seriesuids))
     n_scans, warnings = len(index), []
-    entries, counts, mark_counts, n_nodules = _froc_entries(marks, index, annotations, excluded, max_marks, warnings)
+    entries, counts, mark_counts, n_nodules = _froc_entries(marks, index, annotations, excluded, max_marks,
+                                                            warnings)
     if n_nodules == 0:
         warnings.append("no annotated nodule in the evaluated scans: sensitivity and CPM are undefined")
     fp_per_scan, sensitivity, _ = froc_curve(entries, n_scans)
     at_rates = sensitivities_at(fp_per_scan, sensitivity)
     result = {
         "cpm": float(at_rates.mean()) if n_nodules else None, "fp_rates": list(FP_RATES),
-        "froc_sensitivities": {_rate_key(r): float(s) for r, s in zip(FP_RATES, at_rates)} if n_nodules else None,
+        "froc_sensitivities": ({_rate_key(r): float(s) for r, s in zip(FP_RATES, at_rates)} if n_nodules
+                               else None),
         "n_scans": n_scans, "n_nodules": n_nodules, **mark_counts, **counts,
         "sensitivity_all_marks": counts["n_detected"] / n_nodules if n_nodules else None,
         "froc_curve": {"fp_per_scan": CURVE_GRID.tolist(),
@@ -353,16 +364,18 @@ def score_marks(marks: PointTable, seriesuids: Sequence[str], annotations: Point
     return result
 
 
-def _froc_entries(marks: PointTable, index: dict, annotations: PointTable, excluded: PointTable, max_marks: int,
-                  warnings: list) -> tuple:
+def _froc_entries(marks: PointTable, index: dict, annotations: PointTable, excluded: PointTable,
+                  max_marks: int, warnings: list) -> tuple:
     """The scored marks of the scans in ``index`` matched to their nodules: entries, match counts, mark counts
     and the number of nodules."""
     kept, mark_counts = _marks_that_count(marks, index, max_marks, warnings)
     nodules = _findings_on(annotations, index)
     if (nodules[2] == 0.0).any():
-        warnings.append(f"{int((nodules[2] == 0.0).sum())} nodule(s) with diameter 0 mm: no mark can hit them")
-    entries, counts = match_marks(len(index), _scan_indices(marks.seriesuid[kept], index), marks.world_xyz[kept],
-                                  marks.value[kept], *nodules, *_findings_on(excluded, index))
+        warnings.append(f"{int((nodules[2] == 0.0).sum())} nodule(s) with diameter 0 mm: "
+                        f"no mark can hit them")
+    entries, counts = match_marks(len(index), _scan_indices(marks.seriesuid[kept], index),
+                                  marks.world_xyz[kept], marks.value[kept], *nodules,
+                                  *_findings_on(excluded, index))
     return entries, counts, mark_counts, len(nodules[0])
 
 
@@ -380,11 +393,13 @@ def paired_cpm_difference(first: PointTable, second: PointTable, seriesuids: Seq
                      bootstrap_froc(entries, len(index), bootstrap, seed).mean(axis=1))
     low, high = _interval((cpm["second"][1] - cpm["first"][1])[:, None])
     return {"difference": cpm["second"][0] - cpm["first"][0], "ci95": [float(low[0]), float(high[0])],
-            "first": cpm["first"][0], "second": cpm["second"][0], "n_scans": len(index), "n_nodules": n_nodules,
+            "first": cpm["first"][0], "second": cpm["second"][0],
+            "n_scans": len(index), "n_nodules": n_nodules,
             "share_of_resamples_above_zero": float(np.mean(cpm["second"][1] > cpm["first"][1]))}
 
 
-def _add_bootstrap_intervals(result: dict, entries: FrocEntries, n_scans: int, bootstrap: int, seed: int) -> None:
+def _add_bootstrap_intervals(result: dict, entries: FrocEntries, n_scans: int, bootstrap: int,
+                             seed: int) -> None:
     samples = bootstrap_froc(entries, n_scans, bootstrap, seed, rates=tuple(FP_RATES) + tuple(CURVE_GRID))
     at_rates, curve = samples[:, :len(FP_RATES)], samples[:, len(FP_RATES):]
     cpm = at_rates.mean(axis=1)
@@ -426,31 +441,34 @@ def _recorded_by_extract(work_dir: Path, subset: int) -> tuple[Optional[Path], l
     try:
         return path, data.recorded_scans(json.loads(path.read_text()))
     except (ValueError, AttributeError) as err:
-        raise UserError(f"{path}: unreadable extract manifest ({err}); run extract --subsets {subset} again") from None
+        raise UserError(f"{path}: unreadable extract manifest ({err}); "
+                        f"run extract --subsets {subset} again") from None
 
 
 def _missing_message(missing: dict, subsets: Sequence[int], data_dir: Path) -> str:
     """Every missing scan, one a line with the file that records it, and what to do."""
     listed = "\n  ".join(f"{uid} (recorded in {where})" for uid, where in missing.items())
-    return (f"{len(missing)} scan(s) of subset(s) {common.format_subsets(subsets)} are missing from {data_dir}:\n"
-            f"  {listed}\nrestore them (or fix --data-dir); evaluate --allow-missing keeps them in the FROC "
-            f"with their nodules counted as missed")
+    return (f"{len(missing)} scan(s) of subset(s) {common.format_subsets(subsets)} are missing from "
+            f"{data_dir}:\n  {listed}\nrestore them (or fix --data-dir); evaluate --allow-missing keeps them "
+            f"in the FROC with their nodules counted as missed")
 
 
 def check_scans(data_dir, subsets: Sequence[int], work_dir=None, allow_missing: bool = False) -> ScanCheck:
-    """Account for every scan of the evaluated ``subsets``. A scan is missing when the subset's extract manifest
-    (``W/patches/subset<k>/manifest.json``, with ``work_dir``) records it, or, with all ten subsets evaluated, the
-    data folder's ``seriesuids.csv`` lists it, but its subset folder does not hold it. Missing scans are refused
-    (UserError naming each) unless ``allow_missing``: then they are returned, to stay in the FROC (their nodules
-    missed), with a warning naming them. A subset without a manifest gets a warning that it could not be checked."""
+    """Account for every scan of the evaluated ``subsets``. A scan is missing when the subset's extract
+    manifest (``W/patches/subset<k>/manifest.json``, with ``work_dir``) records it, or, with all ten subsets
+    evaluated, the data folder's ``seriesuids.csv`` lists it, but its subset folder does not hold it. Missing
+    scans are refused (UserError naming each) unless ``allow_missing``: then they are returned, to stay in the
+    FROC (their nodules missed), with a warning naming them. A subset without a manifest gets a warning that
+    it could not be checked."""
     data_dir = Path(data_dir)
     found = data.subset_scans(data_dir, subsets)
     missing, warnings = {}, []
     for k in subsets if work_dir is not None else ():
         path, recorded = _recorded_by_extract(Path(work_dir), k)
         if path is None:
-            warnings.append(f"subset {k} has no extract manifest ({data.subset_dir(work_dir, k) / 'manifest.json'}): "
-                            f"a scan missing from {data_dir / f'subset{k}'} could not be noticed")
+            warnings.append(f"subset {k} has no extract manifest "
+                            f"({data.subset_dir(work_dir, k) / 'manifest.json'}): a scan missing from "
+                            f"{data_dir / f'subset{k}'} could not be noticed")
         missing.update((uid, str(path)) for uid in recorded if uid not in found and uid not in missing)
     listing = data_dir / "seriesuids.csv"
     if ALL_SUBSETS <= set(subsets) and listing.is_file():
@@ -466,9 +484,9 @@ def check_scans(data_dir, subsets: Sequence[int], work_dir=None, allow_missing: 
 
 def submission_scans(data_dir, subsets: Optional[Sequence[int]], seriesuids=None, work_dir=None,
                      allow_missing: bool = False) -> tuple:
-    """The scans a submission is scored over, and warnings: ``seriesuids`` (a file) when given, else the scans of
-    ``subsets`` (:func:`check_scans`: those on disk, and with ``allow_missing`` the missing ones), else the data
-    folder's ``seriesuids.csv``."""
+    """The scans a submission is scored over, and warnings: ``seriesuids`` (a file) when given, else the scans
+    of ``subsets`` (:func:`check_scans`: those on disk, and with ``allow_missing`` the missing ones), else the
+    data folder's ``seriesuids.csv``."""
     if seriesuids is not None:
         return seriesuids, []
     if not subsets:
@@ -560,8 +578,8 @@ def froc_summary_line(result: dict) -> str:
     return (f"{result['n_scans']} scans, {result['n_nodules']} nodules ({result['n_detected']} hit, "
             f"{result['n_missed']} missed); {result['n_marks']} marks, {result['n_marks_scored']} scored "
             f"({result['n_marks_over_cap']} over the {MAX_MARKS_PER_SCAN}-per-scan cap), "
-            f"{result['n_false_positives']} false positives, {result['n_marks_on_excluded']} on excluded findings, "
-            f"{result['n_double_hits']} double hits")
+            f"{result['n_false_positives']} false positives, {result['n_marks_on_excluded']} on excluded "
+            f"findings, {result['n_double_hits']} double hits")
 
 
 # --- evaluating a model on whole subsets ---------------------------------------------------------
@@ -569,8 +587,8 @@ def froc_summary_line(result: dict) -> str:
 # probability: the raw score (as in submission.csv); calibrated_probability: at the checkpoint's recorded
 # candidate prior (calibration.py; empty for checkpoints without one), after the columns readers had before
 # it.
-PREDICTION_COLUMNS = ("seriesuid,coordX,coordY,coordZ,probability,class,annotated_diameter_mm,model_diameter_mm,"
-                      "plain_diameter_mm,calibrated_probability")
+PREDICTION_COLUMNS = ("seriesuid,coordX,coordY,coordZ,probability,class,annotated_diameter_mm,"
+                      "model_diameter_mm,plain_diameter_mm,calibrated_probability")
 # What evaluation keeps per candidate (the columns of each scan's part): the probability, the model's diameter
 # (NaN without a size output) and the plain measurement (sizing.py; only for nodule candidates, else NaN).
 SCORE_COLUMNS = ("probability", "model_diameter_mm", "plain_diameter_mm")
@@ -586,15 +604,16 @@ def checkpoint_for_run(work_dir, run: str) -> Path:
 
 def evaluation_name(work_dir, checkpoint: Path, candidates: Optional[Path] = None) -> str:
     """A checkpoint's evaluation name, after its run folder: ``W/runs/<run>/best.pt`` (what ``--run <run>``
-    evaluates) -> ``<run>``; any other checkpoint -> ``<its folder>_<its stem>_<8 hex digits of its full path>``, so
-    that two checkpoints never share an evaluation folder. ``candidates`` other than the data folder's add
-    ``_<their stem>``."""
+    evaluates) -> ``<run>``; any other checkpoint -> ``<its folder>_<its stem>_<8 hex digits of its full
+    path>``, so that two checkpoints never share an evaluation folder. ``candidates`` other than the data
+    folder's add ``_<their stem>``."""
     import hashlib
     checkpoint = Path(checkpoint).resolve()
     if checkpoint.parent.parent == (Path(work_dir) / "runs").resolve() and checkpoint.name == "best.pt":
         name = checkpoint.parent.name
     else:
-        name = f"{checkpoint.parent.name}_{checkpoint.stem}_{hashlib.sha1(str(checkpoint).encode()).hexdigest()[:8]}"
+        name = (f"{checkpoint.parent.name}_{checkpoint.stem}_"
+                f"{hashlib.sha1(str(checkpoint).encode()).hexdigest()[:8]}")
     return name + (f"_{Path(candidates).stem}" if candidates is not None else "")
 
 
@@ -623,11 +642,12 @@ class ScanPatchStream(torch.utils.data.IterableDataset):
         mine = self.scans[info.id::info.num_workers] if info else self.scans
         for uid, path, world_xyz in mine:
             try:
-                scan, patches = data.read_and_extract(path, world_xyz[:self.chunk], self.patch_size, self.spacing_mm)
+                scan, patches = data.read_and_extract(path, world_xyz[:self.chunk], self.patch_size,
+                                                      self.spacing_mm)
                 for first in range(0, len(world_xyz), self.chunk):
                     if first:
-                        patches = data.extract_patches(scan, world_xyz[first:first + self.chunk], self.patch_size,
-                                                       self.spacing_mm)
+                        patches = data.extract_patches(scan, world_xyz[first:first + self.chunk],
+                                                       self.patch_size, self.spacing_mm)
                     yield uid, first, torch.from_numpy(patches), ""
             except (UserError, ValueError, RuntimeError, OSError, MemoryError) as err:
                 yield uid, 0, None, str(err) or type(err).__name__
@@ -684,7 +704,8 @@ class ModelRun:
     parts: common.Parts
 
 
-def _score_scans(run: ModelRun, todo: list, rows_of: dict, scores: np.ndarray, measure: np.ndarray, console) -> dict:
+def _score_scans(run: ModelRun, todo: list, rows_of: dict, scores: np.ndarray, measure: np.ndarray,
+                 console) -> dict:
     """Fill the rows of ``scores`` (``(N, 3)``, :data:`SCORE_COLUMNS`) of the scans of ``todo``, measuring the
     plain diameter where ``measure`` (nodule candidates), and save each finished scan as a part; returns
     ``{seriesuid: reason}`` of the scans that could not be read."""
@@ -705,7 +726,8 @@ def _score_scans(run: ModelRun, todo: list, rows_of: dict, scores: np.ndarray, m
                 continue
             part = rows[first:first + len(patches)]
             scores[part, 0], scores[part, 1] = head.predict_patches(
-                run.model, patches, run.preprocess, run.device, run.batch_size, run.views, run.precision, with_size=True)
+                run.model, patches, run.preprocess, run.device, run.batch_size, run.views, run.precision,
+                with_size=True)
             wanted = measure[part]
             if wanted.any():
                 scores[part[wanted], 2] = sizing.measure_diameters(patches[wanted], spacing_mm)
@@ -716,11 +738,12 @@ def _score_scans(run: ModelRun, todo: list, rows_of: dict, scores: np.ndarray, m
     return unreadable
 
 
-def open_model_run(checkpoint: Path, candidates_path: Path, parts_dir: Path, views: Optional[int], batch_size: int,
-                   workers: int, device: str, precision: str, **key) -> tuple[ModelRun, dict]:
+def open_model_run(checkpoint: Path, candidates_path: Path, parts_dir: Path, views: Optional[int],
+                   batch_size: int, workers: int, device: str, precision: str,
+                   **key) -> tuple[ModelRun, dict]:
     """The model of a checkpoint, how it is applied, and the parts of its scores in ``parts_dir``, kept while
-    the checkpoint, its views, the encoder's precision, the candidates file and ``key`` stay the same (the head
-    runs in float32, see ``head.Classifier.forward_head``; parts scored otherwise are discarded). Returns
+    the checkpoint, its views, the encoder's precision, the candidates file and ``key`` stay the same (the
+    head runs in float32, see ``head.Classifier.forward_head``; parts scored otherwise are discarded). Returns
     ``(run, meta)``."""
     if batch_size < 1 or workers < 0:
         raise UserError(f"--batch-size must be >= 1 and --workers >= 0, got {batch_size}, {workers}")
@@ -759,11 +782,12 @@ def _write_scored(out_dir: Path, candidates: PointTable, scores: np.ndarray, ann
     return marks
 
 
-def evaluate_model(checkpoint: Path, data_dir: Path, subsets: list[int], out_dir: Path, views: Optional[int] = None,
-                   batch_size: int = 64, workers: int = 2, device: str = "auto", precision: str = "auto",
-                   bootstrap: int = 1000, seed: int = 0, console=None, candidates_path: Optional[Path] = None,
-                   work_dir: Optional[Path] = None, allow_missing: bool = False,
-                   cutoff: Optional[float] = None, strict_cutoff: bool = True) -> dict:
+def evaluate_model(checkpoint: Path, data_dir: Path, subsets: list[int], out_dir: Path,
+                   views: Optional[int] = None, batch_size: int = 64, workers: int = 2, device: str = "auto",
+                   precision: str = "auto", bootstrap: int = 1000, seed: int = 0, console=None,
+                   candidates_path: Optional[Path] = None, work_dir: Optional[Path] = None,
+                   allow_missing: bool = False, cutoff: Optional[float] = None,
+                   strict_cutoff: bool = True) -> dict:
     """Score every candidate of the given LUNA16 subsets with a checkpoint, then evaluate.
 
     Each scan is read once and its patches (the checkpoint's ``patch_size``/``spacing_mm``) go through the
@@ -789,8 +813,8 @@ def evaluate_model(checkpoint: Path, data_dir: Path, subsets: list[int], out_dir
     check = check_scans(data_dir, subsets, work_dir, allow_missing)
     scans = check.found
     candidates_path = Path(candidates_path) if candidates_path else data.candidates_file(data_dir)
-    run, meta = open_model_run(checkpoint, candidates_path, out_dir / "parts", views, batch_size, workers, device,
-                               precision)
+    run, meta = open_model_run(checkpoint, candidates_path, out_dir / "parts", views, batch_size, workers,
+                               device, precision)
     operating = calibration.resolve_cutoff(meta, run.views, cutoff, strict_cutoff, name=str(checkpoint))
     candidates, problems = data.read_point_csv(candidates_path, "class", strict=False)
     candidates = candidates.take(np.flatnonzero(np.isin(candidates.seriesuid, list(scans))))
@@ -820,10 +844,11 @@ def evaluate_model(checkpoint: Path, data_dir: Path, subsets: list[int], out_dir
     result["calibration"] = calibration_metrics(labels, marks.value, calibrated, meta.get("calibration"),
                                                 candidates_path, out_dir / "calibration.png", title)
     result.update({
-        "checkpoint": str(checkpoint), "epoch": meta.get("epoch"), "subsets": list(subsets), "views": run.views,
-        "encoder_precision": run.precision, "head_precision": "fp32",
+        "checkpoint": str(checkpoint), "epoch": meta.get("epoch"), "subsets": list(subsets),
+        "views": run.views, "encoder_precision": run.precision, "head_precision": "fp32",
         "n_scans": froc["n_scans"], "cpm": froc["cpm"], "cpm_ci95": froc.get("cpm_ci95"),
-        "froc_sensitivities": froc["froc_sensitivities"], "froc_sensitivities_ci95": froc.get("froc_sensitivities_ci95"),
+        "froc_sensitivities": froc["froc_sensitivities"],
+        "froc_sensitivities_ci95": froc.get("froc_sensitivities_ci95"),
         "froc": froc, "size": size, "unreadable_scans": unreadable, "missing_scans": check.missing,
         "warnings": [f"candidates file: {p}" for p in problems[:common.MAX_LISTED_PROBLEMS]] + check.warnings
                     + _missed_nodules(check.missing, annotations) + froc["warnings"],
@@ -923,17 +948,18 @@ def size_agreement(annotated: np.ndarray, estimate: np.ndarray) -> dict:
     measured = np.isfinite(estimate)
     error = estimate[measured] - annotated[measured]
     true_band = np.array([followup.size_band(d) for d in annotated], dtype=object)
-    found_band = np.array([followup.size_band(max(d, 0.0)) if np.isfinite(d) else "not measured" for d in estimate],
-                          dtype=object)
-    confusion = [[int(((true_band == row) & (found_band == column)).sum()) for column in SIZE_BANDS + ("not measured",)]
-                 for row in SIZE_BANDS]
+    found_band = np.array([followup.size_band(max(d, 0.0)) if np.isfinite(d) else "not measured"
+                           for d in estimate], dtype=object)
+    confusion = [[int(((true_band == row) & (found_band == column)).sum())
+                  for column in SIZE_BANDS + ("not measured",)] for row in SIZE_BANDS]
     return {**_errors(error), "n_nodules": int(known.sum()), "n_measured": int(measured.sum()),
             "by_band": {band: _errors(error[true_band[measured] == band]) for band in SIZE_BANDS},
             "bands": list(SIZE_BANDS), "confusion": confusion,
             "agreement": float((true_band == found_band).mean()) if len(annotated) else None}
 
 
-def _evaluate_sizes(annotated: np.ndarray, scores: np.ndarray, model_has_size: bool, figure: Path, title: str) -> dict:
+def _evaluate_sizes(annotated: np.ndarray, scores: np.ndarray, model_has_size: bool, figure: Path,
+                    title: str) -> dict:
     """:func:`size_metrics` of the model's and the plain diameters (columns 1 and 2 of evaluate's ``scores``)
     against ``annotated``, and their scatter plot in ``figure``."""
     estimates = {"model": scores[:, 1], "plain": scores[:, 2]}
@@ -942,7 +968,8 @@ def _evaluate_sizes(annotated: np.ndarray, scores: np.ndarray, model_has_size: b
 
 
 def size_metrics(annotated: np.ndarray, estimates: dict) -> dict:
-    """:func:`size_agreement` of each named estimate (``{"model": mm, "plain": mm}``) against ``annotated``."""
+    """:func:`size_agreement` of each named estimate (``{"model": mm, "plain": mm}``) against
+    ``annotated``."""
     return {name: size_agreement(np.asarray(annotated, np.float64), np.asarray(estimate, np.float64))
             for name, estimate in estimates.items()}
 
@@ -973,7 +1000,8 @@ def plot_sizes(annotated: np.ndarray, estimates: dict, path: Path, title: str = 
 
 
 def size_table(size: dict):
-    """A rich table of :func:`size_metrics`: per estimate, the error overall and per band, and the agreement."""
+    """A rich table of :func:`size_metrics`: per estimate, the error overall and per band, and the
+    agreement."""
     from rich.table import Table
 
     def fmt(value):
@@ -988,6 +1016,7 @@ def size_table(size: dict):
         table.add_column(f"MAE {band}", justify="right")
     table.add_column("band agreement", justify="right")
     for name, found in ((k, v) for k, v in size.items() if isinstance(v, dict)):
-        table.add_row(name, f"{found['n_measured']}/{found['n_nodules']}", fmt(found["mae_mm"]), fmt(found["bias_mm"]),
-                      *(fmt(found["by_band"][band]["mae_mm"]) for band in SIZE_BANDS), fmt(found["agreement"]))
+        table.add_row(name, f"{found['n_measured']}/{found['n_nodules']}", fmt(found["mae_mm"]),
+                      fmt(found["bias_mm"]), *(fmt(found["by_band"][band]["mae_mm"]) for band in SIZE_BANDS),
+                      fmt(found["agreement"]))
     return table

@@ -49,8 +49,8 @@ GUIDELINES = ("fleischner", "lung-rads")
 NODULE_TYPES = ("solid", "part-solid", "ground-glass")
 RISKS = ("low", "high")
 DISCLAIMER = ("research output, not a medical device; the category follows published size thresholds applied "
-              "to an automatically estimated diameter and an assumed nodule type, risk and number of nodules, "
-              "and must not be used for patient care")
+              "to an automatically estimated diameter and an assumed nodule type, risk and number of "
+              "nodules, and must not be used for patient care")
 
 INF = math.inf
 # Size bands: label -> (lower mm, upper mm, lower bound included, upper bound included).
@@ -166,8 +166,8 @@ def check_options(guideline="fleischner", nodule_type="solid", risk="low") -> tu
     :data:`GUIDELINES`, :data:`NODULE_TYPES` or :data:`RISKS` raises UserError naming the option and the
     allowed values."""
     checked = []
-    for value, option, allowed in ((guideline, "--guideline", GUIDELINES), (nodule_type, "--type", NODULE_TYPES),
-                                   (risk, "--risk", RISKS)):
+    for value, option, allowed in ((guideline, "--guideline", GUIDELINES),
+                                   (nodule_type, "--type", NODULE_TYPES), (risk, "--risk", RISKS)):
         text = str(getattr(value, "value", value)).strip().lower()
         if text not in allowed:
             raise UserError(f"{option} must be one of {', '.join(allowed)}; got {value!r}")

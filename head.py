@@ -8,8 +8,8 @@ Input to the model: HU patches scaled with ``data.hu_to_unit`` to float32 ``(B, 
 made before it existed) have no size output.
 
 The encoder sees that patch in the layout its weights were trained in: ``Classifier.forward_features`` passes
-it through :func:`to_encoder_layout` first. The self-supervised CT weights (and the BraTS ones) were trained on
-MONAI-loaded volumes indexed ``[x, y, z]`` in RAS orientation, so new models use ``"ras_xyz"``; checkpoints
+it through :func:`to_encoder_layout` first. The self-supervised CT weights (and the BraTS ones) were trained
+on MONAI-loaded volumes indexed ``[x, y, z]`` in RAS orientation, so new models use ``"ras_xyz"``; checkpoints
 record the layout as ``config["encoder"]["input_layout"]``, and a config without it (made before the layout
 existed) means ``"lps_zyx"``, the patch as it is.
 
@@ -40,20 +40,22 @@ ENCODER_DEFAULTS: Dict[str, Any] = {"in_channels": 1, "feature_size": 48, "depth
                                     "num_heads": [3, 6, 12, 24], "window_size": 7, "patch_size": 2,
                                     "use_checkpoint": False}
 
-# The encoder's input layouts (see to_encoder_layout). New models use the published weights' pretraining layout;
-# a model config without "input_layout" predates it and was trained on the patch as it is.
+# The encoder's input layouts (see to_encoder_layout). New models use the published weights' pretraining
+# layout; a model config without "input_layout" predates it and was trained on the patch as it is.
 PRETRAINING_LAYOUT = "ras_xyz"
 LEGACY_LAYOUT = "lps_zyx"
 INPUT_LAYOUTS = (PRETRAINING_LAYOUT, LEGACY_LAYOUT)
 
 
 def to_encoder_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    """Model input ``(B, C, P, P, P)`` indexed ``[z, y, x]`` along world LPS +z, +y, +x -> the encoder's layout.
+    """Model input ``(B, C, P, P, P)`` indexed ``[z, y, x]`` along world LPS +z, +y, +x -> the encoder's
+    layout.
 
     ``"ras_xyz"``: the layout of MONAI's loaders (``Orientationd(axcodes="RAS")``), in which the Swin UNETR
-    weights were trained: array axes ``[i, j, k]`` run along RAS +x (patient Right), +y (Anterior), +z (Superior).
-    RAS +x is LPS -x and RAS +y is LPS -y, while +z is the same, so ``out[i, j, k] = patch[k, P-1-j, P-1-i]``:
-    the axes are reversed to ``[x, y, z]`` and the (now first two) x and y axes are flipped.
+    weights were trained: array axes ``[i, j, k]`` run along RAS +x (patient Right), +y (Anterior),
+    +z (Superior). RAS +x is LPS -x and RAS +y is LPS -y, while +z is the same, so
+    ``out[i, j, k] = patch[k, P-1-j, P-1-i]``: the axes are reversed to ``[x, y, z]`` and the (now first
+    two) x and y axes are flipped.
     ``"lps_zyx"``: the patch unchanged (models made before the layout existed).
     """
     if check_layout(layout) == PRETRAINING_LAYOUT:
@@ -134,7 +136,8 @@ class Classifier(nn.Module):
     ``build_classifier`` takes it from the config, where it is missing from models that predate it.
     """
 
-    def __init__(self, encoder: nn.Module, head: nn.Module, pooling: str = "avg", input_layout: str = LEGACY_LAYOUT):
+    def __init__(self, encoder: nn.Module, head: nn.Module, pooling: str = "avg",
+                 input_layout: str = LEGACY_LAYOUT):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -154,10 +157,12 @@ class Classifier(nn.Module):
         return last.flatten(1)
 
     def forward_head(self, features: torch.Tensor, with_size: bool = False):
-        """``(B, F)`` features -> ``(B,)`` float32 logits; with ``with_size``, ``(logits, log-diameter (B,))``.
+        """``(B, F)`` features -> ``(B,)`` float32 logits; with ``with_size``,
+        ``(logits, log-diameter (B,))``.
 
         The head always runs in float32, outside any autocast: the encoder may run in bf16/fp16, but logits in
-        bf16 steps (about 0.03-0.06 apart) would tie scores that the FROC's 100-mark cap and the AUC tell apart.
+        bf16 steps (about 0.03-0.06 apart) would tie scores that the FROC's 100-mark cap and the AUC tell
+        apart.
         """
         with torch.autocast(device_type=features.device.type, enabled=False):
             return self.head(features.float(), with_size)
@@ -171,7 +176,8 @@ class Classifier(nn.Module):
 
 
 def centre_mean(stage: torch.Tensor) -> torch.Tensor:
-    """``(B, C, D, H, W)`` -> ``(B, C)``: mean over the central 2 voxels of each even axis (1 of an odd one)."""
+    """``(B, C, D, H, W)`` -> ``(B, C)``: mean over the central 2 voxels of each even axis (1 of an odd
+    one)."""
     for axis in (2, 3, 4):
         size = stage.shape[axis]
         stage = stage.narrow(axis, (size - 1) // 2, 2 - size % 2)
@@ -182,8 +188,8 @@ def resolve_config(config: Dict[str, Any]) -> Dict[str, Any]:
     """Fill defaults and validate a model config ``{"encoder": {...}, "pooling": ..., "patch_size": P,
     "size_output": bool}`` (``size_output`` missing: False, a model made before it existed).
 
-    ``encoder["input_layout"]`` missing means ``"lps_zyx"``: the config predates the layout (old checkpoints and
-    feature sets keep their outputs). New configs come from ``features.encoder_config``, which sets it.
+    ``encoder["input_layout"]`` missing means ``"lps_zyx"``: the config predates the layout (old checkpoints
+    and feature sets keep their outputs). New configs come from ``features.encoder_config``, which sets it.
     """
     encoder = dict(ENCODER_DEFAULTS)
     encoder.update(config.get("encoder", {}))
@@ -214,7 +220,8 @@ def feature_dim(config: Dict[str, Any]) -> int:
 
 
 def build_encoder(encoder_config: Dict[str, Any]) -> nn.Module:
-    """A randomly initialised ``swin_encoder.SwinEncoder`` from its keyword arguments (``input_layout`` aside)."""
+    """A randomly initialised ``swin_encoder.SwinEncoder`` from its keyword arguments (``input_layout``
+    aside)."""
     import swin_encoder
     kwargs = {k: v for k, v in encoder_config.items() if k != "input_layout"}
     kwargs["depths"] = tuple(kwargs["depths"])
@@ -223,11 +230,12 @@ def build_encoder(encoder_config: Dict[str, Any]) -> nn.Module:
 
 
 def build_classifier(config: Dict[str, Any]) -> Classifier:
-    """Randomly initialised classifier for ``config = {"encoder": {SwinEncoder kwargs, "input_layout"}, "pooling",
-    "patch_size"}``."""
+    """Randomly initialised classifier for ``config = {"encoder": {SwinEncoder kwargs, "input_layout"},
+    "pooling", "patch_size"}``."""
     config = resolve_config(config)
-    return Classifier(build_encoder(config["encoder"]), MLPHead(feature_dim(config), size_output=config["size_output"]),
-                      config["pooling"], config["encoder"]["input_layout"])
+    return Classifier(build_encoder(config["encoder"]),
+                      MLPHead(feature_dim(config), size_output=config["size_output"]), config["pooling"],
+                      config["encoder"]["input_layout"])
 
 
 def save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:
@@ -238,7 +246,8 @@ def save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:
 
 def strip_module_prefix(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Remove the ``module.`` prefix DistributedDataParallel adds to parameter names."""
-    return {(key[len("module."):] if key.startswith("module.") else key): value for key, value in state.items()}
+    return {(key[len("module."):] if key.startswith("module.") else key): value
+            for key, value in state.items()}
 
 
 def read_checkpoint(path: Path) -> Dict[str, Any]:
@@ -300,7 +309,8 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 autocast on GPUs that support it, fp16 (with loss scaling) on older ones, fp32 on CPU."""
+    """``auto``: bf16 autocast on GPUs that support it, fp16 (with loss scaling) on older ones, fp32 on
+    CPU."""
     if precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
@@ -314,14 +324,16 @@ def autocast(device: torch.device, precision: str):
     """The autocast context of a resolved precision (none for fp32)."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return torch.autocast(device_type=device.type,
+                          dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 # --- views and batched prediction ---------------------------------------------------
 
-# The 8 flip combinations of the z, y, x axes of a (B, P, P, P) batch; view 0 is the patch itself. Views are flips
-# of the [z, y, x] LPS patch, made before Classifier.forward_features puts it in the encoder's layout (the full set
-# of 8 is the same set of flips in either layout; a smaller one is a fixed choice of patch axes).
+# The 8 flip combinations of the z, y, x axes of a (B, P, P, P) batch; view 0 is the patch itself. Views are
+# flips of the [z, y, x] LPS patch, made before Classifier.forward_features puts it in the encoder's layout
+# (the full set of 8 is the same set of flips in either layout; a smaller one is a fixed choice of
+# patch axes).
 VIEW_FLIPS = tuple(tuple(axis for axis, bit in zip((1, 2, 3), bits) if bit)
                    for bits in itertools.product((0, 1), repeat=3))
 
@@ -334,8 +346,8 @@ def check_views(views: int) -> int:
 
 
 def flipped_views(x: torch.Tensor, views: int):
-    """The first ``views`` flips of ``(B, P, P, P)`` ``[z, y, x]`` patches, each as model input ``(B, 1, P, P, P)``
-    (still ``[z, y, x]``: the model applies its input layout)."""
+    """The first ``views`` flips of ``(B, P, P, P)`` ``[z, y, x]`` patches, each as model input
+    ``(B, 1, P, P, P)`` (still ``[z, y, x]``: the model applies its input layout)."""
     for flip in VIEW_FLIPS[:views]:
         yield (torch.flip(x, flip) if flip else x).unsqueeze(1)
 
@@ -417,7 +429,8 @@ def size_loss(log_size: torch.Tensor, labels: torch.Tensor, diameters: torch.Ten
 
 
 def size_mae_mm(labels: np.ndarray, diameters: np.ndarray, log_size: Optional[np.ndarray]) -> float:
-    """Mean absolute error in mm of the size output on nodules with an annotated diameter (NaN if none/no output)."""
+    """Mean absolute error in mm of the size output on nodules with an annotated diameter (NaN if none/no
+    output)."""
     if log_size is None:
         return math.nan
     known = (np.asarray(labels) > 0.5) & np.isfinite(diameters)
@@ -440,7 +453,8 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> Optional[float]:
 
 
 def cutoff_for_sensitivity(labels: np.ndarray, probs: np.ndarray, target: float = 0.9) -> float:
-    """Highest threshold t with sensitivity (share of positives with prob >= t) >= ``target``; 0.5 without positives."""
+    """Highest threshold t with sensitivity (share of positives with prob >= t) >= ``target``; 0.5 without
+    positives."""
     if not 0.0 < target <= 1.0:
         raise ValueError(f"target sensitivity must be in (0, 1], got {target}")
     positives = np.sort(np.asarray(probs, dtype=np.float64)[np.asarray(labels) == 1])[::-1]
@@ -458,8 +472,8 @@ def threshold_metrics(labels: np.ndarray, probability: np.ndarray, cutoff: float
     tp, fn = int((called & positive).sum()), int((~called & positive).sum())
     tn, fp = int((~called & ~positive).sum()), int((called & ~positive).sum())
     return {"cutoff": float(cutoff), "accuracy": (tp + tn) / len(positive) if len(positive) else None,
-            "sensitivity": tp / (tp + fn) if tp + fn else None, "specificity": tn / (tn + fp) if tn + fp else None,
-            "tp": tp, "fp": fp, "tn": tn, "fn": fn}
+            "sensitivity": tp / (tp + fn) if tp + fn else None,
+            "specificity": tn / (tn + fp) if tn + fp else None, "tp": tp, "fp": fp, "tn": tn, "fn": fn}
 
 
 def binary_metrics(labels: np.ndarray, logits: np.ndarray, threshold: float = 0.5) -> Dict[str, float]:

@@ -67,9 +67,10 @@ class LungMaps:
     1 mm spacing), cropped to the lungs: array element ``[k, j, i]`` is grid index ``(i, j, k) + offset_ijk``.
 
     hu: float32 HU; lung, air, vessel: bool; depth_mm: distance inside the lung to its boundary (0 outside);
-    vessel_mm: signed distance to the vessels (mm, negative inside one); vessel_radius_mm: in a vessel, about its
-    local radius (the largest depth inside it over the voxel's 3 x 3 x 3 neighbourhood); fissure: ``(F, 3)`` int ``[k, j, i]``
-    points on fissures; crossing: ``(C, 3)`` int ``[k, j, i]`` vessel points where vessels branch or cross.
+    vessel_mm: signed distance to the vessels (mm, negative inside one); vessel_radius_mm: in a vessel, about
+    its local radius (the largest depth inside it over the voxel's 3 x 3 x 3 neighbourhood); fissure:
+    ``(F, 3)`` int ``[k, j, i]`` points on fissures; crossing: ``(C, 3)`` int ``[k, j, i]`` vessel points
+    where vessels branch or cross.
     """
     grid: CTScan
     offset_ijk: np.ndarray
@@ -106,11 +107,13 @@ def _sample(rng: np.random.Generator, flat: np.ndarray, n: int) -> np.ndarray:
 
 
 def _fissure_points(hu: np.ndarray, depth: np.ndarray, vessel_mm: np.ndarray) -> np.ndarray:
-    """``(F, 3)`` ``[k, j, i]`` points of bright thin sheets in the parenchyma, away from vessels and the pleura.
+    """``(F, 3)`` ``[k, j, i]`` points of bright thin sheets in the parenchyma, away from vessels and the
+    pleura.
 
     Every other voxel on each axis is tested (sheet: the smallest Hessian eigenvalue of the CT smoothed by
-    ``FISSURE_SIGMA_MM`` below ``-FISSURE_CURVATURE``, the others within ``FISSURE_FLATNESS`` of it); only sheets
-    that hold together over ``MIN_SHEET_POINTS`` tested voxels are kept, which noise and vessel walls do not."""
+    ``FISSURE_SIGMA_MM`` below ``-FISSURE_CURVATURE``, the others within ``FISSURE_FLATNESS`` of it); only
+    sheets that hold together over ``MIN_SHEET_POINTS`` tested voxels are kept, which noise and vessel walls
+    do not."""
     import SimpleITK as sitk
     smoothed = detect._smooth(hu, 1.0, FISSURE_SIGMA_MM)
     coarse = (slice(2, -2, 2),) * 3
@@ -164,9 +167,11 @@ def lung_maps(scan: CTScan, rng: np.random.Generator) -> Optional[LungMaps]:
 
 # --- placing nodules ---------------------------------------------------------------
 
-LOOSE_RULES = {  # every spot any nodule (1.5-15 mm radius) of a placement could use: the radius rules narrow it
+# every spot any nodule (1.5-15 mm radius) of a placement could use: the radius rules narrow it
+LOOSE_RULES = {
     ("isolated", "isolated"): lambda m: m.air & (m.depth_mm > 5.5) & (m.vessel_mm > 3.5),
-    ("vessel", "touching"): lambda m: m.air & (m.depth_mm > 4.5) & (m.vessel_mm > 0.5) & (m.vessel_mm <= 15.5),
+    ("vessel", "touching"): lambda m: (m.air & (m.depth_mm > 4.5) & (m.vessel_mm > 0.5)
+                                       & (m.vessel_mm <= 15.5)),
     ("vessel", "engulfing"): lambda m: m.vessel & (m.vessel_radius_mm <= 6.0) & (m.depth_mm > 4.5),
     ("pleura", "pleura"): lambda m: m.air & (m.depth_mm >= 0.45) & (m.depth_mm <= 10.5),
 }
@@ -177,7 +182,8 @@ def _loose_centres(maps: LungMaps, placement: str, detail: str) -> np.ndarray:
     key = (placement, detail)
     if key not in maps.spots:
         if placement == "fissure":
-            flat = np.ravel_multi_index(maps.fissure.T, maps.hu.shape) if len(maps.fissure) else np.zeros(0, int)
+            flat = (np.ravel_multi_index(maps.fissure.T, maps.hu.shape) if len(maps.fissure)
+                    else np.zeros(0, int))
         else:
             flat = np.flatnonzero(LOOSE_RULES[key](maps).ravel())
         maps.spots[key] = flat
@@ -192,7 +198,8 @@ def _centres_for(maps: LungMaps, placement: str, radius: float, detail: str) -> 
         ok = (depth > radius + 4.0) & (vessel_mm > radius + 2.0)
     elif placement == "vessel" and detail == "touching":
         ok = (depth > radius + 3.0) & (vessel_mm > radius - 1.0) & (vessel_mm <= radius + 0.5)
-    elif placement == "vessel":      # engulfing: centred in a vessel whose radius is at most 0.4 of the nodule's
+    elif placement == "vessel":
+        # engulfing: centred in a vessel whose radius is at most 0.4 of the nodule's
         ok = (maps.vessel_radius_mm.ravel()[flat] <= 0.4 * radius) & (depth > radius + 3.0)
     elif placement == "pleura":      # reaching 0.3 to 0.7 of its radius into the chest wall
         ok = (depth >= 0.3 * radius) & (depth <= 0.7 * radius)
@@ -235,8 +242,9 @@ def _draw(rng: np.random.Generator, shares: tuple) -> str:
 
 def place_nodule(rng, maps: LungMaps, scan: CTScan, placement: str, occupied: list, diameter_mm=None,
                  kind=None, shape=None) -> Optional[Placed]:
-    """One nodule at a random spot of ``placement``, or None when none fits. Its type, shape and size (log-uniform
-    3-30 mm) are drawn unless given. ``occupied``: ``(centre_xyz, radius_mm)`` of the nodules already there."""
+    """One nodule at a random spot of ``placement``, or None when none fits. Its type, shape and size
+    (log-uniform 3-30 mm) are drawn unless given. ``occupied``: ``(centre_xyz, radius_mm)`` of the nodules
+    already there."""
     kind, shape = kind or _draw(rng, TYPE_SHARES), shape or _draw(rng, SHAPE_SHARES)
     diameter = float(diameter_mm or math.exp(rng.uniform(math.log(nodules.MIN_DIAMETER_MM),
                                                           math.log(nodules.MAX_DIAMETER_MM))))
@@ -271,7 +279,8 @@ def _try_spots(rng, maps: LungMaps, scan: CTScan, placement: str, detail: str, d
 
 
 def insert_into(hu: np.ndarray, scan: CTScan, nodule: nodules.Nodule) -> None:
-    """Draw one nodule into ``hu`` (int16 ``[k, j, i]`` on ``scan``'s grid) in place (see the module docstring)."""
+    """Draw one nodule into ``hu`` (int16 ``[k, j, i]`` on ``scan``'s grid) in place (see the module
+    docstring)."""
     rendered = nodules.render_fractions(nodule, scan.origin, scan.spacing, scan.direction, hu.shape)
     if rendered is None:
         return
@@ -320,13 +329,14 @@ def _negative_pool(rng, maps: LungMaps, source: str, placed: list, n: int) -> np
         unit = rng.standard_normal((n, 3))
         unit /= np.linalg.norm(unit, axis=1, keepdims=True)
         return centres[pick] + unit * (reach[pick] + rng.uniform(3.0, 10.0, n))[:, None]
-    return _flat_points(rng, maps, np.flatnonzero(maps.air.ravel() & (depth > 4.0) & (maps.vessel_mm.ravel() > 3.0)), n)
+    return _flat_points(rng, maps, np.flatnonzero(maps.air.ravel() & (depth > 4.0)
+                                                  & (maps.vessel_mm.ravel() > 3.0)), n)
 
 
 def candidate_rows(rng, maps: LungMaps, scan: CTScan, placed: list, real: list, negatives: int) -> list:
     """``(world_xyz, class, source)`` of one copy: 1-3 positives near each nodule (inserted or real, within a
-    quarter of its radius of the centre) and ``negatives`` class-0 points of the types of ``NEGATIVE_SHARES``, each
-    more than 2 mm outside every nodule."""
+    quarter of its radius of the centre) and ``negatives`` class-0 points of the types of ``NEGATIVE_SHARES``,
+    each more than 2 mm outside every nodule."""
     rows = []
     for centre, radius, source in ([(p.nodule.centre_xyz, p.nodule.radius_mm, "nodule") for p in placed]
                                    + [(c, r, "real nodule") for c, r in real]):
@@ -349,8 +359,8 @@ def candidate_rows(rng, maps: LungMaps, scan: CTScan, placed: list, real: list, 
 
 @dataclass
 class Background:
-    """A background CT as given: its path, seriesuid, and its own nodules (``(centre_xyz, radius_mm)``, world mm)
-    and excluded findings (``(centre_xyz, diameter_mm)``) from ``--annotations``."""
+    """A background CT as given: its path, seriesuid, and its own nodules (``(centre_xyz, radius_mm)``,
+    world mm) and excluded findings (``(centre_xyz, diameter_mm)``) from ``--annotations``."""
     path: Path
     uid: str
     real: list = field(default_factory=list)
@@ -359,8 +369,9 @@ class Background:
 
 @dataclass
 class InsertSummary:
-    """What :func:`write_inserted_folder` wrote: per-copy rows in ``scans``, per-nodule rows in ``nodules``, and the
-    backgrounds it could not use (``skipped``: ``(path, reason)``; ``unreadable``: the subset of those)."""
+    """What :func:`write_inserted_folder` wrote: per-copy rows in ``scans``, per-nodule rows in ``nodules``,
+    and the backgrounds it could not use (``skipped``: ``(path, reason)``; ``unreadable``: the subset of
+    those)."""
     root: Path
     scans: list
     nodules: list
@@ -387,8 +398,8 @@ def series_uid_of(path: Path) -> str:
 
 
 def _read_annotations(annotations: Optional[Path]) -> list:
-    """``[nodules, excluded]`` point tables (diameter_mm): ``annotations`` and ``annotations_excluded.csv`` beside
-    it (None where absent), each read once for every background."""
+    """``[nodules, excluded]`` point tables (diameter_mm): ``annotations`` and ``annotations_excluded.csv``
+    beside it (None where absent), each read once for every background."""
     if annotations is None:
         return [None, None]
     excluded = annotations.parent / "annotations_excluded.csv"
@@ -407,8 +418,9 @@ def _annotated(tables: list, uid: str) -> tuple[list, list]:
 
 
 def _copy_nodules(rng, maps: LungMaps, scan: CTScan, count: int, real: list) -> list:
-    """Up to ``count`` nodules placed in one copy, placements in turn from a random start; a nodule that does not
-    fit its placement tries the next, then ``isolated``; after ``FULL_AFTER_MISSES`` misses in a row, no more."""
+    """Up to ``count`` nodules placed in one copy, placements in turn from a random start; a nodule that does
+    not fit its placement tries the next, then ``isolated``; after ``FULL_AFTER_MISSES`` misses in a row, no
+    more."""
     placed: list[Placed] = []
     occupied = list(real)
     start, misses = int(rng.integers(len(PLACEMENTS))), 0
@@ -445,7 +457,8 @@ def write_inserted_folder(root, backgrounds: Sequence, copies: int = 1, nodules_
     if annotations is not None and not annotations.is_file():
         raise UserError(f"{annotations}: no such annotations file")
     phantom._prepare_root(root, force)
-    (root / phantom.UNFINISHED_MARK).write_text("synth is writing this folder; rerun synth with --force to finish it\n")
+    (root / phantom.UNFINISHED_MARK).write_text("synth is writing this folder; "
+                                                "rerun synth with --force to finish it\n")
     start = time.perf_counter()
     tables = dict(annotations=[], excluded=[], candidates=[], sources=[], uids=[])
     known = _read_annotations(annotations)
@@ -476,8 +489,8 @@ def write_inserted_folder(root, backgrounds: Sequence, copies: int = 1, nodules_
     if not scans:
         (root / phantom.UNFINISHED_MARK).unlink()
         raise UserError("no copy was written: " + "; ".join(f"{p}: {why}" for p, why in skipped))
-    phantom._write_tables(root, tables["annotations"], tables["excluded"], tables["candidates"], tables["sources"],
-                          tables["uids"])
+    phantom._write_tables(root, tables["annotations"], tables["excluded"], tables["candidates"],
+                          tables["sources"], tables["uids"])
     summary = InsertSummary(root, scans, inserted, len(tables["candidates"]),
                             sum(r[-1] == "1" for r in tables["candidates"]), skipped, unreadable)
     manifest = {"synthetic": "nodules inserted into real CT", "seed": seed, "copies": copies,
@@ -519,7 +532,8 @@ def _write_copy(rng, root: Path, subset: int, scan: CTScan, maps: LungMaps, back
     tables["uids"].append(uid)
     row = {"seriesuid": uid, "subset": subset, "background": str(background.path),
            "background_seriesuid": background.uid, "copy": copy, "shape_zyx": list(scan.hu.shape),
-           "spacing_xyz": np.asarray(scan.spacing, float).tolist(), "origin_xyz": np.asarray(scan.origin, float).tolist(),
+           "spacing_xyz": np.asarray(scan.spacing, float).tolist(),
+           "origin_xyz": np.asarray(scan.origin, float).tolist(),
            "direction": np.asarray(scan.direction, float).tolist(), "nodules_requested": nodules_per_scan,
            "nodules_placed": len(placed), "real_nodules": len(background.real)}
     return row, placed
@@ -528,16 +542,17 @@ def _write_copy(rng, root: Path, subset: int, scan: CTScan, maps: LungMaps, back
 def _nodule_row(p: Placed, uid: str, background: Background, copy: int) -> dict:
     n = p.nodule
     return {"seriesuid": uid, "centre_xyz": [round(float(v), 4) for v in n.centre_xyz],
-            "diameter_mm": round(n.diameter_mm, 3), "type": n.kind, "shape": n.shape, "placement": p.placement,
-            "detail": p.detail, "air_share": round(p.air_share, 3), "background": str(background.path),
-            "background_seriesuid": background.uid, "copy": copy}
+            "diameter_mm": round(n.diameter_mm, 3), "type": n.kind, "shape": n.shape,
+            "placement": p.placement, "detail": p.detail, "air_share": round(p.air_share, 3),
+            "background": str(background.path), "background_seriesuid": background.uid, "copy": copy}
 
 
 def summary_table(summary: InsertSummary):
     """A rich table of what :func:`write_inserted_folder` wrote, per placement, captioned as synthetic."""
     from rich.table import Table
     table = Table(title=f"Nodules inserted into real CT in {summary.root}",
-                  caption="[yellow]Real CT backgrounds with synthetic nodules; research data, not for clinical use.[/]")
+                  caption="[yellow]Real CT backgrounds with synthetic nodules; research data, "
+                          "not for clinical use.[/]")
     table.add_column("item")
     table.add_column("value", justify="right")
     requested = sum(s["nodules_requested"] for s in summary.scans)

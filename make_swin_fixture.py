@@ -10,11 +10,13 @@ initialises near zero, so that the bias matters in the comparison):
 
 * ``w4``: window 4, feature size 12, 4 input channels, input ``(1, 4, 32, 32, 32)``; saved as a full
   SwinUNETR state dict (small decoder tensors included) under "state_dict", like the BraTS
-  checkpoints. Holds the expected outputs for the 4-channel input and for a 1-channel input copied into all 4 channels.
+  checkpoints. Holds the expected outputs for the 4-channel input and for a 1-channel input copied
+  into all 4 channels.
 * ``w7``: window 7 (as the published weights), feature size 12, 1 input channel, input
   ``(1, 1, 64, 32, 32)``: padding to whole windows, shifted-window masks over padding, a stage
   shifted along one axis only (window 7x4x4) and a last stage whose window shrinks to 4x2x2.
-  Saved as the ``swinViT.*`` part only, without the ``relative_position_index`` buffers (7.5 MB of int64 that the encoder computes itself).
+  Saved as the ``swinViT.*`` part only, without the ``relative_position_index`` buffers (7.5 MB of
+  int64 that the encoder computes itself).
 
 Outputs are ``model.swinViT(x, normalize=True)``, five float32 maps per case.
 """
@@ -34,8 +36,9 @@ DECODER_LIMIT = 5_000
 def reference_encoder(feature_size: int, window_size: int) -> torch.nn.Module:
     """MONAI 1.4's SwinTransformer configured like ``swin_encoder.SwinEncoder(1, feature_size, window_size)``
     (used by ``bench.py encoder`` for the side-by-side timing)."""
-    return SwinTransformer(in_chans=1, embed_dim=feature_size, window_size=(window_size,) * 3, patch_size=(2,) * 3,
-                           depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24), downsample="merging")
+    return SwinTransformer(in_chans=1, embed_dim=feature_size, window_size=(window_size,) * 3,
+                           patch_size=(2,) * 3, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24),
+                           downsample="merging")
 
 
 def randomise(module: torch.nn.Module, generator: torch.Generator) -> None:
@@ -55,7 +58,8 @@ def randomise(module: torch.nn.Module, generator: torch.Generator) -> None:
 
 def swin_unetr(in_channels: int, feature_size: int, window: int) -> SwinUNETR:
     """A SwinUNETR whose encoder uses ``window`` (SwinUNETR itself always builds window 7)."""
-    model = SwinUNETR(img_size=(32, 32, 32), in_channels=in_channels, out_channels=2, feature_size=feature_size)
+    model = SwinUNETR(img_size=(32, 32, 32), in_channels=in_channels, out_channels=2,
+                      feature_size=feature_size)
     if window != 7:
         model.swinViT = SwinTransformer(
             in_chans=in_channels, embed_dim=feature_size, window_size=(window,) * 3, patch_size=(2, 2, 2),
@@ -71,9 +75,11 @@ def make_case(seed: int, in_channels: int, window: int, shape: tuple, full_state
     with torch.no_grad():
         outputs = [o.contiguous() for o in model.swinViT(x, normalize=True)]
     if full_state:  # decoder tensors over DECODER_LIMIT elements are left out to keep the file small
-        state = {k: v for k, v in model.state_dict().items() if k.startswith("swinViT.") or v.numel() <= DECODER_LIMIT}
+        state = {k: v for k, v in model.state_dict().items()
+                 if k.startswith("swinViT.") or v.numel() <= DECODER_LIMIT}
     else:  # the index buffers are left out: the loader must then use the encoder's own
-        state = {f"swinViT.{k}": v for k, v in model.swinViT.state_dict().items() if "relative_position_index" not in k}
+        state = {f"swinViT.{k}": v for k, v in model.swinViT.state_dict().items()
+                 if "relative_position_index" not in k}
     case = {"window": window, "feature_size": 12, "in_channels": in_channels, "input": x,
             "checkpoint": {"state_dict": {k: v.clone() for k, v in state.items()}}, "outputs": outputs}
     if in_channels > 1:

@@ -5,8 +5,8 @@ RUN's best model (each scan read once and cut as ``evaluate`` does) and adds, fo
 highest-scoring negatives that the cache does not hold yet. Their ``index.csv`` rows name RUN in the
 ``mined`` column and the subsets RUN trained and validated on (its ``config.json``) in ``mined_saw``, so that
 cross-validation can refuse a row chosen by a model that saw a fold's test subset; rows mined inside a
-cross-validation fold (``crossval --mine-rounds``) carry that fold's test subset in ``mined_for`` and only that
-fold trains on them. They are appended after the existing rows, so ``cache-features`` only encodes them.
+cross-validation fold (``crossval --mine-rounds``) carry that fold's test subset in ``mined_for`` and only
+that fold trains on them. They are appended after the existing rows, so ``cache-features`` only encodes them.
 The same call again adds nothing (the top N are in the cache by then); a round with a model trained on the
 mined cache adds what that model now finds hardest. Finished scans are kept in ``W/mining/<run>/subset<k>``
 until the cache is written, so a killed run resumes; a finished round leaves ``done.json`` there.
@@ -44,8 +44,8 @@ def _checkpoint_of(work_dir: Path, run: str) -> Path:
 
 
 def seen_subsets(checkpoint: Path) -> Optional[list]:
-    """The subsets the run of ``checkpoint`` trained and validated on (from ``config.json`` beside it), or None
-    when no run configuration records them."""
+    """The subsets the run of ``checkpoint`` trained and validated on (from ``config.json`` beside it), or
+    None when no run configuration records them."""
     try:
         split = json.loads((Path(checkpoint).parent / "config.json").read_text())["resolved"]["split"]
         return sorted(set(split["train"]["subsets"]) | set(split["val"]["subsets"]))
@@ -54,7 +54,8 @@ def seen_subsets(checkpoint: Path) -> Optional[list]:
 
 
 def visible_to(row: list, mined_for: str) -> bool:
-    """Whether a cache row (:data:`data.INDEX_COLUMNS`) is used by a job for fold ``mined_for`` ("" outside one)."""
+    """Whether a cache row (:data:`data.INDEX_COLUMNS`) is used by a job for fold ``mined_for`` ("" outside
+    one)."""
     return row[8] in ("", mined_for)
 
 
@@ -87,15 +88,18 @@ def _score_and_keep(run: evaluate.ModelRun, todo: list, per_scan: int, in_cache:
             continue
         scores[uid][first:first + len(cut)] = head.predict_patches(run.model, cut, run.preprocess, run.device,
                                                                    run.batch_size, run.views, run.precision)
-        # the scan's top so far: a negative that drops out of it never comes back, so only these patches are kept
+        # the scan's top so far: a negative that drops out of it never comes back, so only these patches are
+        # kept
         top = _top_of_scan(np.nan_to_num(scores[uid], nan=-np.inf), per_scan).tolist()
         kept = patches[uid]
         patches[uid] = {n: kept[n] if n in kept else cut[n - first].numpy() for n in top}
         if not np.isnan(scores[uid]).any():
             fresh = [n for n in top if _key(uid, negatives.world_xyz[rows_of[uid][n]]) not in in_cache]
             picked = rows_of[uid][fresh]
-            block = np.stack([patches[uid][n] for n in fresh]) if fresh else np.zeros((0, *cut.shape[1:]), np.int16)
-            run.parts.save(uid, block, data.index_rows(uid, negatives.world_xyz[picked], negatives.value[picked],
+            block = (np.stack([patches[uid][n] for n in fresh]) if fresh
+                     else np.zeros((0, *cut.shape[1:]), np.int16))
+            run.parts.save(uid, block, data.index_rows(uid, negatives.world_xyz[picked],
+                                                       negatives.value[picked],
                                                        np.full(len(picked), np.nan), **tags))
             del patches[uid]
     return unreadable
@@ -105,8 +109,8 @@ def _key(uid: str, world_xyz) -> tuple:
     return (uid, *(repr(float(v)) for v in world_xyz))
 
 
-def mine_subset(data_dir: Path, work_dir: Path, subset: int, run: str, per_scan: int = 20, batch_size: int = 64,
-                workers: int = 2, device: str = "auto", precision: str = "auto",
+def mine_subset(data_dir: Path, work_dir: Path, subset: int, run: str, per_scan: int = 20,
+                batch_size: int = 64, workers: int = 2, device: str = "auto", precision: str = "auto",
                 views: Optional[int] = None, for_fold: Optional[int] = None, console=None) -> MiningSummary:
     """Add the hard negatives of RUN (a run name or a ``.pt`` file) to the patch cache of one subset;
     ``for_fold``: the test subset of the cross-validation fold they are mined for (only it uses them)."""
@@ -120,11 +124,12 @@ def mine_subset(data_dir: Path, work_dir: Path, subset: int, run: str, per_scan:
     manifest = json.loads((cache / "manifest.json").read_text())
     checkpoint = _checkpoint_of(work_dir, run)
     name = checkpoint.parent.name if checkpoint.name == "best.pt" else checkpoint.stem
-    features.check_preprocess_matches(head.read_checkpoint(checkpoint)["preprocess"], int(manifest["patch_size"]),
-                                      float(manifest["spacing_mm"]), str(checkpoint))
+    features.check_preprocess_matches(head.read_checkpoint(checkpoint)["preprocess"],
+                                      int(manifest["patch_size"]), float(manifest["spacing_mm"]),
+                                      str(checkpoint))
     folder = work_dir / "mining" / name / f"subset{subset}"
-    model_run, _ = evaluate.open_model_run(checkpoint, data.candidates_file(data_dir), folder / "parts", views,
-                                           batch_size, workers, device, precision, per_scan=per_scan)
+    model_run, _ = evaluate.open_model_run(checkpoint, data.candidates_file(data_dir), folder / "parts",
+                                           views, batch_size, workers, device, precision, per_scan=per_scan)
     seen = seen_subsets(checkpoint)
     tags = {"mined": name, "mined_saw": common.format_subsets(seen) if seen is not None else "",
             "mined_for": "" if for_fold is None else str(int(for_fold))}
@@ -133,7 +138,8 @@ def mine_subset(data_dir: Path, work_dir: Path, subset: int, run: str, per_scan:
         return MiningSummary(subset, name, 0, 0, manifest["n_patches"], {})
     scans = data.subset_scans(data_dir, [subset])
     negatives = _negatives_to_score(data_dir, scans)
-    in_cache = {_key(row[0], row[1:4]) for row in data.read_cache_index(cache) if visible_to(row, tags["mined_for"])}
+    in_cache = {_key(row[0], row[1:4]) for row in data.read_cache_index(cache)
+                if visible_to(row, tags["mined_for"])}
     todo = [(uid, scans[uid], negatives.world_xyz[rows]) for uid, rows in negatives.rows_by_scan().items()
             if uid not in model_run.parts.done()]
     unreadable = _score_and_keep(model_run, todo, per_scan, in_cache, tags, negatives, console)
@@ -144,7 +150,8 @@ def mine_subset(data_dir: Path, work_dir: Path, subset: int, run: str, per_scan:
     return MiningSummary(subset, name, len(todo), added, n_patches, unreadable)
 
 
-def _append_parts(cache: Path, manifest: dict, parts: common.Parts, tags: dict, per_scan: int) -> tuple[int, int]:
+def _append_parts(cache: Path, manifest: dict, parts: common.Parts, tags: dict,
+                  per_scan: int) -> tuple[int, int]:
     """Append the mined patches of every finished scan to the cache (once: rows already there are skipped)."""
     rows = data.read_cache_index(cache)
     present = {_key(row[0], row[1:4]) for row in rows if visible_to(row, tags["mined_for"])}

@@ -3,10 +3,10 @@
 Shared by the synthetic phantoms (``phantom.py``) and by nodule insertion into real CT (``insert.py``).
 
 A nodule is laid out in world mm (ITK/LPS physical points ``(x, y, z)``) around ``centre_xyz``: a star-shaped
-body whose surface lies at ``radius(u) = r0 * stretch(u) * (1 + sum of lobes)`` along each unit direction ``u``
-of the nodule's own frame (``rotation`` columns are that frame's axes in world), plus, when spiculated, thin
-tapering spicules from the body outwards. ``r0`` is chosen so that the whole object (body and spicules) has the
-volume of a sphere of ``diameter_mm``: the diameter is volume-equivalent.
+body whose surface lies at ``radius(u) = r0 * stretch(u) * (1 + sum of lobes)`` along each unit direction
+``u`` of the nodule's own frame (``rotation`` columns are that frame's axes in world), plus, when spiculated,
+thin tapering spicules from the body outwards. ``r0`` is chosen so that the whole object (body and spicules)
+has the volume of a sphere of ``diameter_mm``: the diameter is volume-equivalent.
 
 Rendering works on any grid ``world = origin + direction @ (spacing * index)`` (arrays ``[k, j, i]`` =
 ``[z, y, x]``): each voxel gets the fraction of it the nodule fills (a linear ramp across the surface of
@@ -28,14 +28,17 @@ _QUADRATURE = 4096        # directions for the body's volume integral
 
 @dataclass
 class Nodule:
-    """One nodule. World mm throughout; ``diameter_mm`` is the volume-equivalent diameter of body plus spicules.
+    """One nodule. World mm throughout; ``diameter_mm`` is the volume-equivalent diameter of body plus
+    spicules.
 
     stretch: ``(3,)`` ellipsoid semi-axis factors of the body in its own frame (product 1).
     rotation: ``(3, 3)`` world directions of the frame's axes (columns).
     lobes: ``(L, 5)`` rows of unit direction (3, own frame), amplitude (share of the radius) and width
         (in ``1 - cos`` of the angle from the lobe's direction).
-    spicules: ``(S, 5)`` rows of unit direction (3, own frame), length beyond the body (mm) and base radius (mm).
-    hu: the nodule's density (HU); ``core_hu``: the solid core of a part-solid nodule (half the size), else None.
+    spicules: ``(S, 5)`` rows of unit direction (3, own frame), length beyond the body (mm) and base radius
+        (mm).
+    hu: the nodule's density (HU); ``core_hu``: the solid core of a part-solid nodule (half the size), else
+        None.
     edge_mm: extra blur of the surface beyond the voxel size (mm).
     """
     centre_xyz: np.ndarray
@@ -171,8 +174,8 @@ def _edge_fraction(signed_mm: np.ndarray, width_mm: float) -> np.ndarray:
 
 
 def voxel_offsets(origin, spacing, direction, lo_ijk, hi_ijk, reference_xyz) -> np.ndarray:
-    """World offsets (mm) of the voxel centres in the index box ``lo..hi`` (hi exclusive) from ``reference_xyz``:
-    a float32 array ``(nz, ny, nx, 3)`` (x, y, z last)."""
+    """World offsets (mm) of the voxel centres in the index box ``lo..hi`` (hi exclusive) from
+    ``reference_xyz``: a float32 array ``(nz, ny, nx, 3)`` (x, y, z last)."""
     step = np.asarray(direction, float) * np.asarray(spacing, float)[None, :]
     base = np.asarray(origin, float) + step @ np.asarray(lo_ijk, float) - np.asarray(reference_xyz, float)
     k, j, i = np.meshgrid(*(np.arange(hi_ijk[a] - lo_ijk[a], dtype=np.float32) for a in (2, 1, 0)),
@@ -182,8 +185,8 @@ def voxel_offsets(origin, spacing, direction, lo_ijk, hi_ijk, reference_xyz) -> 
 
 
 def index_box(origin, spacing, direction, shape_zyx, centre_xyz, reach_mm: float):
-    """``(lo_ijk, hi_ijk)`` index box (hi exclusive) of the voxels within ``reach_mm`` of a world point on every
-    world axis, clipped to the grid; None when it misses the grid."""
+    """``(lo_ijk, hi_ijk)`` index box (hi exclusive) of the voxels within ``reach_mm`` of a world point on
+    every world axis, clipped to the grid; None when it misses the grid."""
     to_index = np.linalg.inv(np.asarray(direction, float) * np.asarray(spacing, float)[None, :])
     corners = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], float) * reach_mm
     index = (corners + np.asarray(centre_xyz, float) - np.asarray(origin, float)) @ to_index.T
@@ -194,8 +197,9 @@ def index_box(origin, spacing, direction, shape_zyx, centre_xyz, reach_mm: float
 
 
 def _body_signed_mm(nodule: Nodule, local: np.ndarray, scale: float, width: float) -> np.ndarray:
-    """Approximate signed distance (mm, negative inside) to the body scaled by ``scale``, shrunk so that a ramp
-    of ``width`` mm across its surface keeps its volume (the ramp adds about ``r w^2 / 4`` to ``r^3``)."""
+    """Approximate signed distance (mm, negative inside) to the body scaled by ``scale``, shrunk so that a
+    ramp of ``width`` mm across its surface keeps its volume (the ramp adds about ``r w^2 / 4`` to
+    ``r^3``)."""
     radius = scale * nodule.body_radius_mm
     scale *= max(0.7, 1.0 - width ** 2 / (12.0 * radius ** 2))
     local = local - (scale * nodule.body_shift_mm).astype(np.float32)
@@ -224,8 +228,8 @@ def _spicule_fraction(nodule: Nodule, local: np.ndarray, width: float) -> np.nda
 def render_fractions(nodule: Nodule, origin, spacing, direction, shape_zyx):
     """The nodule on a grid: ``(lo_ijk, hi_ijk, fraction, core)`` or None when it misses the grid.
 
-    ``fraction`` float32 ``[z, y, x]`` over the index box ``lo..hi`` (hi exclusive) is the share of each voxel the
-    nodule fills; ``core`` is the same for a part-solid nodule's solid core (None for the others).
+    ``fraction`` float32 ``[z, y, x]`` over the index box ``lo..hi`` (hi exclusive) is the share of each voxel
+    the nodule fills; ``core`` is the same for a part-solid nodule's solid core (None for the others).
     """
     width = float(np.hypot(nodule.edge_mm, np.mean(spacing)))
     box = index_box(origin, spacing, direction, shape_zyx, nodule.centre_xyz, nodule.reach_mm + width)

@@ -1,20 +1,21 @@
 """Synthetic chest-CT phantoms in the LUNA16 folder layout, for tests and the demo.
 
-Every object is laid out in world mm (ITK/LPS physical points ``(x, y, z)``; the patient's left-right, front-back
-and head-foot axes are the world axes) and then voxelised through the scan's own geometry
+Every object is laid out in world mm (ITK/LPS physical points ``(x, y, z)``; the patient's left-right,
+front-back and head-foot axes are the world axes) and then voxelised through the scan's own geometry
 ``world = origin + direction @ (spacing * index)``, each edge with its partial volume. Scans get LUNA16-like
-voxels (square pixels of 0.6-0.9 mm, slices of 0.625-2.5 mm; only shapes too small for a ``MIN_FOV_MM`` field of
-view get coarser pixels), random origins and, for most of them, a non-identity direction (flipped axes, small
-rotations), so a reader that ignores the direction matrix looks in the wrong place.
+voxels (square pixels of 0.6-0.9 mm, slices of 0.625-2.5 mm; only shapes too small for a ``MIN_FOV_MM`` field
+of view get coarser pixels), random origins and, for most of them, a non-identity direction (flipped axes,
+small rotations), so a reader that ignores the direction matrix looks in the wrong place.
 
 The anatomy is scaled to the field of view (the ``small`` size is a child-sized chest): a body of fat and soft
-tissue, a spine, two lungs held at least a body wall inside the soft tissue and ``LUNG_MARGIN_MM`` inside the field
-of view on every side (no lung opens through the body wall or the top and bottom of the scan), fissures (thin
-sheets a little brighter than the lung: an oblique one in each lung, a horizontal one in the right), pulmonary
-artery and vein trees that branch, taper (Murray's law), curve and cross one another, airways (air tubes with a
-thin wall, from a trachea that leaves through the top of the scan) and nodules of ``nodules.py`` (solid,
-part-solid, ground-glass; round, lobulated, spiculated) placed alone, on a vessel or on the pleura. The noise is
-spatially correlated (white noise smoothed by a Gaussian of ``NOISE_SIGMA_MM``, then rescaled to its level).
+tissue, a spine, two lungs held at least a body wall inside the soft tissue and ``LUNG_MARGIN_MM`` inside the
+field of view on every side (no lung opens through the body wall or the top and bottom of the scan), fissures
+(thin sheets a little brighter than the lung: an oblique one in each lung, a horizontal one in the right),
+pulmonary artery and vein trees that branch, taper (Murray's law), curve and cross one another, airways (air
+tubes with a thin wall, from a trachea that leaves through the top of the scan) and nodules of ``nodules.py``
+(solid, part-solid, ground-glass; round, lobulated, spiculated) placed alone, on a vessel or on the pleura.
+The noise is spatially correlated (white noise smoothed by a Gaussian of ``NOISE_SIGMA_MM``, then rescaled to
+its level).
 
 Arrays are indexed ``[z, y, x]`` (array axes = ITK index ``k, j, i``); the geometry vectors ``origin`` and
 ``spacing`` are ordered ``(x, y, z)`` / ``(i, j, k)``.
@@ -52,7 +53,8 @@ from common import UserError, atomic_write_text
 
 SIZES = {"small": (80, 224, 224), "realistic": (250, 512, 512)}
 DIRECTION_KINDS = ("identity", "flip", "rotate", "flip_rotate")
-# Share of each negative-candidate type (vessel trees, their branch points and crossings are the hard negatives).
+# Share of each negative-candidate type (vessel trees, their branch points and crossings are the hard
+# negatives).
 NEGATIVE_MIX = (("vessel", 0.30), ("bifurcation", 0.12), ("crossing", 0.08), ("pleura", 0.15),
                 ("near-nodule", 0.15), ("parenchyma", 0.10), ("soft-tissue", 0.10))
 # LUNA16's candidates are mostly easy: about 850 a scan, a few of them look-alikes (for the mining benchmark).
@@ -68,7 +70,8 @@ LUNG_MARGIN_MM = 8.0     # the lungs keep this far from every face of the field 
 NOISE_SIGMA_MM = (0.4, 0.6)  # Gaussian that correlates the noise (autocorrelation FWHM about 1.3-2 mm)
 NODULE_KINDS = (("solid", 0.55), ("ground-glass", 0.25), ("part-solid", 0.20))
 NODULE_SHAPES = (("round", 0.40), ("lobulated", 0.35), ("spiculated", 0.25))
-# Where a nodule is put: alone in the lung, touching or engulfing a vessel, or against the pleura (juxtapleural).
+# Where a nodule is put: alone in the lung, touching or engulfing a vessel, or against the pleura
+# (juxtapleural).
 PLACEMENTS = (("isolated", 0.40), ("vessel", 0.30), ("pleura", 0.30))
 NODULE_DIAMETER_MM = (4.0, 25.0)
 
@@ -109,8 +112,8 @@ class Geometry:
         return self.face_distance_mm(world_xyz) >= np.asarray(margin_mm, dtype=np.float64).reshape(-1)
 
     def face_distance_mm(self, world_xyz: np.ndarray) -> np.ndarray:
-        """(N,) mm from each point to the nearest face of the grid (first and last voxel centres; negative outside),
-        measured along the index axes."""
+        """(N,) mm from each point to the nearest face of the grid (first and last voxel centres; negative
+        outside), measured along the index axes."""
         index = self.world_to_index(np.atleast_2d(world_xyz))
         size_ijk = np.array(self.shape_zyx[::-1], dtype=np.float64)
         return (np.minimum(index, size_ijk - 1 - index) * self.spacing[None, :]).min(axis=1)
@@ -143,7 +146,8 @@ class Geometry:
                      + np.float32(matrix[c, 0]) * i_ax for c in components)
 
     def value_at(self, volume: np.ndarray, world_xyz: np.ndarray) -> np.ndarray:
-        """(N,) values of ``volume`` ``[z, y, x]`` at the voxels nearest to world points (clamped to the grid)."""
+        """(N,) values of ``volume`` ``[z, y, x]`` at the voxels nearest to world points (clamped to the
+        grid)."""
         index = np.rint(self.world_to_index(np.atleast_2d(world_xyz))).astype(int)
         index = np.clip(index, 0, np.array(self.shape_zyx[::-1]) - 1)
         return volume[index[:, 2], index[:, 1], index[:, 0]]
@@ -156,9 +160,10 @@ class Geometry:
 
 @dataclass
 class Fissure:
-    """A thin sheet in one lung (world mm): the points where ``n . (p - point) + bend * ((p - point) . along)^2``
-    is 0, ``thickness_mm`` thick. ``only_front_of``: another Fissure; the sheet exists only on its positive side
-    (the right lung's horizontal fissure stops at the oblique one)."""
+    """A thin sheet in one lung (world mm): the points where
+    ``n . (p - point) + bend * ((p - point) . along)^2`` is 0, ``thickness_mm`` thick. ``only_front_of``:
+    another Fissure; the sheet exists only on its positive side (the right lung's horizontal fissure stops at
+    the oblique one)."""
     lung: int
     point: np.ndarray
     normal: np.ndarray
@@ -202,7 +207,8 @@ class Anatomy:
     hu_lung_gradient: float          # denser towards the back (+y)
     heart_center: np.ndarray = field(default_factory=lambda: np.zeros(3))
     heart_axes: np.ndarray = field(default_factory=lambda: np.ones(3))
-    dome_centers: np.ndarray = field(default_factory=lambda: np.zeros((2, 3)))   # diaphragm domes under the lungs
+    # diaphragm domes under the lungs
+    dome_centers: np.ndarray = field(default_factory=lambda: np.zeros((2, 3)))
     dome_axes: np.ndarray = field(default_factory=lambda: np.ones((2, 3)))
     fissures: list = field(default_factory=list)
     parameters: np.ndarray | None = None   # lung_parameters, kept while the lungs do not change
@@ -212,17 +218,19 @@ class Anatomy:
 class VesselTree:
     """Tapered tube segments (world mm) sharing one HU: rows p0(3), p1(3), r0, r1.
 
-    For an airway the radii are the lumen's and ``wall_mm`` (the wall's thickness as a share of the lumen radius
-    plus a floor, see :func:`airway_wall_mm`) is drawn around it."""
+    For an airway the radii are the lumen's and ``wall_mm`` (the wall's thickness as a share of the lumen
+    radius plus a floor, see :func:`airway_wall_mm`) is drawn around it."""
     segments: np.ndarray
-    bifurcations: np.ndarray         # (B, 4): branch point x, y, z (world mm) and the parent's end radius (mm)
+    bifurcations: np.ndarray         # (B, 4): branch point x, y, z (world mm) and the parent's end
+                                     # radius (mm)
     hu: float
     airway: bool = False
 
 
 @dataclass
 class Finding:
-    """A nodule-like object. ``center_xyz`` world mm (the centroid); ``diameter_mm`` = volume-equivalent diameter.
+    """A nodule-like object. ``center_xyz`` world mm (the centroid); ``diameter_mm`` = volume-equivalent
+    diameter.
 
     ``axes_mm`` are the semi-axes (mm) of the nodule's body before lobes and spicules, ``rotation`` its frame
     (columns: world directions of those axes); ``nodule`` is the :class:`nodules.Nodule` that is drawn.
@@ -255,8 +263,9 @@ class Finding:
         return self.nodule.reach_mm if self.nodule is not None else float(np.max(self.axes_mm))
 
     def manifest_entry(self) -> dict:
-        return {"center_xyz": [round(float(v), 4) for v in self.center_xyz], "diameter_mm": round(self.diameter_mm, 3),
-                "kind": self.kind, "shape": self.shape, "placement": self.placement, "excluded": self.excluded}
+        return {"center_xyz": [round(float(v), 4) for v in self.center_xyz],
+                "diameter_mm": round(self.diameter_mm, 3), "kind": self.kind, "shape": self.shape,
+                "placement": self.placement, "excluded": self.excluded}
 
 
 @dataclass
@@ -310,9 +319,10 @@ def _random_direction(rng: np.random.Generator, kind: str) -> np.ndarray:
 
 
 def _random_geometry(rng: np.random.Generator, shape_zyx: tuple, kind: str) -> Geometry:
-    """LUNA16-like spacing: square pixels of PIXEL_MM (coarser only where the shape is too small for a MIN_FOV_MM
-    field of view), slices of SLICE_MM long enough for a chest 0.75-0.9 times as tall as the field of view is
-    wide, and at least 0.25 mm from the pixel size (so a reader that mixes up the axes' spacings is caught)."""
+    """LUNA16-like spacing: square pixels of PIXEL_MM (coarser only where the shape is too small for a
+    MIN_FOV_MM field of view), slices of SLICE_MM long enough for a chest 0.75-0.9 times as tall as the field
+    of view is wide, and at least 0.25 mm from the pixel size (so a reader that mixes up the axes' spacings is
+    caught)."""
     nz, ny, nx = shape_zyx
     pixel = max(rng.uniform(*PIXEL_MM), MIN_FOV_MM / max(nx, ny))
     slice_mm = float(np.clip(pixel * max(nx, ny) * rng.uniform(0.75, 0.9) / nz, *SLICE_MM))
@@ -327,7 +337,8 @@ def _random_geometry(rng: np.random.Generator, shape_zyx: tuple, kind: str) -> G
 
 
 def _random_anatomy(rng: np.random.Generator, geom: Geometry) -> Anatomy:
-    """A chest scaled to the field of view; the lungs shrunk where needed to keep inside it (:func:`_fit_lungs`)."""
+    """A chest scaled to the field of view; the lungs shrunk where needed to keep inside it
+    (:func:`_fit_lungs`)."""
     nz, ny, nx = geom.shape_zyx
     fov_x, fov_y = nx * geom.spacing[0], ny * geom.spacing[1]
     extent_z = nz * geom.spacing[2]
@@ -340,7 +351,8 @@ def _random_anatomy(rng: np.random.Generator, geom: Geometry) -> Anatomy:
     trachea_xy = center[:2] + np.array([rng.uniform(-0.02, 0.02) * ax, rng.uniform(0.1, 0.2) * ay])
     lung_centers, lung_axes = [], []
     for side in (-1.0, 1.0):
-        lung_centers.append(center + np.array([side * 0.52 * cavity[0], 0.0, rng.uniform(-0.03, 0.03) * extent_z]))
+        lung_centers.append(center + np.array([side * 0.52 * cavity[0], 0.0,
+                                               rng.uniform(-0.03, 0.03) * extent_z]))
         lung_axes.append([0.56 * cavity[0], 1.05 * cavity[1], 0.5 * extent_z * rng.uniform(0.82, 0.9)])
     trachea_room = trachea_radius + float(airway_wall_mm(trachea_radius)) + 3.0
     lung_centers, lung_axes = np.array(lung_centers), np.array(lung_axes, dtype=np.float64)
@@ -350,10 +362,12 @@ def _random_anatomy(rng: np.random.Generator, geom: Geometry) -> Anatomy:
         lung_centers=lung_centers, lung_axes=lung_axes,
         spine_center=center[:2] + np.array([0.0, 0.76 * ay]), spine_radius=ax * rng.uniform(0.09, 0.12),
         trachea_top=np.array([*trachea_xy, center[2] + extent_z]),
-        carina=np.array([trachea_xy[0], trachea_xy[1] + 0.05 * ay, top - 0.65 * float(np.mean(lung_axes[:, 2]))]),
+        carina=np.array([trachea_xy[0], trachea_xy[1] + 0.05 * ay,
+                         top - 0.65 * float(np.mean(lung_axes[:, 2]))]),
         trachea_radius=trachea_radius,
         mediastinum_center=np.array([trachea_xy[0] + rng.uniform(0.0, 0.06) * cavity[0], center[1]]),
-        mediastinum_axes=np.array([max(rng.uniform(0.2, 0.28) * cavity[0], 1.3 * trachea_room), 1.2 * cavity[1]]),
+        mediastinum_axes=np.array([max(rng.uniform(0.2, 0.28) * cavity[0], 1.3 * trachea_room),
+                                   1.2 * cavity[1]]),
         hu_fat=rng.uniform(-120, -80), hu_soft=rng.uniform(30, 60),
         hu_lung=rng.uniform(-880, -840), hu_lung_gradient=rng.uniform(10, 40))
     _random_heart_and_diaphragm(rng, anatomy)
@@ -369,7 +383,8 @@ def _random_heart_and_diaphragm(rng, anatomy: Anatomy) -> None:
     height = float(np.mean(anatomy.lung_axes[:, 2]))
     base = float(np.mean(anatomy.lung_centers[:, 2] - anatomy.lung_axes[:, 2]))
     anatomy.heart_center = np.array([centre[0] + rng.uniform(0.08, 0.16) * cavity[0],
-                                     centre[1] - rng.uniform(0.2, 0.3) * cavity[1], base + rng.uniform(0.6, 0.75) * height])
+                                     centre[1] - rng.uniform(0.2, 0.3) * cavity[1],
+                                     base + rng.uniform(0.6, 0.75) * height])
     anatomy.heart_axes = np.array([rng.uniform(0.38, 0.45) * cavity[0], rng.uniform(0.42, 0.5) * cavity[1],
                                    rng.uniform(0.32, 0.4) * height])
     domes, dome_axes = [], []
@@ -378,12 +393,14 @@ def _random_heart_and_diaphragm(rng, anatomy: Anatomy) -> None:
         dome_axes.append([rng.uniform(0.32, 0.38) * cavity[0], rng.uniform(0.65, 0.75) * cavity[1],
                           rng.uniform(0.4, 0.5) * height])
         dome_top = base + (rng.uniform(0.3, 0.4) + (0.08 if side < 0 else 0.0)) * height
-        domes.append([centre[0] + side * 0.48 * cavity[0], centre[1] + 0.05 * cavity[1], dome_top - dome_axes[-1][2]])
+        domes.append([centre[0] + side * 0.48 * cavity[0], centre[1] + 0.05 * cavity[1],
+                      dome_top - dome_axes[-1][2]])
     anatomy.dome_centers, anatomy.dome_axes = np.array(domes), np.array(dome_axes)
 
 
 def _ellipse_sdf(x, y, axes) -> np.ndarray:
-    """Approximate signed distance (mm, negative inside) to an ellipse at the origin with semi-axes ``axes``."""
+    """Approximate signed distance (mm, negative inside) to an ellipse at the origin with semi-axes
+    ``axes``."""
     kx, ky = np.float32(1.0 / axes[0]), np.float32(1.0 / axes[1])
     k0 = np.sqrt(np.square(x * kx) + np.square(y * ky))
     k1 = np.maximum(np.sqrt(np.square(x * (kx * kx)) + np.square(y * (ky * ky))), np.float32(1e-6))
@@ -392,9 +409,9 @@ def _ellipse_sdf(x, y, axes) -> np.ndarray:
 
 def lung_parameters(anatomy: Anatomy) -> np.ndarray:
     """(2, LUNG_PARAMETERS) float64 rows describing each lung for :func:`phantom_kernels.lung_distance`: its
-    ellipsoid, less what lies outside the rib cage (the body less fat and wall), within 2 mm of the midline (the
-    trachea's x) or across it, in the mediastinum or the heart, under its diaphragm dome, or within 3 mm of the
-    spine."""
+    ellipsoid, less what lies outside the rib cage (the body less fat and wall), within 2 mm of the midline
+    (the trachea's x) or across it, in the mediastinum or the heart, under its diaphragm dome, or within 3 mm
+    of the spine."""
     rows = np.zeros((2, kernels.LUNG_PARAMETERS))
     for lung, row in enumerate(rows):
         row[kernels.LUNG_CENTRE:kernels.LUNG_CENTRE + 3] = anatomy.lung_centers[lung]
@@ -415,7 +432,8 @@ def lung_parameters(anatomy: Anatomy) -> np.ndarray:
 
 
 def _lung_sdf_points(anatomy: Anatomy, lung: int, points: np.ndarray) -> np.ndarray:
-    """(N,) approximate signed distance (mm, negative inside) of world points (N, 3) to lung ``lung`` (0, 1)."""
+    """(N,) approximate signed distance (mm, negative inside) of world points (N, 3) to lung ``lung``
+    (0, 1)."""
     points = np.ascontiguousarray(np.atleast_2d(points), dtype=np.float64)
     if anatomy.parameters is None:
         anatomy.parameters = lung_parameters(anatomy)
@@ -428,14 +446,15 @@ def lung_depth_mm(anatomy: Anatomy, world_xyz: np.ndarray) -> np.ndarray:
 
 
 def _lung_core(anatomy: Anatomy, lung: int) -> np.ndarray:
-    """A point well inside the lung (world mm), from which every ray leaves it once: above the heart, lateral."""
+    """A point well inside the lung (world mm), from which every ray leaves it once: above the heart,
+    lateral."""
     c, axes = anatomy.lung_centers[lung], anatomy.lung_axes[lung]
     return c + np.array([np.sign(c[0] - anatomy.center[0]) * 0.12 * axes[0], 0.0, 0.15 * axes[2]])
 
 
 def _surface_along(anatomy: Anatomy, lung: int, origins: np.ndarray, directions: np.ndarray) -> np.ndarray:
-    """(N, 3) the first points (world mm) where rays from ``origins`` (inside the lung) along unit ``directions``
-    leave it: 1 mm steps, then bisection."""
+    """(N, 3) the first points (world mm) where rays from ``origins`` (inside the lung) along unit
+    ``directions`` leave it: 1 mm steps, then bisection."""
     origins = np.broadcast_to(origins, directions.shape)
     steps = np.arange(0.0, 2.2 * float(anatomy.lung_axes[lung].max()), 1.0)
     along = origins[:, None, :] + steps[None, :, None] * directions[:, None, :]
@@ -451,14 +470,15 @@ def _surface_along(anatomy: Anatomy, lung: int, origins: np.ndarray, directions:
 
 def _lung_normals(anatomy: Anatomy, lung: int, points: np.ndarray) -> np.ndarray:
     """(N, 3) outward unit normals: the lung distance's gradient by central differences (0.5 mm)."""
-    gradient = np.stack([_lung_sdf_points(anatomy, lung, points + step) - _lung_sdf_points(anatomy, lung, points - step)
+    gradient = np.stack([_lung_sdf_points(anatomy, lung, points + step)
+                         - _lung_sdf_points(anatomy, lung, points - step)
                          for step in 0.5 * np.eye(3)], axis=1)
     return gradient / np.maximum(np.linalg.norm(gradient, axis=1, keepdims=True), 1e-9)
 
 
 def _lung_surface_points(rng, anatomy: Anatomy, n: int):
-    """n random points on the lung walls (the pleura: ribs, mediastinum, diaphragm) and their outward unit normals
-    (world mm)."""
+    """n random points on the lung walls (the pleura: ribs, mediastinum, diaphragm) and their outward unit
+    normals (world mm)."""
     side = rng.integers(0, 2, n)
     unit = rng.standard_normal((n, 3))
     unit /= np.linalg.norm(unit, axis=1, keepdims=True)
@@ -478,7 +498,8 @@ def _lung_points(rng, anatomy: Anatomy, n: int) -> np.ndarray:
         side = rng.integers(0, 2, 2 * n)
         unit = rng.standard_normal((2 * n, 3))
         unit /= np.linalg.norm(unit, axis=1, keepdims=True)
-        points = anatomy.lung_centers[side] + anatomy.lung_axes[side] * unit * rng.random((2 * n, 1)) ** (1 / 3)
+        points = (anatomy.lung_centers[side]
+                  + anatomy.lung_axes[side] * unit * rng.random((2 * n, 1)) ** (1 / 3))
         found = np.concatenate([found, points[lung_depth_mm(anatomy, points) > 0]])
     return found[:n]
 
@@ -500,13 +521,14 @@ def _segment_distance(points: np.ndarray, p0: np.ndarray, p1: np.ndarray) -> np.
 def lung_surface_samples(anatomy: Anatomy, per_lung: int = 800) -> np.ndarray:
     """(2 * per_lung, 3) points spread over both lungs' surfaces (world mm), for checks."""
     unit = nodule_shapes.fibonacci_directions(per_lung)
-    return np.concatenate([_surface_along(anatomy, lung, _lung_core(anatomy, lung), unit) for lung in range(2)])
+    return np.concatenate([_surface_along(anatomy, lung, _lung_core(anatomy, lung), unit)
+                           for lung in range(2)])
 
 
 def lung_shortfall_mm(anatomy: Anatomy, geom: Geometry) -> float:
-    """How much closer (mm) than allowed the lung surfaces come to the body's fat (``wall_mm``, less 1 mm for the
-    distance approximations), the trachea (3 mm) and the faces of the field of view (``LUNG_MARGIN_MM``); 0 or
-    less: they fit."""
+    """How much closer (mm) than allowed the lung surfaces come to the body's fat (``wall_mm``, less 1 mm for
+    the distance approximations), the trachea (3 mm) and the faces of the field of view (``LUNG_MARGIN_MM``);
+    0 or less: they fit."""
     points = lung_surface_samples(anatomy)
     inner = anatomy.body_axes - anatomy.fat_mm
     flat = points[:, :2] - anatomy.center[:2]
@@ -518,8 +540,8 @@ def lung_shortfall_mm(anatomy: Anatomy, geom: Geometry) -> float:
 
 
 def _fit_lungs(anatomy: Anatomy, geom: Geometry) -> None:
-    """Shrink both lungs' ellipsoids about their centres until the lungs keep clear of the body wall, the trachea
-    and the faces of the field of view (:func:`lung_shortfall_mm`)."""
+    """Shrink both lungs' ellipsoids about their centres until the lungs keep clear of the body wall, the
+    trachea and the faces of the field of view (:func:`lung_shortfall_mm`)."""
     for _ in range(60):
         if lung_shortfall_mm(anatomy, geom) <= 0:
             return
@@ -529,8 +551,8 @@ def _fit_lungs(anatomy: Anatomy, geom: Geometry) -> None:
 
 
 def _random_fissures(rng, anatomy: Anatomy) -> list:
-    """An oblique fissure in each lung (from high at the back to low at the front) and a horizontal one in front
-    of it in the right lung (world -x is the patient's right)."""
+    """An oblique fissure in each lung (from high at the back to low at the front) and a horizontal one in
+    front of it in the right lung (world -x is the patient's right)."""
     fissures = []
     for lung, (centre, axes) in enumerate(zip(anatomy.lung_centers, anatomy.lung_axes)):
         angle = math.radians(rng.uniform(45.0, 65.0))          # from the horizontal, in the y-z plane
@@ -539,7 +561,8 @@ def _random_fissures(rng, anatomy: Anatomy) -> list:
         normal = _unit(np.cross(turn @ [1.0, 0.0, 0.0], along))
         normal = normal if normal[1] < 0 else -normal         # positive side: in front (-y) and up
         point = centre + axes * np.array([0.0, rng.uniform(-0.1, 0.1), rng.uniform(-0.05, 0.15)])
-        oblique = Fissure(lung, point, normal, along, rng.uniform(-0.5, 0.5) / axes[2], 1.0, rng.uniform(-790, -750))
+        oblique = Fissure(lung, point, normal, along, rng.uniform(-0.5, 0.5) / axes[2], 1.0,
+                          rng.uniform(-790, -750))
         fissures.append(oblique)
         if centre[0] < anatomy.center[0]:
             level = centre + axes * np.array([0.0, 0.0, rng.uniform(0.1, 0.3)])
@@ -558,9 +581,10 @@ def airway_wall_mm(lumen_radius_mm):
 
 def _curved_branch(rng, p0, heading, r0: float, anatomy: Anatomy, lung: int, length_per_radius: tuple,
                    pieces: int = 3):
-    """One branch: ``pieces`` straight pieces whose heading turns a little at each joint, tapering from ``r0``,
-    kept at least its radius + 1 mm inside the lung (a try that leaves it is repeated shorter). Returns ``(rows
-    p0 p1 r0 r1, end point, end heading, end radius)`` or None when eight tries leave the lung."""
+    """One branch: ``pieces`` straight pieces whose heading turns a little at each joint, tapering from
+    ``r0``, kept at least its radius + 1 mm inside the lung (a try that leaves it is repeated shorter).
+    Returns ``(rows p0 p1 r0 r1, end point, end heading, end radius)`` or None when eight tries leave the
+    lung."""
     length = float(np.clip(r0 * rng.uniform(*length_per_radius), 3.0, 40.0))
     r1 = r0 * rng.uniform(0.9, 0.97)
     radii = np.linspace(r0, r1, pieces + 1)
@@ -616,8 +640,9 @@ def _grow_tree(rng, anatomy: Anatomy, lung: int, start, heading, radius: float, 
 
 
 def _random_ribs(rng, anatomy: Anatomy) -> VesselTree:
-    """Ribs: bone tubes in the chest wall (half-way through its soft tissue) from beside the spine round to the
-    front, falling towards the front as ribs do, one pair every 8-11% of the lungs' height from their tops down."""
+    """Ribs: bone tubes in the chest wall (half-way through its soft tissue) from beside the spine round to
+    the front, falling towards the front as ribs do, one pair every 8-11% of the lungs' height from their tops
+    down."""
     cavity, centre = anatomy.cavity_axes, anatomy.center
     path = cavity + anatomy.wall_mm / 2.0
     radius = min(0.4 * anatomy.wall_mm, 0.035 * anatomy.body_axes[0])
@@ -633,12 +658,13 @@ def _random_ribs(rng, anatomy: Anatomy) -> VesselTree:
             points = np.column_stack([x, y, z - drop * (angles - angles[0]) / (angles[-1] - angles[0])])
             rows += [[*points[n], *points[n + 1], radius, radius] for n in range(len(points) - 1)]
         z -= rng.uniform(0.08, 0.11) * height
-    return VesselTree(np.array(rows, dtype=np.float64).reshape(-1, 8), np.zeros((0, 4)), float(rng.uniform(350, 550)))
+    return VesselTree(np.array(rows, dtype=np.float64).reshape(-1, 8), np.zeros((0, 4)),
+                      float(rng.uniform(350, 550)))
 
 
 def _hilum(anatomy: Anatomy, lung: int, y_share: float, z_share: float, depth_mm: float) -> np.ndarray:
-    """A point ``depth_mm`` inside the lung's medial wall (world mm), on the ray from its core towards the midline
-    tilted by ``y_share`` (front-back) and ``z_share`` (up-down)."""
+    """A point ``depth_mm`` inside the lung's medial wall (world mm), on the ray from its core towards the
+    midline tilted by ``y_share`` (front-back) and ``z_share`` (up-down)."""
     core = _lung_core(anatomy, lung)
     lateral = np.sign(anatomy.lung_centers[lung][0] - anatomy.center[0])
     direction = _unit([-lateral, y_share, z_share])
@@ -651,8 +677,8 @@ _VEIN_HEADINGS = ((0.6, -0.6, 0.8), (1.0, 0.1, 0.0), (0.8, 0.6, -0.5), (0.6, -0.
 
 
 def _random_vessels(rng, anatomy: Anatomy) -> list:
-    """Pulmonary arteries and veins: per lung five arterial and four venous trees from two hilar points, so that
-    the trees interleave and some of their vessels cross."""
+    """Pulmonary arteries and veins: per lung five arterial and four venous trees from two hilar points, so
+    that the trees interleave and some of their vessels cross."""
     trees = []
     scale = float(anatomy.cavity_axes[0])
     for lung in range(2):
@@ -668,8 +694,8 @@ def _random_vessels(rng, anatomy: Anatomy) -> list:
 
 
 def _random_airways(rng, anatomy: Anatomy) -> list:
-    """The trachea (from above the scan to the carina), the two main bronchi to the hila and, in each lung, lobar
-    bronchial trees: lumen radii in ``segments``, the wall drawn by :func:`airway_wall_mm`."""
+    """The trachea (from above the scan to the carina), the two main bronchi to the hila and, in each lung,
+    lobar bronchial trees: lumen radii in ``segments``, the wall drawn by :func:`airway_wall_mm`."""
     wall_hu = float(rng.uniform(-80.0, 20.0))
     radius = anatomy.trachea_radius
     rows = [[*anatomy.trachea_top, *anatomy.carina, radius, radius]]
@@ -680,16 +706,16 @@ def _random_airways(rng, anatomy: Anatomy) -> list:
         rows.append([*anatomy.carina, *hilum, 0.72 * radius, 0.62 * radius])
         for gx, gy, gz in ((0.4, 0.0, 1.0), (1.0, -0.3, -0.2), (0.5, 0.3, -1.0)):
             heading = np.array([lateral * gx, gy + rng.uniform(-0.3, 0.3), gz + rng.uniform(-0.2, 0.2)])
-            trees.append(_grow_tree(rng, anatomy, lung, hilum, heading, 0.42 * radius, max_depth=4, min_radius=0.7,
-                                    length_per_radius=(6.0, 11.0), hu=wall_hu, airway=True))
+            trees.append(_grow_tree(rng, anatomy, lung, hilum, heading, 0.42 * radius, max_depth=4,
+                                    min_radius=0.7, length_per_radius=(6.0, 11.0), hu=wall_hu, airway=True))
     central = VesselTree(np.array(rows, dtype=np.float64), np.zeros((0, 4)), wall_hu, airway=True)
     return [central] + trees
 
 
 def _vessel_crossings(trees: list, min_radius: float = 0.5) -> np.ndarray:
-    """``(M, 4)``: where vessels (radius >= ``min_radius`` mm) of different trees touch or cross at more than 35
-    degrees, more than 8 mm from their roots (trees that leave one hilum touch there): x, y, z world mm and the
-    thinner vessel's radius (mm); at least 4 mm apart."""
+    """``(M, 4)``: where vessels (radius >= ``min_radius`` mm) of different trees touch or cross at more than
+    35 degrees, more than 8 mm from their roots (trees that leave one hilum touch there): x, y, z world mm and
+    the thinner vessel's radius (mm); at least 4 mm apart."""
     rows, owner, from_root = [], [], []
     for index, tree in enumerate(trees):
         thick = tree.segments[np.minimum(tree.segments[:, 6], tree.segments[:, 7]) >= min_radius]
@@ -703,7 +729,8 @@ def _vessel_crossings(trees: list, min_radius: float = 0.5) -> np.ndarray:
     if not rows:
         return np.zeros((0, 4))
     found = kernels.crossings(np.ascontiguousarray(np.concatenate(rows)), np.concatenate(owner),
-                              np.ascontiguousarray(np.concatenate(from_root)), 8.0, math.cos(math.radians(35.0)))
+                              np.ascontiguousarray(np.concatenate(from_root)), 8.0,
+                              math.cos(math.radians(35.0)))
     kept: list = []
     for row in found:
         if all(np.linalg.norm(row[:3] - other[:3]) >= 4.0 for other in kept):
@@ -724,8 +751,8 @@ def _body_reach_mm(nodule: nodule_shapes.Nodule) -> float:
 
 
 def _place_isolated(rng, anatomy: Anatomy, vessels: np.ndarray, reach: float):
-    """A lung point at least ``reach`` + 3 mm deep whose nodule of that reach touches no vessel of 1 mm radius or
-    more; or None."""
+    """A lung point at least ``reach`` + 3 mm deep whose nodule of that reach touches no vessel of 1 mm radius
+    or more; or None."""
     centre = _lung_points(rng, anatomy, 1)[0]
     if lung_depth_mm(anatomy, centre)[0] <= reach + 3.0:
         return None
@@ -735,8 +762,8 @@ def _place_isolated(rng, anatomy: Anatomy, vessels: np.ndarray, reach: float):
 
 
 def _place_on_vessel(rng, anatomy: Anatomy, vessels: np.ndarray, body_radius: float, reach: float):
-    """A point beside a vessel of at least 0.8 mm radius, near enough that the nodule touches or engulfs it; or
-    None."""
+    """A point beside a vessel of at least 0.8 mm radius, near enough that the nodule touches or engulfs it;
+    or None."""
     thick = vessels[np.minimum(vessels[:, 6], vessels[:, 7]) >= 0.8]
     if not len(thick):
         return None
@@ -760,14 +787,15 @@ def _place_on_pleura(rng, anatomy: Anatomy, body_radius: float):
 
 def _random_nodules(rng, anatomy: Anatomy, geom: Geometry, trees: list, count: int) -> list:
     """Solid, ground-glass and part-solid nodules (4-25 mm; round, lobulated or spiculated) in the lungs, each
-    isolated, on a vessel or on the pleura. A nodule that finds no room where it was meant to go is tried at the
-    next placement (isolated, then on a vessel, then on the pleura); its Finding records where it went."""
+    isolated, on a vessel or on the pleura. A nodule that finds no room where it was meant to go is tried at
+    the next placement (isolated, then on a vessel, then on the pleura); its Finding records where it went."""
     vessels = np.concatenate([t.segments for t in trees]) if trees else np.zeros((0, 8))
     names = [name for name, _ in PLACEMENTS]
     found: list[Finding] = []
     for _ in range(count):
         diameter = float(math.exp(rng.uniform(*np.log(NODULE_DIAMETER_MM))))
-        kind, shape, placement = _choice(rng, NODULE_KINDS), _choice(rng, NODULE_SHAPES), _choice(rng, PLACEMENTS)
+        kind, shape, placement = (_choice(rng, NODULE_KINDS), _choice(rng, NODULE_SHAPES),
+                                  _choice(rng, PLACEMENTS))
         for where in names[names.index(placement):]:
             nodule = _place_nodule(rng, where, anatomy, geom, vessels, found, diameter, kind, shape)
             if nodule is not None:
@@ -778,8 +806,9 @@ def _random_nodules(rng, anatomy: Anatomy, geom: Geometry, trees: list, count: i
 
 def _place_nodule(rng, placement: str, anatomy: Anatomy, geom: Geometry, vessels: np.ndarray, found: list,
                   diameter: float, kind: str, shape: str):
-    """A nodule of the type and shape at a ``placement`` spot clear of the ``found`` ones and of the scan's faces,
-    or None after 60 tries (a nodule that finds no room in 20 tries is drawn 20% smaller, down to 4 mm)."""
+    """A nodule of the type and shape at a ``placement`` spot clear of the ``found`` ones and of the scan's
+    faces, or None after 60 tries (a nodule that finds no room in 20 tries is drawn 20% smaller, down to
+    4 mm)."""
     for attempt in range(60):
         if attempt % 20 == 0:
             if attempt:
@@ -794,13 +823,15 @@ def _place_nodule(rng, placement: str, anatomy: Anatomy, geom: Geometry, vessels
             centre = _place_on_pleura(rng, anatomy, body_radius)
         if centre is None or not geom.contains(centre, nodule.reach_mm + 2.0)[0]:
             continue
-        if all(np.linalg.norm(centre - other.center_xyz) > nodule.reach_mm + other.reach_mm + 4.0 for other in found):
+        if all(np.linalg.norm(centre - other.center_xyz) > nodule.reach_mm + other.reach_mm + 4.0
+               for other in found):
             nodule.centre_xyz = centre
             return nodule
     return None
 
 
-def _finding(nodule: nodule_shapes.Nodule, placement: str, excluded: bool = False, csv_diameter=None) -> Finding:
+def _finding(nodule: nodule_shapes.Nodule, placement: str, excluded: bool = False,
+             csv_diameter=None) -> Finding:
     return Finding(nodule.centre_xyz, nodule.diameter_mm, "tiny" if excluded else nodule.kind,
                    nodule.body_radius_mm * nodule.stretch, nodule.rotation, nodule.hu, nodule.edge_mm,
                    juxtapleural=placement == "pleura", excluded=excluded, core_hu=nodule.core_hu,
@@ -855,7 +886,8 @@ def _soft_tissue_points(rng, anatomy: Anatomy, n: int) -> np.ndarray:
     angle = rng.uniform(0, 2 * np.pi, n)
     radial = np.sqrt(rng.random(n)) * 0.9
     inner = anatomy.body_axes - anatomy.fat_mm
-    xy = anatomy.center[:2] + np.stack([inner[0] * radial * np.cos(angle), inner[1] * radial * np.sin(angle)], 1)
+    xy = anatomy.center[:2] + np.stack([inner[0] * radial * np.cos(angle),
+                                        inner[1] * radial * np.sin(angle)], 1)
     z = anatomy.center[2] + rng.uniform(-0.5, 0.5, n) * anatomy.lung_axes[:, 2].mean() * 2
     points = np.column_stack([xy, z])
     spine = np.linalg.norm(points[:, :2] - anatomy.spine_center, axis=1) > anatomy.spine_radius + 3.0
@@ -864,8 +896,8 @@ def _soft_tissue_points(rng, anatomy: Anatomy, n: int) -> np.ndarray:
 
 def _negative_pool(rng, source: str, anatomy: Anatomy, trees: list, crossings: np.ndarray, nodules: list,
                    n: int) -> tuple[np.ndarray, str]:
-    """``(points, source)``: up to ``n`` proposals (world mm) of one negative type before filtering. A type with
-    nothing to offer in this scan gives way: crossings to branch points, the others to parenchyma."""
+    """``(points, source)``: up to ``n`` proposals (world mm) of one negative type before filtering. A type
+    with nothing to offer in this scan gives way: crossings to branch points, the others to parenchyma."""
     segments = np.concatenate([t.segments for t in trees]) if trees else np.zeros((0, 8))
     nodes = np.concatenate([t.bifurcations for t in trees]) if trees else np.zeros((0, 4))
     if source == "crossing":
@@ -884,7 +916,8 @@ def _negative_pool(rng, source: str, anatomy: Anatomy, trees: list, crossings: n
         unit = rng.standard_normal((n, 3))
         unit /= np.linalg.norm(unit, axis=1, keepdims=True)
         reach = np.array([nodules[p].reach_mm for p in pick])[:, None]
-        return np.array([nodules[p].center_xyz for p in pick]) + unit * (reach + rng.uniform(3.0, 10.0, (n, 1))), source
+        return (np.array([nodules[p].center_xyz for p in pick])
+                + unit * (reach + rng.uniform(3.0, 10.0, (n, 1)))), source
     if source == "soft-tissue":
         return _soft_tissue_points(rng, anatomy, n), source
     return _lung_points(rng, anatomy, n), "parenchyma"
@@ -892,9 +925,9 @@ def _negative_pool(rng, source: str, anatomy: Anatomy, trees: list, crossings: n
 
 def _random_candidates(rng, anatomy, geom, trees, crossings, nodules, excluded, negatives: int,
                        negative_mix: tuple, volume: np.ndarray) -> list:
-    """1-3 class-1 candidates per nodule near its centre; class-0 candidates elsewhere, of the types and shares
-    of ``negative_mix``. ``volume`` is the noise-free scan ``[z, y, x]`` (HU): soft-tissue candidates must not
-    sit in air (the trachea), parenchyma candidates not on a vessel, fissure or airway wall."""
+    """1-3 class-1 candidates per nodule near its centre; class-0 candidates elsewhere, of the types and
+    shares of ``negative_mix``. ``volume`` is the noise-free scan ``[z, y, x]`` (HU): soft-tissue candidates
+    must not sit in air (the trachea), parenchyma candidates not on a vessel, fissure or airway wall."""
     candidates = []
     for nodule in nodules:
         for _ in range(int(rng.integers(1, 4))):
@@ -953,7 +986,8 @@ def _region(volume: np.ndarray, lo_ijk, hi_ijk) -> np.ndarray:
 
 
 def _render_background(volume: np.ndarray, geom: Geometry, anatomy: Anatomy) -> None:
-    """Air, body (fat shell, soft tissue), spine, lung parenchyma and fissures; each drawn only inside its box."""
+    """Air, body (fat shell, soft tissue), spine, lung parenchyma and fissures; each drawn only inside its
+    box."""
     edge = geom.partial_volume_mm
     ax, ay = (np.float32(v) for v in anatomy.body_axes)
     volume[...] = AIR_HU
@@ -1013,7 +1047,8 @@ def _render_lung_slab(view, geom: Geometry, lo, hi, anatomy: Anatomy, lung: int)
 
 
 def _sheet_alpha(fissure: Fissure, x, y, z, edge: float) -> np.ndarray:
-    """Filled fraction of a sheet ``fissure.thickness_mm`` thick (a thinner sheet than the voxel shows fainter)."""
+    """Filled fraction of a sheet ``fissure.thickness_mm`` thick (a thinner sheet than the voxel shows
+    fainter)."""
     distance = np.abs(fissure.signed(x, y, z))
     distance -= np.float32(fissure.thickness_mm / 2.0)
     return _edge_alpha(distance, edge) * np.float32(min(1.0, fissure.thickness_mm / edge))
@@ -1035,11 +1070,13 @@ def _tube_fraction(geom: Geometry, segments: np.ndarray, extra_mm: float | np.nd
     lo, hi = box
     fraction = np.zeros(tuple((hi - lo)[::-1]), dtype=np.float32)
     kernels.tube_union(fraction, lo.astype(np.int64), geom.origin, geom.index_to_world_matrix,
-                       geom.world_to_index_matrix, np.ascontiguousarray(segments, dtype=np.float64), extra, edge)
+                       geom.world_to_index_matrix, np.ascontiguousarray(segments, dtype=np.float64),
+                       extra, edge)
     return lo, hi, fraction
 
 
-def _render_tree(volume: np.ndarray, geom: Geometry, tree: VesselTree, extra_mm=0.0, hu: float | None = None) -> None:
+def _render_tree(volume: np.ndarray, geom: Geometry, tree: VesselTree, extra_mm=0.0,
+                 hu: float | None = None) -> None:
     """One blend of the tree's tubes (radii grown by ``extra_mm``) with ``hu`` (default: the tree's HU)."""
     drawn = _tube_fraction(geom, tree.segments, extra_mm)
     if drawn is not None:
@@ -1058,7 +1095,8 @@ def _render_airways(volume: np.ndarray, geom: Geometry, airways: list) -> None:
 def _render_finding(volume, geom: Geometry, finding: Finding) -> None:
     """The nodule's partial-volume fractions blended towards its HU (its core's where it has one); where the
     scan is already brighter (a vessel through a ground-glass nodule, the chest wall) it stays so."""
-    drawn = nodule_shapes.render_fractions(finding.nodule, geom.origin, geom.spacing, geom.direction, volume.shape)
+    drawn = nodule_shapes.render_fractions(finding.nodule, geom.origin, geom.spacing, geom.direction,
+                                           volume.shape)
     if drawn is None:
         return
     lo, hi, fraction, core = drawn
@@ -1095,16 +1133,17 @@ def _filter_axis(array: np.ndarray, taps: np.ndarray, axis: int) -> np.ndarray:
 
 
 def _noise_planes(seed: int, k0: int, k1: int, shape_yx: tuple) -> np.ndarray:
-    """White noise planes ``k0..k1`` (may run past the scan), each from its own seeded stream, so a slab and its
-    halo come out the same whichever slab asks."""
+    """White noise planes ``k0..k1`` (may run past the scan), each from its own seeded stream, so a slab and
+    its halo come out the same whichever slab asks."""
     return np.stack([np.random.default_rng([seed, k + 64]).standard_normal(shape_yx, dtype=np.float32)
                      for k in range(k0, k1)])
 
 
-def _add_noise_and_quantise(rng, volume: np.ndarray, noise_std: float, geom: Geometry | None = None) -> np.ndarray:
-    """int16 HU: volume + spatially correlated Gaussian noise of standard deviation ``noise_std`` HU (white noise
-    smoothed by a Gaussian of NOISE_SIGMA_MM along each index axis, then rescaled), rounded and clipped to the
-    CT range. Made in z-slabs; without ``geom`` the noise is white."""
+def _add_noise_and_quantise(rng, volume: np.ndarray, noise_std: float,
+                            geom: Geometry | None = None) -> np.ndarray:
+    """int16 HU: volume + spatially correlated Gaussian noise of standard deviation ``noise_std`` HU (white
+    noise smoothed by a Gaussian of NOISE_SIGMA_MM along each index axis, then rescaled), rounded and clipped
+    to the CT range. Made in z-slabs; without ``geom`` the noise is white."""
     nz, ny, nx = volume.shape
     sigma_mm = rng.uniform(*NOISE_SIGMA_MM)
     spacing = geom.spacing if geom is not None else np.full(3, np.inf)
@@ -1117,7 +1156,8 @@ def _add_noise_and_quantise(rng, volume: np.ndarray, noise_std: float, geom: Geo
     out = np.empty(volume.shape, dtype=np.int16)
     for k0 in range(0, nz, slab):
         k1 = min(nz, k0 + slab)
-        planes = _filter_axis(_filter_axis(_noise_planes(seed, k0 - half, k1 + half, (ny, nx)), taps_x, 2), taps_y, 1)
+        planes = _filter_axis(_filter_axis(_noise_planes(seed, k0 - half, k1 + half, (ny, nx)), taps_x, 2),
+                              taps_y, 1)
         noise = np.zeros((k1 - k0, ny, nx), dtype=np.float32)
         for t, weight in enumerate(taps_z):
             noise += weight * planes[t:t + k1 - k0]
@@ -1143,11 +1183,13 @@ def make_phantom_scan(rng: np.random.Generator, shape_zyx: tuple = SIZES["small"
     """One synthetic chest CT with its nodules and candidates.
 
     shape_zyx: array shape (nz, ny, nx). direction_kind: one of DIRECTION_KINDS, or None for a random one.
-    nodules_per_scan / excluded_per_scan: inclusive (low, high) counts (a nodule that finds no room is left out).
+    nodules_per_scan / excluded_per_scan: inclusive (low, high) counts (a nodule that finds no room
+    is left out).
     negatives_per_scan: mean number of class-0 candidates (each scan draws 0.6-1.4 times it), of the types and
     shares of ``negative_mix``. noise_std: (low, high) HU of the correlated noise's standard deviation.
     Returns a :class:`PhantomCase`: ``scan`` (data.CTScan, int16 HU ``[z, y, x]``, named by its seriesuid),
-    ``nodules`` (Finding list, world mm, excluded findings flagged), ``candidates`` (Candidate list, world mm).
+    ``nodules`` (Finding list, world mm, excluded findings flagged),
+    ``candidates`` (Candidate list, world mm).
     """
     shape_zyx = _check_shape(shape_zyx)
     if direction_kind is None:
@@ -1169,18 +1211,19 @@ def make_phantom_scan(rng: np.random.Generator, shape_zyx: tuple = SIZES["small"
                                 int(rng.integers(excluded_per_scan[0], excluded_per_scan[1] + 1)))
     volume = _render(geom, anatomy, _random_ribs(rng, anatomy), vessels, airways, nodules + excluded)
     negatives = int(round(negatives_per_scan * rng.uniform(0.6, 1.4)))
-    candidates = _random_candidates(rng, anatomy, geom, vessels, _vessel_crossings(vessels), nodules, excluded,
-                                    negatives, negative_mix, volume)
+    candidates = _random_candidates(rng, anatomy, geom, vessels, _vessel_crossings(vessels), nodules,
+                                    excluded, negatives, negative_mix, volume)
     hu = _add_noise_and_quantise(rng, volume, float(rng.uniform(*noise_std)), geom)
     scan = CTScan(hu=hu, origin=geom.origin.copy(), spacing=geom.spacing.copy(),
                   direction=geom.direction.copy(), name=uid)
-    return PhantomCase(scan=scan, nodules=nodules + excluded, candidates=candidates, geometry=geom, anatomy=anatomy,
-                       vessels=vessels, airways=airways)
+    return PhantomCase(scan=scan, nodules=nodules + excluded, candidates=candidates, geometry=geom,
+                       anatomy=anatomy, vessels=vessels, airways=airways)
 
 
 def _render(geom: Geometry, anatomy: Anatomy, ribs: VesselTree, vessels: list, airways: list,
             findings: list) -> np.ndarray:
-    """The noise-free scan, float32 HU ``[z, y, x]``: background, ribs, vessels, airways, then the findings."""
+    """The noise-free scan, float32 HU ``[z, y, x]``: background, ribs, vessels, airways, then the
+    findings."""
     volume = np.empty(geom.shape_zyx, dtype=np.float32)
     _render_background(volume, geom, anatomy)
     _render_tree(volume, geom, ribs)
@@ -1214,11 +1257,13 @@ def _write_scan_mhd(scan: CTScan, folder: Path) -> Path:
 
 OUTPUT_FILES = ("annotations.csv", "annotations_excluded.csv", "candidates_V2.csv", "seriesuids.csv",
                 "candidate_sources.csv", "phantom_manifest.json")
-UNFINISHED_MARK = ".phantom_unfinished"   # present while a folder is being written; the manifest marks it done
+# present while a folder is being written; the manifest marks it done
+UNFINISHED_MARK = ".phantom_unfinished"
 
 
 def _prepare_root(root: Path, force: bool) -> None:
-    """Refuse a non-empty folder unless ``force``; with ``force`` remove only an earlier phantom folder's files."""
+    """Refuse a non-empty folder unless ``force``; with ``force`` remove only an earlier phantom folder's
+    files."""
     if root.exists() and not root.is_dir():
         raise UserError(f"{root} exists and is not a folder")
     if not root.exists() or not any(root.iterdir()):
@@ -1261,7 +1306,8 @@ def write_luna_folder(root: Path, n_subsets: int = 3, scans_per_subset: int = 4,
         raise UserError(f"negatives_per_scan must be >= 0, got {negatives_per_scan}")
     shape = _check_shape(shape)
     _prepare_root(root, force)
-    (root / UNFINISHED_MARK).write_text("synth is writing this folder; rerun synth with --force to finish it\n")
+    (root / UNFINISHED_MARK).write_text("synth is writing this folder; "
+                                        "rerun synth with --force to finish it\n")
     start = time.perf_counter()
     annotations, excluded_rows, candidate_rows, source_rows, uids, scans_meta = [], [], [], [], [], []
     for subset in range(n_subsets):
@@ -1271,8 +1317,8 @@ def write_luna_folder(root: Path, n_subsets: int = 3, scans_per_subset: int = 4,
             rng = np.random.default_rng(np.random.SeedSequence([seed, subset, index]))
             kind = DIRECTION_KINDS[(subset * scans_per_subset + index) % len(DIRECTION_KINDS)]
             case = make_phantom_scan(rng, shape, direction_kind=kind, nodules_per_scan=nodules_per_scan,
-                                     negatives_per_scan=negatives_per_scan, excluded_per_scan=excluded_per_scan,
-                                     negative_mix=negative_mix)
+                                     negatives_per_scan=negatives_per_scan,
+                                     excluded_per_scan=excluded_per_scan, negative_mix=negative_mix)
             _write_scan_mhd(case.scan, folder)
             uid = case.scan.name
             uids.append(uid)
@@ -1281,9 +1327,11 @@ def write_luna_folder(root: Path, n_subsets: int = 3, scans_per_subset: int = 4,
                 (excluded_rows if finding.excluded else annotations).append(row)
             for cand in case.candidates:
                 candidate_rows.append([uid, *map(_fmt, cand.center_xyz), str(cand.label)])
-                source_rows.append([uid, *map(_fmt, cand.center_xyz), str(cand.label), cand.source, cand.placement])
+                source_rows.append([uid, *map(_fmt, cand.center_xyz), str(cand.label), cand.source,
+                                    cand.placement])
             scans_meta.append({"seriesuid": uid, "subset": subset, "shape_zyx": list(shape),
-                               "spacing_xyz": case.scan.spacing.tolist(), "origin_xyz": case.scan.origin.tolist(),
+                               "spacing_xyz": case.scan.spacing.tolist(),
+                               "origin_xyz": case.scan.origin.tolist(),
                                "direction": case.scan.direction.tolist(), "direction_kind": kind,
                                "nodules": sum(not f.excluded for f in case.nodules),
                                "candidates": len(case.candidates),

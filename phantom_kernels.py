@@ -1,9 +1,9 @@
-"""Compiled kernels of the phantoms (``phantom.py``): the lungs' signed distance, tapered tubes (vessels, airways)
-voxelised with their partial volume, and the search for crossing vessels.
+"""Compiled kernels of the phantoms (``phantom.py``): the lungs' signed distance, tapered tubes (vessels,
+airways) voxelised with their partial volume, and the search for crossing vessels.
 
 World points are mm ``(x, y, z)`` (ITK/LPS); a grid maps index ``(i, j, k)`` to world by
-``origin + matrix @ (i, j, k)`` (``matrix`` = direction * spacing); arrays are indexed ``[k, j, i]`` = ``[z, y, x]``.
-Arithmetic is plain IEEE (no fastmath), so a seeded phantom comes out byte-identical.
+``origin + matrix @ (i, j, k)`` (``matrix`` = direction * spacing); arrays are indexed ``[k, j, i]`` =
+``[z, y, x]``. Arithmetic is plain IEEE (no fastmath), so a seeded phantom comes out byte-identical.
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ LUNG_PARAMETERS = 32
 
 @numba.njit(**_JIT)
 def ellipsoid_distance(x, y, z, a, b, c):
-    """Approximate signed distance (mm, negative inside) to an ellipsoid with semi-axes a, b, c at the origin."""
+    """Approximate signed distance (mm, negative inside) to an ellipsoid with semi-axes a, b, c at the
+    origin."""
     k0 = math.sqrt((x / a) ** 2 + (y / b) ** 2 + (z / c) ** 2)
     k1 = math.sqrt((x / (a * a)) ** 2 + (y / (b * b)) ** 2 + (z / (c * c)) ** 2)
     return k0 * (k0 - 1.0) / max(k1, 1e-6)
@@ -63,8 +64,8 @@ def lung_distances(p, points):
 
 @numba.njit(**_JIT)
 def lung_fraction(p, origin, matrix, lo, shape, edge):
-    """float32 ``[z, y, x]`` of ``shape`` from index ``lo`` (i, j, k): the share of each voxel inside the lung (a
-    linear ramp ``edge`` mm wide across its surface)."""
+    """float32 ``[z, y, x]`` of ``shape`` from index ``lo`` (i, j, k): the share of each voxel inside the lung
+    (a linear ramp ``edge`` mm wide across its surface)."""
     out = np.empty((shape[0], shape[1], shape[2]), np.float32)
     for k in range(shape[0]):
         for j in range(shape[1]):
@@ -101,9 +102,10 @@ def _index_box(centre, reach, inverse, origin, lo, shape):
 
 @numba.njit(**_JIT)
 def tube_union(fraction, lo, origin, matrix, inverse, segments, extra, edge):
-    """In place: ``fraction`` (float32 ``[z, y, x]`` over the index box from ``lo``) becomes the maximum of itself
-    and each tapered tube's filled share. ``segments`` rows: p0 (3), p1 (3), r0, r1 (world mm); ``extra`` (S,)
-    mm added to both radii. A tube thinner than the edge ramp is drawn fainter (its partial volume)."""
+    """In place: ``fraction`` (float32 ``[z, y, x]`` over the index box from ``lo``) becomes the maximum of
+    itself and each tapered tube's filled share. ``segments`` rows: p0 (3), p1 (3), r0, r1 (world mm);
+    ``extra`` (S,) mm added to both radii. A tube thinner than the edge ramp is drawn fainter (its partial
+    volume)."""
     shape = fraction.shape
     for s in range(segments.shape[0]):
         p0, p1 = segments[s, 0:3], segments[s, 3:6]
@@ -123,7 +125,8 @@ def tube_union(fraction, lo, origin, matrix, inverse, segments, extra, edge):
                     t = min(1.0, max(0.0, (x * d[0] + y * d[1] + z * d[2]) / dd))
                     distance = math.sqrt((x - t * d[0]) ** 2 + (y - t * d[1]) ** 2 + (z - t * d[2]) ** 2)
                     radius = r0 + (r1 - r0) * t
-                    alpha = min(1.0, max(0.0, 0.5 - (distance - radius) / edge)) * min(1.0, 2.0 * radius / edge)
+                    alpha = (min(1.0, max(0.0, 0.5 - (distance - radius) / edge))
+                             * min(1.0, 2.0 * radius / edge))
                     if alpha > fraction[k, j, i]:
                         fraction[k, j, i] = alpha
 

@@ -48,9 +48,9 @@ CENTRE_MM = 3  # side of the cube (in patch voxels) averaged for the HU at the p
 # logit: the raw score's logit, compared with cutoff_logit; cutoff_source: where the cutoff comes from (and
 # whether any data validated it); calibration_note: where the prior comes from.
 OUTPUT_COLUMNS = ("coordX", "coordY", "coordZ", "probability", "follow_up", "hu_at_point", "warning",
-                  "diameter_mm", "size_source", "guideline", "category", "recommendation", "model_diameter_mm",
-                  "plain_diameter_mm", "calibrated_probability", "logit", "cutoff_logit", "cutoff_source",
-                  "calibration_note")
+                  "diameter_mm", "size_source", "guideline", "category", "recommendation",
+                  "model_diameter_mm", "plain_diameter_mm", "calibrated_probability", "logit", "cutoff_logit",
+                  "cutoff_source", "calibration_note")
 NO_CUTOFF = "no validated cutoff stored: a raw probability of 0.5 (logit 0), UNVALIDATED"
 SIZE_FROM_MODEL = "model"                      # the checkpoint's size output
 SIZE_FROM_PLAIN = "plain measurement"          # sizing.py, for checkpoints without a size output
@@ -59,7 +59,8 @@ SIZE_FROM_PLAIN = "plain measurement"          # sizing.py, for checkpoints with
 # size, which both guidelines take for part-solid nodules). -400 HU misses most of a ground-glass nodule.
 SIZE_THRESHOLD_HU = {"solid": -400.0, "part-solid": -650.0, "ground-glass": -650.0}
 SIZE_UNKNOWN = "size unknown"
-# Not measurable: nothing at the point, too large for the patch, or not separable from vessels or the chest wall.
+# Not measurable: nothing at the point, too large for the patch, or not separable from vessels or the
+# chest wall.
 MEASURE_BY_HAND = "Measure the nodule by hand, then apply the guideline to that diameter."
 GUIDELINE_NAMES = {"fleischner": "Fleischner 2017", "lung-rads": "Lung-RADS v2022"}
 
@@ -77,12 +78,14 @@ def parse_coordinate(text: str) -> tuple:
 
 def read_scan_points(path, scan_name: str = "") -> np.ndarray:
     """World mm points ``(N, 3)`` from a CSV with ``coordX,coordY,coordZ`` columns; when a ``seriesuid``
-    column names several scans, only the rows of ``scan_name``. Bad rows refuse the file, naming their lines."""
+    column names several scans, only the rows of ``scan_name``. Bad rows refuse the file, naming their
+    lines."""
     table, _ = data.read_point_csv(path, None, need_uid=False)
     if len(set(table.seriesuid)) > 1:
         mine = table.seriesuid == scan_name
         if not mine.any():
-            raise UserError(f"{path} lists points of {len(set(table.seriesuid))} scans and none of scan {scan_name!r}")
+            raise UserError(f"{path} lists points of {len(set(table.seriesuid))} scans and none of scan "
+                            f"{scan_name!r}")
         table = table.take(np.flatnonzero(mine))
     if len(table) == 0:
         raise UserError(f"{path}: no points")
@@ -112,9 +115,10 @@ def load_models(checkpoints, device) -> list[tuple]:
         b = meta["preprocess"]
         if int(a["patch_size"]) != int(b["patch_size"]) or not math.isclose(float(a["spacing_mm"]),
                                                                             float(b["spacing_mm"])):
-            raise UserError(f"--checkpoint {path} takes patches of {b['patch_size']} voxels at {b['spacing_mm']} mm, "
-                            f"--checkpoint {first} of {a['patch_size']} voxels at {a['spacing_mm']} mm; the models "
-                            f"averaged must share the patch size and spacing")
+            raise UserError(f"--checkpoint {path} takes patches of {b['patch_size']} voxels at "
+                            f"{b['spacing_mm']} mm, --checkpoint {first} of {a['patch_size']} voxels at "
+                            f"{a['spacing_mm']} mm; the models averaged must share the patch size "
+                            f"and spacing")
     return models
 
 
@@ -183,7 +187,8 @@ def resolve_models(checkpoint, device, views: Optional[int] = None, cutoff: Opti
 
 def largest_measurable_mm(patch_size: int, spacing_mm: float) -> float:
     """About the largest diameter (mm) sizing.py can measure in a patch: the object must stay inside the ball
-    of radius ``patch_size // 2 - 2`` voxels (off the rim of its mask ball), so ``(patch_size - 4) * spacing_mm``."""
+    of radius ``patch_size // 2 - 2`` voxels (off the rim of its mask ball), so
+    ``(patch_size - 4) * spacing_mm``."""
     return (2 * (int(patch_size) // 2) - 4) * float(spacing_mm)
 
 
@@ -193,14 +198,15 @@ def _size_assumptions(options: tuple, n_follow_up: int, n_points: int, threshold
     nodules, then followup's own notes (those of type and risk replaced by ones naming the options)."""
     guideline, nodule_type, risk = options
     multiple = n_follow_up > 1
-    notes = followup.follow_up(0.0, guideline, nodule_type, risk, multiple).assumptions  # same for any diameter
-    return (f"plain diameter: the equivalent-sphere diameter of the voxels >= {threshold_hu:.0f} HU at the point "
-            f"(sizing.py), up to about {largest_mm:.0f} mm (the patch)",
+    # same for any diameter
+    notes = followup.follow_up(0.0, guideline, nodule_type, risk, multiple).assumptions
+    return (f"plain diameter: the equivalent-sphere diameter of the voxels >= {threshold_hu:.0f} HU at the "
+            f"point (sizing.py), up to about {largest_mm:.0f} mm (the patch)",
             f"nodule type assumed {nodule_type} (not measured; solid unless --type is given)",
             f"patient risk assumed {risk} (low unless --risk is given)" if guideline == "fleischner"
             else "patient risk not used by Lung-RADS",
-            f"number of nodules: {n_follow_up} of the {n_points} point(s) of this call at or above the cutoff "
-            f"({'multiple' if multiple else 'single'})",
+            f"number of nodules: {n_follow_up} of the {n_points} point(s) of this call at or above the "
+            f"cutoff ({'multiple' if multiple else 'single'})",
             *(n for n in notes if not n.startswith(("nodule type assumed", "patient risk assumed"))))
 
 
@@ -220,7 +226,8 @@ def size_and_follow_up(patches: np.ndarray, spacing_mm: float, follow_ups: Seque
     options = followup.check_options(guideline, nodule_type, risk)
     threshold = SIZE_THRESHOLD_HU[options[1]]
     plain = sizing.measure_diameters(patches, spacing_mm, threshold) if len(patches) else np.zeros(0)
-    learned = np.full(len(plain), np.nan) if model_diameters is None else np.asarray(model_diameters, np.float64)
+    learned = (np.full(len(plain), np.nan) if model_diameters is None
+               else np.asarray(model_diameters, np.float64))
     source = SIZE_FROM_MODEL if model_diameters is not None else SIZE_FROM_PLAIN
     diameters = learned if model_diameters is not None else plain
     follow_ups = [bool(f) for f in follow_ups]
@@ -245,8 +252,8 @@ def predict_points(checkpoint, scan_path, world_xyz, device: str = "auto", batch
                    views: Optional[int] = None, precision: str = "auto", *, guideline: str = "fleischner",
                    nodule_type: str = "solid", risk: str = "low", cutoff: Optional[float] = None,
                    ensemble: Optional[Path] = None, points: str = "") -> list[dict]:
-    """Probability of a nodule at each world mm point ``(N, 3)`` (x, y, z) of one scan (a path, or a data.CTScan
-    already read).
+    """Probability of a nodule at each world mm point ``(N, 3)`` (x, y, z) of one scan (a path, or a
+    data.CTScan already read).
 
     ``checkpoint``: one checkpoint, a list of them (say the models of a cross-validation's folds, whose
     probabilities are averaged: the scan is read and the patches cut once, each model applies its own HU
@@ -267,7 +274,8 @@ def predict_points(checkpoint, scan_path, world_xyz, device: str = "auto", batch
         raise ValueError(f"world_xyz must have shape (N, 3) with N >= 1, got {world_xyz.shape}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    options = dict(zip(("guideline", "nodule_type", "risk"), followup.check_options(guideline, nodule_type, risk)))
+    options = dict(zip(("guideline", "nodule_type", "risk"),
+                       followup.check_options(guideline, nodule_type, risk)))
     torch_device = head.resolve_device(device)
     chosen = checkpoint if isinstance(checkpoint, ModelSet) else \
         resolve_models(checkpoint, torch_device, views, cutoff, ensemble)
@@ -277,7 +285,8 @@ def predict_points(checkpoint, scan_path, world_xyz, device: str = "auto", batch
                                                               precision)
     logits = calibration.logit(probability)
     lo = int(preprocess["patch_size"]) // 2 - CENTRE_MM // 2
-    hu_at_point = patches[:, lo:lo + CENTRE_MM, lo:lo + CENTRE_MM, lo:lo + CENTRE_MM].reshape(len(patches), -1).mean(1)
+    hu_at_point = (patches[:, lo:lo + CENTRE_MM, lo:lo + CENTRE_MM, lo:lo + CENTRE_MM]
+                   .reshape(len(patches), -1).mean(1))
     inside = data.inside_scan(scan, world_xyz)
     follow_up = logits >= chosen.cutoff.logit
     sizes = size_and_follow_up(patches, float(preprocess["spacing_mm"]), follow_up, **options,
@@ -361,7 +370,8 @@ def _table_caption(predictions: Sequence[dict], n_models: int) -> str:
                   f"probability: {first['calibration_note']}"]
     if predictions and "guideline" in predictions[0]:
         first = predictions[0]
-        source = ("the model's size output (the plain measurement beside it)" if first["size_source"] == SIZE_FROM_MODEL
+        source = ("the model's size output (the plain measurement beside it)"
+                  if first["size_source"] == SIZE_FROM_MODEL
                   else "the plain measurement: the model has no size output")
         lines += [f"category and recommendation (follow-up points only): "
                   f"{GUIDELINE_NAMES.get(first['guideline'], first['guideline'])}; diameter (mm): {source}; "
@@ -380,7 +390,8 @@ def prediction_table(predictions: Sequence[dict], title: str = "", n_models: int
     sized = bool(predictions) and predictions[0].get("size_source") == SIZE_FROM_MODEL
     for name in ("#", "x (mm)", "y (mm)", "z (mm)", "probability", "raw", "follow-up", "HU", "diameter (mm)",
                  *(("plain (mm)",) if sized else ()), "category", "recommendation", "warning"):
-        table.add_column(name, justify="left" if name in ("category", "recommendation", "warning") else "right",
+        table.add_column(name,
+                         justify="left" if name in ("category", "recommendation", "warning") else "right",
                          overflow="fold")   # a narrow terminal folds cells rather than cropping columns
     for n, row in enumerate(predictions, start=1):
         diameter, calibrated = row.get("diameter_mm"), row.get("calibrated_probability")
@@ -395,8 +406,8 @@ def prediction_table(predictions: Sequence[dict], title: str = "", n_models: int
 
 
 def results_title(scan_path, predictions: Sequence[dict], detected: bool) -> str:
-    """The heading of predict's results: the scan and what its rows are (``detected``: the distinct findings of
-    :func:`predict_scan` without points, which may be none)."""
+    """The heading of predict's results: the scan and what its rows are (``detected``: the distinct findings
+    of :func:`predict_scan` without points, which may be none)."""
     if detected and not predictions:
         return f"{scan_name(scan_path)}: no detected candidate reaches the checkpoint's cutoff"
     what = "findings at or above the cutoff among the detected candidates" if detected else "points"
@@ -410,7 +421,8 @@ def _mm(value: Optional[float]) -> str:
 def distinct_findings(predictions: Sequence[dict], unknown_diameter_mm: float = 5.0) -> list[dict]:
     """The rows at or above the cutoff, highest probability first, without those on a finding already kept:
     a row is dropped when its sphere overlaps a kept one's (centres closer than the mean of the two diameters,
-    ``unknown_diameter_mm`` where a diameter is unknown). Detection leaves several candidates on a large nodule."""
+    ``unknown_diameter_mm`` where a diameter is unknown). Detection leaves several candidates on a large
+    nodule."""
     kept: list[dict] = []
     for row in sorted((r for r in predictions if r["follow_up"]), key=lambda r: -r["probability"]):
         centre = np.array([row["coordX"], row["coordY"], row["coordZ"]])
@@ -452,9 +464,9 @@ def predict_scan(checkpoint, scan_path, coords: Sequence[str] = (), candidates=N
     predictions = predict_points(chosen, scan, world_xyz, device, batch_size, views, precision, **options)
     if detected:
         findings = distinct_findings(predictions)
-        predictions = [] if not findings else predict_points(   # again on the findings alone: their number and
+        predictions = [] if not findings else predict_points(  # again on the findings alone: their number and
             chosen, scan, np.array([[r["coordX"], r["coordY"], r["coordZ"]] for r in findings]), device,
-            batch_size, views, precision, **options)            # size categories are those of distinct nodules
+            batch_size, views, precision, **options)           # size categories are those of distinct nodules
     if out is not None:
         write_predictions_csv(predictions, out)
     return predictions

@@ -18,7 +18,8 @@ AIR_HU = -1000
 
 def sample_separable(volume: np.ndarray, positions: list, order: np.ndarray, target: np.ndarray) -> None:
     """Cubes on tensor-product grids: ``positions[a]`` ``(N, P)`` are the continuous positions of the
-    samples along array axis ``a`` (axis 0 rising); ``target`` ``(N, P, P, P)`` is filled in array-axis order."""
+    samples along array axis ``a`` (axis 0 rising); ``target`` ``(N, P, P, P)`` is filled in array-axis
+    order."""
     taps = (*_axis_taps(positions[0], volume.shape[0]), *_axis_taps(positions[1], volume.shape[1]),
             *_row_taps(positions[2], volume.shape[2]))
     if target.flags.c_contiguous:
@@ -126,7 +127,8 @@ CUBES_PER_BATCH = 256        # cubes that stream through the volume together (th
 SLAB_BYTES = 8 << 20         # slices per step of that stream: about this many bytes of the volume
 
 
-def _sample_separable_in_slabs(volume: np.ndarray, taps: tuple, order: np.ndarray, target: np.ndarray) -> None:
+def _sample_separable_in_slabs(volume: np.ndarray, taps: tuple, order: np.ndarray,
+                               target: np.ndarray) -> None:
     """Drive :func:`_sample_separable` through the volume a slab of slices at a time, every cube of a
     batch taking the slices it needs from the current slab while those are still in the CPU caches:
     the volume is streamed once per batch of cubes instead of once per cube."""
@@ -136,7 +138,8 @@ def _sample_separable_in_slabs(volume: np.ndarray, taps: tuple, order: np.ndarra
             _sample_batch(run, volume, taps, order[first:first + CUBES_PER_BATCH], target, step)
 
 
-def _sample_batch(run, volume: np.ndarray, taps: tuple, cubes: np.ndarray, target: np.ndarray, step: int) -> None:
+def _sample_batch(run, volume: np.ndarray, taps: tuple, cubes: np.ndarray, target: np.ndarray,
+                  step: int) -> None:
     """One batch of cubes through the volume, ``step`` slices further each round."""
     k_lo, k_hi, i_len = taps[0], taps[1], taps[-1]
     n_slices, n_planes = volume.shape[0], k_lo.shape[1]
@@ -148,7 +151,8 @@ def _sample_batch(run, volume: np.ndarray, taps: tuple, cubes: np.ndarray, targe
         waiting = next_a < n_planes
         waiting[waiting] = k_hi[cubes[waiting], next_a[waiting]] < k_end
         if waiting.any():
-            run(_sample_separable, (cubes[waiting], slots[waiting]), k_end, volume, *taps, slabs, slab_k, next_a, target)
+            run(_sample_separable, (cubes[waiting], slots[waiting]), k_end, volume, *taps, slabs, slab_k,
+                next_a, target)
 
 
 # --- compiled sampling kernels ------------------------------------------------
@@ -175,8 +179,8 @@ def _interpolate_rows(voxels, row_stride, slice_stride, k, j_lo, j_hi, j_wlo, j_
         shift = air * (w_lo + w_hi)
         dest = np.uint64(slab_first) + np.uint64(b) * np.uint64(slab_width)
         for x in range(np.uint64(length)):
-            slab_values[dest + x] = (w_lo * np.float32(voxels[row_lo + x]) + w_hi * np.float32(voxels[row_hi + x])
-                                     + shift)
+            slab_values[dest + x] = (w_lo * np.float32(voxels[row_lo + x])
+                                     + w_hi * np.float32(voxels[row_hi + x]) + shift)
 
 
 @numba.njit(**_JIT)
@@ -207,8 +211,9 @@ def _sample_separable(cubes, slots, k_end, volume, k_lo, k_hi, k_wlo, k_whi, j_l
         while a < n_k and k_hi[n, a] < k_end:
             for k in (k_lo[n, a], k_hi[n, a]):
                 if slab_k[slot, k & 1] != k:
-                    _interpolate_rows(voxels, row_stride, slice_stride, k, j_lo[n], j_hi[n], j_wlo[n], j_whi[n],
-                                      start, length, slab_values, (2 * slot + (k & 1)) * slab_size, width)
+                    _interpolate_rows(voxels, row_stride, slice_stride, k, j_lo[n], j_hi[n], j_wlo[n],
+                                      j_whi[n], start, length, slab_values, (2 * slot + (k & 1)) * slab_size,
+                                      width)
                     slab_k[slot, k & 1] = k
             above = np.uint64((2 * slot + (k_lo[n, a] & 1)) * slab_size)
             below = np.uint64((2 * slot + (k_hi[n, a] & 1)) * slab_size)
@@ -222,7 +227,8 @@ def _sample_separable(cubes, slots, k_end, volume, k_lo, k_hi, k_wlo, k_whi, j_l
                 for c in range(np.uint64(n_i)):
                     tap = np.uint64(i_lo[n, c])
                     left = row[tap]
-                    out_values[dest + c] = np.int16(np.rint(left + i_frac[n, c] * (row[tap + one] - left) - air))
+                    out_values[dest + c] = np.int16(np.rint(left + i_frac[n, c] * (row[tap + one] - left)
+                                                            - air))
             a += 1
         next_a[slot] = a
 

@@ -79,7 +79,8 @@ def _label_of(core: np.ndarray, voxel_zyx: tuple) -> np.ndarray:
 def _grid_distance(shape: tuple, point_zyx, spacing_mm: float) -> np.ndarray:
     """Distance in mm of every voxel centre of an array of ``shape`` from the voxel ``point_zyx``."""
     z, y, x = (np.arange(n, dtype=np.float32) - float(p) for n, p in zip(shape, point_zyx))
-    return np.sqrt(z[:, None, None] ** 2 + y[None, :, None] ** 2 + x[None, None, :] ** 2) * np.float32(spacing_mm)
+    return (np.sqrt(z[:, None, None] ** 2 + y[None, :, None] ** 2 + x[None, None, :] ** 2)
+            * np.float32(spacing_mm))
 
 
 def _seed(patch: np.ndarray, mask: np.ndarray, from_centre_mm: np.ndarray, search_mm: float):
@@ -142,8 +143,8 @@ def measure_diameter(patch_hu: np.ndarray, spacing_mm: float, threshold_hu: floa
     apart, the candidate at voxel ``[P//2]*3``. ``threshold_hu``: HU at and above which a voxel is object.
     ``opening_mm`` / ``max_opening_mm``: first and largest radius (mm) of the ball that cuts off vessels and
     walls (None: grow it until the object's core vanishes); ``search_mm``: how far from the centre (mm) a
-    seed is looked for when the centre is below the threshold. Returns NaN when nothing at the centre reaches the threshold or the object cannot be
-    separated from the patch's rim. Method and limits: module docstring.
+    seed is looked for when the centre is below the threshold. Returns NaN when nothing at the centre reaches
+    the threshold or the object cannot be separated from the patch's rim. Method and limits: module docstring.
     """
     patch = np.asarray(patch_hu)
     if patch.ndim != 3 or min(patch.shape) < 3:

@@ -4,8 +4,8 @@ Tensor layout: the input is ``(B, C, D, H, W)``; for CT patches D, H, W are the 
 layout the weights were trained in, ``[x, y, z]`` in RAS orientation for the published ones, which
 ``head.to_encoder_layout`` makes of our ``[z, y, x]`` LPS patches. ``SwinEncoder.forward`` returns five
 feature maps, stage ``i`` of shape ``(B, feature_size * 2**i, D / 2**(i+1), H / 2**(i+1), W / 2**(i+1))``,
-each layer-normalised over channels without affine parameters. Inside the encoder, tokens are kept channels-last,
-``(B, D', H', W', C)``, so that the stage outputs are returned as channels-last-3d views.
+each layer-normalised over channels without affine parameters. Inside the encoder, tokens are kept
+channels-last, ``(B, D', H', W', C)``, so that the stage outputs are returned as channels-last-3d views.
 
 Module and parameter names follow the ``swinViT`` part of the Swin UNETR reference implementation
 (``patch_embed.proj``, ``layers1.0.blocks.0.attn.qkv``, ``layers1.0.downsample.reduction`` ...),
@@ -295,7 +295,8 @@ class WindowAttention(nn.Module):
         self.register_buffer("relative_position_index", relative_position_index(window_size))
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim)
-        self.register_buffer("query_bias_only", torch.cat([torch.ones(dim), torch.zeros(2 * dim)]), persistent=False)
+        self.register_buffer("query_bias_only", torch.cat([torch.ones(dim), torch.zeros(2 * dim)]),
+                             persistent=False)
         self._mask_cache: Dict[tuple, torch.Tensor] = {}
 
     def clear_cache(self) -> None:
@@ -347,8 +348,9 @@ class WindowAttention(nn.Module):
             sizes = [rows.stop - rows.start for rows, _, _ in geometry.boxes(batch)]
             attended = torch.cat([window_attention(*qkv_box, masks[g:g + 1]) for g, qkv_box in
                                   enumerate(zip(q.split(sizes), k.split(sizes), v.split(sizes)))])
+        # out: (B, Dp, Hp, Wp, C)
         out = _WithAdjoint.apply(attended.unsqueeze(0), lambda t: merge_windows(t, geometry, batch),
-                                 lambda grad: partition_windows(grad, geometry, 1, heads))  # (B, Dp, Hp, Wp, C)
+                                 lambda grad: partition_windows(grad, geometry, 1, heads))
         if geometry.needs_padding:
             out = _WithAdjoint.apply(out, crop, pad)
         value_bias = self.qkv.bias[2 * self.dim:]
@@ -370,7 +372,8 @@ class MLPBlock(nn.Module):
 class SwinTransformerBlock(nn.Module):
     """Pre-norm window attention and MLP, each with a residual connection, on ``(B, d, h, w, C)``."""
 
-    def __init__(self, dim: int, num_heads: int, window_size: int, shifted: bool, use_checkpoint: bool) -> None:
+    def __init__(self, dim: int, num_heads: int, window_size: int, shifted: bool,
+                 use_checkpoint: bool) -> None:
         super().__init__()
         self.shifted = shifted
         self.use_checkpoint = use_checkpoint
@@ -416,7 +419,8 @@ class BasicLayer(nn.Module):
         super().__init__()
         self.window_size = window_size
         self.blocks = nn.ModuleList([
-            SwinTransformerBlock(dim, num_heads, window_size, shifted=(i % 2 == 1), use_checkpoint=use_checkpoint)
+            SwinTransformerBlock(dim, num_heads, window_size, shifted=(i % 2 == 1),
+                                 use_checkpoint=use_checkpoint)
             for i in range(depth)])
         self.downsample = PatchMerging(dim)
 
@@ -472,7 +476,8 @@ class SwinEncoder(nn.Module):
         if x.dim() != 5:
             raise ValueError(f"expected input (B, C, D, H, W), got shape {tuple(x.shape)}")
         if x.shape[1] != self.in_channels:
-            raise ValueError(f"expected {self.in_channels} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+            raise ValueError(f"expected {self.in_channels} input channels, got {x.shape[1]} "
+                             f"(shape {tuple(x.shape)})")
         if any(n % self.size_multiple for n in x.shape[2:]) or min(x.shape[2:]) == 0:
             raise ValueError(f"spatial sizes must be positive multiples of {self.size_multiple}, "
                              f"got {tuple(x.shape[2:])}")
@@ -503,7 +508,8 @@ def _validate_arguments(in_channels: int, feature_size: int, depths: tuple, num_
             raise ValueError(f"{name} must be {NUM_STAGES} positive integers, got {values!r}")
     for i, heads in enumerate(num_heads):
         if (feature_size * 2 ** i) % heads:
-            raise ValueError(f"stage {i + 1} has {feature_size * 2 ** i} channels, not divisible by {heads} heads")
+            raise ValueError(f"stage {i + 1} has {feature_size * 2 ** i} channels, not divisible by "
+                             f"{heads} heads")
     _check_integer("window_size", window_size, 2)
     _check_integer("patch_size", patch_size, 1)
 
@@ -568,7 +574,8 @@ def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
 
 
 def encoder_key(checkpoint_key: str) -> str:
-    """Encoder parameter name of a checkpoint key: strips ``module.`` and ``swinViT.``, fc1/fc2 -> linear1/2."""
+    """Encoder parameter name of a checkpoint key: strips ``module.`` and ``swinViT.``,
+    fc1/fc2 -> linear1/2."""
     key = checkpoint_key
     while key.startswith("module."):
         key = key[len("module."):]

@@ -13,11 +13,12 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
 
 
-# Command-line tests read exit codes, the exception behind an exit, returned values and written files, never the
-# console text: rich wraps that text at the terminal's width (COLUMNS, the length of temporary paths).
+# Command-line tests read exit codes, the exception behind an exit, returned values and written files, never
+# the console text: rich wraps that text at the terminal's width (COLUMNS, the length of temporary paths).
 
 def _user_error(result):
-    """The UserError behind a command's exit code 1 (``luna_cli.friendly_errors`` chains it to the exit), or None."""
+    """The UserError behind a command's exit code 1 (``luna_cli.friendly_errors`` chains it to the exit),
+    or None."""
     from data import UserError
     error = result.exception
     while error is not None and not isinstance(error, UserError):
@@ -26,7 +27,8 @@ def _user_error(result):
 
 
 def _why(result) -> str:
-    """A failed command's exit code, exception and console text, shown when an assertion on it fails (never asserted)."""
+    """A failed command's exit code, exception and console text, shown when an assertion on it fails
+    (never asserted)."""
     return f"exit code {result.exit_code}, exception {result.exception!r}\n{result.output}"
 
 
@@ -121,7 +123,8 @@ def test_outside_the_scan_is_air_not_zero():
     assert (patch[:, 4:12, 9:] == 50).all()
     assert patch.dtype == np.int16
     assert not data.inside_scan(scan, [[-100.0, 10.0, 10.0]], 8.0)[0]
-    assert data.inside_scan(scan, [[-5.0, 10.0, 10.0]], 8.0)[0] and not data.inside_scan(scan, [[-5.0, 10.0, 10.0]])[0]
+    assert (data.inside_scan(scan, [[-5.0, 10.0, 10.0]], 8.0)[0]
+            and not data.inside_scan(scan, [[-5.0, 10.0, 10.0]])[0])
 
 
 def _simpleitk_patch(scan, point, size: int, spacing: float) -> np.ndarray:
@@ -146,7 +149,8 @@ def test_patches_match_simpleitk_resampling_voxel_for_voxel(name, monkeypatch):
     monkeypatch.setattr(resample, "CUBES_PER_THREAD", 1)
     rng = np.random.default_rng(4)
     scan = _scan(DIRECTIONS[name], hu=rng.integers(-1000, 1500, (40, 90, 80)).astype(np.int16))
-    points = data.index_to_world(rng.uniform([25, 25, 10], [55, 65, 30], (12, 3)), scan)  # cubes inside the scan
+    # cubes inside the scan
+    points = data.index_to_world(rng.uniform([25, 25, 10], [55, 65, 30], (12, 3)), scan)
     patches = {}
     for threads in (1, 2):
         resample.set_extraction_threads(threads)
@@ -170,7 +174,8 @@ def test_read_and_extract_equals_reading_then_extracting(name, tmp_path, monkeyp
     rng = np.random.default_rng(6)
     scan = _scan(DIRECTIONS[name], hu=rng.integers(-1000, 1500, (40, 50, 60)).astype(np.int16))
     data.write_mhd(scan, tmp_path / "plain.mhd")
-    sitk.WriteImage(sitk.ReadImage(str(tmp_path / "plain.mhd")), str(tmp_path / "packed.mhd"), useCompression=True)
+    sitk.WriteImage(sitk.ReadImage(str(tmp_path / "plain.mhd")), str(tmp_path / "packed.mhd"),
+                    useCompression=True)
     points = data.index_to_world(rng.uniform(-5, 45, (9, 3)), scan)
     for file in ("plain.mhd", "packed.mhd"):
         expected_scan = data.read_ct(tmp_path / file)
@@ -200,10 +205,12 @@ def test_plain_metaimage_voxels_are_read_directly_and_match_simpleitk(tmp_path, 
     for dtype in (np.int16, np.float32, np.uint16):
         values = rng.integers(0 if dtype == np.uint16 else -1024, 3000, (6, 7, 9)).astype(dtype)
         image = sitk.GetImageFromArray(values)
-        image.SetOrigin((1.5, -2.0, 30.0)); image.SetSpacing((0.7, 0.8, 2.5))
+        image.SetOrigin((1.5, -2.0, 30.0))
+        image.SetSpacing((0.7, 0.8, 2.5))
         image.SetDirection((0, 1, 0, 0, 0, -1, -1, 0, 0))
         sitk.WriteImage(image, str(tmp_path / f"{dtype.__name__}.mhd"))
-        expected[dtype.__name__] = data._image_to_scan(sitk.ReadImage(str(tmp_path / f"{dtype.__name__}.mhd")), "")
+        expected[dtype.__name__] = data._image_to_scan(
+            sitk.ReadImage(str(tmp_path / f"{dtype.__name__}.mhd")), "")
     header = (tmp_path / "int16.mhd").read_text()
     assert "BinaryDataByteOrderMSB = False" in header
     header = header.replace("BinaryDataByteOrderMSB = False", "BinaryDataByteOrderMSB = True")
@@ -211,7 +218,8 @@ def test_plain_metaimage_voxels_are_read_directly_and_match_simpleitk(tmp_path, 
     expected["int16"].hu.astype(">i2").tofile(tmp_path / "big.raw")
     expected["big"] = data._image_to_scan(sitk.ReadImage(str(tmp_path / "big.mhd")), "")
     np.testing.assert_array_equal(expected["big"].hu, expected["int16"].hu)
-    sitk.WriteImage(sitk.ReadImage(str(tmp_path / "int16.mhd")), str(tmp_path / "packed.mhd"), useCompression=True)
+    sitk.WriteImage(sitk.ReadImage(str(tmp_path / "int16.mhd")), str(tmp_path / "packed.mhd"),
+                    useCompression=True)
     packed = data.read_ct(tmp_path / "packed.mhd")
     np.testing.assert_array_equal(packed.hu, expected["int16"].hu)
 
@@ -231,7 +239,8 @@ def _mini_luna(root: Path, n_scans: int = 3, seed: int = 0) -> dict:
     import data
     rng = np.random.default_rng(seed)
     (root / "subset0").mkdir(parents=True)
-    uids, cand_lines, ann_lines = [], ["seriesuid,coordX,coordY,coordZ,class"], ["seriesuid,coordX,coordY,coordZ,diameter_mm"]
+    uids, cand_lines, ann_lines = ([], ["seriesuid,coordX,coordY,coordZ,class"],
+                                   ["seriesuid,coordX,coordY,coordZ,diameter_mm"])
     for s in range(n_scans):
         uid = f"1.2.3.{seed}.{s}"
         scan = _scan(DIRECTIONS["flipped_xy"] if s % 2 else np.eye(3), shape_zyx=(24, 48, 48),
@@ -256,7 +265,8 @@ def _mini_luna(root: Path, n_scans: int = 3, seed: int = 0) -> dict:
 def _cache_files(work: Path) -> dict:
     import hashlib
     cache = work / "patches" / "subset0"
-    return {name: hashlib.sha256((cache / name).read_bytes()).hexdigest() for name in ("patches.npy", "index.csv")}
+    return {name: hashlib.sha256((cache / name).read_bytes()).hexdigest()
+            for name in ("patches.npy", "index.csv")}
 
 
 def test_extract_writes_cache_and_rerun_is_idempotent(tmp_path):
@@ -326,12 +336,13 @@ def test_extract_bad_inputs_are_reported_not_fatal(tmp_path):
                                   show_progress=False)   # what the command calls
     assert sorted(summary.failed) == sorted((broken_raw, missing_raw, broken_header))
     problems = " ".join(summary.problems)
-    assert "line 22" in problems and "line 23" in problems and "line 24" in problems and "wholly outside" in problems
+    assert ("line 22" in problems and "line 23" in problems and "line 24" in problems
+            and "wholly outside" in problems)
     assert "1 seriesuid(s) of the candidates file have no scan" in problems
     # the command tries the unreadable scans again, names them in the manifest and exits 1
-    result = CliRunner().invoke(luna_cli.app, ["extract", "--subset", "0", "--data-dir", str(tmp_path / "luna"),
-                                               "--work-dir", str(tmp_path / "work"), "--patch-size", "32",
-                                               "--all-candidates"])
+    result = CliRunner().invoke(luna_cli.app, ["extract", "--subset", "0", "--data-dir",
+                                               str(tmp_path / "luna"), "--work-dir", str(tmp_path / "work"),
+                                               "--patch-size", "32", "--all-candidates"])
     assert result.exit_code == 1, _why(result)
     assert isinstance(result.exception, SystemExit)  # a clean exit, not an exception
     manifest = json.loads((tmp_path / "work" / "patches" / "subset0" / "manifest.json").read_text())
@@ -341,9 +352,11 @@ def test_extract_bad_inputs_are_reported_not_fatal(tmp_path):
 
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "real_ct").is_dir(), reason="real LIDC-IDRI scans in ../shared/data absent")
+@pytest.mark.skipif(not (SHARED_DATA / "real_ct").is_dir(),
+                    reason="real LIDC-IDRI scans in ../shared/data absent")
 def test_real_lidc_nodules_sit_at_the_patch_centre():
-    """LIDC-IDRI DICOM series (CC BY 3.0) with their LUNA16 annotations: each nodule is dense at the centre."""
+    """LIDC-IDRI DICOM series (CC BY 3.0) with their LUNA16 annotations: each nodule is dense at the
+    centre."""
     import data
     annotations, _ = data.read_point_csv(SHARED_DATA / "luna16" / "annotations.csv", "diameter_mm")
     checked = 0
@@ -399,7 +412,8 @@ def test_froc_hand_case_follows_every_rule():
     np.testing.assert_allclose(list(result["froc_sensitivities"].values()), expected, rtol=0, atol=1e-12)
     assert result["cpm"] == pytest.approx(np.mean(expected), abs=1e-12)
     assert (result["n_nodules"], result["n_detected"], result["n_missed"]) == (6, 5, 1)
-    assert result["n_false_positives"] == 4 and result["n_marks_on_excluded"] == 1 and result["n_double_hits"] == 1
+    assert (result["n_false_positives"] == 4 and result["n_marks_on_excluded"] == 1
+            and result["n_double_hits"] == 1)
     assert result["n_marks"] == 11 and result["n_marks_scored"] == 10
     assert result["n_marks_unknown_seriesuid"] == 1 and result["unknown_seriesuids"] == ["elsewhere"]
     assert any("outside the evaluated list" in w for w in result["warnings"])
@@ -443,7 +457,8 @@ def test_mark_cap_keeps_marks_above_the_101st_and_drops_ties_at_the_cut():
     import evaluate
     scan = np.repeat([0, 1, 2], [102, 103, 50])
     distinct = np.arange(102, 0, -1) / 1000.0
-    tied = np.concatenate([np.arange(103, 4, -1) / 1000.0, [0.004, 0.004, 0.004, 0.004]])  # ranks 100-103 tied
+    # ranks 100-103 tied
+    tied = np.concatenate([np.arange(103, 4, -1) / 1000.0, [0.004, 0.004, 0.004, 0.004]])
     few = np.full(50, 0.5)  # at most 100 marks: all kept, ties or not
     keep, stats = evaluate.cap_marks_per_scan(scan, np.concatenate([distinct, tied, few]), n_scans=3)
     assert keep[:102].sum() == 100 and not keep[100:102].any()
@@ -453,7 +468,8 @@ def test_mark_cap_keeps_marks_above_the_101st_and_drops_ties_at_the_cut():
     # Through the scorer: a nodule whose only hit ranks 101st is missed, and the tie is reported.
     rows = [("a", 100.0 + i, 0, 0, 0.5 + i / 1000.0) for i in range(100)] + [("a", 0, 0, 0, 0.4)]
     rows += [("b", 100.0 + i, 0, 0, 0.3) for i in range(101)]
-    result = evaluate.score_marks(_table(rows), ["a", "b"], _table([("a", 0, 0, 0, 5)]), _table([]), bootstrap=0)
+    result = evaluate.score_marks(_table(rows), ["a", "b"], _table([("a", 0, 0, 0, 5)]), _table([]),
+                                  bootstrap=0)
     assert result["n_detected"] == 0 and result["n_marks_scored"] == 100
     assert result["n_scans_tied_at_cap"] == 1 and any("tied" in w for w in result["warnings"])
 
@@ -485,7 +501,8 @@ def test_submission_bad_input_names_lines(tmp_path):
     table = evaluate.read_submission(_write_submission(tmp_path / "ok.csv", good))
     assert list(table.seriesuid) == ["u1", "u2"] and table.value.tolist() == [0.5, 0.25]
     reordered = evaluate.read_submission(_write_submission(
-        tmp_path / "order.csv", [(0.5, 3.0, "u1", 1.0, 2.0)], header="probability,coordZ,seriesuid,coordX,coordY"))
+        tmp_path / "order.csv", [(0.5, 3.0, "u1", 1.0, 2.0)],
+        header="probability,coordZ,seriesuid,coordX,coordY"))
     assert reordered.world_xyz.tolist() == [[1.0, 2.0, 3.0]] and reordered.seriesuid[0] == "u1"
     with pytest.raises(UserError, match="missing column.*probability"):
         evaluate.read_submission(_write_submission(tmp_path / "cols.csv", [r[:4] for r in good],
@@ -507,12 +524,15 @@ def test_evaluate_cli_scores_a_submission_and_reports_bad_files(tmp_path):
     import luna_cli
     marks, nodules, excluded = _hand_case()
     sub = _write_submission(tmp_path / "sub.csv", [(u, *xyz, p) for u, xyz, p in
-                                                   zip(marks.seriesuid, marks.world_xyz.tolist(), marks.value)])
+                                                   zip(marks.seriesuid, marks.world_xyz.tolist(),
+                                                       marks.value)])
     ann = _write_submission(tmp_path / "ann.csv", [(u, *xyz, d) for u, xyz, d in
-                                                   zip(nodules.seriesuid, nodules.world_xyz.tolist(), nodules.value)],
+                                                   zip(nodules.seriesuid, nodules.world_xyz.tolist(),
+                                                       nodules.value)],
                             header="seriesuid,coordX,coordY,coordZ,diameter_mm")
     exc = _write_submission(tmp_path / "exc.csv", [(u, *xyz, d) for u, xyz, d in
-                                                   zip(excluded.seriesuid, excluded.world_xyz.tolist(), excluded.value)],
+                                                   zip(excluded.seriesuid, excluded.world_xyz.tolist(),
+                                                       excluded.value)],
                             header="seriesuid,coordX,coordY,coordZ,diameter_mm")
     (tmp_path / "uids.csv").write_text("".join(f"s{i}\n" for i in range(1, 9)))
     args = ["evaluate", "--submission", str(sub), "--annotations", str(ann), "--excluded", str(exc),
@@ -561,8 +581,8 @@ def _reference_froc(rows, nodules, excluded, seriesuids, rates=(0.125, 0.25, 0.5
             scores.append(marks[i][3])
             missed.append(False)
     total = sum(labels)
-    ranked = sorted(((s, l) for s, l, m in zip(scores, labels, missed) if not m), key=lambda t: -t[0])
-    detected = sum(l for _, l in ranked)
+    ranked = sorted(((s, lab) for s, lab, m in zip(scores, labels, missed) if not m), key=lambda t: -t[0])
+    detected = sum(lab for _, lab in ranked)
     negatives = len(ranked) - detected
     xs, ys, tp, fp = [0.0], [0.0], 0, 0
     for i, (score, label) in enumerate(ranked):
@@ -580,7 +600,8 @@ def _reference_froc(rows, nodules, excluded, seriesuids, rates=(0.125, 0.25, 0.5
     return sens, {"n_detected": detected, "n_false_positives": negatives, "n_nodules": total}
 
 
-@pytest.mark.skipif(not (LUNA16_REFERENCE / "annotations.csv").is_file(), reason="LUNA16 annotations not in ../shared")
+@pytest.mark.skipif(not (LUNA16_REFERENCE / "annotations.csv").is_file(),
+                    reason="LUNA16 annotations not in ../shared")
 def test_froc_on_real_luna16_annotations_matches_slow_reference(tmp_path):
     import evaluate
     import data
@@ -604,7 +625,8 @@ def test_froc_on_real_luna16_annotations_matches_slow_reference(tmp_path):
     # Probabilities rounded to 3 decimals: ties everywhere, including at the 100-mark cut.
     rows = [(uid, float(x), float(y), float(z), round(float(rng.random()), 3)) for uid, x, y, z in rows]
     assert 15_000 < len(rows) < 30_000
-    sub = _write_submission(tmp_path / "sub.csv", [(u, repr(x), repr(y), repr(z), repr(p)) for u, x, y, z, p in rows])
+    sub = _write_submission(tmp_path / "sub.csv",
+                            [(u, repr(x), repr(y), repr(z), repr(p)) for u, x, y, z, p in rows])
     result = evaluate.score_submission(sub, LUNA16_REFERENCE / "annotations.csv",
                                        LUNA16_REFERENCE / "annotations_excluded.csv",
                                        LUNA16_REFERENCE / "seriesuids.csv", bootstrap=20)
@@ -624,11 +646,13 @@ def test_froc_on_real_luna16_annotations_matches_slow_reference(tmp_path):
 
 
 def _rows_of(table):
-    return [(u, *xyz, v) for u, xyz, v in zip(table.seriesuid, table.world_xyz.tolist(), table.value.tolist())]
+    return [(u, *xyz, v) for u, xyz, v in
+            zip(table.seriesuid, table.world_xyz.tolist(), table.value.tolist())]
 
 
 EVAL_PHANTOM_SHAPE = (48, 96, 96)
-EVAL_PHANTOM_SEED = 21    # its first scan holds one ground-glass nodule of 14.3 mm (test_predict_gives_size_unknown...)
+# its first scan holds one ground-glass nodule of 14.3 mm (test_predict_gives_size_unknown...)
+EVAL_PHANTOM_SEED = 21
 
 
 @pytest.fixture(scope="module")
@@ -636,8 +660,8 @@ def eval_phantom(tmp_path_factory) -> Path:
     """Two subsets of two small phantom scans each, few candidates: enough for whole-subset evaluation."""
     import phantom
     root = tmp_path_factory.mktemp("eval_phantom") / "luna16"
-    phantom.write_luna_folder(root, n_subsets=2, scans_per_subset=2, shape=EVAL_PHANTOM_SHAPE, seed=EVAL_PHANTOM_SEED,
-                              negatives_per_scan=6, nodules_per_scan=(1, 2))
+    phantom.write_luna_folder(root, n_subsets=2, scans_per_subset=2, shape=EVAL_PHANTOM_SHAPE,
+                              seed=EVAL_PHANTOM_SEED, negatives_per_scan=6, nodules_per_scan=(1, 2))
     return root
 
 
@@ -649,7 +673,8 @@ def _tiny_checkpoint(path: Path, cutoff: float = 0.5, views: int = 1, size_outpu
     if size_output:
         config["size_output"] = True
     model = head.build_classifier(config)
-    head.save_checkpoint(path, {"format": head.CHECKPOINT_FORMAT, "model": model.state_dict(), "config": config,
+    head.save_checkpoint(path, {"format": head.CHECKPOINT_FORMAT, "model": model.state_dict(),
+                                "config": config,
                                 "preprocess": {"patch_size": 32, "spacing_mm": 1.25, "hu_min": -1000.0,
                                                "hu_max": 1000.0},
                                 "cutoff": cutoff, "epoch": 3, "views": views})
@@ -669,16 +694,19 @@ def test_evaluate_model_scores_every_candidate_and_resumes(eval_phantom, tmp_pat
     import head
     checkpoint = _tiny_checkpoint(tmp_path / "tiny.pt")
     out = tmp_path / "eval"
-    result = evaluate.evaluate_model(checkpoint, eval_phantom, [1], out, workers=1, batch_size=32, bootstrap=50)
+    result = evaluate.evaluate_model(checkpoint, eval_phantom, [1], out, workers=1, batch_size=32,
+                                     bootstrap=50)
     expected = _subset_candidates(eval_phantom, 1)
     rows = [line.split(",") for line in (out / "submission.csv").read_text().splitlines()]
-    assert rows[0] == ["seriesuid", "coordX", "coordY", "coordZ", "probability"] and len(rows) == len(expected) + 1
+    assert (rows[0] == ["seriesuid", "coordX", "coordY", "coordZ", "probability"]
+            and len(rows) == len(expected) + 1)
     for got, want in zip(rows[1:], expected):
         assert got[0] == want[0] and [float(v) for v in got[1:4]] == [float(v) for v in want[1:4]]
     saved = json.loads((out / "metrics.json").read_text())
     for key in ("auc", "accuracy", "sensitivity", "specificity", "cpm", "froc_sensitivities", "at_cutoff"):
         assert key in saved and key in result
-    assert saved["n_candidates"] == len(expected) and saved["n_scans"] == 2 and saved["unreadable_scans"] == {}
+    assert (saved["n_candidates"] == len(expected) and saved["n_scans"] == 2
+            and saved["unreadable_scans"] == {})
     assert sorted(saved["froc_sensitivities"]) == sorted(["0.125", "0.25", "0.5", "1", "2", "4", "8"])
     for figure in ("roc.png", "froc.png", "size.png", "calibration.png"):
         assert (out / figure).read_bytes()[:4] == b"\x89PNG"
@@ -708,8 +736,8 @@ def test_evaluate_model_scores_every_candidate_and_resumes(eval_phantom, tmp_pat
     (out / "parts" / f"{last_uid}.npy").unlink()
     (out / "submission.csv").unlink()
     reads = []
-    monkeypatch.setattr(data, "read_and_extract",
-                        lambda path, *args, _read=data.read_and_extract: reads.append(path) or _read(path, *args))
+    monkeypatch.setattr(data, "read_and_extract", lambda path, *args, _read=data.read_and_extract:
+                        reads.append(path) or _read(path, *args))
     evaluate.evaluate_model(checkpoint, eval_phantom, [1], out, workers=0, batch_size=32, bootstrap=50)
     assert len(reads) == 1 and reads[0].stem == last_uid
     again = [line.split(",") for line in (out / "submission.csv").read_text().splitlines()]
@@ -727,9 +755,9 @@ def test_evaluate_cli_model_skips_an_unreadable_scan(eval_phantom, tmp_path):
     broken.write_bytes(broken.read_bytes()[:5000])
     (tmp_path / "work" / "runs" / "tiny").mkdir(parents=True)
     _tiny_checkpoint(tmp_path / "work" / "runs" / "tiny" / "best.pt", cutoff=0.3)
-    result = CliRunner().invoke(luna_cli.app, ["evaluate", "--run", "tiny", "--subsets", "0", "--data-dir", str(root),
-                                               "--work-dir", str(tmp_path / "work"), "--workers", "1",
-                                               "--bootstrap", "20", "--device", "cpu"])
+    result = CliRunner().invoke(luna_cli.app, ["evaluate", "--run", "tiny", "--subsets", "0", "--data-dir",
+                                               str(root), "--work-dir", str(tmp_path / "work"), "--workers",
+                                               "1", "--bootstrap", "20", "--device", "cpu"])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), _why(result)
     out = tmp_path / "work" / "eval" / "tiny_subsets0"
     saved = json.loads((out / "metrics.json").read_text())   # the FROC of the readable scan is still written
@@ -749,7 +777,8 @@ def test_evaluate_names_a_missing_scan_and_allow_missing_counts_its_nodules_as_m
     import luna_cli
     root, work = tmp_path / "luna16", tmp_path / "work"
     shutil.copytree(eval_phantom, root)
-    data.extract_subset(root, work, 0, patch_size=32, spacing_mm=1.25, negatives_per_positive=1, show_progress=False)
+    data.extract_subset(root, work, 0, patch_size=32, spacing_mm=1.25, negatives_per_positive=1,
+                        show_progress=False)
     recorded = json.loads((data.subset_dir(work, 0) / "manifest.json").read_text())["scans_found"]
     assert recorded == sorted(data.subset_scans(root, [0]))
     gone = sorted((root / "subset0").glob("*.mhd"))[0]
@@ -761,7 +790,8 @@ def test_evaluate_names_a_missing_scan_and_allow_missing_counts_its_nodules_as_m
             "--workers", "0", "--bootstrap", "0", "--device", "cpu"]
     result = CliRunner().invoke(luna_cli.app, base)
     assert result.exit_code == 1 and gone.stem in str(_user_error(result)), _why(result)
-    assert "--allow-missing" in str(_user_error(result)) and not (work / "eval").exists()   # refused before any work
+    # refused before any work
+    assert "--allow-missing" in str(_user_error(result)) and not (work / "eval").exists()
     result = CliRunner().invoke(luna_cli.app, base + ["--allow-missing"])
     assert result.exit_code == 0, _why(result)
     saved = json.loads((work / "eval" / "tiny_subsets0" / "metrics.json").read_text())
@@ -770,16 +800,20 @@ def test_evaluate_names_a_missing_scan_and_allow_missing_counts_its_nodules_as_m
     assert lost and list(saved["missing_scans"]) == [gone.stem] and saved["n_scans"] == len(recorded)
     assert saved["froc"]["n_nodules"] == int(np.isin(annotations.seriesuid, recorded).sum())
     assert saved["froc"]["n_missed"] >= lost and any(gone.stem in warning for warning in saved["warnings"])
-    rescored = evaluate.score_submission(work / "eval" / "tiny_subsets0" / "submission.csv", root / "annotations.csv",
-                                         root / "annotations_excluded.csv", recorded, bootstrap=0)
-    assert saved["cpm"] == rescored["cpm"]    # the missing scan counts: its nodules missed, its scan in FP/scan
+    rescored = evaluate.score_submission(work / "eval" / "tiny_subsets0" / "submission.csv",
+                                         root / "annotations.csv", root / "annotations_excluded.csv",
+                                         recorded, bootstrap=0)
+    # the missing scan counts: its nodules missed, its scan in FP/scan
+    assert saved["cpm"] == rescored["cpm"]
     # a submission scored over --subsets is held to the same account
-    sub = ["evaluate", "--submission", str(work / "eval" / "tiny_subsets0" / "submission.csv"), "--subsets", "0",
-           "--data-dir", str(root), "--work-dir", str(work), "--bootstrap", "0", "--json", str(tmp_path / "s.json")]
+    sub = ["evaluate", "--submission", str(work / "eval" / "tiny_subsets0" / "submission.csv"), "--subsets",
+           "0", "--data-dir", str(root), "--work-dir", str(work), "--bootstrap", "0", "--json",
+           str(tmp_path / "s.json")]
     result = CliRunner().invoke(luna_cli.app, sub)
     assert result.exit_code == 1 and gone.stem in str(_user_error(result)), _why(result)
     result = CliRunner().invoke(luna_cli.app, sub + ["--allow-missing"])
-    assert result.exit_code == 0 and json.loads((tmp_path / "s.json").read_text())["cpm"] == saved["cpm"], _why(result)
+    assert (result.exit_code == 0
+            and json.loads((tmp_path / "s.json").read_text())["cpm"] == saved["cpm"]), _why(result)
 
 
 def test_with_all_ten_subsets_seriesuids_csv_names_missing_scans(tmp_path):
@@ -807,9 +841,10 @@ def test_two_checkpoints_evaluations_do_not_collide(eval_phantom, tmp_path):
     for run, cutoff in (("a", 0.3), ("b", 0.7)):
         (work / "runs" / run).mkdir(parents=True)
         checkpoints[run] = _tiny_checkpoint(work / "runs" / run / "best.pt", cutoff=cutoff)
-        result = CliRunner().invoke(luna_cli.app, ["evaluate", "--checkpoint", str(checkpoints[run]), "--subsets", "1",
-                                                   "--data-dir", str(eval_phantom), "--work-dir", str(work),
-                                                   "--workers", "0", "--bootstrap", "0", "--device", "cpu"])
+        result = CliRunner().invoke(luna_cli.app, ["evaluate", "--checkpoint", str(checkpoints[run]),
+                                                   "--subsets", "1", "--data-dir", str(eval_phantom),
+                                                   "--work-dir", str(work), "--workers", "0", "--bootstrap",
+                                                   "0", "--device", "cpu"])
         assert result.exit_code == 0, _why(result)
     saved = [json.loads(path.read_text()) for path in sorted((work / "eval").glob("*/metrics.json"))]
     assert [m["checkpoint"] for m in saved] == [str(checkpoints["a"]), str(checkpoints["b"])]
@@ -854,7 +889,8 @@ def test_head_runs_in_float32_under_bf16_autocast():
     assert low_logits.dtype == low_size.dtype == torch.float32
     assert torch.equal(low_logits, logits) and torch.equal(low_size, size)
     assert torch.equal(low_model_logits, model.forward_head(features.bfloat16().float()))
-    # predict_patches at bf16: the bf16 encoder's features through the fp32 head, so no scores tied by bf16 steps
+    # predict_patches at bf16: the bf16 encoder's features through the fp32 head, so no scores tied by bf16
+    # steps
     patches = np.random.default_rng(3).integers(-1000, 400, (24, 32, 32, 32)).astype(np.int16)
     preprocess = {"hu_min": -1000.0, "hu_max": 1000.0}
     probability, diameter = head.predict_patches(model, patches, preprocess, batch_size=24, precision="bf16",
@@ -897,7 +933,8 @@ def _write_dicom_series(scan, folder: Path) -> None:
         position = image.TransformIndexToPhysicalPoint((0, 0, k))
         for tag, value in (("0008|0060", "CT"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"),
                            ("0020|000e", "1.2.826.0.1.3680043.2.1125.1.2"), ("0020|0013", str(k + 1)),
-                           ("0020|0032", "\\".join(f"{v:.10f}" for v in position)), ("0020|0037", orientation),
+                           ("0020|0032", "\\".join(f"{v:.10f}" for v in position)),
+                           ("0020|0037", orientation),
                            ("0028|0030", f"{scan.spacing[1]:.10f}\\{scan.spacing[0]:.10f}"),
                            ("0018|0050", f"{scan.spacing[2]:.10f}"), ("0028|1052", "0"), ("0028|1053", "1"),
                            ("0008|0018", f"1.2.826.0.1.3680043.2.1125.1.3.{k + 1}")):
@@ -1026,12 +1063,15 @@ def _csv_rows(path: Path) -> tuple[list[str], list[list[str]]]:
 def test_phantom_same_seed_gives_byte_identical_folder(phantom_root, tmp_path):
     _phantom_folder(tmp_path / "again")
     files = sorted(p.relative_to(phantom_root) for p in phantom_root.rglob("*") if p.is_file())
-    assert len([f for f in files if f.suffix == ".mhd"]) == 4 and len([f for f in files if f.suffix == ".raw"]) == 4
-    assert files == sorted(p.relative_to(tmp_path / "again") for p in (tmp_path / "again").rglob("*") if p.is_file())
+    assert (len([f for f in files if f.suffix == ".mhd"]) == 4
+            and len([f for f in files if f.suffix == ".raw"]) == 4)
+    assert files == sorted(p.relative_to(tmp_path / "again") for p in (tmp_path / "again").rglob("*")
+                           if p.is_file())
     for name in files:
         assert (phantom_root / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
     _phantom_folder(tmp_path / "other", seed=4)
-    assert (tmp_path / "other" / "candidates_V2.csv").read_bytes() != (phantom_root / "candidates_V2.csv").read_bytes()
+    assert ((tmp_path / "other" / "candidates_V2.csv").read_bytes()
+            != (phantom_root / "candidates_V2.csv").read_bytes())
 
 
 def test_phantom_csvs_follow_the_luna16_layout(phantom_root):
@@ -1098,8 +1138,8 @@ def test_phantom_nodules_are_bright_where_the_direction_matrix_puts_them(phantom
         world = tuple(float(v) for v in xyz)
         i, j, k = np.rint(img.TransformPhysicalPointToContinuousIndex(world)).astype(int)
         assert 0 <= k < hu.shape[0] and 0 <= j < hu.shape[1] and 0 <= i < hu.shape[2]
-        # Solid: above -400 HU, half-way from lung to soft tissue; ground-glass and part-solid ones (-700 HU and up,
-        # a part-solid core half the size): above -780, the densest parenchyma being -800.
+        # Solid: above -400 HU, half-way from lung to soft tissue; ground-glass and part-solid ones (-700 HU
+        # and up, a part-solid core half the size): above -780, the densest parenchyma being -800.
         floor = -400 if kinds[uid, tuple(float(v) for v in xyz)] == "solid" else -780
         assert hu[k, j, i] > floor, (uid, xyz, diameter, hu[k, j, i])
         direction = np.array(img.GetDirection()).reshape(3, 3)
@@ -1118,7 +1158,8 @@ def test_phantom_hard_negatives_overlap_nodules_in_brightness(phantom_root):
     centre_hu = {}
     for uid, x, y, z, label, source, placement in rows:
         img = images[uid]
-        i, j, k = np.rint(img.TransformPhysicalPointToContinuousIndex((float(x), float(y), float(z)))).astype(int)
+        i, j, k = np.rint(img.TransformPhysicalPointToContinuousIndex(
+            (float(x), float(y), float(z)))).astype(int)
         centre_hu.setdefault(source, []).append(float(sitk.GetArrayViewFromImage(img)[k, j, i]))
         assert (placement in ("isolated", "vessel", "pleura")) == (label == "1"), (source, placement)
     assert {"nodule", "vessel", "bifurcation", "crossing", "pleura", "parenchyma", "soft-tissue",
@@ -1159,17 +1200,20 @@ def _top_and_bottom_slices(scan) -> tuple:
 
 @pytest.fixture(scope="module")
 def chest_pair():
-    """One 'small' phantom (seed 23: nodules of all three placements) without noise and the same with its noise."""
+    """One 'small' phantom (seed 23: nodules of all three placements) without noise and the same with its
+    noise."""
     import phantom
-    make = lambda noise: phantom.make_phantom_scan(np.random.default_rng(23), direction_kind="flip", noise_std=noise,
-                                                   nodules_per_scan=(6, 6), negatives_per_scan=20)
+
+    def make(noise):
+        return phantom.make_phantom_scan(np.random.default_rng(23), direction_kind="flip", noise_std=noise,
+                                         nodules_per_scan=(6, 6), negatives_per_scan=20)
     return make((0.0, 0.0)), make((15.0, 40.0))
 
 
 def test_phantom_lungs_stay_inside_the_body_and_the_scan(chest_pair):
-    """Air inside the body (lungs, airways) is at least 4 mm from the air around it (the lungs keep the body's fat
-    and a wall of soft tissue, at least 5 mm, between them and the skin); at the foot end of the scan there is none,
-    at the head end only the trachea."""
+    """Air inside the body (lungs, airways) is at least 4 mm from the air around it (the lungs keep the body's
+    fat and a wall of soft tissue, at least 5 mm, between them and the skin); at the foot end of the scan
+    there is none, at the head end only the trachea."""
     import SimpleITK as sitk
     import phantom
     quiet, _ = chest_pair
@@ -1181,8 +1225,8 @@ def test_phantom_lungs_stay_inside_the_body_and_the_scan(chest_pair):
     inside = (labels > 0) & ~outside
     image = sitk.GetImageFromArray(outside.astype(np.uint8))
     image.SetSpacing(tuple(float(s) for s in scan.spacing))
-    distance = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(image, insideIsPositive=False,
-                                                                   squaredDistance=False, useImageSpacing=True))
+    distance = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
+        image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True))
     assert inside.sum() > 0 and distance[inside].min() >= 4.0
     head, foot = _top_and_bottom_slices(scan)
     trachea_voxels = np.pi * (quiet.anatomy.trachea_radius + 1.0) ** 2 / (scan.spacing[0] * scan.spacing[1])
@@ -1200,8 +1244,9 @@ def test_phantom_noise_is_correlated_at_its_level(chest_pair):
 
 
 def test_phantom_has_fissures_airways_crossing_vessels_and_placed_nodules(chest_pair):
-    """Fissures a little brighter than the lung beside them; air in bronchi inside the lungs; vessels of different
-    trees that cross; nodules touching a vessel, leaning on the pleura, or clear of both, as recorded."""
+    """Fissures a little brighter than the lung beside them; air in bronchi inside the lungs; vessels of
+    different trees that cross; nodules touching a vessel, leaning on the pleura, or clear of both, as
+    recorded."""
     import phantom
     quiet, _ = chest_pair
     geom, anatomy, hu = quiet.geometry, quiet.anatomy, quiet.scan.hu.astype(float)
@@ -1216,7 +1261,8 @@ def test_phantom_has_fissures_airways_crossing_vessels_and_placed_nodules(chest_
     nodules = [f for f in quiet.nodules if not f.excluded]
     assert {f.placement for f in nodules} == {"isolated", "vessel", "pleura"}
     for f in nodules:
-        gap = (phantom._distances_to_segments(f.center_xyz, vessels) - np.maximum(vessels[:, 6], vessels[:, 7])).min()
+        gap = (phantom._distances_to_segments(f.center_xyz, vessels)
+               - np.maximum(vessels[:, 6], vessels[:, 7])).min()
         depth = phantom.lung_depth_mm(anatomy, f.center_xyz)[0]
         body = f.nodule.body_radius_mm
         if f.placement == "vessel":
@@ -1225,13 +1271,14 @@ def test_phantom_has_fissures_airways_crossing_vessels_and_placed_nodules(chest_
             assert depth < body and f.juxtapleural, (f.diameter_mm, depth)
         else:     # clear of the pleura and of every vessel of 1 mm radius or more
             thick = vessels[np.minimum(vessels[:, 6], vessels[:, 7]) >= 1.0]
-            clear = (phantom._distances_to_segments(f.center_xyz, thick) - np.maximum(thick[:, 6], thick[:, 7])).min()
+            clear = (phantom._distances_to_segments(f.center_xyz, thick)
+                     - np.maximum(thick[:, 6], thick[:, 7])).min()
             assert depth > body and clear > body, (f.diameter_mm, depth, clear)
 
 
 def _fissure_samples(fissure, anatomy, geom, hu) -> tuple:
-    """HU on a fissure's sheet, at least 5 mm inside the lung, and the mean of the lung 4 mm either side of it,
-    where that is not on a vessel."""
+    """HU on a fissure's sheet, at least 5 mm inside the lung, and the mean of the lung 4 mm either side of
+    it, where that is not on a vessel."""
     import phantom
     side = np.cross(fissure.normal, fissure.along)
     grid = np.array([(a, b) for a in np.arange(-40, 41, 4.0) for b in np.arange(-40, 41, 4.0)])
@@ -1243,7 +1290,8 @@ def _fissure_samples(fissure, anatomy, geom, hu) -> tuple:
         keep &= other.signed(*(points - other.point).T.astype(np.float32)) > 3.0
     points = points[keep]
     on = geom.value_at(hu, points)
-    beside = (geom.value_at(hu, points + 4 * fissure.normal) + geom.value_at(hu, points - 4 * fissure.normal)) / 2
+    beside = (geom.value_at(hu, points + 4 * fissure.normal)
+              + geom.value_at(hu, points - 4 * fissure.normal)) / 2
     clear = beside < -780
     return on[clear], beside[clear]
 
@@ -1278,8 +1326,8 @@ def test_synth_cli_writes_and_refuses_to_overwrite(tmp_path):
 # Patch caches for these tests are written directly in the extract format (patches.npy, index.csv,
 # manifest.json): positives hold a bright ball at the centre, negatives a tube through it, with noise.
 
-def _train_cache(work_dir, subsets=(0, 1, 2), scans=3, positives=3, negatives=6, patch_size=32, spacing_mm=1.0,
-                 seed=0, radius_mm=(3.0, 5.0)):
+def _train_cache(work_dir, subsets=(0, 1, 2), scans=3, positives=3, negatives=6, patch_size=32,
+                 spacing_mm=1.0, seed=0, radius_mm=(3.0, 5.0)):
     """Patch caches of spheres (nodules, their diameter in index.csv) and tubes (others) in noise."""
     import json
     rng = np.random.default_rng(seed)
@@ -1301,7 +1349,8 @@ def _train_cache(work_dir, subsets=(0, 1, 2), scans=3, positives=3, negatives=6,
                 hu = np.where(body, 40.0, -850.0) + rng.normal(0, 60, (patch_size,) * 3)
                 patches.append(hu.astype(np.int16))
                 lines.append(f"{uid},{rng.uniform(-99, 99):.1f},{rng.uniform(-99, 99):.1f},"
-                             f"{rng.uniform(-300, 0):.1f},{label},{f'{2 * radius * spacing_mm:.3f}' if label else ''}")
+                             f"{rng.uniform(-300, 0):.1f},{label},"
+                             f"{f'{2 * radius * spacing_mm:.3f}' if label else ''}")
         np.save(folder / "patches.npy", np.stack(patches))
         (folder / "index.csv").write_text("\n".join(lines) + "\n")
         (folder / "manifest.json").write_text(json.dumps({"patch_size": patch_size, "spacing_mm": spacing_mm,
@@ -1319,7 +1368,9 @@ def test_split_by_scan_never_puts_a_scan_on_both_sides(tmp_path):
     (work / "patches" / "subset3" / "index.csv").write_text("not,a,valid\nindex\n")  # test subset: never read
     caches, split, patch_size, _ = features.load_split(work, [2], [3], seed=0)
     assert split.method == "subsets" and sorted(caches) == [0, 1, 2] and patch_size == 32
-    uids = lambda side: {u for k, rows in side.items() for u in caches[k].seriesuids[rows]}
+
+    def uids(side):
+        return {u for k, rows in side.items() for u in caches[k].seriesuids[rows]}
     assert uids(split.train) and uids(split.val) and not uids(split.train) & uids(split.val)
     assert sum(len(r) for r in split.train.values()) + sum(len(r) for r in split.val.values()) == 3 * 12
     # named subsets that were not extracted are refused, naming them; the 80:20 split happens only when asked
@@ -1362,7 +1413,8 @@ def test_augmentation_flips_and_shifts_every_class_alike(tmp_path):
     out = features.training_inputs(hu, generator, -1000.0, 20000.0, True, 0)
     expected = data.hu_to_unit(hu.float(), -1000.0, 20000.0)
     assert out.shape == (16, 1, 8, 8, 8) and not torch.equal(out[:, 0], expected)
-    assert torch.equal(out[:, 0].reshape(16, -1).sort(dim=1).values, expected.reshape(16, -1).sort(dim=1).values)
+    assert torch.equal(out[:, 0].reshape(16, -1).sort(dim=1).values,
+                       expected.reshape(16, -1).sort(dim=1).values)
     assert torch.equal(features.training_inputs(hu, generator, -1000.0, 20000.0, False, 0)[:, 0], expected)
     # shifts move the content and repeat the edge voxels: no flat fill value
     marker = torch.full((2, 8, 8, 8), 100.0)
@@ -1461,7 +1513,8 @@ def test_cached_features_head_and_finetune_learn(tmp_path):
     import train
     from data import UserError
     work = _train_cache(tmp_path / "w", subsets=(0, 1, 2, 3), scans=2, positives=3, negatives=5)
-    tag = features.cache_features(work, subsets=[0, 1, 2], batch_size=16, chunk_rows=10, quiet=True, **SMALL_MODEL)
+    tag = features.cache_features(work, subsets=[0, 1, 2], batch_size=16, chunk_rows=10, quiet=True,
+                                  **SMALL_MODEL)
     cached = np.load(work / "patches" / "subset0" / f"features_{tag}.npy")
     assert cached.dtype == np.float16 and cached.shape == (16, 16 * 12)
     meta = json.loads((work / "patches" / "subset0" / f"features_{tag}.json").read_text())
@@ -1474,14 +1527,15 @@ def test_cached_features_head_and_finetune_learn(tmp_path):
         train.train_head(work, val_subsets=[2], test_subsets=[3], epochs=1, run="ambiguous", quiet=True)
     assert f"{tag}: feature_size 12, window_size 4, pooling avg" in str(listing.value)
     assert f"{flat}: feature_size 12, window_size 4, pooling flatten" in str(listing.value)
-    run_dir = train.train_head(work, features=tag, val_subsets=[2], test_subsets=[3], epochs=10, batch_size=16,
-                               run="head", quiet=True)
+    run_dir = train.train_head(work, features=tag, val_subsets=[2], test_subsets=[3], epochs=10,
+                               batch_size=16, run="head", quiet=True)
     history = train.read_history(run_dir / "history.csv")
     assert len(history) >= 3 and max(row["val_auc"] for row in history) > 0.9
     assert (run_dir / "history.png").stat().st_size > 1000
     model, meta = head.load_classifier(run_dir / "best.pt")
     assert meta["preprocess"] == {"patch_size": 32, "spacing_mm": 1.0, "hu_min": -1000.0, "hu_max": 1000.0}
-    best = next(row for row in history if row["epoch"] == meta["epoch"])  # equal AUCs: the lower validation loss
+    # equal AUCs: the lower validation loss
+    best = next(row for row in history if row["epoch"] == meta["epoch"])
     assert best["val_auc"] == max(row["val_auc"] for row in history)
     point = meta["operating_point"]   # hand-made manifests list no nodules: per patch, at the 1 cached view
     assert point["basis"] == "patch" and point["cutoff_logits"] == {"1": best["cutoff_logit"]}
@@ -1493,18 +1547,22 @@ def test_cached_features_head_and_finetune_learn(tmp_path):
     assert abs(head.roc_auc(labels, probs) - best["val_auc"]) < 0.02
 
     tuned = train.finetune(work, epochs=1, batch_size=8, epoch_samples=8, lr=1e-4, head_from="head",
-                           val_subsets=[2], test_subsets=[3], run="tuned", device="cpu", quiet=True, **SMALL_MODEL)
+                           val_subsets=[2], test_subsets=[3], run="tuned", device="cpu", quiet=True,
+                           **SMALL_MODEL)
     row = train.read_history(tuned / "history.csv")[0]
     assert np.isfinite(row["train_loss"]) and row["val_auc"] > 0.9
     config = json.loads((tuned / "config.json").read_text())
     assert config["resolved"]["sources"]["head_from"].endswith("best.pt")
-    assert config["resolved"]["split"]["val"]["subsets"] == [2] and config["resolved"]["split"]["train"]["scans"] == 4
+    assert (config["resolved"]["split"]["val"]["subsets"] == [2]
+            and config["resolved"]["split"]["train"]["scans"] == 4)
     # from a random encoder and head, fine-tuning learns what the initial model cannot do
     torch.manual_seed(0)  # finetune's own initialisation for seed 0
-    start = head.build_classifier({"encoder": train.encoder_config(12, 4), "pooling": "centre", "patch_size": 32})
+    start = head.build_classifier({"encoder": train.encoder_config(12, 4), "pooling": "centre",
+                                   "patch_size": 32})
     start_auc = head.roc_auc(labels, head.predict_patches(start.eval(), patches, meta["preprocess"]))
-    scratch = train.finetune(work, epochs=3, batch_size=8, epoch_samples=96, lr=3e-3, augment=False, pooling="centre",
-                             val_subsets=[2], test_subsets=[3], run="scratch", device="cpu", quiet=True, **SMALL_MODEL)
+    scratch = train.finetune(work, epochs=3, batch_size=8, epoch_samples=96, lr=3e-3, augment=False,
+                             pooling="centre", val_subsets=[2], test_subsets=[3], run="scratch", device="cpu",
+                             quiet=True, **SMALL_MODEL)
     history = train.read_history(scratch / "history.csv")
     best = max(row["val_auc"] for row in history)
     assert best >= 0.95 and best - start_auc >= 0.15, (start_auc, history)
@@ -1539,7 +1597,8 @@ def test_finetune_resume_repeats_the_uninterrupted_run(tmp_path):
     model, meta = head.load_classifier(whole / "last.pt")
     assert meta["epoch"] == 4 and meta["config"]["encoder"]["window_size"] == 4
     # last.pt carries its own epoch's cutoff (all four view counts when that epoch was the best)
-    assert meta["operating_point"]["epoch"] == 4 and str(meta["views"]) in meta["operating_point"]["cutoff_logits"]
+    assert (meta["operating_point"]["epoch"] == 4
+            and str(meta["views"]) in meta["operating_point"]["cutoff_logits"])
     assert calibration.resolve_cutoff(meta, int(meta["views"])).validated
     # a finished run resumed again does nothing
     train.finetune(work, run="whole", resume=True, device="cpu", quiet=True)
@@ -1555,7 +1614,8 @@ def test_resume_refuses_changed_options_and_the_cli_passes_only_given_ones(tmp_p
     work = _train_cache(tmp_path / "w", subsets=(0, 1), scans=2, positives=1, negatives=1, seed=7)
     train.finetune(work, run="r", stop_after=1, epochs=3, batch_size=2, epoch_samples=2, val_subsets=[1],
                    test_subsets=[], device="cpu", quiet=True, **SMALL_MODEL)
-    with pytest.raises(UserError, match=r"--epochs: the run has 3, this call 5; --lr: the run has 0.0001, this call 0.001"):
+    with pytest.raises(UserError, match=r"--epochs: the run has 3, this call 5; "
+                                        r"--lr: the run has 0.0001, this call 0.001"):
         train.finetune(work, run="r", resume=True, epochs=5, lr=1e-3, device="cpu", quiet=True)
     base = ["finetune", "--work-dir", str(work), "--run", "r", "--resume", "--device", "cpu"]
     refused = CliRunner().invoke(luna_cli.app, base + ["--window-size", "7", "--stop-after", "1"])
@@ -1617,9 +1677,10 @@ def test_finetune_two_processes_with_gloo(tmp_path):
     repo = Path(__file__).resolve().parent
     # "--" keeps torchrun from reading the toolkit's --run as its own --run-path
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--",
-               str(repo / "luna_cli.py"), "finetune", "--work-dir", str(work), "--epochs", "2", "--batch-size", "1",
-               "--accumulate", "2", "--epoch-samples", "4", "--feature-size", "12", "--window-size", "4", "--val-subsets", "1",
-               "--test-subsets", "none", "--device", "cpu", "--run", "ddp"]
+               str(repo / "luna_cli.py"), "finetune", "--work-dir", str(work), "--epochs", "2",
+               "--batch-size", "1", "--accumulate", "2", "--epoch-samples", "4", "--feature-size", "12",
+               "--window-size", "4", "--val-subsets", "1", "--test-subsets", "none", "--device", "cpu",
+               "--run", "ddp"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8")
     for _ in range(2):  # a second try only when the local rendezvous lost a race for its port
         done = subprocess.run(command, cwd=tmp_path, capture_output=True, encoding="utf-8", errors="replace",
@@ -1638,7 +1699,8 @@ def test_finetune_two_processes_with_gloo(tmp_path):
     import train
     labels = features.read_subset_cache(work, 0).labels
     whole = np.concatenate(train.epoch_batches(labels, 8, 1, seed=0, epoch=2))
-    ranks = [np.concatenate(train.epoch_batches(labels, 8, 1, seed=0, epoch=2, rank=r, world=2)) for r in (0, 1)]
+    ranks = [np.concatenate(train.epoch_batches(labels, 8, 1, seed=0, epoch=2, rank=r, world=2))
+             for r in (0, 1)]
     np.testing.assert_array_equal(np.stack(ranks, axis=1).ravel(), whole)
     assert len(ranks[0]) == len(ranks[1]) == 4
 
@@ -1693,7 +1755,8 @@ def test_training_refuses_bad_inputs(tmp_path, monkeypatch):
     # subsets extracted with other patch parameters
     manifest = work / "patches" / "subset1" / "manifest.json"
     manifest.write_text(json.dumps({"patch_size": 32, "spacing_mm": 0.7, "subset": 1}))
-    with pytest.raises(UserError, match="subset0: patch_size 32, spacing_mm 1.0, subset1: patch_size 32, spacing_mm 0.7"):
+    with pytest.raises(UserError, match="subset0: patch_size 32, spacing_mm 1.0, "
+                                        "subset1: patch_size 32, spacing_mm 0.7"):
         train.finetune(work, run="mixed", **common)
 
 
@@ -1733,30 +1796,33 @@ def test_mining_adds_each_scans_top_negatives_once_and_features_follow(eval_phan
                         show_progress=False)
     cache = data.subset_dir(work, 1)
     before = data.read_cache_index(cache)
-    tag = features.cache_features(work, test_subsets=[], quiet=True, device="cpu", feature_size=12, window_size=4)
+    tag = features.cache_features(work, test_subsets=[], quiet=True, device="cpu", feature_size=12,
+                                  window_size=4)
     checkpoint = _tiny_checkpoint(tmp_path / "tiny.pt")
     # what mining must add: per scan, of its 2 highest-scoring negatives those not in the cache yet
     model, meta = head.load_classifier(checkpoint)
     held = {(r[0], *r[1:4]) for r in before}
     expected = set()
     for uid, path in data.subset_scans(eval_phantom, [1]).items():
-        points = np.array([r[1:4] for r in _subset_candidates(eval_phantom, 1) if r[0] == uid and r[4] == "0"], float)
-        scores = head.predict_patches(model, data.extract_patches(data.read_ct(path), points, 32, 1.25), meta["preprocess"])
+        points = np.array([r[1:4] for r in _subset_candidates(eval_phantom, 1)
+                           if r[0] == uid and r[4] == "0"], float)
+        scores = head.predict_patches(model, data.extract_patches(data.read_ct(path), points, 32, 1.25),
+                                      meta["preprocess"])
         for n in np.argsort(-scores, kind="stable")[:2]:
             key = (uid, *(repr(float(v)) for v in points[n]))
             expected |= {key} - held
     assert expected, "the phantom should leave some top negatives out of the sample"
-    result = CliRunner().invoke(luna_cli.app, ["extract", "--subset", "1", "--data-dir", str(eval_phantom), "--work-dir",
-                                               str(work), "--hard-negatives", str(checkpoint), "--per-scan", "2",
-                                               "--workers", "0", "--device", "cpu"])
+    result = CliRunner().invoke(luna_cli.app, ["extract", "--subset", "1", "--data-dir", str(eval_phantom),
+                                               "--work-dir", str(work), "--hard-negatives", str(checkpoint),
+                                               "--per-scan", "2", "--workers", "0", "--device", "cpu"])
     assert result.exit_code == 0, _why(result)
     after = data.read_cache_index(cache)
     assert after[:len(before)] == before and {(r[0], *r[1:4]) for r in after[len(before):]} == expected
     assert all(r[4] == "0" and r[6] == "tiny" for r in after[len(before):]) and not any(r[6] for r in before)
     patches = np.load(cache / "patches.npy")
     row = after[-1]
-    direct = data.extract_patches(data.read_ct(data.subset_scans(eval_phantom, [1])[row[0]]), [np.array(row[1:4], float)],
-                                  32, 1.25)
+    direct = data.extract_patches(data.read_ct(data.subset_scans(eval_phantom, [1])[row[0]]),
+                                  [np.array(row[1:4], float)], 32, 1.25)
     np.testing.assert_array_equal(patches[-1], direct[0])
     assert json.loads((cache / "manifest.json").read_text())["n_patches"] == len(after)
     # a run killed after its first scan resumes with the others and adds the same rows
@@ -1773,22 +1839,28 @@ def test_mining_adds_each_scans_top_negatives_once_and_features_follow(eval_phan
         return real_read(path, *args)
     monkeypatch.setattr(data, "read_and_extract", killed_after_one)
     with pytest.raises(KeyboardInterrupt):
-        mining.mine_subset(eval_phantom, tmp_path / "again", 1, str(checkpoint), per_scan=2, workers=0, device="cpu")
+        mining.mine_subset(eval_phantom, tmp_path / "again", 1, str(checkpoint), per_scan=2, workers=0,
+                           device="cpu")
     monkeypatch.setattr(data, "read_and_extract", lambda path, *a: reads.append(path) or real_read(path, *a))
-    mining.mine_subset(eval_phantom, tmp_path / "again", 1, str(checkpoint), per_scan=2, workers=0, device="cpu")
+    mining.mine_subset(eval_phantom, tmp_path / "again", 1, str(checkpoint), per_scan=2, workers=0,
+                       device="cpu")
     assert len(reads) == 2 and reads[0] != reads[1] and data.read_cache_index(again_cache) == after
     monkeypatch.undo()
     # twice is a no-op, and reads no scan
     snapshot = {p.name: p.read_bytes() for p in cache.iterdir() if p.is_file()}
-    monkeypatch.setattr(data, "read_and_extract", lambda *a, **k: (_ for _ in ()).throw(AssertionError("read")))
-    assert mining.mine_subset(eval_phantom, work, 1, str(checkpoint), per_scan=2, workers=0, device="cpu").added == 0
+    monkeypatch.setattr(data, "read_and_extract",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("read")))
+    assert mining.mine_subset(eval_phantom, work, 1, str(checkpoint), per_scan=2, workers=0,
+                              device="cpu").added == 0
     assert {p.name: p.read_bytes() for p in cache.iterdir() if p.is_file()} == snapshot
     # cache-features encodes only the appended rows and keeps the others
     encoded = []
     real_encode = features._encode_rows
-    monkeypatch.setattr(features, "_encode_rows", lambda cache, rows, *a: encoded.append(len(rows)) or real_encode(cache, rows, *a))
+    monkeypatch.setattr(features, "_encode_rows",
+                        lambda cache, rows, *a: encoded.append(len(rows)) or real_encode(cache, rows, *a))
     old = np.load(features.feature_paths(work, 1, tag)[0])
-    assert features.cache_features(work, test_subsets=[], quiet=True, device="cpu", feature_size=12, window_size=4) == tag
+    assert features.cache_features(work, test_subsets=[], quiet=True, device="cpu", feature_size=12,
+                                   window_size=4) == tag
     new = np.load(features.feature_paths(work, 1, tag)[0])
     assert sum(encoded) == len(after) - len(before) and new.shape[0] == len(after)
     np.testing.assert_array_equal(new[:len(before)], old)
@@ -1833,7 +1905,8 @@ def test_swin_encoder_matches_reference_outputs(tmp_path, case_name):
     torch.save(case["checkpoint"], path)
     encoder = SwinEncoder(in_channels=case["in_channels"], feature_size=12, window_size=case["window"])
     report = load_pretrained(encoder, path)
-    assert len(report["loaded"]) == len([k for k in encoder.state_dict() if "relative_position_index" not in k])
+    assert len(report["loaded"]) == len([k for k in encoder.state_dict()
+                                         if "relative_position_index" not in k])
     assert all(not key.startswith("swinViT.") for key in report["ignored"])
     outputs = _encoder_outputs(encoder, case["input"])
     assert [tuple(o.shape) for o in outputs] == [tuple(e.shape) for e in case["outputs"]]
@@ -1859,7 +1932,8 @@ def test_swin_encoder_loads_self_supervised_checkpoint_format(tmp_path):
     case = _swin_fixture()["w7"]
     state = {}
     for key, value in case["checkpoint"]["state_dict"].items():
-        key = key.replace("swinViT.", "module.", 1).replace(".mlp.linear1.", ".mlp.fc1.").replace(".mlp.linear2.", ".mlp.fc2.")
+        key = (key.replace("swinViT.", "module.", 1).replace(".mlp.linear1.", ".mlp.fc1.")
+               .replace(".mlp.linear2.", ".mlp.fc2."))
         state[key] = value
     state["module.rotation_head.weight"] = torch.zeros(4, 192)
     state["module.contrastive_head.weight"] = torch.zeros(512, 192)
@@ -1911,8 +1985,9 @@ def test_swin_encoder_refuses_unusable_checkpoints(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"feature_size": 16}, "feature_size"), ({"depths": (2, 2, 2)}, "depths"), ({"num_heads": (3, 6, 12, 0)}, "num_heads"),
-    ({"num_heads": (5, 6, 12, 24)}, "not divisible by 5 heads"), ({"window_size": 1}, "window_size"),
+    ({"feature_size": 16}, "feature_size"), ({"depths": (2, 2, 2)}, "depths"),
+    ({"num_heads": (3, 6, 12, 0)}, "num_heads"), ({"num_heads": (5, 6, 12, 24)}, "not divisible by 5 heads"),
+    ({"window_size": 1}, "window_size"),
     ({"in_channels": 0}, "in_channels"), ({"patch_size": 0}, "patch_size")])
 def test_swin_encoder_rejects_bad_arguments(kwargs, message):
     from swin_encoder import SwinEncoder
@@ -1975,20 +2050,23 @@ def test_demo_runs_every_stage_and_keeps_the_readme_promise(tmp_path):
     """The demo with its default settings (about 4 minutes on 2 idle CPUs): the README's held-out figures."""
     import demo
     result = demo.run_demo(tmp_path / "demo", demo.DemoSettings())
-    assert set(result["timings"]) >= {"synth", "extract", "cache-features", "train-head", "finetune", "evaluate"}
+    assert set(result["timings"]) >= {"synth", "extract", "cache-features", "train-head", "finetune",
+                                      "evaluate"}
     assert set(result["all_metrics"]) == {"demo-head", "demo-finetune"}
-    assert result["validation_auc"][result["chosen"]] == max(result["validation_auc"].values())  # never on held-out
+    # never on held-out
+    assert result["validation_auc"][result["chosen"]] == max(result["validation_auc"].values())
     metrics, head_run = result["metrics"], result["all_metrics"]["demo-head"]
     held_out = _subset_candidates(tmp_path / "demo" / "luna16", 4)
     positives = sum(row[4] == "1" for row in held_out)
-    assert metrics["subsets"] == [4] and metrics["n_candidates"] == len(held_out) and metrics["n_positive"] == positives
+    assert (metrics["subsets"] == [4] and metrics["n_candidates"] == len(held_out)
+            and metrics["n_positive"] == positives)
     tuned = result["all_metrics"]["demo-finetune"]
     # Floors re-set for the chest-like phantoms (correlated noise, curved crossing vessels, airways,
-    # lobulated and spiculated nodules on vessels and the pleura, ground-glass down to -700 HU). README, measured on
-    # them: head AUC 0.982, CPM 0.894; fine-tuned 0.979, 0.915. The held-out subset has 54 nodule candidates: AUCs
-    # this close differ by noise, so fine-tuning may not lose more than 0.01 against the head (it lost 0.003), and
-    # each run is held to the floors AUC 0.95 and CPM 0.85 (the earlier phantoms gave 0.960 / 0.852 and 0.990 /
-    # 0.857 against floors 0.95 and 0.8).
+    # lobulated and spiculated nodules on vessels and the pleura, ground-glass down to -700 HU). README,
+    # measured on them: head AUC 0.982, CPM 0.894; fine-tuned 0.979, 0.915. The held-out subset has 54 nodule
+    # candidates: AUCs this close differ by noise, so fine-tuning may not lose more than 0.01 against the head
+    # (it lost 0.003), and each run is held to the floors AUC 0.95 and CPM 0.85 (the earlier phantoms gave
+    # 0.960 / 0.852 and 0.990 / 0.857 against floors 0.95 and 0.8).
     assert min(head_run["auc"], tuned["auc"]) >= 0.95 and tuned["auc"] >= head_run["auc"] - 0.01
     assert min(head_run["cpm"], tuned["cpm"]) >= 0.85
     # README: the size output within about 1 mm on average of every nodule candidate (0.99 and 1.12 mm; held
@@ -2000,8 +2078,8 @@ def test_demo_runs_every_stage_and_keeps_the_readme_promise(tmp_path):
         calibrated = run["calibration"]["calibrated"]
         assert 1 / 1.5 < calibrated["mean_probability"] / calibrated["nodule_rate"] < 1.5
     page = result["report"].read_text()
-    for picture in ("training.png", "roc.png", "froc.png", "size.png", "true_positives.png", "false_positives.png",
-                    "false_negatives.png"):
+    for picture in ("training.png", "roc.png", "froc.png", "size.png", "true_positives.png",
+                    "false_positives.png", "false_negatives.png"):
         assert f'src="{picture}"' in page and (result["report"].parent / picture).stat().st_size > 1000
 
 
@@ -2021,11 +2099,13 @@ def test_cached_flipped_views_sit_side_by_side_and_train_the_head(tmp_path):
     np.testing.assert_allclose(paired[:, :width], single, rtol=1e-2, atol=1e-2)   # view 0 is the patch itself
     assert np.abs(paired[:, width:] - single).max() > 1e-2                        # view 1 is a flip
     assert json.loads(features.feature_paths(work, 0, two)[1].read_text())["views"] == 2
-    run = train.train_head(work, features=two, epochs=2, val_subsets=[1], test_subsets=[], run="views", quiet=True)
+    run = train.train_head(work, features=two, epochs=2, val_subsets=[1], test_subsets=[], run="views",
+                           quiet=True)
     assert head.load_classifier(run / "best.pt")[1]["views"] == 2  # evaluate and predict average 2 views
     three = features.cache_features(work, seed=0, views=3, subsets=[0], quiet=True, **SMALL_MODEL)
     with pytest.raises(train.UserError, match="no features of subset 1.*--subsets 1 .*--views 3"):
-        train.train_head(work, features=three, epochs=1, val_subsets=[1], test_subsets=[], run="missing", quiet=True)
+        train.train_head(work, features=three, epochs=1, val_subsets=[1], test_subsets=[], run="missing",
+                         quiet=True)
 
 
 # --- published checkpoint formats ---
@@ -2079,7 +2159,8 @@ def test_published_brats21_checkpoints_load(tmp_path, acc_dtype, module_prefix, 
     assert set(loaded) == {"epoch", "best_acc", "state_dict"} | set(extra or {})
     encoder = SwinEncoder(in_channels=4, feature_size=12, window_size=4)
     report = load_pretrained(encoder, path)
-    decoder_keys = [module_prefix + k for k in case["checkpoint"]["state_dict"] if not k.startswith("swinViT.")]
+    decoder_keys = [module_prefix + k for k in case["checkpoint"]["state_dict"]
+                    if not k.startswith("swinViT.")]
     assert decoder_keys and report["ignored"] == sorted(decoder_keys)
     expected = reference.state_dict()
     assert all(torch.equal(value, expected[name]) for name, value in encoder.state_dict().items())
@@ -2132,7 +2213,8 @@ def test_published_checkpoint_that_would_run_code_is_refused(tmp_path):
         with pytest.raises(UserError, match=r"model\.pt: not a readable PyTorch checkpoint"):
             load_pretrained(encoder, path)
         assert not marker.exists()
-        # the payload is live (shown without unpickling it): the file names its callable, and calling that runs code
+        # the payload is live (shown without unpickling it): the file names its callable, and calling that
+        # runs code
         function, arguments = payload.__reduce__()
         with zipfile.ZipFile(path) as archive:
             pickled = archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl")))
@@ -2175,7 +2257,8 @@ def test_encoder_layout_puts_an_asymmetric_patch_in_ras_xyz():
     patch[0, 0, 1, 3, 0] = 1.0  # z=1, y=3, x=0
     ras = head.to_encoder_layout(patch, "ras_xyz")
     assert ras.shape == (1, 1, 6, 5, 4)  # [x, y, z]
-    assert torch.nonzero(ras[0, 0]).tolist() == [[6 - 1 - 0, 5 - 1 - 3, 1]]  # x and y flipped (LPS -> RAS), z kept
+    # x and y flipped (LPS -> RAS), z kept
+    assert torch.nonzero(ras[0, 0]).tolist() == [[6 - 1 - 0, 5 - 1 - 3, 1]]
     values = torch.arange(4 * 5 * 6, dtype=torch.float32).reshape(1, 1, 4, 5, 6)
     out = head.to_encoder_layout(values, "ras_xyz")
     i, j, k = np.meshgrid(np.arange(6), np.arange(5), np.arange(4), indexing="ij")
@@ -2222,7 +2305,8 @@ def test_classifier_feeds_its_encoder_the_pretraining_layout():
     x = torch.rand(2, 1, 32, 32, 32)
     x[:, :, :8, :16, :24] += 1.0  # an asymmetric block
     i, j, k = np.meshgrid(np.arange(32), np.arange(32), np.arange(32), indexing="ij")
-    by_hand = x[:, :, torch.from_numpy(k), torch.from_numpy(31 - j), torch.from_numpy(31 - i)]  # [x, y, z] RAS
+    # [x, y, z] RAS
+    by_hand = x[:, :, torch.from_numpy(k), torch.from_numpy(31 - j), torch.from_numpy(31 - i)]
     with torch.no_grad():
         logits = model(x)
         expected = model.forward_head(model.encoder(by_hand)[-1].flatten(1))
@@ -2241,8 +2325,8 @@ def test_checkpoint_without_input_layout_keeps_the_patch_as_it_is(tmp_path):
     old = head.build_classifier(old_config).eval()
     preprocess = {"patch_size": 32, "spacing_mm": 1.0, "hu_min": -1000.0, "hu_max": 1000.0}
     path = tmp_path / "old.pt"
-    head.save_checkpoint(path, {"format": head.CHECKPOINT_FORMAT, "model": old.state_dict(), "config": old_config,
-                                "preprocess": preprocess, "cutoff": 0.5, "epoch": 0})
+    head.save_checkpoint(path, {"format": head.CHECKPOINT_FORMAT, "model": old.state_dict(),
+                                "config": old_config, "preprocess": preprocess, "cutoff": 0.5, "epoch": 0})
     loaded, meta = head.load_classifier(path)
     assert loaded.input_layout == "lps_zyx" and "input_layout" not in meta["config"]["encoder"]
     x = torch.rand(2, 1, 32, 32, 32)
@@ -2253,8 +2337,8 @@ def test_checkpoint_without_input_layout_keeps_the_patch_as_it_is(tmp_path):
     new = head.build_classifier(new_config)
     new.load_state_dict(old.state_dict())  # same weights, the layout is no parameter
     head.save_checkpoint(path, {"format": head.CHECKPOINT_FORMAT, "model": new.state_dict(),
-                                "config": head.resolve_config(new_config), "preprocess": preprocess, "cutoff": 0.5,
-                                "epoch": 0})
+                                "config": head.resolve_config(new_config), "preprocess": preprocess,
+                                "cutoff": 0.5, "epoch": 0})
     reloaded, meta = head.load_classifier(path)
     assert reloaded.input_layout == "ras_xyz" and meta["config"]["encoder"]["input_layout"] == "ras_xyz"
     with torch.no_grad():
@@ -2280,15 +2364,16 @@ def test_feature_sets_of_different_input_layouts_get_different_tags():
 
 
 # --- cross-validation and fold ensembles ---
-# One phantom folder of 4 subsets of 2 scans is extracted, encoded and cross-validated once (4 folds of train-head,
-# two epochs each, through the command line); the tests below read that result and rerun it.
+# One phantom folder of 4 subsets of 2 scans is extracted, encoded and cross-validated once (4 folds of
+# train-head, two epochs each, through the command line); the tests below read that result and rerun it.
 
 CV_ARGS = dict(epochs=2, batch_size=16, device="cpu", workers=0, bootstrap=50, quiet=True)
 
 
 @pytest.fixture(scope="module")
 def crossval_run(tmp_path_factory):
-    """(LUNA16 root, work folder, the crossval --json output) of `crossval --folds 0-3 --name cv` on phantoms."""
+    """(LUNA16 root, work folder, the crossval --json output) of `crossval --folds 0-3 --name cv` on
+    phantoms."""
     import json
     from typer.testing import CliRunner
     import data
@@ -2300,12 +2385,13 @@ def crossval_run(tmp_path_factory):
     phantom.write_luna_folder(root, n_subsets=4, scans_per_subset=2, shape=EVAL_PHANTOM_SHAPE, seed=5,
                               negatives_per_scan=6, nodules_per_scan=(1, 2))
     for k in range(4):
-        data.extract_subset(root, work, k, patch_size=32, spacing_mm=1.0, all_candidates=True, show_progress=False)
+        data.extract_subset(root, work, k, patch_size=32, spacing_mm=1.0, all_candidates=True,
+                            show_progress=False)
     features.cache_features(work, test_subsets=[], quiet=True, device="cpu", **SMALL_MODEL)
     result = CliRunner().invoke(luna_cli.app, [
-        "crossval", "--folds", "0-3", "--name", "cv", "--epochs", "2", "--batch-size", "16", "--device", "cpu",
-        "--workers", "0", "--bootstrap", "50", "--json", str(base / "cv.json"), "--data-dir", str(root),
-        "--work-dir", str(work)])
+        "crossval", "--folds", "0-3", "--name", "cv", "--epochs", "2", "--batch-size", "16",
+        "--device", "cpu", "--workers", "0", "--bootstrap", "50", "--json", str(base / "cv.json"),
+        "--data-dir", str(root), "--work-dir", str(work)])
     assert result.exit_code == 0, _why(result)
     printed = json.loads((base / "cv.json").read_text())
     assert (printed["name"], printed["stage"], printed["folds"]) == ("cv", "head", [0, 1, 2, 3])
@@ -2327,21 +2413,24 @@ def test_crossval_cpm_equals_scoring_its_concatenated_submission(crossval_run, t
                                          root / "annotations_excluded.csv", scans, bootstrap=0)
     assert saved["cpm"] is not None and saved["cpm"] == rescored["cpm"]
     assert saved["froc_sensitivities"] == rescored["froc_sensitivities"]
-    cli = CliRunner().invoke(luna_cli.app, ["evaluate", "--submission", str(out / "submission.csv"), "--subsets", "0-3",
-                                            "--data-dir", str(root), "--bootstrap", "0", "--json",
-                                            str(tmp_path / "s.json")])
+    cli = CliRunner().invoke(luna_cli.app, ["evaluate", "--submission", str(out / "submission.csv"),
+                                            "--subsets", "0-3", "--data-dir", str(root), "--bootstrap", "0",
+                                            "--json", str(tmp_path / "s.json")])
     assert cli.exit_code == 0, _why(cli)
     assert json.loads((tmp_path / "s.json").read_text())["cpm"] == saved["cpm"]
     # every candidate of every fold once, the intervals, each fold's CPM, and the files
     n_rows = len((out / "submission.csv").read_text().splitlines()) - 1
     assert n_rows == len((root / "candidates_V2.csv").read_text().splitlines()) - 1
-    assert len(saved["cpm_ci95"]) == 2 and sorted(saved["froc_sensitivities_ci95"]) == sorted(saved["froc_sensitivities"])
+    assert (len(saved["cpm_ci95"]) == 2
+            and sorted(saved["froc_sensitivities_ci95"]) == sorted(saved["froc_sensitivities"]))
     fold_metrics = [json.loads((out / f"fold{k}" / "metrics.json").read_text()) for k in range(4)]
     assert saved["fold_cpm"] == [m["cpm"] for m in fold_metrics]
     lines = (out / "folds.csv").read_text().splitlines()
     assert lines[0] == "fold,test_subset,val_subset,run,checkpoint,n_scans,n_candidates,auc,cpm"
-    assert [line.split(",")[:4] for line in lines[1:]] == [["0", "0", "3", "cv-fold0"], ["1", "1", "0", "cv-fold1"],
-                                                           ["2", "2", "1", "cv-fold2"], ["3", "3", "2", "cv-fold3"]]
+    assert [line.split(",")[:4] for line in lines[1:]] == [["0", "0", "3", "cv-fold0"],
+                                                           ["1", "1", "0", "cv-fold1"],
+                                                           ["2", "2", "1", "cv-fold2"],
+                                                           ["3", "3", "2", "cv-fold3"]]
     assert sum(int(line.split(",")[6]) for line in lines[1:]) == n_rows
     assert (out / "froc.png").read_bytes()[:4] == b"\x89PNG"
     assert all((out / f"fold{k}" / "calibration.png").read_bytes()[:4] == b"\x89PNG" for k in range(4))
@@ -2367,7 +2456,9 @@ def test_calibrated_probabilities_meet_the_nodule_rate_and_leave_the_froc_alone(
     raw, calibrated = (np.array([float(r[key]) for r in rows])
                        for key in ("probability", "calibrated_probability"))
     rate = labels.mean()   # the raw probabilities are far above it (about twice), the calibrated ones are not
-    within = lambda mean: 1 / 1.5 < mean / rate < 1.5
+
+    def within(mean):
+        return 1 / 1.5 < mean / rate < 1.5
     assert within(calibrated.mean()) and not within(raw.mean()), (calibrated.mean(), raw.mean(), rate)
     # the correction keeps the rank of every candidate of one model, so each fold's official FROC is the same
     # (the pooled submission keeps the raw scores: each fold has a prior of its own)
@@ -2388,7 +2479,9 @@ def test_calibrated_probabilities_meet_the_nodule_rate_and_leave_the_froc_alone(
     hits = evaluate.nodule_hits(marks.seriesuid, marks.world_xyz, nodules.seriesuid, nodules.world_xyz,
                                 nodules.value)
     best = evaluate.best_per_nodule(hits, np.log(raw) - np.log1p(-raw))
-    share = lambda cutoff: np.mean(best >= cutoff)
+
+    def share(cutoff):
+        return np.mean(best >= cutoff)
     cutoff = point["cutoff_logit"]
     assert share(cutoff) == point["sensitivity"] >= 0.9 > share(np.nextafter(cutoff, 99))
 
@@ -2425,12 +2518,15 @@ def test_crossval_rerun_skips_finished_folds_and_continues_an_interrupted_one(cr
         again = crossval.run_crossval(work, root, [0, 1, 2, 3], "cv", **CV_ARGS)
     assert {k: again[k] for k in ("cpm", "cpm_ci95", "froc_sensitivities", "fold_cpm")} == \
         {k: first[k] for k in ("cpm", "cpm_ci95", "froc_sensitivities", "fold_cpm")}
-    # killed during the evaluation of fold 3: its finished run is continued (nothing left to do), the rest skipped
+    # killed during the evaluation of fold 3: its finished run is continued (nothing left to do), the rest
+    # skipped
     (out / "fold3" / "metrics.json").unlink()
     calls = []
-    monkeypatch.setattr(train, "train_head", lambda *a, _train=train.train_head, **kw: calls.append(kw) or _train(*a, **kw))
+    monkeypatch.setattr(train, "train_head",
+                        lambda *a, _train=train.train_head, **kw: calls.append(kw) or _train(*a, **kw))
     resumed = crossval.run_crossval(work, root, [0, 1, 2, 3], "cv", **CV_ARGS)
-    assert [(c["run"], c["resume"], c["test_subsets"], c["val_subsets"]) for c in calls] == [("cv-fold3", True, [3], [2])]
+    assert ([(c["run"], c["resume"], c["test_subsets"], c["val_subsets"]) for c in calls]
+            == [("cv-fold3", True, [3], [2])])
     assert len(train.read_history(work / "runs" / "cv-fold3" / "history.csv")) == 2
     assert resumed["cpm"] == first["cpm"] and resumed["fold_cpm"] == first["fold_cpm"]
     assert json.loads((out / "metrics.json").read_text())["cpm"] == first["cpm"]
@@ -2445,9 +2541,11 @@ def test_crossval_refuses_bad_folds_offsets_and_changed_settings(crossval_run):
     with pytest.raises(UserError, match="--folds must name at least 2 subsets"):
         crossval.run_crossval(work, root, [0], "one", **CV_ARGS)
     for offset in (0, 4, -8):
-        with pytest.raises(UserError, match=f"--val-offset {offset} puts each fold's validation subset on its own test"):
+        with pytest.raises(UserError, match=f"--val-offset {offset} puts each fold's validation subset "
+                                            "on its own test"):
             crossval.run_crossval(work, root, [0, 1, 2, 3], "bad", val_offset=offset, **CV_ARGS)
-    assert [(f.test, f.val) for f in crossval.plan_folds([0, 1, 2, 3], "x", val_offset=2)] == [(0, 2), (1, 3), (2, 0), (3, 1)]
+    assert ([(f.test, f.val) for f in crossval.plan_folds([0, 1, 2, 3], "x", val_offset=2)]
+            == [(0, 2), (1, 3), (2, 0), (3, 1)])
     with pytest.raises(UserError, match="subset\\(s\\) 4 not extracted"):
         crossval.run_crossval(work, root, [0, 1, 2, 3, 4], "five", **CV_ARGS)
     with pytest.raises(UserError, match="--weights is an option of --stage finetune"):
@@ -2475,36 +2573,45 @@ def test_crossval_mines_inside_each_fold_and_refuses_leaked_mined_rows(crossval_
     root, _, _ = crossval_run
     work = tmp_path / "work"   # caches of a sample of the negatives, so that mining has some to add
     for k in range(4):
-        data.extract_subset(root, work, k, patch_size=32, spacing_mm=1.0, negatives_per_positive=1, show_progress=False)
+        data.extract_subset(root, work, k, patch_size=32, spacing_mm=1.0, negatives_per_positive=1,
+                            show_progress=False)
     features.cache_features(work, test_subsets=[], quiet=True, device="cpu", **SMALL_MODEL)
     before = {k: len(data.read_cache_index(data.subset_dir(work, k))) for k in range(4)}
-    result = crossval.run_crossval(work, root, [0, 1], "mined", mine_rounds=1, per_scan=3, **dict(CV_ARGS, epochs=1))
+    result = crossval.run_crossval(work, root, [0, 1], "mined", mine_rounds=1, per_scan=3,
+                                   **dict(CV_ARGS, epochs=1))
     assert [r["run"] for r in result["fold_results"]] == ["mined-fold0", "mined-fold1"]
-    assert [Path(r["checkpoint"]).parent.name for r in result["fold_results"]] == ["mined-fold0-mine1", "mined-fold1-mine1"]
-    for k in (2, 3):   # the training subsets of both folds hold negatives mined for each fold, by its own model
+    assert ([Path(r["checkpoint"]).parent.name for r in result["fold_results"]]
+            == ["mined-fold0-mine1", "mined-fold1-mine1"])
+    # the training subsets of both folds hold negatives mined for each fold, by its own model
+    for k in (2, 3):
         rows = data.read_cache_index(data.subset_dir(work, k))[before[k]:]
         assert rows and all(r[4] == "0" for r in rows)
         for fold in ("0", "1"):
             mine = [r for r in rows if r[8] == fold]
             assert mine and {r[6] for r in mine} == {f"mined-fold{fold}"}
-            assert all(int(fold) not in common.parse_subsets(r[7]) and common.parse_subsets(r[7]) for r in mine)
-    for fold in ("0", "1"):   # each fold's second round trains on its own mined rows only
+            assert all(int(fold) not in common.parse_subsets(r[7]) and common.parse_subsets(r[7])
+                       for r in mine)
+    # each fold's second round trains on its own mined rows only
+    for fold in ("0", "1"):
         config = json.loads((work / "runs" / f"mined-fold{fold}-mine1" / "config.json").read_text())
         first = json.loads((work / "runs" / f"mined-fold{fold}" / "config.json").read_text())
         own = sum(r[8] == fold for k in (2, 3) for r in data.read_cache_index(data.subset_dir(work, k)))
-        assert config["resolved"]["split"]["train"]["patches"] == first["resolved"]["split"]["train"]["patches"] + own
+        assert (config["resolved"]["split"]["train"]["patches"]
+                == first["resolved"]["split"]["train"]["patches"] + own)
     # a mined row chosen by a model that saw subset 0 is refused by a fold that tests on 0, naming its run
     cache = data.subset_dir(work, 2)
     rows, patches = data.read_cache_index(cache), np.load(cache / "patches.npy")
     leaked = list(rows[0][:6]) + ["leaky", "0-3", ""]
     leaked[4], leaked[5] = "0", ""
     data.write_cache(cache, [patches, patches[:1]], rows + [leaked], 32)
-    with pytest.raises(UserError, match="mined by 'leaky', a model that trained or validated on subset\\(s\\) 0"):
+    with pytest.raises(UserError, match="mined by 'leaky', a model that trained or validated on "
+                                        "subset\\(s\\) 0"):
         crossval.run_crossval(work, root, [0, 1], "leak", **CV_ARGS)
     assert not (work / "runs" / "leak-fold0").exists()
     with pytest.raises(UserError, match="'leaky', a model that trained or validated on subset\\(s\\) 1"):
         features.load_split(work, [0], [1], seed=0)
-    # one mined before the subsets were recorded is refused by cross-validation, naming the run and the way out
+    # one mined before the subsets were recorded is refused by cross-validation, naming the run and the way
+    # out
     data.write_cache(cache, [patches, patches[:1]], rows + [leaked[:7] + ["", ""]], 32)
     with pytest.raises(UserError, match="mined by 'leaky' without a record of the subsets"):
         crossval.run_crossval(work, root, [0, 1], "leak", **CV_ARGS)
@@ -2533,7 +2640,8 @@ def test_predict_averages_several_checkpoints_and_the_crossval_ensemble(crossval
     given = predict.predict_points([a, b], mhd, points, device="cpu", cutoff=0.25)
     assert all(r["cutoff"] == 0.25 and "UNVALIDATED" not in r["cutoff_source"] for r in given)
     assert predict.predict_points([a], mhd, points, device="cpu") == one
-    with pytest.raises(UserError, match="tiny.pt takes patches of 32 voxels at 1.25 mm.*share the patch size"):
+    with pytest.raises(UserError, match="tiny.pt takes patches of 32 voxels at 1.25 mm"
+                                        ".*share the patch size"):
         predict.predict_points([a, _tiny_checkpoint(tmp_path / "tiny.pt")], mhd, points, device="cpu")
     base = ["predict", "--scan", str(mhd), "--coord", ",".join(map(str, points[0])), "--device", "cpu",
             "--out", str(tmp_path / "p.csv"), "--work-dir", str(work)]
@@ -2568,26 +2676,29 @@ def test_crossval_finetune_passes_its_options_to_each_fold(crossval_run, tmp_pat
         run_dir.mkdir(parents=True, exist_ok=True)
         return _tiny_checkpoint(run_dir / "best.pt", cutoff=0.4).parent
     monkeypatch.setattr(train, "finetune", fake_finetune)
-    every = dict(epochs=1, batch_size=4, accumulate=2, lr=2e-4, weight_decay=0.01, warmup_epochs=0.5, feature_size=12,
-                 window_size=4, pooling="centre", grad_checkpoint=True, weights=None, hu_min=-900.0, hu_max=900.0,
-                 augment=False, max_shift_mm=2.0, patience=3, epoch_samples=64, seed=4, target_sensitivity=0.8,
-                 positive_share=0.2, size_weight=0.5)
+    every = dict(epochs=1, batch_size=4, accumulate=2, lr=2e-4, weight_decay=0.01, warmup_epochs=0.5,
+                 feature_size=12, window_size=4, pooling="centre", grad_checkpoint=True, weights=None,
+                 hu_min=-900.0, hu_max=900.0, augment=False, max_shift_mm=2.0, patience=3, epoch_samples=64,
+                 seed=4, target_sensitivity=0.8, positive_share=0.2, size_weight=0.5)
     assert set(every) | {"head_from"} == set(crossval.STAGE_OPTIONS["finetune"])
-    with pytest.raises(common.UserError, match="--head-from cvh: fold 0 needs"):   # no head cross-validation yet
-        crossval.run_crossval(work, root, [0, 1], "ft", stage="finetune", head_from="cvh", views=2, precision="fp32",
-                              device="cpu", workers=0, bootstrap=0, quiet=True, **every)
+    # no head cross-validation yet
+    with pytest.raises(common.UserError, match="--head-from cvh: fold 0 needs"):
+        crossval.run_crossval(work, root, [0, 1], "ft", stage="finetune", head_from="cvh", views=2,
+                              precision="fp32", device="cpu", workers=0, bootstrap=0, quiet=True, **every)
     for fold in (0, 1):   # a head-stage cross-validation "cvh" over the same folds
         run_dir = train.runs_dir(work) / f"cvh-fold{fold}"
         run_dir.mkdir(parents=True, exist_ok=True)
         _tiny_checkpoint(run_dir / "best.pt")
         (run_dir / "config.json").write_text(json.dumps({"options": {"test_subsets": [fold]}}))
     result = crossval.run_crossval(work, root, [0, 1], "ft", stage="finetune", head_from="cvh", views=2,
-                                   precision="fp32", device="cpu", workers=0, bootstrap=0, quiet=True, **every)
+                                   precision="fp32", device="cpu", workers=0, bootstrap=0, quiet=True,
+                                   **every)
     assert [(c["run"], c["val_subsets"], c["test_subsets"], c["resume"]) for c in calls] == \
         [("ft-fold0", [1], [0], False), ("ft-fold1", [0], [1], False)]
     assert all(c["views"] == 2 and c["precision"] == "fp32" and c["workers"] == 0 and "features" not in c
                and all(c[k] == v for k, v in every.items() if v is not None) for c in calls)
-    assert [Path(c["head_from"]) for c in calls] == [train.runs_dir(work) / f"cvh-fold{k}" / "best.pt" for k in (0, 1)]
+    assert [Path(c["head_from"]) for c in calls] == [train.runs_dir(work) / f"cvh-fold{k}" / "best.pt"
+                                                     for k in (0, 1)]
     assert result["views"] == 2 and result["stage"] == "finetune" and len(result["fold_cpm"]) == 2
     assert (work / "crossval" / "ft" / "fold1" / "metrics.json").is_file()
 
@@ -2628,7 +2739,8 @@ def test_followup_fleischner_recommendations_follow_the_table():
         "Consider CT at 3 months, PET/CT or tissue sampling."
     assert follow_up(7, risk="low", multiple=True).recommendation == \
         "CT at 3-6 months, then consider CT at 18-24 months."
-    assert follow_up(7, risk="high", multiple=True).recommendation == "CT at 3-6 months, then CT at 18-24 months."
+    assert follow_up(7, risk="high", multiple=True).recommendation == \
+        "CT at 3-6 months, then CT at 18-24 months."
     assert follow_up(9, risk="high", multiple=True).recommendation == \
         "CT at 3-6 months, then consider CT at 18-24 months."
 
@@ -2676,9 +2788,11 @@ def test_followup_lung_rads_texts_and_part_solid_caution():
     assert "LDCT in 6 months" in follow_up(7, "lung-rads").recommendation
     assert "LDCT in 3 months" in follow_up(10, "lung-rads").recommendation
     assert "PET/CT" in follow_up(15, "lung-rads").recommendation
-    assert follow_up(15, "lung-rads").size_band == ">=15 mm" and follow_up(8, "lung-rads").size_band == "8 to <15 mm"
+    assert (follow_up(15, "lung-rads").size_band == ">=15 mm"
+            and follow_up(8, "lung-rads").size_band == "8 to <15 mm")
     cautious = follow_up(7, "lung-rads", "part-solid")
-    assert any("most cautious" in note and "solid component is unknown" in note for note in cautious.assumptions)
+    assert any("most cautious" in note and "solid component is unknown" in note
+               for note in cautious.assumptions)
     assert "category 3" in cautious.recommendation     # what a known small solid component would give
     assert not any("most cautious" in note for note in follow_up(7, "lung-rads", "solid").assumptions)
 
@@ -2694,11 +2808,13 @@ def test_followup_every_combination_meets_exactly_one_rule():
                 for multiple in (False, True):
                     types = {kind, "subsolid"} if kind != "solid" else {kind}
                     for d in diameters:
-                        hits = [r for r in followup.RULES if r.guideline == guideline and r.nodule_type in types
+                        hits = [r for r in followup.RULES
+                                if r.guideline == guideline and r.nodule_type in types
                                 and r.risk in (risk, "any") and r.multiple in (multiple, None)
                                 and followup._in_band(d, r.band)]
                         assert len(hits) == 1, (guideline, kind, risk, multiple, d, hits)
-                        assert followup.follow_up(d, guideline, kind, risk, multiple).category == hits[0].category
+                        assert (followup.follow_up(d, guideline, kind, risk, multiple).category
+                                == hits[0].category)
 
 
 def test_followup_size_band_and_disclaimer():
@@ -2735,8 +2851,9 @@ def _nodule_patch(diameter_mm, hu=60.0, vessel_mm=None, wall_sunk=None, offset_m
                   spacing_mm=1.0, noise_hu=30.0, seed=0):
     """An int16 HU patch [z, y, x]: a sphere of ``diameter_mm`` (centre ``offset_mm`` (z, y, x) from the patch
     centre) on -850 HU lung with Gaussian noise; edges smeared over 0.7 mm as phantom.py draws them. Optional:
-    a vessel tube along z of ``vessel_mm`` across (40 HU) touching the sphere on +x, a chest wall (40 HU) filling
-    x >= (1 - wall_sunk) * radius (0: tangent to the sphere; 0.5: the sphere sunk by half its radius)."""
+    a vessel tube along z of ``vessel_mm`` across (40 HU) touching the sphere on +x, a chest wall (40 HU)
+    filling x >= (1 - wall_sunk) * radius (0: tangent to the sphere; 0.5: the sphere sunk by half its
+    radius)."""
     axis = (np.arange(size) - size // 2) * spacing_mm
     z, y, x = np.meshgrid(axis, axis, axis, indexing="ij")
     volume = np.full(z.shape, -850.0)
@@ -2802,15 +2919,17 @@ def test_size_is_nan_where_there_is_no_nodule_and_finds_a_seed_near_the_centre()
 def test_size_of_phantom_scan_solid_nodules_within_1mm_of_csv_diameter():
     """Isolated solid nodules (neither on the pleura nor on a vessel; round, lobulated or spiculated, drawn by
     nodules.py) in scans of 0.6-0.9 mm pixels and 0.6-2.5 mm slices, cut at 1 mm by data.extract_patches: the
-    volume-equivalent diameter (Finding.csv_diameter) within 1 mm. Nodules on the pleura or a vessel, ground-glass
-    and part-solid ones are not claimed here (see sizing's docstring for how they measure)."""
+    volume-equivalent diameter (Finding.csv_diameter) within 1 mm. Nodules on the pleura or a vessel,
+    ground-glass and part-solid ones are not claimed here (see sizing's docstring for how they measure)."""
     import data
     import phantom
     import sizing
     true, measured = [], []
     for seed in range(8):
-        case = phantom.make_phantom_scan(np.random.default_rng(seed), nodules_per_scan=(6, 8), negatives_per_scan=5)
-        solid = [f for f in case.nodules if f.kind == "solid" and f.placement == "isolated" and not f.excluded]
+        case = phantom.make_phantom_scan(np.random.default_rng(seed), nodules_per_scan=(6, 8),
+                                         negatives_per_scan=5)
+        solid = [f for f in case.nodules
+                 if f.kind == "solid" and f.placement == "isolated" and not f.excluded]
         if solid:
             patches = data.extract_patches(case.scan, np.array([f.center_xyz for f in solid]), 64, 1.0)
             measured.extend(sizing.measure_diameters(patches, 1.0))
@@ -2839,9 +2958,9 @@ def test_size_refuses_bad_arguments():
 def _phantom_nodules(root: Path, seed: int, subset: int, index: int, scans_per_subset: int,
                      shape=EVAL_PHANTOM_SHAPE, nodules_per_scan=(1, 2)) -> tuple[list, Path]:
     """``(nodules, mhd)``: the nodules (with kind and placement) of scan ``index`` of ``subset`` that
-    phantom.write_luna_folder drew with ``seed``, ``shape``, ``nodules_per_scan`` and negatives_per_scan=6 (scan n
-    of subset k comes from SeedSequence([seed, k, n])), and that scan's file; checked against annotations.csv, so a
-    change in phantom.py fails loudly here."""
+    phantom.write_luna_folder drew with ``seed``, ``shape``, ``nodules_per_scan`` and negatives_per_scan=6
+    (scan n of subset k comes from SeedSequence([seed, k, n])), and that scan's file; checked against
+    annotations.csv, so a change in phantom.py fails loudly here."""
     import phantom
     rng = np.random.default_rng(np.random.SeedSequence([seed, subset, index]))
     kind = phantom.DIRECTION_KINDS[(subset * scans_per_subset + index) % len(phantom.DIRECTION_KINDS)]
@@ -2859,8 +2978,8 @@ def _phantom_nodules(root: Path, seed: int, subset: int, index: int, scans_per_s
 
 @pytest.fixture(scope="module")
 def solid_phantom(tmp_path_factory) -> Path:
-    """One 'small' phantom scan (seed 78) with two solid lobulated nodules off the pleura, of 10.2 mm (alone) and
-    17.0 mm (on a vessel). eval_phantom's scans are too small for two solid nodules of that size."""
+    """One 'small' phantom scan (seed 78) with two solid lobulated nodules off the pleura, of 10.2 mm (alone)
+    and 17.0 mm (on a vessel). eval_phantom's scans are too small for two solid nodules of that size."""
     import phantom
     root = tmp_path_factory.mktemp("solid_phantom") / "luna16"
     phantom.write_luna_folder(root, n_subsets=1, scans_per_subset=1, shape=phantom.SIZES["small"], seed=78,
@@ -2882,7 +3001,8 @@ def test_predict_measures_solid_nodules_and_gives_their_guideline_category(solid
     everything = _tiny_checkpoint(tmp_path / "all.pt", cutoff=0.0)          # every point needs follow-up
     both = predict.predict_points(everything, mhd, points, device="cpu")
     for row, nodule in zip(both, nodules):
-        # 32^3 patches at 1.25 mm: the equivalent-sphere diameter within 1 mm of the annotated one (it is 0.5 mm)
+        # 32^3 patches at 1.25 mm: the equivalent-sphere diameter within 1 mm of the annotated one (it is
+        # 0.5 mm)
         assert row["follow_up"] and abs(row["diameter_mm"] - nodule.csv_diameter) <= 1.0, (row, nodule)
         expected = followup.follow_up(row["diameter_mm"], "fleischner", "solid", "low", multiple=True)
         assert (row["category"], row["recommendation"]) == (expected.category, expected.recommendation)
@@ -2890,14 +3010,16 @@ def test_predict_measures_solid_nodules_and_gives_their_guideline_category(solid
         assert "number of nodules: 2 of the 2 point(s) of this call at or above the cutoff (multiple)" \
             in row["assumptions"]
     # One point alone is a single nodule: Fleischner's > 8 mm advice differs from the multiple-nodule one.
-    [alone] = predict.predict_points(everything, mhd, points[:1], device="cpu", guideline="fleischner", risk="high")
+    [alone] = predict.predict_points(everything, mhd, points[:1], device="cpu", guideline="fleischner",
+                                     risk="high")
     single = followup.follow_up(alone["diameter_mm"], "fleischner", "solid", "high", multiple=False)
     assert alone["category"] == single.category != both[0]["category"]
     [screen] = predict.predict_points(everything, mhd, points[1:], device="cpu", guideline="lung-rads")
     assert screen["category"] == followup.follow_up(screen["diameter_mm"], "lung-rads").category == "4B"
     assert "patient risk not used by Lung-RADS" in screen["assumptions"]
     # Nothing at or above a cutoff of 1: still measured, but no category.
-    nothing = predict.predict_points(_tiny_checkpoint(tmp_path / "none.pt", cutoff=1.0), mhd, points, device="cpu")
+    nothing = predict.predict_points(_tiny_checkpoint(tmp_path / "none.pt", cutoff=1.0), mhd, points,
+                                     device="cpu")
     assert [r["follow_up"] for r in nothing] == [False, False]
     assert [(r["category"], r["recommendation"]) for r in nothing] == [("", "")] * 2
     assert [r["diameter_mm"] for r in nothing] == [r["diameter_mm"] for r in both]
@@ -2920,8 +3042,10 @@ def test_predict_gives_size_unknown_rather_than_a_guess(eval_phantom, tmp_path):
     assert abs(glass["diameter_mm"] - 14.253) <= 2.0 and glass["category"] == "CT at 6-12 months"
     assert predict.largest_measurable_mm(32, 1.25) == 35.0 and predict.largest_measurable_mm(64, 1.0) == 60.0
     for option, value in (("guideline", "nope"), ("nodule_type", "cystic"), ("risk", "medium")):
-        with pytest.raises(UserError, match=f"--{'type' if option == 'nodule_type' else option} must be one of"):
-            predict.predict_points(checkpoint, tmp_path / "no_scan.mhd", point, device="cpu", **{option: value})
+        with pytest.raises(UserError, match=f"--{'type' if option == 'nodule_type' else option} "
+                                            "must be one of"):
+            predict.predict_points(checkpoint, tmp_path / "no_scan.mhd", point, device="cpu",
+                                   **{option: value})
 
 
 def test_predict_cli_shows_size_category_and_disclaimer_and_writes_them(eval_phantom, tmp_path):
@@ -2932,7 +3056,8 @@ def test_predict_cli_shows_size_category_and_disclaimer_and_writes_them(eval_pha
     import predict
     [nodule], mhd = _phantom_nodules(eval_phantom, EVAL_PHANTOM_SEED, 0, 0, 2)
     checkpoint = _tiny_checkpoint(tmp_path / "all.pt", cutoff=0.0)
-    coords = [",".join(map(str, nodule.center_xyz)), ",".join(map(str, nodule.center_xyz + np.array([0.0, 0.0, 30.0])))]
+    coords = [",".join(map(str, nodule.center_xyz)),
+              ",".join(map(str, nodule.center_xyz + np.array([0.0, 0.0, 30.0])))]
     base = ["predict", "--checkpoint", str(checkpoint), "--scan", str(mhd), "--device", "cpu",
             *(arg for c in coords for arg in ("--coord", c))]
     result = CliRunner().invoke(luna_cli.app, base + ["--out", str(tmp_path / "preds.csv")])
@@ -2965,8 +3090,10 @@ def test_predict_cli_shows_size_category_and_disclaimer_and_writes_them(eval_pha
     assert glass["recommendation"] == expected.recommendation.replace(",", ";")
     for bad in (["--guideline", "nope"], ["--type", "cystic"], ["--risk", "medium"]):
         result = CliRunner().invoke(luna_cli.app, base + bad)
-        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), _why(result)   # a usage error
-        refused = CliRunner().invoke(luna_cli.app, base + bad, standalone_mode=False).exception   # ... of this option
+        # a usage error
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), _why(result)
+        # ... of this option
+        refused = CliRunner().invoke(luna_cli.app, base + bad, standalone_mode=False).exception
         assert isinstance(refused, typer.BadParameter) and bad[0] in refused.param.opts, _why(result)
 
 
@@ -2978,10 +3105,12 @@ def test_size_output_learns_diameters_and_old_checkpoints_have_none(tmp_path):
     import features
     import head
     import train
-    work = _train_cache(tmp_path / "w", subsets=(0, 1, 2), scans=3, positives=10, negatives=4, radius_mm=(2.0, 8.0))
-    tag = features.cache_features(work, subsets=[0, 1], batch_size=16, pooling="centre", quiet=True, **SMALL_MODEL)
-    run_dir = train.train_head(work, features=tag, val_subsets=[1], test_subsets=[2], epochs=30, batch_size=32,
-                               lr=1e-3, run="sized", quiet=True)
+    work = _train_cache(tmp_path / "w", subsets=(0, 1, 2), scans=3, positives=10, negatives=4,
+                        radius_mm=(2.0, 8.0))
+    tag = features.cache_features(work, subsets=[0, 1], batch_size=16, pooling="centre", quiet=True,
+                                  **SMALL_MODEL)
+    run_dir = train.train_head(work, features=tag, val_subsets=[1], test_subsets=[2], epochs=30,
+                               batch_size=32, lr=1e-3, run="sized", quiet=True)
     history = train.read_history(run_dir / "history.csv")
     assert all(np.isfinite(row["val_size_mae_mm"]) for row in history)
     model, meta = head.load_classifier(run_dir / "best.pt")
@@ -2991,7 +3120,8 @@ def test_size_output_learns_diameters_and_old_checkpoints_have_none(tmp_path):
     probability, diameter = head.predict_patches(model, patches, meta["preprocess"], with_size=True)
     nodules = held_out.labels == 1
     truth = held_out.diameters[nodules]
-    train_mean = features.read_subset_cache(work, 0).diameters[features.read_subset_cache(work, 0).labels == 1].mean()
+    train_mean = features.read_subset_cache(work, 0).diameters[
+        features.read_subset_cache(work, 0).labels == 1].mean()
     model_mae, mean_mae = np.abs(diameter[nodules] - truth).mean(), np.abs(train_mean - truth).mean()
     assert model_mae < 0.5 * mean_mae, (model_mae, mean_mae)
     assert np.array_equal(probability, head.predict_patches(model, patches, meta["preprocess"]))
@@ -3010,12 +3140,14 @@ def test_size_output_learns_diameters_and_old_checkpoints_have_none(tmp_path):
                            test_subsets=[2], run="tuned", device="cpu", quiet=True, **SMALL_MODEL)
     assert head.load_classifier(tuned / "best.pt")[0].has_size
     assert np.isfinite(train.read_history(tuned / "history.csv")[0]["val_size_mae_mm"])
-    dropped = train.finetune(work, head_from="sized", epochs=1, batch_size=8, epoch_samples=8, val_subsets=[1],
-                             test_subsets=[2], size_weight=0.0, run="dropped", device="cpu", quiet=True, **SMALL_MODEL)
+    dropped = train.finetune(work, head_from="sized", epochs=1, batch_size=8, epoch_samples=8,
+                             val_subsets=[1], test_subsets=[2], size_weight=0.0, run="dropped", device="cpu",
+                             quiet=True, **SMALL_MODEL)
     assert not head.load_classifier(dropped / "best.pt")[0].has_size
     nan = float("nan")
     assert float(head.size_loss(torch.zeros(2), torch.tensor([0.0, 1.0]), torch.tensor([8.0, nan]))) == 0.0
-    loss = head.size_loss(torch.full((3,), math.log(4.0)), torch.tensor([0.0, 1.0, 1.0]), torch.tensor([nan, 8.0, 4.0]))
+    loss = head.size_loss(torch.full((3,), math.log(4.0)), torch.tensor([0.0, 1.0, 1.0]),
+                          torch.tensor([nan, 8.0, 4.0]))
     assert float(loss) == pytest.approx(math.log(2.0) ** 2 / 2)
 
 
@@ -3023,8 +3155,9 @@ def test_candidates_take_the_diameter_of_the_nodule_whose_sphere_holds_them():
     import data
 
     def table(rows):
-        return data.PointTable(np.array([r[0] for r in rows], dtype=object), np.array([r[1] for r in rows], float),
-                               np.array([r[2] for r in rows], float), np.arange(2, len(rows) + 2))
+        return data.PointTable(np.array([r[0] for r in rows], dtype=object),
+                               np.array([r[1] for r in rows], float), np.array([r[2] for r in rows], float),
+                               np.arange(2, len(rows) + 2))
     annotations = table([("a", (0.0, 0.0, 0.0), 10.0),     # radius 5
                          ("a", (8.0, 0.0, 0.0), 8.0),      # radius 4: the two spheres overlap from x = 4 to 5
                          ("b", (0.0, 0.0, 0.0), -1.0)])    # no size: holds nothing
@@ -3046,7 +3179,8 @@ def test_size_agreement_counts_errors_bands_and_the_unmeasured():
     estimate = np.array([5.0, 6.5, nan, 9.0, 16.0, 3.0])      # the last has no annotation: not counted
     found = evaluate.size_agreement(annotated, estimate)
     assert (found["n_nodules"], found["n_measured"]) == (5, 4)
-    assert found["mae_mm"] == pytest.approx((1 + 1.5 + 1 + 4) / 4) and found["bias_mm"] == pytest.approx((1 + 1.5 - 1 - 4) / 4)
+    assert (found["mae_mm"] == pytest.approx((1 + 1.5 + 1 + 4) / 4)
+            and found["bias_mm"] == pytest.approx((1 + 1.5 - 1 - 4) / 4))
     assert found["by_band"]["<6 mm"] == {"n": 2, "mae_mm": 1.25, "bias_mm": 1.25}
     assert found["by_band"]["6-8 mm"] == {"n": 0, "mae_mm": None, "bias_mm": None}
     # rows: annotated <6, 6-8, >8; columns: estimated <6, 6-8, >8, not measured
@@ -3077,7 +3211,8 @@ def test_predict_uses_the_size_output_and_shows_the_plain_measurement_beside_it(
     assert [float(w["model_diameter_mm"]) for w in written] == [r["model_diameter_mm"] for r in rows]
     assert [float(w["plain_diameter_mm"]) for w in written] == [r["plain_diameter_mm"] for r in rows]
     caption = " ".join(str(predict.prediction_table(rows).caption).split())
-    assert "the model's size output (the plain measurement beside it)" in caption and math.isfinite(rows[0]["diameter_mm"])
+    assert ("the model's size output (the plain measurement beside it)" in caption
+            and math.isfinite(rows[0]["diameter_mm"]))
 
 
 # --- detect ---
@@ -3092,14 +3227,17 @@ def _chest(shape_zyx=(80, 120, 170), nodule_mm: float = 10.0) -> tuple:
     volume[((i - nx / 2) / (0.45 * nx)) ** 2 + ((j - ny / 2) / (0.42 * ny)) ** 2 < 1] = 40.0
     centres_i = (nx / 2 - 0.22 * nx, nx / 2 + 0.22 * nx)
     for ci in centres_i:
-        lung = ((i - ci) / (0.17 * nx)) ** 2 + ((j - ny / 2) / (0.3 * ny)) ** 2 + ((k - nz / 2) / (0.45 * nz)) ** 2 < 1
+        lung = (((i - ci) / (0.17 * nx)) ** 2 + ((j - ny / 2) / (0.3 * ny)) ** 2
+                + ((k - nz / 2) / (0.45 * nz)) ** 2 < 1)
         volume[lung] = -850.0
     radius = nodule_mm / 2
     centre_kji = np.array([nz / 2, ny / 2, centres_i[1] + 0.17 * nx - 0.6 * radius])
-    volume[(k - centre_kji[0]) ** 2 + (j - centre_kji[1]) ** 2 + (i - centre_kji[2]) ** 2 < radius ** 2] = 40.0
+    volume[(k - centre_kji[0]) ** 2 + (j - centre_kji[1]) ** 2 + (i - centre_kji[2]) ** 2
+           < radius ** 2] = 40.0
     volume += np.random.default_rng(0).normal(0, 15, shape_zyx)
     direction = np.diag([-1.0, 1.0, 1.0])
-    scan = data.CTScan(volume.astype(np.int16), np.array([80.0, -50.0, -200.0]), np.ones(3), direction, "chest")
+    scan = data.CTScan(volume.astype(np.int16), np.array([80.0, -50.0, -200.0]), np.ones(3), direction,
+                       "chest")
     return scan, data.index_to_world(centre_kji[::-1], scan)[0]
 
 
@@ -3120,21 +3258,23 @@ def test_detect_lung_mask_keeps_a_juxtapleural_sphere_and_finds_it():
 
 
 def test_detect_finds_every_phantom_nodule_of_6mm_on_vessels_pleura_and_alone():
-    """On the chest-like phantoms, every nodule of 6 mm or more has a candidate at the default limit, wherever it
-    sits. Smaller ones are not held to it: on real CT with inserted nodules detect finds about 57% of those under
-    6 mm (BENCHMARKS.md), and on these phantoms a 5.5 mm ground-glass nodule on a vessel is missed."""
+    """On the chest-like phantoms, every nodule of 6 mm or more has a candidate at the default limit, wherever
+    it sits. Smaller ones are not held to it: on real CT with inserted nodules detect finds about 57% of those
+    under 6 mm (BENCHMARKS.md), and on these phantoms a 5.5 mm ground-glass nodule on a vessel is missed."""
     import detect
     import phantom
     placements = []
     for seed in (0, 1, 2, 3):
-        case = phantom.make_phantom_scan(np.random.default_rng(seed), phantom.SIZES["small"], negatives_per_scan=0)
+        case = phantom.make_phantom_scan(np.random.default_rng(seed), phantom.SIZES["small"],
+                                         negatives_per_scan=0)
         found = detect.detect_scan(case.scan)
         assert len(found.score) == detect.DEFAULT_MAX_PER_SCAN
         for nodule in case.nodules:
             if nodule.excluded or nodule.diameter_mm < 6:
                 continue
             squared = ((found.world_xyz - nodule.center_xyz) ** 2).sum(axis=1)
-            assert (squared < nodule.radius_mm ** 2).any(), (seed, nodule.placement, nodule.kind, nodule.diameter_mm)
+            assert (squared < nodule.radius_mm ** 2).any(), (seed, nodule.placement, nodule.kind,
+                                                             nodule.diameter_mm)
             placements.append(nodule.placement)
     assert {"isolated", "vessel", "pleura"} <= set(placements)
 
@@ -3153,7 +3293,8 @@ def test_detect_without_lung_warns_and_gives_no_candidates(tmp_path):
                                                "--out", str(tmp_path / "d.csv")])
     assert result.exception is None and result.exit_code == 0, _why(result)
     assert (tmp_path / "d.csv").read_text() == detect.CSV_COLUMNS + "\n"
-    _, found, _ = detect.detect_path(tmp_path / "tissue.mhd", tmp_path / "e.csv")   # what the command calls and shows
+    # what the command calls and shows
+    _, found, _ = detect.detect_path(tmp_path / "tissue.mhd", tmp_path / "e.csv")
     assert "no lung" in found.warning and (tmp_path / "e.csv").read_text() == detect.CSV_COLUMNS + "\n"
 
 
@@ -3179,7 +3320,8 @@ def test_detect_csv_classes_follow_the_hit_rule_and_a_rerun_adds_nothing(detecte
     np.testing.assert_array_equal(table.value, inside.astype(float))
     assert len(set(table.seriesuid)) == 2 and table.value.sum() >= 1
     before = detected.read_bytes()
-    monkeypatch.setattr(detect, "detect_scan", lambda *a, **k: pytest.fail("a finished scan was detected again"))
+    monkeypatch.setattr(detect, "detect_scan",
+                        lambda *a, **k: pytest.fail("a finished scan was detected again"))
     summary = detect.detect_subsets(phantom_root, [0], detected, 40, show_progress=False)
     assert summary.scans_new == 0 and detected.read_bytes() == before
 
@@ -3190,8 +3332,8 @@ def test_detect_csv_round_trips_through_extract_and_evaluate(detected, phantom_r
     import luna_cli
     work = tmp_path / "work"
     base = ["--subsets", "0", "--data-dir", str(phantom_root), "--work-dir", str(work)]
-    result = CliRunner().invoke(luna_cli.app, ["extract", *base, "--candidates", str(detected), "--patch-size", "32",
-                                               "--all-candidates"])
+    result = CliRunner().invoke(luna_cli.app, ["extract", *base, "--candidates", str(detected),
+                                               "--patch-size", "32", "--all-candidates"])
     assert result.exception is None and result.exit_code == 0, _why(result)
     manifest = json.loads((work / "patches" / "subset0" / "manifest.json").read_text())
     rows = [line for line in detected.read_text().splitlines()[1:]]
@@ -3201,9 +3343,9 @@ def test_detect_csv_round_trips_through_extract_and_evaluate(detected, phantom_r
     assert isinstance(result.exception, SystemExit) and result.exit_code == 1
     assert "candidates_file" in str(_user_error(result))
     checkpoint = _tiny_checkpoint(tmp_path / "tiny.pt")
-    result = CliRunner().invoke(luna_cli.app, ["evaluate", "--checkpoint", str(checkpoint), *base, "--candidates",
-                                               str(detected), "--workers", "0", "--bootstrap", "0", "--device", "cpu",
-                                               "--out-dir", str(tmp_path / "eval")])
+    result = CliRunner().invoke(luna_cli.app, ["evaluate", "--checkpoint", str(checkpoint), *base,
+                                               "--candidates", str(detected), "--workers", "0", "--bootstrap",
+                                               "0", "--device", "cpu", "--out-dir", str(tmp_path / "eval")])
     assert result.exception is None and result.exit_code == 0, _why(result)
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["n_candidates"] == len(rows) and metrics["n_scans"] == 2
@@ -3220,15 +3362,18 @@ def test_predict_scan_without_points_lists_the_detected_nodules(phantom_root, tm
     mhd = sorted((phantom_root / "subset0").glob("*.mhd"))[0]
     annotations, _ = data.read_point_csv(phantom_root / "annotations.csv", "diameter_mm")
     mine = annotations.take(np.flatnonzero(annotations.seriesuid == mhd.stem))
-    # The nodules that detection itself finds among its first 25 candidates must all be listed (on the chest-like
-    # phantoms a faint ground-glass nodule may escape detection; that is detect's test, not predict's).
+    # The nodules that detection itself finds among its first 25 candidates must all be listed (on the
+    # chest-like phantoms a faint ground-glass nodule may escape detection; that is detect's test, not
+    # predict's).
     detected = detect.detect_scan(data.read_ct(mhd), 25).world_xyz
-    found = [((detected - c) ** 2).sum(axis=1).min() < (d / 2) ** 2 for c, d in zip(mine.world_xyz, mine.value)]
+    found = [((detected - c) ** 2).sum(axis=1).min() < (d / 2) ** 2
+             for c, d in zip(mine.world_xyz, mine.value)]
     mine = mine.take(np.flatnonzero(found))
     checkpoint = _tiny_checkpoint(tmp_path / "everything.pt", cutoff=0.0)   # every candidate is a finding
     reads = []   # the scan is read once: detection and the patches share it
     monkeypatch.setattr(data, "read_ct", lambda *a, _read=data.read_ct: reads.append(a) or _read(*a))
-    monkeypatch.setattr(data, "read_and_extract", lambda *a, _read=data.read_and_extract: reads.append(a) or _read(*a))
+    monkeypatch.setattr(data, "read_and_extract",
+                        lambda *a, _read=data.read_and_extract: reads.append(a) or _read(*a))
     result = CliRunner().invoke(luna_cli.app, ["predict", "--checkpoint", str(checkpoint), "--scan", str(mhd),
                                                "--device", "cpu", "--max-per-scan", "25",
                                                "--out", str(tmp_path / "p.csv")])
@@ -3238,7 +3383,8 @@ def test_predict_scan_without_points_lists_the_detected_nodules(phantom_root, tm
     rows = [dict(zip(header.split(","), line.split(","))) for line in lines]
     assert "among the detected candidates" in predict.results_title(mhd, rows, detected=True)
     assert "detected" not in predict.results_title(mhd, rows, detected=False)
-    assert "no detected candidate reaches the checkpoint's cutoff" in predict.results_title(mhd, [], detected=True)
+    assert ("no detected candidate reaches the checkpoint's cutoff"
+            in predict.results_title(mhd, [], detected=True))
     probability = [float(row["probability"]) for row in rows]
     assert len(mine) and len(rows) > len(mine) and probability == sorted(probability, reverse=True)
     points = np.array([[float(row[c]) for c in ("coordX", "coordY", "coordZ")] for row in rows])
@@ -3269,7 +3415,8 @@ def test_detect_bad_input_is_named_and_the_other_scans_go_on(phantom_root, tmp_p
     for bad, words in ((["detect", "--out", str(out)], "either --subsets"),
                        (["detect", "--scan", str(tmp_path / "nothing.mhd"), "--out", str(tmp_path / "e.csv")],
                         "nothing.mhd"),
-                       (["detect", "--subsets", "0", "--data-dir", str(root), "--out", str(out)], "max_per_scan"),
+                       (["detect", "--subsets", "0", "--data-dir", str(root), "--out", str(out)],
+                        "max_per_scan"),
                        (["detect", "--scan", str(good), "--out", str(phantom_root / "candidates_V2.csv")],
                         "not a file written by detect")):
         result = CliRunner().invoke(luna_cli.app, bad)
@@ -3281,12 +3428,14 @@ def test_distinct_findings_keep_one_row_per_overlapping_sphere():
     import predict
 
     def row(x, p, d, follow=True):
-        return {"coordX": x, "coordY": 0.0, "coordZ": 0.0, "probability": p, "diameter_mm": d, "follow_up": follow}
+        return {"coordX": x, "coordY": 0.0, "coordZ": 0.0, "probability": p, "diameter_mm": d,
+                "follow_up": follow}
     rows = [row(0.0, 0.9, 20.0), row(9.0, 0.95, 14.0), row(30.0, 0.8, None), row(34.0, 0.7, None),
             row(36.0, 0.6, 6.0), row(60.0, 0.99, 8.0, follow=False)]
     kept = predict.distinct_findings(rows)
-    # 9 mm apart with diameters 14 and 20: one sphere (the likelier kept); 30 and 34 without sizes (5 mm each):
-    # 4 mm apart, one; 36 (6 mm) is 6 mm from 30: (5 + 6) / 2 = 5.5, a separate finding; below the cutoff: none
+    # 9 mm apart with diameters 14 and 20: one sphere (the likelier kept); 30 and 34 without sizes (5 mm
+    # each): 4 mm apart, one; 36 (6 mm) is 6 mm from 30: (5 + 6) / 2 = 5.5, a separate finding; below the
+    # cutoff: none
     assert [r["coordX"] for r in kept] == [9.0, 30.0, 36.0]
 
 
@@ -3302,11 +3451,13 @@ def test_extract_names_annotations_without_a_size_and_leaves_their_diameter_empt
     lines[first] = ",".join(fields[:4] + ["-1"])
     (root / "annotations.csv").write_text("\n".join([header] + lines) + "\n")
     summary = data.extract_subset(root, tmp_path / "work", 0, 32, 1.0, show_progress=False)
-    assert any(f"annotations.csv, line(s) {first + 2}: diameter_mm is not positive" in p for p in summary.problems)
+    assert any(f"annotations.csv, line(s) {first + 2}: diameter_mm is not positive" in p
+               for p in summary.problems)
     centre = np.array([float(v) for v in fields[1:4]])
     rows = data.read_cache_index(summary.cache_dir)
     radius = float(fields[4]) / 2.0
-    near = [r for r in rows if r[0] == fields[0] and np.linalg.norm(np.array(r[1:4], float) - centre) < radius]
+    near = [r for r in rows
+            if r[0] == fields[0] and np.linalg.norm(np.array(r[1:4], float) - centre) < radius]
     assert near and all(r[5] == "" for r in near)
     (root / "annotations.csv").write_text("seriesuid,coordX,coordY,coordZ\n")
     with pytest.raises(common.UserError, match=r"annotations.csv: missing column\(s\) diameter_mm"):
@@ -3319,8 +3470,9 @@ def _lung_background(tmp_path, direction=None, seed: int = 4):
     """A small phantom chest as a background CT (.mhd), optionally with its direction matrix replaced."""
     import data
     import phantom
-    case = phantom.make_phantom_scan(np.random.default_rng(seed), phantom.SIZES["small"], direction_kind="identity",
-                                     negatives_per_scan=0, nodules_per_scan=(0, 0), excluded_per_scan=(0, 0))
+    case = phantom.make_phantom_scan(np.random.default_rng(seed), phantom.SIZES["small"],
+                                     direction_kind="identity", negatives_per_scan=0, nodules_per_scan=(0, 0),
+                                     excluded_per_scan=(0, 0))
     scan = case.scan
     if direction is not None:
         scan = data.CTScan(scan.hu, scan.origin, scan.spacing, np.asarray(direction, float), "bg")
@@ -3385,7 +3537,8 @@ def test_placements_keep_to_their_rules(tmp_path):
 
 
 def _surface_points(nodule, n: int = 400) -> np.ndarray:
-    """World points on a sphere of the nodule's equivalent radius (its surface, near enough for a round one)."""
+    """World points on a sphere of the nodule's equivalent radius (its surface, near enough for a round
+    one)."""
     unit = np.random.default_rng(0).standard_normal((n, 3))
     unit /= np.linalg.norm(unit, axis=1, keepdims=True)
     return nodule.centre_xyz + unit * nodule.radius_mm
@@ -3411,7 +3564,8 @@ def _insert_and_detect(scan, rng, placements, diameter_range) -> None:
         placed.append(found)
         occupied.append((found.nodule.centre_xyz, found.nodule.reach_mm))
         insert.insert_into(hu, scan, found.nodule)
-    detections = detect.detect_scan(data.CTScan(hu, scan.origin, scan.spacing, scan.direction, "with nodules"))
+    detections = detect.detect_scan(data.CTScan(hu, scan.origin, scan.spacing, scan.direction,
+                                                "with nodules"))
     for p in placed:
         squared = ((detections.world_xyz - p.nodule.centre_xyz) ** 2).sum(axis=1)
         assert (squared < p.nodule.radius_mm ** 2).any(), (p.placement, p.detail, p.nodule.diameter_mm)
@@ -3424,8 +3578,8 @@ def test_synth_background_writes_a_luna_folder_and_refuses_what_does_not_apply(t
     from typer.testing import CliRunner
     path, scan = _lung_background(tmp_path)
     out = tmp_path / "inserted"
-    args = ["synth", "--background", str(path), "--copies", "2", "--nodules-per-scan", "3", "--n-subsets", "2",
-            "--data-dir", str(out), "--seed", "5", "--negatives-per-scan", "12"]
+    args = ["synth", "--background", str(path), "--copies", "2", "--nodules-per-scan", "3", "--n-subsets",
+            "2", "--data-dir", str(out), "--seed", "5", "--negatives-per-scan", "12"]
     result = CliRunner().invoke(luna_cli.app, args)
     assert result.exception is None and result.exit_code == 0
     manifest = json.loads((out / "phantom_manifest.json").read_text())
@@ -3460,12 +3614,14 @@ def test_synth_background_names_unreadable_and_lungless_backgrounds(tmp_path):
     broken = tmp_path / "broken.mhd"
     broken.write_text("not a header\n")
     lungless = tmp_path / "tissue.mhd"
-    data.write_mhd(data.CTScan(np.full((40, 64, 64), 40, np.int16), np.zeros(3), np.full(3, 2.0), np.eye(3)), lungless)
+    data.write_mhd(data.CTScan(np.full((40, 64, 64), 40, np.int16), np.zeros(3), np.full(3, 2.0), np.eye(3)),
+                   lungless)
     summary = insert.write_inserted_folder(tmp_path / "out", [broken, path, lungless], nodules_per_scan=2,
                                            negatives_per_scan=4)
     assert [p for p, _ in summary.skipped] == [str(broken), str(lungless)]
     assert summary.unreadable == [str(broken)] and len(summary.scans) == 1
-    crowded = insert.write_inserted_folder(tmp_path / "crowded", [path], nodules_per_scan=400, negatives_per_scan=0)
+    crowded = insert.write_inserted_folder(tmp_path / "crowded", [path], nodules_per_scan=400,
+                                           negatives_per_scan=0)
     row = crowded.scans[0]
     assert 0 < row["nodules_placed"] < 400 and row["nodules_requested"] == 400
     assert len(crowded.nodules) == row["nodules_placed"]
@@ -3473,7 +3629,8 @@ def test_synth_background_names_unreadable_and_lungless_backgrounds(tmp_path):
         insert.write_inserted_folder(tmp_path / "none", [broken])
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "real_ct").is_dir(), reason="real LIDC-IDRI scans in ../shared/data absent")
+@pytest.mark.skipif(not (SHARED_DATA / "real_ct").is_dir(),
+                    reason="real LIDC-IDRI scans in ../shared/data absent")
 def test_detect_finds_nodules_inserted_beside_real_vessels_and_pleura():
     import data
     folder = sorted(p for p in (SHARED_DATA / "real_ct" / "LIDC-IDRI-0003").glob("*/*") if p.is_dir())[0]
@@ -3499,19 +3656,22 @@ def test_readme_and_hints_name_only_real_options():
     options = _command_options()
     readme = (Path(__file__).resolve().parent / "README.md").read_text()
     option_pattern = r"(?<![\w-])--[a-z][a-z0-9-]*"
-    torchrun_own = {"--nproc", "--run-path"}   # torchrun's --nproc_per_node and --run-path, named in the README
+    # torchrun's --nproc_per_node and --run-path, named in the README
+    torchrun_own = {"--nproc", "--run-path"}
     assert set(re.findall(option_pattern, readme)) - torchrun_own <= set().union(*options.values())
     inline = re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", readme, flags=re.S))   # may span lines
     spans = [" ".join(span.split()) for span in inline]
     spans += [line for line in readme.splitlines() if line.strip().startswith("python luna_cli.py")]
     checked = 0
-    for span in spans:   # `extract --subsets 0-9`, `python luna_cli.py evaluate --run ft ...`: that command's options
+    # `extract --subsets 0-9`, `python luna_cli.py evaluate --run ft ...`: that command's options
+    for span in spans:
         found = re.match(r"(?:.*luna_cli\.py )?([a-z-]+)\b(.*)", span.strip())
         if found and found.group(1) in options:
             checked += 1
             assert set(re.findall(option_pattern, found.group(2))) <= options[found.group(1)], span
     assert checked
-    caches = {k: features.SubsetCache(k, Path("."), {"patch_size": size, "spacing_mm": 1.0}, *[np.zeros(0)] * 3)
+    caches = {k: features.SubsetCache(k, Path("."), {"patch_size": size, "spacing_mm": 1.0},
+                                      *[np.zeros(0)] * 3)
               for k, size in ((0, 32), (1, 64))}
     with pytest.raises(UserError) as refused:
         features.check_patch_geometry(caches)
