@@ -1606,7 +1606,6 @@ def test_finetune_resume_repeats_the_uninterrupted_run(tmp_path):
 
 
 def test_resume_refuses_changed_options_and_the_cli_passes_only_given_ones(tmp_path):
-    import typer
     from typer.testing import CliRunner
     import luna_cli
     import train
