@@ -145,3 +145,62 @@ def progress_bar(*columns, console=None, disable: bool = False, transient: bool 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *columns,
                     TimeElapsedColumn(), console=console, disable=disable, transient=transient)
+
+
+# --- the loop over scans ---------------------------------------------------------------
+
+# What reading or cutting one scan may raise; any of them names the scan and the job goes on with the others.
+SCAN_ERRORS = (UserError, OSError, MemoryError, ValueError, RuntimeError)
+
+
+def attempt(path, func, *args):
+    """``(func(*args), "")``, or ``(None, reason)`` when reading the scan at ``path`` fails: one unreadable
+    scan must not stop the others. A UserError already names its file; any other error is prefixed with
+    ``path``."""
+    try:
+        return func(*args), ""
+    except UserError as err:
+        return None, str(err)
+    except SCAN_ERRORS as err:
+        return None, f"{path}: cannot read this scan ({err or type(err).__name__})"
+
+
+def read_ahead(todo: list, read):
+    """``(seriesuid, result, reason)`` for each seriesuid of ``todo``, ``read(uid)`` giving
+    ``(result, reason)`` (see :func:`attempt`); the next scan is read in a thread while the caller works on
+    one."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        pending = reader.submit(read, todo[0]) if todo else None
+        for n, uid in enumerate(todo):
+            result, reason = pending.result()
+            if n + 1 < len(todo):
+                pending = reader.submit(read, todo[n + 1])
+            yield uid, result, reason
+
+
+def over_scans(items, work, *, total: int, label: str, console=None, show_progress: bool = True,
+               step=None, transient: bool = False) -> dict:
+    """The loop every stage runs over scans (extract, detect, evaluate, mining).
+
+    ``items`` yields ``(seriesuid, payload, reason)``: a scan (or one chunk of its candidates) read by the
+    stage, or the reason it could not be (``payload`` None). A reason is printed in red, once per scan, and
+    recorded; the others go on. A payload goes to ``work(seriesuid, payload)``, which saves the scan's part
+    (the stage's ``Parts``: a killed run resumes from the saved ones). The bar counts ``step(payload)`` units
+    a payload (default: one scan) up to ``total``. Returns ``{seriesuid: reason}`` of the scans that failed.
+    """
+    from rich.progress import TextColumn
+    failed: dict = {}
+    with progress_bar(TextColumn(""), console=console, disable=not show_progress,
+                      transient=transient) as progress:
+        task = progress.add_task(label, total=total)
+        for uid, payload, reason in items:
+            if payload is None:
+                if uid not in failed and console is not None:
+                    console.print(f"[red]scan {uid}: {reason}[/]")
+                failed.setdefault(uid, reason)
+                progress.advance(task, 0 if step else 1)
+                continue
+            work(uid, payload)
+            progress.advance(task, step(payload) if step else 1)
+    return failed

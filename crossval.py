@@ -1,25 +1,26 @@
 """Cross-validation stage: one model per fold, each evaluated on its held-out subset, and the pooled FROC.
 
 The folds are LUNA16 subsets (``--folds 0-9``). Fold k tests on subset k, which its training never reads (the
-split by scan in ``features.load_split`` guarantees it), validates on the subset ``val_offset`` places before k in
-the fold list (cyclic; default 1: the previous fold) and trains on every other extracted subset (an extracted
-subset outside the fold list always trains). Its model, the run ``W/runs/<NAME>-fold<k>``, scores every candidate
-of subset k (``evaluate.evaluate_model``, into ``W/crossval/<NAME>/fold<k>/``). The fold submissions are
-concatenated and scored with the official LUNA16 rules over the scans of all folds, with bootstrap intervals:
-the number to compare with the literature (ten folds, all 888 scans).
+split by scan in ``features.load_split`` guarantees it), validates on the subset ``val_offset`` places before
+k in the fold list (cyclic; default 1: the previous fold) and trains on every other extracted subset (an
+extracted subset outside the fold list always trains). Its model, the run ``W/runs/<NAME>-fold<k>``, scores
+every candidate of subset k (``evaluate.evaluate_model``, into ``W/crossval/<NAME>/fold<k>/``). The fold
+submissions are concatenated and scored with the official LUNA16 rules over the scans of all folds, with
+bootstrap intervals: the number to compare with the literature (ten folds, all 888 scans).
 
 Written under ``W/crossval/<NAME>/``: ``crossval.json`` (the settings, so that a rerun continues the same
-cross-validation), ``fold<k>/`` (one model evaluation per fold), ``submission.csv`` (all folds), ``metrics.json``
-(CPM, the seven FROC sensitivities, their 95% intervals, each fold's CPM), ``folds.csv`` and ``froc.png``.
+cross-validation), ``fold<k>/`` (one model evaluation per fold), ``submission.csv`` (all folds),
+``metrics.json`` (CPM, the seven FROC sensitivities, their 95% intervals, each fold's CPM), ``folds.csv`` and
+``froc.png``.
 
-Mined negatives: a fold refuses to train on cache rows mined by a model that saw its test subset, or by a model
-whose subsets are not recorded (``features.check_mined_rows``). ``mine_rounds`` N mines inside each fold: its
-model scores every negative candidate of the fold's training subsets, their top ``per_scan`` a scan are added to
-the caches tagged with the fold (only that fold trains on them; ``mining.mine_subset``), and a new run
-``<NAME>-fold<k>-mine<r>`` trains from the start; the last round's model is evaluated.
+Mined negatives: a fold refuses to train on cache rows mined by a model that saw its test subset, or by a
+model whose subsets are not recorded (``features.check_mined_rows``). ``mine_rounds`` N mines inside each
+fold: its model scores every negative candidate of the fold's training subsets, their top ``per_scan`` a scan
+are added to the caches tagged with the fold (only that fold trains on them; ``mining.mine_subset``), and a
+new run ``<NAME>-fold<k>-mine<r>`` trains from the start; the last round's model is evaluated.
 
-Resumable: a fold whose evaluation finished is skipped; a fold whose run already has a ``last.pt`` continues it
-(``resume``; a finished run does nothing more); an evaluation continues from the scans it finished.
+Resumable: a fold whose evaluation finished is skipped; a fold whose run already has a ``last.pt`` continues
+it (``resume``; a finished run does nothing more); an evaluation continues from the scans it finished.
 """
 from __future__ import annotations
 
@@ -46,13 +47,14 @@ from common import UserError
 from features import extracted_subsets
 
 # The training options crossval passes on to each fold, when given (the others take the stage's defaults):
-# every option of the stage but those each fold decides (options.FOLD_DECIDES: its validation and test subsets;
-# views and precision, which also set the folds' evaluation, are crossval's own). finetune's ``head_from`` names a
-# head-stage cross-validation whose fold k starts fold k.
+# every option of the stage but those each fold decides (options.FOLD_DECIDES: its validation and test
+# subsets; views and precision, which also set the folds' evaluation, are crossval's own). finetune's
+# ``head_from`` names a head-stage cross-validation whose fold k starts fold k.
 STAGE_OPTIONS = {stage: tuple(k for k in options_mod.stage_names(stage) if k not in options_mod.FOLD_DECIDES)
                  for stage in options_mod.STAGES}
 TRAINING_OPTIONS = options_mod.crossval_names()
-FOLD_COLUMNS = ("fold", "test_subset", "val_subset", "run", "checkpoint", "n_scans", "n_candidates", "auc", "cpm")
+FOLD_COLUMNS = ("fold", "test_subset", "val_subset", "run", "checkpoint", "n_scans", "n_candidates", "auc",
+                "cpm")
 EVAL_BATCH_SIZE = 64
 EVAL_WORKERS = 2  # evaluate's default reader processes when --workers is not given
 
@@ -84,8 +86,9 @@ def plan_folds(folds: Sequence[int], name: str, val_offset: int = 1) -> List[Fol
         raise UserError(f"--folds must name at least 2 subsets (each one is the test subset of one fold), "
                         f"got {common.format_subsets(folds)}")
     if val_offset % len(folds) == 0:
-        raise UserError(f"--val-offset {val_offset} puts each fold's validation subset on its own test subset "
-                        f"({len(folds)} folds); use an offset that is not a multiple of {len(folds)}, e.g. 1")
+        raise UserError(f"--val-offset {val_offset} puts each fold's validation subset on its own test "
+                        f"subset ({len(folds)} folds); use an offset that is not a multiple of "
+                        f"{len(folds)}, e.g. 1")
     return [Fold(i, k, folds[(i - val_offset) % len(folds)], f"{name}-fold{k}") for i, k in enumerate(folds)]
 
 
@@ -94,11 +97,12 @@ def crossval_dir(work_dir: Path, name: str) -> Path:
 
 
 def _given_training(stage: str, training: Dict[str, Any], precision: Optional[str]) -> Dict[str, Any]:
-    """The training options given for ``stage``, checked (JSON values); UserError naming one that a fold decides
-    or that belongs to the other stage."""
+    """The training options given for ``stage``, checked (JSON values); UserError naming one that a fold
+    decides or that belongs to the other stage."""
     decided = [k for k in training if k in options_mod.FOLD_DECIDES and training[k] is not None]
     if decided:
-        raise UserError(f"--{decided[0].replace('_', '-')} is decided by each fold (or given to crossval itself)")
+        raise UserError(f"--{decided[0].replace('_', '-')} is decided by each fold "
+                        f"(or given to crossval itself)")
     given = options_mod.given(stage, training)
     if stage == "finetune" and precision is not None:
         given["precision"] = options_mod.OPTIONS["precision"].check(precision)
@@ -107,7 +111,8 @@ def _given_training(stage: str, training: Dict[str, Any], precision: Optional[st
 
 def _started(work_dir: Path, out_dir: Path, name: str) -> bool:
     """Whether a fold of this cross-validation has trained an epoch or finished its evaluation."""
-    return any(out_dir.glob("fold*/metrics.json")) or any(train.runs_dir(work_dir).glob(f"{name}-fold*/last.pt"))
+    return (any(out_dir.glob("fold*/metrics.json")) or
+            any(train.runs_dir(work_dir).glob(f"{name}-fold*/last.pt")))
 
 
 def _settings(out_dir: Path, name: str, wanted: Dict[str, Any], given: Dict[str, Any], views: Optional[int],
@@ -130,7 +135,8 @@ def _settings(out_dir: Path, name: str, wanted: Dict[str, Any], given: Dict[str,
     if views is not None and saved.get("views") != views:
         differing.append(f"--views: it has {saved.get('views')!r}, this call {views!r}")
     if differing:
-        raise UserError(f"cross-validation {name!r} ({out_dir}) was started with other settings; these differ: "
+        raise UserError(f"cross-validation {name!r} ({out_dir}) was started with other settings; "
+                        f"these differ: "
                         + "; ".join(differing) + ". Drop them to continue it, or choose another --name.")
     return saved
 
@@ -156,7 +162,8 @@ def _train_fold(work_dir: Path, fold: Fold, run: str, stage: str, training: Dict
     if stage == "head":
         train.train_head(work_dir, run=run, resume=resume, device=device, quiet=quiet, **options)
     else:
-        train.finetune(work_dir, run=run, resume=resume, device=device, workers=workers, quiet=quiet, **options)
+        train.finetune(work_dir, run=run, resume=resume, device=device, workers=workers, quiet=quiet,
+                       **options)
     best = run_dir / "best.pt"
     if not best.is_file():
         raise UserError(f"fold {fold.test}: run {run_dir} wrote no best.pt (no epoch had a validation AUC); "
@@ -201,9 +208,9 @@ def fold_head(work_dir: Path, head_cv: str, fold: Fold) -> Path:
     try:
         tested = json.loads((best.parent / "config.json").read_text())["options"]["test_subsets"]
     except (OSError, ValueError, KeyError):
-        raise UserError(f"--head-from {head_cv}: fold {fold.test} needs {best} (with its config.json), the model "
-                        f"of fold {fold.test} of cross-validation {head_cv!r}; run `python luna_cli.py crossval "
-                        f"--name {head_cv} --stage head` with the same --folds first") from None
+        raise UserError(f"--head-from {head_cv}: fold {fold.test} needs {best} (with its config.json), the "
+                        f"model of fold {fold.test} of cross-validation {head_cv!r}; run `python luna_cli.py "
+                        f"crossval --name {head_cv} --stage head` with the same --folds first") from None
     if list(tested) != [fold.test] or not best.is_file():
         raise UserError(f"--head-from {head_cv}: {best.parent} was tested on subset(s) "
                         f"{common.format_subsets(tested)}, not on subset {fold.test}, or has no best.pt")
@@ -217,8 +224,9 @@ def _mine_for_fold(work_dir: Path, data_dir: Path, fold: Fold, best: Path, setti
     subsets = [k for k in extracted_subsets(work_dir) if k not in (fold.test, fold.val)]
     workers = EVAL_WORKERS if runtime["workers"] is None else runtime["workers"]
     for subset in subsets:
-        summary = mining.mine_subset(data_dir, work_dir, subset, str(best), per_scan=int(settings["per_scan"]),
-                                     batch_size=EVAL_BATCH_SIZE, workers=workers, device=runtime["device"],
+        summary = mining.mine_subset(data_dir, work_dir, subset, str(best),
+                                     per_scan=int(settings["per_scan"]), batch_size=EVAL_BATCH_SIZE,
+                                     workers=workers, device=runtime["device"],
                                      precision=runtime["precision"] or "auto", views=settings.get("views"),
                                      for_fold=fold.test)
         if summary.unreadable:
@@ -276,8 +284,10 @@ def _readable_scans(plan: List[Fold], fold_metrics: Dict[int, Dict[str, Any]],
 
 def pool_folds(out_dir: Path, data_dir: Path, plan: List[Fold], fold_metrics: Dict[int, Dict[str, Any]],
                fold_scans: Dict[int, List[str]], bootstrap: int, seed: int = 0) -> Dict[str, Any]:
-    """Concatenate the fold submissions and score them over the readable scans of all folds: the FROC result."""
-    concatenate_submissions([out_dir / f"fold{f.test}" / "submission.csv" for f in plan], out_dir / "submission.csv")
+    """Concatenate the fold submissions and score them over the readable scans of all folds: the FROC
+    result."""
+    concatenate_submissions([out_dir / f"fold{f.test}" / "submission.csv" for f in plan],
+                            out_dir / "submission.csv")
     uids = _readable_scans(plan, fold_metrics, fold_scans)
     return evaluate.score_marks(evaluate.read_submission(out_dir / "submission.csv"), uids,
                                 evaluate.read_findings(Path(data_dir) / "annotations.csv"),
@@ -325,10 +335,12 @@ def _prepare(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str, st
         head.check_views(views)
     missing = sorted(set(folds) - set(extracted_subsets(work_dir)))
     if missing:
-        raise UserError(f"--folds {common.format_subsets(folds)}: subset(s) {common.format_subsets(missing)} not extracted under "
-                        f"{Path(work_dir) / 'patches'}; run `python luna_cli.py extract --subsets {common.format_subsets(missing)}` "
+        raise UserError(f"--folds {common.format_subsets(folds)}: subset(s) {common.format_subsets(missing)} "
+                        f"not extracted under {Path(work_dir) / 'patches'}; run `python luna_cli.py extract "
+                        f"--subsets {common.format_subsets(missing)}` "
                         f"(with the patch options of the others) first")
-    evaluate.check_scans(data_dir, folds, work_dir)   # a scan missing from its fold is refused before any training
+    # a scan missing from its fold is refused before any training
+    evaluate.check_scans(data_dir, folds, work_dir)
     check_mined_rows(work_dir, plan)
     fold_scans = {f.test: list(data.subset_scans(data_dir, [f.test])) for f in plan}
     out_dir = crossval_dir(work_dir, name)
@@ -341,24 +353,26 @@ def _prepare(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str, st
 
 def run_crossval(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str, *, stage: str = "head",
                  val_offset: int = 1, views: Optional[int] = None, precision: Optional[str] = None,
-                 mine_rounds: int = 0, per_scan: int = 20, device: str = "auto", workers: Optional[int] = None,
-                 bootstrap: int = 1000, json_out: Optional[Path] = None, quiet: bool = False, console=None,
-                 **training: Any) -> Dict[str, Any]:
+                 mine_rounds: int = 0, per_scan: int = 20, device: str = "auto",
+                 workers: Optional[int] = None, bootstrap: int = 1000, json_out: Optional[Path] = None,
+                 quiet: bool = False, console=None, **training: Any) -> Dict[str, Any]:
     """Cross-validate over the subsets ``folds`` (see the module docstring); returns the pooled metrics.
 
     ``stage``: "head" (``train.train_head`` on a feature set that covers every fold: cache-features with
     ``--test-subsets none``) or "finetune" (``train.finetune``). ``training``: the stage's options
     (:data:`STAGE_OPTIONS`); those left out take the stage's defaults (finetune's ``head_from``: a head-stage
-    cross-validation, fold k starting from its fold k). ``views``: evaluation flips (default: the checkpoint's own); for finetune also its validation's.
-    ``precision``: evaluation precision (and finetune's). ``mine_rounds``: rounds of hard-negative mining inside
-    each fold, ``per_scan`` negatives a scan each. Writes ``W/crossval/<name>/`` and ``json_out``.
+    cross-validation, fold k starting from its fold k). ``views``: evaluation flips (default: the checkpoint's
+    own); for finetune also its validation's. ``precision``: evaluation precision (and finetune's).
+    ``mine_rounds``: rounds of hard-negative mining inside each fold, ``per_scan`` negatives a scan each.
+    Writes ``W/crossval/<name>/`` and ``json_out``.
     """
     given = _given_training(stage, training, precision)
-    plan, settings, out_dir, fold_scans = _prepare(Path(work_dir), Path(data_dir), folds, name, stage, val_offset,
-                                                   given, views, mine_rounds, per_scan)
-    runtime = {"device": device, "workers": workers, "precision": precision, "bootstrap": bootstrap, "quiet": quiet}
-    fold_metrics = {f.test: _run_fold(Path(work_dir), Path(data_dir), out_dir, f, fold_scans[f.test], settings,
-                                      runtime, console) for f in plan}
+    plan, settings, out_dir, fold_scans = _prepare(Path(work_dir), Path(data_dir), folds, name, stage,
+                                                   val_offset, given, views, mine_rounds, per_scan)
+    runtime = {"device": device, "workers": workers, "precision": precision, "bootstrap": bootstrap,
+               "quiet": quiet}
+    fold_metrics = {f.test: _run_fold(Path(work_dir), Path(data_dir), out_dir, f, fold_scans[f.test],
+                                      settings, runtime, console) for f in plan}
     froc = pool_folds(out_dir, Path(data_dir), plan, fold_metrics, fold_scans, bootstrap)
     target = {**(train.HEAD_DEFAULTS if settings["stage"] == "head" else train.FINETUNE_DEFAULTS),
               **settings["training"]}
@@ -367,11 +381,12 @@ def run_crossval(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str
                                   target["target_sensitivity"])
     rows = [fold_row(f, fold_metrics[f.test]) for f in plan]
     result = {"name": name, "stage": settings["stage"], "folds": [f.test for f in plan],
-              "val_offset": settings["val_offset"], "training": settings["training"], "views": settings.get("views"),
-              "cpm": froc["cpm"], "cpm_ci95": froc.get("cpm_ci95"), "froc_sensitivities": froc["froc_sensitivities"],
-              "froc_sensitivities_ci95": froc.get("froc_sensitivities_ci95"), "fold_cpm": [r["cpm"] for r in rows],
-              "fold_results": rows, "n_scans": froc["n_scans"], "n_nodules": froc["n_nodules"], "froc": froc,
-              "operating_point": point,
+              "val_offset": settings["val_offset"], "training": settings["training"],
+              "views": settings.get("views"), "cpm": froc["cpm"], "cpm_ci95": froc.get("cpm_ci95"),
+              "froc_sensitivities": froc["froc_sensitivities"],
+              "froc_sensitivities_ci95": froc.get("froc_sensitivities_ci95"),
+              "fold_cpm": [r["cpm"] for r in rows], "fold_results": rows, "n_scans": froc["n_scans"],
+              "n_nodules": froc["n_nodules"], "froc": froc, "operating_point": point,
               "unreadable_scans": {uid: why for m in fold_metrics.values()
                                    for uid, why in m["unreadable_scans"].items()},
               "files": {n: str(out_dir / n) for n in ("submission.csv", "metrics.json", "folds.csv",
@@ -387,7 +402,8 @@ def run_crossval(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str
 def fold_table(result: Dict[str, Any]):
     """A rich table: each fold's subsets, run, counts, AUC and CPM, and the pooled CPM with its interval."""
     from rich.table import Table
-    table = Table(title=f"cross-validation {result['name']} ({result['stage']}, {len(result['folds'])} folds)")
+    table = Table(title=f"cross-validation {result['name']} ({result['stage']}, "
+                        f"{len(result['folds'])} folds)")
     for column in ("fold", "test", "validation", "run", "scans", "candidates", "AUC", "CPM"):
         table.add_column(column, justify="left" if column == "run" else "right")
     for row in result["fold_results"]:

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 import resample
-from common import (Parts, UserError, atomic_concatenate_npy, atomic_write_json, atomic_write_text,
-                    problems_message, progress_bar)
+from common import (Parts, UserError, atomic_concatenate_npy, atomic_write_json, atomic_write_text, attempt,
+                    over_scans, problems_message, read_ahead)
 from resample import AIR_HU
 
 
@@ -668,51 +668,30 @@ def _subset_candidates(data_dir: Path, candidates_path: Path, scans: dict, subse
     return selected, match_diameters(selected, annotations), problems, records
 
 
-def _read_and_cut_or_error(path: Path, world_xyz: np.ndarray, patch_size: int, spacing_mm: float):
-    """``((scan, patches), None)`` or ``(None, reason)``: one unreadable scan must not stop the others."""
-    try:
-        return read_and_extract(path, world_xyz, patch_size, spacing_mm), None
-    except UserError as err:
-        return None, str(err)
-    except (OSError, MemoryError, ValueError) as err:
-        return None, f"{path}: cannot read this scan ({err})"
-
-
 def _extract_scans(paths: dict, todo: list, selected: PointTable, diameters: np.ndarray, parts: Parts,
                    wanted: dict, problems: list, console, show_progress: bool) -> dict:
     """Cut each scan of ``todo`` once into a part (the next scan is read while one is written);
     returns ``{seriesuid: reason}`` of the scans that could not be read."""
-    from concurrent.futures import ThreadPoolExecutor
-    from rich.progress import TextColumn
     rows_of = selected.rows_by_scan()
-    rows_todo = [rows_of.get(uid, np.zeros(0, int)) for uid in todo]
+    rows_todo = {uid: rows_of.get(uid, np.zeros(0, int)) for uid in todo}
     size, spacing = wanted["patch_size"], wanted["spacing_mm"]
 
-    def read_and_cut(n: int):
-        return _read_and_cut_or_error(paths[todo[n]], selected.world_xyz[rows_todo[n]], size, spacing)
-    failed: dict = {}
-    with progress_bar(TextColumn("scans"), console=console, disable=not show_progress) as progress, \
-            ThreadPoolExecutor(max_workers=1) as reader:
-        task = progress.add_task(f"[bold]subset {wanted['subset']}", total=len(todo))
-        pending = reader.submit(read_and_cut, 0) if todo else None
-        for n, uid in enumerate(todo):
-            result, reason = pending.result()
-            if n + 1 < len(todo):
-                pending = reader.submit(read_and_cut, n + 1)
-            progress.advance(task)
-            if result is None:
-                failed[uid] = reason
-                console.print(f"[red]scan {uid}: {reason}[/]")
-                continue
-            scan, patches = result
-            rows = rows_todo[n]
-            inside = inside_scan(scan, selected.world_xyz[rows], (size // 2) * spacing)
-            problems.extend(f"candidate on line {selected.line[row]} ({uid}) lies wholly outside its scan, "
-                            "skipped" for row in rows[~inside])
-            rows = rows[inside]
-            parts.save(uid, patches[inside], index_rows(uid, selected.world_xyz[rows], selected.value[rows],
-                                                         diameters[rows]))
-    return failed
+    def read_and_cut(uid: str):
+        return attempt(paths[uid], read_and_extract, paths[uid], selected.world_xyz[rows_todo[uid]], size,
+                       spacing)
+
+    def save(uid: str, scan_and_patches) -> None:
+        scan, patches = scan_and_patches
+        rows = rows_todo[uid]
+        inside = inside_scan(scan, selected.world_xyz[rows], (size // 2) * spacing)
+        problems.extend(f"candidate on line {selected.line[row]} ({uid}) lies wholly outside its scan, "
+                        "skipped" for row in rows[~inside])
+        rows = rows[inside]
+        parts.save(uid, patches[inside], index_rows(uid, selected.world_xyz[rows], selected.value[rows],
+                                                     diameters[rows]))
+    return over_scans(read_ahead(todo, read_and_cut), save, total=len(todo),
+                      label=f"[bold]subset {wanted['subset']}[/] scans", console=console,
+                      show_progress=show_progress)
 
 
 def index_rows(uid: str, world_xyz: np.ndarray, labels: np.ndarray, diameters: np.ndarray, mined: str = "",

@@ -533,35 +533,23 @@ def check_output(out_csv) -> Path:
     return out_csv
 
 
-def _detect_or_error(path: Path, max_per_scan: int) -> tuple[Optional[Detections], str]:
-    """``(detections, "")`` or ``(None, reason)``: one unreadable scan must not stop the others."""
-    try:
-        return detect_scan(data.read_ct(path), max_per_scan), ""
-    except UserError as err:
-        return None, str(err)
-    except (OSError, MemoryError, ValueError, RuntimeError) as err:
-        return None, f"{path}: cannot read this scan ({err})"
+def _read_and_detect(path: Path, max_per_scan: int) -> Detections:
+    return detect_scan(data.read_ct(path), max_per_scan)
 
 
 def _detect_scans(scans: dict, todo: list, parts: common.Parts, max_per_scan: int, console,
                   show_progress: bool):
     """Detect each scan of ``todo`` into a part (``[x, y, z, score]`` rows, the warning in its meta); returns
     ``{seriesuid: reason}`` of the unreadable scans."""
-    failed: dict = {}
-    with common.progress_bar(console=console, disable=not show_progress) as progress:
-        task = progress.add_task("[bold]detecting candidates", total=len(todo))
-        for uid in todo:
-            detections, reason = _detect_or_error(scans[uid], max_per_scan)
-            progress.advance(task)
-            if detections is None:
-                failed[uid] = reason
-                console.print(f"[red]scan {uid}: {reason}[/]")
-                continue
-            if detections.warning:
-                console.print(f"[yellow]{detections.warning}[/]")
-            parts.save(uid, np.column_stack([detections.world_xyz, detections.score]),
-                       {"warning": detections.warning})
-    return failed
+    def save(uid: str, detections: Detections) -> None:
+        if detections.warning:
+            console.print(f"[yellow]{detections.warning}[/]")
+        parts.save(uid, np.column_stack([detections.world_xyz, detections.score]),
+                   {"warning": detections.warning})
+    detected = ((uid, *common.attempt(scans[uid], _read_and_detect, scans[uid], max_per_scan))
+                for uid in todo)
+    return common.over_scans(detected, save, total=len(todo), label="[bold]detecting candidates",
+                             console=console, show_progress=show_progress)
 
 
 def _assemble(scans: dict, parts: common.Parts, finished: dict, annotations: Optional[PointTable]):

@@ -704,6 +704,33 @@ class ModelRun:
     parts: common.Parts
 
 
+@dataclass
+class ScoredChunk:
+    """Candidates ``first .. first + len(patches)`` of one scan, scored: their int16 HU patches (a tensor
+    ``(n, P, P, P)``), probability and model diameter in mm (NaN without a size output; None when not
+    asked)."""
+    first: int
+    patches: torch.Tensor
+    probability: np.ndarray
+    diameter_mm: Optional[np.ndarray]
+
+
+def scored_chunks(run: ModelRun, todo: list, with_size: bool = False):
+    """The scoring service of evaluate and mining: ``(seriesuid, ScoredChunk or None, reason)`` for the
+    candidates of each scan of ``todo`` (``[(seriesuid, path, world_xyz (n, 3))]``), each scan read once and
+    cut around its world points (:func:`stream_scan_patches`), each chunk scored by ``run``'s model at its
+    views and precision."""
+    chunks = stream_scan_patches(todo, int(run.preprocess["patch_size"]), float(run.preprocess["spacing_mm"]),
+                                 run.workers, chunk=max(run.batch_size, 256)) if todo else []
+    for uid, first, patches, error in chunks:
+        if patches is None:
+            yield uid, None, error
+            continue
+        scored = head.predict_patches(run.model, patches, run.preprocess, run.device, run.batch_size,
+                                      run.views, run.precision, with_size=with_size)
+        yield uid, ScoredChunk(first, patches, *(scored if with_size else (scored, None))), ""
+
+
 def _score_scans(run: ModelRun, todo: list, rows_of: dict, scores: np.ndarray, measure: np.ndarray,
                  console) -> dict:
     """Fill the rows of ``scores`` (``(N, 3)``, :data:`SCORE_COLUMNS`) of the scans of ``todo``, measuring the
@@ -711,31 +738,21 @@ def _score_scans(run: ModelRun, todo: list, rows_of: dict, scores: np.ndarray, m
     ``{seriesuid: reason}`` of the scans that could not be read."""
     import sizing
     remaining = {uid: len(rows_of[uid]) for uid, _, _ in todo}
-    unreadable: dict = {}
     spacing_mm = float(run.preprocess["spacing_mm"])
-    with common.progress_bar(console=console, disable=console is None, transient=True) as progress:
-        task = progress.add_task("scoring candidates", total=sum(remaining.values()))
-        chunks = stream_scan_patches(todo, int(run.preprocess["patch_size"]), spacing_mm,
-                                     run.workers, chunk=max(run.batch_size, 256)) if todo else []
-        for uid, first, patches, error in chunks:
-            rows = rows_of[uid]
-            if patches is None:
-                unreadable[uid] = error
-                if console is not None:
-                    console.print(f"[red]skipped unreadable scan {uid}: {error}[/]")
-                continue
-            part = rows[first:first + len(patches)]
-            scores[part, 0], scores[part, 1] = head.predict_patches(
-                run.model, patches, run.preprocess, run.device, run.batch_size, run.views, run.precision,
-                with_size=True)
-            wanted = measure[part]
-            if wanted.any():
-                scores[part[wanted], 2] = sizing.measure_diameters(patches[wanted], spacing_mm)
-            remaining[uid] -= len(part)
-            progress.advance(task, len(part))
-            if remaining[uid] == 0:
-                run.parts.save(uid, scores[rows])
-    return unreadable
+
+    def keep(uid: str, chunk: ScoredChunk) -> None:
+        rows = rows_of[uid]
+        part = rows[chunk.first:chunk.first + len(chunk.patches)]
+        scores[part, 0], scores[part, 1] = chunk.probability, chunk.diameter_mm
+        wanted = measure[part]
+        if wanted.any():
+            scores[part[wanted], 2] = sizing.measure_diameters(chunk.patches[wanted], spacing_mm)
+        remaining[uid] -= len(part)
+        if remaining[uid] == 0:
+            run.parts.save(uid, scores[rows])
+    return common.over_scans(scored_chunks(run, todo, with_size=True), keep, total=sum(remaining.values()),
+                             label="scoring candidates", console=console, show_progress=console is not None,
+                             step=lambda chunk: len(chunk.patches), transient=True)
 
 
 def open_model_run(checkpoint: Path, candidates_path: Path, parts_dir: Path, views: Optional[int],

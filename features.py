@@ -1,7 +1,9 @@
-"""Reading the patch cache that extract wrote (subsets, splits by scan, batches), and the cache-features stage.
+"""Reading the patch cache that extract wrote (subsets, splits by scan, batches), and the cache-features
+stage.
 
 Patch cache: ``W/patches/subset{k}/patches.npy`` int16 ``(N, P, P, P)`` HU, array axes ``[z, y, x]`` along
-increasing world z, y, x at ``spacing_mm`` voxels, with ``index.csv`` (one row per patch) and ``manifest.json``.
+increasing world z, y, x at ``spacing_mm`` voxels, with ``index.csv`` (one row per patch) and
+``manifest.json``.
 
 A feature set is the frozen encoder's pooled features of every patch, ``features_<tag>.npy`` float16
 ``(N, views * F)`` beside each subset's index; ``W/features/<tag>.json`` says what made it (encoder, weights
@@ -46,8 +48,8 @@ FEATURE_FORMAT = "luna16-features/1"
 @dataclass
 class SubsetCache:
     """One extracted subset: per-row seriesuid, label (0/1), annotated diameter (mm; NaN off nodules, or
-    where the annotation is unknown) and world mm point ``(N, 3)`` (x, y, z), and its manifest; ``mining``: per
-    row ``(mined, mined_saw, mined_for)`` of ``index.csv`` (all "" for extracted rows; see mining.py)."""
+    where the annotation is unknown) and world mm point ``(N, 3)`` (x, y, z), and its manifest; ``mining``:
+    per row ``(mined, mined_saw, mined_for)`` of ``index.csv`` (all "" for extracted rows; see mining.py)."""
     subset: int
     folder: Path
     manifest: Dict[str, Any]
@@ -74,13 +76,15 @@ class SubsetCache:
 
 
 def extracted_subsets(work_dir: Path) -> List[int]:
-    """Subset numbers with a complete patch cache (patches.npy, index.csv, manifest.json) under ``W/patches``."""
+    """Subset numbers with a complete patch cache (patches.npy, index.csv, manifest.json) under
+    ``W/patches``."""
     root = Path(work_dir) / "patches"
     found = []
     if root.is_dir():
         for folder in root.iterdir():
             match = re.fullmatch(r"subset(\d+)", folder.name)
-            if match and all((folder / name).is_file() for name in ("patches.npy", "index.csv", "manifest.json")):
+            if match and all((folder / name).is_file()
+                             for name in ("patches.npy", "index.csv", "manifest.json")):
                 found.append(int(match.group(1)))
     return sorted(found)
 
@@ -92,10 +96,12 @@ def read_subset_cache(work_dir: Path, subset: int) -> SubsetCache:
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{manifest_path}: unreadable ({err}); run `{EXTRACT_HINT.replace('K', str(subset))}` again")
+        raise UserError(f"{manifest_path}: unreadable ({err}); run "
+                        f"`{EXTRACT_HINT.replace('K', str(subset))}` again")
     for key in ("patch_size", "spacing_mm"):
         if key not in manifest:
-            raise UserError(f"{manifest_path}: no '{key}'; run `{EXTRACT_HINT.replace('K', str(subset))}` again")
+            raise UserError(f"{manifest_path}: no '{key}'; run "
+                            f"`{EXTRACT_HINT.replace('K', str(subset))}` again")
     seriesuids, labels, diameters, world_xyz, mining = _read_index(index_path)
     patches = np.load(folder / "patches.npy", mmap_mode="r")
     size = int(manifest["patch_size"])
@@ -103,8 +109,8 @@ def read_subset_cache(work_dir: Path, subset: int) -> SubsetCache:
         raise UserError(f"{folder / 'patches.npy'}: expected int16 (N, {size}, {size}, {size}), "
                         f"found {patches.dtype} {patches.shape}")
     if patches.shape[0] != len(labels):
-        raise UserError(f"{folder}: patches.npy has {patches.shape[0]} patches but index.csv {len(labels)} rows; "
-                        f"run `{EXTRACT_HINT.replace('K', str(subset))}` again")
+        raise UserError(f"{folder}: patches.npy has {patches.shape[0]} patches but index.csv {len(labels)} "
+                        f"rows; run `{EXTRACT_HINT.replace('K', str(subset))}` again")
     return SubsetCache(subset, folder, manifest, np.asarray(seriesuids, dtype=object),
                        np.asarray(labels, dtype=np.int64), np.asarray(diameters, dtype=np.float64),
                        np.asarray(world_xyz, dtype=np.float64).reshape(-1, 3),
@@ -144,10 +150,12 @@ def _read_index(index_path: Path) -> Tuple[list, list, list, list, list]:
 
 
 def check_patch_geometry(caches: Dict[int, SubsetCache]) -> Tuple[int, float]:
-    """The common (patch_size, spacing_mm) of the subsets; UserError listing each subset's values if they differ."""
+    """The common (patch_size, spacing_mm) of the subsets; UserError listing each subset's values if they
+    differ."""
     values = {k: (c.patch_size, c.spacing_mm) for k, c in caches.items()}
     if len(set(values.values())) > 1:
-        listing = ", ".join(f"subset{k}: patch_size {p}, spacing_mm {s}" for k, (p, s) in sorted(values.items()))
+        listing = ", ".join(f"subset{k}: patch_size {p}, spacing_mm {s}"
+                            for k, (p, s) in sorted(values.items()))
         raise UserError(f"the patch caches were made with different parameters ({listing}); "
                         f"extract them again with the same --patch-size and --spacing-mm")
     return next(iter(values.values()))
@@ -156,9 +164,9 @@ def check_patch_geometry(caches: Dict[int, SubsetCache]) -> Tuple[int, float]:
 def check_preprocess_matches(stored: Dict[str, Any], patch_size: int, spacing_mm: float, source: str) -> None:
     """Refuse a checkpoint whose patch geometry differs from the patch cache's, naming both values."""
     if int(stored["patch_size"]) != patch_size or not math.isclose(float(stored["spacing_mm"]), spacing_mm):
-        raise UserError(f"{source} was trained on patches of {stored['patch_size']} voxels at {stored['spacing_mm']} mm, "
-                        f"but the patch cache holds {patch_size} voxels at {spacing_mm} mm; extract with the "
-                        f"checkpoint's parameters or train a new model")
+        raise UserError(f"{source} was trained on patches of {stored['patch_size']} voxels at "
+                        f"{stored['spacing_mm']} mm, but the patch cache holds {patch_size} voxels at "
+                        f"{spacing_mm} mm; extract with the checkpoint's parameters or train a new model")
 
 
 # --- splits by scan -----------------------------------------------------------
@@ -175,8 +183,8 @@ class ScanSplit:
         def side(rows_by_subset):
             uids = {u for k, rows in rows_by_subset.items() for u in caches[k].seriesuids[rows]}
             labels = np.concatenate([caches[k].labels[rows] for k, rows in rows_by_subset.items()] or [[]])
-            return {"subsets": sorted(k for k, rows in rows_by_subset.items() if len(rows)), "scans": len(uids),
-                    "patches": int(len(labels)), "positives": int(np.sum(labels))}
+            return {"subsets": sorted(k for k, rows in rows_by_subset.items() if len(rows)),
+                    "scans": len(uids), "patches": int(len(labels)), "positives": int(np.sum(labels))}
         return {"method": self.method, "note": self.note, "train": side(self.train), "val": side(self.val)}
 
 
@@ -192,16 +200,19 @@ def split_by_scan(caches: Dict[int, SubsetCache], val_subsets, test_subsets: Seq
     if val_subsets == "auto":
         return _split_by_seriesuid(caches, seed, val_fraction)
     if set(val_subsets) & set(test_subsets):
-        raise UserError(f"subsets {sorted(set(val_subsets) & set(test_subsets))} are both validation and test subsets")
+        raise UserError(f"subsets {sorted(set(val_subsets) & set(test_subsets))} are both validation and "
+                        f"test subsets")
     missing = sorted(set(val_subsets) - set(caches))
     if missing or not val_subsets:
-        raise UserError(f"--val-subsets {common.format_subsets(val_subsets)}: subset(s) {common.format_subsets(missing)} not extracted (extracted, "
-                        f"outside the test subsets: {common.format_subsets(sorted(caches))}); extract them, or use --val-subsets "
-                        f"auto to split the scans 80:20")
+        raise UserError(f"--val-subsets {common.format_subsets(val_subsets)}: subset(s) "
+                        f"{common.format_subsets(missing)} not extracted (extracted, outside the test "
+                        f"subsets: {common.format_subsets(sorted(caches))}); extract them, or use "
+                        f"--val-subsets auto to split the scans 80:20")
     train_present = sorted(set(caches) - set(val_subsets))
     if not train_present:
-        raise UserError(f"no extracted subset is left for training besides --val-subsets {common.format_subsets(val_subsets)} "
-                        f"and --test-subsets {common.format_subsets(test_subsets)}; run `{EXTRACT_HINT}` for more subsets")
+        raise UserError(f"no extracted subset is left for training besides --val-subsets "
+                        f"{common.format_subsets(val_subsets)} and --test-subsets "
+                        f"{common.format_subsets(test_subsets)}; run `{EXTRACT_HINT}` for more subsets")
     uids = {side: set(np.concatenate([caches[k].seriesuids for k in ks])) for side, ks in
             (("train", train_present), ("val", val_subsets))}
     shared = uids["train"] & uids["val"]
@@ -216,8 +227,8 @@ def split_by_scan(caches: Dict[int, SubsetCache], val_subsets, test_subsets: Seq
 def _split_by_seriesuid(caches: Dict[int, SubsetCache], seed: int, val_fraction: float) -> ScanSplit:
     uids = sorted(set(np.concatenate([c.seriesuids for c in caches.values()])))
     if len(uids) < 2:
-        raise UserError(f"only {len(uids)} scan extracted outside the test subsets; need scans for both training "
-                        f"and validation: run `{EXTRACT_HINT}` for more subsets")
+        raise UserError(f"only {len(uids)} scan extracted outside the test subsets; need scans for both "
+                        f"training and validation: run `{EXTRACT_HINT}` for more subsets")
     order = np.random.default_rng(seed).permutation(len(uids))
     n_val = min(max(1, int(round(val_fraction * len(uids)))), len(uids) - 1)
     val_uids = [uids[i] for i in order[:n_val]]
@@ -232,7 +243,8 @@ def _split_by_seriesuid(caches: Dict[int, SubsetCache], seed: int, val_fraction:
 
 def load_split(work_dir: Path, val_subsets, test_subsets: Sequence[int],
                seed: int) -> Tuple[Dict[int, SubsetCache], ScanSplit, int, float]:
-    """Read every extracted non-test subset, check their patch geometry, split by scan (see :func:`split_by_scan`).
+    """Read every extracted non-test subset, check their patch geometry, split by scan (see
+    :func:`split_by_scan`).
 
     Returns (caches, split, patch_size, spacing_mm). Test subsets are not read at all, but must be extracted:
     a subset named that does not exist is a mistake, not a fold.
@@ -242,9 +254,10 @@ def load_split(work_dir: Path, val_subsets, test_subsets: Sequence[int],
         raise UserError(f"no patch cache under {Path(work_dir) / 'patches'}; run `{EXTRACT_HINT}` first")
     missing = sorted(set(test_subsets) - set(extracted))
     if missing:
-        raise UserError(f"--test-subsets {common.format_subsets(test_subsets)}: subset(s) {common.format_subsets(missing)} not extracted under "
-                        f"{Path(work_dir) / 'patches'} (extracted: {common.format_subsets(extracted)}); use --test-subsets none "
-                        f"for no test subset")
+        raise UserError(f"--test-subsets {common.format_subsets(test_subsets)}: subset(s) "
+                        f"{common.format_subsets(missing)} not extracted under {Path(work_dir) / 'patches'} "
+                        f"(extracted: {common.format_subsets(extracted)}); use --test-subsets none for no "
+                        f"test subset")
     present = [k for k in extracted if k not in set(test_subsets)]
     if not present:
         raise UserError(f"no patch cache under {Path(work_dir) / 'patches'} outside the test subsets "
@@ -258,8 +271,8 @@ def load_split(work_dir: Path, val_subsets, test_subsets: Sequence[int],
         labels = np.concatenate([caches[k].labels[rows] for k, rows in rows_by_subset.items()] or [[]])
         if len(labels) == 0 or labels.min() == labels.max():
             raise UserError(f"the {name} split ({split.note}) has {int(np.sum(labels == 1))} nodule and "
-                            f"{int(np.sum(labels == 0))} non-nodule patches; it needs both: run `{EXTRACT_HINT}` "
-                            f"for more subsets or choose other --val-subsets")
+                            f"{int(np.sum(labels == 0))} non-nodule patches; it needs both: run "
+                            f"`{EXTRACT_HINT}` for more subsets or choose other --val-subsets")
     return caches, split, patch_size, spacing_mm
 
 
@@ -273,7 +286,8 @@ def rows_for_fold(cache: SubsetCache, rows: np.ndarray, test_subsets: Sequence[i
     return rows[(mined_for == "") | (mined_for == own)]
 
 
-def _rows_for_fold(caches: Dict[int, SubsetCache], split: ScanSplit, test_subsets: Sequence[int]) -> ScanSplit:
+def _rows_for_fold(caches: Dict[int, SubsetCache], split: ScanSplit,
+                   test_subsets: Sequence[int]) -> ScanSplit:
     """The split without the rows mined for another cross-validation fold (:func:`rows_for_fold`)."""
     def keep(side: Dict[int, np.ndarray]) -> Dict[int, np.ndarray]:
         return {k: rows_for_fold(caches[k], rows, test_subsets) for k, rows in side.items()}
@@ -283,35 +297,40 @@ def _rows_for_fold(caches: Dict[int, SubsetCache], split: ScanSplit, test_subset
 def check_mined_rows(caches: Dict[int, SubsetCache], rows_by_subset: Dict[int, np.ndarray],
                      test_subsets: Sequence[int], strict: bool) -> None:
     """Refuse mined rows chosen by a model that saw a test subset (their ``mined_saw``), naming the run; with
-    ``strict`` (cross-validation) also mined rows whose run's subsets are not recorded (mined before they were)."""
+    ``strict`` (cross-validation) also mined rows whose run's subsets are not recorded (mined before they
+    were)."""
     for k, rows in sorted(rows_by_subset.items()):
         if caches[k].mining is None or not len(rows):
             continue
         for mined, saw, _ in sorted({tuple(r) for r in caches[k].mining[rows] if r[0]}):
             if not saw and strict:
-                raise UserError(f"subset {k}'s patch cache holds hard negatives mined by {mined!r} without a record "
-                                f"of the subsets that run saw (mined before it was kept), so a fold could train on "
-                                f"what its test subset taught; remove {caches[k].folder}, extract it again (`python "
-                                f"luna_cli.py extract --subset {k}`) and mine it again, or use crossval --mine-rounds")
+                raise UserError(f"subset {k}'s patch cache holds hard negatives mined by {mined!r} without a "
+                                f"record of the subsets that run saw (mined before it was kept), so a fold "
+                                f"could train on what its test subset taught; remove {caches[k].folder}, "
+                                f"extract it again (`python luna_cli.py extract --subset {k}`) and mine it "
+                                f"again, or use crossval --mine-rounds")
             leaked = sorted(set(common.parse_subsets(saw, "mined_saw")) & set(test_subsets)) if saw else []
             if leaked:
-                raise UserError(f"subset {k}'s patch cache holds hard negatives mined by {mined!r}, a model that "
-                                f"trained or validated on subset(s) {common.format_subsets(leaked)}, the test "
-                                f"subset(s) here: training on them leaks the test labels; remove {caches[k].folder} "
-                                f"and extract it again, or mine with a model that did not see "
-                                f"{common.format_subsets(leaked)}")
+                raise UserError(f"subset {k}'s patch cache holds hard negatives mined by {mined!r}, a model "
+                                f"that trained or validated on subset(s) {common.format_subsets(leaked)}, "
+                                f"the test subset(s) here: training on them leaks the test labels; remove "
+                                f"{caches[k].folder} and extract it again, or mine with a model that did not "
+                                f"see {common.format_subsets(leaked)}")
 
 
 class PatchPool:
-    """Selected rows of several subsets' ``patches.npy`` as one sequence, read from the memory-mapped files."""
+    """Selected rows of several subsets' ``patches.npy`` as one sequence, read from the memory-mapped
+    files."""
 
     def __init__(self, caches: Dict[int, SubsetCache], rows_by_subset: Dict[int, np.ndarray]):
         keys = [k for k in sorted(rows_by_subset) if len(rows_by_subset[k])]
         self.paths = {k: str(caches[k].patches_path) for k in keys}
         self.subset = np.concatenate([np.full(len(rows_by_subset[k]), k) for k in keys] or [np.zeros(0, int)])
         self.row = np.concatenate([np.asarray(rows_by_subset[k]) for k in keys] or [np.zeros(0, int)])
-        self.labels = np.concatenate([caches[k].labels[rows_by_subset[k]] for k in keys] or [np.zeros(0, int)])
-        self.diameters = np.concatenate([caches[k].diameters[rows_by_subset[k]] for k in keys] or [np.zeros(0)])
+        self.labels = np.concatenate([caches[k].labels[rows_by_subset[k]] for k in keys]
+                                     or [np.zeros(0, int)])
+        self.diameters = np.concatenate([caches[k].diameters[rows_by_subset[k]] for k in keys]
+                                        or [np.zeros(0)])
         self.seriesuids = np.concatenate([caches[k].seriesuids[rows_by_subset[k]] for k in keys]
                                          or [np.zeros(0, object)])
         self.world_xyz = np.concatenate([caches[k].world_xyz[rows_by_subset[k]] for k in keys]
@@ -401,7 +420,8 @@ def augment_batch(hu: torch.Tensor, generator: torch.Generator, max_shift_vox: i
     batch = hu.shape[0]
     ids = torch.randint(0, len(head_mod.VIEW_FLIPS), (batch,), generator=generator)
     if max_shift_vox > 0:
-        hu = shift_patches(hu, torch.randint(-max_shift_vox, max_shift_vox + 1, (batch, 3), generator=generator))
+        hu = shift_patches(hu, torch.randint(-max_shift_vox, max_shift_vox + 1, (batch, 3),
+                                             generator=generator))
     return flip_patches(hu, ids)
 
 
@@ -426,8 +446,8 @@ def file_sha256(path: Path) -> str:
 
 
 def load_encoder_weights(encoder: nn.Module, weights: Path) -> Dict[str, Any]:
-    """Load pretrained Swin UNETR weights into ``encoder`` via ``swin_encoder.load_pretrained``; UserError when the
-    file is missing, not a checkpoint, or does not fit the encoder's configuration."""
+    """Load pretrained Swin UNETR weights into ``encoder`` via ``swin_encoder.load_pretrained``; UserError
+    when the file is missing, not a checkpoint, or does not fit the encoder's configuration."""
     import swin_encoder
     weights = Path(weights)
     if not weights.is_file():
@@ -444,24 +464,25 @@ def load_encoder_weights(encoder: nn.Module, weights: Path) -> Dict[str, Any]:
 
 
 def warn_random_init(what: str) -> None:
-    console.print(f"[bold yellow]WARNING: no --weights given: {what} starts from a RANDOMLY INITIALISED encoder. "
-                  f"Pass --weights <Swin UNETR checkpoint> to start from pretrained weights.[/]")
+    console.print(f"[bold yellow]WARNING: no --weights given: {what} starts from a RANDOMLY INITIALISED "
+                  f"encoder. Pass --weights <Swin UNETR checkpoint> to start from pretrained weights.[/]")
 
 
 def encoder_config(feature_size: int, window_size: int, grad_checkpoint: bool = False) -> Dict[str, Any]:
-    """The encoder config of a new model: SwinEncoder kwargs and the pretraining input layout (head.to_encoder_layout)."""
+    """The encoder config of a new model: SwinEncoder kwargs and the pretraining input layout
+    (head.to_encoder_layout)."""
     config = dict(head_mod.ENCODER_DEFAULTS)
-    config.update(feature_size=int(feature_size), window_size=int(window_size), use_checkpoint=bool(grad_checkpoint),
-                  input_layout=head_mod.PRETRAINING_LAYOUT)
+    config.update(feature_size=int(feature_size), window_size=int(window_size),
+                  use_checkpoint=bool(grad_checkpoint), input_layout=head_mod.PRETRAINING_LAYOUT)
     return config
 
 
 def feature_identity(encoder_cfg: Dict[str, Any], pooling: str, weights: Optional[Path], seed: int,
                      hu_min: float, hu_max: float, views: int = 1) -> Dict[str, Any]:
-    """What determines cached features: encoder architecture, its weights (file hash, or the random-init seed),
-    pooling, HU window and the number of flipped views per patch (named only when above 1). The encoder's
-    input layout is part of ``encoder`` (the pretraining one unless ``encoder_cfg`` names another); identities
-    stored without it are of feature sets made in the legacy layout, and hash to other tags."""
+    """What determines cached features: encoder architecture, its weights (file hash, or the random-init
+    seed), pooling, HU window and the number of flipped views per patch (named only when above 1). The
+    encoder's input layout is part of ``encoder`` (the pretraining one unless ``encoder_cfg`` names another);
+    identities stored without it are of feature sets made in the legacy layout, and hash to other tags."""
     architecture = {k: v for k, v in encoder_cfg.items() if k != "use_checkpoint"}
     architecture.setdefault("input_layout", head_mod.PRETRAINING_LAYOUT)
     weights_part = ({"weights": str(weights), "weights_sha256": file_sha256(Path(weights))} if weights
@@ -472,7 +493,8 @@ def feature_identity(encoder_cfg: Dict[str, Any], pooling: str, weights: Optiona
 
 
 def feature_tag(identity: Dict[str, Any]) -> str:
-    """The feature set's name: a hash of its identity (the weights path itself does not count, only its content)."""
+    """The feature set's name: a hash of its identity (the weights path itself does not count, only its
+    content)."""
     key = {k: v for k, v in identity.items() if k != "weights"}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -492,8 +514,9 @@ def describe_features(identity: Dict[str, Any]) -> str:
     encoder = identity["encoder"]
     weights = identity["weights"] or f"random init (seed {identity.get('init_seed')})"
     return (f"feature_size {encoder['feature_size']}, window_size {encoder['window_size']}, pooling "
-            f"{identity['pooling']}, views {identity.get('views', 1)}, HU {identity['hu_min']:g}..{identity['hu_max']:g}, "
-            f"weights {weights}, input layout {encoder.get('input_layout', head_mod.LEGACY_LAYOUT)}")
+            f"{identity['pooling']}, views {identity.get('views', 1)}, "
+            f"HU {identity['hu_min']:g}..{identity['hu_max']:g}, weights {weights}, "
+            f"input layout {encoder.get('input_layout', head_mod.LEGACY_LAYOUT)}")
 
 
 def feature_sets(work_dir: Path) -> Dict[str, Dict[str, Any]]:
@@ -506,7 +529,8 @@ def feature_sets(work_dir: Path) -> Dict[str, Dict[str, Any]]:
 
 
 def choose_feature_set(work_dir: Path, name: Optional[str]) -> Tuple[str, Dict[str, Any]]:
-    """The feature set named ``name``, else the only one in the work folder; UserError listing them otherwise."""
+    """The feature set named ``name``, else the only one in the work folder; UserError listing them
+    otherwise."""
     sets = feature_sets(work_dir)
     listing = "\n".join(f"  {tag}: {describe_features(identity)}" for tag, identity in sets.items())
     if not sets:
@@ -525,9 +549,11 @@ def cache_features_hint(identity: Dict[str, Any], subset: int) -> str:
     """The cache-features command that makes features of ``identity`` for one subset."""
     encoder = identity["encoder"]
     return (f"python luna_cli.py cache-features --subsets {subset} --feature-size {encoder['feature_size']} "
-            f"--window-size {encoder['window_size']} --pooling {identity['pooling']} --views {identity.get('views', 1)}"
-            f" --hu-min {identity['hu_min']:g} --hu-max {identity['hu_max']:g} "
-            + (f"--weights {identity['weights']}" if identity["weights"] else f"--seed {identity['init_seed']}"))
+            f"--window-size {encoder['window_size']} --pooling {identity['pooling']} "
+            f"--views {identity.get('views', 1)} --hu-min {identity['hu_min']:g} "
+            f"--hu-max {identity['hu_max']:g} "
+            + (f"--weights {identity['weights']}" if identity["weights"]
+               else f"--seed {identity['init_seed']}"))
 
 
 def encode_new_rows(work_dir: Path, tag: str, subsets: Sequence[int], device: str = "auto",
@@ -536,11 +562,11 @@ def encode_new_rows(work_dir: Path, tag: str, subsets: Sequence[int], device: st
     with the encoder and settings that made it."""
     identity = feature_sets(work_dir)[tag]
     encoder = identity["encoder"]
-    made = cache_features(work_dir, weights=identity["weights"] or None, feature_size=encoder["feature_size"],
-                          window_size=encoder["window_size"], pooling=identity["pooling"],
-                          hu_min=identity["hu_min"], hu_max=identity["hu_max"], seed=identity.get("init_seed", 0),
-                          subsets=list(subsets), test_subsets=[], views=identity.get("views", 1), device=device,
-                          quiet=quiet)
+    made = cache_features(work_dir, weights=identity["weights"] or None,
+                          feature_size=encoder["feature_size"], window_size=encoder["window_size"],
+                          pooling=identity["pooling"], hu_min=identity["hu_min"], hu_max=identity["hu_max"],
+                          seed=identity.get("init_seed", 0), subsets=list(subsets), test_subsets=[],
+                          views=identity.get("views", 1), device=device, quiet=quiet)
     if made != tag:
         raise UserError(f"feature set {tag} could not be extended (its settings gave the set {made}); run "
                         f"`{cache_features_hint(identity, subsets[0])}` for the mined subsets")
@@ -583,10 +609,10 @@ def _prepare_feature_encoder(work_dir: Path, identity: Dict[str, Any], tag: str,
     return encoder
 
 
-def cache_features(work_dir: Path, *, weights: Optional[Path] = None, feature_size: int = 48, window_size: int = 7,
-                   pooling: str = "avg", hu_min: float = -1000.0, hu_max: float = 1000.0, seed: int = 0,
-                   subsets: Optional[Sequence[int]] = None, test_subsets: Sequence[int] = (9,),
-                   batch_size: int = 32, device: str = "auto",
+def cache_features(work_dir: Path, *, weights: Optional[Path] = None, feature_size: int = 48,
+                   window_size: int = 7, pooling: str = "avg", hu_min: float = -1000.0,
+                   hu_max: float = 1000.0, seed: int = 0, subsets: Optional[Sequence[int]] = None,
+                   test_subsets: Sequence[int] = (9,), batch_size: int = 32, device: str = "auto",
                    precision: str = "auto", workers: Optional[int] = None, chunk_rows: int = 2048,
                    views: int = 1, quiet: bool = False) -> str:
     """Run the frozen encoder over the patch cache; store float16 features ``(N, F)`` per subset.
@@ -606,8 +632,9 @@ def cache_features(work_dir: Path, *, weights: Optional[Path] = None, feature_si
     available = extracted_subsets(work_dir)
     chosen = sorted(set(available) - set(test_subsets) if subsets is None else subsets)
     if set(chosen) & set(test_subsets):
-        raise UserError(f"subset(s) {common.format_subsets(sorted(set(chosen) & set(test_subsets)))} are test subsets, whose "
-                        f"features are never computed; give --test-subsets none (or others) to encode them")
+        raise UserError(f"subset(s) {common.format_subsets(sorted(set(chosen) & set(test_subsets)))} are "
+                        f"test subsets, whose features are never computed; give --test-subsets none (or "
+                        f"others) to encode them")
     missing = [k for k in chosen if k not in available]
     if not chosen or missing:
         which = missing[0] if missing else "K"
@@ -616,12 +643,13 @@ def cache_features(work_dir: Path, *, weights: Optional[Path] = None, feature_si
     caches = {k: read_subset_cache(work_dir, k) for k in chosen}
     torch_device = head_mod.resolve_device(device)
     precision = head_mod.resolve_precision(precision, torch_device)
-    identity = feature_identity(encoder_config(feature_size, window_size), pooling, weights, seed, hu_min, hu_max,
-                                head_mod.check_views(views))
+    identity = feature_identity(encoder_config(feature_size, window_size), pooling, weights, seed, hu_min,
+                                hu_max, head_mod.check_views(views))
     tag = feature_tag(identity)
     encoder = _prepare_feature_encoder(work_dir, identity, tag, weights, seed).to(torch_device).eval()
     extractor = head_mod.Classifier(encoder, nn.Identity(), pooling, identity["encoder"]["input_layout"])
-    workers = (min(4, os.cpu_count() or 1) if torch_device.type == "cuda" else 0) if workers is None else workers
+    workers = ((min(4, os.cpu_count() or 1) if torch_device.type == "cuda" else 0) if workers is None
+               else workers)
     todo = {k: c for k, c in caches.items() if not features_complete(work_dir, k, tag, len(c))}
     with progress_bar("patches", disable=quiet) as progress:
         task = progress.add_task(f"features {tag}", total=sum(len(c) for c in todo.values()))
@@ -629,8 +657,8 @@ def cache_features(work_dir: Path, *, weights: Optional[Path] = None, feature_si
             _cache_subset_features(work_dir, cache, tag, identity, extractor, torch_device, precision,
                                    batch_size, chunk_rows, workers, lambda n: progress.advance(task, n))
     if not quiet:
-        console.print(f"features [bold]{tag}[/] for subset(s) {chosen} ({len(caches) - len(todo)} already up to "
-                      f"date); train the head with `python luna_cli.py train-head` (--features {tag})")
+        console.print(f"features [bold]{tag}[/] for subset(s) {chosen} ({len(caches) - len(todo)} already up "
+                      f"to date); train the head with `python luna_cli.py train-head` (--features {tag})")
     return tag
 
 
@@ -639,7 +667,8 @@ def features_complete(work_dir: Path, subset: int, tag: str, rows: int) -> bool:
     if not (npy.is_file() and meta.is_file()):
         return False
     try:
-        return json.loads(meta.read_text()).get("rows") == rows and np.load(npy, mmap_mode="r").shape[0] == rows
+        return (json.loads(meta.read_text()).get("rows") == rows and
+                np.load(npy, mmap_mode="r").shape[0] == rows)
     except (OSError, ValueError):
         return False
 
@@ -666,14 +695,14 @@ def _reusable_rows(cache: SubsetCache, npy: Path, meta: Path) -> int:
 
 
 @torch.no_grad()
-def _encode_rows(cache: SubsetCache, rows: np.ndarray, identity: Dict[str, Any], extractor: head_mod.Classifier,
-                 device: torch.device, precision: str, batch_size: int, workers: int,
-                 advance: Callable[[int], None]) -> np.ndarray:
+def _encode_rows(cache: SubsetCache, rows: np.ndarray, identity: Dict[str, Any],
+                 extractor: head_mod.Classifier, device: torch.device, precision: str, batch_size: int,
+                 workers: int, advance: Callable[[int], None]) -> np.ndarray:
     """float16 features ``(len(rows), views * F)`` of some rows of one subset's patches."""
     pool = PatchPool({cache.subset: cache}, {cache.subset: np.arange(len(cache))})
     chunk = []
-    for hu, _, _ in batch_loader(pool, [rows[b:b + batch_size] for b in range(0, len(rows), batch_size)], workers,
-                              device.type == "cuda"):
+    for hu, _, _ in batch_loader(pool, [rows[b:b + batch_size] for b in range(0, len(rows), batch_size)],
+                              workers, device.type == "cuda"):
         x = data.hu_to_unit(hu.to(device, non_blocking=True), identity["hu_min"], identity["hu_max"])
         with autocast(device, precision):
             features = torch.cat([extractor.forward_features(view)
@@ -684,8 +713,9 @@ def _encode_rows(cache: SubsetCache, rows: np.ndarray, identity: Dict[str, Any],
 
 
 def _cache_subset_features(work_dir: Path, cache: SubsetCache, tag: str, identity: Dict[str, Any],
-                           extractor: head_mod.Classifier, device: torch.device, precision: str, batch_size: int,
-                           chunk_rows: int, workers: int, advance: Callable[[int], None]) -> None:
+                           extractor: head_mod.Classifier, device: torch.device, precision: str,
+                           batch_size: int, chunk_rows: int, workers: int,
+                           advance: Callable[[int], None]) -> None:
     """Encode the rows of one subset that have no features yet, in resumable chunks, then write the file."""
     npy, meta, parts_dir = feature_paths(work_dir, cache.subset, tag)
     first = _reusable_rows(cache, npy, meta)
@@ -700,9 +730,10 @@ def _cache_subset_features(work_dir: Path, cache: SubsetCache, tag: str, identit
         if name in done:
             advance(stop - start)
         else:
-            parts.save(name, _encode_rows(cache, np.arange(start, stop), identity, extractor, device, precision,
-                                          batch_size, workers, advance))
-    blocks = ([np.load(npy, mmap_mode="r")[:first]] if first else []) + [parts.load(n) for n in names.values()]
+            parts.save(name, _encode_rows(cache, np.arange(start, stop), identity, extractor, device,
+                                          precision, batch_size, workers, advance))
+    blocks = (([np.load(npy, mmap_mode="r")[:first]] if first else [])
+              + [parts.load(n) for n in names.values()])
     common.atomic_concatenate_npy(npy, blocks, blocks[0].shape[1:], np.float16)
     common.atomic_write_json(meta, {"format": FEATURE_FORMAT, "tag": tag, "rows": len(cache),
                                   "index_sha256": _index_digest(cache, len(cache)),

@@ -53,7 +53,8 @@ Risk = Enum("Risk", {value: value for value in followup.RISKS}, type=str)
 
 def _patch_size(value: int) -> int:
     if value < 32 or value % 32:
-        raise typer.BadParameter(f"must be a positive multiple of 32 (the encoder halves it five times), got {value}")
+        raise typer.BadParameter(f"must be a positive multiple of 32 (the encoder halves it five times), "
+                                 f"got {value}")
     return value
 
 
@@ -70,29 +71,41 @@ Device = Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda
 PrecisionOption = Annotated[Precision, typer.Option(
     help="auto: bf16 on recent GPUs, fp16 on older ones, fp32 on the CPU.", case_sensitive=False)]
 BatchSize = Annotated[int, typer.Option(min=1, help="Patches per forward pass.")]
-Workers = Annotated[Optional[int], typer.Option(min=0, help="Loader processes (default: 4 on GPU, 0 on CPU).")]
+Workers = Annotated[Optional[int], typer.Option(
+    min=0, help="Loader processes (default: 4 on GPU, 0 on CPU).")]
 Views = Annotated[Optional[int], typer.Option(
-    min=1, max=8, help="Flips of each patch averaged per prediction (default: the checkpoint's own, from training).")]
+    min=1, max=8, help="Flips of each patch averaged per prediction (default: the checkpoint's own, from "
+                       "training).")]
 Seed = Annotated[int, typer.Option(help="Seed.")]
 Run = Annotated[Optional[str], typer.Option(help="Run folder name under W/runs (default: <command>-<time>).")]
-Resume = Annotated[bool, typer.Option("--resume", help="Continue the run (--run, else the latest) from its last.pt; "
-                                                       "options given again must equal the run's.")]
-StopAfter = Annotated[Optional[int], typer.Option(min=1, help="Stop this call after N epochs (continue with --resume).")]
+Resume = Annotated[bool, typer.Option(
+    "--resume", help="Continue the run (--run, else the latest) from its last.pt; "
+                     "options given again must equal the run's.")]
+StopAfter = Annotated[Optional[int], typer.Option(
+    min=1, help="Stop this call after N epochs (continue with --resume).")]
 ValSubsets = Annotated[str, typer.Option(help="Validation subsets, e.g. 8 or 7,8 (each must be extracted); "
                                               "auto: 80:20 split of the training scans by seriesuid.")]
 TestSubsets = Annotated[str, typer.Option(help="Held-out test subsets, never read here ('none' for none).")]
 Epochs = Annotated[int, typer.Option(min=1, help="Most epochs (fixes the learning-rate schedule).")]
 LearningRate = Annotated[float, typer.Option(callback=_positive, help="Peak AdamW learning rate.")]
-Patience = Annotated[int, typer.Option(min=0, help="Stop after this many epochs without a better validation AUC (0: never).")]
-EpochSamples = Annotated[int, typer.Option(min=0, help="Class-balanced draws per epoch (0: the training set size).")]
-PositiveShare = Annotated[float, typer.Option(min=0.01, max=0.99, help="Share of each epoch's draws that are nodules.")]
-SizeWeight = Annotated[float, typer.Option(min=0.0, help="Weight of the size loss (squared error of the log-diameter on "
-                                                         "annotated nodules) beside the classification loss; 0: no size output.")]
-FeatureSize = Annotated[int, typer.Option(min=12, help="Encoder feature size (48 for the published weights; 12 for small CPU models).")]
-WindowSize = Annotated[int, typer.Option(min=2, help="Attention window (7 for the published weights; 4 for 32^3 CPU models).")]
+Patience = Annotated[int, typer.Option(
+    min=0, help="Stop after this many epochs without a better validation AUC (0: never).")]
+EpochSamples = Annotated[int, typer.Option(
+    min=0, help="Class-balanced draws per epoch (0: the training set size).")]
+PositiveShare = Annotated[float, typer.Option(
+    min=0.01, max=0.99, help="Share of each epoch's draws that are nodules.")]
+SizeWeight = Annotated[float, typer.Option(
+    min=0.0, help="Weight of the size loss (squared error of the log-diameter on annotated nodules) "
+                  "beside the classification loss; 0: no size output.")]
+FeatureSize = Annotated[int, typer.Option(
+    min=12, help="Encoder feature size (48 for the published weights; 12 for small CPU models).")]
+WindowSize = Annotated[int, typer.Option(
+    min=2, help="Attention window (7 for the published weights; 4 for 32^3 CPU models).")]
 PoolingOption = Annotated[Pooling, typer.Option(
-    help="avg (16 * feature_size values), flatten (the whole last stage) or centre (each stage's centre, 31 * feature_size).")]
-Weights = Annotated[Optional[Path], typer.Option(help="Pretrained Swin UNETR checkpoint for the encoder (random init without).")]
+    help="avg (16 * feature_size values), flatten (the whole last stage) or centre (each stage's centre, "
+         "31 * feature_size).")]
+Weights = Annotated[Optional[Path], typer.Option(
+    help="Pretrained Swin UNETR checkpoint for the encoder (random init without).")]
 CutoffOption = Annotated[Optional[float], typer.Option(
     help="Cutoff as a raw logit (the model's score before calibration; probability p is log(p/(1-p))), "
          "instead of the validated one.")]
@@ -139,14 +152,19 @@ def main() -> None:
 @friendly_errors
 def synth(
     data_dir: DataDir = None,
-    n_subsets: Annotated[int, typer.Option(min=1, max=10, help="Number of subsets subset0..subset{n-1}.")] = 3,
-    scans_per_subset: Annotated[Optional[int], typer.Option(min=1, help="Phantom scans in each subset (default 4).")] = None,
+    n_subsets: Annotated[int, typer.Option(
+        min=1, max=10, help="Number of subsets subset0..subset{n-1}.")] = 3,
+    scans_per_subset: Annotated[Optional[int], typer.Option(
+        min=1, help="Phantom scans in each subset (default 4).")] = None,
     seed: Annotated[int, typer.Option(help="Seed; the same seed writes byte-identical files.")] = 0,
-    size: Annotated[Optional[PhantomSize], typer.Option(help="Phantoms: small (default) or realistic.")] = None,
-    negatives_per_scan: Annotated[int, typer.Option(min=0, help="Mean number of non-nodule candidates per scan.")] = 40,
+    size: Annotated[Optional[PhantomSize], typer.Option(
+        help="Phantoms: small (default) or realistic.")] = None,
+    negatives_per_scan: Annotated[int, typer.Option(
+        min=0, help="Mean number of non-nodule candidates per scan.")] = 40,
     background: Annotated[Optional[list[Path]], typer.Option(
         help="A real CT (.mhd, NIfTI or DICOM series folder) to insert nodules into; repeatable.")] = None,
-    copies: Annotated[Optional[int], typer.Option(min=1, help="With --background: copies of each CT (default 1).")] = None,
+    copies: Annotated[Optional[int], typer.Option(
+        min=1, help="With --background: copies of each CT (default 1).")] = None,
     nodules_per_scan: Annotated[Optional[int], typer.Option(
         min=0, help="Nodules in each scan (phantoms: 2-5 by default; --background: 10).")] = None,
     annotations: Annotated[Optional[Path], typer.Option(
@@ -158,8 +176,8 @@ def synth(
     --background, copies of real CTs with nodules inserted into their lungs."""
     root = data_dir_option(data_dir)
     if background:
-        summary = run_synth_background(root, background, copies, nodules_per_scan, annotations, n_subsets, seed,
-                                       negatives_per_scan, force, size, scans_per_subset)
+        summary = run_synth_background(root, background, copies, nodules_per_scan, annotations, n_subsets,
+                                       seed, negatives_per_scan, force, size, scans_per_subset)
         if summary.unreadable:
             raise typer.Exit(1)
         return
@@ -169,8 +187,8 @@ def synth(
     import phantom
     per_scan = (2, 5) if nodules_per_scan is None else (nodules_per_scan, nodules_per_scan)
     summary = phantom.write_luna_folder(root, n_subsets, scans_per_subset or 4,
-                                        phantom.SIZES[(size or PhantomSize.small).value], seed, negatives_per_scan,
-                                        nodules_per_scan=per_scan, force=force)
+                                        phantom.SIZES[(size or PhantomSize.small).value], seed,
+                                        negatives_per_scan, nodules_per_scan=per_scan, force=force)
     console.print(phantom.summary_table(summary))
 
 
@@ -180,13 +198,14 @@ def run_synth_background(root: Path, backgrounds: list, copies, nodules_per_scan
     import insert
     for name, value in (("--size", size), ("--scans-per-subset", scans_per_subset)):
         if value is not None:
-            raise UserError(f"{name} does not apply with --background: each copy keeps its background's grid, "
-                            "and --copies sets how many scans each background gives")
+            raise UserError(f"{name} does not apply with --background: each copy keeps its background's "
+                            "grid, and --copies sets how many scans each background gives")
     summary = insert.write_inserted_folder(root, backgrounds, copies or 1, 10 if nodules_per_scan is None
-                                           else nodules_per_scan, annotations, n_subsets, seed, negatives_per_scan,
-                                           force)
+                                           else nodules_per_scan, annotations, n_subsets, seed,
+                                           negatives_per_scan, force)
     for path, reason in summary.skipped:
-        console.print(f"[red]{path}: {reason}[/]" if path in summary.unreadable else f"[yellow]{path}: {reason}[/]")
+        console.print(f"[red]{path}: {reason}[/]" if path in summary.unreadable
+                      else f"[yellow]{path}: {reason}[/]")
     short = [s for s in summary.scans if s["nodules_placed"] < s["nodules_requested"]]
     for row in short:
         console.print(f"[yellow]{row['seriesuid']} (copy {row['copy']} of {row['background']}): "
@@ -198,14 +217,18 @@ def run_synth_background(root: Path, backgrounds: list, copies, nodules_per_scan
 @app.command()
 @friendly_errors
 def detect(
-    out: Annotated[Path, typer.Option(help="Candidates CSV to write: seriesuid,coordX,coordY,coordZ,class,score (world mm).")],
-    subsets: Annotated[Optional[str], typer.Option("--subsets", "--subset", help="Subsets to detect in, e.g. 0, 0-7,9.")] = None,
-    scan: Annotated[Optional[Path], typer.Option(help="Or one CT: .mhd, NIfTI, or a DICOM series folder.")] = None,
-    max_per_scan: Annotated[int, typer.Option(min=1, help="Most candidates per scan, highest blob score first.")] = 300,
+    out: Annotated[Path, typer.Option(
+        help="Candidates CSV to write: seriesuid,coordX,coordY,coordZ,class,score (world mm).")],
+    subsets: Annotated[Optional[str], typer.Option(
+        "--subsets", "--subset", help="Subsets to detect in, e.g. 0, 0-7,9.")] = None,
+    scan: Annotated[Optional[Path], typer.Option(
+        help="Or one CT: .mhd, NIfTI, or a DICOM series folder.")] = None,
+    max_per_scan: Annotated[int, typer.Option(
+        min=1, help="Most candidates per scan, highest blob score first.")] = 300,
     data_dir: DataDir = None,
 ):
-    """Find nodule candidates in bare CTs (lung mask, multi-scale blobs), in LUNA16's candidate format; the class
-    comes from annotations.csv of the data dir when it knows the scan (resumable per scan)."""
+    """Find nodule candidates in bare CTs (lung mask, multi-scale blobs), in LUNA16's candidate format; the
+    class comes from annotations.csv of the data dir when it knows the scan (resumable per scan)."""
     import detect as detection
     if (subsets is None) == (scan is None):
         raise UserError("give either --subsets K (scans of the data dir) or --scan PATH")
@@ -215,10 +238,11 @@ def detect(
             console.print(f"[yellow]{found.warning}[/]")
         console.print(f"scan {uid}: [bold]{len(found.score)}[/] candidates written to {out}")
         return
-    summary = detection.detect_subsets(data_dir_option(data_dir), parse_subsets(subsets, "--subsets", required=True),
-                                       out, max_per_scan, console=console)
-    console.print(f"[bold]{summary.n_candidates}[/] candidates of {summary.n_scans} scans ({summary.scans_new} new) "
-                  f"in {summary.out_csv}")
+    summary = detection.detect_subsets(data_dir_option(data_dir),
+                                       parse_subsets(subsets, "--subsets", required=True), out, max_per_scan,
+                                       console=console)
+    console.print(f"[bold]{summary.n_candidates}[/] candidates of {summary.n_scans} scans "
+                  f"({summary.scans_new} new) in {summary.out_csv}")
     if summary.failed:
         console.print(f"[red]{len(summary.failed)} scan(s) could not be read (named above); "
                       "fix them and rerun the same command to add them[/]")
@@ -232,17 +256,23 @@ def extract(
     data_dir: DataDir = None,
     work_dir: WorkDir = None,
     patch_size: Annotated[int, typer.Option(callback=_patch_size, help="Cube edge in voxels.")] = 64,
-    spacing_mm: Annotated[float, typer.Option(callback=_positive, help="Isotropic voxel size of the cube in mm.")] = 1.0,
-    negatives_per_positive: Annotated[float, typer.Option(min=0, help="Seeded sample of negatives per positive candidate.")] = 10.0,
-    all_candidates: Annotated[bool, typer.Option("--all-candidates", help="Keep every candidate, not a sample.")] = False,
+    spacing_mm: Annotated[float, typer.Option(
+        callback=_positive, help="Isotropic voxel size of the cube in mm.")] = 1.0,
+    negatives_per_positive: Annotated[float, typer.Option(
+        min=0, help="Seeded sample of negatives per positive candidate.")] = 10.0,
+    all_candidates: Annotated[bool, typer.Option(
+        "--all-candidates", help="Keep every candidate, not a sample.")] = False,
     seed: Seed = 0,
     candidates: Annotated[Optional[Path], typer.Option(
-        help="Candidates CSV to cut (default: candidates_V2.csv of the data dir), e.g. one written by detect.")] = None,
+        help="Candidates CSV to cut (default: candidates_V2.csv of the data dir), e.g. one written by "
+             "detect.")] = None,
     hard_negatives: Annotated[Optional[str], typer.Option(
         help="Mine instead: add the negatives this run's best model (or a .pt file) scores highest.")] = None,
-    per_scan: Annotated[int, typer.Option(min=1, help="With --hard-negatives: the top negatives of each scan to hold.")] = 20,
+    per_scan: Annotated[int, typer.Option(
+        min=1, help="With --hard-negatives: the top negatives of each scan to hold.")] = 20,
     batch_size: BatchSize = 64,
-    workers: Annotated[int, typer.Option(min=0, help="With --hard-negatives: processes reading scans ahead.")] = 2,
+    workers: Annotated[int, typer.Option(
+        min=0, help="With --hard-negatives: processes reading scans ahead.")] = 2,
     device: Device = "auto",
     precision: PrecisionOption = Precision.auto,
 ):
@@ -250,23 +280,24 @@ def extract(
     (or, with --hard-negatives, add a trained model's hardest negatives to it)."""
     import data
     if hard_negatives and candidates is not None:
-        raise UserError("--candidates applies to extraction, not to --hard-negatives (mining reads the data dir's "
-                        "candidates file)")
+        raise UserError("--candidates applies to extraction, not to --hard-negatives (mining reads the data "
+                        "dir's candidates file)")
     any_failed = False
     for k in parse_subsets(subsets, "--subsets", required=True):
         if hard_negatives:
             import mining
-            mined = mining.mine_subset(data_dir_option(data_dir), work_dir_option(work_dir), k, hard_negatives,
-                                       per_scan, batch_size, workers, device, precision.value, console=console)
+            mined = mining.mine_subset(data_dir_option(data_dir), work_dir_option(work_dir), k,
+                                       hard_negatives, per_scan, batch_size, workers, device, precision.value,
+                                       console=console)
             console.print(f"subset {k}: [bold]{mined.added}[/] hard negatives of {mined.run} added "
                           f"({mined.scans} scans scored); the cache holds {mined.n_patches} patches")
             failed = mined.unreadable
         else:
             summary = data.extract_subset(data_dir_option(data_dir), work_dir_option(work_dir), k, patch_size,
-                                          spacing_mm, negatives_per_positive, all_candidates, seed, console=console,
-                                          candidates_path=candidates)
-            console.print(f"subset {k}: [bold]{summary.n_patches}[/] patches ({summary.n_positive} positive) from "
-                          f"{summary.scans_done} scans ({summary.scans_new} new) in {summary.cache_dir}")
+                                          spacing_mm, negatives_per_positive, all_candidates, seed,
+                                          console=console, candidates_path=candidates)
+            console.print(f"subset {k}: [bold]{summary.n_patches}[/] patches ({summary.n_positive} positive) "
+                          f"from {summary.scans_done} scans ({summary.scans_new} new) in {summary.cache_dir}")
             failed = summary.failed
         if failed:
             console.print(f"[red]subset {k}: {len(failed)} scan(s) could not be read (named above); "
@@ -280,7 +311,8 @@ def extract(
 @friendly_errors
 def cache_features(
     work_dir: WorkDir = None,
-    subsets: Annotated[Optional[str], typer.Option(help="Subsets to encode (default: every extracted one but the test subsets).")] = None,
+    subsets: Annotated[Optional[str], typer.Option(
+        help="Subsets to encode (default: every extracted one but the test subsets).")] = None,
     test_subsets: TestSubsets = "9",
     weights: Weights = None,
     feature_size: FeatureSize = 48,
@@ -288,7 +320,8 @@ def cache_features(
     pooling: PoolingOption = Pooling.avg,
     hu_min: HuMin = -1000.0,
     hu_max: HuMax = 1000.0,
-    views: Annotated[int, typer.Option(min=1, max=8, help="Flips of each patch to encode; train-head learns from all.")] = 1,
+    views: Annotated[int, typer.Option(
+        min=1, max=8, help="Flips of each patch to encode; train-head learns from all.")] = 1,
     batch_size: BatchSize = 32,
     device: Device = "auto",
     precision: PrecisionOption = Precision.auto,
@@ -300,9 +333,9 @@ def cache_features(
     features.cache_features(work_dir_option(work_dir), weights=weights,
                             subsets=parse_subsets(subsets, "--subsets", required=True) if subsets else None,
                             test_subsets=parse_subsets(test_subsets, "--test-subsets"),
-                            feature_size=feature_size, window_size=window_size, pooling=pooling.value, hu_min=hu_min,
-                            hu_max=hu_max, batch_size=batch_size, device=device, precision=precision.value,
-                            workers=workers, seed=seed, views=views)
+                            feature_size=feature_size, window_size=window_size, pooling=pooling.value,
+                            hu_min=hu_min, hu_max=hu_max, batch_size=batch_size, device=device,
+                            precision=precision.value, workers=workers, seed=seed, views=views)
 
 
 @app.command("train-head")
@@ -325,45 +358,59 @@ def finetune(given: dict, work_dir: WorkDir = None, run: Run = None, resume: Res
              device: Annotated[str, typer.Option(
                  help="auto, cpu, cuda or cuda:N (under torchrun: each process's GPU).")] = "auto",
              workers: Workers = None):
-    """Train encoder + head end to end (class-balanced, augmented, mixed precision on GPUs; torchrun for several
-    GPUs)."""
+    """Train encoder + head end to end (class-balanced, augmented, mixed precision on GPUs; torchrun for
+    several GPUs)."""
     import train
-    run_dir = train.finetune(work_dir_option(work_dir), run=run, resume=resume, device=device, workers=workers,
-                             stop_after=stop_after, **given)
+    run_dir = train.finetune(work_dir_option(work_dir), run=run, resume=resume, device=device,
+                             workers=workers, stop_after=stop_after, **given)
     if int(os.environ.get("RANK", "0")) == 0:
-        console.print(f"run folder: [bold]{run_dir}[/] (best.pt, last.pt, history.csv, history.png, config.json)")
+        console.print(f"run folder: [bold]{run_dir}[/] (best.pt, last.pt, history.csv, history.png, "
+                      f"config.json)")
 
 
 @app.command()
 @friendly_errors
 def evaluate(
-    submission: Annotated[Optional[Path], typer.Option(help="Score this LUNA16 submission CSV (seriesuid,coordX,coordY,coordZ,probability).")] = None,
+    submission: Annotated[Optional[Path], typer.Option(
+        help="Score this LUNA16 submission CSV (seriesuid,coordX,coordY,coordZ,probability).")] = None,
     run: Annotated[Optional[str], typer.Option(help="Evaluate the model of W/runs/NAME/best.pt.")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="Evaluate this checkpoint.")] = None,
-    subsets: Annotated[Optional[str], typer.Option(help="Subsets whose scans are evaluated, e.g. 9 or 0-7,9 (required for a model).")] = None,
-    annotations: Annotated[Optional[Path], typer.Option(help="Nodules (default: annotations.csv of the data dir).")] = None,
-    excluded: Annotated[Optional[Path], typer.Option(help="Findings to ignore (default: annotations_excluded.csv of the data dir).")] = None,
-    seriesuids: Annotated[Optional[Path], typer.Option(help="Scans that count, one seriesuid per line (default: seriesuids.csv, or the scans of --subsets).")] = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here (and the FROC plot beside it).")] = None,
-    out_dir: Annotated[Optional[Path], typer.Option(help="Model evaluation folder (default: W/eval/<run>_subsets<k>, after "
-                                                        "the checkpoint's run folder; see README).")] = None,
+    subsets: Annotated[Optional[str], typer.Option(
+        help="Subsets whose scans are evaluated, e.g. 9 or 0-7,9 (required for a model).")] = None,
+    annotations: Annotated[Optional[Path], typer.Option(
+        help="Nodules (default: annotations.csv of the data dir).")] = None,
+    excluded: Annotated[Optional[Path], typer.Option(
+        help="Findings to ignore (default: annotations_excluded.csv of the data dir).")] = None,
+    seriesuids: Annotated[Optional[Path], typer.Option(
+        help="Scans that count, one seriesuid per line (default: seriesuids.csv, or the scans of "
+             "--subsets).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option(
+        "--json", help="Also write the results as JSON here (and the FROC plot beside it).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option(
+        help="Model evaluation folder (default: W/eval/<run>_subsets<k>, after the checkpoint's run folder; "
+             "see README).")] = None,
     views: Views = None,
     batch_size: BatchSize = 64,
-    workers: Annotated[int, typer.Option(min=0, help="Processes reading scans ahead of the model (0: none).")] = 2,
+    workers: Annotated[int, typer.Option(
+        min=0, help="Processes reading scans ahead of the model (0: none).")] = 2,
     device: Device = "auto",
     precision: PrecisionOption = Precision.auto,
-    bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples of the scans for 95% intervals (0: none).")] = 1000,
+    bootstrap: Annotated[int, typer.Option(
+        min=0, help="Bootstrap resamples of the scans for 95% intervals (0: none).")] = 1000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
     candidates: Annotated[Optional[Path], typer.Option(
-        help="Model: the candidates to score (default: candidates_V2.csv of the data dir), e.g. one written by detect.")] = None,
+        help="Model: the candidates to score (default: candidates_V2.csv of the data dir), e.g. one written "
+             "by detect.")] = None,
     allow_missing: Annotated[bool, typer.Option(
-        "--allow-missing", help="Keep scans missing from a subset folder (against extract's manifest, and seriesuids.csv "
-                                "with all ten subsets) in the FROC, their nodules missed, instead of refusing.")] = False,
+        "--allow-missing", help="Keep scans missing from a subset folder (against extract's manifest, and "
+                                "seriesuids.csv with all ten subsets) in the FROC, their nodules missed, "
+                                "instead of refusing.")] = False,
     cutoff: CutoffOption = None,
     data_dir: DataDir = None,
     work_dir: WorkDir = None,
 ):
-    """Score a submission with the official LUNA16 FROC/CPM rules, or a model on every candidate of whole subsets."""
+    """Score a submission with the official LUNA16 FROC/CPM rules, or a model on every candidate of whole
+    subsets."""
     import evaluate as evaluation
     if sum(x is not None for x in (submission, run, checkpoint)) != 1:
         raise UserError("give exactly one of --submission FILE, --run NAME or --checkpoint FILE")
@@ -375,7 +422,8 @@ def evaluate(
     if submission is not None:
         scan_list, notes = evaluation.submission_scans(root, subset_list, seriesuids, work, allow_missing)
         result = evaluation.score_submission(submission, annotations or root / "annotations.csv",
-                                             excluded or root / "annotations_excluded.csv", scan_list, json_out=json_out,
+                                             excluded or root / "annotations_excluded.csv", scan_list,
+                                             json_out=json_out,
                                              figure=json_out.with_suffix(".png") if json_out else None,
                                              bootstrap=bootstrap, seed=seed, warnings=notes)
         evaluation.print_froc(console, result, f"LUNA16 FROC of {submission.name}")
@@ -383,12 +431,13 @@ def evaluate(
     if subset_list is None:
         raise UserError("evaluating a model needs --subsets, e.g. --subsets 9")
     checkpoint = checkpoint or evaluation.checkpoint_for_run(work, run)
-    out_dir = out_dir or evaluation.default_eval_dir(work, evaluation.evaluation_name(work, checkpoint, candidates),
-                                                     subset_list, views)
-    result = evaluation.evaluate_model(checkpoint, root, subset_list, out_dir, views=views, batch_size=batch_size,
-                                       workers=workers, device=device, precision=precision.value,
-                                       bootstrap=bootstrap, seed=seed, console=console, candidates_path=candidates,
-                                       work_dir=work, allow_missing=allow_missing, cutoff=cutoff)
+    out_dir = out_dir or evaluation.default_eval_dir(
+        work, evaluation.evaluation_name(work, checkpoint, candidates), subset_list, views)
+    result = evaluation.evaluate_model(checkpoint, root, subset_list, out_dir, views=views,
+                                       batch_size=batch_size, workers=workers, device=device,
+                                       precision=precision.value, bootstrap=bootstrap, seed=seed,
+                                       console=console, candidates_path=candidates, work_dir=work,
+                                       allow_missing=allow_missing, cutoff=cutoff)
     if json_out is not None:
         common.atomic_write_json(json_out, result)
     console.print(evaluation.candidate_table(result))
@@ -417,10 +466,11 @@ def crossval(
     given: dict,
     folds: Annotated[str, typer.Option(
         help="The subsets that are the folds, e.g. 0-9 (at least 2); fold k tests on subset k.")],
-    name: Annotated[str, typer.Option(help="Cross-validation name: W/crossval/NAME, runs W/runs/NAME-fold<k>.")],
+    name: Annotated[str, typer.Option(
+        help="Cross-validation name: W/crossval/NAME, runs W/runs/NAME-fold<k>.")],
     stage: Annotated[Stage, typer.Option(
-        help="head: train-head on cached features (cache-features --test-subsets none); finetune: encoder and "
-             "head end to end.", case_sensitive=False)] = Stage.head,
+        help="head: train-head on cached features (cache-features --test-subsets none); finetune: encoder "
+             "and head end to end.", case_sensitive=False)] = Stage.head,
     val_offset: Annotated[int, typer.Option(
         help="Fold k validates on the fold this many places before it in --folds (cyclic).")] = 1,
     mine_rounds: Annotated[int, typer.Option(
@@ -432,14 +482,15 @@ def crossval(
         min=1, max=8, help="Flips averaged in evaluation (default: the checkpoint's own); finetune: in "
                            "validation too.")] = None,
     precision: Annotated[Optional[Precision], typer.Option(
-        help="Evaluation precision (and finetune's): auto is bf16 on recent GPUs, fp16 on older ones, fp32 on "
-             "the CPU.", case_sensitive=False)] = None,
+        help="Evaluation precision (and finetune's): auto is bf16 on recent GPUs, fp16 on older ones, fp32 "
+             "on the CPU.", case_sensitive=False)] = None,
     device: Device = "auto",
     workers: Annotated[Optional[int], typer.Option(
         min=0, help="Loader processes (default: finetune's own; 2 reading scans for evaluation).")] = None,
     bootstrap: Annotated[int, typer.Option(
         min=0, help="Bootstrap resamples of the scans for 95% intervals (0: none).")] = 1000,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the pooled metrics as JSON here.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option(
+        "--json", help="Also write the pooled metrics as JSON here.")] = None,
     data_dir: DataDir = None,
     work_dir: WorkDir = None,
 ):
@@ -449,13 +500,14 @@ def crossval(
     import evaluate as evaluation
     result = cv.run_crossval(work_dir_option(work_dir), data_dir_option(data_dir),
                              parse_subsets(folds, "--folds", required=True), name, stage=stage.value,
-                             val_offset=val_offset, views=views, precision=None if precision is None else precision.value,
+                             val_offset=val_offset, views=views,
+                             precision=None if precision is None else precision.value,
                              mine_rounds=mine_rounds, per_scan=per_scan, device=device, workers=workers,
                              bootstrap=bootstrap, json_out=json_out, console=console, **given)
     console.print(cv.fold_table(result))
     evaluation.print_froc(console, result["froc"], f"LUNA16 FROC, cross-validation {name} (all folds)")
-    console.print(f"files in {cv.crossval_dir(work_dir_option(work_dir), name)}: submission.csv, metrics.json, "
-                  f"folds.csv, froc.png, operating_point.json")
+    console.print(f"files in {cv.crossval_dir(work_dir_option(work_dir), name)}: submission.csv, "
+                  f"metrics.json, folds.csv, froc.png, operating_point.json")
     if result["unreadable_scans"]:
         console.print(f"[red]{len(result['unreadable_scans'])} unreadable scan(s) skipped (named above); "
                       f"rerun to retry[/]")
@@ -472,23 +524,29 @@ def predict(
     ensemble: Annotated[Optional[str], typer.Option(
         help="Average the folds of crossval NAME (W/crossval/NAME) at the operating point chosen on their "
              "pooled out-of-fold scores.")] = None,
-    coord: Annotated[List[str], typer.Option("--coord", help="World mm point X,Y,Z, LPS as in the LUNA16 CSVs (repeat for several).")] = [],
-    candidates: Annotated[Optional[Path], typer.Option(help="CSV of points with coordX,coordY,coordZ columns (world mm, LPS). "
-                                                            "Without --coord and --candidates, detect finds them.")] = None,
+    coord: Annotated[List[str], typer.Option(
+        "--coord", help="World mm point X,Y,Z, LPS as in the LUNA16 CSVs (repeat for several).")] = [],
+    candidates: Annotated[Optional[Path], typer.Option(
+        help="CSV of points with coordX,coordY,coordZ columns (world mm, LPS). "
+             "Without --coord and --candidates, detect finds them.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write the predictions here as CSV.")] = None,
-    max_per_scan: Annotated[int, typer.Option(min=1, help="Without --coord and --candidates: most candidates detect finds.")] = 300,
+    max_per_scan: Annotated[int, typer.Option(
+        min=1, help="Without --coord and --candidates: most candidates detect finds.")] = 300,
     views: Views = None,
     cutoff: CutoffOption = None,
     batch_size: BatchSize = 64,
     device: Device = "auto",
     precision: PrecisionOption = Precision.auto,
     guideline: Annotated[Guideline, typer.Option(
-        case_sensitive=False, help="Size table for the follow-up category: fleischner (Fleischner 2017, incidental "
-                                   "nodules) or lung-rads (Lung-RADS v2022, baseline screening scan).")] = Guideline("fleischner"),
+        case_sensitive=False, help="Size table for the follow-up category: fleischner (Fleischner 2017, "
+                                   "incidental nodules) or lung-rads (Lung-RADS v2022, baseline screening "
+                                   "scan).")] = Guideline("fleischner"),
     nodule_type: Annotated[NoduleType, typer.Option(
-        "--type", case_sensitive=False, help="Nodule type assumed for every point (not measured); with part-solid or "
-                                             "ground-glass the diameter is measured at -650 HU instead of -400.")] = NoduleType("solid"),
-    risk: Annotated[Risk, typer.Option(case_sensitive=False, help="Patient risk assumed (Fleischner only).")] = Risk("low"),
+        "--type", case_sensitive=False, help="Nodule type assumed for every point (not measured); with "
+                                             "part-solid or ground-glass the diameter is measured at -650 "
+                                             "HU instead of -400.")] = NoduleType("solid"),
+    risk: Annotated[Risk, typer.Option(
+        case_sensitive=False, help="Patient risk assumed (Fleischner only).")] = Risk("low"),
     work_dir: WorkDir = None,
 ):
     """Probability that the candidate at each world point of a new scan is a nodule (calibrated to the
@@ -500,10 +558,10 @@ def predict(
         raise UserError("give --checkpoint FILE (one or more) or --ensemble NAME of a crossval")
     folder = None if ensemble is None else \
         cv.crossval_dir(work_dir_option(work_dir), cv.check_name(ensemble, "--ensemble"))
-    rows = prediction.predict_scan(checkpoint, scan, coord, candidates, out, device=device, batch_size=batch_size,
-                                   views=views, precision=precision.value, guideline=guideline.value,
-                                   nodule_type=nodule_type.value, risk=risk.value, max_per_scan=max_per_scan,
-                                   cutoff=cutoff, ensemble=folder)
+    rows = prediction.predict_scan(checkpoint, scan, coord, candidates, out, device=device,
+                                   batch_size=batch_size, views=views, precision=precision.value,
+                                   guideline=guideline.value, nodule_type=nodule_type.value, risk=risk.value,
+                                   max_per_scan=max_per_scan, cutoff=cutoff, ensemble=folder)
     title = prediction.results_title(scan, rows, detected=not coord and candidates is None)
     console.print(prediction.prediction_table(rows, title=title) if rows else title)
     if out is not None:
@@ -513,10 +571,13 @@ def predict(
 @app.command()
 @friendly_errors
 def demo(
-    work_dir: Annotated[Path, typer.Option(help="Folder for the phantom data, caches, runs and report.")] = Path("demo_work"),
-    n_subsets: Annotated[int, typer.Option(min=3, max=10, help="Phantom subsets (the last is held out, the one before validates).")] = 5,
+    work_dir: Annotated[Path, typer.Option(
+        help="Folder for the phantom data, caches, runs and report.")] = Path("demo_work"),
+    n_subsets: Annotated[int, typer.Option(
+        min=3, max=10, help="Phantom subsets (the last is held out, the one before validates).")] = 5,
     scans_per_subset: Annotated[int, typer.Option(min=1, help="Phantom scans per subset.")] = 8,
-    finetune_epochs: Annotated[int, typer.Option(min=1, help="Epochs of end-to-end fine-tuning (512 balanced draws each).")] = 4,
+    finetune_epochs: Annotated[int, typer.Option(
+        min=1, help="Epochs of end-to-end fine-tuning (512 balanced draws each).")] = 4,
     seed: Annotated[int, typer.Option(help="Seed of the phantoms and of training.")] = 0,
 ):
     """The whole pipeline on synthetic phantoms (CPU, a few minutes), ending with a report."""

@@ -77,17 +77,10 @@ def _score_and_keep(run: evaluate.ModelRun, todo: list, per_scan: int, in_cache:
     rows_of = negatives.rows_by_scan()
     scores = {uid: np.full(len(rows_of[uid]), np.nan) for uid, _, _ in todo}
     patches = {uid: {} for uid, _, _ in todo}
-    unreadable: dict = {}
-    chunks = evaluate.stream_scan_patches(todo, int(run.preprocess["patch_size"]),
-                                          float(run.preprocess["spacing_mm"]), run.workers) if todo else []
-    for uid, first, cut, error in chunks:
-        if cut is None:
-            unreadable[uid] = error
-            if console is not None:
-                console.print(f"[red]skipped unreadable scan {uid}: {error}[/]")
-            continue
-        scores[uid][first:first + len(cut)] = head.predict_patches(run.model, cut, run.preprocess, run.device,
-                                                                   run.batch_size, run.views, run.precision)
+
+    def keep(uid: str, chunk: evaluate.ScoredChunk) -> None:
+        first, cut = chunk.first, chunk.patches
+        scores[uid][first:first + len(cut)] = chunk.probability
         # the scan's top so far: a negative that drops out of it never comes back, so only these patches are
         # kept
         top = _top_of_scan(np.nan_to_num(scores[uid], nan=-np.inf), per_scan).tolist()
@@ -99,10 +92,13 @@ def _score_and_keep(run: evaluate.ModelRun, todo: list, per_scan: int, in_cache:
             block = (np.stack([patches[uid][n] for n in fresh]) if fresh
                      else np.zeros((0, *cut.shape[1:]), np.int16))
             run.parts.save(uid, block, data.index_rows(uid, negatives.world_xyz[picked],
-                                                       negatives.value[picked],
-                                                       np.full(len(picked), np.nan), **tags))
+                                                       negatives.value[picked], np.full(len(picked), np.nan),
+                                                       **tags))
             del patches[uid]
-    return unreadable
+    total = sum(len(s) for s in scores.values())
+    return common.over_scans(evaluate.scored_chunks(run, todo), keep, total=total,
+                             label="scoring negatives", console=console, show_progress=console is not None,
+                             step=lambda chunk: len(chunk.patches), transient=True)
 
 
 def _key(uid: str, world_xyz) -> tuple:

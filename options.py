@@ -1,13 +1,14 @@
 """The training options, each defined once: its type, default in each stage, bounds or choices, unit and help.
 
-A stage is ``"head"`` (train-head on cached features) or ``"finetune"`` (encoder and head end to end). From the
-definitions below come every other place an option used to be written by hand:
+A stage is ``"head"`` (train-head on cached features) or ``"finetune"`` (encoder and head end to end). From
+the definitions below come every other place an option used to be written by hand:
 
 * the stages' defaults (:func:`defaults`), the resolved options stored in a run's ``config.json`` and the
   ``--resume`` comparison (``train._open_run`` takes them from here);
-* the validation (:func:`check`: a bad value is a ``UserError`` naming the option and its bounds), the same for
-  the command line, the Python functions and crossval;
-* what crossval passes on to each fold (:func:`stage_names`, all of a stage's options but those a fold decides);
+* the validation (:func:`check`: a bad value is a ``UserError`` naming the option and its bounds), the same
+  for the command line, the Python functions and crossval;
+* what crossval passes on to each fold (:func:`stage_names`, all of a stage's options but those a fold
+  decides);
 * the command-line options of ``train-head``, ``finetune`` and ``crossval``: ``luna_cli`` builds their
   signatures with :func:`typer_parameters`.
 
@@ -34,8 +35,8 @@ MAX_VIEWS = 8  # the flips of a patch (head.VIEW_FLIPS)
 class Option:
     """One option. ``defaults``: ``{stage: default}`` for the stages that take it. ``kind``: int, float, str,
     bool, Path or "subsets" (subset numbers, given as text such as ``0-7,9``). Bounds are inclusive unless
-    ``open_low``/``open_high``. ``help`` may be a ``{stage: text}`` dict where the stages differ (the unit of a
-    batch, say)."""
+    ``open_low``/``open_high``. ``help`` may be a ``{stage: text}`` dict where the stages differ (the unit of
+    a batch, say)."""
     name: str
     kind: Any
     help: Union[str, Dict[str, str]]
@@ -107,16 +108,17 @@ def _is_number(value: Any, kind: type) -> bool:
 
 BOTH = STAGES
 OPTIONS: Dict[str, Option] = {o.name: o for o in (
-    Option("features", str, "Feature set made by cache-features (default: the only one; listed when there are "
-           "several).", {"head": None}),
+    Option("features", str, "Feature set made by cache-features (default: the only one; listed when there "
+           "are several).", {"head": None}),
     Option("weights", Path, "Pretrained Swin UNETR checkpoint for the encoder (random init without).",
            {"finetune": None}),
     Option("head_from", str, "Start from this run's best.pt (a run name or a .pt path).", {"finetune": None}),
-    Option("val_subsets", "subsets", "Validation subsets, e.g. 8 or 7,8 (each must be extracted); auto: 80:20 "
-           "split of the training scans by seriesuid.", {s: [8] for s in BOTH}, words=("auto",)),
+    Option("val_subsets", "subsets", "Validation subsets, e.g. 8 or 7,8 (each must be extracted); auto: "
+           "80:20 split of the training scans by seriesuid.", {s: [8] for s in BOTH}, words=("auto",)),
     Option("test_subsets", "subsets", "Held-out test subsets, never read here ('none' for none).",
            {s: [9] for s in BOTH}),
-    Option("epochs", int, "Most epochs (fixes the learning-rate schedule).", {"head": 100, "finetune": 30}, low=1),
+    Option("epochs", int, "Most epochs (fixes the learning-rate schedule).", {"head": 100, "finetune": 30},
+           low=1),
     Option("batch_size", int, {"head": "Feature vectors per step.",
                                "finetune": "Patches per step in each process."},
            {"head": 256, "finetune": 32}, low=1),
@@ -139,8 +141,8 @@ OPTIONS: Dict[str, Option] = {o.name: o for o in (
            open_low=True),
     Option("seed", int, "Seed of the training draws, augmentation and a new head's initial weights.",
            {s: 0 for s in BOTH}),
-    Option("feature_size", int, "Encoder feature size (48 for the published weights; 12 for small CPU models).",
-           {"finetune": 48}, low=12),
+    Option("feature_size", int, "Encoder feature size (48 for the published weights; 12 for small CPU "
+           "models).", {"finetune": 48}, low=12),
     Option("window_size", int, "Attention window (7 for the published weights; 4 for 32^3 CPU models).",
            {"finetune": 7}, low=2),
     Option("pooling", str, "avg (16 * feature_size values), flatten (the whole last stage) or centre (each "
@@ -148,7 +150,8 @@ OPTIONS: Dict[str, Option] = {o.name: o for o in (
     Option("grad_checkpoint", bool, "Recompute activations to save GPU memory.", {"finetune": False}),
     Option("hu_min", float, "HU mapped to 0.", {"finetune": -1000.0}, unit="HU"),
     Option("hu_max", float, "HU mapped to 1.", {"finetune": 1000.0}, unit="HU"),
-    Option("augment", bool, "Random flips and shifts of every patch, whatever its class.", {"finetune": True}),
+    Option("augment", bool, "Random flips and shifts of every patch, whatever its class.",
+           {"finetune": True}),
     Option("max_shift_mm", float, "Largest shift per axis.", {"finetune": 3.0}, low=0, unit="mm"),
     Option("precision", str, "auto: bf16 on recent GPUs, fp16 on older ones, fp32 on the CPU.",
            {"finetune": "auto"}, choices=PRECISIONS),
@@ -200,8 +203,8 @@ def given(stage: str, values: Dict[str, Any]) -> Dict[str, Any]:
             raise UserError(f"--{name.replace('_', '-')} is not a training option "
                             f"(they are: {', '.join(stage_names(stage))})")
         if stage not in OPTIONS[name].defaults:
-            raise UserError(f"{OPTIONS[name].flag} is an option of --stage {next(iter(OPTIONS[name].defaults))}, "
-                            f"not of --stage {stage}")
+            raise UserError(f"{OPTIONS[name].flag} is an option of --stage "
+                            f"{next(iter(OPTIONS[name].defaults))}, not of --stage {stage}")
         chosen[name] = OPTIONS[name].check(value)
     return chosen
 

@@ -1636,8 +1636,8 @@ def test_every_training_option_is_defined_once_and_maps_to_the_command_line(tmp_
     commands = typer.main.get_command(luna_cli.app).commands
     own = {"train-head": {"work_dir", "run", "resume", "stop_after", "device"},
            "finetune": {"work_dir", "run", "resume", "stop_after", "device", "workers"},
-           "crossval": {"folds", "name", "stage", "val_offset", "mine_rounds", "per_scan", "views", "precision",
-                        "device", "workers", "bootstrap", "json_out", "data_dir", "work_dir"}}
+           "crossval": {"folds", "name", "stage", "val_offset", "mine_rounds", "per_scan", "views",
+                        "precision", "device", "workers", "bootstrap", "json_out", "data_dir", "work_dir"}}
     for command, stage, defaults in (("train-head", "head", train.HEAD_DEFAULTS),
                                      ("finetune", "finetune", train.FINETUNE_DEFAULTS)):
         params = {p.name: p for p in commands[command].params}
@@ -3676,3 +3676,51 @@ def test_readme_and_hints_name_only_real_options():
         features.check_patch_geometry(caches)
     hinted = set(re.findall(option_pattern, str(refused.value)))
     assert hinted and hinted <= options["extract"]
+
+
+def test_the_shared_scan_loop_names_a_bad_scan_goes_on_and_resumes(eval_phantom, phantom_root, tmp_path,
+                                                                    monkeypatch):
+    import shutil
+    import data
+    import detect
+    import mining
+    # the loop itself: a failure is named once, the other scans are worked on
+    worked = []
+    failed = common.over_scans([("a", 1, ""), ("b", None, "b.mhd: cannot read"), ("b", None, "again"),
+                                ("c", 3, "")], lambda uid, payload: worked.append((uid, payload)), total=3,
+                               label="test", show_progress=False)
+    assert failed == {"b": "b.mhd: cannot read"} and worked == [("a", 1), ("c", 3)]
+    # detect: killed after its first scan, a rerun finishes with the same CSV as an uninterrupted run
+    root = tmp_path / "detect_luna"
+    (root / "subset0").mkdir(parents=True)
+    for scan in sorted((phantom_root / "subset0").glob("*.mhd"))[:2]:
+        for suffix in (".mhd", ".raw"):
+            shutil.copy(scan.with_suffix(suffix), root / "subset0" / scan.with_suffix(suffix).name)
+    whole = detect.detect_subsets(root, [0], tmp_path / "whole.csv", 30, show_progress=False)
+    original, calls = detect.detect_scan, []
+
+    def killed_on_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+    monkeypatch.setattr(detect, "detect_scan", killed_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        detect.detect_subsets(root, [0], tmp_path / "part.csv", 30, show_progress=False)
+    monkeypatch.setattr(detect, "detect_scan", original)
+    again = detect.detect_subsets(root, [0], tmp_path / "part.csv", 30, show_progress=False)
+    assert again.scans_new == 1 and not whole.failed and not again.failed
+    assert (tmp_path / "part.csv").read_text() == (tmp_path / "whole.csv").read_text()
+    # mining: an unreadable scan is named, the others' hard negatives are added
+    luna = tmp_path / "mining_luna"
+    shutil.copytree(eval_phantom, luna)
+    work = tmp_path / "work"
+    data.extract_subset(luna, work, 1, patch_size=32, spacing_mm=1.25, negatives_per_positive=0,
+                        show_progress=False)
+    broken = sorted(data.subset_scans(luna, [1]).items())[0]
+    broken[1].with_suffix(".raw").write_bytes(b"\0" * 100)
+    mined = mining.mine_subset(luna, work, 1, str(_tiny_checkpoint(tmp_path / "tiny.pt")), per_scan=3,
+                               workers=0, device="cpu")
+    assert list(mined.unreadable) == [broken[0]] and broken[1].name in mined.unreadable[broken[0]]
+    added = [row for row in data.read_cache_index(data.subset_dir(work, 1)) if row[6] == "tiny"]
+    assert added and broken[0] not in {row[0] for row in added}

@@ -1,8 +1,8 @@
 """Training stage: cached encoder features, the MLP head, and end-to-end fine-tuning.
 
-Input: the patch cache written by ``extract``: ``W/patches/subset{k}/patches.npy`` int16 ``(N, P, P, P)`` HU, array
-axes ``[z, y, x]`` along increasing world z, y, x at ``spacing_mm`` voxels, with ``index.csv`` (one row per patch)
-and ``manifest.json`` (patch_size, spacing_mm).
+Input: the patch cache written by ``extract``: ``W/patches/subset{k}/patches.npy`` int16 ``(N, P, P, P)`` HU,
+array axes ``[z, y, x]`` along increasing world z, y, x at ``spacing_mm`` voxels, with ``index.csv`` (one row
+per patch) and ``manifest.json`` (patch_size, spacing_mm).
 
 Splits are by scan, never by patch: the LUNA16 subsets are the folds (validation ``--val-subsets``, default 8;
 test ``--test-subsets``, default 9, never read here; training on every other extracted subset). Named subsets
@@ -50,8 +50,9 @@ import head as head_mod
 import options as options_mod
 from common import UserError
 from features import (PatchPool, SubsetCache, batch_loader, cache_features_hint, check_preprocess_matches,
-                      choose_feature_set, encoder_config, encoder_state_path, feature_paths, features_complete,
-                      load_encoder_weights, load_split, progress_bar, training_inputs, warn_random_init)
+                      choose_feature_set, encoder_config, encoder_state_path, feature_paths,
+                      features_complete, load_encoder_weights, load_split, progress_bar, training_inputs,
+                      warn_random_init)
 from head import autocast
 
 console = Console()
@@ -78,7 +79,8 @@ def balanced_sample(labels: np.ndarray, n_samples: int, generator: torch.Generat
     n_pos = int(np.sum(labels == 1))
     n_neg = len(labels) - n_pos
     if n_pos == 0 or n_neg == 0:
-        raise UserError(f"class-balanced sampling needs both classes; found {n_pos} nodules and {n_neg} others")
+        raise UserError(f"class-balanced sampling needs both classes; found {n_pos} nodules "
+                        f"and {n_neg} others")
     weights = torch.from_numpy(np.where(labels == 1, positive_share / n_pos, (1.0 - positive_share) / n_neg))
     return torch.multinomial(weights, n_samples, replacement=True, generator=generator).numpy()
 
@@ -86,7 +88,8 @@ def balanced_sample(labels: np.ndarray, n_samples: int, generator: torch.Generat
 def epoch_batches(labels: np.ndarray, n_samples: int, batch_size: int, seed: int, epoch: int,
                   rank: int = 0, world: int = 1, positive_share: float = 0.5) -> List[np.ndarray]:
     """This rank's batches of pool positions for one epoch: a class-balanced draw fixed by (seed, epoch),
-    padded to a multiple of ``world`` and dealt out round-robin so every rank gets the same number of batches."""
+    padded to a multiple of ``world`` and dealt out round-robin so every rank gets the same number of
+    batches."""
     generator = torch.Generator().manual_seed(_seed_for(seed, "sample", epoch))
     positions = balanced_sample(labels, n_samples, generator, positive_share)
     padded = int(math.ceil(len(positions) / world)) * world
@@ -111,7 +114,8 @@ class ValOutputs:
 
 
 def _outputs(module: nn.Module, x: torch.Tensor, sized: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``(logits, log-diameter or None)`` of a batch through ``module`` (a classifier, a head, or DDP of one)."""
+    """``(logits, log-diameter or None)`` of a batch through ``module`` (a classifier, a head, or DDP of
+    one)."""
     if sized:
         return module(x, with_size=True)
     return module(x), None
@@ -329,7 +333,8 @@ def write_history(run_dir: Path, history: List[Dict[str, float]], plot: bool = T
 
 def read_history(path: Path) -> List[Dict[str, float]]:
     with open(path, newline="") as handle:
-        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(handle)]
+        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()}
+                for row in csv.DictReader(handle)]
 
 
 def plot_history(path: Path, history: List[Dict[str, float]]) -> None:
@@ -423,7 +428,8 @@ class FitState:
 
     def improves(self, metrics: Dict[str, float]) -> bool:
         """A higher validation AUC, or the same AUC at a lower validation loss (classification plus the
-        weighted size loss): once the AUC saturates, as it can on easy data, the size output still improves."""
+        weighted size loss): once the AUC saturates, as it can on easy data, the size output still
+        improves."""
         return metrics["auc"] > self.best_auc or (metrics["auc"] == self.best_auc and
                                                   metrics["total_loss"] < self.best_loss)
 
@@ -460,7 +466,8 @@ def _train_epoch(fit: Fit, epoch: int, optimizer, scheduler, scaler, advance: Ca
         if group_end:
             all_reduce(fit.job, bad)
             if bad.item():
-                raise NonFiniteLoss(f"the training loss became NaN/inf in epoch {epoch} (batch {i + 1}); stopped")
+                raise NonFiniteLoss(f"the training loss became NaN/inf in epoch {epoch} (batch {i + 1}); "
+                                    f"stopped")
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -493,8 +500,8 @@ def _restore(fit: Fit, payload: Dict[str, Any], optimizer, scheduler, scaler) ->
     elif fit.job.main:
         console.print(f"[yellow]the run was saved with {len(states)} process(es), now {fit.job.world}: "
                       f"random streams restart from the seed[/]")
-    return FitState(list(payload["history"]), payload["best_auc"], payload["best_epoch"], int(payload["epoch"]),
-                    payload.get("best_loss", math.inf))
+    return FitState(list(payload["history"]), payload["best_auc"], payload["best_epoch"],
+                    int(payload["epoch"]), payload.get("best_loss", math.inf))
 
 
 def _save_epoch(fit: Fit, state: FitState, metrics: Dict[str, float], point: Dict[str, Any], improved: bool,
@@ -504,12 +511,14 @@ def _save_epoch(fit: Fit, state: FitState, metrics: Dict[str, float], point: Dic
     rng_states = gather_objects(fit.job, rng_state())
     if not fit.job.main:
         return
-    payload = {**fit.base_payload, "model": {k: v.detach().cpu() for k, v in fit.classifier.state_dict().items()},
+    payload = {**fit.base_payload,
+               "model": {k: v.detach().cpu() for k, v in fit.classifier.state_dict().items()},
                "epoch": state.epoch, "metrics": dict(metrics), "operating_point": point}
     if improved:
         head_mod.save_checkpoint(fit.run_dir / "best.pt", payload)
-    payload.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                   history=state.history, best_auc=state.best_auc, best_loss=state.best_loss, best_epoch=state.best_epoch, rng=rng_states,
+    payload.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                   scaler=scaler.state_dict(), history=state.history, best_auc=state.best_auc,
+                   best_loss=state.best_loss, best_epoch=state.best_epoch, rng=rng_states,
                    world_size=fit.job.world, sampler={"seed": fit.options["seed"], "epoch": state.epoch})
     head_mod.save_checkpoint(fit.run_dir / "last.pt", payload)
     write_history(fit.run_dir, state.history, plot)
@@ -533,10 +542,11 @@ def _epoch_row(fit: Fit, epoch: int, train_loss: float, started: float, lr: floa
     metrics["total_loss"] = metrics["loss"] + _val_size_loss(fit, outputs)
     cutoff, _ = fit.chooser.choose(logits, outputs.positions)
     if not (math.isfinite(train_loss) and math.isfinite(metrics["loss"])):
-        raise NonFiniteLoss(f"a loss became NaN/inf in epoch {epoch}; {_kept_message(fit.run_dir, kept_epoch)}; "
-                            f"try a lower --lr")
+        raise NonFiniteLoss(f"a loss became NaN/inf in epoch {epoch}; "
+                            f"{_kept_message(fit.run_dir, kept_epoch)}; try a lower --lr")
     row = {"epoch": epoch, "train_loss": train_loss, "val_loss": metrics["loss"],
-           **{f"val_{k}": metrics[k] for k in ("accuracy", "sensitivity", "specificity", "auc", "size_mae_mm")},
+           **{f"val_{k}": metrics[k]
+              for k in ("accuracy", "sensitivity", "specificity", "auc", "size_mae_mm")},
            "cutoff": float(calibration.sigmoid(cutoff)), "lr": lr, "seconds": time.perf_counter() - started,
            "cutoff_logit": cutoff}
     return row, metrics, outputs
@@ -558,16 +568,19 @@ def run_fit(fit: Fit, resume_payload: Optional[Dict[str, Any]] = None,
             break
         if opts["patience"] and epoch - 1 - state.best_epoch >= opts["patience"]:
             if fit.job.main and not fit.quiet:
-                console.print(f"early stop: no better validation AUC (or loss at equal AUC) for {opts['patience']} epochs "
-                              f"(best {state.best_auc:.4f} at epoch {state.best_epoch})")
+                console.print(f"early stop: no better validation AUC (or loss at equal AUC) for "
+                              f"{opts['patience']} epochs (best {state.best_auc:.4f} at epoch "
+                              f"{state.best_epoch})")
             break
         started = time.perf_counter()
         with progress_bar("batches", disable=not fit.job.main or fit.quiet) as progress:
             task = progress.add_task(f"epoch {epoch}/{opts['epochs']}", total=fit.n_train_batches)
             try:
-                train_loss = _train_epoch(fit, epoch, optimizer, scheduler, scaler, lambda: progress.advance(task))
+                train_loss = _train_epoch(fit, epoch, optimizer, scheduler, scaler,
+                                          lambda: progress.advance(task))
             except NonFiniteLoss as err:
-                raise NonFiniteLoss(f"{err}; {_kept_message(fit.run_dir, epoch - 1)}; try a lower --lr") from None
+                raise NonFiniteLoss(f"{err}; {_kept_message(fit.run_dir, epoch - 1)}; "
+                                    f"try a lower --lr") from None
         row, metrics, outputs = _epoch_row(fit, epoch, train_loss, started, optimizer.param_groups[0]["lr"],
                                            epoch - 1)
         improved = state.improves(metrics)
@@ -585,9 +598,11 @@ def run_fit(fit: Fit, resume_payload: Optional[Dict[str, Any]] = None,
             last_plot, plotted = time.perf_counter(), len(state.history)
         if fit.job.main and not fit.quiet:
             console.print(f"epoch {epoch}/{opts['epochs']}: train loss {train_loss:.4f} | val loss "
-                          f"{metrics['loss']:.4f} acc {metrics['accuracy']:.3f} sens {metrics['sensitivity']:.3f} "
-                          f"spec {metrics['specificity']:.3f} AUC {metrics['auc']:.4f}"
-                          + (f" size MAE {metrics['size_mae_mm']:.2f} mm" if math.isfinite(metrics["size_mae_mm"]) else "")
+                          f"{metrics['loss']:.4f} acc {metrics['accuracy']:.3f} "
+                          f"sens {metrics['sensitivity']:.3f} spec {metrics['specificity']:.3f} "
+                          f"AUC {metrics['auc']:.4f}"
+                          + (f" size MAE {metrics['size_mae_mm']:.2f} mm"
+                             if math.isfinite(metrics["size_mae_mm"]) else "")
                           + (" [green](best)[/]" if improved else ""))
     if fit.job.main and state.history and plotted != len(state.history):
         plot_history(fit.run_dir / "history.png", state.history)
@@ -613,13 +628,14 @@ def _latest_run(work_dir: Path, kind: str) -> Path:
 def _open_run(work_dir: Path, kind: str, defaults: Dict[str, Any], given: Dict[str, Any], run: Optional[str],
               resume: bool, job: Dist) -> Tuple[Path, Dict[str, Any], Optional[Dict[str, Any]]]:
     """The run folder, its options and, when resuming, the ``last.pt`` payload. A new run takes the given
-    options over the defaults; a resumed run keeps its saved options and refuses any given one that differs."""
+    options over the defaults; a resumed run keeps its saved options and refuses any given one that
+    differs."""
     if not resume:
         name = broadcast_object(job, run or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
         run_dir = resolve_run_dir(work_dir, name) if run else runs_dir(work_dir) / name
         if (run_dir / "last.pt").exists():
-            raise UserError(f"run folder {run_dir} already holds a run; add --resume to continue it or choose "
-                            f"another --run name")
+            raise UserError(f"run folder {run_dir} already holds a run; add --resume to continue it or "
+                            f"choose another --run name")
         options = {**defaults, **given}
         options_mod.check(STAGE_OF[kind], options)
         return run_dir, options, None
@@ -650,7 +666,8 @@ def _run_kind(run_dir: Path) -> Optional[str]:
 
 
 def _write_config(run_dir: Path, kind: str, options: Dict[str, Any], resolved: Dict[str, Any]) -> None:
-    common.atomic_write_json(run_dir / "config.json", {"kind": kind, "options": options, "resolved": resolved})
+    common.atomic_write_json(run_dir / "config.json",
+                             {"kind": kind, "options": options, "resolved": resolved})
 
 
 def _preprocess(patch_size: int, spacing_mm: float, hu_min: float, hu_max: float) -> Dict[str, Any]:
@@ -674,18 +691,21 @@ def train_head(work_dir: Path, *, run: Optional[str] = None, resume: bool = Fals
     """
     given = options_mod.given("head", settings)
     job = Dist()
-    run_dir, options, resume_payload = _open_run(work_dir, "train-head", HEAD_DEFAULTS, given, run, resume, job)
+    run_dir, options, resume_payload = _open_run(work_dir, "train-head", HEAD_DEFAULTS, given, run, resume,
+                                                 job)
     torch_device = head_mod.resolve_device(device)
     tag, identity = choose_feature_set(work_dir, options["features"])
     options["features"] = tag
-    caches, split, patch_size, spacing_mm = load_split(work_dir, options["val_subsets"], options["test_subsets"],
-                                                       options["seed"])
+    caches, split, patch_size, spacing_mm = load_split(work_dir, options["val_subsets"],
+                                                       options["test_subsets"], options["seed"])
     views = identity.get("views", 1)
     train, val = (_load_features(work_dir, caches, rows, tag, identity) for rows in (split.train, split.val))
-    train = FeatureRows(train.features.flatten(0, 1), *(t.repeat_interleave(views) for t in train[1:]))  # a sample per view
+    train = FeatureRows(train.features.flatten(0, 1),
+                        *(t.repeat_interleave(views) for t in train[1:]))  # a sample per view
     config = head_mod.resolve_config({"encoder": dict(identity["encoder"], use_checkpoint=False),
                                       "pooling": identity["pooling"], "patch_size": patch_size,
-                                      "size_output": _size_output(options, train.labels, train.diameters, quiet)})
+                                      "size_output": _size_output(options, train.labels, train.diameters,
+                                                                  quiet)})
     seed_everything(options["seed"])
     classifier = _head_classifier(work_dir, tag, config, train.features, resume_payload, run_dir, patch_size,
                                   spacing_mm)
@@ -699,8 +719,8 @@ def train_head(work_dir: Path, *, run: Optional[str] = None, resume: bool = Fals
     _say_fallbacks(chooser, record, quiet)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_config(run_dir, "train-head", options, {
-        "device": str(torch_device), "precision": "fp32", "feature_set": identity, "split": split.summary(caches),
-        "preprocess": preprocess, "config": config, "world_size": 1})
+        "device": str(torch_device), "precision": "fp32", "feature_set": identity,
+        "split": split.summary(caches), "preprocess": preprocess, "config": config, "world_size": 1})
     base = {"format": head_mod.CHECKPOINT_FORMAT, "kind": "train-head", "run": run_dir.name, "config": config,
             "preprocess": preprocess, "views": views, "feature_tag": tag, "weights": identity["weights"],
             "calibration": record}
@@ -715,7 +735,8 @@ class FeatureBatches:
     """train-head's batches: class-balanced draws of cached feature vectors with their labels and diameters,
     and validation outputs of each patch averaged over its views (``val_x``: ``(N, views, F)``)."""
 
-    def __init__(self, train: "FeatureRows", val: "FeatureRows", options: Dict[str, Any], device: torch.device):
+    def __init__(self, train: "FeatureRows", val: "FeatureRows", options: Dict[str, Any],
+                 device: torch.device):
         self.train_x, self.train_y, self.train_d = train
         self.val_x, self.val_y, self.val_d = val
         self.options, self.device = options, device
@@ -724,8 +745,8 @@ class FeatureBatches:
 
     def train_batches(self, epoch: int):
         opts = self.options
-        for positions in epoch_batches(self.train_y.numpy(), self.n_samples, opts["batch_size"], opts["seed"], epoch,
-                                       positive_share=opts["positive_share"]):
+        for positions in epoch_batches(self.train_y.numpy(), self.n_samples, opts["batch_size"], opts["seed"],
+                                       epoch, positive_share=opts["positive_share"]):
             index = torch.from_numpy(positions)
             yield (self.train_x[index].to(self.device).float(), self.train_y[index].to(self.device).float(),
                    self.train_d[index].to(self.device))
@@ -750,7 +771,8 @@ class FeatureBatches:
 
 
 class FeatureRows(NamedTuple):
-    """Cached features ``(N, views, F)`` (or ``(N, F)``), labels ``(N,)`` and diameters ``(N,)`` (mm, NaN unknown)."""
+    """Cached features ``(N, views, F)`` (or ``(N, F)``), labels ``(N,)`` and diameters ``(N,)`` (mm, NaN
+    unknown)."""
     features: torch.Tensor
     labels: torch.Tensor
     diameters: torch.Tensor
@@ -780,7 +802,8 @@ def _head_classifier(work_dir: Path, tag: str, config: Dict[str, Any], train_x: 
     state = torch.load(encoder_state_path(work_dir, tag), map_location="cpu", weights_only=True)
     classifier.encoder.load_state_dict(state["state"])
     if resume_payload is not None:
-        check_preprocess_matches(resume_payload["preprocess"], patch_size, spacing_mm, str(run_dir / "last.pt"))
+        check_preprocess_matches(resume_payload["preprocess"], patch_size, spacing_mm,
+                                 str(run_dir / "last.pt"))
         classifier.load_state_dict(head_mod.strip_module_prefix(resume_payload["model"]))
     else:
         classifier.head.set_standardisation(train_x)
@@ -788,9 +811,10 @@ def _head_classifier(work_dir: Path, tag: str, config: Dict[str, Any], train_x: 
     return classifier
 
 
-def _load_features(work_dir: Path, caches: Dict[int, SubsetCache], rows_by_subset: Dict[int, np.ndarray], tag: str,
-                   identity: Dict[str, Any]) -> FeatureRows:
-    """float16 features ``(N, views, F)``, float labels and diameters ``(N,)`` of the selected rows, in subset order."""
+def _load_features(work_dir: Path, caches: Dict[int, SubsetCache], rows_by_subset: Dict[int, np.ndarray],
+                   tag: str, identity: Dict[str, Any]) -> FeatureRows:
+    """float16 features ``(N, views, F)``, float labels and diameters ``(N,)`` of the selected rows, in
+    subset order."""
     features, labels, diameters = [], [], []
     for k, rows in sorted(rows_by_subset.items()):
         if not len(rows):
@@ -803,8 +827,9 @@ def _load_features(work_dir: Path, caches: Dict[int, SubsetCache], rows_by_subse
         labels.append(caches[k].labels[np.sort(rows)])
         diameters.append(caches[k].diameters[np.sort(rows)])
     labels = torch.from_numpy(np.concatenate(labels).astype(np.float32))
-    return FeatureRows(torch.from_numpy(np.concatenate(features)).reshape(len(labels), identity.get("views", 1), -1),
-                       labels, torch.from_numpy(np.concatenate(diameters).astype(np.float32)))
+    return FeatureRows(
+        torch.from_numpy(np.concatenate(features)).reshape(len(labels), identity.get("views", 1), -1),
+        labels, torch.from_numpy(np.concatenate(diameters).astype(np.float32)))
 
 
 # --- finetune ------------------------------------------------------------------------------------
@@ -836,11 +861,13 @@ def finetune(work_dir: Path, *, run: Optional[str] = None, resume: bool = False,
 
 
 def _finetune(work_dir: Path, given: Dict[str, Any], run: Optional[str], resume: bool, job: Dist,
-              torch_device: torch.device, workers: Optional[int], stop_after: Optional[int], quiet: bool) -> Path:
-    run_dir, options, resume_payload = _open_run(work_dir, "finetune", FINETUNE_DEFAULTS, given, run, resume, job)
+              torch_device: torch.device, workers: Optional[int], stop_after: Optional[int],
+              quiet: bool) -> Path:
+    run_dir, options, resume_payload = _open_run(work_dir, "finetune", FINETUNE_DEFAULTS, given, run, resume,
+                                                 job)
     precision = head_mod.resolve_precision(options["precision"], torch_device)
-    caches, split, patch_size, spacing_mm = load_split(work_dir, options["val_subsets"], options["test_subsets"],
-                                                       options["seed"])
+    caches, split, patch_size, spacing_mm = load_split(work_dir, options["val_subsets"],
+                                                       options["test_subsets"], options["seed"])
     seed_everything(options["seed"])
     train_pool = PatchPool(caches, split.train)
     sized = _size_output(options, train_pool.labels, train_pool.diameters, quiet or not job.main)
@@ -901,13 +928,14 @@ class PatchBatches:
 
     def train_batches(self, epoch: int):
         opts, job = self.options, self.job
-        batches = epoch_batches(self.train_pool.labels, self.n_samples, opts["batch_size"], opts["seed"], epoch,
-                                job.rank, job.world, opts["positive_share"])
+        batches = epoch_batches(self.train_pool.labels, self.n_samples, opts["batch_size"], opts["seed"],
+                                epoch, job.rank, job.world, opts["positive_share"])
         generator = torch.Generator().manual_seed(_seed_for(opts["seed"], "augment", epoch, job.rank))
-        for hu, labels, diameters in batch_loader(self.train_pool, batches, self.workers, self.device.type == "cuda"):
+        for hu, labels, diameters in batch_loader(self.train_pool, batches, self.workers,
+                                                  self.device.type == "cuda"):
             y = labels.to(self.device, non_blocking=True).float()
-            x = training_inputs(hu.to(self.device, non_blocking=True), generator, opts["hu_min"], opts["hu_max"],
-                                opts["augment"], self.max_shift_vox)
+            x = training_inputs(hu.to(self.device, non_blocking=True), generator, opts["hu_min"],
+                                opts["hu_max"], opts["augment"], self.max_shift_vox)
             yield x, y, diameters.to(self.device, non_blocking=True).float()
 
     def _val_flips(self, classifier: head_mod.Classifier, views: int, sized: bool):
@@ -955,31 +983,38 @@ def _finetune_model(work_dir: Path, options: Dict[str, Any], resume_payload: Opt
     """Build the classifier: from last.pt when resuming, else from --head-from and/or --weights; with a size
     output when ``sized`` (a --head-from head without one gets a new size layer)."""
     if resume_payload is not None:
-        check_preprocess_matches(resume_payload["preprocess"], patch_size, spacing_mm, str(run_dir / "last.pt"))
+        check_preprocess_matches(resume_payload["preprocess"], patch_size, spacing_mm,
+                                 str(run_dir / "last.pt"))
         classifier = head_mod.build_classifier(resume_payload["config"])
         classifier.load_state_dict(head_mod.strip_module_prefix(resume_payload["model"]))
-        return classifier, head_mod.resolve_config(resume_payload["config"]), resume_payload.get("sources", {})
-    config = head_mod.resolve_config({"encoder": encoder_config(options["feature_size"], options["window_size"],
+        return (classifier, head_mod.resolve_config(resume_payload["config"]),
+                resume_payload.get("sources", {}))
+    config = head_mod.resolve_config({"encoder": encoder_config(options["feature_size"],
+                                                                options["window_size"],
                                                                 options["grad_checkpoint"]),
-                                      "pooling": options["pooling"], "patch_size": patch_size, "size_output": sized})
+                                      "pooling": options["pooling"], "patch_size": patch_size,
+                                      "size_output": sized})
     sources: Dict[str, Any] = {"weights": options["weights"], "head_from": None}
     head_payload = None
     if options["head_from"]:
-        head_payload, config, sources["head_from"] = _head_from(work_dir, options, patch_size, spacing_mm, job)
+        head_payload, config, sources["head_from"] = _head_from(work_dir, options, patch_size, spacing_mm,
+                                                                job)
         config["size_output"] = sized
     classifier = head_mod.build_classifier(config)
     if head_payload is not None:
         _load_head_from(classifier, head_payload, sources["head_from"])
     if options["weights"]:
         report = load_encoder_weights(classifier.encoder, Path(options["weights"]))
-        sources["weights_report"] = {k: v for k, v in report.items() if isinstance(v, (int, float, str, bool))}
+        sources["weights_report"] = {k: v for k, v in report.items()
+                                     if isinstance(v, (int, float, str, bool))}
     elif head_payload is None and job.main:
         warn_random_init("finetune")
     return classifier, config, sources
 
 
 def _load_head_from(classifier: head_mod.Classifier, payload: Dict[str, Any], source: str) -> None:
-    """Load a --head-from checkpoint's weights; only the size layer may be missing (added) or extra (dropped)."""
+    """Load a --head-from checkpoint's weights; only the size layer may be missing (added) or extra
+    (dropped)."""
     state = {k: v for k, v in head_mod.strip_module_prefix(payload["model"]).items()
              if classifier.has_size or not k.startswith("head.size.")}
     try:
@@ -1000,8 +1035,8 @@ def _head_from(work_dir: Path, options: Dict[str, Any], patch_size: int, spacing
     check_preprocess_matches(payload["preprocess"], patch_size, spacing_mm, str(head_file))
     stored = head_mod.resolve_config(payload["config"])
     config = dict(stored, encoder=dict(stored["encoder"], use_checkpoint=options["grad_checkpoint"]))
-    if job.main and (stored["encoder"]["feature_size"], stored["encoder"]["window_size"], stored["pooling"]) != \
-            (options["feature_size"], options["window_size"], options["pooling"]):
+    if job.main and (stored["encoder"]["feature_size"], stored["encoder"]["window_size"], stored["pooling"]) \
+            != (options["feature_size"], options["window_size"], options["pooling"]):
         console.print(f"[yellow]--head-from {head_file}: using its model configuration (feature_size "
                       f"{stored['encoder']['feature_size']}, window_size {stored['encoder']['window_size']}, "
                       f"pooling {stored['pooling']})[/]")
