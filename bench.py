@@ -255,7 +255,7 @@ def bench_evaluate(device: str = "cpu", precision: str = "fp32", size: int = 32,
 
     def evaluation(n_workers: int):
         result = evaluate.evaluate_model(checkpoint, folder / "luna16", [0], folder / f"eval{next(runs)}",
-                                         batch_size=batch_size, workers=n_workers, device=device,
+                                         batch_size=batch_size, readers=n_workers, device=device,
                                          precision=precision, bootstrap=0)
         loop_rates.setdefault(n_workers, []).append(result["candidates_per_second"])
         return result
@@ -459,13 +459,13 @@ MINING_SETTINGS = dict(feature_size=12, window_size=4, pooling="centre")
 def _held_out(run_dir, root, out) -> dict:
     """CPM (with its 95% interval) and AUC of a run's best.pt on the held-out subset 3."""
     import evaluate
-    result = evaluate.evaluate_model(run_dir / "best.pt", root, [3], out, workers=1, device="cpu",
+    result = evaluate.evaluate_model(run_dir / "best.pt", root, [3], out, readers=1, device="cpu",
                                      bootstrap=1000)
     return {"cpm": result["cpm"], "ci": result["cpm_ci95"], "auc": result["auc"]}
 
 
-def _mining_seed(folder, seed: int, scans: int, negatives: int, per_scan: int, rounds: int, head_epochs: int,
-                 finetune_epochs: int, views: int, finetune_lr: float) -> dict:
+def _mining_seed(folder, seed: int, scans: int, negatives: int, max_per_scan: int, rounds: int,
+                 head_epochs: int, finetune_epochs: int, views: int, finetune_lr: float) -> dict:
     """Every variant of one phantom seed: ``{variant: {"head": metrics, "finetune": metrics}}``."""
     import json
     import data
@@ -508,14 +508,14 @@ def _mining_seed(folder, seed: int, scans: int, negatives: int, per_scan: int, r
         for n in range(1, rounds + 1):
             for k in (0, 1):  # mine the training subsets with the previous round's head
                 mining.mine_subset(root, work, k, "head-sample" if n == 1 else f"head-mined {n - 1}",
-                                   per_scan, workers=1, device="cpu")
+                                   max_per_scan, readers=1, device="cpu")
             train_and_score(work, f"mined {n}")
     return results
 
 
 @bench_app.command("mining")
 def bench_mining(seeds: str = "0,1", scans_per_subset: int = 12, negatives_per_scan: int = 150,
-                 per_scan: int = 10, rounds: int = 2, head_epochs: int = 40, finetune_epochs: int = 3,
+                 max_per_scan: int = 10, rounds: int = 2, head_epochs: int = 40, finetune_epochs: int = 3,
                  views: int = 2, finetune_lr: float = 1e-4):
     """Held-out CPM of the default negative sample, rounds of hard-negative mining and every candidate, for
     the frozen-feature head and for fine-tuning from it, on phantoms with LUNA16-like candidates (mostly easy
@@ -525,11 +525,11 @@ def bench_mining(seeds: str = "0,1", scans_per_subset: int = 12, negatives_per_s
     import numpy as np
     from rich.table import Table
     base = Path(tempfile.mkdtemp(prefix="bench_mining_"))
-    by_seed = {int(s): _mining_seed(base / f"seed{s}", int(s), scans_per_subset, negatives_per_scan, per_scan,
-                                    rounds, head_epochs, finetune_epochs, views, finetune_lr)
+    by_seed = {int(s): _mining_seed(base / f"seed{s}", int(s), scans_per_subset, negatives_per_scan,
+                                    max_per_scan, rounds, head_epochs, finetune_epochs, views, finetune_lr)
                for s in seeds.split(",")}
     table = Table(title=f"held-out CPM (95% interval) on {scans_per_subset} phantom scans a seed, about "
-                        f"{negatives_per_scan} negatives a scan; mining {per_scan} a scan a round")
+                        f"{negatives_per_scan} negatives a scan; mining {max_per_scan} a scan a round")
     for column in ("training negatives", "stage", *(f"seed {s}" for s in by_seed), "mean CPM", "mean AUC"):
         table.add_column(column, justify="right")
     for variant in next(iter(by_seed.values())):
@@ -547,7 +547,7 @@ def bench_mining(seeds: str = "0,1", scans_per_subset: int = 12, negatives_per_s
 
 
 
-def _crossval_mining_seed(folder, seed: int, scans: int, negatives: int, per_scan: int, head_epochs: int,
+def _crossval_mining_seed(folder, seed: int, scans: int, negatives: int, max_per_scan: int, head_epochs: int,
                           views: int) -> dict:
     """A four-fold head cross-validation of one phantom seed with and without one round of mining inside each
     fold: ``{"plain": result, "mined": result, "difference": paired}``."""
@@ -565,11 +565,11 @@ def _crossval_mining_seed(folder, seed: int, scans: int, negatives: int, per_sca
         data.extract_subset(root, work, k, 32, 1.0, seed=seed, show_progress=False)
     tag = features.cache_features(work, test_subsets=[], views=views, seed=seed, quiet=True, device="cpu",
                                   **MINING_SETTINGS)
-    common = dict(folds=[0, 1, 2, 3], stage="head", features=tag, epochs=head_epochs, seed=seed, device="cpu",
-                  workers=1, quiet=True)
-    results = {"plain": crossval.run_crossval(work, root, name="plain", **common),
-               "mined": crossval.run_crossval(work, root, name="mined", mine_rounds=1, per_scan=per_scan,
-                                              **common)}
+    shared = dict(folds=[0, 1, 2, 3], stage="head", features=tag, epochs=head_epochs, seed=seed, device="cpu",
+                  readers=1, quiet=True)
+    results = {"plain": crossval.run_crossval(work, root, name="plain", **shared),
+               "mined": crossval.run_crossval(work, root, name="mined", mine_rounds=1,
+                                              max_per_scan=max_per_scan, **shared)}
     submissions = [evaluate.read_submission(crossval.crossval_dir(work, n) / "submission.csv")
                    for n in results]
     uids = [row.split(",")[0] for row in (root / "seriesuids.csv").read_text().split()]
@@ -581,7 +581,7 @@ def _crossval_mining_seed(folder, seed: int, scans: int, negatives: int, per_sca
 
 @bench_app.command("crossval-mining")
 def bench_crossval_mining(seeds: str = "0,1", scans_per_subset: int = 12, negatives_per_scan: int = 150,
-                          per_scan: int = 10, head_epochs: int = 40, views: int = 2):
+                          max_per_scan: int = 10, head_epochs: int = 40, views: int = 2):
     """Pooled four-fold cross-validated CPM of the frozen-feature head with and without one round of mining
     inside each fold (``crossval --mine-rounds 1``), on phantoms with LUNA16-like candidates, and the paired
     bootstrap interval of the difference."""
@@ -591,10 +591,10 @@ def bench_crossval_mining(seeds: str = "0,1", scans_per_subset: int = 12, negati
     base = Path(tempfile.mkdtemp(prefix="bench_crossval_mining_"))
     started = time.perf_counter()
     by_seed = {int(s): _crossval_mining_seed(base / f"seed{s}", int(s), scans_per_subset, negatives_per_scan,
-                                             per_scan, head_epochs, views) for s in seeds.split(",")}
+                                             max_per_scan, head_epochs, views) for s in seeds.split(",")}
     table = Table(title=f"pooled 4-fold CPM (95% interval), {4 * scans_per_subset} phantom scans a seed, "
                         f"about {negatives_per_scan} candidates a scan; "
-                        f"mining {per_scan} a scan inside each fold")
+                        f"mining {max_per_scan} a scan inside each fold")
     for column in ("seed", "nodules", "no mining", "1 round of mining", "difference (paired 95%)",
                    "resamples better"):
         table.add_column(column, justify="right")
@@ -688,7 +688,7 @@ def bench_size(demo_dir: str = "demo_work", scans: int = 24, seed: int = 100):
         table.add_column(column, justify="right")
     for name, checkpoint in runs.items():
         metrics = evaluate.evaluate_model(checkpoint, root, [0], work / "bench_size" / name, views=8,
-                                          workers=1, device="cpu", bootstrap=0)
+                                          readers=1, device="cpu", bootstrap=0)
         last = name == list(runs)[-1]   # the plain measurement is the same for every run: shown once
         for row in _size_rows(metrics, name, ("model", "plain") if last else ("model",)):
             table.add_row(*row)
@@ -845,7 +845,7 @@ def _pipeline_cpm(root, work, candidates, seed: int, head_epochs: int, views: in
                                   **MINING_SETTINGS)
     run = train.train_head(work, features=tag, epochs=head_epochs, run="head", device="cpu", val_subsets=[2],
                            test_subsets=[3], seed=seed, quiet=True)
-    result = evaluate.evaluate_model(run / "best.pt", root, [3], work / "eval", workers=1, device="cpu",
+    result = evaluate.evaluate_model(run / "best.pt", root, [3], work / "eval", readers=1, device="cpu",
                                      bootstrap=1000, candidates_path=candidates)
     return {"cpm": result["cpm"], "ci": result["cpm_ci95"], "auc": result["auc"], "n": result["n_candidates"],
             "positives": result["n_positive"], "scans": result["n_scans"]}
@@ -989,7 +989,7 @@ def _real_anatomy_end_to_end(root, detected_csv, demo_dir, subsets: list) -> Non
         for name, csv in (("own list", Path(root) / "candidates_V2.csv"), ("detected", detected_csv)):
             result = evaluate.evaluate_model(Path(demo_dir) / "runs" / run / "best.pt", Path(root), subsets,
                                              Path(root).parent / "eval" / f"{run}-{name.replace(' ', '-')}",
-                                             workers=1, device="cpu", candidates_path=Path(csv))
+                                             readers=1, device="cpu", candidates_path=Path(csv))
             size = result.get("size", {})
             mae = [f"{size[k]['mae_mm']:.2f} ({size[k]['n_measured']})"
                    if k in size and size[k].get("n_measured") else "-" for k in ("model", "plain")]

@@ -15,9 +15,9 @@ cross-validation), ``fold<k>/`` (one model evaluation per fold), ``submission.cs
 
 Mined negatives: a fold refuses to train on cache rows mined by a model that saw its test subset, or by a
 model whose subsets are not recorded (``features.check_mined_rows``). ``mine_rounds`` N mines inside each
-fold: its model scores every negative candidate of the fold's training subsets, their top ``per_scan`` a scan
-are added to the caches tagged with the fold (only that fold trains on them; ``mining.mine_subset``), and a
-new run ``<NAME>-fold<k>-mine<r>`` trains from the start; the last round's model is evaluated.
+fold: its model scores every negative candidate of the fold's training subsets, their top ``max_per_scan``
+a scan are added to the caches tagged with the fold (only that fold trains on them; ``mining.mine_subset``),
+and a new run ``<NAME>-fold<k>-mine<r>`` trains from the start; the last round's model is evaluated.
 
 Resumable: a fold whose evaluation finished is skipped; a fold whose run already has a ``last.pt`` continues
 it (``resume``; a finished run does nothing more); an evaluation continues from the scans it finished.
@@ -56,7 +56,7 @@ TRAINING_OPTIONS = options_mod.crossval_names()
 FOLD_COLUMNS = ("fold", "test_subset", "val_subset", "run", "checkpoint", "n_scans", "n_candidates", "auc",
                 "cpm")
 EVAL_BATCH_SIZE = 64
-EVAL_WORKERS = 2  # evaluate's default reader processes when --workers is not given
+EVAL_READERS = 2  # evaluate's default processes reading scans when --readers is not given
 
 
 @dataclass
@@ -126,6 +126,8 @@ def _settings(out_dir: Path, name: str, wanted: Dict[str, Any], given: Dict[str,
         common.atomic_write_json(path, settings)
         return settings
     saved = json.loads(path.read_text())
+    if "per_scan" in saved:  # the name before it was max_per_scan
+        saved["max_per_scan"] = saved.pop("per_scan")
     defaults = train.HEAD_DEFAULTS if saved.get("stage") == "head" else train.FINETUNE_DEFAULTS
     stored = {**defaults, **saved.get("training", {})}
     differing = [f"--{k.replace('_', '-')}: it has {saved.get(k)!r}, this call {v!r}"
@@ -194,8 +196,7 @@ def _run_fold(work_dir: Path, data_dir: Path, out_dir: Path, fold: Fold, scans: 
         best = _train_fold(work_dir, fold, f"{fold.run}-mine{round_}", settings["stage"], training,
                            runtime["device"], runtime["workers"], runtime["quiet"])
     return evaluate.evaluate_model(best, data_dir, [fold.test], fold_dir, views=settings.get("views"),
-                                   batch_size=EVAL_BATCH_SIZE,
-                                   workers=EVAL_WORKERS if runtime["workers"] is None else runtime["workers"],
+                                   batch_size=EVAL_BATCH_SIZE, readers=runtime["readers"],
                                    device=runtime["device"], precision=runtime["precision"] or "auto",
                                    bootstrap=runtime["bootstrap"], seed=0, console=console, work_dir=work_dir,
                                    strict_cutoff=False)
@@ -222,11 +223,10 @@ def _mine_for_fold(work_dir: Path, data_dir: Path, fold: Fold, best: Path, setti
     """Add the fold model's hardest negatives of each of the fold's training subsets to their caches, tagged
     with the fold; for the head stage, encode them into the feature set."""
     subsets = [k for k in extracted_subsets(work_dir) if k not in (fold.test, fold.val)]
-    workers = EVAL_WORKERS if runtime["workers"] is None else runtime["workers"]
     for subset in subsets:
         summary = mining.mine_subset(data_dir, work_dir, subset, str(best),
-                                     per_scan=int(settings["per_scan"]), batch_size=EVAL_BATCH_SIZE,
-                                     workers=workers, device=runtime["device"],
+                                     max_per_scan=int(settings["max_per_scan"]), batch_size=EVAL_BATCH_SIZE,
+                                     readers=runtime["readers"], device=runtime["device"],
                                      precision=runtime["precision"] or "auto", views=settings.get("views"),
                                      for_fold=fold.test)
         if summary.unreadable:
@@ -325,12 +325,12 @@ def write_operating_point(out_dir: Path, data_dir: Path, plan: List[Fold],
 
 
 def _prepare(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str, stage: str, val_offset: int,
-             given: Dict[str, Any], views: Optional[int], mine_rounds: int = 0, per_scan: int = 20):
+             given: Dict[str, Any], views: Optional[int], mine_rounds: int = 0, max_per_scan: int = 20):
     """Check the request before any work: ``(plan, settings, out_dir, {subset: seriesuids})``."""
     plan = plan_folds(folds, check_name(name), val_offset)
-    if mine_rounds < 0 or per_scan < 1:
-        raise UserError(f"--mine-rounds must be 0 or more and --per-scan at least 1, "
-                        f"got {mine_rounds} and {per_scan}")
+    if mine_rounds < 0 or max_per_scan < 1:
+        raise UserError(f"--mine-rounds must be 0 or more and --max-per-scan at least 1, "
+                        f"got {mine_rounds} and {max_per_scan}")
     if views is not None:
         head.check_views(views)
     missing = sorted(set(folds) - set(extracted_subsets(work_dir)))
@@ -346,16 +346,17 @@ def _prepare(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str, st
     out_dir = crossval_dir(work_dir, name)
     wanted = {"stage": stage, "folds": [f.test for f in plan], "val_offset": int(val_offset)}
     if mine_rounds:
-        wanted.update(mine_rounds=int(mine_rounds), per_scan=int(per_scan))
+        wanted.update(mine_rounds=int(mine_rounds), max_per_scan=int(max_per_scan))
     settings = _settings(out_dir, name, wanted, given, views, _started(Path(work_dir), out_dir, name))
     return plan, settings, out_dir, fold_scans
 
 
 def run_crossval(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str, *, stage: str = "head",
                  val_offset: int = 1, views: Optional[int] = None, precision: Optional[str] = None,
-                 mine_rounds: int = 0, per_scan: int = 20, device: str = "auto",
-                 workers: Optional[int] = None, bootstrap: int = 1000, json_out: Optional[Path] = None,
-                 quiet: bool = False, console=None, **training: Any) -> Dict[str, Any]:
+                 mine_rounds: int = 0, max_per_scan: int = 20, device: str = "auto",
+                 workers: Optional[int] = None, readers: int = EVAL_READERS, bootstrap: int = 1000,
+                 json_out: Optional[Path] = None, quiet: bool = False, console=None,
+                 **training: Any) -> Dict[str, Any]:
     """Cross-validate over the subsets ``folds`` (see the module docstring); returns the pooled metrics.
 
     ``stage``: "head" (``train.train_head`` on a feature set that covers every fold: cache-features with
@@ -363,14 +364,15 @@ def run_crossval(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str
     (:data:`STAGE_OPTIONS`); those left out take the stage's defaults (finetune's ``head_from``: a head-stage
     cross-validation, fold k starting from its fold k). ``views``: evaluation flips (default: the checkpoint's
     own); for finetune also its validation's. ``precision``: evaluation precision (and finetune's).
-    ``mine_rounds``: rounds of hard-negative mining inside each fold, ``per_scan`` negatives a scan each.
-    Writes ``W/crossval/<name>/`` and ``json_out``.
+    ``mine_rounds``: rounds of hard-negative mining inside each fold, ``max_per_scan`` negatives a scan each.
+    ``workers``: finetune's loader processes; ``readers``: processes reading scans for the folds' evaluation
+    and mining. Writes ``W/crossval/<name>/`` and ``json_out``.
     """
     given = _given_training(stage, training, precision)
     plan, settings, out_dir, fold_scans = _prepare(Path(work_dir), Path(data_dir), folds, name, stage,
-                                                   val_offset, given, views, mine_rounds, per_scan)
-    runtime = {"device": device, "workers": workers, "precision": precision, "bootstrap": bootstrap,
-               "quiet": quiet}
+                                                   val_offset, given, views, mine_rounds, max_per_scan)
+    runtime = {"device": device, "workers": workers, "readers": readers, "precision": precision,
+               "bootstrap": bootstrap, "quiet": quiet}
     fold_metrics = {f.test: _run_fold(Path(work_dir), Path(data_dir), out_dir, f, fold_scans[f.test],
                                       settings, runtime, console) for f in plan}
     froc = pool_folds(out_dir, Path(data_dir), plan, fold_metrics, fold_scans, bootstrap)

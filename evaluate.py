@@ -594,16 +594,8 @@ PREDICTION_COLUMNS = ("seriesuid,coordX,coordY,coordZ,probability,class,annotate
 SCORE_COLUMNS = ("probability", "model_diameter_mm", "plain_diameter_mm")
 
 
-def checkpoint_for_run(work_dir, run: str) -> Path:
-    """``<work_dir>/runs/<run>/best.pt``, which must exist."""
-    path = Path(work_dir) / "runs" / run / "best.pt"
-    if not path.is_file():
-        raise UserError(f"run {run!r} has no best.pt ({path} not found); see {Path(work_dir) / 'runs'}")
-    return path
-
-
 def evaluation_name(work_dir, checkpoint: Path, candidates: Optional[Path] = None) -> str:
-    """A checkpoint's evaluation name, after its run folder: ``W/runs/<run>/best.pt`` (what ``--run <run>``
+    """A checkpoint's evaluation name, after its run folder: ``W/runs/<run>/best.pt`` (what ``--model <run>``
     evaluates) -> ``<run>``; any other checkpoint -> ``<its folder>_<its stem>_<8 hex digits of its full
     path>``, so that two checkpoints never share an evaluation folder. ``candidates`` other than the data
     folder's add ``_<their stem>``."""
@@ -663,12 +655,12 @@ def _one_thread(_worker_id: int) -> None:
     resample.set_extraction_threads(1)  # the reader processes already run side by side
 
 
-def stream_scan_patches(scans: list, patch_size: int, spacing_mm: float, workers: int, chunk: int = 256):
-    """Chunks of :class:`ScanPatchStream`, prefetched by ``workers`` processes (0: in this process)."""
+def stream_scan_patches(scans: list, patch_size: int, spacing_mm: float, readers: int, chunk: int = 256):
+    """Chunks of :class:`ScanPatchStream`, prefetched by ``readers`` processes (0: in this process)."""
     loader = torch.utils.data.DataLoader(
         ScanPatchStream(scans, patch_size, spacing_mm, chunk), batch_size=None,
-        num_workers=workers, collate_fn=_as_is, worker_init_fn=_one_thread if workers else None,
-        prefetch_factor=2 if workers else None)
+        num_workers=readers, collate_fn=_as_is, worker_init_fn=_one_thread if readers else None,
+        prefetch_factor=2 if readers else None)
     return iter(loader)
 
 
@@ -698,7 +690,7 @@ class ModelRun:
     preprocess: dict
     views: int
     batch_size: int
-    workers: int
+    readers: int
     device: torch.device
     precision: str
     parts: common.Parts
@@ -721,7 +713,7 @@ def scored_chunks(run: ModelRun, todo: list, with_size: bool = False):
     cut around its world points (:func:`stream_scan_patches`), each chunk scored by ``run``'s model at its
     views and precision."""
     chunks = stream_scan_patches(todo, int(run.preprocess["patch_size"]), float(run.preprocess["spacing_mm"]),
-                                 run.workers, chunk=max(run.batch_size, 256)) if todo else []
+                                 run.readers, chunk=max(run.batch_size, 256)) if todo else []
     for uid, first, patches, error in chunks:
         if patches is None:
             yield uid, None, error
@@ -756,14 +748,14 @@ def _score_scans(run: ModelRun, todo: list, rows_of: dict, scores: np.ndarray, m
 
 
 def open_model_run(checkpoint: Path, candidates_path: Path, parts_dir: Path, views: Optional[int],
-                   batch_size: int, workers: int, device: str, precision: str,
+                   batch_size: int, readers: int, device: str, precision: str,
                    **key) -> tuple[ModelRun, dict]:
     """The model of a checkpoint, how it is applied, and the parts of its scores in ``parts_dir``, kept while
     the checkpoint, its views, the encoder's precision, the candidates file and ``key`` stay the same (the
     head runs in float32, see ``head.Classifier.forward_head``; parts scored otherwise are discarded). Returns
     ``(run, meta)``."""
-    if batch_size < 1 or workers < 0:
-        raise UserError(f"--batch-size must be >= 1 and --workers >= 0, got {batch_size}, {workers}")
+    if batch_size < 1 or readers < 0:
+        raise UserError(f"--batch-size must be >= 1 and --readers >= 0, got {batch_size}, {readers}")
     torch_device = head.resolve_device(device)
     model, meta = head.load_classifier(checkpoint, device=torch_device)
     views = head.check_views(views or meta.get("views", 1))
@@ -773,7 +765,7 @@ def open_model_run(checkpoint: Path, candidates_path: Path, parts_dir: Path, vie
                checkpoint_mtime_ns=stat.st_mtime_ns, preprocess=meta["preprocess"], views=views,
                encoder_precision=precision, head_precision="fp32",
                candidates=str(candidates_path.resolve()), columns=list(SCORE_COLUMNS))
-    run = ModelRun(model, meta["preprocess"], views, batch_size, workers, torch_device, precision,
+    run = ModelRun(model, meta["preprocess"], views, batch_size, readers, torch_device, precision,
                    common.Parts(parts_dir, key))
     return run, meta
 
@@ -800,7 +792,7 @@ def _write_scored(out_dir: Path, candidates: PointTable, scores: np.ndarray, ann
 
 
 def evaluate_model(checkpoint: Path, data_dir: Path, subsets: list[int], out_dir: Path,
-                   views: Optional[int] = None, batch_size: int = 64, workers: int = 2, device: str = "auto",
+                   views: Optional[int] = None, batch_size: int = 64, readers: int = 2, device: str = "auto",
                    precision: str = "auto", bootstrap: int = 1000, seed: int = 0, console=None,
                    candidates_path: Optional[Path] = None, work_dir: Optional[Path] = None,
                    allow_missing: bool = False, cutoff: Optional[float] = None,
@@ -830,7 +822,7 @@ def evaluate_model(checkpoint: Path, data_dir: Path, subsets: list[int], out_dir
     check = check_scans(data_dir, subsets, work_dir, allow_missing)
     scans = check.found
     candidates_path = Path(candidates_path) if candidates_path else data.candidates_file(data_dir)
-    run, meta = open_model_run(checkpoint, candidates_path, out_dir / "parts", views, batch_size, workers,
+    run, meta = open_model_run(checkpoint, candidates_path, out_dir / "parts", views, batch_size, readers,
                                device, precision)
     operating = calibration.resolve_cutoff(meta, run.views, cutoff, strict_cutoff, name=str(checkpoint))
     candidates, problems = data.read_point_csv(candidates_path, "class", strict=False)

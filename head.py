@@ -250,6 +250,25 @@ def strip_module_prefix(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tenso
             for key, value in state.items()}
 
 
+def runs_dir(work_dir) -> Path:
+    """``W/runs``: one folder per training run (train-head, finetune), its checkpoints inside."""
+    return Path(work_dir) / "runs"
+
+
+def model_checkpoint(work_dir, model, option: str = "--model") -> Path:
+    """The checkpoint that a model option names, wherever a model is read: a ``.pt`` file, a run name (its
+    ``W/runs/NAME/best.pt``) or a run folder (its ``best.pt``). UserError naming the option when it is
+    missing."""
+    path = Path(model)
+    if path.suffix != ".pt":
+        run_folder = path.is_dir() and (path / "config.json").is_file()
+        path = (path if run_folder else runs_dir(work_dir) / str(model)) / "best.pt"
+    if not path.is_file():
+        raise UserError(f"{option} {model}: no checkpoint {path} (give a run name under "
+                        f"{runs_dir(work_dir)}, a run folder or a .pt file)")
+    return path
+
+
 def read_checkpoint(path: Path) -> Dict[str, Any]:
     """Load one of our checkpoint dicts on the CPU (``weights_only=True``), or raise UserError."""
     path = Path(path)

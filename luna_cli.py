@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import common
 import functools
+import inspect
 import os
 from enum import Enum
 from pathlib import Path
@@ -72,50 +73,30 @@ PrecisionOption = Annotated[Precision, typer.Option(
     help="auto: bf16 on recent GPUs, fp16 on older ones, fp32 on the CPU.", case_sensitive=False)]
 BatchSize = Annotated[int, typer.Option(min=1, help="Patches per forward pass.")]
 Workers = Annotated[Optional[int], typer.Option(
-    min=0, help="Loader processes (default: 4 on GPU, 0 on CPU).")]
+    min=0, help="Processes loading cached patches for the model (default: 4 on GPU, 0 on CPU).")]
 Views = Annotated[Optional[int], typer.Option(
     min=1, max=8, help="Flips of each patch averaged per prediction (default: the checkpoint's own, from "
                        "training).")]
-Seed = Annotated[int, typer.Option(help="Seed.")]
 Run = Annotated[Optional[str], typer.Option(help="Run folder name under W/runs (default: <command>-<time>).")]
 Resume = Annotated[bool, typer.Option(
     "--resume", help="Continue the run (--run, else the latest) from its last.pt; "
                      "options given again must equal the run's.")]
 StopAfter = Annotated[Optional[int], typer.Option(
     min=1, help="Stop this call after N epochs (continue with --resume).")]
-ValSubsets = Annotated[str, typer.Option(help="Validation subsets, e.g. 8 or 7,8 (each must be extracted); "
-                                              "auto: 80:20 split of the training scans by seriesuid.")]
-TestSubsets = Annotated[str, typer.Option(help="Held-out test subsets, never read here ('none' for none).")]
-Epochs = Annotated[int, typer.Option(min=1, help="Most epochs (fixes the learning-rate schedule).")]
-LearningRate = Annotated[float, typer.Option(callback=_positive, help="Peak AdamW learning rate.")]
-Patience = Annotated[int, typer.Option(
-    min=0, help="Stop after this many epochs without a better validation AUC (0: never).")]
-EpochSamples = Annotated[int, typer.Option(
-    min=0, help="Class-balanced draws per epoch (0: the training set size).")]
-PositiveShare = Annotated[float, typer.Option(
-    min=0.01, max=0.99, help="Share of each epoch's draws that are nodules.")]
-SizeWeight = Annotated[float, typer.Option(
-    min=0.0, help="Weight of the size loss (squared error of the log-diameter on annotated nodules) "
-                  "beside the classification loss; 0: no size output.")]
-FeatureSize = Annotated[int, typer.Option(
-    min=12, help="Encoder feature size (48 for the published weights; 12 for small CPU models).")]
-WindowSize = Annotated[int, typer.Option(
-    min=2, help="Attention window (7 for the published weights; 4 for 32^3 CPU models).")]
-PoolingOption = Annotated[Pooling, typer.Option(
-    help="avg (16 * feature_size values), flatten (the whole last stage) or centre (each stage's centre, "
-         "31 * feature_size).")]
-Weights = Annotated[Optional[Path], typer.Option(
-    help="Pretrained Swin UNETR checkpoint for the encoder (random init without).")]
+TestSubsets = Annotated[str, typer.Option(help=options.OPTIONS["test_subsets"].text("head"))]
+FeatureSize = Annotated[int, typer.Option(min=12, help=options.OPTIONS["feature_size"].text("finetune"))]
+WindowSize = Annotated[int, typer.Option(min=2, help=options.OPTIONS["window_size"].text("finetune"))]
+PoolingOption = Annotated[Pooling, typer.Option(help=options.OPTIONS["pooling"].text("finetune"))]
+Weights = Annotated[Optional[Path], typer.Option(help=options.OPTIONS["weights"].text("finetune"))]
+HuMin = Annotated[float, typer.Option(help=options.OPTIONS["hu_min"].text("finetune"))]
+HuMax = Annotated[float, typer.Option(help=options.OPTIONS["hu_max"].text("finetune"))]
+Readers = Annotated[int, typer.Option(
+    min=0, help="Processes reading and cutting scans ahead of the model (0: in this process).")]
+Model = Annotated[Optional[str], typer.Option(
+    help="The model: a run name (its W/runs/NAME/best.pt) or a .pt checkpoint file.")]
 CutoffOption = Annotated[Optional[float], typer.Option(
     help="Cutoff as a raw logit (the model's score before calibration; probability p is log(p/(1-p))), "
          "instead of the validated one.")]
-TargetSensitivity = Annotated[float, typer.Option(
-    min=0.01, max=1.0, help="The cutoff is the highest threshold at which this share of the validation "
-                            "nodules has a candidate at or above it.")]
-HuMin = Annotated[float, typer.Option(help="HU mapped to 0.")]
-HuMax = Annotated[float, typer.Option(help="HU mapped to 1.")]
-
-
 def data_dir_option(value: Optional[Path]) -> Path:
     """--data-dir, else $LUNA16_DIR, else ./luna16."""
     return Path(value or os.environ.get("LUNA16_DIR", "luna16"))
@@ -139,6 +120,28 @@ def friendly_errors(func):
             console.print("[yellow]interrupted: finished work is kept, rerun the same command to resume[/]")
             raise typer.Exit(130)
     return wrapper
+
+
+def renamed(**moves: str):
+    """Decorator: each old option name of ``moves`` (``{old_name: "the new option and what it takes"}``) stays
+    as a hidden option that refuses, pointing to the new one."""
+    def decorate(func):
+        own = list(inspect.signature(func, eval_str=True).parameters.values())
+        old = [inspect.Parameter(f"old_{name}", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                 annotation=Annotated[Optional[str], typer.Option(
+                                     "--" + name.replace("_", "-"), hidden=True)]) for name in moves]
+
+        def command(**values):
+            for name, new in moves.items():
+                if values.pop(f"old_{name}") is not None:
+                    raise UserError(f"--{name.replace('_', '-')} was renamed: use {new}")
+            return func(**values)
+        command.__name__, command.__doc__ = func.__name__, func.__doc__
+        command.__signature__ = inspect.Signature([p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+                                                   if p.kind == p.POSITIONAL_OR_KEYWORD and p.name != "ctx"
+                                                   else p for p in own] + old)
+        return command
+    return decorate
 
 
 @app.callback()
@@ -251,6 +254,7 @@ def detect(
 
 @app.command()
 @friendly_errors
+@renamed(seed="--sample-seed", per_scan="--max-per-scan", workers="--readers")
 def extract(
     subsets: Annotated[str, typer.Option("--subsets", "--subset", help="Subsets to extract, e.g. 0, 0-7,9.")],
     data_dir: DataDir = None,
@@ -262,17 +266,17 @@ def extract(
         min=0, help="Seeded sample of negatives per positive candidate.")] = 10.0,
     all_candidates: Annotated[bool, typer.Option(
         "--all-candidates", help="Keep every candidate, not a sample.")] = False,
-    seed: Seed = 0,
+    sample_seed: Annotated[int, typer.Option(help="Seed of the sample of negatives.")] = 0,
     candidates: Annotated[Optional[Path], typer.Option(
         help="Candidates CSV to cut (default: candidates_V2.csv of the data dir), e.g. one written by "
              "detect.")] = None,
     hard_negatives: Annotated[Optional[str], typer.Option(
-        help="Mine instead: add the negatives this run's best model (or a .pt file) scores highest.")] = None,
-    per_scan: Annotated[int, typer.Option(
-        min=1, help="With --hard-negatives: the top negatives of each scan to hold.")] = 20,
+        help="Mine instead: add the negatives this model scores highest (a run name, for its best.pt, or a "
+             ".pt file).")] = None,
+    max_per_scan: Annotated[int, typer.Option(
+        min=1, help="With --hard-negatives: at most this many negatives a scan, its highest-scoring.")] = 20,
     batch_size: BatchSize = 64,
-    workers: Annotated[int, typer.Option(
-        min=0, help="With --hard-negatives: processes reading scans ahead.")] = 2,
+    readers: Readers = 2,
     device: Device = "auto",
     precision: PrecisionOption = Precision.auto,
 ):
@@ -287,14 +291,14 @@ def extract(
         if hard_negatives:
             import mining
             mined = mining.mine_subset(data_dir_option(data_dir), work_dir_option(work_dir), k,
-                                       hard_negatives, per_scan, batch_size, workers, device, precision.value,
-                                       console=console)
+                                       hard_negatives, max_per_scan, batch_size, readers, device,
+                                       precision.value, console=console)
             console.print(f"subset {k}: [bold]{mined.added}[/] hard negatives of {mined.run} added "
                           f"({mined.scans} scans scored); the cache holds {mined.n_patches} patches")
             failed = mined.unreadable
         else:
             summary = data.extract_subset(data_dir_option(data_dir), work_dir_option(work_dir), k, patch_size,
-                                          spacing_mm, negatives_per_positive, all_candidates, seed,
+                                          spacing_mm, negatives_per_positive, all_candidates, sample_seed,
                                           console=console, candidates_path=candidates)
             console.print(f"subset {k}: [bold]{summary.n_patches}[/] patches ({summary.n_positive} positive) "
                           f"from {summary.scans_done} scans ({summary.scans_new} new) in {summary.cache_dir}")
@@ -309,6 +313,7 @@ def extract(
 
 @app.command("cache-features")
 @friendly_errors
+@renamed(seed="--init-seed")
 def cache_features(
     work_dir: WorkDir = None,
     subsets: Annotated[Optional[str], typer.Option(
@@ -326,7 +331,7 @@ def cache_features(
     device: Device = "auto",
     precision: PrecisionOption = Precision.auto,
     workers: Workers = None,
-    seed: Annotated[int, typer.Option(help="Seed of a random-init encoder (no --weights).")] = 0,
+    init_seed: Annotated[int, typer.Option(help="Seed of a random-init encoder (no --weights).")] = 0,
 ):
     """Run the frozen encoder over the patch cache once; store float16 features beside each subset's index."""
     import features
@@ -335,7 +340,7 @@ def cache_features(
                             test_subsets=parse_subsets(test_subsets, "--test-subsets"),
                             feature_size=feature_size, window_size=window_size, pooling=pooling.value,
                             hu_min=hu_min, hu_max=hu_max, batch_size=batch_size, device=device,
-                            precision=precision.value, workers=workers, seed=seed, views=views)
+                            precision=precision.value, workers=workers, seed=init_seed, views=views)
 
 
 @app.command("train-head")
@@ -370,11 +375,12 @@ def finetune(given: dict, work_dir: WorkDir = None, run: Run = None, resume: Res
 
 @app.command()
 @friendly_errors
+@renamed(run="--model NAME", checkpoint="--model FILE", out_dir="--out", workers="--readers",
+         seed="--bootstrap-seed")
 def evaluate(
     submission: Annotated[Optional[Path], typer.Option(
         help="Score this LUNA16 submission CSV (seriesuid,coordX,coordY,coordZ,probability).")] = None,
-    run: Annotated[Optional[str], typer.Option(help="Evaluate the model of W/runs/NAME/best.pt.")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Evaluate this checkpoint.")] = None,
+    model: Model = None,
     subsets: Annotated[Optional[str], typer.Option(
         help="Subsets whose scans are evaluated, e.g. 9 or 0-7,9 (required for a model).")] = None,
     annotations: Annotated[Optional[Path], typer.Option(
@@ -386,18 +392,17 @@ def evaluate(
              "--subsets).")] = None,
     json_out: Annotated[Optional[Path], typer.Option(
         "--json", help="Also write the results as JSON here (and the FROC plot beside it).")] = None,
-    out_dir: Annotated[Optional[Path], typer.Option(
-        help="Model evaluation folder (default: W/eval/<run>_subsets<k>, after the checkpoint's run folder; "
-             "see README).")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="A model's evaluation folder (default: W/eval/<run>_subsets<k>, after the checkpoint's run "
+             "folder; see README).")] = None,
     views: Views = None,
     batch_size: BatchSize = 64,
-    workers: Annotated[int, typer.Option(
-        min=0, help="Processes reading scans ahead of the model (0: none).")] = 2,
+    readers: Readers = 2,
     device: Device = "auto",
     precision: PrecisionOption = Precision.auto,
     bootstrap: Annotated[int, typer.Option(
         min=0, help="Bootstrap resamples of the scans for 95% intervals (0: none).")] = 1000,
-    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    bootstrap_seed: Annotated[int, typer.Option(help="Seed of the bootstrap resamples.")] = 0,
     candidates: Annotated[Optional[Path], typer.Option(
         help="Model: the candidates to score (default: candidates_V2.csv of the data dir), e.g. one written "
              "by detect.")] = None,
@@ -412,30 +417,31 @@ def evaluate(
     """Score a submission with the official LUNA16 FROC/CPM rules, or a model on every candidate of whole
     subsets."""
     import evaluate as evaluation
-    if sum(x is not None for x in (submission, run, checkpoint)) != 1:
-        raise UserError("give exactly one of --submission FILE, --run NAME or --checkpoint FILE")
+    if (submission is None) == (model is None):
+        raise UserError("give either --submission FILE or --model (a run name or a .pt file)")
     root, work = data_dir_option(data_dir), work_dir_option(work_dir)
     subset_list = parse_subsets(subsets, "--subsets", required=True) if subsets is not None else None
     if submission is not None and (candidates is not None or cutoff is not None):
-        raise UserError("--candidates and --cutoff are for evaluating a model (--run or --checkpoint); a "
-                        "submission holds its own marks")
+        raise UserError("--candidates and --cutoff are for evaluating a model (--model); a submission holds "
+                        "its own marks")
     if submission is not None:
         scan_list, notes = evaluation.submission_scans(root, subset_list, seriesuids, work, allow_missing)
         result = evaluation.score_submission(submission, annotations or root / "annotations.csv",
                                              excluded or root / "annotations_excluded.csv", scan_list,
                                              json_out=json_out,
                                              figure=json_out.with_suffix(".png") if json_out else None,
-                                             bootstrap=bootstrap, seed=seed, warnings=notes)
+                                             bootstrap=bootstrap, seed=bootstrap_seed, warnings=notes)
         evaluation.print_froc(console, result, f"LUNA16 FROC of {submission.name}")
         return
     if subset_list is None:
         raise UserError("evaluating a model needs --subsets, e.g. --subsets 9")
-    checkpoint = checkpoint or evaluation.checkpoint_for_run(work, run)
-    out_dir = out_dir or evaluation.default_eval_dir(
+    import head
+    checkpoint = head.model_checkpoint(work, model)
+    out_dir = out or evaluation.default_eval_dir(
         work, evaluation.evaluation_name(work, checkpoint, candidates), subset_list, views)
     result = evaluation.evaluate_model(checkpoint, root, subset_list, out_dir, views=views,
-                                       batch_size=batch_size, workers=workers, device=device,
-                                       precision=precision.value, bootstrap=bootstrap, seed=seed,
+                                       batch_size=batch_size, readers=readers, device=device,
+                                       precision=precision.value, bootstrap=bootstrap, seed=bootstrap_seed,
                                        console=console, candidates_path=candidates, work_dir=work,
                                        allow_missing=allow_missing, cutoff=cutoff)
     if json_out is not None:
@@ -461,6 +467,7 @@ class Stage(str, Enum):
 
 @app.command()
 @friendly_errors
+@renamed(per_scan="--max-per-scan")
 @options.with_options(options.crossval_names(), None)
 def crossval(
     given: dict,
@@ -476,8 +483,8 @@ def crossval(
     mine_rounds: Annotated[int, typer.Option(
         min=0, help="Rounds of hard-negative mining inside each fold, with its own model on its training "
                     "subsets.")] = 0,
-    per_scan: Annotated[int, typer.Option(
-        min=1, help="With --mine-rounds: the top negatives of each scan to hold.")] = 20,
+    max_per_scan: Annotated[int, typer.Option(
+        min=1, help="With --mine-rounds: at most this many negatives a scan, its highest-scoring.")] = 20,
     views: Annotated[Optional[int], typer.Option(
         min=1, max=8, help="Flips averaged in evaluation (default: the checkpoint's own); finetune: in "
                            "validation too.")] = None,
@@ -485,8 +492,8 @@ def crossval(
         help="Evaluation precision (and finetune's): auto is bf16 on recent GPUs, fp16 on older ones, fp32 "
              "on the CPU.", case_sensitive=False)] = None,
     device: Device = "auto",
-    workers: Annotated[Optional[int], typer.Option(
-        min=0, help="Loader processes (default: finetune's own; 2 reading scans for evaluation).")] = None,
+    workers: Workers = None,
+    readers: Readers = 2,
     bootstrap: Annotated[int, typer.Option(
         min=0, help="Bootstrap resamples of the scans for 95% intervals (0: none).")] = 1000,
     json_out: Annotated[Optional[Path], typer.Option(
@@ -502,8 +509,9 @@ def crossval(
                              parse_subsets(folds, "--folds", required=True), name, stage=stage.value,
                              val_offset=val_offset, views=views,
                              precision=None if precision is None else precision.value,
-                             mine_rounds=mine_rounds, per_scan=per_scan, device=device, workers=workers,
-                             bootstrap=bootstrap, json_out=json_out, console=console, **given)
+                             mine_rounds=mine_rounds, max_per_scan=max_per_scan, device=device,
+                             workers=workers, readers=readers, bootstrap=bootstrap, json_out=json_out,
+                             console=console, **given)
     console.print(cv.fold_table(result))
     evaluation.print_froc(console, result["froc"], f"LUNA16 FROC, cross-validation {name} (all folds)")
     console.print(f"files in {cv.crossval_dir(work_dir_option(work_dir), name)}: submission.csv, "
@@ -516,22 +524,24 @@ def crossval(
 
 @app.command()
 @friendly_errors
+@renamed(checkpoint="--model (a run name or a .pt file; repeatable)", candidates="--points")
 def predict(
     scan: Annotated[Path, typer.Option(help="The CT: .mhd, NIfTI, or a DICOM series folder.")],
-    checkpoint: Annotated[List[Path], typer.Option(
-        help="Classifier checkpoint (best.pt of a run); repeat it to average several models (their mean "
-             "cutoff is unvalidated: give --cutoff, or use --ensemble).")] = [],
+    model: Annotated[List[str], typer.Option(
+        help="The model: a run name (its W/runs/NAME/best.pt) or a .pt checkpoint file; repeat it to average "
+             "several models (their mean cutoff is unvalidated: give --cutoff, or use --ensemble).")] = [],
     ensemble: Annotated[Optional[str], typer.Option(
         help="Average the folds of crossval NAME (W/crossval/NAME) at the operating point chosen on their "
              "pooled out-of-fold scores.")] = None,
     coord: Annotated[List[str], typer.Option(
         "--coord", help="World mm point X,Y,Z, LPS as in the LUNA16 CSVs (repeat for several).")] = [],
-    candidates: Annotated[Optional[Path], typer.Option(
+    points: Annotated[Optional[Path], typer.Option(
         help="CSV of points with coordX,coordY,coordZ columns (world mm, LPS). "
-             "Without --coord and --candidates, detect finds them.")] = None,
+             "Without --coord and --points, detect finds them.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write the predictions here as CSV.")] = None,
     max_per_scan: Annotated[int, typer.Option(
-        min=1, help="Without --coord and --candidates: most candidates detect finds.")] = 300,
+        min=1, help="Without --coord and --points: at most this many candidates a scan (the highest "
+                    "first).")] = 300,
     views: Views = None,
     cutoff: CutoffOption = None,
     batch_size: BatchSize = 64,
@@ -554,15 +564,18 @@ def predict(
     follow-up points, the guideline's size category (research use only)."""
     import crossval as cv
     import predict as prediction
-    if not checkpoint and ensemble is None:
-        raise UserError("give --checkpoint FILE (one or more) or --ensemble NAME of a crossval")
+    import head
+    if not model and ensemble is None:
+        raise UserError("give --model (a run name or a .pt file; one or more) or --ensemble NAME of a "
+                        "crossval")
+    checkpoints = [head.model_checkpoint(work_dir_option(work_dir), m) for m in model]
     folder = None if ensemble is None else \
         cv.crossval_dir(work_dir_option(work_dir), cv.check_name(ensemble, "--ensemble"))
-    rows = prediction.predict_scan(checkpoint, scan, coord, candidates, out, device=device,
+    rows = prediction.predict_scan(checkpoints, scan, coord, points, out, device=device,
                                    batch_size=batch_size, views=views, precision=precision.value,
                                    guideline=guideline.value, nodule_type=nodule_type.value, risk=risk.value,
                                    max_per_scan=max_per_scan, cutoff=cutoff, ensemble=folder)
-    title = prediction.results_title(scan, rows, detected=not coord and candidates is None)
+    title = prediction.results_title(scan, rows, detected=not coord and points is None)
     console.print(prediction.prediction_table(rows, title=title) if rows else title)
     if out is not None:
         console.print(f"written to {out}")

@@ -1,6 +1,6 @@
 """Hard-negative mining: add to a subset's patch cache the negatives a trained model finds hardest.
 
-``extract --subsets K --hard-negatives RUN --per-scan N`` scores every negative candidate of subset K with
+``extract --subsets K --hard-negatives RUN --max-per-scan N`` scores every negative candidate of subset K with
 RUN's best model (each scan read once and cut as ``evaluate`` does) and adds, for each scan, those of its N
 highest-scoring negatives that the cache does not hold yet. Their ``index.csv`` rows name RUN in the
 ``mined`` column and the subsets RUN trained and validated on (its ``config.json``) in ``mined_saw``, so that
@@ -38,11 +38,6 @@ class MiningSummary:
     unreadable: dict
 
 
-def _checkpoint_of(work_dir: Path, run: str) -> Path:
-    """``W/runs/RUN/best.pt``, or RUN itself when it is a ``.pt`` file."""
-    return Path(run) if run.endswith(".pt") else evaluate.checkpoint_for_run(work_dir, run)
-
-
 def seen_subsets(checkpoint: Path) -> Optional[list]:
     """The subsets the run of ``checkpoint`` trained and validated on (from ``config.json`` beside it), or
     None when no run configuration records them."""
@@ -65,15 +60,15 @@ def _negatives_to_score(data_dir: Path, scans: dict) -> data.PointTable:
     return candidates.take(np.flatnonzero(keep))
 
 
-def _top_of_scan(scores: np.ndarray, per_scan: int) -> np.ndarray:
-    """Positions of the ``per_scan`` highest scores (ties by file order), highest first."""
-    return np.lexsort((np.arange(len(scores)), -scores))[:per_scan]
+def _top_of_scan(scores: np.ndarray, max_per_scan: int) -> np.ndarray:
+    """Positions of the ``max_per_scan`` highest scores (ties by file order), highest first."""
+    return np.lexsort((np.arange(len(scores)), -scores))[:max_per_scan]
 
 
-def _score_and_keep(run: evaluate.ModelRun, todo: list, per_scan: int, in_cache: set, tags: dict,
+def _score_and_keep(run: evaluate.ModelRun, todo: list, max_per_scan: int, in_cache: set, tags: dict,
                     negatives: data.PointTable, console) -> dict:
     """Score each scan's negatives; save, per scan, the patches and index rows of those of its top
-    ``per_scan`` not in the cache. Returns ``{seriesuid: reason}`` of unreadable scans."""
+    ``max_per_scan`` not in the cache. Returns ``{seriesuid: reason}`` of unreadable scans."""
     rows_of = negatives.rows_by_scan()
     scores = {uid: np.full(len(rows_of[uid]), np.nan) for uid, _, _ in todo}
     patches = {uid: {} for uid, _, _ in todo}
@@ -83,7 +78,7 @@ def _score_and_keep(run: evaluate.ModelRun, todo: list, per_scan: int, in_cache:
         scores[uid][first:first + len(cut)] = chunk.probability
         # the scan's top so far: a negative that drops out of it never comes back, so only these patches are
         # kept
-        top = _top_of_scan(np.nan_to_num(scores[uid], nan=-np.inf), per_scan).tolist()
+        top = _top_of_scan(np.nan_to_num(scores[uid], nan=-np.inf), max_per_scan).tolist()
         kept = patches[uid]
         patches[uid] = {n: kept[n] if n in kept else cut[n - first].numpy() for n in top}
         if not np.isnan(scores[uid]).any():
@@ -105,27 +100,29 @@ def _key(uid: str, world_xyz) -> tuple:
     return (uid, *(repr(float(v)) for v in world_xyz))
 
 
-def mine_subset(data_dir: Path, work_dir: Path, subset: int, run: str, per_scan: int = 20,
-                batch_size: int = 64, workers: int = 2, device: str = "auto", precision: str = "auto",
+def mine_subset(data_dir: Path, work_dir: Path, subset: int, model: str, max_per_scan: int = 20,
+                batch_size: int = 64, readers: int = 2, device: str = "auto", precision: str = "auto",
                 views: Optional[int] = None, for_fold: Optional[int] = None, console=None) -> MiningSummary:
-    """Add the hard negatives of RUN (a run name or a ``.pt`` file) to the patch cache of one subset;
+    """Add the hard negatives of ``model`` (a run name, run folder or ``.pt`` file) to the patch cache of one
+    subset;
     ``for_fold``: the test subset of the cross-validation fold they are mined for (only it uses them)."""
-    if per_scan < 1:
-        raise UserError(f"--per-scan must be at least 1, got {per_scan}")
+    if max_per_scan < 1:
+        raise UserError(f"--max-per-scan must be at least 1, got {max_per_scan}")
     data_dir, work_dir = Path(data_dir), Path(work_dir)
     cache = data.subset_dir(work_dir, subset)
     if not (cache / "manifest.json").is_file():
         raise UserError(f"no patch cache for subset {subset} under {work_dir / 'patches'}; "
                         f"run `python luna_cli.py extract --subset {subset}` first")
     manifest = json.loads((cache / "manifest.json").read_text())
-    checkpoint = _checkpoint_of(work_dir, run)
+    checkpoint = head.model_checkpoint(work_dir, model, "--hard-negatives")
     name = checkpoint.parent.name if checkpoint.name == "best.pt" else checkpoint.stem
     features.check_preprocess_matches(head.read_checkpoint(checkpoint)["preprocess"],
                                       int(manifest["patch_size"]), float(manifest["spacing_mm"]),
                                       str(checkpoint))
     folder = work_dir / "mining" / name / f"subset{subset}"
     model_run, _ = evaluate.open_model_run(checkpoint, data.candidates_file(data_dir), folder / "parts",
-                                           views, batch_size, workers, device, precision, per_scan=per_scan)
+                                           views, batch_size, readers, device, precision,
+                                           max_per_scan=max_per_scan)
     seen = seen_subsets(checkpoint)
     tags = {"mined": name, "mined_saw": common.format_subsets(seen) if seen is not None else "",
             "mined_for": "" if for_fold is None else str(int(for_fold))}
@@ -138,8 +135,8 @@ def mine_subset(data_dir: Path, work_dir: Path, subset: int, run: str, per_scan:
                 if visible_to(row, tags["mined_for"])}
     todo = [(uid, scans[uid], negatives.world_xyz[rows]) for uid, rows in negatives.rows_by_scan().items()
             if uid not in model_run.parts.done()]
-    unreadable = _score_and_keep(model_run, todo, per_scan, in_cache, tags, negatives, console)
-    added, n_patches = _append_parts(cache, manifest, model_run.parts, tags, per_scan)
+    unreadable = _score_and_keep(model_run, todo, max_per_scan, in_cache, tags, negatives, console)
+    added, n_patches = _append_parts(cache, manifest, model_run.parts, tags, max_per_scan)
     if not unreadable:
         common.atomic_write_json(done_path, {"key": model_run.parts.key, "added": added})
         model_run.parts.remove()
@@ -147,7 +144,7 @@ def mine_subset(data_dir: Path, work_dir: Path, subset: int, run: str, per_scan:
 
 
 def _append_parts(cache: Path, manifest: dict, parts: common.Parts, tags: dict,
-                  per_scan: int) -> tuple[int, int]:
+                  max_per_scan: int) -> tuple[int, int]:
     """Append the mined patches of every finished scan to the cache (once: rows already there are skipped)."""
     rows = data.read_cache_index(cache)
     present = {_key(row[0], row[1:4]) for row in rows if visible_to(row, tags["mined_for"])}
@@ -162,7 +159,7 @@ def _append_parts(cache: Path, manifest: dict, parts: common.Parts, tags: dict,
     n_patches, n_positive = data.write_cache(cache, sources, rows + new_rows, int(manifest["patch_size"]))
     manifest.update(n_patches=n_patches, n_positive=n_positive,
                     mined=manifest.get("mined", []) + [{"run": tags["mined"], "saw": tags["mined_saw"],
-                                                        "for_fold": tags["mined_for"], "per_scan": per_scan,
-                                                        "added": len(new_rows)}])
+                                                        "for_fold": tags["mined_for"], "added": len(new_rows),
+                                                        "max_per_scan": max_per_scan}])
     common.atomic_write_json(cache / "manifest.json", manifest)
     return len(new_rows), n_patches

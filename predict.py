@@ -433,26 +433,26 @@ def distinct_findings(predictions: Sequence[dict], unknown_diameter_mm: float = 
     return kept
 
 
-def predict_scan(checkpoint, scan_path, coords: Sequence[str] = (), candidates=None, out=None,
+def predict_scan(checkpoint, scan_path, coords: Sequence[str] = (), points=None, out=None,
                  device: str = "auto", batch_size: int = 64, views: Optional[int] = None,
                  precision: str = "auto", *, guideline: str = "fleischner", nodule_type: str = "solid",
                  risk: str = "low", max_per_scan: int = detect.DEFAULT_MAX_PER_SCAN,
                  cutoff: Optional[float] = None, ensemble: Optional[Path] = None) -> list[dict]:
-    """Points from ``--coord X,Y,Z`` strings or a candidates CSV -> :func:`predict_points` (one checkpoint or
-    a list, averaged, or a crossval ``ensemble``; ``cutoff`` a raw logit; ``guideline``, ``nodule_type`` and
-    ``risk`` for the follow-up category), written to ``out``. With neither, :func:`detect.detect_scan` finds
-    up to ``max_per_scan`` candidates first, and the distinct findings at or above the cutoff
-    (:func:`distinct_findings`) are returned, highest probability first, with their follow-up categories for
-    that number of nodules."""
-    if coords and candidates is not None:
-        raise UserError("give either --coord X,Y,Z (one or more) or --candidates FILE.csv, not both")
+    """Points from ``--coord X,Y,Z`` strings or a points CSV (``--points``) -> :func:`predict_points` (one
+    checkpoint or a list, averaged, or a crossval ``ensemble``; ``cutoff`` a raw logit; ``guideline``,
+    ``nodule_type`` and ``risk`` for the follow-up category), written to ``out``. With neither,
+    :func:`detect.detect_scan` finds up to ``max_per_scan`` candidates first, and the distinct findings at or
+    above the cutoff (:func:`distinct_findings`) are returned, highest probability first, with their follow-up
+    categories for that number of nodules."""
+    if coords and points is not None:
+        raise UserError("give either --coord X,Y,Z (one or more) or --points FILE.csv, not both")
     chosen = resolve_models(checkpoint, head.resolve_device(device), views, cutoff, ensemble)
     if coords:
         world_xyz = np.array([parse_coordinate(c) for c in coords])
-    elif candidates is not None:
-        world_xyz = read_scan_points(candidates, scan_name=scan_name(scan_path))
+    elif points is not None:
+        world_xyz = read_scan_points(points, scan_name=scan_name(scan_path))
     scan = Path(scan_path)
-    detected = not coords and candidates is None
+    detected = not coords and points is None
     if detected:
         scan = data.read_ct(scan_path)   # read once: detection and the patches both use it
         found = detect.detect_scan(scan, max_per_scan)

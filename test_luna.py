@@ -694,7 +694,7 @@ def test_evaluate_model_scores_every_candidate_and_resumes(eval_phantom, tmp_pat
     import head
     checkpoint = _tiny_checkpoint(tmp_path / "tiny.pt")
     out = tmp_path / "eval"
-    result = evaluate.evaluate_model(checkpoint, eval_phantom, [1], out, workers=1, batch_size=32,
+    result = evaluate.evaluate_model(checkpoint, eval_phantom, [1], out, readers=1, batch_size=32,
                                      bootstrap=50)
     expected = _subset_candidates(eval_phantom, 1)
     rows = [line.split(",") for line in (out / "submission.csv").read_text().splitlines()]
@@ -738,7 +738,7 @@ def test_evaluate_model_scores_every_candidate_and_resumes(eval_phantom, tmp_pat
     reads = []
     monkeypatch.setattr(data, "read_and_extract", lambda path, *args, _read=data.read_and_extract:
                         reads.append(path) or _read(path, *args))
-    evaluate.evaluate_model(checkpoint, eval_phantom, [1], out, workers=0, batch_size=32, bootstrap=50)
+    evaluate.evaluate_model(checkpoint, eval_phantom, [1], out, readers=0, batch_size=32, bootstrap=50)
     assert len(reads) == 1 and reads[0].stem == last_uid
     again = [line.split(",") for line in (out / "submission.csv").read_text().splitlines()]
     np.testing.assert_allclose([float(r[4]) for r in again[1:]], [float(r[4]) for r in rows[1:]], rtol=1e-6)
@@ -755,8 +755,8 @@ def test_evaluate_cli_model_skips_an_unreadable_scan(eval_phantom, tmp_path):
     broken.write_bytes(broken.read_bytes()[:5000])
     (tmp_path / "work" / "runs" / "tiny").mkdir(parents=True)
     _tiny_checkpoint(tmp_path / "work" / "runs" / "tiny" / "best.pt", cutoff=0.3)
-    result = CliRunner().invoke(luna_cli.app, ["evaluate", "--run", "tiny", "--subsets", "0", "--data-dir",
-                                               str(root), "--work-dir", str(tmp_path / "work"), "--workers",
+    result = CliRunner().invoke(luna_cli.app, ["evaluate", "--model", "tiny", "--subsets", "0", "--data-dir",
+                                               str(root), "--work-dir", str(tmp_path / "work"), "--readers",
                                                "1", "--bootstrap", "20", "--device", "cpu"])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), _why(result)
     out = tmp_path / "work" / "eval" / "tiny_subsets0"
@@ -786,8 +786,8 @@ def test_evaluate_names_a_missing_scan_and_allow_missing_counts_its_nodules_as_m
     gone.with_suffix(".raw").unlink()
     (work / "runs" / "tiny").mkdir(parents=True)
     _tiny_checkpoint(work / "runs" / "tiny" / "best.pt")
-    base = ["evaluate", "--run", "tiny", "--subsets", "0", "--data-dir", str(root), "--work-dir", str(work),
-            "--workers", "0", "--bootstrap", "0", "--device", "cpu"]
+    base = ["evaluate", "--model", "tiny", "--subsets", "0", "--data-dir", str(root), "--work-dir", str(work),
+            "--readers", "0", "--bootstrap", "0", "--device", "cpu"]
     result = CliRunner().invoke(luna_cli.app, base)
     assert result.exit_code == 1 and gone.stem in str(_user_error(result)), _why(result)
     # refused before any work
@@ -841,9 +841,9 @@ def test_two_checkpoints_evaluations_do_not_collide(eval_phantom, tmp_path):
     for run, cutoff in (("a", 0.3), ("b", 0.7)):
         (work / "runs" / run).mkdir(parents=True)
         checkpoints[run] = _tiny_checkpoint(work / "runs" / run / "best.pt", cutoff=cutoff)
-        result = CliRunner().invoke(luna_cli.app, ["evaluate", "--checkpoint", str(checkpoints[run]),
+        result = CliRunner().invoke(luna_cli.app, ["evaluate", "--model", str(checkpoints[run]),
                                                    "--subsets", "1", "--data-dir", str(eval_phantom),
-                                                   "--work-dir", str(work), "--workers", "0", "--bootstrap",
+                                                   "--work-dir", str(work), "--readers", "0", "--bootstrap",
                                                    "0", "--device", "cpu"])
         assert result.exit_code == 0, _why(result)
     saved = [json.loads(path.read_text()) for path in sorted((work / "eval").glob("*/metrics.json"))]
@@ -987,13 +987,13 @@ def test_evaluate_and_predict_apply_the_checkpoint_views_unless_told(eval_phanto
     # other views than the one cutoff this (older) checkpoint stores are refused without --cutoff, naming it
     with pytest.raises(UserError, match=r"--views 1: .*cutoffs for 8 view\(s\) only"):
         predict.predict_points(checkpoint, mhd, points, device="cpu", views=1)
-    cli = CliRunner().invoke(luna_cli.app, ["evaluate", "--checkpoint", str(checkpoint), "--subsets", "1",
+    cli = CliRunner().invoke(luna_cli.app, ["evaluate", "--model", str(checkpoint), "--subsets", "1",
                                             "--views", "2", "--data-dir", str(eval_phantom), "--work-dir",
-                                            str(tmp_path / "w"), "--workers", "0", "--device", "cpu"])
+                                            str(tmp_path / "w"), "--readers", "0", "--device", "cpu"])
     assert cli.exit_code == 1 and isinstance(_user_error(cli), UserError), _why(cli)
     assert "--views 2" in str(_user_error(cli)) and "8 view(s)" in str(_user_error(cli))
     assert not list((tmp_path / "w").glob("eval/*/*.csv"))   # refused before any scan was scored
-    result = evaluate.evaluate_model(checkpoint, eval_phantom, [1], tmp_path / "eval", workers=0, bootstrap=0)
+    result = evaluate.evaluate_model(checkpoint, eval_phantom, [1], tmp_path / "eval", readers=0, bootstrap=0)
     rows = [line.split(",") for line in (tmp_path / "eval" / "submission.csv").read_text().splitlines()[1:]]
     assert result["views"] == 8
     np.testing.assert_allclose([float(r[4]) for r in rows if r[0] == mhd.stem], eight, rtol=1e-6)
@@ -1004,8 +1004,8 @@ def test_predict_cli_reads_a_candidates_file_and_rejects_bad_points(eval_phantom
     import luna_cli
     checkpoint = _tiny_checkpoint(tmp_path / "tiny.pt")
     mhd = sorted((eval_phantom / "subset1").glob("*.mhd"))[0]
-    base = ["predict", "--checkpoint", str(checkpoint), "--scan", str(mhd), "--device", "cpu"]
-    result = CliRunner().invoke(luna_cli.app, base + ["--candidates", str(eval_phantom / "candidates_V2.csv"),
+    base = ["predict", "--model", str(checkpoint), "--scan", str(mhd), "--device", "cpu"]
+    result = CliRunner().invoke(luna_cli.app, base + ["--points", str(eval_phantom / "candidates_V2.csv"),
                                                       "--out", str(tmp_path / "preds.csv")])
     assert result.exit_code == 0, _why(result)
     rows = (tmp_path / "preds.csv").read_text().splitlines()
@@ -1016,7 +1016,7 @@ def test_predict_cli_reads_a_candidates_file_and_rejects_bad_points(eval_phantom
     assert "X,Y,Z" in str(_user_error(result))
     bad = tmp_path / "bad.csv"
     bad.write_text("coordX,coordY,coordZ\n1,2,3\n4,five,6\n")
-    result = CliRunner().invoke(luna_cli.app, base + ["--candidates", str(bad)])
+    result = CliRunner().invoke(luna_cli.app, base + ["--points", str(bad)])
     assert result.exit_code == 1 and "bad.csv line 3" in str(_user_error(result)), _why(result)
 
 
@@ -1636,8 +1636,9 @@ def test_every_training_option_is_defined_once_and_maps_to_the_command_line(tmp_
     commands = typer.main.get_command(luna_cli.app).commands
     own = {"train-head": {"work_dir", "run", "resume", "stop_after", "device"},
            "finetune": {"work_dir", "run", "resume", "stop_after", "device", "workers"},
-           "crossval": {"folds", "name", "stage", "val_offset", "mine_rounds", "per_scan", "views",
-                        "precision", "device", "workers", "bootstrap", "json_out", "data_dir", "work_dir"}}
+           "crossval": {"folds", "name", "stage", "val_offset", "mine_rounds", "max_per_scan", "views",
+                        "precision", "device", "workers", "readers", "bootstrap", "json_out", "data_dir",
+                        "work_dir"}}
     for command, stage, defaults in (("train-head", "head", train.HEAD_DEFAULTS),
                                      ("finetune", "finetune", train.FINETUNE_DEFAULTS)):
         params = {p.name: p for p in commands[command].params}
@@ -1646,7 +1647,7 @@ def test_every_training_option_is_defined_once_and_maps_to_the_command_line(tmp_
             default = params[name].default
             default = options.OPTIONS[name].check(default) if name.endswith("_subsets") else default
             assert getattr(default, "value", default) == value, (command, name)
-    params = {p.name: p for p in commands["crossval"].params}
+    params = {p.name: p for p in commands["crossval"].params if not p.name.startswith("old_")}
     assert set(params) - own["crossval"] == set(options.crossval_names()) == set(crossval.TRAINING_OPTIONS)
     assert all(params[name].default is None for name in options.crossval_names())
     # and back: every option reaches some command, with its flag
@@ -1813,7 +1814,7 @@ def test_mining_adds_each_scans_top_negatives_once_and_features_follow(eval_phan
     assert expected, "the phantom should leave some top negatives out of the sample"
     result = CliRunner().invoke(luna_cli.app, ["extract", "--subset", "1", "--data-dir", str(eval_phantom),
                                                "--work-dir", str(work), "--hard-negatives", str(checkpoint),
-                                               "--per-scan", "2", "--workers", "0", "--device", "cpu"])
+                                               "--max-per-scan", "2", "--readers", "0", "--device", "cpu"])
     assert result.exit_code == 0, _why(result)
     after = data.read_cache_index(cache)
     assert after[:len(before)] == before and {(r[0], *r[1:4]) for r in after[len(before):]} == expected
@@ -1838,10 +1839,10 @@ def test_mining_adds_each_scans_top_negatives_once_and_features_follow(eval_phan
         return real_read(path, *args)
     monkeypatch.setattr(data, "read_and_extract", killed_after_one)
     with pytest.raises(KeyboardInterrupt):
-        mining.mine_subset(eval_phantom, tmp_path / "again", 1, str(checkpoint), per_scan=2, workers=0,
+        mining.mine_subset(eval_phantom, tmp_path / "again", 1, str(checkpoint), max_per_scan=2, readers=0,
                            device="cpu")
     monkeypatch.setattr(data, "read_and_extract", lambda path, *a: reads.append(path) or real_read(path, *a))
-    mining.mine_subset(eval_phantom, tmp_path / "again", 1, str(checkpoint), per_scan=2, workers=0,
+    mining.mine_subset(eval_phantom, tmp_path / "again", 1, str(checkpoint), max_per_scan=2, readers=0,
                        device="cpu")
     assert len(reads) == 2 and reads[0] != reads[1] and data.read_cache_index(again_cache) == after
     monkeypatch.undo()
@@ -1849,7 +1850,7 @@ def test_mining_adds_each_scans_top_negatives_once_and_features_follow(eval_phan
     snapshot = {p.name: p.read_bytes() for p in cache.iterdir() if p.is_file()}
     monkeypatch.setattr(data, "read_and_extract",
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("read")))
-    assert mining.mine_subset(eval_phantom, work, 1, str(checkpoint), per_scan=2, workers=0,
+    assert mining.mine_subset(eval_phantom, work, 1, str(checkpoint), max_per_scan=2, readers=0,
                               device="cpu").added == 0
     assert {p.name: p.read_bytes() for p in cache.iterdir() if p.is_file()} == snapshot
     # cache-features encodes only the appended rows and keeps the others
@@ -1869,9 +1870,9 @@ def test_mining_adds_each_scans_top_negatives_once_and_features_follow(eval_phan
     payload["preprocess"] = dict(payload["preprocess"], spacing_mm=0.8)
     head.save_checkpoint(foreign, payload)
     with pytest.raises(common.UserError, match=r"32 voxels at 0.8 mm.*32 voxels at 1.25 mm"):
-        mining.mine_subset(eval_phantom, work, 1, str(foreign), per_scan=2, workers=0, device="cpu")
+        mining.mine_subset(eval_phantom, work, 1, str(foreign), max_per_scan=2, readers=0, device="cpu")
     with pytest.raises(common.UserError, match="no best.pt"):
-        mining.mine_subset(eval_phantom, work, 1, "nothing", per_scan=2, workers=0, device="cpu")
+        mining.mine_subset(eval_phantom, work, 1, "nothing", max_per_scan=2, readers=0, device="cpu")
 
 
 # --- swin encoder ---------------------------------------------------------------
@@ -2366,7 +2367,7 @@ def test_feature_sets_of_different_input_layouts_get_different_tags():
 # One phantom folder of 4 subsets of 2 scans is extracted, encoded and cross-validated once (4 folds of
 # train-head, two epochs each, through the command line); the tests below read that result and rerun it.
 
-CV_ARGS = dict(epochs=2, batch_size=16, device="cpu", workers=0, bootstrap=50, quiet=True)
+CV_ARGS = dict(epochs=2, batch_size=16, device="cpu", workers=0, readers=0, bootstrap=50, quiet=True)
 
 
 @pytest.fixture(scope="module")
@@ -2389,8 +2390,8 @@ def crossval_run(tmp_path_factory):
     features.cache_features(work, test_subsets=[], quiet=True, device="cpu", **SMALL_MODEL)
     result = CliRunner().invoke(luna_cli.app, [
         "crossval", "--folds", "0-3", "--name", "cv", "--epochs", "2", "--batch-size", "16",
-        "--device", "cpu", "--workers", "0", "--bootstrap", "50", "--json", str(base / "cv.json"),
-        "--data-dir", str(root), "--work-dir", str(work)])
+        "--device", "cpu", "--workers", "0", "--readers", "0", "--bootstrap", "50", "--json",
+        str(base / "cv.json"), "--data-dir", str(root), "--work-dir", str(work)])
     assert result.exit_code == 0, _why(result)
     printed = json.loads((base / "cv.json").read_text())
     assert (printed["name"], printed["stage"], printed["folds"]) == ("cv", "head", [0, 1, 2, 3])
@@ -2576,7 +2577,7 @@ def test_crossval_mines_inside_each_fold_and_refuses_leaked_mined_rows(crossval_
                             show_progress=False)
     features.cache_features(work, test_subsets=[], quiet=True, device="cpu", **SMALL_MODEL)
     before = {k: len(data.read_cache_index(data.subset_dir(work, k))) for k in range(4)}
-    result = crossval.run_crossval(work, root, [0, 1], "mined", mine_rounds=1, per_scan=3,
+    result = crossval.run_crossval(work, root, [0, 1], "mined", mine_rounds=1, max_per_scan=3,
                                    **dict(CV_ARGS, epochs=1))
     assert [r["run"] for r in result["fold_results"]] == ["mined-fold0", "mined-fold1"]
     assert ([Path(r["checkpoint"]).parent.name for r in result["fold_results"]]
@@ -2646,8 +2647,8 @@ def test_predict_averages_several_checkpoints_and_the_crossval_ensemble(crossval
             "--out", str(tmp_path / "p.csv"), "--work-dir", str(work)]
     point = json.loads((work / "crossval" / "cv" / "operating_point.json").read_text())
     folds = [work / "runs" / f"cv-fold{k}" / "best.pt" for k in range(4)]
-    for options, models, source in (([f"--checkpoint={a}", f"--checkpoint={b}"], [a, b], "UNVALIDATED"),
-                                    ([f"--checkpoint={a}"], [a], "cutoff for 1 view(s)"),
+    for options, models, source in (([f"--model={a}", f"--model={b}"], [a, b], "UNVALIDATED"),
+                                    ([f"--model={a}"], [a], "cutoff for 1 view(s)"),
                                     (["--ensemble", "cv"], folds, "cross-validation cv's operating point")):
         result = CliRunner().invoke(luna_cli.app, base + options)
         assert result.exit_code == 0, _why(result)
@@ -2683,15 +2684,16 @@ def test_crossval_finetune_passes_its_options_to_each_fold(crossval_run, tmp_pat
     # no head cross-validation yet
     with pytest.raises(common.UserError, match="--head-from cvh: fold 0 needs"):
         crossval.run_crossval(work, root, [0, 1], "ft", stage="finetune", head_from="cvh", views=2,
-                              precision="fp32", device="cpu", workers=0, bootstrap=0, quiet=True, **every)
+                              precision="fp32", device="cpu", workers=0, readers=0, bootstrap=0, quiet=True,
+                              **every)
     for fold in (0, 1):   # a head-stage cross-validation "cvh" over the same folds
         run_dir = train.runs_dir(work) / f"cvh-fold{fold}"
         run_dir.mkdir(parents=True, exist_ok=True)
         _tiny_checkpoint(run_dir / "best.pt")
         (run_dir / "config.json").write_text(json.dumps({"options": {"test_subsets": [fold]}}))
     result = crossval.run_crossval(work, root, [0, 1], "ft", stage="finetune", head_from="cvh", views=2,
-                                   precision="fp32", device="cpu", workers=0, bootstrap=0, quiet=True,
-                                   **every)
+                                   precision="fp32", device="cpu", workers=0, readers=0, bootstrap=0,
+                                   quiet=True, **every)
     assert [(c["run"], c["val_subsets"], c["test_subsets"], c["resume"]) for c in calls] == \
         [("ft-fold0", [1], [0], False), ("ft-fold1", [0], [1], False)]
     assert all(c["views"] == 2 and c["precision"] == "fp32" and c["workers"] == 0 and "features" not in c
@@ -3057,7 +3059,7 @@ def test_predict_cli_shows_size_category_and_disclaimer_and_writes_them(eval_pha
     checkpoint = _tiny_checkpoint(tmp_path / "all.pt", cutoff=0.0)
     coords = [",".join(map(str, nodule.center_xyz)),
               ",".join(map(str, nodule.center_xyz + np.array([0.0, 0.0, 30.0])))]
-    base = ["predict", "--checkpoint", str(checkpoint), "--scan", str(mhd), "--device", "cpu",
+    base = ["predict", "--model", str(checkpoint), "--scan", str(mhd), "--device", "cpu",
             *(arg for c in coords for arg in ("--coord", c))]
     result = CliRunner().invoke(luna_cli.app, base + ["--out", str(tmp_path / "preds.csv")])
     assert result.exit_code == 0, _why(result)
@@ -3342,9 +3344,9 @@ def test_detect_csv_round_trips_through_extract_and_evaluate(detected, phantom_r
     assert isinstance(result.exception, SystemExit) and result.exit_code == 1
     assert "candidates_file" in str(_user_error(result))
     checkpoint = _tiny_checkpoint(tmp_path / "tiny.pt")
-    result = CliRunner().invoke(luna_cli.app, ["evaluate", "--checkpoint", str(checkpoint), *base,
-                                               "--candidates", str(detected), "--workers", "0", "--bootstrap",
-                                               "0", "--device", "cpu", "--out-dir", str(tmp_path / "eval")])
+    result = CliRunner().invoke(luna_cli.app, ["evaluate", "--model", str(checkpoint), *base,
+                                               "--candidates", str(detected), "--readers", "0", "--bootstrap",
+                                               "0", "--device", "cpu", "--out", str(tmp_path / "eval")])
     assert result.exception is None and result.exit_code == 0, _why(result)
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["n_candidates"] == len(rows) and metrics["n_scans"] == 2
@@ -3373,7 +3375,7 @@ def test_predict_scan_without_points_lists_the_detected_nodules(phantom_root, tm
     monkeypatch.setattr(data, "read_ct", lambda *a, _read=data.read_ct: reads.append(a) or _read(*a))
     monkeypatch.setattr(data, "read_and_extract",
                         lambda *a, _read=data.read_and_extract: reads.append(a) or _read(*a))
-    result = CliRunner().invoke(luna_cli.app, ["predict", "--checkpoint", str(checkpoint), "--scan", str(mhd),
+    result = CliRunner().invoke(luna_cli.app, ["predict", "--model", str(checkpoint), "--scan", str(mhd),
                                                "--device", "cpu", "--max-per-scan", "25",
                                                "--out", str(tmp_path / "p.csv")])
     assert result.exception is None and result.exit_code == 0, _why(result)
@@ -3719,8 +3721,29 @@ def test_the_shared_scan_loop_names_a_bad_scan_goes_on_and_resumes(eval_phantom,
                         show_progress=False)
     broken = sorted(data.subset_scans(luna, [1]).items())[0]
     broken[1].with_suffix(".raw").write_bytes(b"\0" * 100)
-    mined = mining.mine_subset(luna, work, 1, str(_tiny_checkpoint(tmp_path / "tiny.pt")), per_scan=3,
-                               workers=0, device="cpu")
+    mined = mining.mine_subset(luna, work, 1, str(_tiny_checkpoint(tmp_path / "tiny.pt")), max_per_scan=3,
+                               readers=0, device="cpu")
     assert list(mined.unreadable) == [broken[0]] and broken[1].name in mined.unreadable[broken[0]]
     added = [row for row in data.read_cache_index(data.subset_dir(work, 1)) if row[6] == "tiny"]
     assert added and broken[0] not in {row[0] for row in added}
+
+
+def test_old_option_names_are_refused_with_the_new_name(tmp_path):
+    from typer.testing import CliRunner
+    import luna_cli
+    for argv, new in ((["evaluate", "--run", "a", "--subsets", "0"], "--model"),
+                      (["evaluate", "--checkpoint", "a.pt", "--subsets", "0"], "--model"),
+                      (["evaluate", "--model", "a", "--out-dir", "x"], "--out"),
+                      (["evaluate", "--model", "a", "--workers", "0"], "--readers"),
+                      (["evaluate", "--submission", "s.csv", "--seed", "1"], "--bootstrap-seed"),
+                      (["predict", "--scan", "s.mhd", "--checkpoint", "a.pt"], "--model"),
+                      (["predict", "--scan", "s.mhd", "--model", "a", "--candidates", "p.csv"], "--points"),
+                      (["extract", "--subsets", "0", "--seed", "1"], "--sample-seed"),
+                      (["extract", "--subsets", "0", "--per-scan", "5"], "--max-per-scan"),
+                      (["extract", "--subsets", "0", "--workers", "0"], "--readers"),
+                      (["cache-features", "--seed", "1"], "--init-seed"),
+                      (["crossval", "--folds", "0,1", "--name", "cv", "--per-scan", "5"], "--max-per-scan")):
+        refused = CliRunner().invoke(luna_cli.app, argv + ["--work-dir", str(tmp_path)])
+        assert refused.exit_code == 1, (argv, _why(refused))
+        assert f"was renamed: use {new}" in str(_user_error(refused)), (argv, _why(refused))
+    assert not any(tmp_path.iterdir())   # refused before any work

@@ -53,7 +53,7 @@ from features import (PatchPool, SubsetCache, batch_loader, cache_features_hint,
                       choose_feature_set, encoder_config, encoder_state_path, feature_paths,
                       features_complete, load_encoder_weights, load_split, progress_bar, training_inputs,
                       warn_random_init)
-from head import autocast
+from head import autocast, runs_dir
 
 console = Console()
 STAGE_OF = {"train-head": "head", "finetune": "finetune"}  # run kind -> options stage
@@ -303,10 +303,6 @@ PLOT_INTERVAL_S = 10.0  # history.png is redrawn at most this often (and after t
 # cutoff_logit: the same as the raw logit that checkpoints store.
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_sensitivity", "val_specificity",
                    "val_auc", "val_size_mae_mm", "cutoff", "lr", "seconds", "cutoff_logit"]
-
-
-def runs_dir(work_dir: Path) -> Path:
-    return Path(work_dir) / "runs"
 
 
 def resolve_run_dir(work_dir: Path, run: str) -> Path:
@@ -1028,9 +1024,7 @@ def _load_head_from(classifier: head_mod.Classifier, payload: Dict[str, Any], so
 
 def _head_from(work_dir: Path, options: Dict[str, Any], patch_size: int, spacing_mm: float, job: Dist):
     """``(payload, model config, file)`` of the --head-from checkpoint, whose model configuration is used."""
-    head_file = Path(options["head_from"])
-    if head_file.suffix != ".pt":
-        head_file = resolve_run_dir(work_dir, options["head_from"]) / "best.pt"
+    head_file = head_mod.model_checkpoint(work_dir, options["head_from"], "--head-from")
     payload = head_mod.read_checkpoint(head_file)
     check_preprocess_matches(payload["preprocess"], patch_size, spacing_mm, str(head_file))
     stored = head_mod.resolve_config(payload["config"])
