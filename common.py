@@ -140,6 +140,15 @@ class Parts:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def item_table(title: str, caption: str):
+    """An empty rich table of two columns, item and value, for a stage's summary of what it wrote."""
+    from rich.table import Table
+    table = Table(title=title, caption=caption)
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    return table
+
+
 def progress_bar(*columns, console=None, disable: bool = False, transient: bool = False):
     """A rich progress bar: description, bar, done/total, the given columns, elapsed time."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

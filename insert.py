@@ -549,12 +549,9 @@ def _nodule_row(p: Placed, uid: str, background: Background, copy: int) -> dict:
 
 def summary_table(summary: InsertSummary):
     """A rich table of what :func:`write_inserted_folder` wrote, per placement, captioned as synthetic."""
-    from rich.table import Table
-    table = Table(title=f"Nodules inserted into real CT in {summary.root}",
-                  caption="[yellow]Real CT backgrounds with synthetic nodules; research data, "
-                          "not for clinical use.[/]")
-    table.add_column("item")
-    table.add_column("value", justify="right")
+    table = common.item_table(f"Nodules inserted into real CT in {summary.root}",
+                              "[yellow]Real CT backgrounds with synthetic nodules; research data, not for "
+                              "clinical use.[/]")
     requested = sum(s["nodules_requested"] for s in summary.scans)
     table.add_row("copies written", str(len(summary.scans)))
     table.add_row("nodules placed / requested", f"{len(summary.nodules)} / {requested}")

@@ -49,7 +49,7 @@ import numpy as np
 import nodules as nodule_shapes
 import phantom_kernels as kernels
 from data import CTScan, write_mhd
-from common import UserError, atomic_write_text
+from common import UserError, atomic_write_text, item_table
 
 SIZES = {"small": (80, 224, 224), "realistic": (250, 512, 512)}
 DIRECTION_KINDS = ("identity", "flip", "rotate", "flip_rotate")
@@ -1369,12 +1369,9 @@ def _write_tables(root: Path, annotations: list, excluded_rows: list, candidate_
 
 def summary_table(summary: dict):
     """A rich table of what :func:`write_luna_folder` wrote, captioned as synthetic data."""
-    from rich.table import Table
-    table = Table(title=f"Synthetic phantoms in {summary['root']}",
-                  caption="[yellow]These are synthetic phantoms made by this toolkit, not patient data; "
-                          "only the folder layout follows LUNA16.[/]")
-    table.add_column("item")
-    table.add_column("value", justify="right")
+    table = item_table(f"Synthetic phantoms in {summary['root']}",
+                       "[yellow]These are synthetic phantoms made by this toolkit, not patient data; only "
+                       "the folder layout follows LUNA16.[/]")
     for label, key in (("subsets", "subsets"), ("scans", "scans"), ("nodules (annotations.csv)", "nodules"),
                        ("excluded findings", "excluded_findings"), ("candidates", "candidates"),
                        ("  class 1", "positives"), ("  class 0", "negatives")):
