@@ -1871,7 +1871,7 @@ def test_mining_adds_each_scans_top_negatives_once_and_features_follow(eval_phan
     head.save_checkpoint(foreign, payload)
     with pytest.raises(common.UserError, match=r"32 voxels at 0.8 mm.*32 voxels at 1.25 mm"):
         mining.mine_subset(eval_phantom, work, 1, str(foreign), max_per_scan=2, readers=0, device="cpu")
-    with pytest.raises(common.UserError, match="no best.pt"):
+    with pytest.raises(common.UserError, match="--hard-negatives nothing: no checkpoint"):
         mining.mine_subset(eval_phantom, work, 1, "nothing", max_per_scan=2, readers=0, device="cpu")
 
 
