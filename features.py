@@ -553,7 +553,7 @@ def cache_features_hint(identity: Dict[str, Any], subset: int) -> str:
             f"--views {identity.get('views', 1)} --hu-min {identity['hu_min']:g} "
             f"--hu-max {identity['hu_max']:g} "
             + (f"--weights {identity['weights']}" if identity["weights"]
-               else f"--seed {identity['init_seed']}"))
+               else f"--init-seed {identity['init_seed']}"))
 
 
 def encode_new_rows(work_dir: Path, tag: str, subsets: Sequence[int], device: str = "auto",

@@ -107,7 +107,7 @@ def load_models(checkpoints, device) -> list[tuple]:
     spacing_mm), which UserError names otherwise."""
     paths = [Path(checkpoints)] if isinstance(checkpoints, (str, Path)) else [Path(c) for c in checkpoints]
     if not paths:
-        raise UserError("give at least one --checkpoint")
+        raise UserError("give at least one --model")
     models = [(path, *head.load_classifier(path, device=device)) for path in paths]
     first, _, first_meta = models[0]
     a = first_meta["preprocess"]
@@ -115,8 +115,8 @@ def load_models(checkpoints, device) -> list[tuple]:
         b = meta["preprocess"]
         if int(a["patch_size"]) != int(b["patch_size"]) or not math.isclose(float(a["spacing_mm"]),
                                                                             float(b["spacing_mm"])):
-            raise UserError(f"--checkpoint {path} takes patches of {b['patch_size']} voxels at "
-                            f"{b['spacing_mm']} mm, --checkpoint {first} of {a['patch_size']} voxels at "
+            raise UserError(f"--model {path} takes patches of {b['patch_size']} voxels at "
+                            f"{b['spacing_mm']} mm, --model {first} of {a['patch_size']} voxels at "
                             f"{a['spacing_mm']} mm; the models averaged must share the patch size "
                             f"and spacing")
     return models
@@ -173,7 +173,7 @@ def resolve_models(checkpoint, device, views: Optional[int] = None, cutoff: Opti
     without any a raw 0.5, the same."""
     if ensemble is not None:
         if checkpoint:
-            raise UserError("give either --ensemble NAME or --checkpoint, not both")
+            raise UserError("give either --ensemble NAME or --model, not both")
         return _ensemble_set(ensemble, device, views, cutoff)
     models = load_models(checkpoint, device)
     used = [head.check_views(views or meta.get("views", 1)) for _, _, meta in models]

@@ -3747,3 +3747,13 @@ def test_old_option_names_are_refused_with_the_new_name(tmp_path):
         assert refused.exit_code == 1, (argv, _why(refused))
         assert f"was renamed: use {new}" in str(_user_error(refused)), (argv, _why(refused))
     assert not any(tmp_path.iterdir())   # refused before any work
+    # hints name options that exist
+    import re
+    import typer
+    import features
+    identity = {"encoder": {"feature_size": 12, "window_size": 4}, "pooling": "centre", "views": 1,
+                "hu_min": -1000.0, "hu_max": 1000.0, "weights": None, "init_seed": 3}
+    command = typer.main.get_command(luna_cli.app).commands["cache-features"]
+    flags = {o for p in command.params for o in p.opts}
+    hinted = set(re.findall(r"--[a-z-]+", features.cache_features_hint(identity, 0)))
+    assert "--init-seed" in hinted and hinted <= flags
