@@ -482,7 +482,7 @@ def _mining_seed(folder, seed: int, scans: int, negatives: int, max_per_scan: in
     results = {}
 
     def train_and_score(work, variant: str) -> None:
-        tag = features.cache_features(work, test_subsets=[3], views=views, seed=seed, quiet=True,
+        tag = features.cache_features(work, test_subsets=[3], views=views, init_seed=seed, quiet=True,
                                       device="cpu", **MINING_SETTINGS)
         head_run = train.train_head(work, features=tag, epochs=head_epochs, run=f"head-{variant}",
                                     device="cpu", **split)
@@ -563,8 +563,8 @@ def _crossval_mining_seed(folder, seed: int, scans: int, negatives: int, max_per
                                   negative_mix=phantom.LUNA_LIKE_MIX, force=True)
     for k in range(4):
         data.extract_subset(root, work, k, 32, 1.0, seed=seed, show_progress=False)
-    tag = features.cache_features(work, test_subsets=[], views=views, seed=seed, quiet=True, device="cpu",
-                                  **MINING_SETTINGS)
+    tag = features.cache_features(work, test_subsets=[], views=views, init_seed=seed, quiet=True,
+                                  device="cpu", **MINING_SETTINGS)
     shared = dict(folds=[0, 1, 2, 3], stage="head", features=tag, epochs=head_epochs, seed=seed, device="cpu",
                   readers=1, quiet=True)
     results = {"plain": crossval.run_crossval(work, root, name="plain", **shared),
@@ -841,8 +841,8 @@ def _pipeline_cpm(root, work, candidates, seed: int, head_epochs: int, views: in
     for k in range(4):   # train-head wants the held-out subset extracted too (it never reads it)
         data.extract_subset(root, work, k, 32, 1.0, seed=seed, show_progress=False,
                             candidates_path=candidates)
-    tag = features.cache_features(work, test_subsets=[3], views=views, seed=seed, quiet=True, device="cpu",
-                                  **MINING_SETTINGS)
+    tag = features.cache_features(work, test_subsets=[3], views=views, init_seed=seed, quiet=True,
+                                  device="cpu", **MINING_SETTINGS)
     run = train.train_head(work, features=tag, epochs=head_epochs, run="head", device="cpu", val_subsets=[2],
                            test_subsets=[3], seed=seed, quiet=True)
     result = evaluate.evaluate_model(run / "best.pt", root, [3], work / "eval", readers=1, device="cpu",

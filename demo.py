@@ -79,7 +79,7 @@ def run_demo(work_dir: Path, settings: DemoSettings | None = None, console=None)
     settings.timings["extract"] = time.perf_counter() - start
     for old in ("runs/demo-head", "runs/demo-finetune", "eval/demo-head", "eval/demo-finetune", "report"):
         shutil.rmtree(work_dir / old, ignore_errors=True)  # the demo's own runs: a rerun trains afresh
-    tag = _timed(settings, "cache-features", features.cache_features, work_dir, seed=settings.seed,
+    tag = _timed(settings, "cache-features", features.cache_features, work_dir, init_seed=settings.seed,
                  subsets=range(settings.subsets - 1), views=settings.views, **model)
     head_run = _timed(settings, "train-head", train.train_head, work_dir, features=tag, val_subsets=val,
                       test_subsets=test, epochs=settings.head_epochs, seed=settings.seed, run="demo-head")

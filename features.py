@@ -33,6 +33,7 @@ from torch import nn
 import common
 import data
 import head as head_mod
+import options as options_mod
 from common import UserError
 from head import autocast
 
@@ -565,7 +566,7 @@ def encode_new_rows(work_dir: Path, tag: str, subsets: Sequence[int], device: st
     made = cache_features(work_dir, weights=identity["weights"] or None,
                           feature_size=encoder["feature_size"], window_size=encoder["window_size"],
                           pooling=identity["pooling"], hu_min=identity["hu_min"], hu_max=identity["hu_max"],
-                          seed=identity.get("init_seed", 0), subsets=list(subsets), test_subsets=[],
+                          init_seed=identity.get("init_seed", 0), subsets=list(subsets), test_subsets=[],
                           views=identity.get("views", 1), device=device, quiet=quiet)
     if made != tag:
         raise UserError(f"feature set {tag} could not be extended (its settings gave the set {made}); run "
@@ -609,14 +610,12 @@ def _prepare_feature_encoder(work_dir: Path, identity: Dict[str, Any], tag: str,
     return encoder
 
 
-def cache_features(work_dir: Path, *, weights: Optional[Path] = None, feature_size: int = 48,
-                   window_size: int = 7, pooling: str = "avg", hu_min: float = -1000.0,
-                   hu_max: float = 1000.0, seed: int = 0, subsets: Optional[Sequence[int]] = None,
-                   test_subsets: Sequence[int] = (9,), batch_size: int = 32, device: str = "auto",
-                   precision: str = "auto", workers: Optional[int] = None, chunk_rows: int = 2048,
-                   views: int = 1, quiet: bool = False) -> str:
+def cache_features(work_dir: Path, *, device: str = "auto", workers: Optional[int] = None,
+                   chunk_rows: int = 2048, quiet: bool = False, **settings: Any) -> str:
     """Run the frozen encoder over the patch cache; store float16 features ``(N, F)`` per subset.
 
+    ``settings``: the options of ``options.stage_names("features")`` (weights, encoder and pooling, HU window,
+    views, batch size, precision, init seed, subsets); those left out take their defaults there.
     ``views`` > 1 stores the features of that many flips of each patch side by side, ``(N, views * F)``:
     train-head then learns from every view (augmentation for a frozen encoder) and validates on their
     average. ``subsets``: default every extracted one except ``test_subsets``, which are never encoded.
@@ -625,10 +624,15 @@ def cache_features(work_dir: Path, *, weights: Optional[Path] = None, feature_si
     ``train-head --features``). Work is saved in chunks of ``chunk_rows`` patches: an interrupted run
     resumes where it stopped; a finished subset is skipped. Returns the tag.
     """
-    if batch_size < 1 or chunk_rows < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    if pooling not in head_mod.POOLINGS:
-        raise UserError(f"--pooling must be one of {', '.join(head_mod.POOLINGS)}, got {pooling!r}")
+    chosen_settings = {**options_mod.defaults("features"), **options_mod.given("features", settings)}
+    options_mod.check("features", chosen_settings)
+    return _cache_features(work_dir, device, workers, max(1, int(chunk_rows)), quiet, **chosen_settings)
+
+
+def _cache_features(work_dir: Path, device: str, workers: Optional[int], chunk_rows: int, quiet: bool, *,
+                    weights, feature_size: int, window_size: int, pooling: str, hu_min: float, hu_max: float,
+                    init_seed: int, subsets, test_subsets: Sequence[int], batch_size: int, precision: str,
+                    views: int) -> str:
     available = extracted_subsets(work_dir)
     chosen = sorted(set(available) - set(test_subsets) if subsets is None else subsets)
     if set(chosen) & set(test_subsets):
@@ -643,10 +647,10 @@ def cache_features(work_dir: Path, *, weights: Optional[Path] = None, feature_si
     caches = {k: read_subset_cache(work_dir, k) for k in chosen}
     torch_device = head_mod.resolve_device(device)
     precision = head_mod.resolve_precision(precision, torch_device)
-    identity = feature_identity(encoder_config(feature_size, window_size), pooling, weights, seed, hu_min,
-                                hu_max, head_mod.check_views(views))
+    identity = feature_identity(encoder_config(feature_size, window_size), pooling, weights, init_seed,
+                                hu_min, hu_max, views)
     tag = feature_tag(identity)
-    encoder = _prepare_feature_encoder(work_dir, identity, tag, weights, seed).to(torch_device).eval()
+    encoder = _prepare_feature_encoder(work_dir, identity, tag, weights, init_seed).to(torch_device).eval()
     extractor = head_mod.Classifier(encoder, nn.Identity(), pooling, identity["encoder"]["input_layout"])
     workers = ((min(4, os.cpu_count() or 1) if torch_device.type == "cuda" else 0) if workers is None
                else workers)

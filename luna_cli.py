@@ -28,12 +28,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console()
 
 
-class Pooling(str, Enum):
-    avg = "avg"
-    flatten = "flatten"
-    centre = "centre"
-
-
 class Precision(str, Enum):
     auto = "auto"
     fp32 = "fp32"
@@ -83,13 +77,6 @@ Resume = Annotated[bool, typer.Option(
                      "options given again must equal the run's.")]
 StopAfter = Annotated[Optional[int], typer.Option(
     min=1, help="Stop this call after N epochs (continue with --resume).")]
-TestSubsets = Annotated[str, typer.Option(help=options.OPTIONS["test_subsets"].text("head"))]
-FeatureSize = Annotated[int, typer.Option(min=12, help=options.OPTIONS["feature_size"].text("finetune"))]
-WindowSize = Annotated[int, typer.Option(min=2, help=options.OPTIONS["window_size"].text("finetune"))]
-PoolingOption = Annotated[Pooling, typer.Option(help=options.OPTIONS["pooling"].text("finetune"))]
-Weights = Annotated[Optional[Path], typer.Option(help=options.OPTIONS["weights"].text("finetune"))]
-HuMin = Annotated[float, typer.Option(help=options.OPTIONS["hu_min"].text("finetune"))]
-HuMax = Annotated[float, typer.Option(help=options.OPTIONS["hu_max"].text("finetune"))]
 Readers = Annotated[int, typer.Option(
     min=0, help="Processes reading and cutting scans ahead of the model (0: in this process).")]
 Model = Annotated[Optional[str], typer.Option(
@@ -314,33 +301,11 @@ def extract(
 @app.command("cache-features")
 @friendly_errors
 @renamed(seed="--init-seed")
-def cache_features(
-    work_dir: WorkDir = None,
-    subsets: Annotated[Optional[str], typer.Option(
-        help="Subsets to encode (default: every extracted one but the test subsets).")] = None,
-    test_subsets: TestSubsets = "9",
-    weights: Weights = None,
-    feature_size: FeatureSize = 48,
-    window_size: WindowSize = 7,
-    pooling: PoolingOption = Pooling.avg,
-    hu_min: HuMin = -1000.0,
-    hu_max: HuMax = 1000.0,
-    views: Annotated[int, typer.Option(
-        min=1, max=8, help="Flips of each patch to encode; train-head learns from all.")] = 1,
-    batch_size: BatchSize = 32,
-    device: Device = "auto",
-    precision: PrecisionOption = Precision.auto,
-    workers: Workers = None,
-    init_seed: Annotated[int, typer.Option(help="Seed of a random-init encoder (no --weights).")] = 0,
-):
+@options.with_options(options.stage_names("features"), "features")
+def cache_features(given: dict, work_dir: WorkDir = None, device: Device = "auto", workers: Workers = None):
     """Run the frozen encoder over the patch cache once; store float16 features beside each subset's index."""
     import features
-    features.cache_features(work_dir_option(work_dir), weights=weights,
-                            subsets=parse_subsets(subsets, "--subsets", required=True) if subsets else None,
-                            test_subsets=parse_subsets(test_subsets, "--test-subsets"),
-                            feature_size=feature_size, window_size=window_size, pooling=pooling.value,
-                            hu_min=hu_min, hu_max=hu_max, batch_size=batch_size, device=device,
-                            precision=precision.value, workers=workers, seed=init_seed, views=views)
+    features.cache_features(work_dir_option(work_dir), device=device, workers=workers, **given)
 
 
 @app.command("train-head")

@@ -25,7 +25,8 @@ from typing import Annotated, Any, Dict, Optional, Sequence, Tuple, Union
 
 from common import UserError, format_subsets, parse_subsets
 
-STAGES = ("head", "finetune")
+STAGES = ("head", "finetune")  # the training stages (crossval's --stage)
+COMMANDS = STAGES + ("features",)  # and cache-features, whose options are the encoder's
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 POOLINGS = ("avg", "flatten", "centre")
 MAX_VIEWS = 8  # the flips of a patch (head.VIEW_FLIPS)
@@ -75,7 +76,8 @@ class Option:
         if isinstance(value, str) and value.strip().lower() in self.words:
             return value.strip().lower()
         if self.kind == "subsets":
-            return list(value) if isinstance(value, (list, tuple)) else parse_subsets(value, self.flag)
+            return (parse_subsets(value, self.flag) if isinstance(value, str)
+                    else sorted(int(v) for v in value))
         if isinstance(value, Enum):
             value = value.value
         if self.kind is Path:
@@ -111,17 +113,20 @@ OPTIONS: Dict[str, Option] = {o.name: o for o in (
     Option("features", str, "Feature set made by cache-features (default: the only one; listed when there "
            "are several).", {"head": None}),
     Option("weights", Path, "Pretrained Swin UNETR checkpoint for the encoder (random init without).",
-           {"finetune": None}),
+           {"finetune": None, "features": None}),
+    Option("subsets", "subsets", "Subsets to encode (default: every extracted one but the test subsets).",
+           {"features": None}),
     Option("head_from", str, "Start from this run's best.pt (a run name or a .pt path).", {"finetune": None}),
     Option("val_subsets", "subsets", "Validation subsets, e.g. 8 or 7,8 (each must be extracted); auto: "
            "80:20 split of the training scans by seriesuid.", {s: [8] for s in BOTH}, words=("auto",)),
-    Option("test_subsets", "subsets", "Held-out test subsets, never read here ('none' for none).",
-           {s: [9] for s in BOTH}),
+    Option("test_subsets", "subsets", "Held-out test subsets, never read here: neither trained on nor "
+           "encoded ('none' for none).", {s: [9] for s in COMMANDS}),
     Option("epochs", int, "Most epochs (fixes the learning-rate schedule).", {"head": 100, "finetune": 30},
            low=1),
     Option("batch_size", int, {"head": "Feature vectors per step.",
-                               "finetune": "Patches per step in each process."},
-           {"head": 256, "finetune": 32}, low=1),
+                               "finetune": "Patches per step in each process.",
+                               "features": "Patches per forward pass."},
+           {"head": 256, "finetune": 32, "features": 32}, low=1),
     Option("accumulate", int, "Steps of gradient accumulation per optimiser update.", {s: 1 for s in BOTH},
            low=1),
     Option("lr", float, "Peak AdamW learning rate.", {"head": 1e-3, "finetune": 1e-4}, low=0, open_low=True),
@@ -142,21 +147,24 @@ OPTIONS: Dict[str, Option] = {o.name: o for o in (
     Option("seed", int, "Seed of the training draws, augmentation and a new head's initial weights.",
            {s: 0 for s in BOTH}),
     Option("feature_size", int, "Encoder feature size (48 for the published weights; 12 for small CPU "
-           "models).", {"finetune": 48}, low=12),
+           "models).", {"finetune": 48, "features": 48}, low=12),
     Option("window_size", int, "Attention window (7 for the published weights; 4 for 32^3 CPU models).",
-           {"finetune": 7}, low=2),
+           {"finetune": 7, "features": 7}, low=2),
     Option("pooling", str, "avg (16 * feature_size values), flatten (the whole last stage) or centre (each "
-           "stage's centre, 31 * feature_size).", {"finetune": "avg"}, choices=POOLINGS),
+           "stage's centre, 31 * feature_size).", {"finetune": "avg", "features": "avg"}, choices=POOLINGS),
     Option("grad_checkpoint", bool, "Recompute activations to save GPU memory.", {"finetune": False}),
-    Option("hu_min", float, "HU mapped to 0.", {"finetune": -1000.0}, unit="HU"),
-    Option("hu_max", float, "HU mapped to 1.", {"finetune": 1000.0}, unit="HU"),
+    Option("hu_min", float, "HU mapped to 0.", {"finetune": -1000.0, "features": -1000.0}, unit="HU"),
+    Option("hu_max", float, "HU mapped to 1.", {"finetune": 1000.0, "features": 1000.0}, unit="HU"),
     Option("augment", bool, "Random flips and shifts of every patch, whatever its class.",
            {"finetune": True}),
     Option("max_shift_mm", float, "Largest shift per axis.", {"finetune": 3.0}, low=0, unit="mm"),
     Option("precision", str, "auto: bf16 on recent GPUs, fp16 on older ones, fp32 on the CPU.",
-           {"finetune": "auto"}, choices=PRECISIONS),
-    Option("views", int, "Flips of each validation patch averaged, recorded for evaluate and predict.",
-           {"finetune": 1}, low=1, high=MAX_VIEWS),
+           {"finetune": "auto", "features": "auto"}, choices=PRECISIONS),
+    Option("views", int, {"finetune": "Flips of each validation patch averaged, recorded for evaluate and "
+                                      "predict.",
+                          "features": "Flips of each patch to encode; train-head learns from all."},
+           {"finetune": 1, "features": 1}, low=1, high=MAX_VIEWS),
+    Option("init_seed", int, "Seed of a random-init encoder (no --weights).", {"features": 0}),
 )}
 
 # Options a cross-validation fold decides itself (or crossval handles on its own: views and precision also set
@@ -187,7 +195,7 @@ def _copy(value: Any) -> Any:
 
 
 def _check_stage(stage: str) -> None:
-    if stage not in STAGES:
+    if stage not in COMMANDS:
         raise UserError(f"--stage must be one of {', '.join(STAGES)}, got {stage!r}")
 
 
@@ -200,11 +208,11 @@ def given(stage: str, values: Dict[str, Any]) -> Dict[str, Any]:
         if value is None:
             continue
         if name not in OPTIONS:
-            raise UserError(f"--{name.replace('_', '-')} is not a training option "
+            raise UserError(f"--{name.replace('_', '-')} is not an option of {stage} "
                             f"(they are: {', '.join(stage_names(stage))})")
         if stage not in OPTIONS[name].defaults:
-            raise UserError(f"{OPTIONS[name].flag} is an option of --stage "
-                            f"{next(iter(OPTIONS[name].defaults))}, not of --stage {stage}")
+            owner = next(s for s in COMMANDS if s in OPTIONS[name].defaults)
+            raise UserError(f"{OPTIONS[name].flag} is an option of --stage {owner}, not of --stage {stage}")
         chosen[name] = OPTIONS[name].check(value)
     return chosen
 
@@ -213,7 +221,7 @@ def check(stage: str, options: Dict[str, Any]) -> None:
     """Every option of a resolved set, and the rules between options."""
     for name in stage_names(stage):
         OPTIONS[name].check(options[name])
-    if stage == "finetune" and options["hu_max"] <= options["hu_min"]:
+    if "hu_min" in options and options["hu_max"] <= options["hu_min"]:
         raise UserError(f"--hu-max ({options['hu_max']}) must be greater than --hu-min ({options['hu_min']})")
 
 
@@ -242,9 +250,10 @@ def typer_parameters(names: Sequence[str], stage: Optional[str]) -> list:
     parameters = []
     for name in names:
         option = OPTIONS[name]
-        owner = stage or ("finetune" if "head" not in option.defaults else "head")
+        training = [s for s in STAGES if s in option.defaults]
+        owner = stage or training[0]
         help_text = option.text(owner) + _range(option)
-        if stage is None and len(option.defaults) == 1:
+        if stage is None and len(training) == 1:
             help_text = f"{owner}: {help_text}"
         if stage is None:
             help_text += " (default: the stage's own)"

@@ -1639,9 +1639,11 @@ def test_every_training_option_is_defined_once_and_maps_to_the_command_line(tmp_
            "crossval": {"folds", "name", "stage", "val_offset", "mine_rounds", "max_per_scan", "views",
                         "precision", "device", "workers", "readers", "bootstrap", "json_out", "data_dir",
                         "work_dir"}}
+    own["cache-features"] = {"work_dir", "device", "workers"}
     for command, stage, defaults in (("train-head", "head", train.HEAD_DEFAULTS),
-                                     ("finetune", "finetune", train.FINETUNE_DEFAULTS)):
-        params = {p.name: p for p in commands[command].params}
+                                     ("finetune", "finetune", train.FINETUNE_DEFAULTS),
+                                     ("cache-features", "features", options.defaults("features"))):
+        params = {p.name: p for p in commands[command].params if not p.name.startswith("old_")}
         assert set(params) - own[command] == set(options.stage_names(stage)) == set(defaults), command
         for name, value in defaults.items():   # the command line's defaults are the stage's own
             default = params[name].default
@@ -1651,19 +1653,21 @@ def test_every_training_option_is_defined_once_and_maps_to_the_command_line(tmp_
     assert set(params) - own["crossval"] == set(options.crossval_names()) == set(crossval.TRAINING_OPTIONS)
     assert all(params[name].default is None for name in options.crossval_names())
     # and back: every option reaches some command, with its flag
-    exposed = {p.opts[0] for c in ("train-head", "finetune", "crossval") for p in commands[c].params}
+    exposed = {p.opts[0] for c in ("train-head", "finetune", "crossval", "cache-features")
+               for p in commands[c].params}
     assert {o.flag for o in options.OPTIONS.values()} <= exposed
     # one check for the command line, the functions and crossval
     for argv, flag in ((["train-head", "--positive-share", "1.0"], "--positive-share must be above 0"),
                        (["finetune", "--warmup-epochs", "-1"], "--warmup-epochs must be at least 0 epochs"),
-                       (["crossval", "--folds", "0,1", "--name", "cv", "--lr", "0"], "--lr must be above 0")):
+                       (["crossval", "--folds", "0,1", "--name", "cv", "--lr", "0"], "--lr must be above 0"),
+                       (["cache-features", "--views", "9"], "--views must be at least 1 and at most 8")):
         refused = CliRunner().invoke(luna_cli.app, argv + ["--work-dir", str(tmp_path)])
         assert refused.exit_code == 1 and flag in str(_user_error(refused)), (argv, _why(refused))
     with pytest.raises(common.UserError, match="--pooling must be one of avg, flatten, centre"):
         train.finetune(tmp_path, pooling="max", device="cpu", quiet=True)
     with pytest.raises(common.UserError, match="--window-size is an option of --stage finetune"):
         train.train_head(tmp_path, window_size=4, device="cpu", quiet=True)
-    with pytest.raises(common.UserError, match="--epoch is not a training option"):
+    with pytest.raises(common.UserError, match="--epoch is not an option of head"):
         train.train_head(tmp_path, epoch=4, device="cpu", quiet=True)
 
 
@@ -2089,8 +2093,8 @@ def test_cached_flipped_views_sit_side_by_side_and_train_the_head(tmp_path):
     import head
     import train
     work = _train_cache(tmp_path / "w", subsets=(0, 1), scans=2, positives=2, negatives=2, seed=6)
-    one = features.cache_features(work, seed=0, quiet=True, **SMALL_MODEL)
-    two = features.cache_features(work, seed=0, views=2, quiet=True, **SMALL_MODEL)
+    one = features.cache_features(work, init_seed=0, quiet=True, **SMALL_MODEL)
+    two = features.cache_features(work, init_seed=0, views=2, quiet=True, **SMALL_MODEL)
     assert one != two
     single = np.load(features.feature_paths(work, 0, one)[0]).astype(np.float32)
     paired = np.load(features.feature_paths(work, 0, two)[0]).astype(np.float32)
@@ -2102,7 +2106,7 @@ def test_cached_flipped_views_sit_side_by_side_and_train_the_head(tmp_path):
     run = train.train_head(work, features=two, epochs=2, val_subsets=[1], test_subsets=[], run="views",
                            quiet=True)
     assert head.load_classifier(run / "best.pt")[1]["views"] == 2  # evaluate and predict average 2 views
-    three = features.cache_features(work, seed=0, views=3, subsets=[0], quiet=True, **SMALL_MODEL)
+    three = features.cache_features(work, init_seed=0, views=3, subsets=[0], quiet=True, **SMALL_MODEL)
     with pytest.raises(train.UserError, match="no features of subset 1.*--subsets 1 .*--views 3"):
         train.train_head(work, features=three, epochs=1, val_subsets=[1], test_subsets=[], run="missing",
                          quiet=True)
