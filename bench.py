@@ -846,7 +846,7 @@ def _pipeline_cpm(root, work, candidates, seed: int, head_epochs: int, views: in
     run = train.train_head(work, features=tag, epochs=head_epochs, run="head", device="cpu", val_subsets=[2],
                            test_subsets=[3], seed=seed, quiet=True)
     result = evaluate.evaluate_model(run / "best.pt", root, [3], work / "eval", readers=1, device="cpu",
-                                     bootstrap=1000, candidates_path=candidates)
+                                     bootstrap=1000, candidates=candidates)
     return {"cpm": result["cpm"], "ci": result["cpm_ci95"], "auc": result["auc"], "n": result["n_candidates"],
             "positives": result["n_positive"], "scans": result["n_scans"]}
 
@@ -989,7 +989,7 @@ def _real_anatomy_end_to_end(root, detected_csv, demo_dir, subsets: list) -> Non
         for name, csv in (("own list", Path(root) / "candidates_V2.csv"), ("detected", detected_csv)):
             result = evaluate.evaluate_model(Path(demo_dir) / "runs" / run / "best.pt", Path(root), subsets,
                                              Path(root).parent / "eval" / f"{run}-{name.replace(' ', '-')}",
-                                             readers=1, device="cpu", candidates_path=Path(csv))
+                                             readers=1, device="cpu", candidates=Path(csv))
             size = result.get("size", {})
             mae = [f"{size[k]['mae_mm']:.2f} ({size[k]['n_measured']})"
                    if k in size and size[k].get("n_measured") else "-" for k in ("model", "plain")]

@@ -198,7 +198,7 @@ def _run_fold(work_dir: Path, data_dir: Path, out_dir: Path, fold: Fold, scans: 
     return evaluate.evaluate_model(best, data_dir, [fold.test], fold_dir, views=settings.get("views"),
                                    batch_size=EVAL_BATCH_SIZE, readers=runtime["readers"],
                                    device=runtime["device"], precision=runtime["precision"] or "auto",
-                                   bootstrap=runtime["bootstrap"], seed=0, console=console, work_dir=work_dir,
+                                   bootstrap=runtime["bootstrap"], console=console, work_dir=work_dir,
                                    strict_cutoff=False)
 
 

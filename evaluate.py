@@ -26,7 +26,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ import calibration
 import common
 import data
 import head
+import options as options_mod
 from data import PointTable
 from common import UserError
 from head import roc_auc, threshold_metrics
@@ -791,20 +792,20 @@ def _write_scored(out_dir: Path, candidates: PointTable, scores: np.ndarray, ann
     return marks
 
 
-def evaluate_model(checkpoint: Path, data_dir: Path, subsets: list[int], out_dir: Path,
-                   views: Optional[int] = None, batch_size: int = 64, readers: int = 2, device: str = "auto",
-                   precision: str = "auto", bootstrap: int = 1000, seed: int = 0, console=None,
-                   candidates_path: Optional[Path] = None, work_dir: Optional[Path] = None,
-                   allow_missing: bool = False, cutoff: Optional[float] = None,
-                   strict_cutoff: bool = True) -> dict:
+def evaluate_model(checkpoint: Path, data_dir: Path, subsets: list[int], out_dir: Path, *, readers: int = 2,
+                   device: str = "auto", console=None, work_dir: Optional[Path] = None,
+                   strict_cutoff: bool = True, **settings: Any) -> dict:
     """Score every candidate of the given LUNA16 subsets with a checkpoint, then evaluate.
+
+    ``settings``: the options of ``options.stage_names("evaluate")`` (views, batch size, precision, cutoff,
+    candidates, bootstrap and its seed, allow_missing); those left out take their defaults there.
 
     Each scan is read once and its patches (the checkpoint's ``patch_size``/``spacing_mm``) go through the
     model, averaged over ``views`` flips (default: the views the checkpoint was validated with), while worker
     processes prepare the next scans. Each finished scan is kept in ``out_dir/parts``, so a rerun resumes.
     Writes ``submission.csv`` (LUNA16 format, full-precision probabilities), ``predictions.csv``,
     ``metrics.json``, ``roc.png``, ``froc.png`` and ``size.png``. The FROC counts the readable scans;
-    unreadable ones are skipped and listed in ``unreadable_scans``. ``candidates_path``: the candidates CSV
+    unreadable ones are skipped and listed in ``unreadable_scans``. ``candidates``: the candidates CSV
     (default: the data folder's ``candidates_V2.csv``). For the nodule candidates (class 1) with an annotated
     diameter (that of the nodule whose sphere holds them), ``size`` compares the model's and the plain
     diameters with it (:func:`size_metrics`). A scan missing from a subset folder (against the extract
@@ -817,11 +818,20 @@ def evaluate_model(checkpoint: Path, data_dir: Path, subsets: list[int], out_dir
     checkpoint's candidate prior on every scored candidate; the FROC ranks the raw ones (the same order).
     Returns the metrics dict.
     """
+    chosen = {**options_mod.defaults("evaluate"), **options_mod.given("evaluate", settings)}
+    return _evaluate_model(Path(checkpoint), Path(data_dir), subsets, Path(out_dir), readers, device, console,
+                           work_dir, strict_cutoff, **chosen)
+
+
+def _evaluate_model(checkpoint: Path, data_dir: Path, subsets: list[int], out_dir: Path, readers: int,
+                    device: str, console, work_dir: Optional[Path], strict_cutoff: bool, *,
+                    views: Optional[int], batch_size: int, precision: str, cutoff: Optional[float],
+                    candidates: Optional[str], bootstrap: int, bootstrap_seed: int,
+                    allow_missing: bool) -> dict:
     start = time.perf_counter()
-    checkpoint, data_dir, out_dir = Path(checkpoint), Path(data_dir), Path(out_dir)
     check = check_scans(data_dir, subsets, work_dir, allow_missing)
     scans = check.found
-    candidates_path = Path(candidates_path) if candidates_path else data.candidates_file(data_dir)
+    candidates_path = Path(candidates) if candidates else data.candidates_file(data_dir)
     run, meta = open_model_run(checkpoint, candidates_path, out_dir / "parts", views, batch_size, readers,
                                device, precision)
     operating = calibration.resolve_cutoff(meta, run.views, cutoff, strict_cutoff, name=str(checkpoint))
@@ -845,7 +855,7 @@ def evaluate_model(checkpoint: Path, data_dir: Path, subsets: list[int], out_dir
     marks = _write_scored(out_dir, candidates, scores, annotated, scored, calibrated)
     froc = score_marks(marks, [uid for uid in scans if uid not in unreadable] + list(check.missing),
                        annotations, read_findings(data_dir / "annotations_excluded.csv"),
-                       bootstrap=bootstrap, seed=seed)
+                       bootstrap=bootstrap, seed=bootstrap_seed)
     title = f"{checkpoint.parent.name}/{checkpoint.name}"
     size = _evaluate_sizes(annotated[scored], scores[scored], run.model.has_size, out_dir / "size.png", title)
     labels = candidates.value[scored] > 0.5

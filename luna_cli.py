@@ -18,7 +18,6 @@ from typing import Annotated, List, Optional
 import typer
 from rich.console import Console
 
-import followup
 import options
 from common import UserError, parse_subsets
 
@@ -38,12 +37,6 @@ class Precision(str, Enum):
 class PhantomSize(str, Enum):
     small = "small"
     realistic = "realistic"
-
-
-# The follow-up choices, from followup.py's own lists (one definition of what each option allows).
-Guideline = Enum("Guideline", {value: value for value in followup.GUIDELINES}, type=str)
-NoduleType = Enum("NoduleType", {value: value for value in followup.NODULE_TYPES}, type=str)
-Risk = Enum("Risk", {value: value for value in followup.RISKS}, type=str)
 
 
 def _patch_size(value: int) -> int:
@@ -68,9 +61,6 @@ PrecisionOption = Annotated[Precision, typer.Option(
 BatchSize = Annotated[int, typer.Option(min=1, help="Patches per forward pass.")]
 Workers = Annotated[Optional[int], typer.Option(
     min=0, help="Processes loading cached patches for the model (default: 4 on GPU, 0 on CPU).")]
-Views = Annotated[Optional[int], typer.Option(
-    min=1, max=8, help="Flips of each patch averaged per prediction (default: the checkpoint's own, from "
-                       "training).")]
 Run = Annotated[Optional[str], typer.Option(help="Run folder name under W/runs (default: <command>-<time>).")]
 Resume = Annotated[bool, typer.Option(
     "--resume", help="Continue the run (--run, else the latest) from its last.pt; "
@@ -81,9 +71,8 @@ Readers = Annotated[int, typer.Option(
     min=0, help="Processes reading and cutting scans ahead of the model (0: in this process).")]
 Model = Annotated[Optional[str], typer.Option(
     help="The model: a run name (its W/runs/NAME/best.pt) or a .pt checkpoint file.")]
-CutoffOption = Annotated[Optional[float], typer.Option(
-    help="Cutoff as a raw logit (the model's score before calibration; probability p is log(p/(1-p))), "
-         "instead of the validated one.")]
+
+
 def data_dir_option(value: Optional[Path]) -> Path:
     """--data-dir, else $LUNA16_DIR, else ./luna16."""
     return Path(value or os.environ.get("LUNA16_DIR", "luna16"))
@@ -342,7 +331,9 @@ def finetune(given: dict, work_dir: WorkDir = None, run: Run = None, resume: Res
 @friendly_errors
 @renamed(run="--model NAME", checkpoint="--model FILE", out_dir="--out", workers="--readers",
          seed="--bootstrap-seed")
+@options.with_options(options.stage_names("evaluate"), "evaluate")
 def evaluate(
+    given: dict,
     submission: Annotated[Optional[Path], typer.Option(
         help="Score this LUNA16 submission CSV (seriesuid,coordX,coordY,coordZ,probability).")] = None,
     model: Model = None,
@@ -360,22 +351,8 @@ def evaluate(
     out: Annotated[Optional[Path], typer.Option(
         help="A model's evaluation folder (default: W/eval/<run>_subsets<k>, after the checkpoint's run "
              "folder; see README).")] = None,
-    views: Views = None,
-    batch_size: BatchSize = 64,
     readers: Readers = 2,
     device: Device = "auto",
-    precision: PrecisionOption = Precision.auto,
-    bootstrap: Annotated[int, typer.Option(
-        min=0, help="Bootstrap resamples of the scans for 95% intervals (0: none).")] = 1000,
-    bootstrap_seed: Annotated[int, typer.Option(help="Seed of the bootstrap resamples.")] = 0,
-    candidates: Annotated[Optional[Path], typer.Option(
-        help="Model: the candidates to score (default: candidates_V2.csv of the data dir), e.g. one written "
-             "by detect.")] = None,
-    allow_missing: Annotated[bool, typer.Option(
-        "--allow-missing", help="Keep scans missing from a subset folder (against extract's manifest, and "
-                                "seriesuids.csv with all ten subsets) in the FROC, their nodules missed, "
-                                "instead of refusing.")] = False,
-    cutoff: CutoffOption = None,
     data_dir: DataDir = None,
     work_dir: WorkDir = None,
 ):
@@ -386,16 +363,19 @@ def evaluate(
         raise UserError("give either --submission FILE or --model (a run name or a .pt file)")
     root, work = data_dir_option(data_dir), work_dir_option(work_dir)
     subset_list = parse_subsets(subsets, "--subsets", required=True) if subsets is not None else None
-    if submission is not None and (candidates is not None or cutoff is not None):
-        raise UserError("--candidates and --cutoff are for evaluating a model (--model); a submission holds "
-                        "its own marks")
+    settings = {**options.defaults("evaluate"), **given}
+    if submission is not None and (given.keys() - {"bootstrap", "bootstrap_seed", "allow_missing"}):
+        raise UserError("--candidates, --cutoff, --views, --batch-size and --precision are for evaluating a "
+                        "model (--model); a submission holds its own marks")
     if submission is not None:
-        scan_list, notes = evaluation.submission_scans(root, subset_list, seriesuids, work, allow_missing)
+        scan_list, notes = evaluation.submission_scans(root, subset_list, seriesuids, work,
+                                                       settings["allow_missing"])
         result = evaluation.score_submission(submission, annotations or root / "annotations.csv",
                                              excluded or root / "annotations_excluded.csv", scan_list,
                                              json_out=json_out,
                                              figure=json_out.with_suffix(".png") if json_out else None,
-                                             bootstrap=bootstrap, seed=bootstrap_seed, warnings=notes)
+                                             bootstrap=settings["bootstrap"], seed=settings["bootstrap_seed"],
+                                             warnings=notes)
         evaluation.print_froc(console, result, f"LUNA16 FROC of {submission.name}")
         return
     if subset_list is None:
@@ -403,12 +383,10 @@ def evaluate(
     import head
     checkpoint = head.model_checkpoint(work, model)
     out_dir = out or evaluation.default_eval_dir(
-        work, evaluation.evaluation_name(work, checkpoint, candidates), subset_list, views)
-    result = evaluation.evaluate_model(checkpoint, root, subset_list, out_dir, views=views,
-                                       batch_size=batch_size, readers=readers, device=device,
-                                       precision=precision.value, bootstrap=bootstrap, seed=bootstrap_seed,
-                                       console=console, candidates_path=candidates, work_dir=work,
-                                       allow_missing=allow_missing, cutoff=cutoff)
+        work, evaluation.evaluation_name(work, checkpoint, settings["candidates"]), subset_list,
+        settings["views"])
+    result = evaluation.evaluate_model(checkpoint, root, subset_list, out_dir, readers=readers, device=device,
+                                       console=console, work_dir=work, **given)
     if json_out is not None:
         common.atomic_write_json(json_out, result)
     console.print(evaluation.candidate_table(result))
@@ -490,7 +468,9 @@ def crossval(
 @app.command()
 @friendly_errors
 @renamed(checkpoint="--model (a run name or a .pt file; repeatable)", candidates="--points")
+@options.with_options(options.stage_names("predict"), "predict")
 def predict(
+    given: dict,
     scan: Annotated[Path, typer.Option(help="The CT: .mhd, NIfTI, or a DICOM series folder.")],
     model: Annotated[List[str], typer.Option(
         help="The model: a run name (its W/runs/NAME/best.pt) or a .pt checkpoint file; repeat it to average "
@@ -504,24 +484,7 @@ def predict(
         help="CSV of points with coordX,coordY,coordZ columns (world mm, LPS). "
              "Without --coord and --points, detect finds them.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write the predictions here as CSV.")] = None,
-    max_per_scan: Annotated[int, typer.Option(
-        min=1, help="Without --coord and --points: at most this many candidates a scan (the highest "
-                    "first).")] = 300,
-    views: Views = None,
-    cutoff: CutoffOption = None,
-    batch_size: BatchSize = 64,
     device: Device = "auto",
-    precision: PrecisionOption = Precision.auto,
-    guideline: Annotated[Guideline, typer.Option(
-        case_sensitive=False, help="Size table for the follow-up category: fleischner (Fleischner 2017, "
-                                   "incidental nodules) or lung-rads (Lung-RADS v2022, baseline screening "
-                                   "scan).")] = Guideline("fleischner"),
-    nodule_type: Annotated[NoduleType, typer.Option(
-        "--type", case_sensitive=False, help="Nodule type assumed for every point (not measured); with "
-                                             "part-solid or ground-glass the diameter is measured at -650 "
-                                             "HU instead of -400.")] = NoduleType("solid"),
-    risk: Annotated[Risk, typer.Option(
-        case_sensitive=False, help="Patient risk assumed (Fleischner only).")] = Risk("low"),
     work_dir: WorkDir = None,
 ):
     """Probability that the candidate at each world point of a new scan is a nodule (calibrated to the
@@ -536,10 +499,8 @@ def predict(
     checkpoints = [head.model_checkpoint(work_dir_option(work_dir), m) for m in model]
     folder = None if ensemble is None else \
         cv.crossval_dir(work_dir_option(work_dir), cv.check_name(ensemble, "--ensemble"))
-    rows = prediction.predict_scan(checkpoints, scan, coord, points, out, device=device,
-                                   batch_size=batch_size, views=views, precision=precision.value,
-                                   guideline=guideline.value, nodule_type=nodule_type.value, risk=risk.value,
-                                   max_per_scan=max_per_scan, cutoff=cutoff, ensemble=folder)
+    rows = prediction.predict_scan(checkpoints, scan, coord, points, out, device=device, ensemble=folder,
+                                   **given)
     title = prediction.results_title(scan, rows, detected=not coord and points is None)
     console.print(prediction.prediction_table(rows, title=title) if rows else title)
     if out is not None:

@@ -23,10 +23,12 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Dict, Optional, Sequence, Tuple, Union
 
+import followup
 from common import UserError, format_subsets, parse_subsets
 
 STAGES = ("head", "finetune")  # the training stages (crossval's --stage)
-COMMANDS = STAGES + ("features",)  # and cache-features, whose options are the encoder's
+SCORING = ("evaluate", "predict")  # the commands that score candidates with a trained model
+COMMANDS = STAGES + ("features",) + SCORING  # every command whose options are defined here
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 POOLINGS = ("avg", "flatten", "centre")
 MAX_VIEWS = 8  # the flips of a patch (head.VIEW_FLIPS)
@@ -49,10 +51,11 @@ class Option:
     choices: Tuple[str, ...] = ()
     unit: str = ""
     words: Tuple[str, ...] = ()  # words accepted besides the values ("auto")
+    cli: str = ""  # the flag, when not the name's (``--type`` for nodule_type)
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return self.cli or "--" + self.name.replace("_", "-")
 
     def text(self, stage: str) -> str:
         return self.help[stage] if isinstance(self.help, dict) else self.help
@@ -120,13 +123,13 @@ OPTIONS: Dict[str, Option] = {o.name: o for o in (
     Option("val_subsets", "subsets", "Validation subsets, e.g. 8 or 7,8 (each must be extracted); auto: "
            "80:20 split of the training scans by seriesuid.", {s: [8] for s in BOTH}, words=("auto",)),
     Option("test_subsets", "subsets", "Held-out test subsets, never read here: neither trained on nor "
-           "encoded ('none' for none).", {s: [9] for s in COMMANDS}),
+           "encoded ('none' for none).", {s: [9] for s in STAGES + ("features",)}),
     Option("epochs", int, "Most epochs (fixes the learning-rate schedule).", {"head": 100, "finetune": 30},
            low=1),
     Option("batch_size", int, {"head": "Feature vectors per step.",
                                "finetune": "Patches per step in each process.",
-                               "features": "Patches per forward pass."},
-           {"head": 256, "finetune": 32, "features": 32}, low=1),
+                               **{s: "Patches per forward pass." for s in ("features",) + SCORING}},
+           {"head": 256, "finetune": 32, "features": 32, "evaluate": 64, "predict": 64}, low=1),
     Option("accumulate", int, "Steps of gradient accumulation per optimiser update.", {s: 1 for s in BOTH},
            low=1),
     Option("lr", float, "Peak AdamW learning rate.", {"head": 1e-3, "finetune": 1e-4}, low=0, open_low=True),
@@ -159,12 +162,35 @@ OPTIONS: Dict[str, Option] = {o.name: o for o in (
            {"finetune": True}),
     Option("max_shift_mm", float, "Largest shift per axis.", {"finetune": 3.0}, low=0, unit="mm"),
     Option("precision", str, "auto: bf16 on recent GPUs, fp16 on older ones, fp32 on the CPU.",
-           {"finetune": "auto", "features": "auto"}, choices=PRECISIONS),
+           {s: "auto" for s in ("finetune", "features") + SCORING}, choices=PRECISIONS),
     Option("views", int, {"finetune": "Flips of each validation patch averaged, recorded for evaluate and "
                                       "predict.",
-                          "features": "Flips of each patch to encode; train-head learns from all."},
-           {"finetune": 1, "features": 1}, low=1, high=MAX_VIEWS),
+                          "features": "Flips of each patch to encode; train-head learns from all.",
+                          **{s: "Flips of each patch averaged per prediction (default: the checkpoint's own, "
+                                "from training)." for s in SCORING}},
+           {"finetune": 1, "features": 1, "evaluate": None, "predict": None}, low=1, high=MAX_VIEWS),
     Option("init_seed", int, "Seed of a random-init encoder (no --weights).", {"features": 0}),
+    # scoring a model: evaluate and predict
+    Option("cutoff", float, "Cutoff as a raw logit (the model's score before calibration; probability p is "
+           "log(p/(1-p))), instead of the validated one.", {"evaluate": None, "predict": None}),
+    Option("candidates", Path, "The candidates to score (default: candidates_V2.csv of the data dir), e.g. "
+           "one written by detect.", {"evaluate": None}),
+    Option("bootstrap", int, "Bootstrap resamples of the scans for 95% intervals (0: none).",
+           {"evaluate": 1000}, low=0),
+    Option("bootstrap_seed", int, "Seed of the bootstrap resamples.", {"evaluate": 0}),
+    Option("allow_missing", bool, "Keep scans missing from a subset folder (against extract's manifest, and "
+           "seriesuids.csv with all ten subsets) in the FROC, their nodules missed, instead of refusing.",
+           {"evaluate": False}),
+    Option("max_per_scan", int, "Without --coord and --points: at most this many detected candidates a scan "
+           "(the highest first).", {"predict": 300}, low=1),
+    Option("guideline", str, "Size table for the follow-up category: fleischner (Fleischner 2017, incidental "
+           "nodules) or lung-rads (Lung-RADS v2022, baseline screening scan).", {"predict": "fleischner"},
+           choices=tuple(followup.GUIDELINES)),
+    Option("nodule_type", str, "Nodule type assumed for every point (not measured); with part-solid or "
+           "ground-glass the diameter is measured at -650 HU instead of -400.", {"predict": "solid"},
+           choices=tuple(followup.NODULE_TYPES), cli="--type"),
+    Option("risk", str, "Patient risk assumed (Fleischner only).", {"predict": "low"},
+           choices=tuple(followup.RISKS)),
 )}
 
 # Options a cross-validation fold decides itself (or crossval handles on its own: views and precision also set
@@ -265,7 +291,8 @@ def typer_parameters(names: Sequence[str], stage: Optional[str]) -> list:
             default = format_subsets(default)
         if isinstance(default, str) and option.choices:
             default = kind(default)
-        flags = (f"{option.flag}/--no-{option.flag[2:]}",) if option.kind is bool else ()
+        flags = ((f"{option.flag}/--no-{option.flag[2:]}",) if option.kind is bool
+                 else (option.flag,) if option.cli else ())
         typer_option = typer.Option(*flags, help=help_text, case_sensitive=False) if option.choices else \
             typer.Option(*flags, help=help_text)
         annotation = Annotated[Optional[kind] if default is None else kind, typer_option]

@@ -24,7 +24,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -34,6 +34,7 @@ import data
 import detect
 import followup
 import head
+import options as options_mod
 import sizing
 from common import UserError
 from detect import scan_name
@@ -433,17 +434,24 @@ def distinct_findings(predictions: Sequence[dict], unknown_diameter_mm: float = 
     return kept
 
 
-def predict_scan(checkpoint, scan_path, coords: Sequence[str] = (), points=None, out=None,
-                 device: str = "auto", batch_size: int = 64, views: Optional[int] = None,
-                 precision: str = "auto", *, guideline: str = "fleischner", nodule_type: str = "solid",
-                 risk: str = "low", max_per_scan: int = detect.DEFAULT_MAX_PER_SCAN,
-                 cutoff: Optional[float] = None, ensemble: Optional[Path] = None) -> list[dict]:
+def predict_scan(checkpoint, scan_path, coords: Sequence[str] = (), points=None, out=None, *,
+                 device: str = "auto", ensemble: Optional[Path] = None, **settings: Any) -> list[dict]:
     """Points from ``--coord X,Y,Z`` strings or a points CSV (``--points``) -> :func:`predict_points` (one
     checkpoint or a list, averaged, or a crossval ``ensemble``; ``cutoff`` a raw logit; ``guideline``,
     ``nodule_type`` and ``risk`` for the follow-up category), written to ``out``. With neither,
     :func:`detect.detect_scan` finds up to ``max_per_scan`` candidates first, and the distinct findings at or
     above the cutoff (:func:`distinct_findings`) are returned, highest probability first, with their follow-up
-    categories for that number of nodules."""
+    categories for that number of nodules. ``settings``: the options of ``options.stage_names("predict")``
+    (batch size, views, precision, cutoff, max_per_scan, guideline, nodule_type, risk); those left out take
+    their defaults there."""
+    chosen = {**options_mod.defaults("predict"), **options_mod.given("predict", settings)}
+    return _predict_scan(checkpoint, scan_path, coords, points, out, device, ensemble, **chosen)
+
+
+def _predict_scan(checkpoint, scan_path, coords: Sequence[str], points, out, device: str,
+                  ensemble: Optional[Path], *, batch_size: int, views: Optional[int], precision: str,
+                  guideline: str, nodule_type: str, risk: str, max_per_scan: int,
+                  cutoff: Optional[float]) -> list[dict]:
     if coords and points is not None:
         raise UserError("give either --coord X,Y,Z (one or more) or --points FILE.csv, not both")
     chosen = resolve_models(checkpoint, head.resolve_device(device), views, cutoff, ensemble)

@@ -1639,10 +1639,15 @@ def test_every_training_option_is_defined_once_and_maps_to_the_command_line(tmp_
            "crossval": {"folds", "name", "stage", "val_offset", "mine_rounds", "max_per_scan", "views",
                         "precision", "device", "workers", "readers", "bootstrap", "json_out", "data_dir",
                         "work_dir"}}
-    own["cache-features"] = {"work_dir", "device", "workers"}
+    own.update({"cache-features": {"work_dir", "device", "workers"},
+                "evaluate": {"submission", "model", "subsets", "annotations", "excluded", "seriesuids",
+                             "json_out", "out", "readers", "device", "data_dir", "work_dir"},
+                "predict": {"scan", "model", "ensemble", "coord", "points", "out", "device", "work_dir"}})
     for command, stage, defaults in (("train-head", "head", train.HEAD_DEFAULTS),
                                      ("finetune", "finetune", train.FINETUNE_DEFAULTS),
-                                     ("cache-features", "features", options.defaults("features"))):
+                                     *((c, s, options.defaults(s)) for c, s in (
+                                         ("cache-features", "features"), ("evaluate", "evaluate"),
+                                         ("predict", "predict")))):
         params = {p.name: p for p in commands[command].params if not p.name.startswith("old_")}
         assert set(params) - own[command] == set(options.stage_names(stage)) == set(defaults), command
         for name, value in defaults.items():   # the command line's defaults are the stage's own
@@ -1653,14 +1658,16 @@ def test_every_training_option_is_defined_once_and_maps_to_the_command_line(tmp_
     assert set(params) - own["crossval"] == set(options.crossval_names()) == set(crossval.TRAINING_OPTIONS)
     assert all(params[name].default is None for name in options.crossval_names())
     # and back: every option reaches some command, with its flag
-    exposed = {p.opts[0] for c in ("train-head", "finetune", "crossval", "cache-features")
-               for p in commands[c].params}
+    exposed = {p.opts[0] for c in ("train-head", "finetune", "crossval", "cache-features", "evaluate",
+                                   "predict") for p in commands[c].params}
     assert {o.flag for o in options.OPTIONS.values()} <= exposed
     # one check for the command line, the functions and crossval
     for argv, flag in ((["train-head", "--positive-share", "1.0"], "--positive-share must be above 0"),
                        (["finetune", "--warmup-epochs", "-1"], "--warmup-epochs must be at least 0 epochs"),
                        (["crossval", "--folds", "0,1", "--name", "cv", "--lr", "0"], "--lr must be above 0"),
-                       (["cache-features", "--views", "9"], "--views must be at least 1 and at most 8")):
+                       (["cache-features", "--views", "9"], "--views must be at least 1 and at most 8"),
+                       (["evaluate", "--model", "m", "--subsets", "0", "--bootstrap", "-1"],
+                        "--bootstrap must be at least 0")):
         refused = CliRunner().invoke(luna_cli.app, argv + ["--work-dir", str(tmp_path)])
         assert refused.exit_code == 1 and flag in str(_user_error(refused)), (argv, _why(refused))
     with pytest.raises(common.UserError, match="--pooling must be one of avg, flatten, centre"):
