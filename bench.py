@@ -500,7 +500,8 @@ def _mining_seed(folder, seed: int, scans: int, negatives: int, max_per_scan: in
     for variant, all_candidates in (("sample", False), ("every candidate", True)):
         work = folder / ("work-all" if all_candidates else "work")
         for k in range(4):
-            data.extract_subset(root, work, k, 32, 1.0, all_candidates=all_candidates or k == 3, seed=seed,
+            data.extract_subset(root, work, k, patch_size=32, spacing_mm=1.0,
+                                all_candidates=all_candidates or k == 3, sample_seed=seed,
                                 show_progress=False)
         train_and_score(work, variant)
         if all_candidates:
@@ -508,7 +509,7 @@ def _mining_seed(folder, seed: int, scans: int, negatives: int, max_per_scan: in
         for n in range(1, rounds + 1):
             for k in (0, 1):  # mine the training subsets with the previous round's head
                 mining.mine_subset(root, work, k, "head-sample" if n == 1 else f"head-mined {n - 1}",
-                                   max_per_scan, readers=1, device="cpu")
+                                   max_per_scan=max_per_scan, readers=1, device="cpu")
             train_and_score(work, f"mined {n}")
     return results
 
@@ -562,7 +563,8 @@ def _crossval_mining_seed(folder, seed: int, scans: int, negatives: int, max_per
                                   negatives_per_scan=negatives, nodules_per_scan=(1, 3),
                                   negative_mix=phantom.LUNA_LIKE_MIX, force=True)
     for k in range(4):
-        data.extract_subset(root, work, k, 32, 1.0, seed=seed, show_progress=False)
+        data.extract_subset(root, work, k, patch_size=32, spacing_mm=1.0, sample_seed=seed,
+                            show_progress=False)
     tag = features.cache_features(work, test_subsets=[], views=views, init_seed=seed, quiet=True,
                                   device="cpu", **MINING_SETTINGS)
     shared = dict(folds=[0, 1, 2, 3], stage="head", features=tag, epochs=head_epochs, seed=seed, device="cpu",
@@ -839,8 +841,8 @@ def _pipeline_cpm(root, work, candidates, seed: int, head_epochs: int, views: in
     import features
     import train
     for k in range(4):   # train-head wants the held-out subset extracted too (it never reads it)
-        data.extract_subset(root, work, k, 32, 1.0, seed=seed, show_progress=False,
-                            candidates_path=candidates)
+        data.extract_subset(root, work, k, patch_size=32, spacing_mm=1.0, sample_seed=seed,
+                            show_progress=False, candidates=candidates)
     tag = features.cache_features(work, test_subsets=[3], views=views, init_seed=seed, quiet=True,
                                   device="cpu", **MINING_SETTINGS)
     run = train.train_head(work, features=tag, epochs=head_epochs, run="head", device="cpu", val_subsets=[2],

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+import options
 import resample
 from common import (Parts, UserError, atomic_concatenate_npy, atomic_write_json, atomic_write_text, attempt,
                     over_scans, problems_message, read_ahead)
@@ -752,11 +753,13 @@ def _assemble_cache(cache: Path, scans: list[str], parts: Parts, patch_size: int
     return counts
 
 
-def extract_subset(data_dir, work_dir, subset: int, patch_size: int = 64, spacing_mm: float = 1.0,
-                   negatives_per_positive: float = 10.0, all_candidates: bool = False, seed: int = 0,
-                   show_progress: bool = True, console=None, candidates_path=None) -> ExtractSummary:
-    """Build (or complete) the patch cache of one LUNA16 subset, from ``candidates_path`` (default: the data
+def extract_subset(data_dir, work_dir, subset: int, *, show_progress: bool = True, console=None,
+                   **settings) -> ExtractSummary:
+    """Build (or complete) the patch cache of one LUNA16 subset, from ``candidates`` (default: the data
     folder's :func:`candidates_file`; a cache made from a file of another name is refused).
+
+    ``settings``: the options of ``options.stage_names("extract")`` (patch size and spacing, the sample of
+    negatives and its seed, every candidate, the candidates file); those left out take their defaults there.
 
     Writes ``W/patches/subset<k>/patches.npy`` (int16 HU, ``(N, P, P, P)``, ``[z, y, x]`` world axes,
     ``spacing_mm`` apart, candidate at ``P//2``), ``index.csv`` (same row order) and ``manifest.json``.
@@ -767,13 +770,16 @@ def extract_subset(data_dir, work_dir, subset: int, patch_size: int = 64, spacin
     and the annotated nodules); a rerun on a finished cache adds them to a manifest made before them.
     """
     from rich.console import Console
-    validate_patch_args(patch_size, spacing_mm)
-    if negatives_per_positive < 0:
-        raise UserError(f"--negatives-per-positive must be >= 0, got {negatives_per_positive}")
-    console = console or Console(stderr=True)
-    data_dir, cache = Path(data_dir), subset_dir(work_dir, subset)
-    candidates_path = Path(candidates_path) if candidates_path is not None else candidates_file(data_dir)
-    wanted = dict(patch_size=patch_size, spacing_mm=float(spacing_mm), seed=seed,
+    chosen = {**options.defaults("extract"), **options.given("extract", settings)}
+    return _extract_subset(Path(data_dir), subset_dir(work_dir, subset), subset, show_progress,
+                           console or Console(stderr=True), **chosen)
+
+
+def _extract_subset(data_dir: Path, cache: Path, subset: int, show_progress: bool, console, *,
+                    patch_size: int, spacing_mm: float, negatives_per_positive: float, all_candidates: bool,
+                    sample_seed: int, candidates) -> ExtractSummary:
+    candidates_path = Path(candidates) if candidates is not None else candidates_file(data_dir)
+    wanted = dict(patch_size=patch_size, spacing_mm=float(spacing_mm), seed=sample_seed,
                   candidates_file=candidates_path.name, negatives_per_positive=float(negatives_per_positive),
                   all_candidates=all_candidates)
     manifest = _read_manifest(cache, wanted)

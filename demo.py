@@ -74,8 +74,9 @@ def run_demo(work_dir: Path, settings: DemoSettings | None = None, console=None)
                negatives_per_scan=settings.negatives_per_scan, force=True)
     start = time.perf_counter()
     for k in range(settings.subsets):
-        data.extract_subset(data_dir, work_dir, k, settings.patch_size, settings.spacing_mm,
-                            all_candidates=True, seed=settings.seed, console=console)
+        data.extract_subset(data_dir, work_dir, k, patch_size=settings.patch_size,
+                            spacing_mm=settings.spacing_mm, all_candidates=True, sample_seed=settings.seed,
+                            console=console)
     settings.timings["extract"] = time.perf_counter() - start
     for old in ("runs/demo-head", "runs/demo-finetune", "eval/demo-head", "eval/demo-finetune", "report"):
         shutil.rmtree(work_dir / old, ignore_errors=True)  # the demo's own runs: a rerun trains afresh

@@ -39,19 +39,6 @@ class PhantomSize(str, Enum):
     realistic = "realistic"
 
 
-def _patch_size(value: int) -> int:
-    if value < 32 or value % 32:
-        raise typer.BadParameter(f"must be a positive multiple of 32 (the encoder halves it five times), "
-                                 f"got {value}")
-    return value
-
-
-def _positive(value: float) -> float:
-    if not value > 0:
-        raise typer.BadParameter(f"must be positive, got {value}")
-    return value
-
-
 # One vocabulary for every command.
 DataDir = Annotated[Optional[Path], typer.Option(help="LUNA16 root (default: $LUNA16_DIR or ./luna16).")]
 WorkDir = Annotated[Optional[Path], typer.Option(help="Work folder (default: $LUNA16_WORK or ./work).")]
@@ -231,51 +218,40 @@ def detect(
 @app.command()
 @friendly_errors
 @renamed(seed="--sample-seed", per_scan="--max-per-scan", workers="--readers")
+@options.with_options(options.stage_names("extract") + options.stage_names("mining"), ("extract", "mining"))
 def extract(
+    given: dict,
     subsets: Annotated[str, typer.Option("--subsets", "--subset", help="Subsets to extract, e.g. 0, 0-7,9.")],
     data_dir: DataDir = None,
     work_dir: WorkDir = None,
-    patch_size: Annotated[int, typer.Option(callback=_patch_size, help="Cube edge in voxels.")] = 64,
-    spacing_mm: Annotated[float, typer.Option(
-        callback=_positive, help="Isotropic voxel size of the cube in mm.")] = 1.0,
-    negatives_per_positive: Annotated[float, typer.Option(
-        min=0, help="Seeded sample of negatives per positive candidate.")] = 10.0,
-    all_candidates: Annotated[bool, typer.Option(
-        "--all-candidates", help="Keep every candidate, not a sample.")] = False,
-    sample_seed: Annotated[int, typer.Option(help="Seed of the sample of negatives.")] = 0,
-    candidates: Annotated[Optional[Path], typer.Option(
-        help="Candidates CSV to cut (default: candidates_V2.csv of the data dir), e.g. one written by "
-             "detect.")] = None,
     hard_negatives: Annotated[Optional[str], typer.Option(
         help="Mine instead: add the negatives this model scores highest (a run name, for its best.pt, or a "
              ".pt file).")] = None,
-    max_per_scan: Annotated[int, typer.Option(
-        min=1, help="With --hard-negatives: at most this many negatives a scan, its highest-scoring.")] = 20,
-    batch_size: BatchSize = 64,
     readers: Readers = 2,
     device: Device = "auto",
-    precision: PrecisionOption = Precision.auto,
 ):
     """Cut resampled, world-axis-aligned cubes around the candidates of LUNA16 subsets into a patch cache
     (or, with --hard-negatives, add a trained model's hardest negatives to it)."""
     import data
-    if hard_negatives and candidates is not None:
-        raise UserError("--candidates applies to extraction, not to --hard-negatives (mining reads the data "
-                        "dir's candidates file)")
+    foreign = ", ".join(options.OPTIONS[n].flag for n in given
+                        if n not in options.stage_names("mining" if hard_negatives else "extract"))
+    if foreign:
+        raise UserError(f"{foreign}: an option of extraction, not of --hard-negatives (mining reads the data "
+                        f"dir's candidates file and the cache's patches)" if hard_negatives else
+                        f"{foreign}: an option of --hard-negatives (mining), not of extraction")
     any_failed = False
     for k in parse_subsets(subsets, "--subsets", required=True):
         if hard_negatives:
             import mining
             mined = mining.mine_subset(data_dir_option(data_dir), work_dir_option(work_dir), k,
-                                       hard_negatives, max_per_scan, batch_size, readers, device,
-                                       precision.value, console=console)
+                                       hard_negatives, readers=readers, device=device, console=console,
+                                       **given)
             console.print(f"subset {k}: [bold]{mined.added}[/] hard negatives of {mined.run} added "
                           f"({mined.scans} scans scored); the cache holds {mined.n_patches} patches")
             failed = mined.unreadable
         else:
-            summary = data.extract_subset(data_dir_option(data_dir), work_dir_option(work_dir), k, patch_size,
-                                          spacing_mm, negatives_per_positive, all_candidates, sample_seed,
-                                          console=console, candidates_path=candidates)
+            summary = data.extract_subset(data_dir_option(data_dir), work_dir_option(work_dir), k,
+                                          console=console, **given)
             console.print(f"subset {k}: [bold]{summary.n_patches}[/] patches ({summary.n_positive} positive) "
                           f"from {summary.scans_done} scans ({summary.scans_new} new) in {summary.cache_dir}")
             failed = summary.failed

@@ -25,6 +25,7 @@ import data
 import evaluate
 import features
 import head
+import options
 from common import UserError
 
 
@@ -100,15 +101,22 @@ def _key(uid: str, world_xyz) -> tuple:
     return (uid, *(repr(float(v)) for v in world_xyz))
 
 
-def mine_subset(data_dir: Path, work_dir: Path, subset: int, model: str, max_per_scan: int = 20,
-                batch_size: int = 64, readers: int = 2, device: str = "auto", precision: str = "auto",
-                views: Optional[int] = None, for_fold: Optional[int] = None, console=None) -> MiningSummary:
+def mine_subset(data_dir: Path, work_dir: Path, subset: int, model: str, *, readers: int = 2,
+                device: str = "auto", for_fold: Optional[int] = None, console=None,
+                **settings) -> MiningSummary:
     """Add the hard negatives of ``model`` (a run name, run folder or ``.pt`` file) to the patch cache of one
     subset;
-    ``for_fold``: the test subset of the cross-validation fold they are mined for (only it uses them)."""
-    if max_per_scan < 1:
-        raise UserError(f"--max-per-scan must be at least 1, got {max_per_scan}")
-    data_dir, work_dir = Path(data_dir), Path(work_dir)
+    ``for_fold``: the test subset of the cross-validation fold they are mined for (only it uses them).
+    ``settings``: the options of ``options.stage_names("mining")`` (at most this many a scan, batch size,
+    precision, views); those left out take their defaults there."""
+    chosen = {**options.defaults("mining"), **options.given("mining", settings)}
+    return _mine_subset(Path(data_dir), Path(work_dir), subset, model, readers, device, for_fold, console,
+                        **chosen)
+
+
+def _mine_subset(data_dir: Path, work_dir: Path, subset: int, model: str, readers: int, device: str,
+                 for_fold: Optional[int], console, *, max_per_scan: int, batch_size: int, precision: str,
+                 views: Optional[int]) -> MiningSummary:
     cache = data.subset_dir(work_dir, subset)
     if not (cache / "manifest.json").is_file():
         raise UserError(f"no patch cache for subset {subset} under {work_dir / 'patches'}; "

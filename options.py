@@ -27,8 +27,8 @@ import followup
 from common import UserError, format_subsets, parse_subsets
 
 STAGES = ("head", "finetune")  # the training stages (crossval's --stage)
-SCORING = ("evaluate", "predict")  # the commands that score candidates with a trained model
-COMMANDS = STAGES + ("features",) + SCORING  # every command whose options are defined here
+SCORING = ("evaluate", "predict", "mining")  # scoring candidates with a trained model
+COMMANDS = ("extract",) + STAGES + ("features",) + SCORING  # every stage whose options are defined here
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 POOLINGS = ("avg", "flatten", "centre")
 MAX_VIEWS = 8  # the flips of a patch (head.VIEW_FLIPS)
@@ -51,6 +51,7 @@ class Option:
     choices: Tuple[str, ...] = ()
     unit: str = ""
     words: Tuple[str, ...] = ()  # words accepted besides the values ("auto")
+    multiple_of: int = 0
     cli: str = ""  # the flag, when not the name's (``--type`` for nodule_type)
 
     @property
@@ -90,6 +91,8 @@ class Option:
                             f"got {value!r}")
         if self.kind is bool and not isinstance(value, bool):
             raise UserError(f"{self.flag} is a switch (true or false), got {value!r}")
+        if self.multiple_of and value % self.multiple_of:
+            raise UserError(f"{self.flag} must be a multiple of {self.multiple_of}, got {value!r}")
         if not self._allows(value):
             raise UserError(f"{self.flag} must be {self.bounds()}{' ' + self.unit if self.unit else ''}, "
                             f"got {value!r}")
@@ -113,6 +116,15 @@ def _is_number(value: Any, kind: type) -> bool:
 
 BOTH = STAGES
 OPTIONS: Dict[str, Option] = {o.name: o for o in (
+    # extract: the patch cache
+    Option("patch_size", int, "Cube edge in voxels (the encoder halves it five times).", {"extract": 64},
+           low=32, multiple_of=32, unit="voxels"),
+    Option("spacing_mm", float, "Isotropic voxel size of the cube.", {"extract": 1.0}, low=0, open_low=True,
+           unit="mm"),
+    Option("negatives_per_positive", float, "Seeded sample of negatives per positive candidate.",
+           {"extract": 10.0}, low=0),
+    Option("all_candidates", bool, "Keep every candidate, not a sample.", {"extract": False}),
+    Option("sample_seed", int, "Seed of the sample of negatives.", {"extract": 0}),
     Option("features", str, "Feature set made by cache-features (default: the only one; listed when there "
            "are several).", {"head": None}),
     Option("weights", Path, "Pretrained Swin UNETR checkpoint for the encoder (random init without).",
@@ -129,7 +141,7 @@ OPTIONS: Dict[str, Option] = {o.name: o for o in (
     Option("batch_size", int, {"head": "Feature vectors per step.",
                                "finetune": "Patches per step in each process.",
                                **{s: "Patches per forward pass." for s in ("features",) + SCORING}},
-           {"head": 256, "finetune": 32, "features": 32, "evaluate": 64, "predict": 64}, low=1),
+           {"head": 256, "finetune": 32, "features": 32, "evaluate": 64, "predict": 64, "mining": 64}, low=1),
     Option("accumulate", int, "Steps of gradient accumulation per optimiser update.", {s: 1 for s in BOTH},
            low=1),
     Option("lr", float, "Peak AdamW learning rate.", {"head": 1e-3, "finetune": 1e-4}, low=0, open_low=True),
@@ -168,21 +180,26 @@ OPTIONS: Dict[str, Option] = {o.name: o for o in (
                           "features": "Flips of each patch to encode; train-head learns from all.",
                           **{s: "Flips of each patch averaged per prediction (default: the checkpoint's own, "
                                 "from training)." for s in SCORING}},
-           {"finetune": 1, "features": 1, "evaluate": None, "predict": None}, low=1, high=MAX_VIEWS),
+           {"finetune": 1, "features": 1, **{s: None for s in SCORING}}, low=1, high=MAX_VIEWS),
     Option("init_seed", int, "Seed of a random-init encoder (no --weights).", {"features": 0}),
     # scoring a model: evaluate and predict
     Option("cutoff", float, "Cutoff as a raw logit (the model's score before calibration; probability p is "
            "log(p/(1-p))), instead of the validated one.", {"evaluate": None, "predict": None}),
-    Option("candidates", Path, "The candidates to score (default: candidates_V2.csv of the data dir), e.g. "
-           "one written by detect.", {"evaluate": None}),
+    Option("candidates", Path, {"extract": "Candidates CSV to cut (default: candidates_V2.csv of the data "
+                                           "dir), e.g. one written by detect.",
+                                "evaluate": "The candidates to score (default: candidates_V2.csv of the data "
+                                            "dir), e.g. one written by detect."},
+           {"extract": None, "evaluate": None}),
     Option("bootstrap", int, "Bootstrap resamples of the scans for 95% intervals (0: none).",
            {"evaluate": 1000}, low=0),
     Option("bootstrap_seed", int, "Seed of the bootstrap resamples.", {"evaluate": 0}),
     Option("allow_missing", bool, "Keep scans missing from a subset folder (against extract's manifest, and "
            "seriesuids.csv with all ten subsets) in the FROC, their nodules missed, instead of refusing.",
            {"evaluate": False}),
-    Option("max_per_scan", int, "Without --coord and --points: at most this many detected candidates a scan "
-           "(the highest first).", {"predict": 300}, low=1),
+    Option("max_per_scan", int, {"predict": "Without --coord and --points: at most this many detected "
+                                            "candidates a scan (the highest first).",
+                                 "mining": "With --hard-negatives: at most this many negatives a scan, its "
+                                           "highest-scoring."}, {"predict": 300, "mining": 20}, low=1),
     Option("guideline", str, "Size table for the follow-up category: fleischner (Fleischner 2017, incidental "
            "nodules) or lung-rads (Lung-RADS v2022, baseline screening scan).", {"predict": "fleischner"},
            choices=tuple(followup.GUIDELINES)),
@@ -268,15 +285,18 @@ def _range(option: Option) -> str:
     return f" ({option.bounds()}{' ' + option.unit if option.unit else ''})"
 
 
-def typer_parameters(names: Sequence[str], stage: Optional[str]) -> list:
-    """Keyword-only ``inspect.Parameter`` s for the options ``names``, typed for Typer. ``stage``: their
-    defaults are that stage's; None (crossval): every default is None (the stage decides), and an option of
-    only one stage says which in its help."""
+def typer_parameters(names: Sequence[str], stages: Union[str, Sequence[str], None]) -> list:
+    """Keyword-only ``inspect.Parameter`` s for the options ``names``, typed for Typer. ``stages``: a stage,
+    or several (a command with two modes), whose defaults and help they take, the first stage that has the
+    option; None (crossval): every default is None (the stage decides), and an option of only one training
+    stage says which in its help."""
     import typer
     parameters = []
     for name in names:
         option = OPTIONS[name]
         training = [s for s in STAGES if s in option.defaults]
+        stage = None if stages is None else next(s for s in ([stages] if isinstance(stages, str) else stages)
+                                                 if s in option.defaults)
         owner = stage or training[0]
         help_text = option.text(owner) + _range(option)
         if stage is None and len(training) == 1:
@@ -301,7 +321,7 @@ def typer_parameters(names: Sequence[str], stage: Optional[str]) -> list:
     return parameters
 
 
-def with_options(names: Sequence[str], stage: Optional[str]):
+def with_options(names: Sequence[str], stage: Union[str, Sequence[str], None]):
     """Decorator for a Typer command: adds the options ``names`` (see :func:`typer_parameters`) to its own
     parameters, and calls it with ``given``: those the user gave on the command line, checked (defaults are
     left to the stage, so that ``--resume`` can tell a given option from a default)."""

@@ -273,29 +273,31 @@ def test_extract_writes_cache_and_rerun_is_idempotent(tmp_path):
     import csv
     import data
     _mini_luna(tmp_path / "luna")
-    summary = data.extract_subset(tmp_path / "luna", tmp_path / "work", 0, patch_size=16, spacing_mm=1.0,
+    summary = data.extract_subset(tmp_path / "luna", tmp_path / "work", 0, patch_size=32, spacing_mm=1.0,
                                   show_progress=False)
     cache = tmp_path / "work" / "patches" / "subset0"
     patches = np.load(cache / "patches.npy", mmap_mode="r")
     rows = list(csv.DictReader(open(cache / "index.csv")))
-    assert patches.dtype == np.int16 and patches.shape == (15, 16, 16, 16) == (summary.n_patches, 16, 16, 16)
+    assert patches.dtype == np.int16 and patches.shape == (15, 32, 32, 32) == (summary.n_patches, 32, 32, 32)
     assert [r["seriesuid"] for r in rows] == sorted(r["seriesuid"] for r in rows)
     positives = [n for n, r in enumerate(rows) if r["label"] == "1"]
     assert len(positives) == 3 and all(rows[n]["diameter_mm"] == "8.0" for n in positives)
-    assert all(patches[n, 8, 8, 8] == 200 for n in positives)
+    assert all(patches[n, 16, 16, 16] == 200 for n in positives)
     before = _cache_files(tmp_path / "work")
-    again = data.extract_subset(tmp_path / "luna", tmp_path / "work", 0, patch_size=16, spacing_mm=1.0,
+    again = data.extract_subset(tmp_path / "luna", tmp_path / "work", 0, patch_size=32, spacing_mm=1.0,
                                 show_progress=False)
     assert again.scans_new == 0 and _cache_files(tmp_path / "work") == before
     assert not (cache / "parts").exists()
-    with pytest.raises(common.UserError, match="patch_size: cache has 16, this run asks for 24"):
+    with pytest.raises(common.UserError, match="patch_size: cache has 32, this run asks for 64"):
+        data.extract_subset(tmp_path / "luna", tmp_path / "work", 0, patch_size=64, show_progress=False)
+    with pytest.raises(common.UserError, match="--patch-size must be a multiple of 32, got 24"):
         data.extract_subset(tmp_path / "luna", tmp_path / "work", 0, patch_size=24, show_progress=False)
 
 
 def test_extract_resumes_after_interruption(tmp_path, monkeypatch):
     import data
     _mini_luna(tmp_path / "luna")
-    data.extract_subset(tmp_path / "luna", tmp_path / "reference", 0, patch_size=16, show_progress=False)
+    data.extract_subset(tmp_path / "luna", tmp_path / "reference", 0, patch_size=32, show_progress=False)
     calls = {"n": 0}
     original = data.read_and_extract
 
@@ -307,11 +309,11 @@ def test_extract_resumes_after_interruption(tmp_path, monkeypatch):
 
     monkeypatch.setattr(data, "read_and_extract", interrupted_after_one_scan)
     with pytest.raises(KeyboardInterrupt):
-        data.extract_subset(tmp_path / "luna", tmp_path / "work", 0, patch_size=16, show_progress=False)
+        data.extract_subset(tmp_path / "luna", tmp_path / "work", 0, patch_size=32, show_progress=False)
     cache = tmp_path / "work" / "patches" / "subset0"
     assert not (cache / "patches.npy").exists() and len(list((cache / "parts").glob("*.npy"))) == 1
     monkeypatch.setattr(data, "read_and_extract", original)
-    summary = data.extract_subset(tmp_path / "luna", tmp_path / "work", 0, patch_size=16, show_progress=False)
+    summary = data.extract_subset(tmp_path / "luna", tmp_path / "work", 0, patch_size=32, show_progress=False)
     assert summary.scans_new == 2
     assert _cache_files(tmp_path / "work") == _cache_files(tmp_path / "reference")
 
@@ -1642,14 +1644,17 @@ def test_every_training_option_is_defined_once_and_maps_to_the_command_line(tmp_
     own.update({"cache-features": {"work_dir", "device", "workers"},
                 "evaluate": {"submission", "model", "subsets", "annotations", "excluded", "seriesuids",
                              "json_out", "out", "readers", "device", "data_dir", "work_dir"},
-                "predict": {"scan", "model", "ensemble", "coord", "points", "out", "device", "work_dir"}})
+                "predict": {"scan", "model", "ensemble", "coord", "points", "out", "device", "work_dir"},
+                "extract": {"subsets", "data_dir", "work_dir", "hard_negatives", "readers", "device"}})
     for command, stage, defaults in (("train-head", "head", train.HEAD_DEFAULTS),
                                      ("finetune", "finetune", train.FINETUNE_DEFAULTS),
                                      *((c, s, options.defaults(s)) for c, s in (
                                          ("cache-features", "features"), ("evaluate", "evaluate"),
-                                         ("predict", "predict")))):
+                                         ("predict", "predict"))),
+                                     ("extract", "extract", {**options.defaults("extract"),
+                                                             **options.defaults("mining")})):
         params = {p.name: p for p in commands[command].params if not p.name.startswith("old_")}
-        assert set(params) - own[command] == set(options.stage_names(stage)) == set(defaults), command
+        assert set(params) - own[command] == set(defaults), command
         for name, value in defaults.items():   # the command line's defaults are the stage's own
             default = params[name].default
             default = options.OPTIONS[name].check(default) if name.endswith("_subsets") else default
@@ -1659,7 +1664,7 @@ def test_every_training_option_is_defined_once_and_maps_to_the_command_line(tmp_
     assert all(params[name].default is None for name in options.crossval_names())
     # and back: every option reaches some command, with its flag
     exposed = {p.opts[0] for c in ("train-head", "finetune", "crossval", "cache-features", "evaluate",
-                                   "predict") for p in commands[c].params}
+                                   "predict", "extract") for p in commands[c].params}
     assert {o.flag for o in options.OPTIONS.values()} <= exposed
     # one check for the command line, the functions and crossval
     for argv, flag in ((["train-head", "--positive-share", "1.0"], "--positive-share must be above 0"),
@@ -1667,7 +1672,11 @@ def test_every_training_option_is_defined_once_and_maps_to_the_command_line(tmp_
                        (["crossval", "--folds", "0,1", "--name", "cv", "--lr", "0"], "--lr must be above 0"),
                        (["cache-features", "--views", "9"], "--views must be at least 1 and at most 8"),
                        (["evaluate", "--model", "m", "--subsets", "0", "--bootstrap", "-1"],
-                        "--bootstrap must be at least 0")):
+                        "--bootstrap must be at least 0"),
+                       (["extract", "--subsets", "0", "--patch-size", "48"],
+                        "--patch-size must be a multiple of 32"),
+                       (["extract", "--subsets", "0", "--max-per-scan", "5"], "--max-per-scan: an option of "
+                                                                             "--hard-negatives")):
         refused = CliRunner().invoke(luna_cli.app, argv + ["--work-dir", str(tmp_path)])
         assert refused.exit_code == 1 and flag in str(_user_error(refused)), (argv, _why(refused))
     with pytest.raises(common.UserError, match="--pooling must be one of avg, flatten, centre"):
@@ -3462,7 +3471,8 @@ def test_extract_names_annotations_without_a_size_and_leaves_their_diameter_empt
     fields = lines[first].split(",")
     lines[first] = ",".join(fields[:4] + ["-1"])
     (root / "annotations.csv").write_text("\n".join([header] + lines) + "\n")
-    summary = data.extract_subset(root, tmp_path / "work", 0, 32, 1.0, show_progress=False)
+    summary = data.extract_subset(root, tmp_path / "work", 0, patch_size=32, spacing_mm=1.0,
+                                  show_progress=False)
     assert any(f"annotations.csv, line(s) {first + 2}: diameter_mm is not positive" in p
                for p in summary.problems)
     centre = np.array([float(v) for v in fields[1:4]])
@@ -3473,7 +3483,7 @@ def test_extract_names_annotations_without_a_size_and_leaves_their_diameter_empt
     assert near and all(r[5] == "" for r in near)
     (root / "annotations.csv").write_text("seriesuid,coordX,coordY,coordZ\n")
     with pytest.raises(common.UserError, match=r"annotations.csv: missing column\(s\) diameter_mm"):
-        data.extract_subset(root, tmp_path / "other", 0, 32, 1.0, show_progress=False)
+        data.extract_subset(root, tmp_path / "other", 0, patch_size=32, spacing_mm=1.0, show_progress=False)
 
 
 # --- synth --background: nodules inserted into real CT ------------------------------------
