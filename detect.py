@@ -41,6 +41,7 @@ import numpy as np
 
 import common
 import data
+import options
 from data import CTScan, PointTable
 from common import UserError
 
@@ -63,7 +64,7 @@ MIN_SCORE_HU = 10.0         # weaker blob responses are noise
 RAW_PEAKS = 20_000          # local maxima of one scale kept before the blobness weighting
 BLOBNESS_POWER = 1.0        # score = blob response * blobness ** this (tubes and walls score low)
 MERGE_MM = 4.0              # candidates closer than this are one
-DEFAULT_MAX_PER_SCAN = 300
+DEFAULT_MAX_PER_SCAN = options.OPTIONS["max_per_scan"].defaults["detect"]
 # What makes the candidates (the resumable files are keyed by it).
 DETECTOR = dict(grid_mm=GRID_MM, air_hu=AIR_HU, outside_hu=OUTSIDE_HU, outside_margin_mm=OUTSIDE_MARGIN_MM,
                 min_lung_ml=MIN_LUNG_ML, min_piece_ml=MIN_PIECE_ML, gas_hu=GAS_HU, closing_mm=CLOSING_MM,

@@ -182,20 +182,21 @@ def run_synth_background(root: Path, backgrounds: list, copies, nodules_per_scan
 
 @app.command()
 @friendly_errors
+@options.with_options(["max_per_scan"], "detect")
 def detect(
+    given: dict,
     out: Annotated[Path, typer.Option(
         help="Candidates CSV to write: seriesuid,coordX,coordY,coordZ,class,score (world mm).")],
     subsets: Annotated[Optional[str], typer.Option(
         "--subsets", "--subset", help="Subsets to detect in, e.g. 0, 0-7,9.")] = None,
     scan: Annotated[Optional[Path], typer.Option(
         help="Or one CT: .mhd, NIfTI, or a DICOM series folder.")] = None,
-    max_per_scan: Annotated[int, typer.Option(
-        min=1, help="Most candidates per scan, highest blob score first.")] = 300,
     data_dir: DataDir = None,
 ):
     """Find nodule candidates in bare CTs (lung mask, multi-scale blobs), in LUNA16's candidate format; the
     class comes from annotations.csv of the data dir when it knows the scan (resumable per scan)."""
     import detect as detection
+    max_per_scan = given.get("max_per_scan", detection.DEFAULT_MAX_PER_SCAN)
     if (subsets is None) == (scan is None):
         raise UserError("give either --subsets K (scans of the data dir) or --scan PATH")
     if scan is not None:

@@ -28,7 +28,7 @@ from common import UserError, format_subsets, parse_subsets
 
 STAGES = ("head", "finetune")  # the training stages (crossval's --stage)
 SCORING = ("evaluate", "predict", "mining")  # scoring candidates with a trained model
-COMMANDS = ("extract",) + STAGES + ("features",) + SCORING  # every stage whose options are defined here
+COMMANDS = ("detect", "extract") + STAGES + ("features",) + SCORING  # every stage whose options are here
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 POOLINGS = ("avg", "flatten", "centre")
 MAX_VIEWS = 8  # the flips of a patch (head.VIEW_FLIPS)
@@ -196,10 +196,13 @@ OPTIONS: Dict[str, Option] = {o.name: o for o in (
     Option("allow_missing", bool, "Keep scans missing from a subset folder (against extract's manifest, and "
            "seriesuids.csv with all ten subsets) in the FROC, their nodules missed, instead of refusing.",
            {"evaluate": False}),
-    Option("max_per_scan", int, {"predict": "Without --coord and --points: at most this many detected "
+    Option("max_per_scan", int, {"detect": "At most this many candidates a scan, the highest blob score "
+                                           "first.",
+                                 "predict": "Without --coord and --points: at most this many detected "
                                             "candidates a scan (the highest first).",
                                  "mining": "With --hard-negatives: at most this many negatives a scan, its "
-                                           "highest-scoring."}, {"predict": 300, "mining": 20}, low=1),
+                                           "highest-scoring."},
+           {"detect": 300, "predict": 300, "mining": 20}, low=1),
     Option("guideline", str, "Size table for the follow-up category: fleischner (Fleischner 2017, incidental "
            "nodules) or lung-rads (Lung-RADS v2022, baseline screening scan).", {"predict": "fleischner"},
            choices=tuple(followup.GUIDELINES)),

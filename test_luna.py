@@ -1645,12 +1645,13 @@ def test_every_training_option_is_defined_once_and_maps_to_the_command_line(tmp_
                 "evaluate": {"submission", "model", "subsets", "annotations", "excluded", "seriesuids",
                              "json_out", "out", "readers", "device", "data_dir", "work_dir"},
                 "predict": {"scan", "model", "ensemble", "coord", "points", "out", "device", "work_dir"},
-                "extract": {"subsets", "data_dir", "work_dir", "hard_negatives", "readers", "device"}})
+                "extract": {"subsets", "data_dir", "work_dir", "hard_negatives", "readers", "device"},
+                "detect": {"out", "subsets", "scan", "data_dir"}})
     for command, stage, defaults in (("train-head", "head", train.HEAD_DEFAULTS),
                                      ("finetune", "finetune", train.FINETUNE_DEFAULTS),
                                      *((c, s, options.defaults(s)) for c, s in (
                                          ("cache-features", "features"), ("evaluate", "evaluate"),
-                                         ("predict", "predict"))),
+                                         ("predict", "predict"), ("detect", "detect"))),
                                      ("extract", "extract", {**options.defaults("extract"),
                                                              **options.defaults("mining")})):
         params = {p.name: p for p in commands[command].params if not p.name.startswith("old_")}
@@ -1664,7 +1665,7 @@ def test_every_training_option_is_defined_once_and_maps_to_the_command_line(tmp_
     assert all(params[name].default is None for name in options.crossval_names())
     # and back: every option reaches some command, with its flag
     exposed = {p.opts[0] for c in ("train-head", "finetune", "crossval", "cache-features", "evaluate",
-                                   "predict", "extract") for p in commands[c].params}
+                                   "predict", "extract", "detect") for p in commands[c].params}
     assert {o.flag for o in options.OPTIONS.values()} <= exposed
     # one check for the command line, the functions and crossval
     for argv, flag in ((["train-head", "--positive-share", "1.0"], "--positive-share must be above 0"),
