@@ -1628,7 +1628,7 @@ def test_resume_refuses_changed_options_and_the_cli_passes_only_given_ones(tmp_p
     assert [row["epoch"] for row in train.read_history(work / "runs" / "r" / "history.csv")] == [1, 2]
 
 
-def test_every_training_option_is_defined_once_and_maps_to_the_command_line(tmp_path):
+def test_every_option_is_defined_once_and_maps_to_the_command_line(tmp_path):
     import typer
     from typer.testing import CliRunner
     import crossval
