@@ -1,16 +1,16 @@
-"""The training options, each defined once: its type, default in each stage, bounds or choices, unit and help.
+"""The pipeline's options, each defined once: type, default in each stage, bounds or choices, unit and help.
 
-A stage is ``"head"`` (train-head on cached features) or ``"finetune"`` (encoder and head end to end). From
-the definitions below come every other place an option used to be written by hand:
+A stage is one step that takes options: ``detect``, ``extract`` (and ``mining``, its --hard-negatives mode),
+``features`` (cache-features), the training stages ``head`` (train-head) and ``finetune``, ``evaluate`` and
+``predict``. From the definitions below come every other place an option used to be written by hand:
 
-* the stages' defaults (:func:`defaults`), the resolved options stored in a run's ``config.json`` and the
-  ``--resume`` comparison (``train._open_run`` takes them from here);
-* the validation (:func:`check`: a bad value is a ``UserError`` naming the option and its bounds), the same
-  for the command line, the Python functions and crossval;
-* what crossval passes on to each fold (:func:`stage_names`, all of a stage's options but those a fold
+* the stages' defaults (:func:`defaults`); for training also the resolved options stored in a run's
+  ``config.json`` and the ``--resume`` comparison (``train._open_run`` takes them from here);
+* the validation (:func:`given`, :func:`check`: a bad value is a ``UserError`` naming the option and its
+  bounds), the same for the command line, the Python functions and crossval;
+* what crossval passes on to each fold (:func:`crossval_names`: the training options but those a fold
   decides);
-* the command-line options of ``train-head``, ``finetune`` and ``crossval``: ``luna_cli`` builds their
-  signatures with :func:`typer_parameters`.
+* the command-line options: ``luna_cli`` builds each command's signature with :func:`with_options`.
 
 Adding an option is one entry in :data:`OPTIONS` and the code that uses it.
 """
