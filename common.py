@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+VERSION = "0.9.0"  # the toolkit's version, written into its result files
+
 
 class UserError(ValueError):
     """A problem with the user's input or files: shown as a one-line message, never a traceback."""

@@ -355,8 +355,16 @@ def read_and_extract(path, world_xyz: np.ndarray, patch_size: int = 64,
 
 def scan_to_image(scan: CTScan):
     """``scan`` as a SimpleITK image: int16 HU with its origin, spacing and direction."""
+    return array_image(np.asarray(scan.hu, np.int16), scan)
+
+
+def array_image(array: np.ndarray, scan: CTScan):
+    """An array ``[z, y, x]`` on the grid of ``scan`` (same shape) as a SimpleITK image with the scan's
+    origin, spacing and direction."""
     import SimpleITK as sitk
-    image = sitk.GetImageFromArray(np.asarray(scan.hu, np.int16))
+    if array.shape != scan.hu.shape:
+        raise ValueError(f"array of shape {array.shape} is not on the grid of {scan.name} {scan.hu.shape}")
+    image = sitk.GetImageFromArray(array)
     image.SetOrigin(tuple(float(v) for v in scan.origin))
     image.SetSpacing(tuple(float(v) for v in scan.spacing))
     image.SetDirection(tuple(float(v) for v in np.asarray(scan.direction).ravel()))

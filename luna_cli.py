@@ -461,6 +461,9 @@ def predict(
         help="CSV of points with coordX,coordY,coordZ columns (world mm, LPS). "
              "Without --coord and --points, detect finds them.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write the predictions here as CSV.")] = None,
+    report: Annotated[Optional[Path], typer.Option(
+        help="Also write a findings page (DIR/<scan>/index.html) and viewer files: findings.mrk.json (3D "
+             "Slicer), findings.nii.gz (label map on the CT's grid), findings.json.")] = None,
     device: Device = "auto",
     work_dir: WorkDir = None,
 ):
@@ -477,11 +480,13 @@ def predict(
     folder = None if ensemble is None else \
         cv.crossval_dir(work_dir_option(work_dir), cv.check_name(ensemble, "--ensemble"))
     rows = prediction.predict_scan(checkpoints, scan, coord, points, out, device=device, ensemble=folder,
-                                   **given)
+                                   report=report, **given)
     title = prediction.results_title(scan, rows, detected=not coord and points is None)
     console.print(prediction.prediction_table(rows, title=title) if rows else title)
     if out is not None:
         console.print(f"written to {out}")
+    if report is not None:
+        console.print(f"findings page and viewer files in {report}")
 
 
 @app.command()

@@ -424,18 +424,24 @@ def distinct_findings(predictions: Sequence[dict], unknown_diameter_mm: float = 
     a row is dropped when its sphere overlaps a kept one's (centres closer than the mean of the two diameters,
     ``unknown_diameter_mm`` where a diameter is unknown). Detection leaves several candidates on a large
     nodule."""
-    kept: list[dict] = []
-    for row in sorted((r for r in predictions if r["follow_up"]), key=lambda r: -r["probability"]):
+    return _apart((r for r in predictions if r["follow_up"]), [], unknown_diameter_mm)
+
+
+def _apart(rows, kept: list, unknown_diameter_mm: float = 5.0) -> list:
+    """``rows``, likeliest first, without those whose sphere overlaps one of ``kept`` or of a likelier row."""
+    chosen: list[dict] = []
+    for row in sorted(rows, key=lambda r: -r["probability"]):
         centre = np.array([row["coordX"], row["coordY"], row["coordZ"]])
         size = row.get("diameter_mm") or unknown_diameter_mm
         if all(np.linalg.norm(centre - [k["coordX"], k["coordY"], k["coordZ"]]) >=
-               (size + (k.get("diameter_mm") or unknown_diameter_mm)) / 2.0 for k in kept):
-            kept.append(row)
-    return kept
+               (size + (k.get("diameter_mm") or unknown_diameter_mm)) / 2.0 for k in kept + chosen):
+            chosen.append(row)
+    return chosen
 
 
 def predict_scan(checkpoint, scan_path, coords: Sequence[str] = (), points=None, out=None, *,
-                 device: str = "auto", ensemble: Optional[Path] = None, **settings: Any) -> list[dict]:
+                 device: str = "auto", ensemble: Optional[Path] = None, report: Optional[Path] = None,
+                 **settings: Any) -> list[dict]:
     """Points from ``--coord X,Y,Z`` strings or a points CSV (``--points``) -> :func:`predict_points` (one
     checkpoint or a list, averaged, or a crossval ``ensemble``; ``cutoff`` a raw logit; ``guideline``,
     ``nodule_type`` and ``risk`` for the follow-up category), written to ``out``. With neither,
@@ -443,15 +449,16 @@ def predict_scan(checkpoint, scan_path, coords: Sequence[str] = (), points=None,
     above the cutoff (:func:`distinct_findings`) are returned, highest probability first, with their follow-up
     categories for that number of nodules. ``settings``: the options of ``options.stage_names("predict")``
     (batch size, views, precision, cutoff, max_per_scan, guideline, nodule_type, risk); those left out take
-    their defaults there."""
+    their defaults there. ``report``: also write the findings page and viewer files into this folder
+    (findings.py), with the candidates just below the cutoff."""
     chosen = {**options_mod.defaults("predict"), **options_mod.given("predict", settings)}
-    return _predict_scan(checkpoint, scan_path, coords, points, out, device, ensemble, **chosen)
+    return _predict_scan(checkpoint, scan_path, coords, points, out, device, ensemble, report, **chosen)
 
 
 def _predict_scan(checkpoint, scan_path, coords: Sequence[str], points, out, device: str,
-                  ensemble: Optional[Path], *, batch_size: int, views: Optional[int], precision: str,
-                  guideline: str, nodule_type: str, risk: str, max_per_scan: int,
-                  cutoff: Optional[float]) -> list[dict]:
+                  ensemble: Optional[Path], report: Optional[Path], *, batch_size: int,
+                  views: Optional[int], precision: str, guideline: str, nodule_type: str, risk: str,
+                  max_per_scan: int, cutoff: Optional[float]) -> list[dict]:
     if coords and points is not None:
         raise UserError("give either --coord X,Y,Z (one or more) or --points FILE.csv, not both")
     chosen = resolve_models(checkpoint, head.resolve_device(device), views, cutoff, ensemble)
@@ -459,10 +466,10 @@ def _predict_scan(checkpoint, scan_path, coords: Sequence[str], points, out, dev
         world_xyz = np.array([parse_coordinate(c) for c in coords])
     elif points is not None:
         world_xyz = read_scan_points(points, scan_name=scan_name(scan_path))
-    scan = Path(scan_path)
     detected = not coords and points is None
+    # read once: detection, the patches and the report all use it
+    scan = data.read_ct(scan_path) if detected or report is not None else Path(scan_path)
     if detected:
-        scan = data.read_ct(scan_path)   # read once: detection and the patches both use it
         found = detect.detect_scan(scan, max_per_scan)
         if not len(found.score):
             raise UserError(found.warning or f"scan {scan_name(scan_path)}: detect found no candidates")
@@ -470,6 +477,7 @@ def _predict_scan(checkpoint, scan_path, coords: Sequence[str], points, out, dev
     options = dict(guideline=guideline, nodule_type=nodule_type, risk=risk,
                    points="detect" if detected else "--coord" if coords else "")
     predictions = predict_points(chosen, scan, world_xyz, device, batch_size, views, precision, **options)
+    candidates = predictions
     if detected:
         findings = distinct_findings(predictions)
         predictions = [] if not findings else predict_points(  # again on the findings alone: their number and
@@ -477,4 +485,25 @@ def _predict_scan(checkpoint, scan_path, coords: Sequence[str], points, out, dev
             batch_size, views, precision, **options)           # size categories are those of distinct nodules
     if out is not None:
         write_predictions_csv(predictions, out)
+    if report is not None:
+        _write_report(report, scan, scan_path, chosen, predictions, candidates, detected, options["points"])
     return predictions
+
+
+def _write_report(report: Path, scan, scan_path, chosen: ModelSet, predictions: list, candidates: list,
+                  detected: bool, points: str) -> Path:
+    """The findings page of one scan: the rows at or above the cutoff, and those below it (detected ones
+    within ``findings.NEAR_LOGITS`` of it, and not on a finding) in the section near the cutoff."""
+    import findings
+    shown = [r for r in predictions if r["follow_up"]]
+    below = [r for r in (candidates if detected else predictions) if not r["follow_up"]
+             and (not detected or r["logit"] >= (r["cutoff"] or 0.0) - findings.NEAR_LOGITS)]
+    near = _apart(below, shown) if detected else below
+    first = (predictions or candidates)[0]
+    info = {"cutoff": first["cutoff"], "points": "detect" if detected else points or "--points",
+            "cutoff_text": ("none" if first["cutoff"] is None else f"{first['cutoff']:.3f}")
+                           + f" (raw logit; {first['cutoff_source']})",
+            "guideline": first["guideline"], "assumptions": "; ".join(first.get("assumptions") or []),
+            "checkpoints": [(path, path.parent.name if path.name == "best.pt" else path.stem)
+                            for path, _, _ in chosen.models]}
+    return findings.write_report(report, scan, scan_path, scan_name(scan_path), shown, near, info)

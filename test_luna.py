@@ -1644,7 +1644,8 @@ def test_every_option_is_defined_once_and_maps_to_the_command_line(tmp_path):
     own.update({"cache-features": {"work_dir", "device", "workers"},
                 "evaluate": {"submission", "model", "subsets", "annotations", "excluded", "seriesuids",
                              "json_out", "out", "readers", "device", "data_dir", "work_dir"},
-                "predict": {"scan", "model", "ensemble", "coord", "points", "out", "device", "work_dir"},
+                "predict": {"scan", "model", "ensemble", "coord", "points", "out", "report", "device",
+                            "work_dir"},
                 "extract": {"subsets", "data_dir", "work_dir", "hard_negatives", "readers", "device"},
                 "detect": {"out", "subsets", "scan", "data_dir"}})
     for command, stage, defaults in (("train-head", "head", train.HEAD_DEFAULTS),
@@ -3779,3 +3780,79 @@ def test_old_option_names_are_refused_with_the_new_name(tmp_path):
     flags = {o for p in command.params for o in p.opts}
     hinted = set(re.findall(r"--[a-z-]+", features.cache_features_hint(identity, 0)))
     assert "--init-seed" in hinted and hinted <= flags
+
+
+def test_predict_report_writes_a_page_per_scan_and_files_that_viewers_read(eval_phantom, tmp_path):
+    import json
+    import re
+    import shutil
+    import subprocess
+    import SimpleITK as sitk
+    from typer.testing import CliRunner
+    import data
+    import findings
+    import luna_cli
+    checkpoint = _tiny_checkpoint(tmp_path / "tiny.pt", cutoff=0.3)
+    mhd = sorted((eval_phantom / "subset1").glob("*.mhd"))[0]
+    scan = data.read_ct(mhd)
+    nodules = [r for r in _subset_candidates(eval_phantom, 1) if r[0] == mhd.stem and r[4] == "1"]
+    corner = data.index_to_world(np.array([[1.0, 1.0, 1.0]]), scan)[0]   # its crop reaches past the scan
+    coords = [",".join(nodules[0][1:4]), ",".join(map(str, corner))]
+    base = ["predict", "--model", str(checkpoint), "--scan", str(mhd), "--device", "cpu"]
+    result = CliRunner().invoke(luna_cli.app, base + ["--report", str(tmp_path / "report"),
+                                                      *(a for c in coords for a in ("--coord", c))])
+    assert result.exit_code == 0, _why(result)
+    folder = tmp_path / "report" / mhd.stem
+    rows = json.loads((folder / "findings.json").read_text())["findings"]
+    # the tiny model follows every point up
+    assert len(rows) == 2 and [r["number"] for r in rows] == [1, 2]
+    page = (folder / "index.html").read_text()
+    for row in rows:   # a section per finding, its six crops embedded
+        section = page.split(f"id='finding-{row['number']}'")[1].split("</section>")[0]
+        assert section.count("src='data:image/png;base64,") == 6
+    assert page.count("maximum-intensity projection'") == 2 and "padded with air" in page
+    # the markups give the predicted world points back, in LPS
+    markup = json.loads((folder / "findings.mrk.json").read_text())["markups"][0]
+    assert markup["coordinateSystem"] == "LPS"
+    points = np.array([p["position"] for p in markup["controlPoints"]])
+    np.testing.assert_allclose(points, [[r["coordX"], r["coordY"], r["coordZ"]] for r in rows], atol=0.01)
+    # the label map lies on the CT's grid, each finding's voxels centred on its point
+    labels = sitk.ReadImage(str(folder / "findings.nii.gz"))
+    image = data.scan_to_image(scan)
+    assert labels.GetSize() == image.GetSize() and labels.GetPixelID() == sitk.sitkUInt16
+    for get in ("GetSpacing", "GetOrigin", "GetDirection"):
+        np.testing.assert_allclose(getattr(labels, get)(), getattr(image, get)(), atol=1e-4)
+    array = sitk.GetArrayFromImage(labels)
+
+    def world(row):
+        return np.array([row["coordX"], row["coordY"], row["coordZ"]])
+
+    def radius(row):
+        return (row["diameter_mm"] or findings.UNKNOWN_DIAMETER_MM) / 2
+
+    def whole(row):   # its sphere inside the scan and apart from the others
+        ijk = data.world_to_index(world(row) + radius(row) * np.array([[-1, -1, -1], [1, 1, 1]]), scan)
+        apart = all(np.linalg.norm(world(row) - world(o)) > radius(row) + radius(o)
+                    for o in rows if o is not row)
+        return apart and ijk.min() > 0 and np.all(ijk < np.array(array.shape[::-1]) - 1)
+    alone = [row for row in rows if whole(row)]
+    assert alone
+    for row in alone:
+        k, j, i = np.nonzero(array == row["number"])
+        centre = data.index_to_world(np.column_stack([i, j, k]).astype(float), scan).mean(0)
+        np.testing.assert_allclose(centre, [row["coordX"], row["coordY"], row["coordZ"]],
+                                   atol=float(max(scan.spacing)) / 2)
+    # a scan without findings gets a page that says so
+    result = CliRunner().invoke(luna_cli.app, base + ["--coord", coords[0], "--cutoff", "10",
+                                                      "--report", str(tmp_path / "none")])
+    assert result.exit_code == 0, _why(result)
+    assert "No finding at or above the cutoff" in (tmp_path / "none" / mhd.stem / "index.html").read_text()
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium:   # a browser renders it, at a laptop's and a phone's width
+        for width in (1280, 390):
+            shot = tmp_path / f"page{width}.png"
+            subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                            f"--window-size={width},1200", (folder / "index.html").as_uri()],
+                           capture_output=True, timeout=120)
+            assert shot.is_file() and shot.stat().st_size > 20000
+    assert re.search(r"<h1>Findings: ", page)
