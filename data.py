@@ -298,6 +298,43 @@ def read_ct(path) -> CTScan:
     return _read_with_simpleitk(path)
 
 
+SCAN_SUFFIXES = (".mhd", ".mha", ".nii", ".nii.gz", ".nrrd")
+
+
+def find_scans(paths) -> list[Path]:
+    """The scans named by ``paths``, in order: a file, a DICOM series folder, or a folder of scans (its
+    ``.mhd``/``.mha``/NIfTI/``.nrrd`` files and the DICOM series folders inside it, sorted by path).
+    UserError for a path that does not exist or a folder that holds no scan."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise UserError(f"{path}: no such file or folder")
+        if path.is_file() or _holds_dicom(path):
+            found.append(path)
+            continue
+        inside = sorted(p for p in path.rglob("*") if (p.is_file() and p.name.lower().endswith(SCAN_SUFFIXES))
+                        or (p.is_dir() and _holds_dicom(p)))
+        if not inside:
+            raise UserError(f"{path}: no scan in this folder (.mhd, .mha, NIfTI, .nrrd, or DICOM series "
+                            f"folders)")
+        found += inside
+    return list(dict.fromkeys(found))
+
+
+def _holds_dicom(folder: Path) -> bool:
+    """Whether a folder holds DICOM files itself (not only in subfolders)."""
+    return folder.is_dir() and any(p.is_file() and (p.suffix.lower() == ".dcm" or _dicom_magic(p))
+                                   for p in folder.iterdir())
+
+
+def _dicom_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
 def _read_dicom_series(path: Path) -> CTScan:
     import SimpleITK as sitk
     with _simpleitk_errors(path):

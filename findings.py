@@ -165,6 +165,27 @@ RESEARCH_ONLY = ("Research output, not a medical device: not for clinical use. C
                  "assumed nodule type and risk and on the number of findings.")
 
 
+def write_index(report_dir, scans: Sequence[tuple], rows: Sequence[dict], failed: dict) -> Path:
+    """``report_dir/index.html``: one line per scan of a several-scan call (``(folder, name, path)``), with
+    its number of findings and categories and a link to its page; the scans that failed, with the reason."""
+    lines = []
+    for folder, name, path in scans:
+        own = [r for r in rows if r.get("scan") == name]
+        categories = ", ".join(sorted({r.get("category") or "no follow-up" for r in own})) or "-"
+        cell = (f"<span class='warn'>{html.escape(failed[folder])}</span>" if folder in failed else
+                f"<a href='{html.escape(folder)}/index.html'>{len(own)} finding(s)</a>")
+        lines.append(f"<tr><td>{html.escape(name)}</td><td>{html.escape(path)}</td><td>{cell}</td>"
+                     f"<td>{html.escape(categories if folder not in failed else '')}</td></tr>")
+    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><meta name='viewport' "
+            f"content='width=device-width, initial-scale=1'><title>Findings</title><style>{STYLE}</style>"
+            f"</head><body><h1>Findings of {len(scans)} scan(s)</h1>"
+            f"<p class='warn'>{html.escape(RESEARCH_ONLY)}</p>"
+            f"<table><tr><th>scan</th><th>file</th><th>findings</th><th>categories</th></tr>{''.join(lines)}"
+            f"</table></body></html>")
+    common.atomic_write_text(Path(report_dir) / "index.html", page)
+    return Path(report_dir) / "index.html"
+
+
 # --- images ---------------------------------------------------------------------------------------
 
 def _cube(scan: data.CTScan, centre: np.ndarray, size_mm: float, spacing_mm: float):

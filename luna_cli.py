@@ -448,7 +448,9 @@ def crossval(
 @options.with_options(options.stage_names("predict"), "predict")
 def predict(
     given: dict,
-    scan: Annotated[Path, typer.Option(help="The CT: .mhd, NIfTI, or a DICOM series folder.")],
+    scan: Annotated[List[Path], typer.Option(
+        help="The CT: .mhd, NIfTI, or a DICOM series folder; repeat it, or give a folder of scans, for "
+             "several (detection only).")],
     model: Annotated[List[str], typer.Option(
         help="The model: a run name (its W/runs/NAME/best.pt) or a .pt checkpoint file; repeat it to average "
              "several models (their mean cutoff is unvalidated: give --cutoff, or use --ensemble).")] = [],
@@ -479,14 +481,30 @@ def predict(
     checkpoints = [head.model_checkpoint(work_dir_option(work_dir), m) for m in model]
     folder = None if ensemble is None else \
         cv.crossval_dir(work_dir_option(work_dir), cv.check_name(ensemble, "--ensemble"))
-    rows = prediction.predict_scan(checkpoints, scan, coord, points, out, device=device, ensemble=folder,
-                                   report=report, **given)
-    title = prediction.results_title(scan, rows, detected=not coord and points is None)
-    console.print(prediction.prediction_table(rows, title=title) if rows else title)
+    import data
+    scans = data.find_scans(scan)
+    if len(scans) > 1 and (coord or points is not None):
+        raise UserError(f"--coord and --points are points of one scan; {len(scans)} scans were given "
+                        f"(detection finds the points of several)")
+    failed = {}
+    if len(scans) == 1:
+        rows = prediction.predict_scan(checkpoints, scans[0], coord, points, out, device=device,
+                                       ensemble=folder, report=report, **given)
+        title = prediction.results_title(scans[0], rows, detected=not coord and points is None)
+    else:
+        rows, failed = prediction.predict_scans(checkpoints, scans, out, device=device, ensemble=folder,
+                                                report=report, console=console, **given)
+        title = (f"{len(scans) - len(failed)} of {len(scans)} scans: {len(rows)} findings at or above the "
+                 f"cutoff")
+    console.print(prediction.prediction_table(rows, title=title, by_scan=len(scans) > 1) if rows else title)
     if out is not None:
         console.print(f"written to {out}")
     if report is not None:
         console.print(f"findings page and viewer files in {report}")
+    if failed:
+        console.print(f"[red]{len(failed)} scan(s) could not be read (named above); fix them and rerun the "
+                      f"same command to add them[/]")
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -24,7 +24,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -51,7 +51,7 @@ CENTRE_MM = 3  # side of the cube (in patch voxels) averaged for the HU at the p
 OUTPUT_COLUMNS = ("coordX", "coordY", "coordZ", "probability", "follow_up", "hu_at_point", "warning",
                   "diameter_mm", "size_source", "guideline", "category", "recommendation",
                   "model_diameter_mm", "plain_diameter_mm", "calibrated_probability", "logit", "cutoff_logit",
-                  "cutoff_source", "calibration_note")
+                  "cutoff_source", "calibration_note", "scan")
 NO_CUTOFF = "no validated cutoff stored: a raw probability of 0.5 (logit 0), UNVALIDATED"
 SIZE_FROM_MODEL = "model"                      # the checkpoint's size output
 SIZE_FROM_PLAIN = "plain measurement"          # sizing.py, for checkpoints without a size output
@@ -381,16 +381,18 @@ def _table_caption(predictions: Sequence[dict], n_models: int) -> str:
     return "\n".join(lines)
 
 
-def prediction_table(predictions: Sequence[dict], title: str = "", n_models: int = 1):
+def prediction_table(predictions: Sequence[dict], title: str = "", n_models: int = 1, by_scan: bool = False):
     """A rich table: coordinates, calibrated and raw probability, follow-up at the cutoff, HU at the point,
     the diameter, the guideline's category and recommendation (follow-up points only) and warnings; the
     caption names the cutoff and its source, the calibration's prior, the guideline, the assumptions and
-    followup.DISCLAIMER. ``n_models`` > 1: the probabilities are the average of that many checkpoints."""
+    followup.DISCLAIMER. ``n_models`` > 1: the probabilities are the average of that many checkpoints.
+    ``by_scan``: a last column names each row's scan."""
     from rich.table import Table
     table = Table(title=title or None, caption=_table_caption(predictions, n_models))
     sized = bool(predictions) and predictions[0].get("size_source") == SIZE_FROM_MODEL
     for name in ("#", "x (mm)", "y (mm)", "z (mm)", "probability", "raw", "follow-up", "HU", "diameter (mm)",
-                 *(("plain (mm)",) if sized else ()), "category", "recommendation", "warning"):
+                 *(("plain (mm)",) if sized else ()), "category", "recommendation", "warning",
+                 *(("scan",) if by_scan else ())):
         table.add_column(name,
                          justify="left" if name in ("category", "recommendation", "warning") else "right",
                          overflow="fold")   # a narrow terminal folds cells rather than cropping columns
@@ -402,7 +404,8 @@ def prediction_table(predictions: Sequence[dict], title: str = "", n_models: int
                       "-" if row["hu_at_point"] is None else f"{row['hu_at_point']:.0f}",
                       _mm(diameter),
                       *((_mm(row.get("plain_diameter_mm")),) if sized else ()), row.get("category", ""),
-                      row.get("recommendation", ""), f"[yellow]{row['warning']}[/]" if row["warning"] else "")
+                      row.get("recommendation", ""), f"[yellow]{row['warning']}[/]" if row["warning"] else "",
+                      *((row.get("scan", ""),) if by_scan else ()))
     return table
 
 
@@ -483,11 +486,63 @@ def _predict_scan(checkpoint, scan_path, coords: Sequence[str], points, out, dev
         predictions = [] if not findings else predict_points(  # again on the findings alone: their number and
             chosen, scan, np.array([[r["coordX"], r["coordY"], r["coordZ"]] for r in findings]), device,
             batch_size, views, precision, **options)           # size categories are those of distinct nodules
+    predictions = [dict(row, scan=scan_name(scan_path)) for row in predictions]
     if out is not None:
         write_predictions_csv(predictions, out)
     if report is not None:
         _write_report(report, scan, scan_path, chosen, predictions, candidates, detected, options["points"])
     return predictions
+
+
+def predict_scans(checkpoint, scan_paths: Sequence, out=None, *, device: str = "auto",
+                  ensemble: Optional[Path] = None, report: Optional[Path] = None, console=None,
+                  **settings: Any) -> Tuple[list, dict]:
+    """Detection mode over several scans (``data.find_scans``: files, DICOM series folders, folders of
+    scans): each scan's findings as :func:`predict_scan` gives them, its ``scan`` column naming it, all in one
+    CSV at ``out`` and, with ``report``, one page per scan and ``report/index.html``. Each finished scan is
+    kept in ``report/parts`` (else beside ``out``), so a rerun of the same call skips it; an unreadable scan
+    is named and the others go on. Returns ``(rows, {scan: reason} of the scans that failed)``."""
+    import findings
+    chosen = {**options_mod.defaults("predict"), **options_mod.given("predict", settings)}
+    paths = data.find_scans(scan_paths)
+    names = {path: findings.folder_name(path, scan_name(path)) for path in paths}
+    parts = _scan_parts(checkpoint, ensemble, chosen, out, report)
+    done = parts.done() if parts is not None else set()
+    todo = [path for path in paths if names[path] not in done]
+
+    def predicted(path: Path):
+        return _predict_scan(checkpoint, path, (), None, None, device, ensemble, report, **chosen)
+
+    def keep(name: str, rows: list) -> None:
+        if parts is not None:
+            parts.save(name, np.zeros(0), rows)
+        kept[name] = rows
+    kept: dict = {}
+    items = ((names[path], *common.attempt(path, predicted, path)) for path in todo)
+    failed = common.over_scans(items, keep, total=len(todo), label="predicting scans", console=console,
+                               show_progress=console is not None)
+    def rows_of(name: str) -> list:
+        if name in kept:
+            return kept[name]
+        return parts.meta(name) if name in done else []
+    rows = [row for path in paths for row in rows_of(names[path])]
+    if out is not None:
+        write_predictions_csv(rows, out)
+    if report is not None:
+        findings.write_index(report, [(names[p], scan_name(p), str(p)) for p in paths], rows, failed)
+    return rows, failed
+
+
+def _scan_parts(checkpoint, ensemble: Optional[Path], chosen: dict, out, report) -> Optional[common.Parts]:
+    """The finished scans of a several-scan call, kept while the models and options stay the same."""
+    if report is None and out is None:
+        return None
+    models = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+    key = {"models": [[str(Path(m).resolve()), Path(m).stat().st_size, Path(m).stat().st_mtime_ns]
+                      for m in models],
+           "ensemble": str(ensemble), "settings": chosen}
+    folder = Path(report) / "parts" if report is not None else Path(out).with_name(Path(out).name + ".parts")
+    return common.Parts(folder, json.loads(json.dumps(key, default=str)))
 
 
 def _write_report(report: Path, scan, scan_path, chosen: ModelSet, predictions: list, candidates: list,

@@ -3856,3 +3856,43 @@ def test_predict_report_writes_a_page_per_scan_and_files_that_viewers_read(eval_
                            capture_output=True, timeout=120)
             assert shot.is_file() and shot.stat().st_size > 20000
     assert re.search(r"<h1>Findings: ", page)
+
+
+def test_predict_report_over_a_folder_names_the_unreadable_scan_and_resumes(eval_phantom, tmp_path,
+                                                                            monkeypatch):
+    import shutil
+    from typer.testing import CliRunner
+    import luna_cli
+    import predict
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    good = sorted((eval_phantom / "subset1").glob("*.mhd"))
+    for scan in good:
+        for suffix in (".mhd", ".raw"):
+            shutil.copy(scan.with_suffix(suffix), folder / scan.with_suffix(suffix).name)
+    (folder / "1.2.3.broken.mhd").write_text("ObjectType = Image\nNDims = 3\nDimSize = 10 10 10\n"
+                                             "ElementType = MET_SHORT\nElementDataFile = missing.raw\n")
+    checkpoint = _tiny_checkpoint(tmp_path / "tiny.pt", cutoff=0.3)
+    args = ["predict", "--model", str(checkpoint), "--scan", str(folder), "--device", "cpu",
+            "--max-per-scan", "10", "--report", str(tmp_path / "report"), "--out", str(tmp_path / "p.csv")]
+    result = CliRunner().invoke(luna_cli.app, args)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), _why(result)
+    pages = sorted(p.parent.name for p in (tmp_path / "report").glob("*/index.html"))
+    assert pages == sorted(s.stem for s in good)
+    index = (tmp_path / "report" / "index.html").read_text()
+    assert "1.2.3.broken" in index and "missing.raw" in index
+    assert all(f"{s.stem}/index.html" in index for s in good)
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    assert lines[0].endswith(",scan")
+    assert {line.split(",")[-1] for line in lines[1:]} <= {s.stem for s in good}
+    # a rerun scores only the scan still missing
+    (folder / "1.2.3.broken.mhd").unlink()
+    calls = []
+    monkeypatch.setattr(predict, "_predict_scan", lambda *a, **k: calls.append(a) or [])
+    result = CliRunner().invoke(luna_cli.app, args)
+    assert result.exit_code == 0 and not calls, _why(result)
+    assert (tmp_path / "p.csv").read_text().splitlines() == lines
+    # points belong to one scan
+    refused = CliRunner().invoke(luna_cli.app, args + ["--coord", "1,2,3"])
+    assert refused.exit_code == 1
+    assert "--coord and --points are points of one scan" in str(_user_error(refused))
