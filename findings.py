@@ -24,6 +24,7 @@ import base64
 import hashlib
 import html
 import io
+import json
 import re
 from pathlib import Path
 from typing import Optional, Sequence
@@ -167,8 +168,15 @@ RESEARCH_ONLY = ("Research output, not a medical device: not for clinical use. C
 
 def write_index(report_dir, scans: Sequence[tuple], rows: Sequence[dict], failed: dict) -> Path:
     """``report_dir/index.html``: one line per scan of a several-scan call (``(folder, name, path)``), with
-    its number of findings and categories and a link to its page; the scans that failed, with the reason."""
+    its number of findings and categories and a link to its page; the scans that failed, with the reason;
+    then the pages earlier calls left in ``report_dir``, which this call did not touch."""
     lines = []
+    listed = {folder for folder, _, _ in scans}
+    for earlier in sorted(Path(report_dir).glob("*/findings.json")):   # pages of earlier calls stay listed
+        if earlier.parent.name not in listed:
+            record = json.loads(earlier.read_text())
+            scans = list(scans) + [(earlier.parent.name, record["seriesuid"], record["scan"])]
+            rows = list(rows) + [dict(r, scan=record["seriesuid"]) for r in record["findings"]]
     for folder, name, path in scans:
         own = [r for r in rows if r.get("scan") == name]
         categories = ", ".join(sorted({r.get("category") or "no follow-up" for r in own})) or "-"

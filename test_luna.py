@@ -3785,8 +3785,6 @@ def test_old_option_names_are_refused_with_the_new_name(tmp_path):
 def test_predict_report_writes_a_page_per_scan_and_files_that_viewers_read(eval_phantom, tmp_path):
     import json
     import re
-    import shutil
-    import subprocess
     import SimpleITK as sitk
     from typer.testing import CliRunner
     import data
@@ -3847,19 +3845,32 @@ def test_predict_report_writes_a_page_per_scan_and_files_that_viewers_read(eval_
                                                       "--report", str(tmp_path / "none")])
     assert result.exit_code == 0, _why(result)
     assert "No finding at or above the cutoff" in (tmp_path / "none" / mhd.stem / "index.html").read_text()
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium:   # a browser renders it, at a laptop's and a phone's width
-        for width in (1280, 390):
-            shot = tmp_path / f"page{width}.png"
-            subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
-                            f"--window-size={width},1200", (folder / "index.html").as_uri()],
-                           capture_output=True, timeout=120)
-            assert shot.is_file() and shot.stat().st_size > 20000
     assert re.search(r"<h1>Findings: ", page)
+
+
+def test_findings_page_renders_in_chromium(eval_phantom, tmp_path):
+    import shutil
+    import subprocess
+    import predict
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    mhd = sorted((eval_phantom / "subset1").glob("*.mhd"))[0]
+    nodule = next(r for r in _subset_candidates(eval_phantom, 1) if r[0] == mhd.stem and r[4] == "1")
+    predict.predict_scan([_tiny_checkpoint(tmp_path / "tiny.pt", cutoff=0.3)], mhd, [",".join(nodule[1:4])],
+                         device="cpu", report=tmp_path / "report")
+    page = tmp_path / "report" / mhd.stem / "index.html"
+    for width in (1280, 390):   # a laptop's and a phone's width
+        shot = tmp_path / f"page{width}.png"
+        subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                        f"--screenshot={shot}", f"--window-size={width},1200", page.as_uri()],
+                       capture_output=True, timeout=120)
+        assert shot.is_file() and shot.stat().st_size > 20000
 
 
 def test_predict_report_over_a_folder_names_the_unreadable_scan_and_resumes(eval_phantom, tmp_path,
                                                                             monkeypatch):
+    import json
     import shutil
     from typer.testing import CliRunner
     import luna_cli
@@ -3885,13 +3896,20 @@ def test_predict_report_over_a_folder_names_the_unreadable_scan_and_resumes(eval
     lines = (tmp_path / "p.csv").read_text().splitlines()
     assert lines[0].endswith(",scan")
     assert {line.split(",")[-1] for line in lines[1:]} <= {s.stem for s in good}
-    # a rerun scores only the scan still missing
+    # a rerun scores only the scan still missing, and leaves the pages of other calls as they are, listed
     (folder / "1.2.3.broken.mhd").unlink()
+    earlier = tmp_path / "report" / "9.9.9.earlier"
+    earlier.mkdir()
+    (earlier / "findings.json").write_text(json.dumps({"seriesuid": "9.9.9.earlier", "scan": "e.mhd",
+                                                       "findings": []}))
+    (earlier / "index.html").write_text("an earlier page")
     calls = []
     monkeypatch.setattr(predict, "_predict_scan", lambda *a, **k: calls.append(a) or [])
     result = CliRunner().invoke(luna_cli.app, args)
     assert result.exit_code == 0 and not calls, _why(result)
     assert (tmp_path / "p.csv").read_text().splitlines() == lines
+    assert (earlier / "index.html").read_text() == "an earlier page"
+    assert "9.9.9.earlier/index.html" in (tmp_path / "report" / "index.html").read_text()
     # points belong to one scan
     refused = CliRunner().invoke(luna_cli.app, args + ["--coord", "1,2,3"])
     assert refused.exit_code == 1
