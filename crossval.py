@@ -55,7 +55,6 @@ STAGE_OPTIONS = {stage: tuple(k for k in options_mod.stage_names(stage) if k not
 TRAINING_OPTIONS = options_mod.crossval_names()
 FOLD_COLUMNS = ("fold", "test_subset", "val_subset", "run", "checkpoint", "n_scans", "n_candidates", "auc",
                 "cpm")
-EVAL_BATCH_SIZE = 64
 EVAL_READERS = 2  # evaluate's default processes reading scans when --readers is not given
 
 
@@ -195,9 +194,10 @@ def _run_fold(work_dir: Path, data_dir: Path, out_dir: Path, fold: Fold, scans: 
         _mine_for_fold(work_dir, data_dir, fold, best, settings, runtime)
         best = _train_fold(work_dir, fold, f"{fold.run}-mine{round_}", settings["stage"], training,
                            runtime["device"], runtime["workers"], runtime["quiet"])
+    # the batch of patches a forward pass is evaluate's own default (options.py)
     return evaluate.evaluate_model(best, data_dir, [fold.test], fold_dir, views=settings.get("views"),
-                                   batch_size=EVAL_BATCH_SIZE, readers=runtime["readers"],
-                                   device=runtime["device"], precision=runtime["precision"] or "auto",
+                                   readers=runtime["readers"], device=runtime["device"],
+                                   precision=runtime["precision"] or "auto",
                                    bootstrap=runtime["bootstrap"], console=console, work_dir=work_dir,
                                    strict_cutoff=False)
 
@@ -225,7 +225,7 @@ def _mine_for_fold(work_dir: Path, data_dir: Path, fold: Fold, best: Path, setti
     subsets = [k for k in extracted_subsets(work_dir) if k not in (fold.test, fold.val)]
     for subset in subsets:
         summary = mining.mine_subset(data_dir, work_dir, subset, str(best),
-                                     max_per_scan=int(settings["max_per_scan"]), batch_size=EVAL_BATCH_SIZE,
+                                     max_per_scan=int(settings["max_per_scan"]),
                                      readers=runtime["readers"], device=runtime["device"],
                                      precision=runtime["precision"] or "auto", views=settings.get("views"),
                                      for_fold=fold.test)
