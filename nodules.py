@@ -258,7 +258,3 @@ def target_hu(nodule: Nodule, core: np.ndarray | None) -> np.ndarray | float:
 def filled_volume_mm3(fraction: np.ndarray, spacing) -> float:
     """The volume (mm^3) a fraction map fills on voxels of ``spacing`` (x, y, z mm)."""
     return float(fraction.sum(dtype=np.float64) * np.prod(np.asarray(spacing, float)))
-
-
-def equivalent_diameter_mm(volume_mm3: float) -> float:
-    return (6.0 * volume_mm3 / math.pi) ** (1 / 3)

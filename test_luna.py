@@ -491,6 +491,21 @@ def test_froc_bootstrap_is_seeded_and_collapses_on_identical_scans():
     assert single["cpm_ci95"] == pytest.approx([single["cpm"]] * 2, abs=1e-12)
 
 
+def test_paired_cpm_difference_scores_both_on_the_same_resamples():
+    import evaluate
+    marks, nodules, excluded = _hand_case()
+    scans = [f"s{i}" for i in range(1, 9)]
+    same = evaluate.paired_cpm_difference(marks, marks, scans, nodules, excluded, bootstrap=200)
+    assert same["difference"] == 0 and same["ci95"] == [0, 0] and same["share_of_resamples_above_zero"] == 0
+    # the missed nodule of s3 found above every false positive: the second submission gains exactly that
+    better = marks.take(np.arange(len(marks)))
+    better.world_xyz[5], better.value[5] = (10, 10, 10), 0.99
+    paired = evaluate.paired_cpm_difference(marks, better, scans, nodules, excluded, bootstrap=200)
+    plain = [evaluate.score_marks(m, scans, nodules, excluded, bootstrap=0)["cpm"] for m in (marks, better)]
+    assert paired["difference"] == pytest.approx(plain[1] - plain[0]) and paired["difference"] > 0
+    assert 0 <= paired["ci95"][0] <= paired["difference"] <= paired["ci95"][1]
+
+
 def _write_submission(path, rows, header="seriesuid,coordX,coordY,coordZ,probability"):
     path.write_text(header + "\n" + "".join(",".join(str(v) for v in row) + "\n" for row in rows))
     return path
