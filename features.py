@@ -708,9 +708,18 @@ def _encode_rows(cache: SubsetCache, rows: np.ndarray, identity: Dict[str, Any],
     for hu, _, _ in batch_loader(pool, [rows[b:b + batch_size] for b in range(0, len(rows), batch_size)],
                               workers, device.type == "cuda"):
         x = data.hu_to_unit(hu.to(device, non_blocking=True), identity["hu_min"], identity["hu_max"])
-        with autocast(device, precision):
-            features = torch.cat([extractor.forward_features(view)
-                                  for view in head_mod.flipped_views(x, identity.get("views", 1))], dim=1)
+
+        def encoded(patches: torch.Tensor) -> torch.Tensor:
+            with autocast(device, precision):
+                views = head_mod.flipped_views(patches, identity.get("views", 1))
+                return torch.cat([extractor.forward_features(view) for view in views], dim=1)
+        try:
+            features = encoded(x)
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not head_mod.out_of_memory(err):
+                raise
+            raise head_mod.batch_too_large(device, batch_size,
+                                           lambda b: encoded(head_mod.trial_batch(x, b))) from None
         chunk.append(features.float().cpu().numpy().astype(np.float16))
         advance(len(hu))
     return np.concatenate(chunk)

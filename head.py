@@ -25,7 +25,7 @@ import contextlib
 import itertools
 import math
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -397,13 +397,63 @@ def view_outputs(model: Classifier, patches, preprocess: Dict[str, Any], device:
     return probability, log_size
 
 
+def out_of_memory(err: BaseException) -> bool:
+    """Whether an error is the device running out of memory."""
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def largest_batch(fits: Callable[[int], bool], batch_size: int) -> int:
+    """The largest batch below ``batch_size`` for which ``fits(b)`` (a trial step of b inputs) is true: halved
+    until one fits, then searched between that and the smallest that did not; 0 when not even 1 fits."""
+    low, high = batch_size // 2, batch_size
+    while low >= 1 and not fits(low):
+        low, high = low // 2, low
+    while low and high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def trial_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``size`` inputs like the first of ``x``, for a trial step."""
+    return x[:1].expand(size, *x.shape[1:]).contiguous()
+
+
+def batch_too_large(device, batch_size: int, step: Callable[[int], Any],
+                    what: str = "--batch-size") -> UserError:
+    """The UserError for a ``batch_size`` that does not fit in ``device``'s memory, naming the largest that
+    does (found by trial steps ``step(b)``)."""
+    def fits(b: int) -> bool:
+        try:
+            step(b)
+            return True
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not out_of_memory(err):
+                raise
+            return False
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    largest = largest_batch(fits, batch_size)
+    advice = f"the largest that fits is {largest}: give {what} {largest}" if largest else "not even 1 fits"
+    return UserError(f"{what} {batch_size} does not fit in the memory of {device}; {advice}")
+
+
 def _forward_in_batches(model: Classifier, x: torch.Tensor, batch_size: int, device: torch.device,
                         precision: str, sized: bool):
-    """``(logits, log-diameters or None)`` of model inputs ``(B, 1, P, P, P)``, ``batch_size`` at a time."""
+    """``(logits, log-diameters or None)`` of model inputs ``(B, 1, P, P, P)``, ``batch_size`` at a time; a
+    batch that does not fit in memory is refused, naming the largest that does."""
+    def features_of(inputs: torch.Tensor) -> torch.Tensor:
+        with autocast(device, precision):
+            return model.forward_features(inputs)
     logits, sizes = [], []
     for first in range(0, len(x), batch_size):
-        with autocast(device, precision):
-            features = model.forward_features(x[first:first + batch_size])
+        try:
+            features = features_of(x[first:first + batch_size])
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not out_of_memory(err):
+                raise
+            raise batch_too_large(device, batch_size, lambda b: features_of(trial_batch(x, b))) from None
         outputs = model.forward_head(features, with_size=sized)
         logits.append(outputs[0] if sized else outputs)
         sizes.append(outputs[1] if sized else None)

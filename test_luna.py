@@ -3929,3 +3929,23 @@ def test_predict_report_over_a_folder_names_the_unreadable_scan_and_resumes(eval
     refused = CliRunner().invoke(luna_cli.app, args + ["--coord", "1,2,3"])
     assert refused.exit_code == 1
     assert "--coord and --points are points of one scan" in str(_user_error(refused))
+
+
+def test_a_batch_that_does_not_fit_in_memory_names_the_largest_that_does(tmp_path, monkeypatch):
+    import torch
+    import head
+    model, meta = head.load_classifier(_tiny_checkpoint(tmp_path / "tiny.pt"))
+    real = model.forward_features
+
+    def at_most_five(x):   # a device that holds five inputs a forward pass
+        if len(x) > 5:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(x)
+    monkeypatch.setattr(model, "forward_features", at_most_five)
+    size = int(meta["preprocess"]["patch_size"])
+    patches = np.full((4, size, size, size), -800, np.int16)
+    with pytest.raises(common.UserError, match="--batch-size 16 does not fit in the memory of cpu; the "
+                                               "largest that fits is 5: give --batch-size 5"):
+        head.predict_patches(model, patches, meta["preprocess"], "cpu", batch_size=16, views=4)
+    assert len(head.predict_patches(model, patches, meta["preprocess"], "cpu", batch_size=5, views=4)) == 4
+    assert head.largest_batch(lambda b: False, 8) == 0 and head.largest_batch(lambda b: b <= 37, 64) == 37

@@ -434,6 +434,17 @@ class NonFiniteLoss(UserError):
     pass
 
 
+def _step_loss(fit: Fit, x: torch.Tensor, y: torch.Tensor, d: torch.Tensor,
+               size_weight: float) -> torch.Tensor:
+    """The training loss of one batch (classification, plus the weighted size loss)."""
+    with autocast(fit.device, fit.precision):
+        logits, log_size = _outputs(fit.module, x, size_weight > 0)
+    loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+    if log_size is not None:
+        loss = loss + size_weight * head_mod.size_loss(log_size, y, d)
+    return loss
+
+
 def _train_epoch(fit: Fit, epoch: int, optimizer, scheduler, scaler, advance: Callable[[], None]) -> float:
     """One epoch over this rank's planned batches; returns the mean training loss over all ranks."""
     accumulate, n = int(fit.options["accumulate"]), fit.n_train_batches
@@ -450,12 +461,16 @@ def _train_epoch(fit: Fit, epoch: int, optimizer, scheduler, scaler, advance: Ca
         if fit.job.world > 1 and not group_end and hasattr(fit.module, "no_sync"):
             sync = fit.module.no_sync()
         with sync:
-            with autocast(fit.device, fit.precision):
-                logits, log_size = _outputs(fit.module, x, size_weight > 0)
-            loss = F.binary_cross_entropy_with_logits(logits.float(), y)
-            if log_size is not None:
-                loss = loss + size_weight * head_mod.size_loss(log_size, y, d)
-            scaler.scale(loss / group_size).backward()
+            try:
+                loss = _step_loss(fit, x, y, d, size_weight)
+                scaler.scale(loss / group_size).backward()
+            except (torch.OutOfMemoryError, RuntimeError) as err:
+                if not head_mod.out_of_memory(err):
+                    raise
+                optimizer.zero_grad(set_to_none=True)
+                raise head_mod.batch_too_large(fit.device, len(x), lambda b: _step_loss(
+                    fit, head_mod.trial_batch(x, b), y[:1].expand(b), d[:1].expand(b), size_weight).backward()
+                ) from None
         bad += (~torch.isfinite(loss.detach())).long()
         loss_sum += loss.detach().double() * len(y)
         count += len(y)
