@@ -294,20 +294,24 @@ def test_extract_writes_cache_and_rerun_is_idempotent(tmp_path):
         data.extract_subset(tmp_path / "luna", tmp_path / "work", 0, patch_size=24, show_progress=False)
 
 
+def _killed_on_call(func, n: int = 2):
+    """``func``, raising KeyboardInterrupt at its ``n``-th call: a run killed part-way."""
+    calls = []
+
+    def killed(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return func(*args, **kwargs)
+    return killed
+
+
 def test_extract_resumes_after_interruption(tmp_path, monkeypatch):
     import data
     _mini_luna(tmp_path / "luna")
     data.extract_subset(tmp_path / "luna", tmp_path / "reference", 0, patch_size=32, show_progress=False)
-    calls = {"n": 0}
     original = data.read_and_extract
-
-    def interrupted_after_one_scan(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(data, "read_and_extract", interrupted_after_one_scan)
+    monkeypatch.setattr(data, "read_and_extract", _killed_on_call(original))
     with pytest.raises(KeyboardInterrupt):
         data.extract_subset(tmp_path / "luna", tmp_path / "work", 0, patch_size=32, show_progress=False)
     cache = tmp_path / "work" / "patches" / "subset0"
@@ -1799,15 +1803,8 @@ def test_training_refuses_bad_inputs(tmp_path, monkeypatch):
 
 def test_synth_interrupted_folder_is_finished_by_a_forced_rerun(tmp_path, monkeypatch):
     import phantom
-    real_make, calls = phantom.make_phantom_scan, []
-
-    def failing_make(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_make(*args, **kwargs)
-
-    monkeypatch.setattr(phantom, "make_phantom_scan", failing_make)
+    real_make = phantom.make_phantom_scan
+    monkeypatch.setattr(phantom, "make_phantom_scan", _killed_on_call(real_make))
     root = tmp_path / "luna16"
     with pytest.raises(KeyboardInterrupt):
         phantom.write_luna_folder(root, 1, 2, shape=PHANTOM_SHAPE)
@@ -3737,14 +3734,8 @@ def test_the_shared_scan_loop_names_a_bad_scan_goes_on_and_resumes(eval_phantom,
         for suffix in (".mhd", ".raw"):
             shutil.copy(scan.with_suffix(suffix), root / "subset0" / scan.with_suffix(suffix).name)
     whole = detect.detect_subsets(root, [0], tmp_path / "whole.csv", 30, show_progress=False)
-    original, calls = detect.detect_scan, []
-
-    def killed_on_the_second(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-    monkeypatch.setattr(detect, "detect_scan", killed_on_the_second)
+    original = detect.detect_scan
+    monkeypatch.setattr(detect, "detect_scan", _killed_on_call(original))
     with pytest.raises(KeyboardInterrupt):
         detect.detect_subsets(root, [0], tmp_path / "part.csv", 30, show_progress=False)
     monkeypatch.setattr(detect, "detect_scan", original)
