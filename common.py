@@ -48,6 +48,16 @@ def parse_subsets(text, option: str = "--subsets", required: bool = False) -> li
 
 # --- atomic files and resumable parts ------------------------------------------------
 
+def file_sha256(path) -> str:
+    """SHA-256 of a file's bytes, read in blocks (checkpoints and weights are large)."""
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 @contextmanager
 def atomic_path(path):
     """Yield a temporary path beside ``path``; when the block succeeds, rename it over ``path``.

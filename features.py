@@ -438,14 +438,6 @@ def training_inputs(hu: torch.Tensor, generator: torch.Generator, hu_min: float,
 
 # --- encoder weights and feature caches ---------------------------------------------------
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_encoder_weights(encoder: nn.Module, weights: Path) -> Dict[str, Any]:
     """Load pretrained Swin UNETR weights into ``encoder`` via ``swin_encoder.load_pretrained``; UserError
     when the file is missing, not a checkpoint, or does not fit the encoder's configuration."""
@@ -486,7 +478,7 @@ def feature_identity(encoder_cfg: Dict[str, Any], pooling: str, weights: Optiona
     identities stored without it are of feature sets made in the legacy layout, and hash to other tags."""
     architecture = {k: v for k, v in encoder_cfg.items() if k != "use_checkpoint"}
     architecture.setdefault("input_layout", head_mod.PRETRAINING_LAYOUT)
-    weights_part = ({"weights": str(weights), "weights_sha256": file_sha256(Path(weights))} if weights
+    weights_part = ({"weights": str(weights), "weights_sha256": common.file_sha256(weights)} if weights
                     else {"weights": None, "init_seed": int(seed)})
     views_part = {"views": int(views)} if views > 1 else {}
     return {"encoder": architecture, "pooling": pooling, "hu_min": float(hu_min), "hu_max": float(hu_max),

@@ -145,21 +145,13 @@ def _write_label_map(path: Path, scan: data.CTScan, rows: Sequence[dict]) -> Non
 
 
 def _record(scan: data.CTScan, scan_path, uid: str, rows: list, near: list, info: dict) -> dict:
-    checkpoints = [{"path": str(path), "run": run, "sha256": _sha256(path)}
+    checkpoints = [{"path": str(path), "run": run, "sha256": common.file_sha256(path)}
                    for path, run in info["checkpoints"]]
     return {"toolkit_version": common.VERSION, "scan": str(scan_path), "seriesuid": uid,
             "voxel_size_mm": [float(v) for v in scan.spacing], "shape_zyx": list(scan.hu.shape),
             "checkpoints": checkpoints, "cutoff": info.get("cutoff"), "guideline": info.get("guideline"),
             "points": info.get("points"), "findings": rows, "near_cutoff": near,
             "research_only": RESEARCH_ONLY}
-
-
-def _sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 RESEARCH_ONLY = ("Research output, not a medical device: not for clinical use. Categories rest on the "
