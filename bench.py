@@ -5,6 +5,7 @@ Each benchmark prints a rich table of medians and side-by-side ratios, and names
 from __future__ import annotations
 
 import common
+import froc
 import os
 import platform
 import statistics
@@ -184,12 +185,11 @@ def bench_froc(rows: int = 754_975, repeats: int = 3, bootstrap: int = 1000, see
     import tempfile
     from pathlib import Path
     from rich.table import Table
-    import evaluate
     folder = Path(tempfile.mkdtemp(prefix="bench_froc_"))
     submission = folder / "submission.csv"
     annotations, excluded, seriesuids = _synthetic_submission(submission, rows, seed)
     import data
-    reference = (evaluate.read_findings(annotations), evaluate.read_findings(excluded),
+    reference = (froc.read_findings(annotations), froc.read_findings(excluded),
                  data.read_seriesuids(seriesuids))
 
     def dict_reader():
@@ -197,15 +197,15 @@ def bench_froc(rows: int = 754_975, repeats: int = 3, bootstrap: int = 1000, see
             return [(r["seriesuid"], float(r["coordX"]), float(r["coordY"]), float(r["coordZ"]),
                      float(r["probability"])) for r in csv.DictReader(handle)]
 
-    marks = evaluate.read_submission(submission)
-    parse_s = median_seconds(lambda: evaluate.read_submission(submission), repeats)
+    marks = froc.read_submission(submission)
+    parse_s = median_seconds(lambda: froc.read_submission(submission), repeats)
     dict_s = median_seconds(dict_reader, repeats)
-    score_s = median_seconds(lambda: evaluate.score_marks(marks, reference[2], reference[0], reference[1],
+    score_s = median_seconds(lambda: froc.score_marks(marks, reference[2], reference[0], reference[1],
                                                           bootstrap=0), repeats)
-    with_bootstrap_s = median_seconds(lambda: evaluate.score_marks(marks, reference[2], reference[0],
+    with_bootstrap_s = median_seconds(lambda: froc.score_marks(marks, reference[2], reference[0],
                                                                    reference[1], bootstrap=bootstrap,
                                                                    seed=seed), repeats)
-    result = evaluate.score_marks(marks, reference[2], reference[0], reference[1], bootstrap=0)
+    result = froc.score_marks(marks, reference[2], reference[0], reference[1], bootstrap=0)
     table = Table(title=f"FROC scoring of {len(marks):,} marks over {len(reference[2])} scans "
                         f"({result['n_marks_scored']:,} kept by the 100-per-scan cap, "
                         f"CPM {result['cpm']:.3f})")
@@ -554,7 +554,6 @@ def _crossval_mining_seed(folder, seed: int, scans: int, negatives: int, max_per
     fold: ``{"plain": result, "mined": result, "difference": paired}``."""
     import crossval
     import data
-    import evaluate
     import features
     import phantom
     root, work = folder / "luna16", folder / "work"
@@ -572,12 +571,12 @@ def _crossval_mining_seed(folder, seed: int, scans: int, negatives: int, max_per
     results = {"plain": crossval.run_crossval(work, root, name="plain", **shared),
                "mined": crossval.run_crossval(work, root, name="mined", mine_rounds=1,
                                               max_per_scan=max_per_scan, **shared)}
-    submissions = [evaluate.read_submission(crossval.crossval_dir(work, n) / "submission.csv")
+    submissions = [froc.read_submission(crossval.crossval_dir(work, n) / "submission.csv")
                    for n in results]
     uids = [row.split(",")[0] for row in (root / "seriesuids.csv").read_text().split()]
-    results["difference"] = evaluate.paired_cpm_difference(
-        *submissions, uids, evaluate.read_findings(root / "annotations.csv"),
-        evaluate.read_findings(root / "annotations_excluded.csv"))
+    results["difference"] = froc.paired_cpm_difference(
+        *submissions, uids, froc.read_findings(root / "annotations.csv"),
+        froc.read_findings(root / "annotations_excluded.csv"))
     return results
 
 

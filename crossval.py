@@ -39,6 +39,7 @@ import common
 import data
 import evaluate
 import features as features_mod
+import froc
 import head
 import mining
 import options as options_mod
@@ -270,7 +271,7 @@ def _write_folds_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
 
 def concatenate_submissions(paths: Sequence[Path], out: Path) -> None:
     """One LUNA16 submission of several (each with its header line), written atomically."""
-    lines = [",".join(evaluate.SUBMISSION_COLUMNS)]
+    lines = [",".join(froc.SUBMISSION_COLUMNS)]
     for path in paths:
         lines += [line for line in Path(path).read_text().splitlines()[1:] if line.strip()]
     common.atomic_write_text(out, "\n".join(lines) + "\n")
@@ -289,9 +290,9 @@ def pool_folds(out_dir: Path, data_dir: Path, plan: List[Fold], fold_metrics: Di
     concatenate_submissions([out_dir / f"fold{f.test}" / "submission.csv" for f in plan],
                             out_dir / "submission.csv")
     uids = _readable_scans(plan, fold_metrics, fold_scans)
-    return evaluate.score_marks(evaluate.read_submission(out_dir / "submission.csv"), uids,
-                                evaluate.read_findings(Path(data_dir) / "annotations.csv"),
-                                evaluate.read_findings(Path(data_dir) / "annotations_excluded.csv"),
+    return froc.score_marks(froc.read_submission(out_dir / "submission.csv"), uids,
+                                froc.read_findings(Path(data_dir) / "annotations.csv"),
+                                froc.read_findings(Path(data_dir) / "annotations_excluded.csv"),
                                 bootstrap=bootstrap, seed=seed)
 
 
@@ -304,13 +305,13 @@ def write_operating_point(out_dir: Path, data_dir: Path, plan: List[Fold],
     have a candidate at or above it (official hit rule; a nodule without one is missed).
     ``predict --ensemble`` applies it to the mean of the folds' probabilities: an approximation, since no fold
     model scored the pooled list."""
-    marks = evaluate.read_submission(out_dir / "submission.csv")
-    nodules = evaluate.read_findings(Path(data_dir) / "annotations.csv")
+    marks = froc.read_submission(out_dir / "submission.csv")
+    nodules = froc.read_findings(Path(data_dir) / "annotations.csv")
     nodules = nodules.take(np.flatnonzero(np.isin(nodules.seriesuid, list(uids))))
-    hits = evaluate.nodule_hits(marks.seriesuid, marks.world_xyz, nodules.seriesuid, nodules.world_xyz,
+    hits = froc.nodule_hits(marks.seriesuid, marks.world_xyz, nodules.seriesuid, nodules.world_xyz,
                                 nodules.value)
     cutoff, sensitivity = calibration.cutoff_for_nodules(
-        evaluate.best_per_nodule(hits, calibration.logit(marks.value)), target)
+        froc.best_per_nodule(hits, calibration.logit(marks.value)), target)
     views = sorted({int(fold_metrics[f.test]["views"]) for f in plan})
     point = {"cutoff_logit": cutoff,
              "cutoff_probability": None if cutoff is None else float(calibration.sigmoid(cutoff)),
@@ -340,7 +341,7 @@ def _prepare(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str, st
                         f"--subsets {common.format_subsets(missing)}` "
                         f"(with the patch options of the others) first")
     # a scan missing from its fold is refused before any training
-    evaluate.check_scans(data_dir, folds, work_dir)
+    froc.check_scans(data_dir, folds, work_dir)
     check_mined_rows(work_dir, plan)
     fold_scans = {f.test: list(data.subset_scans(data_dir, [f.test])) for f in plan}
     out_dir = crossval_dir(work_dir, name)
@@ -394,7 +395,7 @@ def run_crossval(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str
               "files": {n: str(out_dir / n) for n in ("submission.csv", "metrics.json", "folds.csv",
                                                       "froc.png", "operating_point.json")}}
     _write_folds_csv(out_dir / "folds.csv", rows)
-    evaluate.plot_froc(froc, out_dir / "froc.png", title=f"cross-validation {name}")
+    froc.plot_froc(froc, out_dir / "froc.png", title=f"cross-validation {name}")
     common.atomic_write_json(out_dir / "metrics.json", result)
     if json_out is not None:
         common.atomic_write_json(json_out, result)

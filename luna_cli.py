@@ -336,6 +336,7 @@ def evaluate(
     """Score a submission with the official LUNA16 FROC/CPM rules, or a model on every candidate of whole
     subsets."""
     import evaluate as evaluation
+    import froc
     if (submission is None) == (model is None):
         raise UserError("give either --submission FILE or --model (a run name or a .pt file)")
     root, work = data_dir_option(data_dir), work_dir_option(work_dir)
@@ -345,15 +346,15 @@ def evaluate(
         raise UserError("--candidates, --cutoff, --views, --batch-size and --precision are for evaluating a "
                         "model (--model); a submission holds its own marks")
     if submission is not None:
-        scan_list, notes = evaluation.submission_scans(root, subset_list, seriesuids, work,
+        scan_list, notes = froc.submission_scans(root, subset_list, seriesuids, work,
                                                        settings["allow_missing"])
-        result = evaluation.score_submission(submission, annotations or root / "annotations.csv",
+        result = froc.score_submission(submission, annotations or root / "annotations.csv",
                                              excluded or root / "annotations_excluded.csv", scan_list,
                                              json_out=json_out,
                                              figure=json_out.with_suffix(".png") if json_out else None,
                                              bootstrap=settings["bootstrap"], seed=settings["bootstrap_seed"],
                                              warnings=notes)
-        evaluation.print_froc(console, result, f"LUNA16 FROC of {submission.name}")
+        froc.print_froc(console, result, f"LUNA16 FROC of {submission.name}")
         return
     if subset_list is None:
         raise UserError("evaluating a model needs --subsets, e.g. --subsets 9")
@@ -367,7 +368,7 @@ def evaluate(
     if json_out is not None:
         common.atomic_write_json(json_out, result)
     console.print(evaluation.candidate_table(result))
-    evaluation.print_froc(console, result["froc"], f"LUNA16 FROC, subsets {subsets}", result["warnings"])
+    froc.print_froc(console, result["froc"], f"LUNA16 FROC, subsets {subsets}", result["warnings"])
     if result["size"]["plain"]["n_nodules"]:
         console.print(evaluation.size_table(result["size"]))
     console.print(f"files in {out_dir}: submission.csv, predictions.csv, metrics.json, roc.png, froc.png, "
@@ -424,7 +425,7 @@ def crossval(
     """Cross-validate over subsets: per fold train, evaluate every candidate of its test subset; pool the FROC
     (resumable)."""
     import crossval as cv
-    import evaluate as evaluation
+    import froc
     result = cv.run_crossval(work_dir_option(work_dir), data_dir_option(data_dir),
                              parse_subsets(folds, "--folds", required=True), name, stage=stage.value,
                              val_offset=val_offset, views=views,
@@ -433,7 +434,7 @@ def crossval(
                              workers=workers, readers=readers, bootstrap=bootstrap, json_out=json_out,
                              console=console, **given)
     console.print(cv.fold_table(result))
-    evaluation.print_froc(console, result["froc"], f"LUNA16 FROC, cross-validation {name} (all folds)")
+    froc.print_froc(console, result["froc"], f"LUNA16 FROC, cross-validation {name} (all folds)")
     console.print(f"files in {cv.crossval_dir(work_dir_option(work_dir), name)}: submission.csv, "
                   f"metrics.json, folds.csv, froc.png, operating_point.json")
     if result["unreadable_scans"]:

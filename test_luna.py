@@ -5,6 +5,7 @@ Run with ``pytest test_luna.py``. Tests that read the real data in ``../shared/d
 from __future__ import annotations
 
 import common
+import froc
 from pathlib import Path
 
 import numpy as np
@@ -408,10 +409,9 @@ def _hand_case():
 
 
 def test_froc_hand_case_follows_every_rule():
-    import evaluate
     marks, nodules, excluded = _hand_case()
     scans = [f"s{i}" for i in range(1, 9)]
-    result = evaluate.score_marks(marks, scans, nodules, excluded, bootstrap=0)
+    result = froc.score_marks(marks, scans, nodules, excluded, bootstrap=0)
     # Entries: nodules 0.9, 0.7, missed, 0.6, 0.5, 0.5; false positives 0.8, 0.7, 0.7, 0.2. Points (FP, TP):
     # (0,0) (0,1) (1,1) (3,2) (3,5) (4,5); FP/scan = FP / 8, sensitivity = TP / 6.
     expected = [1 / 6, 1.5 / 6, 5 / 6, 5 / 6, 5 / 6, 5 / 6, 5 / 6]
@@ -426,16 +426,15 @@ def test_froc_hand_case_follows_every_rule():
 
 
 def test_froc_false_positives_divide_by_the_evaluated_scans():
-    import evaluate
     marks, nodules, excluded = _hand_case()
-    eight = evaluate.score_marks(marks, [f"s{i}" for i in range(1, 9)], nodules, excluded, bootstrap=0)
-    sixteen = evaluate.score_marks(marks, [f"s{i}" for i in range(1, 17)], nodules, excluded, bootstrap=0)
+    eight = froc.score_marks(marks, [f"s{i}" for i in range(1, 9)], nodules, excluded, bootstrap=0)
+    sixteen = froc.score_marks(marks, [f"s{i}" for i in range(1, 17)], nodules, excluded, bootstrap=0)
     # Twice the scans halve FP/scan: the point (3 FP, 2 TP) moves from 0.375 to 0.1875 FP/scan.
     assert sixteen["froc_sensitivities"]["0.125"] == pytest.approx(1.5 / 6, abs=1e-12)
     assert sixteen["froc_sensitivities"]["0.25"] == pytest.approx(5 / 6, abs=1e-12)
     assert eight["froc_sensitivities"]["0.125"] == pytest.approx(1 / 6, abs=1e-12)
     # Only the first four scans: their 3 nodules (one missed) and 4 false positives, over 4 scans.
-    four = evaluate.score_marks(marks, ["s1", "s2", "s3", "s4"], nodules, excluded, bootstrap=0)
+    four = froc.score_marks(marks, ["s1", "s2", "s3", "s4"], nodules, excluded, bootstrap=0)
     assert (four["n_nodules"], four["n_false_positives"], four["n_marks_unknown_seriesuid"]) == (3, 4, 3)
     # Points (FP, TP): (0,0) (0,1) (1,1) (3,2) (4,2), FP/scan = FP / 4, sensitivity = TP / 3.
     expected = [1 / 3, 1 / 3, 1.5 / 3, 2 / 3, 2 / 3, 2 / 3, 2 / 3]
@@ -443,30 +442,28 @@ def test_froc_false_positives_divide_by_the_evaluated_scans():
 
 
 def test_froc_reads_the_top_of_a_vertical_step_and_counts_missed_nodules():
-    import evaluate
     # 8 scans; false positives 0.9, 0.8, 0.5; nodules 0.7, 0.6 and one missed.
-    entries = evaluate.FrocEntries(
+    entries = froc.FrocEntries(
         is_nodule=np.array([0, 0, 1, 1, 0, 1], bool), probability=np.array([0.9, 0.8, 0.7, 0.6, 0.5, -1e9]),
         is_missed=np.array([0, 0, 0, 0, 0, 1], bool), scan=np.array([0, 1, 2, 3, 4, 5]))
-    fps, sens, _ = evaluate.froc_curve(entries, n_scans=8)
-    at = evaluate.sensitivities_at(fps, sens)
+    fps, sens, _ = froc.froc_curve(entries, n_scans=8)
+    at = froc.sensitivities_at(fps, sens)
     # 1/8 FP/scan lies on the flat start; 1/4 FP/scan (2 FP) is where the curve climbs to 2/3.
     np.testing.assert_allclose(at, [0, 2 / 3, 2 / 3, 2 / 3, 2 / 3, 2 / 3, 2 / 3], atol=1e-12)
     # No false positive at all: the whole curve sits at 0 FP/scan, at the final sensitivity.
-    only_hits = evaluate.FrocEntries(np.array([1, 1, 1], bool), np.array([0.4, 0.3, -1e9]),
+    only_hits = froc.FrocEntries(np.array([1, 1, 1], bool), np.array([0.4, 0.3, -1e9]),
                                      np.array([0, 0, 1], bool), np.array([0, 1, 2]))
-    fps, sens, _ = evaluate.froc_curve(only_hits, n_scans=3)
-    np.testing.assert_allclose(evaluate.sensitivities_at(fps, sens), np.full(7, 2 / 3), atol=1e-12)
+    fps, sens, _ = froc.froc_curve(only_hits, n_scans=3)
+    np.testing.assert_allclose(froc.sensitivities_at(fps, sens), np.full(7, 2 / 3), atol=1e-12)
 
 
 def test_mark_cap_keeps_marks_above_the_101st_and_drops_ties_at_the_cut():
-    import evaluate
     scan = np.repeat([0, 1, 2], [102, 103, 50])
     distinct = np.arange(102, 0, -1) / 1000.0
     # ranks 100-103 tied
     tied = np.concatenate([np.arange(103, 4, -1) / 1000.0, [0.004, 0.004, 0.004, 0.004]])
     few = np.full(50, 0.5)  # at most 100 marks: all kept, ties or not
-    keep, stats = evaluate.cap_marks_per_scan(scan, np.concatenate([distinct, tied, few]), n_scans=3)
+    keep, stats = froc.cap_marks_per_scan(scan, np.concatenate([distinct, tied, few]), n_scans=3)
     assert keep[:102].sum() == 100 and not keep[100:102].any()
     assert keep[102:205].sum() == 99 and not keep[201:205].any()
     assert keep[205:].all()
@@ -474,38 +471,36 @@ def test_mark_cap_keeps_marks_above_the_101st_and_drops_ties_at_the_cut():
     # Through the scorer: a nodule whose only hit ranks 101st is missed, and the tie is reported.
     rows = [("a", 100.0 + i, 0, 0, 0.5 + i / 1000.0) for i in range(100)] + [("a", 0, 0, 0, 0.4)]
     rows += [("b", 100.0 + i, 0, 0, 0.3) for i in range(101)]
-    result = evaluate.score_marks(_table(rows), ["a", "b"], _table([("a", 0, 0, 0, 5)]), _table([]),
+    result = froc.score_marks(_table(rows), ["a", "b"], _table([("a", 0, 0, 0, 5)]), _table([]),
                                   bootstrap=0)
     assert result["n_detected"] == 0 and result["n_marks_scored"] == 100
     assert result["n_scans_tied_at_cap"] == 1 and any("tied" in w for w in result["warnings"])
 
 
 def test_froc_bootstrap_is_seeded_and_collapses_on_identical_scans():
-    import evaluate
     marks, nodules, excluded = _hand_case()
     scans = [f"s{i}" for i in range(1, 9)]
-    first = evaluate.score_marks(marks, scans, nodules, excluded, bootstrap=200, seed=3)
-    again = evaluate.score_marks(marks, scans, nodules, excluded, bootstrap=200, seed=3)
-    other = evaluate.score_marks(marks, scans, nodules, excluded, bootstrap=200, seed=4)
+    first = froc.score_marks(marks, scans, nodules, excluded, bootstrap=200, seed=3)
+    again = froc.score_marks(marks, scans, nodules, excluded, bootstrap=200, seed=3)
+    other = froc.score_marks(marks, scans, nodules, excluded, bootstrap=200, seed=4)
     assert first["cpm_ci95"] == again["cpm_ci95"] and first["cpm_ci95"] != other["cpm_ci95"]
     low, high = first["cpm_ci95"]
     assert 0 <= low <= first["cpm"] <= high <= 1 and low < high
     # Every resample of one scan is that scan: the interval is the point estimate.
-    single = evaluate.score_marks(marks, ["s2"], nodules, excluded, bootstrap=50, seed=0)
+    single = froc.score_marks(marks, ["s2"], nodules, excluded, bootstrap=50, seed=0)
     assert single["cpm_ci95"] == pytest.approx([single["cpm"]] * 2, abs=1e-12)
 
 
 def test_paired_cpm_difference_scores_both_on_the_same_resamples():
-    import evaluate
     marks, nodules, excluded = _hand_case()
     scans = [f"s{i}" for i in range(1, 9)]
-    same = evaluate.paired_cpm_difference(marks, marks, scans, nodules, excluded, bootstrap=200)
+    same = froc.paired_cpm_difference(marks, marks, scans, nodules, excluded, bootstrap=200)
     assert same["difference"] == 0 and same["ci95"] == [0, 0] and same["share_of_resamples_above_zero"] == 0
     # the missed nodule of s3 found above every false positive: the second submission gains exactly that
     better = marks.take(np.arange(len(marks)))
     better.world_xyz[5], better.value[5] = (10, 10, 10), 0.99
-    paired = evaluate.paired_cpm_difference(marks, better, scans, nodules, excluded, bootstrap=200)
-    plain = [evaluate.score_marks(m, scans, nodules, excluded, bootstrap=0)["cpm"] for m in (marks, better)]
+    paired = froc.paired_cpm_difference(marks, better, scans, nodules, excluded, bootstrap=200)
+    plain = [froc.score_marks(m, scans, nodules, excluded, bootstrap=0)["cpm"] for m in (marks, better)]
     assert paired["difference"] == pytest.approx(plain[1] - plain[0]) and paired["difference"] > 0
     assert 0 <= paired["ci95"][0] <= paired["difference"] <= paired["ci95"][1]
 
@@ -516,27 +511,26 @@ def _write_submission(path, rows, header="seriesuid,coordX,coordY,coordZ,probabi
 
 
 def test_submission_bad_input_names_lines(tmp_path):
-    import evaluate
     from data import UserError
     good = [("u1", 1.0, 2.0, 3.0, 0.5), ("u2", 1.5, 2.5, 3.5, 0.25)]
-    table = evaluate.read_submission(_write_submission(tmp_path / "ok.csv", good))
+    table = froc.read_submission(_write_submission(tmp_path / "ok.csv", good))
     assert list(table.seriesuid) == ["u1", "u2"] and table.value.tolist() == [0.5, 0.25]
-    reordered = evaluate.read_submission(_write_submission(
+    reordered = froc.read_submission(_write_submission(
         tmp_path / "order.csv", [(0.5, 3.0, "u1", 1.0, 2.0)],
         header="probability,coordZ,seriesuid,coordX,coordY"))
     assert reordered.world_xyz.tolist() == [[1.0, 2.0, 3.0]] and reordered.seriesuid[0] == "u1"
     with pytest.raises(UserError, match="missing column.*probability"):
-        evaluate.read_submission(_write_submission(tmp_path / "cols.csv", [r[:4] for r in good],
+        froc.read_submission(_write_submission(tmp_path / "cols.csv", [r[:4] for r in good],
                                                    header="seriesuid,coordX,coordY,coordZ"))
     bad = good + [("u3", "abc", 1, 2, 0.1), ("u4", 1, 2, 3, "nan"), ("u5", 1, 2, 3)]
     with pytest.raises(UserError) as err:
-        evaluate.read_submission(_write_submission(tmp_path / "bad.csv", bad))
+        froc.read_submission(_write_submission(tmp_path / "bad.csv", bad))
     assert "3 bad line(s)" in str(err.value)
     assert "line 4" in str(err.value) and "line 5" in str(err.value) and "line 6" in str(err.value)
     with pytest.raises(UserError, match="not found"):
-        evaluate.read_submission(tmp_path / "absent.csv")
+        froc.read_submission(tmp_path / "absent.csv")
     with pytest.raises(UserError, match="none of the submission"):
-        evaluate.score_marks(table, ["v1"], _table([]), _table([]), bootstrap=0)
+        froc.score_marks(table, ["v1"], _table([]), _table([]), bootstrap=0)
 
 
 def test_evaluate_cli_scores_a_submission_and_reports_bad_files(tmp_path):
@@ -574,7 +568,7 @@ def test_evaluate_cli_scores_a_submission_and_reports_bad_files(tmp_path):
 
 
 def _reference_froc(rows, nodules, excluded, seriesuids, rates=(0.125, 0.25, 0.5, 1, 2, 4, 8)):
-    """Slow, loop-and-dict rendering of the LUNA16 rules, written independently of evaluate.py."""
+    """Slow, loop-and-dict rendering of the LUNA16 rules, written independently of froc.py."""
     marks_by_scan, findings_by_scan = {}, {}
     for uid, x, y, z, p in rows:
         marks_by_scan.setdefault(uid, []).append((x, y, z, p))
@@ -624,10 +618,9 @@ def _reference_froc(rows, nodules, excluded, seriesuids, rates=(0.125, 0.25, 0.5
 @pytest.mark.skipif(not (LUNA16_REFERENCE / "annotations.csv").is_file(),
                     reason="LUNA16 annotations not in ../shared")
 def test_froc_on_real_luna16_annotations_matches_slow_reference(tmp_path):
-    import evaluate
     import data
     uids = data.read_seriesuids(LUNA16_REFERENCE / "seriesuids.csv")
-    nodules = [tuple(r) for r in _rows_of(evaluate.read_findings(LUNA16_REFERENCE / "annotations.csv"))]
+    nodules = [tuple(r) for r in _rows_of(froc.read_findings(LUNA16_REFERENCE / "annotations.csv"))]
     excluded_table, _ = data.read_point_csv(LUNA16_REFERENCE / "annotations_excluded.csv", "diameter_mm")
     excluded = [tuple(r) for r in _rows_of(excluded_table)]
     rng = np.random.default_rng(16)
@@ -648,7 +641,7 @@ def test_froc_on_real_luna16_annotations_matches_slow_reference(tmp_path):
     assert 15_000 < len(rows) < 30_000
     sub = _write_submission(tmp_path / "sub.csv",
                             [(u, repr(x), repr(y), repr(z), repr(p)) for u, x, y, z, p in rows])
-    result = evaluate.score_submission(sub, LUNA16_REFERENCE / "annotations.csv",
+    result = froc.score_submission(sub, LUNA16_REFERENCE / "annotations.csv",
                                        LUNA16_REFERENCE / "annotations_excluded.csv",
                                        LUNA16_REFERENCE / "seriesuids.csv", bootstrap=20)
     expected, counts = _reference_froc(rows, nodules, excluded, uids)
@@ -658,9 +651,9 @@ def test_froc_on_real_luna16_annotations_matches_slow_reference(tmp_path):
     assert result["n_scans_tied_at_cap"] > 0 and 0 < result["cpm"] < 1
     # Scoring only one subset-sized slice divides by its own scan count.
     part = uids[:89]
-    sliced = evaluate.score_marks(evaluate.read_submission(sub), part,
-                                  evaluate.read_findings(LUNA16_REFERENCE / "annotations.csv"),
-                                  evaluate.read_findings(LUNA16_REFERENCE / "annotations_excluded.csv"),
+    sliced = froc.score_marks(froc.read_submission(sub), part,
+                                  froc.read_findings(LUNA16_REFERENCE / "annotations.csv"),
+                                  froc.read_findings(LUNA16_REFERENCE / "annotations_excluded.csv"),
                                   bootstrap=0)
     expected_part, _ = _reference_froc(rows, nodules, excluded, part)
     np.testing.assert_allclose(list(sliced["froc_sensitivities"].values()), expected_part, rtol=0, atol=1e-12)
@@ -794,7 +787,6 @@ def test_evaluate_names_a_missing_scan_and_allow_missing_counts_its_nodules_as_m
     import shutil
     from typer.testing import CliRunner
     import data
-    import evaluate
     import luna_cli
     root, work = tmp_path / "luna16", tmp_path / "work"
     shutil.copytree(eval_phantom, root)
@@ -821,7 +813,7 @@ def test_evaluate_names_a_missing_scan_and_allow_missing_counts_its_nodules_as_m
     assert lost and list(saved["missing_scans"]) == [gone.stem] and saved["n_scans"] == len(recorded)
     assert saved["froc"]["n_nodules"] == int(np.isin(annotations.seriesuid, recorded).sum())
     assert saved["froc"]["n_missed"] >= lost and any(gone.stem in warning for warning in saved["warnings"])
-    rescored = evaluate.score_submission(work / "eval" / "tiny_subsets0" / "submission.csv",
+    rescored = froc.score_submission(work / "eval" / "tiny_subsets0" / "submission.csv",
                                          root / "annotations.csv", root / "annotations_excluded.csv",
                                          recorded, bootstrap=0)
     # the missing scan counts: its nodules missed, its scan in FP/scan
@@ -838,16 +830,15 @@ def test_evaluate_names_a_missing_scan_and_allow_missing_counts_its_nodules_as_m
 
 
 def test_with_all_ten_subsets_seriesuids_csv_names_missing_scans(tmp_path):
-    import evaluate
     from data import UserError
     for k in range(10):
         (tmp_path / f"subset{k}").mkdir()
         (tmp_path / f"subset{k}" / f"s{k}.mhd").write_text("")
     (tmp_path / "seriesuids.csv").write_text("".join(f"s{k}\n" for k in range(10)) + "lost\n")
     with pytest.raises(UserError, match="lost"):
-        evaluate.check_scans(tmp_path, range(10))
-    assert evaluate.check_scans(tmp_path, range(9)).missing == {}   # which subset lost it is unknown
-    check = evaluate.check_scans(tmp_path, range(10), allow_missing=True)
+        froc.check_scans(tmp_path, range(10))
+    assert froc.check_scans(tmp_path, range(9)).missing == {}   # which subset lost it is unknown
+    check = froc.check_scans(tmp_path, range(10), allow_missing=True)
     assert check.missing == {"lost": str(tmp_path / "seriesuids.csv")} and len(check.found) == 10
     assert "lost" in " ".join(check.warnings)
 
@@ -2436,14 +2427,13 @@ def test_crossval_cpm_equals_scoring_its_concatenated_submission(crossval_run, t
     import json
     from typer.testing import CliRunner
     import data
-    import evaluate
     import luna_cli
     root, work, printed = crossval_run
     out = work / "crossval" / "cv"
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == printed and saved["folds"] == [0, 1, 2, 3] and saved["n_scans"] == 8
     scans = [uid for k in range(4) for uid in data.subset_scans(root, [k])]
-    rescored = evaluate.score_submission(out / "submission.csv", root / "annotations.csv",
+    rescored = froc.score_submission(out / "submission.csv", root / "annotations.csv",
                                          root / "annotations_excluded.csv", scans, bootstrap=0)
     assert saved["cpm"] is not None and saved["cpm"] == rescored["cpm"]
     assert saved["froc_sensitivities"] == rescored["froc_sensitivities"]
@@ -2476,7 +2466,6 @@ def test_calibrated_probabilities_meet_the_nodule_rate_and_leave_the_froc_alone(
     import csv
     import json
     import data
-    import evaluate
     root, work, saved = crossval_run
     out = work / "crossval" / "cv"
     rows = []
@@ -2501,18 +2490,18 @@ def test_calibrated_probabilities_meet_the_nodule_rate_and_leave_the_froc_alone(
                             calibrated, np.arange(len(rows)) + 2)
     for k in range(4):
         fold = json.loads((out / f"fold{k}" / "metrics.json").read_text())
-        again = evaluate.score_marks(marks, list(data.subset_scans(root, [k])),
-                                     evaluate.read_findings(root / "annotations.csv"),
-                                     evaluate.read_findings(root / "annotations_excluded.csv"), bootstrap=0)
+        again = froc.score_marks(marks, list(data.subset_scans(root, [k])),
+                                     froc.read_findings(root / "annotations.csv"),
+                                     froc.read_findings(root / "annotations_excluded.csv"), bootstrap=0)
         assert (again["cpm"], again["froc_sensitivities"]) == (fold["cpm"], fold["froc_sensitivities"])
     # the pooled operating point: the highest cutoff at which 90% of the nodules have a candidate at or above
     # it
     point = json.loads((out / "operating_point.json").read_text())
     assert point == saved["operating_point"] and point["n_nodules"] == saved["n_nodules"]
-    nodules = evaluate.read_findings(root / "annotations.csv")
-    hits = evaluate.nodule_hits(marks.seriesuid, marks.world_xyz, nodules.seriesuid, nodules.world_xyz,
+    nodules = froc.read_findings(root / "annotations.csv")
+    hits = froc.nodule_hits(marks.seriesuid, marks.world_xyz, nodules.seriesuid, nodules.world_xyz,
                                 nodules.value)
-    best = evaluate.best_per_nodule(hits, np.log(raw) - np.log1p(-raw))
+    best = froc.best_per_nodule(hits, np.log(raw) - np.log1p(-raw))
 
     def share(cutoff):
         return np.mean(best >= cutoff)

@@ -45,7 +45,7 @@ from torch import nn
 
 import calibration
 import common
-import evaluate
+import froc
 import head as head_mod
 import options as options_mod
 from common import UserError
@@ -127,7 +127,7 @@ class CutoffChooser:
     """Chooses validation cutoffs (raw logits) for ``target`` sensitivity. Per nodule when the validation
     subsets' manifests list their annotated nodules: the highest threshold at which ``target`` of them have a
     validation patch at or above it, a patch belonging to a nodule by the official hit rule
-    (``evaluate.nodule_hits``), a nodule without one counting as missed. Otherwise (caches made before the
+    (``froc.nodule_hits``), a nodule without one counting as missed. Otherwise (caches made before the
     nodules were recorded, or no nodule hit by any patch) per nodule candidate patch, as
     ``head.cutoff_for_sensitivity``."""
 
@@ -135,7 +135,7 @@ class CutoffChooser:
                  target: float):
         self.labels, self.target = pool.labels, float(target)
         self.hits = None if nodules is None else \
-            evaluate.nodule_hits(pool.seriesuids, pool.world_xyz, *nodules)
+            froc.nodule_hits(pool.seriesuids, pool.world_xyz, *nodules)
         if self.hits is not None and not any(len(rows) for rows in self.hits):
             self.hits = None
 
@@ -148,7 +148,7 @@ class CutoffChooser:
         scores = np.full(len(self.labels), -np.inf)
         scores[np.arange(len(logits)) if positions is None else positions] = logits
         if self.hits is not None:
-            return calibration.cutoff_for_nodules(evaluate.best_per_nodule(self.hits, scores), self.target)
+            return calibration.cutoff_for_nodules(froc.best_per_nodule(self.hits, scores), self.target)
         cutoff = head_mod.cutoff_for_sensitivity(self.labels, scores, self.target)
         return cutoff, float((scores[self.labels == 1] >= cutoff).mean())
 
