@@ -376,7 +376,7 @@ def run_crossval(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str
                "bootstrap": bootstrap, "quiet": quiet}
     fold_metrics = {f.test: _run_fold(Path(work_dir), Path(data_dir), out_dir, f, fold_scans[f.test],
                                       settings, runtime, console) for f in plan}
-    froc = pool_folds(out_dir, Path(data_dir), plan, fold_metrics, fold_scans, bootstrap)
+    pooled = pool_folds(out_dir, Path(data_dir), plan, fold_metrics, fold_scans, bootstrap)
     target = {**(train.HEAD_DEFAULTS if settings["stage"] == "head" else train.FINETUNE_DEFAULTS),
               **settings["training"]}
     point = write_operating_point(out_dir, Path(data_dir), plan, fold_metrics,
@@ -385,17 +385,17 @@ def run_crossval(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str
     rows = [fold_row(f, fold_metrics[f.test]) for f in plan]
     result = {"name": name, "stage": settings["stage"], "folds": [f.test for f in plan],
               "val_offset": settings["val_offset"], "training": settings["training"],
-              "views": settings.get("views"), "cpm": froc["cpm"], "cpm_ci95": froc.get("cpm_ci95"),
-              "froc_sensitivities": froc["froc_sensitivities"],
-              "froc_sensitivities_ci95": froc.get("froc_sensitivities_ci95"),
-              "fold_cpm": [r["cpm"] for r in rows], "fold_results": rows, "n_scans": froc["n_scans"],
-              "n_nodules": froc["n_nodules"], "froc": froc, "operating_point": point,
+              "views": settings.get("views"), "cpm": pooled["cpm"], "cpm_ci95": pooled.get("cpm_ci95"),
+              "froc_sensitivities": pooled["froc_sensitivities"],
+              "froc_sensitivities_ci95": pooled.get("froc_sensitivities_ci95"),
+              "fold_cpm": [r["cpm"] for r in rows], "fold_results": rows, "n_scans": pooled["n_scans"],
+              "n_nodules": pooled["n_nodules"], "froc": pooled, "operating_point": point,
               "unreadable_scans": {uid: why for m in fold_metrics.values()
                                    for uid, why in m["unreadable_scans"].items()},
               "files": {n: str(out_dir / n) for n in ("submission.csv", "metrics.json", "folds.csv",
                                                       "froc.png", "operating_point.json")}}
     _write_folds_csv(out_dir / "folds.csv", rows)
-    froc.plot_froc(froc, out_dir / "froc.png", title=f"cross-validation {name}")
+    froc.plot_froc(pooled, out_dir / "froc.png", title=f"cross-validation {name}")
     common.atomic_write_json(out_dir / "metrics.json", result)
     if json_out is not None:
         common.atomic_write_json(json_out, result)
