@@ -21,6 +21,11 @@ Operating point. A cutoff is a raw logit: the head's output before any calibrati
 logit of the mean probability over the views), compared as ``logit >= cutoff``. Validation chooses it per
 nodule, for each number of views in :data:`STORED_VIEWS` (and the run's own); :func:`resolve_cutoff` picks the
 one that applies, or refuses a number of views without one.
+
+Screening. For each stored number of views above one, validation also stores a screening cutoff, a one-view
+logit (:func:`screening_cutoffs`): the lowest one-view score of a validation candidate whose score at those
+views reaches their cutoff. ``predict --scan`` without points scores every detected candidate at one view and
+the full views only where that score reaches the screening cutoff.
 """
 from __future__ import annotations
 
@@ -151,6 +156,31 @@ def view_counts(own: int, available: int) -> Tuple[int, ...]:
     :data:`STORED_VIEWS` up to the ``available`` views (8 flips for fine-tuning, the cached ones for a head),
     and ``own``."""
     return tuple(sorted({v for v in STORED_VIEWS if v <= available} | {int(own)}))
+
+
+def screening_cutoffs(view_logits: Dict[int, np.ndarray], cutoffs: Dict[int, Optional[float]]
+                      ) -> Dict[str, Optional[float]]:
+    """For each view count ``v > 1`` with a cutoff: the lowest one-view logit among the validation candidates
+    that ``v`` views put at or above their cutoff (None when none is), so that screening candidates at one
+    view against it loses none of them on validation. ``view_logits``: ``{views: logits}`` of the same
+    candidates in the same order, one view among them; without it, none."""
+    one = view_logits.get(1)
+    screens: Dict[str, Optional[float]] = {}
+    for views, logits in sorted(view_logits.items()):
+        if views == 1 or one is None or cutoffs.get(views) is None:
+            continue
+        above = np.asarray(logits) >= cutoffs[views]
+        screens[str(views)] = float(np.asarray(one)[above].min()) if above.any() else None
+    return screens
+
+
+def stored_screen(meta: dict, views: int) -> Optional[float]:
+    """The one-view logit a checkpoint's validation chose to screen candidates for ``views`` views
+    (:func:`screening_cutoffs`); None for one view, for checkpoints made before screening cutoffs, and where
+    validation put no candidate above the cutoff."""
+    point = meta.get("operating_point") or {}
+    screen = (point.get("screen_logits") or {}).get(str(views))
+    return None if views == 1 or screen is None else float(screen)
 
 
 @dataclass

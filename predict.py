@@ -280,10 +280,17 @@ def predict_points(checkpoint, scan_path, world_xyz, device: str = "auto", batch
     torch_device = head.resolve_device(device)
     chosen = checkpoint if isinstance(checkpoint, ModelSet) else \
         resolve_models(checkpoint, torch_device, views, cutoff, ensemble)
+    scan, patches = _scan_and_patches(scan_path, world_xyz, chosen.models[0][2]["preprocess"])
+    outputs = _model_outputs(chosen, patches, torch_device, batch_size, precision)
+    return _point_rows(chosen, scan, world_xyz, patches, outputs, options, points)
+
+
+def _point_rows(chosen: ModelSet, scan: data.CTScan, world_xyz: np.ndarray, patches: np.ndarray,
+                outputs: tuple, options: dict, points: str) -> list[dict]:
+    """:func:`predict_points`' rows of points whose patches the models scored (``outputs`` of
+    :func:`_model_outputs`)."""
+    probability, calibrated, model_diameters = outputs
     preprocess = chosen.models[0][2]["preprocess"]
-    scan, patches = _scan_and_patches(scan_path, world_xyz, preprocess)
-    probability, calibrated, model_diameters = _model_outputs(chosen, patches, torch_device, batch_size,
-                                                              precision)
     logits = calibration.logit(probability)
     lo = int(preprocess["patch_size"]) // 2 - CENTRE_MM // 2
     hu_at_point = (patches[:, lo:lo + CENTRE_MM, lo:lo + CENTRE_MM, lo:lo + CENTRE_MM]
@@ -301,6 +308,51 @@ def predict_points(checkpoint, scan_path, world_xyz, device: str = "auto", batch
              **shared, **size}
             for (x, y, z), p, c, logit, yes, h, ok, size in zip(
                 world_xyz.tolist(), probability, calibrated, logits, follow_up, hu_at_point, inside, sizes)]
+
+
+def screening_cutoff(chosen: ModelSet) -> Optional[float]:
+    """The one-view logit that screens detected candidates for ``chosen``'s full views
+    (``calibration.stored_screen``): for one model scored at more than one view against the cutoff its
+    validation chose; None otherwise (several models, one view, ``--cutoff``, older checkpoints)."""
+    if len(chosen.models) != 1 or chosen.views[0] == 1:
+        return None
+    meta = chosen.models[0][2]
+    own = calibration.resolve_cutoff(meta, chosen.views[0], strict=False)
+    if not own.validated or own.logit != chosen.cutoff.logit:
+        return None
+    return calibration.stored_screen(meta, chosen.views[0])
+
+
+def predict_detected(chosen: ModelSet, scan: data.CTScan, world_xyz: np.ndarray, device, batch_size: int,
+                     precision: str, options: dict, screen: bool = True) -> Tuple[list, list, str]:
+    """Detected candidates of one scan (world mm ``(N, 3)``) -> ``(findings, scored, how)``. ``scored``: the
+    rows of :func:`predict_points` of the candidates scored at the full views; ``findings``: the distinct ones
+    at or above the cutoff (:func:`distinct_findings`), their follow-up categories for that number of nodules;
+    ``how``: which candidates were scored how. With ``screen`` and a :func:`screening_cutoff`, every candidate
+    is scored at one view first and only those reaching the screening cutoff at the full views; the others
+    stay below it, where validation saw no candidate that the full views put above the cutoff."""
+    preprocess = chosen.models[0][2]["preprocess"]
+    spacing = float(preprocess["spacing_mm"])
+    patches = data.extract_patches(scan, world_xyz, int(preprocess["patch_size"]), spacing)
+    kept, how = np.arange(len(world_xyz)), f"detect: {len(world_xyz)} candidates"
+    screen_logit = screening_cutoff(chosen) if screen else None
+    if screen_logit is not None:
+        one_view = ModelSet(chosen.models, [1] * len(chosen.models), chosen.cutoff)
+        first = calibration.logit(_model_outputs(one_view, patches, device, batch_size, precision)[0])
+        kept = np.flatnonzero(first >= screen_logit)
+        how += (f", {len(kept)} of them at or above the one-view screening cutoff {screen_logit:.3f} (chosen "
+                f"on validation) scored at {chosen.views[0]} views")
+    if not len(kept):
+        return [], [], how
+    patches, world_xyz = patches[kept], world_xyz[kept]
+    outputs = _model_outputs(chosen, patches, device, batch_size, precision)
+    scored = _point_rows(chosen, scan, world_xyz, patches, outputs, options, "detect")
+    findings = distinct_findings(scored)
+    # the categories of distinct nodules: "multiple" counts the findings, not every candidate above the cutoff
+    rows = [next(i for i, row in enumerate(scored) if row is finding) for finding in findings]
+    sizes = size_and_follow_up(patches[rows], spacing, [True] * len(rows), **options,
+                               model_diameters=None if outputs[2] is None else outputs[2][rows])
+    return [dict(row, **size) for row, size in zip(findings, sizes)], scored, how
 
 
 def _scan_and_patches(scan_path, world_xyz: np.ndarray, preprocess: dict):
@@ -461,7 +513,7 @@ def predict_scan(checkpoint, scan_path, coords: Sequence[str] = (), points=None,
 def _predict_scan(checkpoint, scan_path, coords: Sequence[str], points, out, device: str,
                   ensemble: Optional[Path], report: Optional[Path], *, batch_size: int,
                   views: Optional[int], precision: str, guideline: str, nodule_type: str, risk: str,
-                  max_per_scan: int, cutoff: Optional[float]) -> list[dict]:
+                  max_per_scan: int, cutoff: Optional[float], screen: bool) -> list[dict]:
     if coords and points is not None:
         raise UserError("give either --coord X,Y,Z (one or more) or --points FILE.csv, not both")
     chosen = resolve_models(checkpoint, head.resolve_device(device), views, cutoff, ensemble)
@@ -472,25 +524,23 @@ def _predict_scan(checkpoint, scan_path, coords: Sequence[str], points, out, dev
     detected = not coords and points is None
     # read once: detection, the patches and the report all use it
     scan = data.read_ct(scan_path) if detected or report is not None else Path(scan_path)
+    options = dict(guideline=guideline, nodule_type=nodule_type, risk=risk)
+    how = "--coord" if coords else ""
     if detected:
         found = detect.detect_scan(scan, max_per_scan)
         if not len(found.score):
             raise UserError(found.warning or f"scan {scan_name(scan_path)}: detect found no candidates")
-        world_xyz = found.world_xyz
-    options = dict(guideline=guideline, nodule_type=nodule_type, risk=risk,
-                   points="detect" if detected else "--coord" if coords else "")
-    predictions = predict_points(chosen, scan, world_xyz, device, batch_size, views, precision, **options)
-    candidates = predictions
-    if detected:
-        findings = distinct_findings(predictions)
-        predictions = [] if not findings else predict_points(  # again on the findings alone: their number and
-            chosen, scan, np.array([[r["coordX"], r["coordY"], r["coordZ"]] for r in findings]), device,
-            batch_size, views, precision, **options)           # size categories are those of distinct nodules
+        predictions, candidates, how = predict_detected(chosen, scan, found.world_xyz,
+                                                        head.resolve_device(device), batch_size, precision,
+                                                        options, screen)
+    else:
+        predictions = candidates = predict_points(chosen, scan, world_xyz, device, batch_size, views,
+                                                  precision, points=how, **options)
     predictions = [dict(row, scan=scan_name(scan_path)) for row in predictions]
     if out is not None:
         write_predictions_csv(predictions, out)
     if report is not None:
-        _write_report(report, scan, scan_path, chosen, predictions, candidates, detected, options["points"])
+        _write_report(report, scan, scan_path, chosen, predictions, candidates, detected, how, guideline)
     return predictions
 
 
@@ -546,7 +596,7 @@ def _scan_parts(checkpoint, ensemble: Optional[Path], chosen: dict, out, report)
 
 
 def _write_report(report: Path, scan, scan_path, chosen: ModelSet, predictions: list, candidates: list,
-                  detected: bool, points: str) -> Path:
+                  detected: bool, points: str, guideline: str) -> Path:
     """The findings page of one scan: the rows at or above the cutoff, and those below it (detected ones
     within ``findings.NEAR_LOGITS`` of it, and not on a finding) in the section near the cutoff."""
     import findings
@@ -554,11 +604,13 @@ def _write_report(report: Path, scan, scan_path, chosen: ModelSet, predictions: 
     below = [r for r in (candidates if detected else predictions) if not r["follow_up"]
              and (not detected or r["logit"] >= (r["cutoff"] or 0.0) - findings.NEAR_LOGITS)]
     near = _apart(below, shown) if detected else below
-    first = (predictions or candidates)[0]
-    info = {"cutoff": first["cutoff"], "points": "detect" if detected else points or "--points",
-            "cutoff_text": ("none" if first["cutoff"] is None else f"{first['cutoff']:.3f}")
-                           + f" (raw logit; {first['cutoff_source']})",
-            "guideline": first["guideline"], "assumptions": "; ".join(first.get("assumptions") or []),
+    first = (predictions or candidates or [{}])[0]
+    cutoff = chosen.cutoff
+    info = {"cutoff": cutoff.logit, "points": points or "--points",
+            "cutoff_text": ("none" if cutoff.logit is None else f"{cutoff.logit:.3f}")
+                           + f" (raw logit; {cutoff.source})",
+            "guideline": first.get("guideline", guideline),
+            "assumptions": "; ".join(first.get("assumptions") or []),
             "checkpoints": [(path, path.parent.name if path.name == "best.pt" else path.stem)
                             for path, _, _ in chosen.models]}
     return findings.write_report(report, scan, scan_path, scan_name(scan_path), shown, near, info)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import common
 import froc
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -679,7 +680,8 @@ def eval_phantom(tmp_path_factory) -> Path:
     return root
 
 
-def _tiny_checkpoint(path: Path, cutoff: float = 0.5, views: int = 1, size_output: bool = False) -> Path:
+def _tiny_checkpoint(path: Path, cutoff: float = 0.5, views: int = 1, size_output: bool = False,
+                     operating_point: Optional[dict] = None) -> Path:
     import torch
     import head
     torch.manual_seed(0)
@@ -691,7 +693,8 @@ def _tiny_checkpoint(path: Path, cutoff: float = 0.5, views: int = 1, size_outpu
                                 "config": config,
                                 "preprocess": {"patch_size": 32, "spacing_mm": 1.25, "hu_min": -1000.0,
                                                "hu_max": 1000.0},
-                                "cutoff": cutoff, "epoch": 3, "views": views})
+                                "cutoff": cutoff, "epoch": 3, "views": views,
+                                **({} if operating_point is None else {"operating_point": operating_point})})
     return path
 
 
@@ -1501,6 +1504,20 @@ def test_per_nodule_cutoff_counts_a_nodule_once_and_a_nodule_without_candidate_a
     assert train.CutoffChooser(pool, nodules, 0.9).choose(logits) == (0.5, pytest.approx(2 / 3))
     point = chooser.operating_point({1: logits, 8: logits - 1.0}, None, epoch=3)
     assert point["cutoff_logits"] == {"1": 0.5, "8": -0.5} and point["n_nodules_without_candidate"] == 1
+    assert point["screen_logits"] == {"8": 0.5}   # the lowest one-view logit of those 8 views put above -0.5
+
+
+def test_the_screening_cutoff_keeps_every_validation_candidate_the_full_views_put_above_theirs():
+    import calibration
+    one, full = np.array([0.2, 3.0, -1.0, 0.5]), np.array([1.0, 2.0, 0.9, -2.0])
+    screens = calibration.screening_cutoffs({1: one, 2: full, 8: full - 5.0}, {1: 0.0, 2: 0.9, 8: None})
+    assert screens == {"2": -1.0}
+    assert (one[full >= 0.9] >= screens["2"]).all()
+    assert calibration.screening_cutoffs({2: full}, {2: 0.9}) == {}
+    assert calibration.screening_cutoffs({1: one, 2: full}, {2: 9.0}) == {"2": None}
+    meta = {"operating_point": {"cutoff_logits": {"1": 0.0, "2": 0.9}, "screen_logits": screens}}
+    assert calibration.stored_screen(meta, 2) == -1.0 and calibration.stored_screen(meta, 1) is None
+    assert calibration.stored_screen({"cutoff": 0.5}, 2) is None
 
 
 def test_sensitivity_cutoff_and_training_metrics():
@@ -3414,6 +3431,39 @@ def test_predict_scan_without_points_lists_the_detected_nodules(phantom_root, tm
     points = np.array([[float(row[c]) for c in ("coordX", "coordY", "coordZ")] for row in rows])
     for centre, diameter in zip(mine.world_xyz, mine.value):
         assert (((points - centre) ** 2).sum(axis=1) < (diameter / 2) ** 2).any()
+
+
+def test_predict_scan_screens_at_one_view_and_finds_what_all_views_find(phantom_root, tmp_path, monkeypatch):
+    import calibration
+    import data
+    import detect
+    import head
+    import predict
+    mhd = sorted((phantom_root / "subset0").glob("*.mhd"))[0]
+    scan = data.read_ct(mhd)
+    points = detect.detect_scan(scan, 40).world_xyz
+    plain = _tiny_checkpoint(tmp_path / "plain.pt", views=2)
+    logits = {v: np.array([r["logit"] for r in predict.predict_points(plain, scan, points, device="cpu",
+                                                                     views=v, cutoff=0.0)]) for v in (1, 2)}
+    cutoff = float(np.sort(logits[2])[-7:-5].mean())          # six candidates above it at two views
+    screens = calibration.screening_cutoffs(logits, {2: cutoff})
+    checkpoint = _tiny_checkpoint(tmp_path / "screened.pt", views=2, operating_point={
+        "cutoff_logits": {"1": float(np.median(logits[1])), "2": cutoff}, "screen_logits": screens,
+        "target_sensitivity": 0.9, "basis": "nodule"})
+    scored = []   # (patches, views) of each scoring call
+    monkeypatch.setattr(head, "predict_patches", lambda model, patches, *a, _score=head.predict_patches, **k:
+                        scored.append((len(patches), a[3])) or _score(model, patches, *a, **k))
+    screened = predict.predict_scan(checkpoint, mhd, device="cpu", max_per_scan=40)
+    calls, scored[:] = list(scored), []
+    every = predict.predict_scan(checkpoint, mhd, device="cpu", max_per_scan=40, screen=False)
+    assert scored == [(40, 2)] and calls[0] == (40, 1) and calls[1][1] == 2 and 6 <= calls[1][0] < 40
+    assert len(screened) == len(every) >= 1
+    for a, b in zip(screened, every):
+        assert a.keys() == b.keys() and a["follow_up"] and a["category"] == b["category"]
+        assert [a[k] - b[k] for k in ("coordX", "coordY", "coordZ")] == [0.0, 0.0, 0.0]
+        assert a["logit"] == pytest.approx(b["logit"], abs=1e-5)
+    # one model pass: the findings' follow-up categories come from the same scores, not a second scoring
+    assert len(calls) == 2
 
 
 def test_detect_bad_input_is_named_and_the_other_scans_go_on(phantom_root, tmp_path):

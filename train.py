@@ -160,8 +160,10 @@ class CutoffChooser:
         counts = ({"n_positive_patches": int((self.labels == 1).sum())} if self.hits is None else
                   {"n_nodules": len(self.hits),
                    "n_nodules_without_candidate": sum(not len(h) for h in self.hits)})
-        return {"cutoff_logits": {v: c for v, (c, _) in chosen.items()},
-                "sensitivity": {v: sens for v, (_, sens) in chosen.items()},
+        cutoffs = {v: c for v, (c, _) in chosen.items()}
+        return {"cutoff_logits": cutoffs, "sensitivity": {v: sens for v, (_, sens) in chosen.items()},
+                "screen_logits": calibration.screening_cutoffs(
+                    view_logits, {int(v): c for v, c in cutoffs.items()}),
                 "target_sensitivity": self.target, "basis": self.basis, "epoch": epoch, **counts}
 
 
