@@ -389,30 +389,37 @@ def batch_loader(pool: PatchPool, batches: List[np.ndarray], workers: int, pin: 
 
 # --- augmentation ------------------------------------------------------------------
 
-def flip_patches(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Flip each cube ``x[b]`` of a ``(B, P, P, P)`` batch by ``head.VIEW_FLIPS[ids[b]]``: the same 8 flips
-    that train-head's cached views and evaluation's test-time views use."""
-    out = x.clone()
-    ids = ids.to(x.device)
-    for view, dims in enumerate(head_mod.VIEW_FLIPS[1:], start=1):
-        chosen = torch.nonzero(ids == view).squeeze(1)
-        if chosen.numel():
-            out[chosen] = x[chosen].flip(dims)
-    return out
-
-
-def shift_patches(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    """Move each cube's content by ``shifts[b]`` voxels along (z, y, x); the uncovered border repeats the
-    cube's edge voxels: ``out[b, z, y, x] = x[b, clip(z - dz), clip(y - dy), clip(x - dx)]``. No flat fill
-    value appears, so a shifted cube carries no face of air that could mark it."""
-    shifts = shifts.to(x.device)
+def move_patches(x: torch.Tensor, flips: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Shift each cube of a ``(B, P, P, P)`` batch by ``shifts[b]`` voxels along (z, y, x), then flip it along
+    the axes where ``flips[b]`` (bool ``(B, 3)``) is set: ``out[b, z, ...] = x[b, clip(f(z) - dz), ...]``,
+    ``f(z) = P - 1 - z`` on a flipped axis. The uncovered border repeats the cube's edge voxels, so no flat
+    fill value appears that could mark a shifted cube. One gather per axis, and no step that waits for the
+    device."""
+    flips, shifts = flips.to(x.device), shifts.to(x.device)
     for axis in range(3):
         size = x.shape[axis + 1]
-        index = (torch.arange(size, device=x.device)[None] - shifts[:, axis:axis + 1]).clamp(0, size - 1)
+        position = torch.arange(size, device=x.device)[None]
+        source = torch.where(flips[:, axis:axis + 1], size - 1 - position, position)
+        index = (source - shifts[:, axis:axis + 1]).clamp(0, size - 1)
         view = [x.shape[0], 1, 1, 1]
         view[axis + 1] = size
         x = torch.gather(x, axis + 1, index.view(view).expand_as(x))
     return x
+
+
+# (8, 3) bool: the axes (z, y, x) that each of head.VIEW_FLIPS flips
+FLIP_AXES = torch.tensor([[axis in dims for axis in (1, 2, 3)] for dims in head_mod.VIEW_FLIPS])
+
+
+def flip_patches(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Flip each cube ``x[b]`` of a ``(B, P, P, P)`` batch by ``head.VIEW_FLIPS[ids[b]]``: the same 8 flips
+    that train-head's cached views and evaluation's test-time views use."""
+    return move_patches(x, FLIP_AXES[ids.cpu()], torch.zeros(len(x), 3, dtype=torch.long))
+
+
+def shift_patches(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Move each cube's content by ``shifts[b]`` voxels along (z, y, x) (:func:`move_patches`)."""
+    return move_patches(x, torch.zeros(len(x), 3, dtype=torch.bool), shifts)
 
 
 def augment_batch(hu: torch.Tensor, generator: torch.Generator, max_shift_vox: int = 0) -> torch.Tensor:
@@ -420,10 +427,9 @@ def augment_batch(hu: torch.Tensor, generator: torch.Generator, max_shift_vox: i
     of ``(B, P, P, P)`` float HU, whatever its class (the labels are not even seen), rows in their order."""
     batch = hu.shape[0]
     ids = torch.randint(0, len(head_mod.VIEW_FLIPS), (batch,), generator=generator)
-    if max_shift_vox > 0:
-        hu = shift_patches(hu, torch.randint(-max_shift_vox, max_shift_vox + 1, (batch, 3),
-                                             generator=generator))
-    return flip_patches(hu, ids)
+    shifts = (torch.randint(-max_shift_vox, max_shift_vox + 1, (batch, 3), generator=generator)
+              if max_shift_vox > 0 else torch.zeros(batch, 3, dtype=torch.long))
+    return move_patches(hu, FLIP_AXES[ids], shifts)
 
 
 def training_inputs(hu: torch.Tensor, generator: torch.Generator, hu_min: float, hu_max: float, augment: bool,

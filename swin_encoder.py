@@ -298,13 +298,23 @@ class WindowAttention(nn.Module):
         self.register_buffer("query_bias_only", torch.cat([torch.ones(dim), torch.zeros(2 * dim)]),
                              persistent=False)
         self._mask_cache: Dict[tuple, torch.Tensor] = {}
+        self._shift_mask_cache: Dict[tuple, torch.Tensor] = {}
 
     def clear_cache(self) -> None:
         self._mask_cache.clear()
+        self._shift_mask_cache.clear()
 
     def train(self, mode: bool = True):
         self.clear_cache()
         return super().train(mode)
+
+    def _shift_masks(self, geometry: WindowGeometry, device: torch.device) -> torch.Tensor:
+        """``(G, 1, N, N)`` shift masks of ``geometry`` on ``device``, copied there once (not every training
+        step)."""
+        key = (geometry.size, geometry.window, geometry.shift, device)
+        if key not in self._shift_mask_cache:
+            self._shift_mask_cache[key] = geometry.group_masks.to(device).unsqueeze(1)
+        return self._shift_mask_cache[key]
 
     def _masks(self, geometry: WindowGeometry, dtype: torch.dtype) -> torch.Tensor:
         """Additive masks ``(G, heads, N, N)``: relative position bias plus each box's shift mask."""
@@ -317,7 +327,7 @@ class WindowAttention(nn.Module):
         index = self.relative_position_index[:n, :n].reshape(-1)
         masks = table[index].reshape(n, n, self.num_heads).permute(2, 0, 1).unsqueeze(0)  # (1, heads, N, N)
         if geometry.shifted:
-            masks = masks + geometry.group_masks.to(table.device).unsqueeze(1)
+            masks = masks + self._shift_masks(geometry, table.device)
         masks = _aligned_mask(masks.to(dtype).contiguous())
         if cacheable:
             if len(self._mask_cache) >= 8:

@@ -1533,7 +1533,7 @@ def test_sensitivity_cutoff_and_training_metrics():
     assert np.isnan(head.binary_metrics(np.ones(3), np.arange(3.0))["auc"])  # history.csv keeps a number
 
 
-def test_cached_features_head_and_finetune_learn(tmp_path):
+def test_cached_features_head_and_finetune_learn(tmp_path, monkeypatch):
     import json
     import torch
     import data
@@ -1595,6 +1595,16 @@ def test_cached_features_head_and_finetune_learn(tmp_path):
     history = train.read_history(scratch / "history.csv")
     best = max(row["val_auc"] for row in history)
     assert best >= 0.95 and best - start_auc >= 0.15, (start_auc, history)
+
+    # a NaN loss in the middle of an epoch (checked every NAN_CHECK_STEPS steps) stops the run before the
+    # epoch's checkpoints
+    calls = []
+    monkeypatch.setattr(train, "_step_loss", lambda *a, _loss=train._step_loss: _loss(*a) * (
+        float("nan") if calls.append(1) or len(calls) == 2 else 1.0))
+    with pytest.raises(train.NonFiniteLoss, match="epoch 1"):
+        train.train_head(work, features=tag, val_subsets=[2], test_subsets=[3], epochs=2, batch_size=4,
+                         run="broken", quiet=True)
+    assert len(calls) > 2 and not list((work / "runs" / "broken").glob("*.pt"))
 
 
 def test_finetune_resume_repeats_the_uninterrupted_run(tmp_path):

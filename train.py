@@ -436,6 +436,11 @@ class NonFiniteLoss(UserError):
     pass
 
 
+# The training loss is checked for NaN/inf every this many optimiser steps and at the end of each epoch (the
+# epoch's checkpoints come after the check, so a bad step never reaches one).
+NAN_CHECK_STEPS = 16
+
+
 def _step_loss(fit: Fit, x: torch.Tensor, y: torch.Tensor, d: torch.Tensor,
                size_weight: float) -> torch.Tensor:
     """The training loss of one batch (classification, plus the weighted size loss)."""
@@ -453,6 +458,7 @@ def _train_epoch(fit: Fit, epoch: int, optimizer, scheduler, scaler, advance: Ca
     fit.module.train()
     loss_sum, count = (torch.zeros((), dtype=torch.float64, device=fit.device) for _ in range(2))
     bad = torch.zeros((), dtype=torch.int64, device=fit.device)
+    steps = 0
     optimizer.zero_grad(set_to_none=True)
     size_weight = float(fit.options["size_weight"]) if fit.classifier.has_size else 0.0
     for i, (x, y, d) in enumerate(fit.train_batches(epoch)):
@@ -477,10 +483,12 @@ def _train_epoch(fit: Fit, epoch: int, optimizer, scheduler, scaler, advance: Ca
         loss_sum += loss.detach().double() * len(y)
         count += len(y)
         if group_end:
-            all_reduce(fit.job, bad)
-            if bad.item():
-                raise NonFiniteLoss(f"the training loss became NaN/inf in epoch {epoch} (batch {i + 1}); "
-                                    f"stopped")
+            steps += 1
+            if steps % NAN_CHECK_STEPS == 0 or i + 1 == n:   # .item() waits for the device: not every step
+                all_reduce(fit.job, bad)
+                if bad.item():
+                    raise NonFiniteLoss(f"the training loss became NaN/inf in epoch {epoch} (by batch "
+                                        f"{i + 1}); stopped")
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
