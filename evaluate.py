@@ -191,7 +191,7 @@ def _score_scans(run: ModelRun, todo: list, rows_of: dict, scores: np.ndarray, m
 
 
 def open_model_run(checkpoint: Path, candidates_path: Path, parts_dir: Path, views: Optional[int],
-                   batch_size: int, readers: int, device: str, precision: str,
+                   batch_size: int, readers: int, device: str, precision: str, compile: bool = False,
                    **key) -> tuple[ModelRun, dict]:
     """The model of a checkpoint, how it is applied, and the parts of its scores in ``parts_dir``, kept while
     the checkpoint, its views, the encoder's precision, the candidates file and ``key`` stay the same (the
@@ -200,7 +200,7 @@ def open_model_run(checkpoint: Path, candidates_path: Path, parts_dir: Path, vie
     if batch_size < 1 or readers < 0:
         raise UserError(f"--batch-size must be >= 1 and --readers >= 0, got {batch_size}, {readers}")
     torch_device = head.resolve_device(device)
-    model, meta = head.load_classifier(checkpoint, device=torch_device)
+    model, meta = head.load_classifier(checkpoint, device=torch_device, compile=compile)
     views = head.check_views(views or meta.get("views", 1))
     precision = head.resolve_precision(precision, torch_device)
     stat = checkpoint.stat()
@@ -236,7 +236,7 @@ def _write_scored(out_dir: Path, candidates: PointTable, scores: np.ndarray, ann
 
 def evaluate_model(checkpoint: Path, data_dir: Path, subsets: list[int], out_dir: Path, *, readers: int = 2,
                    device: str = "auto", console=None, work_dir: Optional[Path] = None,
-                   strict_cutoff: bool = True, **settings: Any) -> dict:
+                   strict_cutoff: bool = True, compile: bool = False, **settings: Any) -> dict:
     """Score every candidate of the given LUNA16 subsets with a checkpoint, then evaluate.
 
     ``settings``: the options of ``options.stage_names("evaluate")`` (views, batch size, precision, cutoff,
@@ -258,15 +258,15 @@ def evaluate_model(checkpoint: Path, data_dir: Path, subsets: list[int], out_dir
     before any work when ``strict_cutoff``, else left without ``at_cutoff``). ``calibration``
     (:func:`calibration_metrics`) and ``calibration.png`` judge the probabilities calibrated to the
     checkpoint's candidate prior on every scored candidate; the FROC ranks the raw ones (the same order).
-    Returns the metrics dict.
+    ``compile``: the encoder through torch.compile (``head.compile_encoder``). Returns the metrics dict.
     """
     chosen = {**options_mod.defaults("evaluate"), **options_mod.given("evaluate", settings)}
     return _evaluate_model(Path(checkpoint), Path(data_dir), subsets, Path(out_dir), readers, device, console,
-                           work_dir, strict_cutoff, **chosen)
+                           work_dir, strict_cutoff, compile, **chosen)
 
 
 def _evaluate_model(checkpoint: Path, data_dir: Path, subsets: list[int], out_dir: Path, readers: int,
-                    device: str, console, work_dir: Optional[Path], strict_cutoff: bool, *,
+                    device: str, console, work_dir: Optional[Path], strict_cutoff: bool, compile: bool, *,
                     views: Optional[int], batch_size: int, precision: str, cutoff: Optional[float],
                     candidates: Optional[str], bootstrap: int, bootstrap_seed: int,
                     allow_missing: bool) -> dict:
@@ -275,7 +275,7 @@ def _evaluate_model(checkpoint: Path, data_dir: Path, subsets: list[int], out_di
     scans = check.found
     candidates_path = Path(candidates) if candidates else data.candidates_file(data_dir)
     run, meta = open_model_run(checkpoint, candidates_path, out_dir / "parts", views, batch_size, readers,
-                               device, precision)
+                               device, precision, compile)
     operating = calibration.resolve_cutoff(meta, run.views, cutoff, strict_cutoff, name=str(checkpoint))
     candidates, problems = data.read_point_csv(candidates_path, "class", strict=False)
     candidates = candidates.take(np.flatnonzero(np.isin(candidates.seriesuid, list(scans))))

@@ -609,7 +609,8 @@ def _prepare_feature_encoder(work_dir: Path, identity: Dict[str, Any], tag: str,
 
 
 def cache_features(work_dir: Path, *, device: str = "auto", workers: Optional[int] = None,
-                   chunk_rows: int = 2048, quiet: bool = False, **settings: Any) -> str:
+                   chunk_rows: int = 2048, quiet: bool = False, compile: bool = False,
+                   **settings: Any) -> str:
     """Run the frozen encoder over the patch cache; store float16 features ``(N, F)`` per subset.
 
     ``settings``: the options of ``options.stage_names("features")`` (weights, encoder and pooling, HU window,
@@ -620,14 +621,17 @@ def cache_features(work_dir: Path, *, device: str = "auto", workers: Optional[in
     Output beside each subset's index: ``features_<tag>.npy`` (row i = patch i of patches.npy) and
     ``features_<tag>.json``; ``W/features/<tag>.json`` says what made the set (the tag is its name for
     ``train-head --features``). Work is saved in chunks of ``chunk_rows`` patches: an interrupted run
-    resumes where it stopped; a finished subset is skipped. Returns the tag.
+    resumes where it stopped; a finished subset is skipped. ``compile``: the encoder through torch.compile
+    (``head.compile_encoder``; like ``device``, not part of what the features are). Returns the tag.
     """
     chosen_settings = {**options_mod.defaults("features"), **options_mod.given("features", settings)}
     options_mod.check("features", chosen_settings)
-    return _cache_features(work_dir, device, workers, max(1, int(chunk_rows)), quiet, **chosen_settings)
+    return _cache_features(work_dir, device, workers, max(1, int(chunk_rows)), quiet, compile,
+                           **chosen_settings)
 
 
-def _cache_features(work_dir: Path, device: str, workers: Optional[int], chunk_rows: int, quiet: bool, *,
+def _cache_features(work_dir: Path, device: str, workers: Optional[int], chunk_rows: int, quiet: bool,
+                    compile: bool, *,
                     weights, feature_size: int, window_size: int, pooling: str, hu_min: float, hu_max: float,
                     init_seed: int, subsets, test_subsets: Sequence[int], batch_size: int, precision: str,
                     views: int) -> str:
@@ -650,6 +654,7 @@ def _cache_features(work_dir: Path, device: str, workers: Optional[int], chunk_r
     tag = feature_tag(identity)
     encoder = _prepare_feature_encoder(work_dir, identity, tag, weights, init_seed).to(torch_device).eval()
     extractor = head_mod.Classifier(encoder, nn.Identity(), pooling, identity["encoder"]["input_layout"])
+    head_mod.compile_encoder(extractor, compile)
     workers = ((min(4, os.cpu_count() or 1) if torch_device.type == "cuda" else 0) if workers is None
                else workers)
     todo = {k: c for k, c in caches.items() if not features_complete(work_dir, k, tag, len(c))}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -145,13 +146,15 @@ class Classifier(nn.Module):
         self.head = head
         self.pooling = pooling
         self.input_layout = check_layout(input_layout)
+        self.compiled_encoder: Optional[CompiledOrEager] = None   # compile_encoder; not part of the weights
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 1, P, P, P)`` unit-scaled patches ``[z, y, x]`` -> ``(B, F)`` features."""
         x = to_encoder_layout(x, self.input_layout)
+        encode = self.compiled_encoder or self.encoder
         if self.pooling == "centre":
-            return torch.cat([centre_mean(stage) for stage in self.encoder(x)], dim=1)
-        last = self.encoder(x)[-1]
+            return torch.cat([centre_mean(stage) for stage in encode(x)], dim=1)
+        last = encode(x)[-1]
         if self.pooling == "avg":
             return last.mean(dim=(2, 3, 4))
         return last.flatten(1)
@@ -173,6 +176,36 @@ class Classifier(nn.Module):
     @property
     def has_size(self) -> bool:
         return self.head.has_size
+
+
+class CompiledOrEager:
+    """Calls ``torch.compile(module)``; where compiling fails (no working compiler for this torch build or
+    device), warns once and calls the module itself from then on. Not an ``nn.Module``, so the state dict and
+    the checkpoints stay those of the module."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.compiled: Optional[Callable] = torch.compile(module)
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as err:  # the compiler's errors have no common type
+                if out_of_memory(err):
+                    raise
+                self.compiled = None
+                first_line = (str(err).strip().splitlines() or [""])[0][:300]
+                warnings.warn(f"--compile: torch.compile failed here ({type(err).__name__}: {first_line}); "
+                              f"running without it", RuntimeWarning, stacklevel=2)
+        return self.module(*args, **kwargs)
+
+
+def compile_encoder(model: Classifier, enabled: bool = True) -> Classifier:
+    """With ``enabled`` (``--compile``), ``model``'s encoder runs through :class:`CompiledOrEager`: the first
+    batches of each shape are slow while it compiles, and where compiling fails the model runs as before."""
+    model.compiled_encoder = CompiledOrEager(model.encoder) if enabled else None
+    return model
 
 
 def centre_mean(stage: torch.Tensor) -> torch.Tensor:
@@ -285,8 +318,10 @@ def read_checkpoint(path: Path) -> Dict[str, Any]:
     return payload
 
 
-def load_classifier(path: Path, device: str = "cpu") -> Tuple[Classifier, Dict[str, Any]]:
-    """Checkpoint -> (classifier in eval mode on ``device``, meta).
+def load_classifier(path: Path, device: str = "cpu",
+                    compile: bool = False) -> Tuple[Classifier, Dict[str, Any]]:
+    """Checkpoint -> (classifier in eval mode on ``device``, its encoder compiled with ``compile``
+    (:func:`compile_encoder`), meta).
 
     meta: ``config`` (model config), ``preprocess`` {patch_size, spacing_mm, hu_min, hu_max}, ``epoch``, plus
     when present ``metrics``, ``kind``, ``views``, ``operating_point`` (validated cutoffs, raw logits per
@@ -299,7 +334,7 @@ def load_classifier(path: Path, device: str = "cpu") -> Tuple[Classifier, Dict[s
         model.load_state_dict(strip_module_prefix(payload["model"]))
     except (RuntimeError, ValueError, TypeError, KeyError) as err:
         raise UserError(f"{path}: weights do not fit the model config stored with them ({err})") from None
-    model.to(device).eval()
+    compile_encoder(model.to(device).eval(), compile)
     meta = {key: payload[key] for key in ("config", "preprocess", "cutoff", "epoch", "metrics", "kind", "run",
                                           "views", "operating_point", "calibration") if key in payload}
     return model, meta

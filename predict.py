@@ -103,13 +103,14 @@ def _point_warning(inside: bool, hu: float) -> str:
     return ""
 
 
-def load_models(checkpoints, device) -> list[tuple]:
-    """``[(path, model, meta)]`` of one checkpoint or a list; all must share the patch geometry (patch_size,
-    spacing_mm), which UserError names otherwise."""
+def load_models(checkpoints, device, compile: bool = False) -> list[tuple]:
+    """``[(path, model, meta)]`` of one checkpoint or a list, encoders compiled with ``compile``
+    (``head.compile_encoder``); all must share the patch geometry (patch_size, spacing_mm), which UserError
+    names otherwise."""
     paths = [Path(checkpoints)] if isinstance(checkpoints, (str, Path)) else [Path(c) for c in checkpoints]
     if not paths:
         raise UserError("give at least one --model")
-    models = [(path, *head.load_classifier(path, device=device)) for path in paths]
+    models = [(path, *head.load_classifier(path, device=device, compile=compile)) for path in paths]
     first, _, first_meta = models[0]
     a = first_meta["preprocess"]
     for path, _, meta in models[1:]:
@@ -143,12 +144,13 @@ def read_ensemble(folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _ensemble_set(folder: Path, device, views: Optional[int], cutoff: Optional[float]) -> ModelSet:
+def _ensemble_set(folder: Path, device, views: Optional[int], cutoff: Optional[float],
+                  compile: bool = False) -> ModelSet:
     """The folds of a crossval folder (``W/crossval/NAME``; their runs ``W/runs/<run>``) at its operating
     point, or at ``cutoff``; another number of views than the operating point's needs ``cutoff``."""
     point, name = read_ensemble(folder), Path(folder).name
     runs = Path(folder).parent.parent / "runs"
-    models = load_models([runs / run / "best.pt" for run in point["runs"]], device)
+    models = load_models([runs / run / "best.pt" for run in point["runs"]], device, compile)
     used = views or point["views"]
     if used is None or (cutoff is None and point["cutoff_logit"] is None):
         raise UserError(f"--ensemble {name}: its operating point has no single cutoff (no nodule with a "
@@ -166,7 +168,7 @@ def _ensemble_set(folder: Path, device, views: Optional[int], cutoff: Optional[f
 
 
 def resolve_models(checkpoint, device, views: Optional[int] = None, cutoff: Optional[float] = None,
-                   ensemble: Optional[Path] = None) -> ModelSet:
+                   ensemble: Optional[Path] = None, compile: bool = False) -> ModelSet:
     """The models and the cutoff of a prediction: a crossval folder's folds and operating point
     (``ensemble``), else one checkpoint or a list (each with ``views`` or its own, and its validated cutoff
     for them: a number of views without one is refused). ``cutoff`` (a raw logit) replaces the validated one.
@@ -175,8 +177,8 @@ def resolve_models(checkpoint, device, views: Optional[int] = None, cutoff: Opti
     if ensemble is not None:
         if checkpoint:
             raise UserError("give either --ensemble NAME or --model, not both")
-        return _ensemble_set(ensemble, device, views, cutoff)
-    models = load_models(checkpoint, device)
+        return _ensemble_set(ensemble, device, views, cutoff, compile)
+    models = load_models(checkpoint, device, compile)
     used = [head.check_views(views or meta.get("views", 1)) for _, _, meta in models]
     cutoffs = [calibration.resolve_cutoff(meta, v, cutoff, name=str(path))
                for (path, _, meta), v in zip(models, used)]
@@ -496,7 +498,7 @@ def _apart(rows, kept: list, unknown_diameter_mm: float = 5.0) -> list:
 
 def predict_scan(checkpoint, scan_path, coords: Sequence[str] = (), points=None, out=None, *,
                  device: str = "auto", ensemble: Optional[Path] = None, report: Optional[Path] = None,
-                 **settings: Any) -> list[dict]:
+                 compile: bool = False, **settings: Any) -> list[dict]:
     """Points from ``--coord X,Y,Z`` strings or a points CSV (``--points``) -> :func:`predict_points` (one
     checkpoint or a list, averaged, or a crossval ``ensemble``; ``cutoff`` a raw logit; ``guideline``,
     ``nodule_type`` and ``risk`` for the follow-up category), written to ``out``. With neither,
@@ -505,18 +507,21 @@ def predict_scan(checkpoint, scan_path, coords: Sequence[str] = (), points=None,
     categories for that number of nodules. ``settings``: the options of ``options.stage_names("predict")``
     (batch size, views, precision, cutoff, max_per_scan, guideline, nodule_type, risk); those left out take
     their defaults there. ``report``: also write the findings page and viewer files into this folder
-    (findings.py), with the candidates just below the cutoff."""
+    (findings.py), with the candidates just below the cutoff. ``compile``: the encoders through torch.compile
+    (``head.compile_encoder``)."""
     chosen = {**options_mod.defaults("predict"), **options_mod.given("predict", settings)}
-    return _predict_scan(checkpoint, scan_path, coords, points, out, device, ensemble, report, **chosen)
+    return _predict_scan(checkpoint, scan_path, coords, points, out, device, ensemble, report, compile,
+                         **chosen)
 
 
 def _predict_scan(checkpoint, scan_path, coords: Sequence[str], points, out, device: str,
-                  ensemble: Optional[Path], report: Optional[Path], *, batch_size: int,
+                  ensemble: Optional[Path], report: Optional[Path], compile: bool, *, batch_size: int,
                   views: Optional[int], precision: str, guideline: str, nodule_type: str, risk: str,
                   max_per_scan: int, cutoff: Optional[float], screen: bool) -> list[dict]:
     if coords and points is not None:
         raise UserError("give either --coord X,Y,Z (one or more) or --points FILE.csv, not both")
-    chosen = resolve_models(checkpoint, head.resolve_device(device), views, cutoff, ensemble)
+    chosen = checkpoint if isinstance(checkpoint, ModelSet) else \
+        resolve_models(checkpoint, head.resolve_device(device), views, cutoff, ensemble, compile)
     if coords:
         world_xyz = np.array([parse_coordinate(c) for c in coords])
     elif points is not None:
@@ -546,7 +551,7 @@ def _predict_scan(checkpoint, scan_path, coords: Sequence[str], points, out, dev
 
 def predict_scans(checkpoint, scan_paths: Sequence, out=None, *, device: str = "auto",
                   ensemble: Optional[Path] = None, report: Optional[Path] = None, console=None,
-                  **settings: Any) -> Tuple[list, dict]:
+                  compile: bool = False, **settings: Any) -> Tuple[list, dict]:
     """Detection mode over several scans (``data.find_scans``: files, DICOM series folders, folders of
     scans): each scan's findings as :func:`predict_scan` gives them, its ``scan`` column naming it, all in one
     CSV at ``out`` and, with ``report``, one page per scan and ``report/index.html``. Each finished scan is
@@ -560,8 +565,11 @@ def predict_scans(checkpoint, scan_paths: Sequence, out=None, *, device: str = "
     done = parts.done() if parts is not None else set()
     todo = [path for path in paths if names[path] not in done]
 
+    models = todo and resolve_models(checkpoint, head.resolve_device(device), chosen["views"],
+                                     chosen["cutoff"], ensemble, compile)   # loaded (and compiled) once
+
     def predicted(path: Path):
-        return _predict_scan(checkpoint, path, (), None, None, device, ensemble, report, **chosen)
+        return _predict_scan(models, path, (), None, None, device, ensemble, report, compile, **chosen)
 
     def keep(name: str, rows: list) -> None:
         if parts is not None:

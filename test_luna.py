@@ -1035,6 +1035,37 @@ def test_predict_cli_reads_a_candidates_file_and_rejects_bad_points(eval_phantom
     assert result.exit_code == 1 and "bad.csv line 3" in str(_user_error(result)), _why(result)
 
 
+def test_compile_that_fails_falls_back_with_one_warning(eval_phantom, tmp_path, monkeypatch):
+    import warnings
+    import torch
+    from typer.testing import CliRunner
+    import head
+    import luna_cli
+
+    def no_compiler(module):
+        def compiled(*args, **kwargs):
+            raise RuntimeError("no working C compiler")
+        return compiled
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    checkpoint = _tiny_checkpoint(tmp_path / "tiny.pt")
+    eager, _ = head.load_classifier(checkpoint)
+    model, _ = head.load_classifier(checkpoint, compile=True)
+    x = torch.rand(2, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="--compile: torch.compile failed"):
+        first = model(x)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")       # once only
+        assert torch.equal(model(x), first) and torch.equal(eager(x), first)
+    assert model.state_dict().keys() == eager.state_dict().keys()
+    mhd = sorted((eval_phantom / "subset1").glob("*.mhd"))[0]
+    out = tmp_path / "compiled.csv"
+    with pytest.warns(RuntimeWarning, match="--compile"):
+        result = CliRunner().invoke(luna_cli.app, ["predict", "--model", str(checkpoint), "--scan", str(mhd),
+                                                   "--device", "cpu", "--compile", "--coord", "0,0,0",
+                                                   "--out", str(out)])
+    assert result.exception is None and result.exit_code == 0 and len(out.read_text().splitlines()) == 2
+
+
 REAL_CT = SHARED_DATA / "real_ct" / "LIDC-IDRI-0001"
 
 
@@ -1674,15 +1705,15 @@ def test_every_option_is_defined_once_and_maps_to_the_command_line(tmp_path):
     import train
     commands = typer.main.get_command(luna_cli.app).commands
     own = {"train-head": {"work_dir", "run", "resume", "stop_after", "device"},
-           "finetune": {"work_dir", "run", "resume", "stop_after", "device", "workers"},
+           "finetune": {"work_dir", "run", "resume", "stop_after", "device", "workers", "compile"},
            "crossval": {"folds", "name", "stage", "val_offset", "mine_rounds", "max_per_scan", "views",
                         "precision", "device", "workers", "readers", "bootstrap", "json_out", "data_dir",
                         "work_dir"}}
-    own.update({"cache-features": {"work_dir", "device", "workers"},
+    own.update({"cache-features": {"work_dir", "device", "workers", "compile"},
                 "evaluate": {"submission", "model", "subsets", "annotations", "excluded", "seriesuids",
-                             "json_out", "out", "readers", "device", "data_dir", "work_dir"},
+                             "json_out", "out", "readers", "device", "compile", "data_dir", "work_dir"},
                 "predict": {"scan", "model", "ensemble", "coord", "points", "out", "report", "device",
-                            "work_dir"},
+                            "compile", "work_dir"},
                 "extract": {"subsets", "data_dir", "work_dir", "hard_negatives", "readers", "device"},
                 "detect": {"out", "subsets", "scan", "data_dir"}})
     for command, stage, defaults in (("train-head", "head", train.HEAD_DEFAULTS),

@@ -503,7 +503,8 @@ def _optimiser(fit: Fit):
     """AdamW, its warm-up + cosine schedule per optimiser step, and the fp16 loss scaler."""
     opts = fit.options
     params = [p for p in fit.module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=opts["lr"], weight_decay=opts["weight_decay"])
+    optimizer = torch.optim.AdamW(params, lr=opts["lr"], weight_decay=opts["weight_decay"],
+                                  fused=fit.device.type == "cuda")
     steps_per_epoch = int(math.ceil(fit.n_train_batches / opts["accumulate"]))
     total_steps = steps_per_epoch * opts["epochs"]
     warmup_steps = max(1, min(int(round(opts["warmup_epochs"] * steps_per_epoch)), total_steps))
@@ -857,7 +858,7 @@ def _load_features(work_dir: Path, caches: Dict[int, SubsetCache], rows_by_subse
 
 def finetune(work_dir: Path, *, run: Optional[str] = None, resume: bool = False, device: str = "auto",
              workers: Optional[int] = None, stop_after: Optional[int] = None, quiet: bool = False,
-             **settings: Any) -> Path:
+             compile: bool = False, **settings: Any) -> Path:
     """Train encoder + head end to end on the patch cache; returns the run folder.
 
     ``settings``: the options of ``options.stage_names("finetune")``; those left out (or None) take
@@ -869,11 +870,14 @@ def finetune(work_dir: Path, *, run: Optional[str] = None, resume: bool = False,
     accumulation x processes (torchrun: DistributedDataParallel, rank 0 writes files). ``stop_after`` ends
     this call after that many epochs (``resume`` continues the same run exactly). Validation scores each patch
     as the average of its first ``views`` flips, and the checkpoint records that for evaluate and predict.
+    ``compile``: the encoder through torch.compile (``head.compile_encoder``); like ``device``, it may change
+    on ``resume``.
     """
     given = options_mod.given("finetune", settings)
     job, torch_device = start_processes(device)
     try:
-        run_dir = _finetune(work_dir, given, run, resume, job, torch_device, workers, stop_after, quiet)
+        run_dir = _finetune(work_dir, given, run, resume, job, torch_device, workers, stop_after, quiet,
+                            compile)
     except BaseException:
         stop_processes(job, together=False)  # a failed rank must not wait for the others
         raise
@@ -883,7 +887,7 @@ def finetune(work_dir: Path, *, run: Optional[str] = None, resume: bool = False,
 
 def _finetune(work_dir: Path, given: Dict[str, Any], run: Optional[str], resume: bool, job: Dist,
               torch_device: torch.device, workers: Optional[int], stop_after: Optional[int],
-              quiet: bool) -> Path:
+              quiet: bool, compile: bool) -> Path:
     run_dir, options, resume_payload = _open_run(work_dir, "finetune", FINETUNE_DEFAULTS, given, run, resume,
                                                  job)
     precision = head_mod.resolve_precision(options["precision"], torch_device)
@@ -895,7 +899,7 @@ def _finetune(work_dir: Path, given: Dict[str, Any], run: Optional[str], resume:
     classifier, config, sources = _finetune_model(work_dir, options, resume_payload, run_dir, patch_size,
                                                   spacing_mm, job, sized)
     seed_everything(options["seed"], job.rank)
-    classifier.to(torch_device)
+    head_mod.compile_encoder(classifier.to(torch_device), compile)
     module: nn.Module = classifier
     if job.world > 1:
         module = nn.parallel.DistributedDataParallel(
