@@ -25,7 +25,9 @@ one that applies, or refuses a number of views without one.
 Screening. For each stored number of views above one, validation also stores a screening cutoff, a one-view
 logit (:func:`screening_cutoffs`): the lowest one-view score of a validation candidate whose score at those
 views reaches their cutoff. ``predict --scan`` without points scores every detected candidate at one view and
-the full views only where that score reaches the screening cutoff.
+the full views only where that score reaches the screening cutoff less :data:`SCREEN_MARGIN` (2 logits: on
+a real chest CT, a phantom-trained model put one candidate above the 8-view cutoff whose one-view score was
+1.1 logits below the validated screening cutoff).
 """
 from __future__ import annotations
 
@@ -40,6 +42,9 @@ import numpy as np
 from common import UserError
 
 STORED_VIEWS = (1, 2, 4, 8)   # view counts whose cutoff validation stores (besides the run's own)
+# Logits below the validated screening cutoff at which predict screens (odds / 7.4): on new scans the one-view
+# and full-view scores of a candidate differ more than on validation ones.
+SCREEN_MARGIN = 2.0
 ECE_BINS = 10
 
 
@@ -175,12 +180,12 @@ def screening_cutoffs(view_logits: Dict[int, np.ndarray], cutoffs: Dict[int, Opt
 
 
 def stored_screen(meta: dict, views: int) -> Optional[float]:
-    """The one-view logit a checkpoint's validation chose to screen candidates for ``views`` views
-    (:func:`screening_cutoffs`); None for one view, for checkpoints made before screening cutoffs, and where
-    validation put no candidate above the cutoff."""
+    """The one-view logit at which to screen candidates for ``views`` views: the one a checkpoint's validation
+    chose (:func:`screening_cutoffs`) less :data:`SCREEN_MARGIN`; None for one view, for checkpoints made
+    before screening cutoffs, and where validation put no candidate above the cutoff."""
     point = meta.get("operating_point") or {}
     screen = (point.get("screen_logits") or {}).get(str(views))
-    return None if views == 1 or screen is None else float(screen)
+    return None if views == 1 or screen is None else float(screen) - SCREEN_MARGIN
 
 
 @dataclass

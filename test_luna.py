@@ -1547,7 +1547,8 @@ def test_the_screening_cutoff_keeps_every_validation_candidate_the_full_views_pu
     assert calibration.screening_cutoffs({2: full}, {2: 0.9}) == {}
     assert calibration.screening_cutoffs({1: one, 2: full}, {2: 9.0}) == {"2": None}
     meta = {"operating_point": {"cutoff_logits": {"1": 0.0, "2": 0.9}, "screen_logits": screens}}
-    assert calibration.stored_screen(meta, 2) == -1.0 and calibration.stored_screen(meta, 1) is None
+    assert calibration.stored_screen(meta, 2) == -1.0 - calibration.SCREEN_MARGIN
+    assert calibration.stored_screen(meta, 1) is None
     assert calibration.stored_screen({"cutoff": 0.5}, 2) is None
 
 
@@ -3487,7 +3488,10 @@ def test_predict_scan_screens_at_one_view_and_finds_what_all_views_find(phantom_
     logits = {v: np.array([r["logit"] for r in predict.predict_points(plain, scan, points, device="cpu",
                                                                      views=v, cutoff=0.0)]) for v in (1, 2)}
     cutoff = float(np.sort(logits[2])[-7:-5].mean())          # six candidates above it at two views
-    screens = calibration.screening_cutoffs(logits, {2: cutoff})
+    lowest = calibration.screening_cutoffs(logits, {2: cutoff})["2"]
+    below = logits[1][logits[1] < lowest]   # stored so that, less the margin, it screens between two scores
+    between = float((lowest + below.max()) / 2 if len(below) else lowest - 1)
+    screens = {"2": between + calibration.SCREEN_MARGIN}
     checkpoint = _tiny_checkpoint(tmp_path / "screened.pt", views=2, operating_point={
         "cutoff_logits": {"1": float(np.median(logits[1])), "2": cutoff}, "screen_logits": screens,
         "target_sensitivity": 0.9, "basis": "nodule"})
@@ -3497,7 +3501,7 @@ def test_predict_scan_screens_at_one_view_and_finds_what_all_views_find(phantom_
     screened = predict.predict_scan(checkpoint, mhd, device="cpu", max_per_scan=40)
     calls, scored[:] = list(scored), []
     every = predict.predict_scan(checkpoint, mhd, device="cpu", max_per_scan=40, screen=False)
-    assert scored == [(40, 2)] and calls[0] == (40, 1) and calls[1][1] == 2 and 6 <= calls[1][0] < 40
+    assert scored == [(40, 2)] and calls[0] == (40, 1) and calls[1][1] == 2 and 6 <= calls[1][0] < 40, calls
     assert len(screened) == len(every) >= 1
     for a, b in zip(screened, every):
         assert a.keys() == b.keys() and a["follow_up"] and a["category"] == b["category"]
