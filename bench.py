@@ -11,6 +11,9 @@ import platform
 import statistics
 import time
 
+from pathlib import Path
+from typing import Optional
+
 import numpy as np
 import typer
 from rich.console import Console
@@ -372,6 +375,26 @@ def bench_encoder(size: int = 64, feature_size: int = 48, batch: int = 2, window
         console.print(f"speed-up: inference {ref_infer / our_infer:.2f}x, "
                       f"train step {ref_train / our_train:.2f}x; max relative output difference {error:.2e}")
     console.print(f"medians of {repeats} runs; machine: {machine_description()}")
+
+@bench_app.command("gpu")
+def bench_gpu(device: str = "cuda", size: int = 64, feature_size: int = 48, window: int = 7,
+              batches: str = "32,64,128,256", paths: str = "eager,compiled", precision: str = "bf16",
+              repeats: int = 5, scans: int = 100, distinct_scans: int = 4, per_scan: int = 850,
+              scan_shape: str = "300,512,512", readers: int = 8, budget_s: float = 330.0,
+              out: Optional[Path] = None):
+    """The GPU benchmark (bench_gpu.py): for each path (eager; compiled, as --compile) and batch, training
+    and inference samples/s, peak memory and MFU; equality with MONAI's outputs and compiled against eager;
+    device time by kernel category; the evaluate pipeline's candidates/s over LUNA16-sized phantom scans.
+    Keeps within --budget-s. On the CPU with small sizes it checks that everything runs."""
+    import bench_gpu
+    chosen = tuple(p.strip() for p in paths.split(","))
+    if not set(chosen) <= set(bench_gpu.PATHS):
+        raise typer.BadParameter(f"--paths: choose from {', '.join(bench_gpu.PATHS)}")
+    bench_gpu.run(device, size, feature_size, window, tuple(int(b) for b in batches.split(",")), chosen,
+                  precision, repeats, scans, distinct_scans, per_scan,
+                  tuple(int(n) for n in scan_shape.split(",")), readers, budget_s, out, console)
+    console.print(f"machine: {machine_description()}")
+
 
 def _train_step_speed(patch_size: int, feature_size: int, window_size: int, batch_size: int, device: str,
                       precision: str, repeats: int) -> dict:

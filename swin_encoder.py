@@ -503,6 +503,22 @@ class SwinEncoder(nn.Module):
         return outputs
 
 
+def attention_flops(encoder: SwinEncoder, spatial: Sequence[int]) -> int:
+    """FLOPs of the window attention of one input of spatial size ``(D, H, W)``: the scores and the weighted
+    sum, ``4 * windows * N**2 * C`` per block (N tokens a window, C channels over all heads), padding tokens
+    included as they are computed. FLOP counters that do not see the fused attention kernels (torch's, on the
+    CPU) leave this out."""
+    size = tuple(int(n) // encoder.patch_size for n in spatial)
+    total = 0
+    for i in range(NUM_STAGES):
+        dim = encoder.feature_size * 2 ** i
+        for block in getattr(encoder, f"layers{i + 1}")[0].blocks:
+            geometry = build_geometry(size, encoder.window_size, block.shifted)
+            total += 4 * math.prod(geometry.counts) * geometry.tokens_per_window ** 2 * dim
+        size = tuple(-(-n // 2) for n in size)
+    return total
+
+
 def _normalised(tokens: torch.Tensor) -> torch.Tensor:
     """Layer norm over channels (no affine) of ``(B, d, h, w, C)``, returned as a ``(B, C, d, h, w)`` view."""
     return F.layer_norm(tokens, tokens.shape[-1:]).permute(0, 4, 1, 2, 3)
