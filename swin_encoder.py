@@ -224,12 +224,18 @@ def _aligned_mask(mask: torch.Tensor) -> torch.Tensor:
     return F.pad(mask, (0, extra))[..., :mask.shape[-1]]
 
 
+# Bytes of one (windows, heads, N, N) float32 block of probabilities that the attention backward works on at
+# a time: a few windows, not all of a batch's (hundreds of MB at 64^3), so that its passes stay in cache.
+BACKWARD_BLOCK_BYTES = 2 ** 23
+
+
 class _AttentionWithBiasGrad(torch.autograd.Function):
     """Fused attention forward with a hand-written backward that also returns the mask gradient.
 
     On the CPU, ``scaled_dot_product_attention`` falls back to its unfused path whenever the additive
     mask needs a gradient (the learned relative position bias in training). Here the forward stays
-    fused and the backward recomputes the probabilities once.
+    fused and the backward recomputes the probabilities, a few windows at a time
+    (:data:`BACKWARD_BLOCK_BYTES`).
     """
 
     @staticmethod
@@ -243,16 +249,29 @@ class _AttentionWithBiasGrad(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, mask, out = ctx.saved_tensors
         scale = q.shape[-1] ** -0.5
-        probs = torch.softmax(torch.matmul(q, k.transpose(-2, -1)).mul_(scale).add_(mask), dim=-1)
-        grad_v = torch.matmul(probs.transpose(-2, -1), grad_out)
-        grad_probs = torch.matmul(grad_out, v.transpose(-2, -1))
-        delta = (grad_out * out).sum(dim=-1, keepdim=True)
-        grad_scores = probs.mul_(grad_probs.sub_(delta))  # softmax backward, in place
+        shared = mask.shape[0] == 1
+        grad_q, grad_k, grad_v = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
         grad_mask = None
         if ctx.needs_input_grad[3]:
-            grad_mask = grad_scores.sum(dim=0, keepdim=True) if mask.shape[0] == 1 else grad_scores
-        grad_q = torch.matmul(grad_scores, k).mul_(scale)
-        grad_k = torch.matmul(grad_scores.transpose(-2, -1), q).mul_(scale)
+            grad_mask = torch.zeros_like(mask, dtype=torch.float32) if shared else torch.empty_like(mask)
+        step = max(1, BACKWARD_BLOCK_BYTES // (4 * math.prod(q.shape[1:3]) * k.shape[2]))
+        for start in range(0, q.shape[0], step):
+            rows = slice(start, start + step)
+            qs, ks, vs, gs = q[rows], k[rows], v[rows], grad_out[rows]
+            scores = torch.matmul(qs, ks.transpose(-2, -1)).mul_(scale).add_(mask if shared else mask[rows])
+            probs = torch.softmax(scores, dim=-1)
+            grad_v[rows] = torch.matmul(probs.transpose(-2, -1), gs)
+            delta = (gs * out[rows]).sum(dim=-1, keepdim=True)
+            grad_scores = probs.mul_(torch.matmul(gs, vs.transpose(-2, -1)).sub_(delta))  # softmax backward
+            if grad_mask is not None:
+                if shared:
+                    grad_mask += grad_scores.sum(dim=0, keepdim=True)
+                else:
+                    grad_mask[rows] = grad_scores
+            torch.matmul(grad_scores, ks, out=grad_q[rows]).mul_(scale)
+            torch.matmul(grad_scores.transpose(-2, -1), qs, out=grad_k[rows]).mul_(scale)
+        if grad_mask is not None:
+            grad_mask = grad_mask.to(mask.dtype)
         return grad_q, grad_k, grad_v, grad_mask
 
 

@@ -2113,6 +2113,24 @@ def test_swin_encoder_trains_on_cpu_with_checkpointing_and_caches_only_in_eval()
     assert all(torch.isfinite(o.float()).all() for o in low) and low[4].shape == (1, 192, 1, 1, 1)
 
 
+def test_the_attention_backward_in_blocks_of_windows_equals_autograd(monkeypatch):
+    import torch
+    import swin_encoder
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(10, 3, 27, 8, generator=generator, requires_grad=True) for _ in range(3))
+    mask = (torch.randn(1, 3, 27, 27, generator=generator) * 2).requires_grad_()
+    grad = torch.randn(10, 3, 27, 8, generator=generator)
+    expected = torch.softmax(q @ k.transpose(-2, -1) / 8 ** 0.5 + mask, dim=-1) @ v
+    wanted = torch.autograd.grad(expected, (q, k, v, mask), grad)
+    for block_bytes in (1, 4 * 3 * 27 * 27 * 4, 2 ** 30):   # one window a block, four, all of them
+        monkeypatch.setattr(swin_encoder, "BACKWARD_BLOCK_BYTES", block_bytes)
+        out = swin_encoder.window_attention(q, k, v, mask)
+        got = torch.autograd.grad(out, (q, k, v, mask), grad)
+        assert torch.allclose(out, expected, atol=1e-5)
+        for a, b in zip(got, wanted):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), block_bytes
+
+
 def test_centre_pooling_reads_the_middle_of_every_stage():
     import torch
     import head
