@@ -375,8 +375,9 @@ class WindowAttention(nn.Module):
             attended = window_attention(q, k, v, masks)
         else:
             sizes = [rows.stop - rows.start for rows, _, _ in geometry.boxes(batch)]
-            attended = torch.cat([window_attention(*qkv_box, masks[g:g + 1]) for g, qkv_box in
-                                  enumerate(zip(q.split(sizes), k.split(sizes), v.split(sizes)))])
+            # unbind, not slices: in training, autograd zero-fills a full-size gradient for every slice
+            attended = torch.cat([window_attention(*qkv_box, mask.unsqueeze(0)) for mask, qkv_box in
+                                  zip(masks.unbind(0), zip(q.split(sizes), k.split(sizes), v.split(sizes)))])
         # out: (B, Dp, Hp, Wp, C)
         out = _WithAdjoint.apply(attended.unsqueeze(0), lambda t: merge_windows(t, geometry, batch),
                                  lambda grad: partition_windows(grad, geometry, 1, heads))
