@@ -98,12 +98,14 @@ def _one_thread(_worker_id: int) -> None:
     resample.set_extraction_threads(1)  # the reader processes already run side by side
 
 
-def stream_scan_patches(scans: list, patch_size: int, spacing_mm: float, readers: int, chunk: int = 256):
-    """Chunks of :class:`ScanPatchStream`, prefetched by ``readers`` processes (0: in this process)."""
+def stream_scan_patches(scans: list, patch_size: int, spacing_mm: float, readers: int, chunk: int = 256,
+                        pin: bool = False):
+    """Chunks of :class:`ScanPatchStream`, prefetched by ``readers`` processes (0: in this process); with
+    ``pin`` (a GPU will take them) in page-locked memory, so that their copies to it need not wait."""
     loader = torch.utils.data.DataLoader(
         ScanPatchStream(scans, patch_size, spacing_mm, chunk), batch_size=None,
         num_workers=readers, collate_fn=_as_is, worker_init_fn=_one_thread if readers else None,
-        prefetch_factor=2 if readers else None)
+        prefetch_factor=2 if readers else None, pin_memory=pin)
     return iter(loader)
 
 
@@ -156,7 +158,8 @@ def scored_chunks(run: ModelRun, todo: list, with_size: bool = False):
     cut around its world points (:func:`stream_scan_patches`), each chunk scored by ``run``'s model at its
     views and precision."""
     chunks = stream_scan_patches(todo, int(run.preprocess["patch_size"]), float(run.preprocess["spacing_mm"]),
-                                 run.readers, chunk=max(run.batch_size, 256)) if todo else []
+                                 run.readers, chunk=max(run.batch_size, 256),
+                                 pin=run.device.type == "cuda") if todo else []
     for uid, first, patches, error in chunks:
         if patches is None:
             yield uid, None, error

@@ -415,21 +415,22 @@ def view_outputs(model: Classifier, patches, preprocess: Dict[str, Any], device:
     at most. ``precision`` (resolved) applies to the encoder only: the head, its logits and size run in
     float32."""
     patches = torch.as_tensor(patches)
-    probability = np.empty((len(patches), views), np.float64)
     sized = with_size and model.has_size
-    log_size = np.empty((len(patches), views), np.float64) if sized else None
     device, chunk = torch.device(device), max(1, batch_size // views)
+    probabilities, log_sizes = [], []   # kept on the device, copied once: no wait for it after each batch
     with torch.inference_mode():
         for first in range(0, len(patches), chunk):
             hu = patches[first:first + chunk].to(device, non_blocking=True)
             x = hu_to_unit(hu, preprocess.get("hu_min", -1000.0), preprocess.get("hu_max", 1000.0))
             logits, size = _forward_in_batches(model, torch.cat(list(flipped_views(x, views))), batch_size,
                                                device, precision, sized)
-            probability[first:first + len(x)] = \
-                torch.sigmoid(logits.double()).reshape(views, -1).T.cpu().numpy()
+            probabilities.append(torch.sigmoid(logits.double()).reshape(views, -1).T)
             if sized:
-                log_size[first:first + len(x)] = size.double().reshape(views, -1).T.cpu().numpy()
-    return probability, log_size
+                log_sizes.append(size.double().reshape(views, -1).T)
+    if not probabilities:
+        return np.empty((0, views), np.float64), np.empty((0, views), np.float64) if sized else None
+    return (torch.cat(probabilities).cpu().numpy(),
+            torch.cat(log_sizes).cpu().numpy() if sized else None)
 
 
 def out_of_memory(err: BaseException) -> bool:
