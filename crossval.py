@@ -155,17 +155,18 @@ def _fold_done(fold_dir: Path, scans: Sequence[str]) -> Optional[Dict[str, Any]]
     return metrics
 
 
-def _train_fold(work_dir: Path, fold: Fold, run: str, stage: str, training: Dict[str, Any], device: str,
-                workers: Optional[int], quiet: bool) -> Path:
+def _train_fold(work_dir: Path, fold: Fold, run: str, stage: str, training: Dict[str, Any],
+                runtime: Dict[str, Any]) -> Path:
     """Train (or continue, or leave as it is when finished) the fold's run ``run``; returns its best.pt."""
     run_dir = train.runs_dir(work_dir) / run
     resume = (run_dir / "last.pt").is_file() and (run_dir / "config.json").is_file()
     options = dict(training, val_subsets=[fold.val], test_subsets=[fold.test])
     if stage == "head":
-        train.train_head(work_dir, run=run, resume=resume, device=device, quiet=quiet, **options)
+        train.train_head(work_dir, run=run, resume=resume, device=runtime["device"], quiet=runtime["quiet"],
+                         **options)
     else:
-        train.finetune(work_dir, run=run, resume=resume, device=device, workers=workers, quiet=quiet,
-                       **options)
+        train.finetune(work_dir, run=run, resume=resume, device=runtime["device"], workers=runtime["workers"],
+                       quiet=runtime["quiet"], compile=runtime["compile"], **options)
     best = run_dir / "best.pt"
     if not best.is_file():
         raise UserError(f"fold {fold.test}: run {run_dir} wrote no best.pt (no epoch had a validation AUC); "
@@ -188,19 +189,17 @@ def _run_fold(work_dir: Path, data_dir: Path, out_dir: Path, fold: Fold, scans: 
         training["head_from"] = str(fold_head(work_dir, training["head_from"], fold))
     if settings["stage"] == "finetune" and settings.get("views") is not None:
         training["views"] = settings["views"]
-    best = _train_fold(work_dir, fold, fold.run, settings["stage"], training, runtime["device"],
-                       runtime["workers"], runtime["quiet"])
+    best = _train_fold(work_dir, fold, fold.run, settings["stage"], training, runtime)
     for round_ in range(1, int(settings.get("mine_rounds", 0)) + 1):
         say(f"fold {fold.test}: mining round {round_} with {best.parent.name}")
         _mine_for_fold(work_dir, data_dir, fold, best, settings, runtime)
-        best = _train_fold(work_dir, fold, f"{fold.run}-mine{round_}", settings["stage"], training,
-                           runtime["device"], runtime["workers"], runtime["quiet"])
+        best = _train_fold(work_dir, fold, f"{fold.run}-mine{round_}", settings["stage"], training, runtime)
     # the batch of patches a forward pass is evaluate's own default (options.py)
     return evaluate.evaluate_model(best, data_dir, [fold.test], fold_dir, views=settings.get("views"),
                                    readers=runtime["readers"], device=runtime["device"],
                                    precision=runtime["precision"] or "auto",
                                    bootstrap=runtime["bootstrap"], console=console, work_dir=work_dir,
-                                   strict_cutoff=False)
+                                   strict_cutoff=False, compile=runtime["compile"])
 
 
 def fold_head(work_dir: Path, head_cv: str, fold: Fold) -> Path:
@@ -229,13 +228,13 @@ def _mine_for_fold(work_dir: Path, data_dir: Path, fold: Fold, best: Path, setti
                                      max_per_scan=int(settings["max_per_scan"]),
                                      readers=runtime["readers"], device=runtime["device"],
                                      precision=runtime["precision"] or "auto", views=settings.get("views"),
-                                     for_fold=fold.test)
+                                     for_fold=fold.test, compile=runtime["compile"])
         if summary.unreadable:
             raise UserError(f"fold {fold.test}: mining subset {subset} could not read "
                             + ", ".join(sorted(summary.unreadable)) + "; fix or remove the scan(s) and rerun")
     if settings["stage"] == "head":
         tag, _ = features_mod.choose_feature_set(work_dir, settings["training"].get("features"))
-        features_mod.encode_new_rows(work_dir, tag, subsets, runtime["device"])
+        features_mod.encode_new_rows(work_dir, tag, subsets, runtime["device"], compile=runtime["compile"])
 
 
 def check_mined_rows(work_dir: Path, plan: List[Fold]) -> None:
@@ -356,7 +355,7 @@ def run_crossval(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str
                  val_offset: int = 1, views: Optional[int] = None, precision: Optional[str] = None,
                  mine_rounds: int = 0, max_per_scan: int = 20, device: str = "auto",
                  workers: Optional[int] = None, readers: int = EVAL_READERS, bootstrap: int = 1000,
-                 json_out: Optional[Path] = None, quiet: bool = False, console=None,
+                 json_out: Optional[Path] = None, quiet: bool = False, console=None, compile: bool = False,
                  **training: Any) -> Dict[str, Any]:
     """Cross-validate over the subsets ``folds`` (see the module docstring); returns the pooled metrics.
 
@@ -373,7 +372,7 @@ def run_crossval(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str
     plan, settings, out_dir, fold_scans = _prepare(Path(work_dir), Path(data_dir), folds, name, stage,
                                                    val_offset, given, views, mine_rounds, max_per_scan)
     runtime = {"device": device, "workers": workers, "readers": readers, "precision": precision,
-               "bootstrap": bootstrap, "quiet": quiet}
+               "bootstrap": bootstrap, "quiet": quiet, "compile": compile}
     fold_metrics = {f.test: _run_fold(Path(work_dir), Path(data_dir), out_dir, f, fold_scans[f.test],
                                       settings, runtime, console) for f in plan}
     pooled = pool_folds(out_dir, Path(data_dir), plan, fold_metrics, fold_scans, bootstrap)

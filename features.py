@@ -556,7 +556,7 @@ def cache_features_hint(identity: Dict[str, Any], subset: int) -> str:
 
 
 def encode_new_rows(work_dir: Path, tag: str, subsets: Sequence[int], device: str = "auto",
-                    quiet: bool = True) -> None:
+                    quiet: bool = True, compile: bool = False) -> None:
     """Encode the rows appended to the patch caches of ``subsets`` (mined ones) into feature set ``tag``,
     with the encoder and settings that made it."""
     identity = feature_sets(work_dir)[tag]
@@ -565,7 +565,7 @@ def encode_new_rows(work_dir: Path, tag: str, subsets: Sequence[int], device: st
                           feature_size=encoder["feature_size"], window_size=encoder["window_size"],
                           pooling=identity["pooling"], hu_min=identity["hu_min"], hu_max=identity["hu_max"],
                           init_seed=identity.get("init_seed", 0), subsets=list(subsets), test_subsets=[],
-                          views=identity.get("views", 1), device=device, quiet=quiet)
+                          views=identity.get("views", 1), device=device, quiet=quiet, compile=compile)
     if made != tag:
         raise UserError(f"feature set {tag} could not be extended (its settings gave the set {made}); run "
                         f"`{cache_features_hint(identity, subsets[0])}` for the mined subsets")

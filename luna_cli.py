@@ -234,12 +234,14 @@ def extract(
              ".pt file).")] = None,
     readers: Readers = 2,
     device: Device = "auto",
+    compile: Compile = False,
 ):
     """Cut resampled, world-axis-aligned cubes around the candidates of LUNA16 subsets into a patch cache
     (or, with --hard-negatives, add a trained model's hardest negatives to it)."""
     import data
-    foreign = ", ".join(options.OPTIONS[n].flag for n in given
-                        if n not in options.stage_names("mining" if hard_negatives else "extract"))
+    foreign = ", ".join([options.OPTIONS[n].flag for n in given
+                         if n not in options.stage_names("mining" if hard_negatives else "extract")]
+                        + (["--compile"] if compile and not hard_negatives else []))
     if foreign:
         raise UserError(f"{foreign}: an option of extraction, not of --hard-negatives (mining reads the data "
                         f"dir's candidates file and the cache's patches)" if hard_negatives else
@@ -250,7 +252,7 @@ def extract(
             import mining
             mined = mining.mine_subset(data_dir_option(data_dir), work_dir_option(work_dir), k,
                                        hard_negatives, readers=readers, device=device, console=console,
-                                       **given)
+                                       compile=compile, **given)
             console.print(f"subset {k}: [bold]{mined.added}[/] hard negatives of {mined.run} added "
                           f"({mined.scans} scans scored); the cache holds {mined.n_patches} patches")
             failed = mined.unreadable
@@ -420,6 +422,7 @@ def crossval(
         help="Evaluation precision (and finetune's): auto is bf16 on recent GPUs, fp16 on older ones, fp32 "
              "on the CPU.", case_sensitive=False)] = None,
     device: Device = "auto",
+    compile: Compile = False,
     workers: Workers = None,
     readers: Readers = 2,
     bootstrap: Annotated[int, typer.Option(
@@ -439,7 +442,7 @@ def crossval(
                              precision=None if precision is None else precision.value,
                              mine_rounds=mine_rounds, max_per_scan=max_per_scan, device=device,
                              workers=workers, readers=readers, bootstrap=bootstrap, json_out=json_out,
-                             console=console, **given)
+                             console=console, compile=compile, **given)
     console.print(cv.fold_table(result))
     froc.print_froc(console, result["froc"], f"LUNA16 FROC, cross-validation {name} (all folds)")
     console.print(f"files in {cv.crossval_dir(work_dir_option(work_dir), name)}: submission.csv, "

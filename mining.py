@@ -102,20 +102,22 @@ def _key(uid: str, world_xyz) -> tuple:
 
 
 def mine_subset(data_dir: Path, work_dir: Path, subset: int, model: str, *, readers: int = 2,
-                device: str = "auto", for_fold: Optional[int] = None, console=None,
+                device: str = "auto", for_fold: Optional[int] = None, console=None, compile: bool = False,
                 **settings) -> MiningSummary:
     """Add the hard negatives of ``model`` (a run name, run folder or ``.pt`` file) to the patch cache of one
     subset;
     ``for_fold``: the test subset of the cross-validation fold they are mined for (only it uses them).
     ``settings``: the options of ``options.stage_names("mining")`` (at most this many a scan, batch size,
-    precision, views); those left out take their defaults there."""
+    precision, views); those left out take their defaults there. ``compile``: the encoder through
+    torch.compile (``head.compile_encoder``)."""
     chosen = {**options.defaults("mining"), **options.given("mining", settings)}
     return _mine_subset(Path(data_dir), Path(work_dir), subset, model, readers, device, for_fold, console,
-                        **chosen)
+                        compile, **chosen)
 
 
 def _mine_subset(data_dir: Path, work_dir: Path, subset: int, model: str, readers: int, device: str,
-                 for_fold: Optional[int], console, *, max_per_scan: int, batch_size: int, precision: str,
+                 for_fold: Optional[int], console, compile: bool, *,
+                 max_per_scan: int, batch_size: int, precision: str,
                  views: Optional[int]) -> MiningSummary:
     cache = data.subset_dir(work_dir, subset)
     if not (cache / "manifest.json").is_file():
@@ -129,7 +131,7 @@ def _mine_subset(data_dir: Path, work_dir: Path, subset: int, model: str, reader
                                       str(checkpoint))
     folder = work_dir / "mining" / name / f"subset{subset}"
     model_run, _ = evaluate.open_model_run(checkpoint, data.candidates_file(data_dir), folder / "parts",
-                                           views, batch_size, readers, device, precision,
+                                           views, batch_size, readers, device, precision, compile,
                                            max_per_scan=max_per_scan)
     seen = seen_subsets(checkpoint)
     tags = {"mined": name, "mined_saw": common.format_subsets(seen) if seen is not None else "",

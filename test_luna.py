@@ -1709,13 +1709,14 @@ def test_every_option_is_defined_once_and_maps_to_the_command_line(tmp_path):
            "finetune": {"work_dir", "run", "resume", "stop_after", "device", "workers", "compile"},
            "crossval": {"folds", "name", "stage", "val_offset", "mine_rounds", "max_per_scan", "views",
                         "precision", "device", "workers", "readers", "bootstrap", "json_out", "data_dir",
-                        "work_dir"}}
+                        "work_dir", "compile"}}
     own.update({"cache-features": {"work_dir", "device", "workers", "compile"},
                 "evaluate": {"submission", "model", "subsets", "annotations", "excluded", "seriesuids",
                              "json_out", "out", "readers", "device", "compile", "data_dir", "work_dir"},
                 "predict": {"scan", "model", "ensemble", "coord", "points", "out", "report", "device",
                             "compile", "work_dir"},
-                "extract": {"subsets", "data_dir", "work_dir", "hard_negatives", "readers", "device"},
+                "extract": {"subsets", "data_dir", "work_dir", "hard_negatives", "readers", "device",
+                            "compile"},
                 "detect": {"out", "subsets", "scan", "data_dir"}})
     for command, stage, defaults in (("train-head", "head", train.HEAD_DEFAULTS),
                                      ("finetune", "finetune", train.FINETUNE_DEFAULTS),
