@@ -62,17 +62,20 @@ def peak_tflops(device: torch.device) -> Optional[float]:
 
 
 def forward_flops(model: head.Classifier, size: int, device: torch.device) -> Dict[str, float]:
-    """FLOPs of one sample's forward pass: torch's count of the ops run, plus the window attention where that
-    count holds no attention op."""
+    """FLOPs of one sample's forward pass, in inference (``total``) and in training (``training``, padding
+    tokens attended to): torch's count of the ops other than attention, plus the window attention as
+    ``swin_encoder.attention_flops`` counts it (torch's counter sees the attention on some devices only)."""
     from torch.utils.flop_counter import FlopCounterMode
     x = torch.rand(1, 1, size, size, size, device=device)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x)
     by_op = counter.get_flop_counts().get("Global", {})
     counted_attention = sum(v for op, v in by_op.items() if "attention" in str(op))
-    attention = swin_encoder.attention_flops(model.encoder, (size,) * 3)
-    total = counter.get_total_flops() + (0 if counted_attention else attention)
-    return {"total": float(total), "attention": float(attention),
+    attention = swin_encoder.attention_flops(model.encoder, (size,) * 3, inference=True)
+    training_attention = swin_encoder.attention_flops(model.encoder, (size,) * 3)
+    rest = counter.get_total_flops() - counted_attention
+    return {"total": float(rest + attention), "training": float(rest + training_attention),
+            "attention": float(attention), "training_attention": float(training_attention),
             "attention_counted_by_torch": bool(counted_attention)}
 
 
@@ -254,7 +257,7 @@ def run(device_name: str = "cuda", size: int = 64, feature_size: int = 48, windo
     for path, model in models.items():
         for batch in batches:
             for kind, make, per_sample in (("inference", inference_step, flops["total"]),
-                                           ("training", training_step, 3 * flops["total"])):
+                                           ("training", training_step, 3 * flops["training"])):
                 if deadline.left() < budget_s * 0.3:   # keep time for the breakdown and the pipeline
                     result["skipped"].append(f"{path} {kind} batch {batch}: out of time")
                     continue
@@ -302,10 +305,11 @@ def print_tables(result: dict, console: Console) -> None:
                       "-" if row["mfu"] is None else f"{row['mfu']:.1%}")
     console.print(table)
     flops = result["forward_flops"]
-    counted = "counted by torch" if flops["attention_counted_by_torch"] else "added to torch's count"
-    console.print(f"forward: {flops['total'] / 1e9:.2f} GFLOP a sample, of which window attention "
-                  f"{flops['attention'] / 1e9:.2f} ({counted}); training counted as 3x; peak "
-                  f"{result['peak_tflops'] or 'unknown'} TFLOP/s")
+    counted = "saw the attention" if flops["attention_counted_by_torch"] else "did not see the attention"
+    console.print(f"forward: {flops['total'] / 1e9:.2f} GFLOP a sample in inference, of which window "
+                  f"attention {flops['attention'] / 1e9:.2f}; {flops['training'] / 1e9:.2f} in training "
+                  f"(attention {flops['training_attention'] / 1e9:.2f}, padding included), 3x for a step; "
+                  f"torch's counter: {counted}; peak {result['peak_tflops'] or 'unknown'} TFLOP/s")
     console.print("fixture (MONAI outputs, fp32), largest relative error: "
                   + ", ".join(f"{p} {e:.1e}" for p, e in result["fixture_relative_error"].items()))
     if "compiled_vs_eager" in result:

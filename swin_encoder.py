@@ -47,8 +47,10 @@ class WindowGeometry:
     shift: cyclic shift per axis of the shifted blocks (0 where the window was shrunk).
     padded: grid size after zero padding to whole windows.
     groups: boxes of windows ``((d0, d1), (h0, h1), (w0, w1))`` in window-grid units that share one
-        shift mask (a single box of all windows when nothing is shifted); ``group_masks[g]`` is that
-        ``(N, N)`` mask (0 or -100), None when nothing is shifted.
+        shift mask and the same padding tokens (a single box of all windows when nothing is shifted or
+        padded); ``group_masks[g]`` is that ``(N, N)`` mask (0 or -100), None when nothing is shifted.
+    real_tokens: per box, the positions (in window order) of its windows' real tokens, the others being
+        padding; None where every token is real.
     """
     size: Tuple[int, int, int]
     window: Tuple[int, int, int]
@@ -56,6 +58,7 @@ class WindowGeometry:
     padded: Tuple[int, int, int]
     groups: Tuple[Tuple[Tuple[int, int], ...], ...]
     group_masks: Optional[torch.Tensor]
+    real_tokens: Tuple[Optional[torch.Tensor], ...] = (None,)
 
     @property
     def counts(self) -> Tuple[int, ...]:
@@ -94,31 +97,63 @@ def region_labels(padded: Sequence[int], window: Sequence[int], shift: Sequence[
 
 
 @functools.lru_cache(maxsize=64)
-def build_geometry(size: Tuple[int, int, int], window: int, shifted: bool = True) -> WindowGeometry:
+def build_geometry(size: Tuple[int, int, int], window: int, shifted: bool = True,
+                   by_padding: bool = False) -> WindowGeometry:
     """Window geometry of a token grid ``size = (d, h, w)`` for the shifted blocks, or with ``shifted=False``
-    for the plain ones; cached, masks are float32 on the CPU."""
+    for the plain ones; cached, masks are float32 on the CPU. With ``by_padding`` (inference), boxes also
+    split windows by their padding tokens, and ``real_tokens`` says where their real ones are; in training the
+    fewer, larger boxes are faster."""
     windows = tuple(min(n, window) for n in size)
     shifts = tuple(window // 2 if shifted and n > window else 0 for n in size)
     padded = tuple(-(-n // w) * w for n, w in zip(size, windows))
     counts = [p // w for p, w in zip(padded, windows)]
     plain = WindowGeometry(size, windows, shifts, padded, (tuple((0, c) for c in counts),), None)
+    runs, real_along = zip(*(_axis_runs(*axis, by_padding) for axis in zip(size, padded, windows, shifts)))
+    boxes = tuple(itertools.product(*runs))
+    real_tokens = tuple(_real_positions([real[first] for real, (first, _) in zip(real_along, box)])
+                        if by_padding else None for box in boxes)
     if not any(shifts):
-        return plain
+        return WindowGeometry(size, windows, shifts, padded, boxes, None, real_tokens)
     labels = region_labels(padded, windows, shifts)[None, ..., None]
     labels = partition_windows(labels, plain, 1, 1).reshape(*counts, -1)  # (nd, nh, nw, N)
     all_masks = (labels.unsqueeze(-1) != labels.unsqueeze(-2))  # (nd, nh, nw, N, N)
-    # Only the last window along a shifted axis straddles regions, so windows fall into at most
-    # eight boxes that share one mask each; attention then runs once per box with a small mask.
-    segments = [[(0, c - 1), (c - 1, c)] if s > 0 and c > 1 else [(0, c)] for c, s in zip(counts, shifts)]
-    groups, masks = [], []
-    for box in itertools.product(*segments):
+    # Only the last window along a shifted axis straddles regions, so the windows of each box share one
+    # mask; attention then runs once per box with a small mask.
+    masks = []
+    for box in boxes:
         block = all_masks[tuple(slice(*span) for span in box)]
         first = block[0, 0, 0]
         if not bool((block == first).all()):
             raise RuntimeError(f"windows of box {box} do not share one shift mask")
-        groups.append(box)
         masks.append(first.to(torch.float32) * MASKED_SCORE)
-    return WindowGeometry(size, windows, shifts, padded, tuple(groups), torch.stack(masks))
+    return WindowGeometry(size, windows, shifts, padded, boxes, torch.stack(masks), real_tokens)
+
+
+def _axis_runs(n: int, padded: int, window: int, shift: int, by_padding: bool) -> Tuple[list, list]:
+    """Along one axis of ``n`` tokens (``padded`` after padding, windows of ``window``, rolled by ``-shift``):
+    the runs ``(first, end)`` of consecutive windows that have the same shift regions (on a shifted axis only
+    the last window straddles them) and, with ``by_padding``, their real tokens at the same places; and per
+    window the boolean ``(window,)`` of its real tokens."""
+    count = padded // window
+    real = [torch.tensor([(i * window + t + shift) % padded < n for t in range(window)])
+            for i in range(count)]
+    keys = [(tuple(r.tolist()) if by_padding else (), shift > 0 and i == count - 1)
+            for i, r in enumerate(real)]
+    runs = [[0, 1]]
+    for i in range(1, count):
+        if keys[i] == keys[i - 1]:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return [tuple(run) for run in runs], real
+
+
+def _real_positions(real_along: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Positions, in window order (d, h, w row-major), of the real tokens of a window whose real tokens along
+    each axis are ``real_along``; None when all are real."""
+    d, h, w = real_along
+    real = (d[:, None, None] & h[None, :, None] & w[None, None, :]).reshape(-1)
+    return None if bool(real.all()) else torch.nonzero(real).squeeze(1)
 
 
 def _shift_pieces(geometry: WindowGeometry) -> Iterator[Tuple[tuple, tuple]]:
@@ -371,13 +406,15 @@ class WindowAttention(nn.Module):
                                      lambda grad: merge_windows(grad, geometry, batch))
         q, k, v = windows.unbind(0)  # each (windows, heads, N, hd)
         masks = self._masks(geometry, q.dtype)
-        if len(geometry.groups) == 1:
+        if not torch.is_grad_enabled() and any(real is not None for real in geometry.real_tokens):
+            attended = self._attend_real_tokens(q, k, v, geometry, batch)
+        elif len(geometry.groups) == 1:
             attended = window_attention(q, k, v, masks)
         else:
             sizes = [rows.stop - rows.start for rows, _, _ in geometry.boxes(batch)]
-            # unbind, not slices: in training, autograd zero-fills a full-size gradient for every slice
-            attended = torch.cat([window_attention(*qkv_box, mask.unsqueeze(0)) for mask, qkv_box in
-                                  zip(masks.unbind(0), zip(q.split(sizes), k.split(sizes), v.split(sizes)))])
+            attended = torch.cat([window_attention(*qkv_box, mask) for mask, qkv_box in
+                                  zip(self._box_masks(masks, geometry),
+                                      zip(q.split(sizes), k.split(sizes), v.split(sizes)))])
         # out: (B, Dp, Hp, Wp, C)
         out = _WithAdjoint.apply(attended.unsqueeze(0), lambda t: merge_windows(t, geometry, batch),
                                  lambda grad: partition_windows(grad, geometry, 1, heads))
@@ -385,6 +422,61 @@ class WindowAttention(nn.Module):
             out = _WithAdjoint.apply(out, crop, pad)
         value_bias = self.qkv.bias[2 * self.dim:]
         return F.linear(out, self.proj.weight, self.proj.bias + F.linear(value_bias, self.proj.weight))
+
+
+    @staticmethod
+    def _box_masks(masks: torch.Tensor, geometry: WindowGeometry) -> List[torch.Tensor]:
+        """Each box's ``(1, heads, N, N)`` mask. Unbind, not slices: in training, autograd zero-fills a
+        full-size gradient for every slice."""
+        if not geometry.shifted:
+            return [masks] * len(geometry.groups)
+        return [mask.unsqueeze(0) for mask in masks.unbind(0)]
+
+    def _real_masks(self, geometry: WindowGeometry, dtype: torch.dtype) -> List[torch.Tensor]:
+        """Each box's mask for :meth:`_attend_real_tokens`: ``(1, heads, N, N)`` where every token is real,
+        else ``(1, heads, R, R + 1)``: the scores' masks among its R real tokens, then for each real query the
+        log-sum-exp of its masks to the padding tokens (cached as :meth:`_masks` is)."""
+        table = self.relative_position_bias_table
+        key = ("real", geometry.size, geometry.shift, table.device, dtype, table.data_ptr(), table._version)
+        if not self.training and key in self._mask_cache:
+            return self._mask_cache[key]
+        chosen = []
+        for mask, real in zip(self._box_masks(self._masks(geometry, dtype), geometry), geometry.real_tokens):
+            if real is None:
+                chosen.append(mask)
+                continue
+            real = real.to(mask.device)
+            padding = torch.ones(mask.shape[-1], dtype=torch.bool, device=mask.device)
+            padding[real] = False
+            to_real = mask[:, :, real]
+            pooled = torch.logsumexp(to_real[..., padding].float(), dim=-1, keepdim=True).to(mask.dtype)
+            chosen.append(torch.cat([to_real[..., real], pooled], dim=-1).contiguous())
+        if not self.training:
+            self._mask_cache[key] = chosen
+        return chosen
+
+    def _attend_real_tokens(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geometry: WindowGeometry,
+                            batch: int) -> torch.Tensor:
+        """Inference: attention computed for the real tokens only, equal to that over every token. A padding
+        token is zero after the projection (no key or value bias), so its score for a query is the mask alone
+        and its value zero: a window's padding tokens count as one key of value zero whose score is the
+        log-sum-exp of their masks (:meth:`_real_masks`). The outputs at padding positions, cropped away
+        later, are zero."""
+        outputs = []
+        for (rows, _, _), real, mask in zip(geometry.boxes(batch), geometry.real_tokens,
+                                            self._real_masks(geometry, q.dtype)):
+            qb, kb, vb = q[rows], k[rows], v[rows]
+            if real is None:
+                outputs.append(window_attention(qb, kb, vb, mask))
+                continue
+            real = real.to(q.device)
+            zero = qb.new_zeros(qb.shape[0], qb.shape[1], 1, qb.shape[3])
+            attended = window_attention(qb[:, :, real], torch.cat([kb[:, :, real], zero], dim=2),
+                                        torch.cat([vb[:, :, real], zero], dim=2), mask)
+            full = qb.new_zeros(qb.shape)
+            full[:, :, real] = attended
+            outputs.append(full)
+        return torch.cat(outputs)
 
 
 class MLPBlock(nn.Module):
@@ -456,8 +548,9 @@ class BasicLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Channels-last tokens ``(B, d, h, w, C)`` -> ``(B, d/2, h/2, w/2, 2C)``."""
-        size = tuple(x.shape[1:4])
-        shifted, plain = build_geometry(size, self.window_size), build_geometry(size, self.window_size, False)
+        size, by_padding = tuple(x.shape[1:4]), not torch.is_grad_enabled()
+        shifted = build_geometry(size, self.window_size, True, by_padding)
+        plain = build_geometry(size, self.window_size, False, by_padding)
         for block in self.blocks:
             x = block(x, shifted, plain)
         return self.downsample(x)
@@ -523,18 +616,22 @@ class SwinEncoder(nn.Module):
         return outputs
 
 
-def attention_flops(encoder: SwinEncoder, spatial: Sequence[int]) -> int:
+def attention_flops(encoder: SwinEncoder, spatial: Sequence[int], inference: bool = False) -> int:
     """FLOPs of the window attention of one input of spatial size ``(D, H, W)``: the scores and the weighted
-    sum, ``4 * windows * N**2 * C`` per block (N tokens a window, C channels over all heads), padding tokens
-    included as they are computed. FLOP counters that do not see the fused attention kernels (torch's, on the
-    CPU) leave this out."""
+    sum, ``4 * queries * keys * C`` per window (C channels over all heads). In training every window has N
+    queries and keys, padding included; in ``inference`` a window with padding has R real queries and R + 1
+    keys (``WindowAttention._attend_real_tokens``). FLOP counters that do not see the fused attention kernels
+    (torch's, on the CPU) leave this out."""
     size = tuple(int(n) // encoder.patch_size for n in spatial)
     total = 0
     for i in range(NUM_STAGES):
         dim = encoder.feature_size * 2 ** i
         for block in getattr(encoder, f"layers{i + 1}")[0].blocks:
-            geometry = build_geometry(size, encoder.window_size, block.shifted)
-            total += 4 * math.prod(geometry.counts) * geometry.tokens_per_window ** 2 * dim
+            geometry = build_geometry(size, encoder.window_size, block.shifted, inference)
+            for (_, _, shape), real in zip(geometry.boxes(1), geometry.real_tokens):
+                n = geometry.tokens_per_window
+                queries, keys = (n, n) if real is None else (len(real), len(real) + 1)
+                total += 4 * math.prod(shape) * queries * keys * dim
         size = tuple(-(-n // 2) for n in size)
     return total
 
