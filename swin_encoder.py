@@ -365,7 +365,7 @@ class WindowAttention(nn.Module):
     def _shift_masks(self, geometry: WindowGeometry, device: torch.device) -> torch.Tensor:
         """``(G, 1, N, N)`` shift masks of ``geometry`` on ``device``, copied there once (not every training
         step)."""
-        key = (geometry.size, geometry.window, geometry.shift, device)
+        key = (geometry.size, geometry.shift, geometry.groups, device)
         if key not in self._shift_mask_cache:
             self._shift_mask_cache[key] = geometry.group_masks.to(device).unsqueeze(1)
         return self._shift_mask_cache[key]
@@ -374,7 +374,8 @@ class WindowAttention(nn.Module):
         """Additive masks ``(G, heads, N, N)``: relative position bias plus each box's shift mask."""
         table = self.relative_position_bias_table
         cacheable = not self.training and not (torch.is_grad_enabled() and table.requires_grad)
-        key = (geometry.size, table.device, dtype, table.data_ptr(), table._version)
+        key = (geometry.size, geometry.shift, geometry.groups, table.device, dtype, table.data_ptr(),
+               table._version)
         if cacheable and key in self._mask_cache:
             return self._mask_cache[key]
         n = geometry.tokens_per_window
@@ -414,7 +415,7 @@ class WindowAttention(nn.Module):
             sizes = [rows.stop - rows.start for rows, _, _ in geometry.boxes(batch)]
             attended = torch.cat([window_attention(*qkv_box, mask) for mask, qkv_box in
                                   zip(self._box_masks(masks, geometry),
-                                      zip(q.split(sizes), k.split(sizes), v.split(sizes)))])
+                                      zip(q.split(sizes), k.split(sizes), v.split(sizes)), strict=True)])
         # out: (B, Dp, Hp, Wp, C)
         out = _WithAdjoint.apply(attended.unsqueeze(0), lambda t: merge_windows(t, geometry, batch),
                                  lambda grad: partition_windows(grad, geometry, 1, heads))
@@ -437,11 +438,13 @@ class WindowAttention(nn.Module):
         else ``(1, heads, R, R + 1)``: the scores' masks among its R real tokens, then for each real query the
         log-sum-exp of its masks to the padding tokens (cached as :meth:`_masks` is)."""
         table = self.relative_position_bias_table
-        key = ("real", geometry.size, geometry.shift, table.device, dtype, table.data_ptr(), table._version)
+        key = ("real", geometry.size, geometry.shift, geometry.groups, table.device, dtype, table.data_ptr(),
+               table._version)
         if not self.training and key in self._mask_cache:
             return self._mask_cache[key]
         chosen = []
-        for mask, real in zip(self._box_masks(self._masks(geometry, dtype), geometry), geometry.real_tokens):
+        for mask, real in zip(self._box_masks(self._masks(geometry, dtype), geometry), geometry.real_tokens,
+                              strict=True):
             if real is None:
                 chosen.append(mask)
                 continue
@@ -464,7 +467,7 @@ class WindowAttention(nn.Module):
         later, are zero."""
         outputs = []
         for (rows, _, _), real, mask in zip(geometry.boxes(batch), geometry.real_tokens,
-                                            self._real_masks(geometry, q.dtype)):
+                                            self._real_masks(geometry, q.dtype), strict=True):
             qb, kb, vb = q[rows], k[rows], v[rows]
             if real is None:
                 outputs.append(window_attention(qb, kb, vb, mask))

@@ -2114,6 +2114,28 @@ def test_swin_encoder_trains_on_cpu_with_checkpointing_and_caches_only_in_eval()
     assert all(torch.isfinite(o.float()).all() for o in low) and low[4].shape == (1, 192, 1, 1, 1)
 
 
+def test_inference_over_real_tokens_equals_attention_over_the_padded_windows():
+    import torch
+    import swin_encoder
+    torch.manual_seed(0)
+    encoder = swin_encoder.SwinEncoder(feature_size=12, window_size=7).eval()
+    again = swin_encoder.SwinEncoder(feature_size=12, window_size=7).eval()
+    again.load_state_dict(encoder.state_dict())
+    x = torch.rand(2, 1, 64, 32, 32)
+    with torch.no_grad():                 # inference: padding tokens pooled into one key per window
+        skipped = encoder(x)
+    full = [o.detach() for o in encoder(x)]   # with autograd on: every token of the padded windows
+    full_first = [o.detach() for o in again(x)]   # the other order: each keeps its own masks
+    with torch.no_grad():
+        skipped_after = again(x)
+    for a, b in ((skipped, full), (skipped_after, full_first), (skipped, skipped_after)):
+        assert max(float((p - q).abs().max() / q.abs().max()) for p, q in zip(a, b)) < 1e-5
+    geometry = swin_encoder.build_geometry((32, 16, 16), 7, True, by_padding=True)
+    assert any(real is not None for real in geometry.real_tokens)   # the stage really has padding
+    flops = [swin_encoder.attention_flops(encoder, (64, 32, 32), inference) for inference in (False, True)]
+    assert flops[1] < flops[0]
+
+
 def test_the_attention_backward_in_blocks_of_windows_equals_autograd(monkeypatch):
     import torch
     import swin_encoder
