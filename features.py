@@ -407,19 +407,9 @@ def move_patches(x: torch.Tensor, flips: torch.Tensor, shifts: torch.Tensor) -> 
     return x
 
 
-# (8, 3) bool: the axes (z, y, x) that each of head.VIEW_FLIPS flips
+# (8, 3) bool: the axes (z, y, x) that each of head.VIEW_FLIPS flips (the same 8 flips that train-head's
+# cached views and evaluation's test-time views use)
 FLIP_AXES = torch.tensor([[axis in dims for axis in (1, 2, 3)] for dims in head_mod.VIEW_FLIPS])
-
-
-def flip_patches(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Flip each cube ``x[b]`` of a ``(B, P, P, P)`` batch by ``head.VIEW_FLIPS[ids[b]]``: the same 8 flips
-    that train-head's cached views and evaluation's test-time views use."""
-    return move_patches(x, FLIP_AXES[ids.cpu()], torch.zeros(len(x), 3, dtype=torch.long))
-
-
-def shift_patches(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    """Move each cube's content by ``shifts[b]`` voxels along (z, y, x) (:func:`move_patches`)."""
-    return move_patches(x, torch.zeros(len(x), 3, dtype=torch.bool), shifts)
 
 
 def augment_batch(hu: torch.Tensor, generator: torch.Generator, max_shift_vox: int = 0) -> torch.Tensor:

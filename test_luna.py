@@ -1448,7 +1448,8 @@ def test_augmentation_flips_and_shifts_every_class_alike(tmp_path):
     import head
     import data
     cube = torch.arange(4 ** 3, dtype=torch.float32).reshape(4, 4, 4)  # no symmetry of its own
-    images = features.flip_patches(cube.expand(8, 4, 4, 4), torch.arange(8))
+    no_shift = torch.zeros(8, 3, dtype=torch.long)
+    images = features.move_patches(cube.expand(8, 4, 4, 4), features.FLIP_AXES, no_shift)
     assert len({tuple(row.tolist()) for row in images.reshape(8, -1)}) == 8
     for view, dims in enumerate(head.VIEW_FLIPS):
         assert torch.equal(images[view], cube.flip([d - 1 for d in dims]) if dims else cube)
@@ -1466,7 +1467,8 @@ def test_augmentation_flips_and_shifts_every_class_alike(tmp_path):
     marker = torch.full((2, 8, 8, 8), 100.0)
     marker[:, 4, 4, 4] = 500.0
     marker[:, 0] = 7.0
-    moved = features.shift_patches(marker, torch.tensor([[1, -2, 0], [0, 0, 0]]))
+    no_flip = torch.zeros(2, 3, dtype=torch.bool)
+    moved = features.move_patches(marker, no_flip, torch.tensor([[1, -2, 0], [0, 0, 0]]))
     assert moved[0, 5, 2, 4] == 500.0 and torch.equal(moved[1], marker[1])
     assert (moved[0, :2] == 7.0).all() and (moved[0, 2:] != 7.0).all() and not (moved == -1000).any()
     # after augmentation, simple border statistics do not tell the classes apart (the old positive-only
