@@ -370,12 +370,17 @@ class WindowAttention(nn.Module):
             self._shift_mask_cache[key] = geometry.group_masks.to(device).unsqueeze(1)
         return self._shift_mask_cache[key]
 
+    def _cache_key(self, geometry: WindowGeometry, dtype: torch.dtype) -> tuple:
+        """What a geometry's masks depend on: its boxes, the dtype, the bias table's current values."""
+        table = self.relative_position_bias_table
+        return (geometry.size, geometry.shift, geometry.groups, table.device, dtype, table.data_ptr(),
+                table._version)
+
     def _masks(self, geometry: WindowGeometry, dtype: torch.dtype) -> torch.Tensor:
         """Additive masks ``(G, heads, N, N)``: relative position bias plus each box's shift mask."""
         table = self.relative_position_bias_table
         cacheable = not self.training and not (torch.is_grad_enabled() and table.requires_grad)
-        key = (geometry.size, geometry.shift, geometry.groups, table.device, dtype, table.data_ptr(),
-               table._version)
+        key = self._cache_key(geometry, dtype)
         if cacheable and key in self._mask_cache:
             return self._mask_cache[key]
         n = geometry.tokens_per_window
@@ -407,7 +412,7 @@ class WindowAttention(nn.Module):
                                      lambda grad: merge_windows(grad, geometry, batch))
         q, k, v = windows.unbind(0)  # each (windows, heads, N, hd)
         masks = self._masks(geometry, q.dtype)
-        if not torch.is_grad_enabled() and any(real is not None for real in geometry.real_tokens):
+        if any(real is not None for real in geometry.real_tokens):   # inference geometries only (BasicLayer)
             attended = self._attend_real_tokens(q, k, v, geometry, batch)
         elif len(geometry.groups) == 1:
             attended = window_attention(q, k, v, masks)
@@ -424,7 +429,6 @@ class WindowAttention(nn.Module):
         value_bias = self.qkv.bias[2 * self.dim:]
         return F.linear(out, self.proj.weight, self.proj.bias + F.linear(value_bias, self.proj.weight))
 
-
     @staticmethod
     def _box_masks(masks: torch.Tensor, geometry: WindowGeometry) -> List[torch.Tensor]:
         """Each box's ``(1, heads, N, N)`` mask. Unbind, not slices: in training, autograd zero-fills a
@@ -437,9 +441,7 @@ class WindowAttention(nn.Module):
         """Each box's mask for :meth:`_attend_real_tokens`: ``(1, heads, N, N)`` where every token is real,
         else ``(1, heads, R, R + 1)``: the scores' masks among its R real tokens, then for each real query the
         log-sum-exp of its masks to the padding tokens (cached as :meth:`_masks` is)."""
-        table = self.relative_position_bias_table
-        key = ("real", geometry.size, geometry.shift, geometry.groups, table.device, dtype, table.data_ptr(),
-               table._version)
+        key = ("real",) + self._cache_key(geometry, dtype)
         if not self.training and key in self._mask_cache:
             return self._mask_cache[key]
         chosen = []
