@@ -351,7 +351,8 @@ def predict_detected(chosen: ModelSet, scan: data.CTScan, world_xyz: np.ndarray,
     scored = _point_rows(chosen, scan, world_xyz, patches, outputs, options, "detect")
     findings = distinct_findings(scored)
     # the categories of distinct nodules: "multiple" counts the findings, not every candidate above the cutoff
-    rows = [next(i for i, row in enumerate(scored) if row is finding) for finding in findings]
+    position = {id(row): i for i, row in enumerate(scored)}
+    rows = [position[id(finding)] for finding in findings]
     sizes = size_and_follow_up(patches[rows], spacing, [True] * len(rows), **options,
                                model_diameters=None if outputs[2] is None else outputs[2][rows])
     return [dict(row, **size) for row, size in zip(findings, sizes)], scored, how
@@ -520,8 +521,9 @@ def _predict_scan(checkpoint, scan_path, coords: Sequence[str], points, out, dev
                   max_per_scan: int, cutoff: Optional[float], screen: bool) -> list[dict]:
     if coords and points is not None:
         raise UserError("give either --coord X,Y,Z (one or more) or --points FILE.csv, not both")
+    torch_device = head.resolve_device(device)
     chosen = checkpoint if isinstance(checkpoint, ModelSet) else \
-        resolve_models(checkpoint, head.resolve_device(device), views, cutoff, ensemble, compile)
+        resolve_models(checkpoint, torch_device, views, cutoff, ensemble, compile)
     if coords:
         world_xyz = np.array([parse_coordinate(c) for c in coords])
     elif points is not None:
@@ -535,11 +537,10 @@ def _predict_scan(checkpoint, scan_path, coords: Sequence[str], points, out, dev
         found = detect.detect_scan(scan, max_per_scan)
         if not len(found.score):
             raise UserError(found.warning or f"scan {scan_name(scan_path)}: detect found no candidates")
-        predictions, candidates, how = predict_detected(chosen, scan, found.world_xyz,
-                                                        head.resolve_device(device), batch_size, precision,
-                                                        options, screen)
+        predictions, candidates, how = predict_detected(chosen, scan, found.world_xyz, torch_device,
+                                                        batch_size, precision, options, screen)
     else:
-        predictions = candidates = predict_points(chosen, scan, world_xyz, device, batch_size, views,
+        predictions = candidates = predict_points(chosen, scan, world_xyz, torch_device, batch_size, views,
                                                   precision, points=how, **options)
     predictions = [dict(row, scan=scan_name(scan_path)) for row in predictions]
     if out is not None:
