@@ -402,38 +402,16 @@ def _train_step_speed(patch_size: int, feature_size: int, window_size: int, batc
     and peak memory: CUDA max allocated, or on the CPU the peak RSS of this (fresh) process."""
     import resource
     import torch
-    import features
-    import head
-    torch.manual_seed(0)
-    config = {"encoder": features.encoder_config(feature_size, window_size), "pooling": "avg",
-              "patch_size": patch_size}
-    model = head.build_classifier(config).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    generator = torch.Generator().manual_seed(0)
-    hu = torch.randint(-1000, 400, (batch_size, patch_size, patch_size, patch_size), dtype=torch.int16)
-    labels = (torch.arange(batch_size) % 2).float()
+    import bench_gpu
     torch_device = torch.device(device)
-    if torch_device.type == "cuda":
-        hu, labels = hu.to(device), labels.to(device)
-        torch.cuda.reset_peak_memory_stats()
-
-    def step():
-        x = features.training_inputs(hu, generator, -1000.0, 1000.0, True, 3)
-        with head.autocast(torch_device, precision):
-            logits = model(x)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if torch_device.type == "cuda":
-            torch.cuda.synchronize()
-
-    seconds = median_seconds(step, repeats, warmup=2)
-    if torch_device.type == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated() / 2 ** 20
-    else:
+    model = bench_gpu.build_model("eager", patch_size, feature_size, window_size, torch_device)
+    bench_gpu.reset_peak(torch_device)
+    step = bench_gpu.training_step(model, batch_size, patch_size, torch_device, precision)
+    rate = bench_gpu.timed_rate(step, batch_size, torch_device, 2, repeats)
+    peak_mb = bench_gpu.peak_mib(torch_device)
+    if peak_mb is None:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"samples_per_s": batch_size / seconds, "step_s": seconds, "peak_mb": peak_mb}
+    return {"samples_per_s": rate, "step_s": batch_size / rate, "peak_mb": peak_mb}
 
 
 def _train_step_speed_child(queue, *args) -> None:

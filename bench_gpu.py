@@ -24,11 +24,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-import data
-import evaluate
 import features
 import head
-import phantom
 import swin_encoder
 
 # Dense bf16 tensor-core peak (TFLOP/s, without sparsity) by the card's name, from the makers' data sheets.
@@ -210,6 +207,9 @@ def pipeline_rate(model: head.Classifier, size: int, device: torch.device, preci
     scan, the model scores each chunk at one view) over ``scans`` scans: ``distinct`` phantoms of ``shape``
     written once, each listed again with ``per_scan`` candidates inside its body. Stops early, saying so,
     when the deadline comes."""
+    import data
+    import evaluate
+    import phantom   # imported here: bench.py train measures its process's peak memory with this module
     folder = Path(tempfile.mkdtemp(prefix="bench_gpu_scans_"))
     rng = np.random.default_rng(0)
     made = []
