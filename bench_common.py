@@ -1,0 +1,20 @@
+"""What the benchmark modules share (bench.py and bench_detect.py): the console they print to, the line
+naming the machine, and the head settings of the mining and end-to-end benchmarks."""
+from __future__ import annotations
+
+import os
+import platform
+
+from rich.console import Console
+
+console = Console()
+
+MINING_SETTINGS = dict(feature_size=12, window_size=4, pooling="centre")
+
+
+def machine_description() -> str:
+    """One line naming the CPU count, torch threads and GPU (if any) the numbers came from."""
+    import torch
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+            f"torch {torch.__version__} with {torch.get_num_threads()} threads, {gpu}")
