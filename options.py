@@ -5,7 +5,7 @@ A stage is one step that takes options: ``detect``, ``extract`` (and ``mining``,
 ``predict``. From the definitions below come every other place an option used to be written by hand:
 
 * the stages' defaults (:func:`defaults`); for training also the resolved options stored in a run's
-  ``config.json`` and the ``--resume`` comparison (``train._open_run`` takes them from here);
+  ``config.json`` and the ``--resume`` comparison (``runs.open_run`` takes them from here);
 * the validation (:func:`given`, :func:`check`: a bad value is a ``UserError`` naming the option and its
   bounds), the same for the command line, the Python functions and crossval;
 * what crossval passes on to each fold (:func:`crossval_names`: the training options but those a fold

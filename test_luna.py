@@ -1568,6 +1568,7 @@ def test_sensitivity_cutoff_and_training_metrics():
 
 
 def test_cached_features_head_and_finetune_learn(tmp_path, monkeypatch):
+    import runs
     import json
     import torch
     import data
@@ -1592,7 +1593,7 @@ def test_cached_features_head_and_finetune_learn(tmp_path, monkeypatch):
     assert f"{flat}: feature_size 12, window_size 4, pooling flatten" in str(listing.value)
     run_dir = train.train_head(work, features=tag, val_subsets=[2], test_subsets=[3], epochs=10,
                                batch_size=16, run="head", quiet=True)
-    history = train.read_history(run_dir / "history.csv")
+    history = runs.read_history(run_dir / "history.csv")
     assert len(history) >= 3 and max(row["val_auc"] for row in history) > 0.9
     assert (run_dir / "history.png").stat().st_size > 1000
     model, meta = head.load_classifier(run_dir / "best.pt")
@@ -1612,7 +1613,7 @@ def test_cached_features_head_and_finetune_learn(tmp_path, monkeypatch):
     tuned = train.finetune(work, epochs=1, batch_size=8, epoch_samples=8, lr=1e-4, head_from="head",
                            val_subsets=[2], test_subsets=[3], run="tuned", device="cpu", quiet=True,
                            **SMALL_MODEL)
-    row = train.read_history(tuned / "history.csv")[0]
+    row = runs.read_history(tuned / "history.csv")[0]
     assert np.isfinite(row["train_loss"]) and row["val_auc"] > 0.9
     config = json.loads((tuned / "config.json").read_text())
     assert config["resolved"]["sources"]["head_from"].endswith("best.pt")
@@ -1626,7 +1627,7 @@ def test_cached_features_head_and_finetune_learn(tmp_path, monkeypatch):
     scratch = train.finetune(work, epochs=3, batch_size=8, epoch_samples=96, lr=3e-3, augment=False,
                              pooling="centre", val_subsets=[2], test_subsets=[3], run="scratch", device="cpu",
                              quiet=True, **SMALL_MODEL)
-    history = train.read_history(scratch / "history.csv")
+    history = runs.read_history(scratch / "history.csv")
     best = max(row["val_auc"] for row in history)
     assert best >= 0.95 and best - start_auc >= 0.15, (start_auc, history)
 
@@ -1642,6 +1643,7 @@ def test_cached_features_head_and_finetune_learn(tmp_path, monkeypatch):
 
 
 def test_finetune_resume_repeats_the_uninterrupted_run(tmp_path):
+    import runs
     import torch
     import calibration
     import head
@@ -1651,11 +1653,11 @@ def test_finetune_resume_repeats_the_uninterrupted_run(tmp_path):
                     test_subsets=[], device="cpu", quiet=True, warmup_epochs=1.0, **SMALL_MODEL)
     whole = train.finetune(work, run="whole", **settings)
     part = train.finetune(work, run="part", stop_after=2, **settings)
-    assert len(train.read_history(part / "history.csv")) == 2
+    assert len(runs.read_history(part / "history.csv")) == 2
     first = torch.load(part / "last.pt", weights_only=True)
     assert first["epoch"] == 2 and isinstance(first["rng"][0]["torch"], torch.Tensor)
     train.finetune(work, run="part", resume=True, device="cpu", quiet=True)
-    a, b = train.read_history(whole / "history.csv"), train.read_history(part / "history.csv")
+    a, b = runs.read_history(whole / "history.csv"), runs.read_history(part / "history.csv")
     assert [r["epoch"] for r in b] == [1, 2, 3, 4]
     for row_a, row_b in zip(a, b):
         for key in ("train_loss", "val_loss", "val_auc", "lr"):
@@ -1675,10 +1677,11 @@ def test_finetune_resume_repeats_the_uninterrupted_run(tmp_path):
     assert calibration.resolve_cutoff(meta, int(meta["views"])).validated
     # a finished run resumed again does nothing
     train.finetune(work, run="whole", resume=True, device="cpu", quiet=True)
-    assert len(train.read_history(whole / "history.csv")) == 4
+    assert len(runs.read_history(whole / "history.csv")) == 4
 
 
 def test_resume_refuses_changed_options_and_the_cli_passes_only_given_ones(tmp_path):
+    import runs
     from typer.testing import CliRunner
     import luna_cli
     import train
@@ -1696,7 +1699,7 @@ def test_resume_refuses_changed_options_and_the_cli_passes_only_given_ones(tmp_p
     # options not given keep the run's values; the same value again and runtime options are accepted
     done = CliRunner().invoke(luna_cli.app, base + ["--epochs", "3", "--workers", "0", "--stop-after", "1"])
     assert done.exit_code == 0, _why(done)
-    assert [row["epoch"] for row in train.read_history(work / "runs" / "r" / "history.csv")] == [1, 2]
+    assert [row["epoch"] for row in runs.read_history(work / "runs" / "r" / "history.csv")] == [1, 2]
 
 
 def test_every_option_is_defined_once_and_maps_to_the_command_line(tmp_path):
@@ -2628,6 +2631,7 @@ def test_crossval_never_trains_or_validates_on_a_fold_test_scan(crossval_run):
 
 
 def test_crossval_rerun_skips_finished_folds_and_continues_an_interrupted_one(crossval_run, monkeypatch):
+    import runs
     import json
     import crossval
     import evaluate
@@ -2652,7 +2656,7 @@ def test_crossval_rerun_skips_finished_folds_and_continues_an_interrupted_one(cr
     resumed = crossval.run_crossval(work, root, [0, 1, 2, 3], "cv", **CV_ARGS)
     assert ([(c["run"], c["resume"], c["test_subsets"], c["val_subsets"]) for c in calls]
             == [("cv-fold3", True, [3], [2])])
-    assert len(train.read_history(work / "runs" / "cv-fold3" / "history.csv")) == 2
+    assert len(runs.read_history(work / "runs" / "cv-fold3" / "history.csv")) == 2
     assert resumed["cpm"] == first["cpm"] and resumed["fold_cpm"] == first["fold_cpm"]
     assert json.loads((out / "metrics.json").read_text())["cpm"] == first["cpm"]
 
@@ -2789,6 +2793,7 @@ def test_predict_averages_several_checkpoints_and_the_crossval_ensemble(crossval
 
 
 def test_crossval_finetune_passes_its_options_to_each_fold(crossval_run, tmp_path, monkeypatch):
+    import runs
     import json
     import crossval
     import train
@@ -2797,7 +2802,7 @@ def test_crossval_finetune_passes_its_options_to_each_fold(crossval_run, tmp_pat
 
     def fake_finetune(work_dir, **kwargs):  # a fold "trains" by writing a small checkpoint
         calls.append(kwargs)
-        run_dir = train.runs_dir(work_dir) / kwargs["run"]
+        run_dir = runs.runs_dir(work_dir) / kwargs["run"]
         run_dir.mkdir(parents=True, exist_ok=True)
         return _tiny_checkpoint(run_dir / "best.pt", cutoff=0.4).parent
     monkeypatch.setattr(train, "finetune", fake_finetune)
@@ -2812,7 +2817,7 @@ def test_crossval_finetune_passes_its_options_to_each_fold(crossval_run, tmp_pat
                               precision="fp32", device="cpu", workers=0, readers=0, bootstrap=0, quiet=True,
                               **every)
     for fold in (0, 1):   # a head-stage cross-validation "cvh" over the same folds
-        run_dir = train.runs_dir(work) / f"cvh-fold{fold}"
+        run_dir = runs.runs_dir(work) / f"cvh-fold{fold}"
         run_dir.mkdir(parents=True, exist_ok=True)
         _tiny_checkpoint(run_dir / "best.pt")
         (run_dir / "config.json").write_text(json.dumps({"options": {"test_subsets": [fold]}}))
@@ -2823,7 +2828,7 @@ def test_crossval_finetune_passes_its_options_to_each_fold(crossval_run, tmp_pat
         [("ft-fold0", [1], [0], False), ("ft-fold1", [0], [1], False)]
     assert all(c["views"] == 2 and c["precision"] == "fp32" and c["workers"] == 0 and "features" not in c
                and all(c[k] == v for k, v in every.items() if v is not None) for c in calls)
-    assert [Path(c["head_from"]) for c in calls] == [train.runs_dir(work) / f"cvh-fold{k}" / "best.pt"
+    assert [Path(c["head_from"]) for c in calls] == [runs.runs_dir(work) / f"cvh-fold{k}" / "best.pt"
                                                      for k in (0, 1)]
     assert result["views"] == 2 and result["stage"] == "finetune" and len(result["fold_cpm"]) == 2
     assert (work / "crossval" / "ft" / "fold1" / "metrics.json").is_file()
@@ -3226,6 +3231,7 @@ def test_predict_cli_shows_size_category_and_disclaimer_and_writes_them(eval_pha
 # --- size output ---------------------------------------------------------
 
 def test_size_output_learns_diameters_and_old_checkpoints_have_none(tmp_path):
+    import runs
     import math
     import torch
     import features
@@ -3237,7 +3243,7 @@ def test_size_output_learns_diameters_and_old_checkpoints_have_none(tmp_path):
                                   **SMALL_MODEL)
     run_dir = train.train_head(work, features=tag, val_subsets=[1], test_subsets=[2], epochs=30,
                                batch_size=32, lr=1e-3, run="sized", quiet=True)
-    history = train.read_history(run_dir / "history.csv")
+    history = runs.read_history(run_dir / "history.csv")
     assert all(np.isfinite(row["val_size_mae_mm"]) for row in history)
     model, meta = head.load_classifier(run_dir / "best.pt")
     assert model.has_size and meta["config"]["size_output"] is True
@@ -3265,7 +3271,7 @@ def test_size_output_learns_diameters_and_old_checkpoints_have_none(tmp_path):
     tuned = train.finetune(work, head_from="plain", epochs=1, batch_size=8, epoch_samples=16, val_subsets=[1],
                            test_subsets=[2], run="tuned", device="cpu", quiet=True, **SMALL_MODEL)
     assert head.load_classifier(tuned / "best.pt")[0].has_size
-    assert np.isfinite(train.read_history(tuned / "history.csv")[0]["val_size_mae_mm"])
+    assert np.isfinite(runs.read_history(tuned / "history.csv")[0]["val_size_mae_mm"])
     dropped = train.finetune(work, head_from="sized", epochs=1, batch_size=8, epoch_samples=8,
                              val_subsets=[1], test_subsets=[2], size_weight=0.0, run="dropped", device="cpu",
                              quiet=True, **SMALL_MODEL)

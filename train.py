@@ -19,17 +19,14 @@ its edge voxels over the uncovered border; the candidate stays within a few mm o
 Several processes: ``torchrun --nproc_per_node N -- luna_cli.py finetune ...`` (DistributedDataParallel; the
 ``--`` stops torchrun from reading ``--run`` as its own ``--run-path``).
 
-Runs are folders ``W/runs/<run>/`` with ``config.json`` (resolved options), ``history.csv`` and
-``history.png`` (one row / point per epoch), ``best.pt`` (highest validation AUC) and ``last.pt`` (resume).
-A resumed run keeps the options it was started with: options given again must equal them (``--epochs``
-included, since it fixes the learning-rate schedule); device, workers and quiet may change.
+Each run is a folder (``runs.py``): ``best.pt`` holds the epoch of highest validation AUC and ``last.pt`` the
+one to resume from. A resumed run keeps the options it was started with: options given again must equal them
+(``--epochs`` included, since it fixes the learning-rate schedule); device, workers and quiet may change.
 """
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
-import json
 import math
 import os
 import time
@@ -48,15 +45,15 @@ import common
 import froc
 import head as head_mod
 import options as options_mod
+import runs
 from common import UserError
 from features import (PatchPool, SubsetCache, batch_loader, cache_features_hint, check_preprocess_matches,
                       choose_feature_set, encoder_config, encoder_state_path, feature_paths,
                       features_complete, load_encoder_weights, load_split, progress_bar, training_inputs,
                       warn_random_init)
-from head import autocast, runs_dir
+from head import autocast
 
 console = Console()
-STAGE_OF = {"train-head": "head", "finetune": "finetune"}  # run kind -> options stage
 
 HEAD_DEFAULTS: Dict[str, Any] = options_mod.defaults("head")
 FINETUNE_DEFAULTS: Dict[str, Any] = options_mod.defaults("finetune")
@@ -227,161 +224,8 @@ def _say_fallbacks(chooser: CutoffChooser, record: Dict[str, Any], quiet: bool) 
         console.print(f"[yellow]no calibrated probability for this model: {record['note']}[/]")
 
 
-# --- processes -------------------------------------------------------------------------
-
-@dataclass
-class Dist:
-    """This process's place in a (possibly single-process) training job."""
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    owns_group: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def start_processes(device: str) -> Tuple[Dist, torch.device]:
-    """Join the torchrun job when WORLD_SIZE > 1 (NCCL on GPUs, gloo on CPUs); else a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    resolved = head_mod.resolve_device(device, local_rank)
-    if world <= 1:
-        return Dist(), resolved
-    import torch.distributed as dist
-    owns = False
-    if not dist.is_initialized():
-        if resolved.type == "cuda":
-            torch.cuda.set_device(resolved)
-        dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
-        owns = True
-    if resolved.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, owns), resolved
-
-
-def stop_processes(job: Dist, together: bool = True) -> None:
-    """Leave the torchrun job; ``together`` first waits for every rank, since a rank that tears gloo
-    down while rank 0 still writes its files can abort the whole job."""
-    if job.owns_group:
-        import torch.distributed as dist
-        if together:
-            dist.barrier()
-        dist.destroy_process_group()
-
-
-def gather_objects(job: Dist, obj: Any) -> List[Any]:
-    """Every rank's ``obj``, in rank order (just ``[obj]`` in a single process)."""
-    if job.world == 1:
-        return [obj]
-    import torch.distributed as dist
-    out: List[Any] = [None] * job.world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def all_reduce(job: Dist, tensor: torch.Tensor) -> None:
-    """Sum ``tensor`` over the ranks in place (nothing in a single process)."""
-    if job.world > 1:
-        import torch.distributed as dist
-        dist.all_reduce(tensor)
-
-
-def broadcast_object(job: Dist, obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if job.world == 1:
-        return obj
-    import torch.distributed as dist
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-# --- runs: folders, history, plots ------------------------------------------------------------
 
 PLOT_INTERVAL_S = 10.0  # history.png is redrawn at most this often (and after the last epoch)
-# cutoff: the validation cutoff of the epoch at the run's views as a probability (raw, before calibration);
-# cutoff_logit: the same as the raw logit that checkpoints store.
-HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_sensitivity", "val_specificity",
-                   "val_auc", "val_size_mae_mm", "cutoff", "lr", "seconds", "cutoff_logit"]
-
-
-def resolve_run_dir(work_dir: Path, run: str) -> Path:
-    """A run name under ``W/runs`` or a path to a run folder / checkpoint file -> the run folder."""
-    candidate = Path(run)
-    if candidate.suffix == ".pt":
-        return candidate.parent
-    if candidate.is_dir() and (candidate / "config.json").is_file():
-        return candidate
-    return runs_dir(work_dir) / run
-
-
-def write_history(run_dir: Path, history: List[Dict[str, float]], plot: bool = True) -> None:
-    """history.csv (atomic rewrite) and, with ``plot``, history.png: training loss and validation
-    accuracy/AUC per epoch."""
-    lines = [",".join(HISTORY_COLUMNS)]
-    for row in history:
-        lines.append(",".join(str(row[c]) if c == "epoch" else repr(float(row.get(c, math.nan)))
-                              for c in HISTORY_COLUMNS))
-    common.atomic_write_text(run_dir / "history.csv", "\n".join(lines) + "\n")
-    if plot:
-        plot_history(run_dir / "history.png", history)
-
-
-def read_history(path: Path) -> List[Dict[str, float]]:
-    with open(path, newline="") as handle:
-        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()}
-                for row in csv.DictReader(handle)]
-
-
-def plot_history(path: Path, history: List[Dict[str, float]]) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    epochs = [row["epoch"] for row in history]
-    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [row["train_loss"] for row in history], "o-", label="training loss")
-    ax_loss.plot(epochs, [row["val_loss"] for row in history], "s--", label="validation loss")
-    from matplotlib.ticker import MaxNLocator
-    for axis in (ax_loss, ax_val):
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("binary cross-entropy (training: + weighted size loss)")
-    ax_loss.legend(loc="upper left")
-    size_mae = [row.get("val_size_mae_mm", math.nan) for row in history]
-    if any(math.isfinite(v) for v in size_mae):
-        ax_size = ax_loss.twinx()
-        ax_size.plot(epochs, size_mae, "^:", color="tab:green", label="validation size MAE (mm)")
-        ax_size.set_ylabel("diameter MAE of the nodules (mm)")
-        ax_size.legend(loc="upper right")
-    ax_val.plot(epochs, [row["val_accuracy"] for row in history], "o-", label="validation accuracy (0.5)")
-    ax_val.plot(epochs, [row["val_auc"] for row in history], "s-", label="validation ROC AUC")
-    ax_val.set_xlabel("epoch")
-    ax_val.set_ylim(0.0, 1.02)
-    ax_val.legend(loc="lower right")
-    fig.tight_layout()
-    common.atomic_save_figure(fig, path, dpi=100)
-
-
-def rng_state() -> Dict[str, Any]:
-    """The global torch RNG states (CPU, and CUDA when in use): all the global randomness training draws
-    (initialisation, dropout); sampling and augmentation use generators seeded per epoch."""
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def seed_everything(seed: int, rank: int = 0) -> None:
-    torch.manual_seed(seed + rank)
-
 
 def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     """LR factor per optimiser step: linear warm-up to 1 over ``warmup_steps``, then cosine decay to 0."""
@@ -408,7 +252,7 @@ class Fit:
     base_payload: Dict[str, Any]
     device: torch.device
     precision: str
-    job: Dist
+    job: runs.Dist
     quiet: bool = False
     chooser: Optional["CutoffChooser"] = None
     view_logits: Optional[Callable[[ValOutputs], Tuple[Dict[int, np.ndarray], np.ndarray]]] = None
@@ -485,7 +329,7 @@ def _train_epoch(fit: Fit, epoch: int, optimizer, scheduler, scaler, advance: Ca
         if group_end:
             steps += 1
             if steps % NAN_CHECK_STEPS == 0 or i + 1 == n:   # .item() waits for the device: not every step
-                all_reduce(fit.job, bad)
+                runs.all_reduce(fit.job, bad)
                 if bad.item():
                     raise NonFiniteLoss(f"the training loss became NaN/inf in epoch {epoch} (by batch "
                                         f"{i + 1}); stopped")
@@ -495,7 +339,7 @@ def _train_epoch(fit: Fit, epoch: int, optimizer, scheduler, scaler, advance: Ca
             scheduler.step()
         advance()
     totals = torch.stack([loss_sum, count])
-    all_reduce(fit.job, totals)
+    runs.all_reduce(fit.job, totals)
     return float(totals[0] / totals[1].clamp(min=1))
 
 
@@ -518,7 +362,7 @@ def _restore(fit: Fit, payload: Dict[str, Any], optimizer, scheduler, scaler) ->
     scaler.load_state_dict(payload["scaler"])
     states = payload["rng"]
     if len(states) == fit.job.world:
-        set_rng_state(states[fit.job.rank])
+        runs.set_rng_state(states[fit.job.rank])
     elif fit.job.main:
         console.print(f"[yellow]the run was saved with {len(states)} process(es), now {fit.job.world}: "
                       f"random streams restart from the seed[/]")
@@ -530,7 +374,7 @@ def _save_epoch(fit: Fit, state: FitState, metrics: Dict[str, float], point: Dic
                 optimizer, scheduler, scaler, plot: bool) -> None:
     """best.pt (an improved epoch) and last.pt, each with the epoch's operating point ``point``, last.pt also
     with the state to resume from; history.csv (and .png); rank 0 only."""
-    rng_states = gather_objects(fit.job, rng_state())
+    rng_states = runs.gather_objects(fit.job, runs.rng_state())
     if not fit.job.main:
         return
     payload = {**fit.base_payload,
@@ -543,7 +387,7 @@ def _save_epoch(fit: Fit, state: FitState, metrics: Dict[str, float], point: Dic
                    best_loss=state.best_loss, best_epoch=state.best_epoch, rng=rng_states,
                    world_size=fit.job.world, sampler={"seed": fit.options["seed"], "epoch": state.epoch})
     head_mod.save_checkpoint(fit.run_dir / "last.pt", payload)
-    write_history(fit.run_dir, state.history, plot)
+    runs.write_history(fit.run_dir, state.history, plot)
 
 
 def _val_size_loss(fit: Fit, outputs: ValOutputs) -> float:
@@ -627,7 +471,7 @@ def run_fit(fit: Fit, resume_payload: Optional[Dict[str, Any]] = None,
                              if math.isfinite(metrics["size_mae_mm"]) else "")
                           + (" [green](best)[/]" if improved else ""))
     if fit.job.main and state.history and plotted != len(state.history):
-        plot_history(fit.run_dir / "history.png", state.history)
+        runs.plot_history(fit.run_dir / "history.png", state.history)
     return state.history
 
 
@@ -635,66 +479,6 @@ def _kept_message(run_dir: Path, last_epoch: int) -> str:
     if last_epoch > 0:
         return f"the last good checkpoint {run_dir / 'last.pt'} (epoch {last_epoch}) is kept"
     return "no checkpoint had been written yet"
-
-
-# --- run set-up shared by train-head and finetune ----------------------------------------------------
-
-def _latest_run(work_dir: Path, kind: str) -> Path:
-    found = [p.parent for p in sorted(runs_dir(work_dir).glob("*/last.pt"), key=lambda p: p.stat().st_mtime)
-             if _run_kind(p.parent) == kind]
-    if not found:
-        raise UserError(f"--resume: no {kind} run with a last.pt under {runs_dir(work_dir)}")
-    return found[-1]
-
-
-def _open_run(work_dir: Path, kind: str, defaults: Dict[str, Any], given: Dict[str, Any], run: Optional[str],
-              resume: bool, job: Dist) -> Tuple[Path, Dict[str, Any], Optional[Dict[str, Any]]]:
-    """The run folder, its options and, when resuming, the ``last.pt`` payload. A new run takes the given
-    options over the defaults; a resumed run keeps its saved options and refuses any given one that
-    differs."""
-    if not resume:
-        name = broadcast_object(job, run or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
-        run_dir = resolve_run_dir(work_dir, name) if run else runs_dir(work_dir) / name
-        if (run_dir / "last.pt").exists():
-            raise UserError(f"run folder {run_dir} already holds a run; add --resume to continue it or "
-                            f"choose another --run name")
-        options = {**defaults, **given}
-        options_mod.check(STAGE_OF[kind], options)
-        return run_dir, options, None
-    run_dir = resolve_run_dir(work_dir, run) if run else _latest_run(work_dir, kind)
-    if not (run_dir / "last.pt").is_file():
-        raise UserError(f"--resume: {run_dir} has no last.pt to continue from")
-    saved = json.loads((run_dir / "config.json").read_text())
-    if saved.get("kind") != kind:
-        raise UserError(f"--resume: {run_dir} is a {saved.get('kind')} run, not {kind}")
-    options = {**defaults, **saved["options"]}
-    differing = [f"--{k.replace('_', '-')}: the run has {options.get(k)!r}, this call {v!r}"
-                 for k, v in given.items() if options.get(k) != v]
-    if differing:
-        raise UserError(f"--resume continues {run_dir} with the options it was started with; these differ: "
-                        + "; ".join(differing) + ". Drop them, or start a new run to change them (--epochs "
-                        "too: it fixes the learning-rate schedule).")
-    payload = head_mod.read_checkpoint(run_dir / "last.pt")
-    if job.main:
-        console.print(f"resuming {run_dir} after epoch {payload['epoch']} (saved options are used)")
-    return run_dir, options, payload
-
-
-def _run_kind(run_dir: Path) -> Optional[str]:
-    try:
-        return json.loads((run_dir / "config.json").read_text()).get("kind")
-    except (OSError, ValueError):
-        return None
-
-
-def _write_config(run_dir: Path, kind: str, options: Dict[str, Any], resolved: Dict[str, Any]) -> None:
-    common.atomic_write_json(run_dir / "config.json",
-                             {"kind": kind, "options": options, "resolved": resolved})
-
-
-def _preprocess(patch_size: int, spacing_mm: float, hu_min: float, hu_max: float) -> Dict[str, Any]:
-    return {"patch_size": int(patch_size), "spacing_mm": float(spacing_mm), "hu_min": float(hu_min),
-            "hu_max": float(hu_max)}
 
 
 # --- train-head ---------------------------------------------------------------------------------
@@ -712,9 +496,9 @@ def train_head(work_dir: Path, *, run: Optional[str] = None, resume: bool = Fals
     else. Returns the run folder.
     """
     given = options_mod.given("head", settings)
-    job = Dist()
-    run_dir, options, resume_payload = _open_run(work_dir, "train-head", HEAD_DEFAULTS, given, run, resume,
-                                                 job)
+    job = runs.Dist()
+    run_dir, options, resume_payload = runs.open_run(work_dir, "train-head", HEAD_DEFAULTS, given, run,
+                                                     resume, job)
     torch_device = head_mod.resolve_device(device)
     tag, identity = choose_feature_set(work_dir, options["features"])
     options["features"] = tag
@@ -728,19 +512,19 @@ def train_head(work_dir: Path, *, run: Optional[str] = None, resume: bool = Fals
                                       "pooling": identity["pooling"], "patch_size": patch_size,
                                       "size_output": _size_output(options, train.labels, train.diameters,
                                                                   quiet)})
-    seed_everything(options["seed"])
+    runs.seed_everything(options["seed"])
     classifier = _head_classifier(work_dir, tag, config, train.features, resume_payload, run_dir, patch_size,
                                   spacing_mm)
     batches = FeatureBatches(train, val, options, torch_device)
     if split.method == "seriesuid" and not quiet:
         console.print(f"[yellow]{split.note}[/]")
-    preprocess = _preprocess(patch_size, spacing_mm, identity["hu_min"], identity["hu_max"])
+    preprocess = runs.preprocess_record(patch_size, spacing_mm, identity["hu_min"], identity["hu_max"])
     chooser = CutoffChooser(PatchPool(caches, split.val), validation_nodules(caches, split),
                             options["target_sensitivity"])
     record = training_calibration(caches, split, options["positive_share"])
     _say_fallbacks(chooser, record, quiet)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_config(run_dir, "train-head", options, {
+    runs.write_config(run_dir, "train-head", options, {
         "device": str(torch_device), "precision": "fp32", "feature_set": identity,
         "split": split.summary(caches), "preprocess": preprocess, "config": config, "world_size": 1})
     base = {"format": head_mod.CHECKPOINT_FORMAT, "kind": "train-head", "run": run_dir.name, "config": config,
@@ -874,31 +658,31 @@ def finetune(work_dir: Path, *, run: Optional[str] = None, resume: bool = False,
     on ``resume``.
     """
     given = options_mod.given("finetune", settings)
-    job, torch_device = start_processes(device)
+    job, torch_device = runs.start_processes(device)
     try:
         run_dir = _finetune(work_dir, given, run, resume, job, torch_device, workers, stop_after, quiet,
                             compile)
     except BaseException:
-        stop_processes(job, together=False)  # a failed rank must not wait for the others
+        runs.stop_processes(job, together=False)  # a failed rank must not wait for the others
         raise
-    stop_processes(job)
+    runs.stop_processes(job)
     return run_dir
 
 
-def _finetune(work_dir: Path, given: Dict[str, Any], run: Optional[str], resume: bool, job: Dist,
+def _finetune(work_dir: Path, given: Dict[str, Any], run: Optional[str], resume: bool, job: runs.Dist,
               torch_device: torch.device, workers: Optional[int], stop_after: Optional[int],
               quiet: bool, compile: bool) -> Path:
-    run_dir, options, resume_payload = _open_run(work_dir, "finetune", FINETUNE_DEFAULTS, given, run, resume,
-                                                 job)
+    run_dir, options, resume_payload = runs.open_run(work_dir, "finetune", FINETUNE_DEFAULTS, given, run,
+                                                     resume, job)
     precision = head_mod.resolve_precision(options["precision"], torch_device)
     caches, split, patch_size, spacing_mm = load_split(work_dir, options["val_subsets"],
                                                        options["test_subsets"], options["seed"])
-    seed_everything(options["seed"])
+    runs.seed_everything(options["seed"])
     train_pool = PatchPool(caches, split.train)
     sized = _size_output(options, train_pool.labels, train_pool.diameters, quiet or not job.main)
     classifier, config, sources = _finetune_model(work_dir, options, resume_payload, run_dir, patch_size,
                                                   spacing_mm, job, sized)
-    seed_everything(options["seed"], job.rank)
+    runs.seed_everything(options["seed"], job.rank)
     head_mod.compile_encoder(classifier.to(torch_device), compile)
     module: nn.Module = classifier
     if job.world > 1:
@@ -908,12 +692,12 @@ def _finetune(work_dir: Path, given: Dict[str, Any], run: Optional[str], resume:
         workers = min(4, max(1, (os.cpu_count() or 1) // job.world)) if torch_device.type == "cuda" else 0
     loaders = PatchBatches(train_pool, PatchPool(caches, split.val), options, job, torch_device,
                            precision, workers, spacing_mm)
-    preprocess = _preprocess(patch_size, spacing_mm, options["hu_min"], options["hu_max"])
+    preprocess = runs.preprocess_record(patch_size, spacing_mm, options["hu_min"], options["hu_max"])
     if job.main:
         if split.method == "seriesuid" and not quiet:
             console.print(f"[yellow]{split.note}[/]")
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_config(run_dir, "finetune", options, {
+        runs.write_config(run_dir, "finetune", options, {
             "device": str(torch_device), "precision": precision, "world_size": job.world,
             "effective_batch": options["batch_size"] * options["accumulate"] * job.world, "workers": workers,
             "max_shift_vox": loaders.max_shift_vox, "split": split.summary(caches), "preprocess": preprocess,
@@ -942,7 +726,7 @@ class PatchBatches:
     """Fine-tuning's batches: balanced, augmented training batches of this rank, and validation logits
     gathered from every rank."""
 
-    def __init__(self, train_pool: PatchPool, val_pool: PatchPool, options: Dict[str, Any], job: Dist,
+    def __init__(self, train_pool: PatchPool, val_pool: PatchPool, options: Dict[str, Any], job: runs.Dist,
                  device: torch.device, precision: str, workers: int, spacing_mm: float):
         self.train_pool, self.val_pool, self.options, self.job = train_pool, val_pool, options, job
         self.device, self.precision, self.workers = device, precision, workers
@@ -977,7 +761,8 @@ class PatchBatches:
                                          sized)
             probability.append(p)
             log_size.append(d if sized else np.zeros((len(p), views)))
-        gathered = gather_objects(self.job, (np.concatenate(probability), np.concatenate(log_size), mine))
+        local = (np.concatenate(probability), np.concatenate(log_size), mine)
+        gathered = runs.gather_objects(self.job, local)
         probability, log_size, rows = (np.concatenate([g[i] for g in gathered]) for i in range(3))
         self._last = (probability, rows)   # for view_logits after the same epoch's validation
         return probability, log_size if sized else None, rows
@@ -1003,7 +788,7 @@ class PatchBatches:
 
 
 def _finetune_model(work_dir: Path, options: Dict[str, Any], resume_payload: Optional[Dict[str, Any]],
-                    run_dir: Path, patch_size: int, spacing_mm: float, job: Dist,
+                    run_dir: Path, patch_size: int, spacing_mm: float, job: runs.Dist,
                     sized: bool) -> Tuple[head_mod.Classifier, Dict[str, Any], Dict[str, Any]]:
     """Build the classifier: from last.pt when resuming, else from --head-from and/or --weights; with a size
     output when ``sized`` (a --head-from head without one gets a new size layer)."""
@@ -1051,7 +836,7 @@ def _load_head_from(classifier: head_mod.Classifier, payload: Dict[str, Any], so
                         f"unexpected {unexpected})")
 
 
-def _head_from(work_dir: Path, options: Dict[str, Any], patch_size: int, spacing_mm: float, job: Dist):
+def _head_from(work_dir: Path, options: Dict[str, Any], patch_size: int, spacing_mm: float, job: runs.Dist):
     """``(payload, model config, file)`` of the --head-from checkpoint, whose model configuration is used."""
     head_file = head_mod.model_checkpoint(work_dir, options["head_from"], "--head-from")
     payload = head_mod.read_checkpoint(head_file)
