@@ -8,14 +8,18 @@ of view get coarser pixels), random origins and, for most of them, a non-identit
 small rotations), so a reader that ignores the direction matrix looks in the wrong place.
 
 The anatomy is scaled to the field of view (the ``small`` size is a child-sized chest): a body of fat and soft
-tissue, a spine, two lungs held at least a body wall inside the soft tissue and ``LUNG_MARGIN_MM`` inside the
-field of view on every side (no lung opens through the body wall or the top and bottom of the scan), fissures
-(thin sheets a little brighter than the lung: an oblique one in each lung, a horizontal one in the right),
-pulmonary artery and vein trees that branch, taper (Murray's law), curve and cross one another, airways (air
-tubes with a thin wall, from a trachea that leaves through the top of the scan) and nodules of ``nodules.py``
-(solid, part-solid, ground-glass; round, lobulated, spiculated) placed alone, on a vessel or on the pleura.
-The noise is spatially correlated (white noise smoothed by a Gaussian of ``NOISE_SIGMA_MM``, then rescaled to
-its level).
+tissue, a spine, two lungs held at least a body wall inside the soft tissue and
+``phantom_scene.LUNG_MARGIN_MM`` inside the field of view on every side (no lung opens through the body wall
+or the top and bottom of the scan), fissures (thin sheets a little brighter than the lung: an oblique one in
+each lung, a horizontal one in the right), pulmonary artery and vein trees that branch, taper (Murray's law),
+curve and cross one another, airways (air tubes with a thin wall, from a trachea that leaves through the top
+of the scan) and nodules of ``nodules.py`` (solid, part-solid, ground-glass; round, lobulated, spiculated)
+placed alone, on a vessel or on the pleura. The noise is spatially correlated (white noise smoothed by a
+Gaussian of ``phantom_render.NOISE_SIGMA_MM``, then rescaled to its level).
+
+This module lays the scene out at random and writes the folder; the scene's classes and the lungs' shape
+are in ``phantom_scene.py``, the drawing onto the voxel grid and the noise in ``phantom_render.py``, the
+compiled kernels in ``phantom_kernels.py``.
 
 Arrays are indexed ``[z, y, x]`` (array axes = ITK index ``k, j, i``); the geometry vectors ``origin`` and
 ``spacing`` are ordered ``(x, y, z)`` / ``(i, j, k)``.
@@ -41,7 +45,6 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +53,9 @@ import nodules as nodule_shapes
 import phantom_kernels as kernels
 from data import CTScan, write_mhd
 from common import UserError, atomic_write_text, item_table
+from phantom_render import HU_MAX as HU_MAX, HU_MIN as HU_MIN, add_noise_and_quantise, render_scene
+from phantom_scene import (Anatomy, Finding, Fissure, Geometry, VesselTree, airway_wall_mm, lung_core,
+                           lung_depth_mm, lung_normals, lung_sdf_points, lung_shortfall_mm, surface_along)
 
 SIZES = {"small": (80, 224, 224), "realistic": (250, 512, 512)}
 DIRECTION_KINDS = ("identity", "flip", "rotate", "flip_rotate")
@@ -60,14 +66,9 @@ NEGATIVE_MIX = (("vessel", 0.30), ("bifurcation", 0.12), ("crossing", 0.08), ("p
 # LUNA16's candidates are mostly easy: about 850 a scan, a few of them look-alikes (for the mining benchmark).
 LUNA_LIKE_MIX = (("parenchyma", 0.80), ("soft-tissue", 0.08), ("vessel", 0.06), ("bifurcation", 0.03),
                  ("pleura", 0.02), ("near-nodule", 0.01))
-HU_MIN, HU_MAX = -1024, 3071
-AIR_HU = -1000.0
-SLAB_VOXELS = 4_000_000  # background and noise are made in z-slabs of about this many voxels
 PIXEL_MM = (0.6, 0.9)    # in-plane voxel size, as in LUNA16
 SLICE_MM = (0.625, 2.5)  # slice spacing, as in LUNA16
 MIN_FOV_MM = 130.0       # smaller shapes (quick tests) get coarser pixels rather than a smaller chest
-LUNG_MARGIN_MM = 8.0     # the lungs keep this far from every face of the field of view
-NOISE_SIGMA_MM = (0.4, 0.6)  # Gaussian that correlates the noise (autocorrelation FWHM about 1.3-2 mm)
 NODULE_KINDS = (("solid", 0.55), ("ground-glass", 0.25), ("part-solid", 0.20))
 NODULE_SHAPES = (("round", 0.40), ("lobulated", 0.35), ("spiculated", 0.25))
 # Where a nodule is put: alone in the lung, touching or engulfing a vessel, or against the pleura
@@ -76,197 +77,7 @@ PLACEMENTS = (("isolated", 0.40), ("vessel", 0.30), ("pleura", 0.30))
 NODULE_DIAMETER_MM = (4.0, 25.0)
 
 
-# --- scene description (world mm) -------------------------------------------
-
-@dataclass
-class Geometry:
-    """Voxel grid of one scan: ``world = origin + direction @ (spacing * index)``.
-
-    shape_zyx: array shape ``(nz, ny, nx)``; origin: world mm (x, y, z) of index (0, 0, 0);
-    spacing: mm along index axes (i, j, k); direction: 3x3, column c = world direction of index axis c.
-    """
-    shape_zyx: tuple
-    origin: np.ndarray
-    spacing: np.ndarray
-    direction: np.ndarray
-    kind: str = "identity"
-
-    @cached_property
-    def index_to_world_matrix(self) -> np.ndarray:
-        return self.direction * self.spacing[None, :]
-
-    @cached_property
-    def world_to_index_matrix(self) -> np.ndarray:
-        return np.linalg.inv(self.index_to_world_matrix)
-
-    def world_to_index(self, world_xyz: np.ndarray) -> np.ndarray:
-        """(N, 3) world mm -> (N, 3) continuous index (i, j, k)."""
-        return (np.asarray(world_xyz, dtype=np.float64) - self.origin) @ self.world_to_index_matrix.T
-
-    def index_to_world(self, index_ijk: np.ndarray) -> np.ndarray:
-        """(N, 3) continuous index (i, j, k) -> (N, 3) world mm."""
-        return self.origin + np.asarray(index_ijk, dtype=np.float64) @ self.index_to_world_matrix.T
-
-    def contains(self, world_xyz: np.ndarray, margin_mm: float | np.ndarray = 0.0) -> np.ndarray:
-        """(N,) bool: points at least ``margin_mm`` inside the first and last voxel centres on every axis."""
-        return self.face_distance_mm(world_xyz) >= np.asarray(margin_mm, dtype=np.float64).reshape(-1)
-
-    def face_distance_mm(self, world_xyz: np.ndarray) -> np.ndarray:
-        """(N,) mm from each point to the nearest face of the grid (first and last voxel centres; negative
-        outside), measured along the index axes."""
-        index = self.world_to_index(np.atleast_2d(world_xyz))
-        size_ijk = np.array(self.shape_zyx[::-1], dtype=np.float64)
-        return (np.minimum(index, size_ijk - 1 - index) * self.spacing[None, :]).min(axis=1)
-
-    def box_around(self, center_xyz: np.ndarray, radius_mm: float):
-        """Index box ``(lo_ijk, hi_ijk)`` (hi exclusive) holding the world cube centre +- radius, or None."""
-        center = np.asarray(center_xyz, dtype=np.float64)
-        return self.box_world(center - radius_mm, center + radius_mm)
-
-    def box_world(self, low_xyz: np.ndarray, high_xyz: np.ndarray):
-        """Index box ``(lo_ijk, hi_ijk)`` (hi exclusive) holding the world box low..high (mm), or None."""
-        corners = np.array([[x, y, z] for x in (low_xyz[0], high_xyz[0]) for y in (low_xyz[1], high_xyz[1])
-                            for z in (low_xyz[2], high_xyz[2])], dtype=np.float64)
-        index = self.world_to_index(corners)
-        size_ijk = np.array(self.shape_zyx[::-1])
-        lo = np.clip(np.floor(index.min(axis=0)).astype(int), 0, size_ijk)
-        hi = np.clip(np.ceil(index.max(axis=0)).astype(int) + 1, 0, size_ijk)
-        return None if np.any(hi <= lo) else (lo, hi)
-
-    def offsets(self, lo_ijk, hi_ijk, reference_xyz, components=(0, 1, 2)) -> tuple:
-        """World mm offsets (x, y, z) of the voxel centres in a box from ``reference_xyz``.
-
-        Each requested component (0 = x, 1 = y, 2 = z) is a float32 array of the box shape ``[z, y, x]``.
-        """
-        matrix = self.index_to_world_matrix
-        base = self.origin - np.asarray(reference_xyz, dtype=np.float64)
-        axes = [np.arange(lo_ijk[a], hi_ijk[a], dtype=np.float32) for a in range(3)]
-        i_ax, j_ax, k_ax = axes[0][None, None, :], axes[1][None, :, None], axes[2][:, None, None]
-        return tuple(np.float32(base[c]) + np.float32(matrix[c, 2]) * k_ax + np.float32(matrix[c, 1]) * j_ax
-                     + np.float32(matrix[c, 0]) * i_ax for c in components)
-
-    def value_at(self, volume: np.ndarray, world_xyz: np.ndarray) -> np.ndarray:
-        """(N,) values of ``volume`` ``[z, y, x]`` at the voxels nearest to world points (clamped to the
-        grid)."""
-        index = np.rint(self.world_to_index(np.atleast_2d(world_xyz))).astype(int)
-        index = np.clip(index, 0, np.array(self.shape_zyx[::-1]) - 1)
-        return volume[index[:, 2], index[:, 1], index[:, 0]]
-
-    @property
-    def partial_volume_mm(self) -> float:
-        """Width over which an edge is smeared by the voxel size (mean spacing)."""
-        return float(np.mean(self.spacing))
-
-
-@dataclass
-class Fissure:
-    """A thin sheet in one lung (world mm): the points where
-    ``n . (p - point) + bend * ((p - point) . along)^2`` is 0, ``thickness_mm`` thick. ``only_front_of``:
-    another Fissure; the sheet exists only on its positive side (the right lung's horizontal fissure stops at
-    the oblique one)."""
-    lung: int
-    point: np.ndarray
-    normal: np.ndarray
-    along: np.ndarray
-    bend: float
-    thickness_mm: float
-    hu: float
-    only_front_of: "Fissure | None" = None
-
-    def signed(self, x, y, z):
-        """The sheet's level function (about mm from it) at world offsets from ``point`` (float32 arrays)."""
-        n, a = self.normal.astype(np.float32), self.along.astype(np.float32)
-        across = n[0] * x + n[1] * y + n[2] * z
-        length = a[0] * x + a[1] * y + a[2] * z
-        return across + np.float32(self.bend) * length * length
-
-
-@dataclass
-class Anatomy:
-    """Body layout in world mm around ``center`` (x, y, z); the lungs' shape is :func:`lung_sdf`.
-
-    The trachea runs from ``trachea_top`` (above the scan) to the ``carina`` (both world mm) with a lumen of
-    ``trachea_radius`` mm; ``wall_mm`` is the least soft tissue between a lung and the body's fat."""
-    center: np.ndarray
-    body_axes: np.ndarray            # (2,) semi-axes of the elliptic body cylinder, x and y
-    fat_mm: float
-    wall_mm: float
-    cavity_axes: np.ndarray          # (2,) the rib cage: the body's semi-axes less fat and wall
-    lung_centers: np.ndarray         # (2, 3) centres of the lungs' ellipsoids
-    lung_axes: np.ndarray            # (2, 3) their semi-axes (the lungs are these, trimmed: see lung_sdf)
-    spine_center: np.ndarray         # (2,) x, y of the vertebral cylinder
-    spine_radius: float
-    trachea_top: np.ndarray
-    carina: np.ndarray
-    trachea_radius: float
-    mediastinum_center: np.ndarray   # (2,) x, y of the mediastinum's elliptic cylinder (no lung in it)
-    mediastinum_axes: np.ndarray     # (2,) its semi-axes
-    hu_fat: float
-    hu_soft: float
-    hu_lung: float
-    hu_lung_gradient: float          # denser towards the back (+y)
-    heart_center: np.ndarray = field(default_factory=lambda: np.zeros(3))
-    heart_axes: np.ndarray = field(default_factory=lambda: np.ones(3))
-    # diaphragm domes under the lungs
-    dome_centers: np.ndarray = field(default_factory=lambda: np.zeros((2, 3)))
-    dome_axes: np.ndarray = field(default_factory=lambda: np.ones((2, 3)))
-    fissures: list = field(default_factory=list)
-    parameters: np.ndarray | None = None   # lung_parameters, kept while the lungs do not change
-
-
-@dataclass
-class VesselTree:
-    """Tapered tube segments (world mm) sharing one HU: rows p0(3), p1(3), r0, r1.
-
-    For an airway the radii are the lumen's and ``wall_mm`` (the wall's thickness as a share of the lumen
-    radius plus a floor, see :func:`airway_wall_mm`) is drawn around it."""
-    segments: np.ndarray
-    bifurcations: np.ndarray         # (B, 4): branch point x, y, z (world mm) and the parent's end
-                                     # radius (mm)
-    hu: float
-    airway: bool = False
-
-
-@dataclass
-class Finding:
-    """A nodule-like object. ``center_xyz`` world mm (the centroid); ``diameter_mm`` = volume-equivalent
-    diameter.
-
-    ``axes_mm`` are the semi-axes (mm) of the nodule's body before lobes and spicules, ``rotation`` its frame
-    (columns: world directions of those axes); ``nodule`` is the :class:`nodules.Nodule` that is drawn.
-    ``placement``: "isolated", "vessel" (touching or engulfing a vessel) or "pleura" (juxtapleural).
-    ``excluded`` marks tiny irrelevant findings listed in annotations_excluded.csv (never class 1);
-    ``csv_diameter`` is the value written to the CSV (-1 for some excluded findings, as in LUNA16).
-    """
-    center_xyz: np.ndarray
-    diameter_mm: float
-    kind: str                        # "solid", "ground-glass", "part-solid", "tiny"
-    axes_mm: np.ndarray
-    rotation: np.ndarray
-    hu: float
-    edge_mm: float
-    juxtapleural: bool = False
-    excluded: bool = False
-    core_hu: float | None = None
-    csv_diameter: float = 0.0
-    shape: str = "round"
-    placement: str = "isolated"
-    nodule: nodule_shapes.Nodule | None = None
-
-    @property
-    def radius_mm(self) -> float:
-        return self.diameter_mm / 2.0
-
-    @property
-    def reach_mm(self) -> float:
-        """Farthest the finding reaches from its centre (mm), spicules included."""
-        return self.nodule.reach_mm if self.nodule is not None else float(np.max(self.axes_mm))
-
-    def manifest_entry(self) -> dict:
-        return {"center_xyz": [round(float(v), 4) for v in self.center_xyz],
-                "diameter_mm": round(self.diameter_mm, 3), "kind": self.kind, "shape": self.shape,
-                "placement": self.placement, "excluded": self.excluded}
-
+# --- what make_phantom_scan returns --------------------------------------------
 
 @dataclass
 class Candidate:
@@ -398,84 +209,6 @@ def _random_heart_and_diaphragm(rng, anatomy: Anatomy) -> None:
     anatomy.dome_centers, anatomy.dome_axes = np.array(domes), np.array(dome_axes)
 
 
-def _ellipse_sdf(x, y, axes) -> np.ndarray:
-    """Approximate signed distance (mm, negative inside) to an ellipse at the origin with semi-axes
-    ``axes``."""
-    kx, ky = np.float32(1.0 / axes[0]), np.float32(1.0 / axes[1])
-    k0 = np.sqrt(np.square(x * kx) + np.square(y * ky))
-    k1 = np.maximum(np.sqrt(np.square(x * (kx * kx)) + np.square(y * (ky * ky))), np.float32(1e-6))
-    return k0 * (k0 - np.float32(1.0)) / k1
-
-
-def lung_parameters(anatomy: Anatomy) -> np.ndarray:
-    """(2, LUNG_PARAMETERS) float64 rows describing each lung for :func:`phantom_kernels.lung_distance`: its
-    ellipsoid, less what lies outside the rib cage (the body less fat and wall), within 2 mm of the midline
-    (the trachea's x) or across it, in the mediastinum or the heart, under its diaphragm dome, or within 3 mm
-    of the spine."""
-    rows = np.zeros((2, kernels.LUNG_PARAMETERS))
-    for lung, row in enumerate(rows):
-        row[kernels.LUNG_CENTRE:kernels.LUNG_CENTRE + 3] = anatomy.lung_centers[lung]
-        row[kernels.LUNG_AXES:kernels.LUNG_AXES + 3] = anatomy.lung_axes[lung]
-        row[kernels.CAVITY_CENTRE:kernels.CAVITY_CENTRE + 2] = anatomy.center[:2]
-        row[kernels.CAVITY_AXES:kernels.CAVITY_AXES + 2] = anatomy.cavity_axes
-        row[kernels.SIDE] = np.sign(anatomy.lung_centers[lung][0] - anatomy.center[0])
-        row[kernels.BAND_X], row[kernels.BAND_HALF] = anatomy.carina[0], 2.0
-        row[kernels.MEDIASTINUM_CENTRE:kernels.MEDIASTINUM_CENTRE + 2] = anatomy.mediastinum_center
-        row[kernels.MEDIASTINUM_AXES:kernels.MEDIASTINUM_AXES + 2] = anatomy.mediastinum_axes
-        row[kernels.HEART_CENTRE:kernels.HEART_CENTRE + 3] = anatomy.heart_center
-        row[kernels.HEART_AXES:kernels.HEART_AXES + 3] = anatomy.heart_axes
-        row[kernels.DOME_CENTRE:kernels.DOME_CENTRE + 3] = anatomy.dome_centers[lung]
-        row[kernels.DOME_AXES:kernels.DOME_AXES + 3] = anatomy.dome_axes[lung]
-        row[kernels.SPINE_CENTRE:kernels.SPINE_CENTRE + 2] = anatomy.spine_center
-        row[kernels.SPINE_CLEAR] = anatomy.spine_radius + 3.0
-    return rows
-
-
-def _lung_sdf_points(anatomy: Anatomy, lung: int, points: np.ndarray) -> np.ndarray:
-    """(N,) approximate signed distance (mm, negative inside) of world points (N, 3) to lung ``lung``
-    (0, 1)."""
-    points = np.ascontiguousarray(np.atleast_2d(points), dtype=np.float64)
-    if anatomy.parameters is None:
-        anatomy.parameters = lung_parameters(anatomy)
-    return kernels.lung_distances(anatomy.parameters[lung], points)
-
-
-def lung_depth_mm(anatomy: Anatomy, world_xyz: np.ndarray) -> np.ndarray:
-    """(N,) approximate depth in mm inside the nearer lung (negative outside both lungs)."""
-    return np.max([-_lung_sdf_points(anatomy, lung, world_xyz) for lung in range(2)], axis=0)
-
-
-def _lung_core(anatomy: Anatomy, lung: int) -> np.ndarray:
-    """A point well inside the lung (world mm), from which every ray leaves it once: above the heart,
-    lateral."""
-    c, axes = anatomy.lung_centers[lung], anatomy.lung_axes[lung]
-    return c + np.array([np.sign(c[0] - anatomy.center[0]) * 0.12 * axes[0], 0.0, 0.15 * axes[2]])
-
-
-def _surface_along(anatomy: Anatomy, lung: int, origins: np.ndarray, directions: np.ndarray) -> np.ndarray:
-    """(N, 3) the first points (world mm) where rays from ``origins`` (inside the lung) along unit
-    ``directions`` leave it: 1 mm steps, then bisection."""
-    origins = np.broadcast_to(origins, directions.shape)
-    steps = np.arange(0.0, 2.2 * float(anatomy.lung_axes[lung].max()), 1.0)
-    along = origins[:, None, :] + steps[None, :, None] * directions[:, None, :]
-    outside = _lung_sdf_points(anatomy, lung, along.reshape(-1, 3)).reshape(len(directions), len(steps)) > 0
-    first = np.where(outside.any(axis=1), outside.argmax(axis=1), len(steps) - 1)
-    low, high = steps[np.maximum(first - 1, 0)], steps[first]
-    for _ in range(12):
-        middle = (low + high) / 2
-        out = _lung_sdf_points(anatomy, lung, origins + middle[:, None] * directions) > 0
-        high, low = np.where(out, middle, high), np.where(out, low, middle)
-    return origins + ((low + high) / 2)[:, None] * directions
-
-
-def _lung_normals(anatomy: Anatomy, lung: int, points: np.ndarray) -> np.ndarray:
-    """(N, 3) outward unit normals: the lung distance's gradient by central differences (0.5 mm)."""
-    gradient = np.stack([_lung_sdf_points(anatomy, lung, points + step)
-                         - _lung_sdf_points(anatomy, lung, points - step)
-                         for step in 0.5 * np.eye(3)], axis=1)
-    return gradient / np.maximum(np.linalg.norm(gradient, axis=1, keepdims=True), 1e-9)
-
-
 def _lung_surface_points(rng, anatomy: Anatomy, n: int):
     """n random points on the lung walls (the pleura: ribs, mediastinum, diaphragm) and their outward unit
     normals (world mm)."""
@@ -486,8 +219,8 @@ def _lung_surface_points(rng, anatomy: Anatomy, n: int):
     for lung in range(2):
         rows = side == lung
         if rows.any():
-            points[rows] = _surface_along(anatomy, lung, _lung_core(anatomy, lung), unit[rows])
-            normals[rows] = _lung_normals(anatomy, lung, points[rows])
+            points[rows] = surface_along(anatomy, lung, lung_core(anatomy, lung), unit[rows])
+            normals[rows] = lung_normals(anatomy, lung, points[rows])
     return points, normals
 
 
@@ -509,34 +242,6 @@ def _distances_to_segments(point: np.ndarray, segments: np.ndarray) -> np.ndarra
     p0, d = segments[:, :3], segments[:, 3:6] - segments[:, :3]
     t = np.clip(np.sum((point - p0) * d, axis=1) / np.maximum(np.sum(d * d, axis=1), 1e-12), 0.0, 1.0)
     return np.linalg.norm(point - (p0 + t[:, None] * d), axis=1)
-
-
-def _segment_distance(points: np.ndarray, p0: np.ndarray, p1: np.ndarray) -> np.ndarray:
-    """(N,) mm from points (N, 3) to the segment p0-p1."""
-    d = p1 - p0
-    t = np.clip((points - p0) @ d / max(float(d @ d), 1e-12), 0.0, 1.0)
-    return np.linalg.norm(points - (p0 + t[:, None] * d), axis=1)
-
-
-def lung_surface_samples(anatomy: Anatomy, per_lung: int = 800) -> np.ndarray:
-    """(2 * per_lung, 3) points spread over both lungs' surfaces (world mm), for checks."""
-    unit = nodule_shapes.fibonacci_directions(per_lung)
-    return np.concatenate([_surface_along(anatomy, lung, _lung_core(anatomy, lung), unit)
-                           for lung in range(2)])
-
-
-def lung_shortfall_mm(anatomy: Anatomy, geom: Geometry) -> float:
-    """How much closer (mm) than allowed the lung surfaces come to the body's fat (``wall_mm``, less 1 mm for
-    the distance approximations), the trachea (3 mm) and the faces of the field of view (``LUNG_MARGIN_MM``);
-    0 or less: they fit."""
-    points = lung_surface_samples(anatomy)
-    inner = anatomy.body_axes - anatomy.fat_mm
-    flat = points[:, :2] - anatomy.center[:2]
-    body = -_ellipse_sdf(flat[:, 0], flat[:, 1], inner)
-    trachea = _segment_distance(points, anatomy.trachea_top, anatomy.carina)
-    room = anatomy.trachea_radius + float(airway_wall_mm(anatomy.trachea_radius)) + 3.0
-    return max(float(np.max(anatomy.wall_mm - 1.0 - body)), float(np.max(room - trachea)),
-               float(np.max(LUNG_MARGIN_MM - geom.face_distance_mm(points))))
 
 
 def _fit_lungs(anatomy: Anatomy, geom: Geometry) -> None:
@@ -574,11 +279,6 @@ def _random_fissures(rng, anatomy: Anatomy) -> list:
 
 # --- trees: vessels and airways ------------------------------------------------
 
-def airway_wall_mm(lumen_radius_mm):
-    """Thickness (mm) of an airway's wall around a lumen of the given radius (mm)."""
-    return 0.3 + 0.18 * np.asarray(lumen_radius_mm)
-
-
 def _curved_branch(rng, p0, heading, r0: float, anatomy: Anatomy, lung: int, length_per_radius: tuple,
                    pieces: int = 3):
     """One branch: ``pieces`` straight pieces whose heading turns a little at each joint, tapering from
@@ -596,7 +296,7 @@ def _curved_branch(rng, p0, heading, r0: float, anatomy: Anatomy, lung: int, len
             if n:
                 direction = _unit(direction + 0.22 * rng.standard_normal(3))
             point = points[-1] + step * direction
-            if -_lung_sdf_points(anatomy, lung, point)[0] <= radii[n + 1] + 1.0:
+            if -lung_sdf_points(anatomy, lung, point)[0] <= radii[n + 1] + 1.0:
                 break
             points.append(point)
         else:
@@ -665,10 +365,10 @@ def _random_ribs(rng, anatomy: Anatomy) -> VesselTree:
 def _hilum(anatomy: Anatomy, lung: int, y_share: float, z_share: float, depth_mm: float) -> np.ndarray:
     """A point ``depth_mm`` inside the lung's medial wall (world mm), on the ray from its core towards the
     midline tilted by ``y_share`` (front-back) and ``z_share`` (up-down)."""
-    core = _lung_core(anatomy, lung)
+    core = lung_core(anatomy, lung)
     lateral = np.sign(anatomy.lung_centers[lung][0] - anatomy.center[0])
     direction = _unit([-lateral, y_share, z_share])
-    return _surface_along(anatomy, lung, core, direction[None])[0] - depth_mm * direction
+    return surface_along(anatomy, lung, core, direction[None])[0] - depth_mm * direction
 
 
 # Headings (lateral, y, z) of the arterial and venous trees from each hilum; lateral is away from the midline.
@@ -954,221 +654,6 @@ def _random_candidates(rng, anatomy, geom, trees, crossings, nodules, excluded, 
     return [candidates[i] for i in order]
 
 
-# --- rendering ----------------------------------------------------------------
-
-def _blend(view: np.ndarray, alpha: np.ndarray, hu) -> None:
-    """In place: ``view += alpha * (hu - view)`` (alpha = fraction of the voxel filled by the object)."""
-    difference = (np.float32(hu) if np.isscalar(hu) else hu) - view
-    difference *= alpha
-    view += difference
-
-
-def _edge_alpha(signed_distance: np.ndarray, width_mm: float) -> np.ndarray:
-    """Filled fraction from a signed distance (mm): 1 inside, a linear ramp of ``width_mm``, 0 outside.
-
-    Works in place on ``signed_distance`` (pass a temporary) and returns it.
-    """
-    signed_distance *= np.float32(-1.0 / width_mm)
-    signed_distance += np.float32(0.5)
-    return np.clip(signed_distance, 0.0, 1.0, out=signed_distance)
-
-
-def _slabs(lo_ijk, hi_ijk):
-    """Split an index box into z-slabs of about SLAB_VOXELS voxels: yields (lo_ijk, hi_ijk) pairs."""
-    plane = max(1, int((hi_ijk[0] - lo_ijk[0]) * (hi_ijk[1] - lo_ijk[1])))
-    step = max(1, SLAB_VOXELS // plane)
-    for k0 in range(int(lo_ijk[2]), int(hi_ijk[2]), step):
-        yield (lo_ijk[0], lo_ijk[1], k0), (hi_ijk[0], hi_ijk[1], min(int(hi_ijk[2]), k0 + step))
-
-
-def _region(volume: np.ndarray, lo_ijk, hi_ijk) -> np.ndarray:
-    return volume[lo_ijk[2]:hi_ijk[2], lo_ijk[1]:hi_ijk[1], lo_ijk[0]:hi_ijk[0]]
-
-
-def _render_background(volume: np.ndarray, geom: Geometry, anatomy: Anatomy) -> None:
-    """Air, body (fat shell, soft tissue), spine, lung parenchyma and fissures; each drawn only inside its
-    box."""
-    edge = geom.partial_volume_mm
-    ax, ay = (np.float32(v) for v in anatomy.body_axes)
-    volume[...] = AIR_HU
-    far = 1e4   # the body and spine are cylinders along world z, cut only by the scan
-    body_reach = np.array([ax + edge, ay + edge, far])
-    body_box = geom.box_world(anatomy.center - body_reach, anatomy.center + body_reach)
-    for lo, hi in ([] if body_box is None else _slabs(*body_box)):
-        view = _region(volume, lo, hi)
-        x, y = geom.offsets(lo, hi, anatomy.center, components=(0, 1))
-        x *= np.float32(1.0 / ax)
-        y *= np.float32(1.0 / ay)
-        body_sd = np.square(x, out=x)
-        body_sd += np.square(y, out=y)
-        np.sqrt(body_sd, out=body_sd)
-        body_sd -= np.float32(1.0)
-        body_sd *= min(ax, ay)
-        inner_sd = body_sd + np.float32(anatomy.fat_mm)
-        _blend(view, _edge_alpha(body_sd, edge), anatomy.hu_fat)
-        _blend(view, _edge_alpha(inner_sd, edge), anatomy.hu_soft)
-    spine = np.append(anatomy.spine_center, anatomy.center[2])
-    reach = anatomy.spine_radius + edge
-    spine_box = geom.box_world(spine - [reach, reach, far], spine + [reach, reach, far])
-    for lo, hi in ([] if spine_box is None else _slabs(*spine_box)):
-        x, y = geom.offsets(lo, hi, spine, components=(0, 1))
-        spine_sd = np.sqrt(np.square(x) + np.square(y)) - np.float32(anatomy.spine_radius)
-        view = _region(volume, lo, hi)
-        marrow_sd = spine_sd + np.float32(0.17 * anatomy.spine_radius)   # the cortical shell
-        _blend(view, _edge_alpha(spine_sd, edge), 650.0)
-        _blend(view, _edge_alpha(marrow_sd, edge), 230.0)
-    cavity = np.append(anatomy.cavity_axes, far)
-    for lung, (centre, axes) in enumerate(zip(anatomy.lung_centers, anatomy.lung_axes)):
-        low = np.maximum(centre - axes, anatomy.center - cavity) - edge
-        high = np.minimum(centre + axes, anatomy.center + cavity) + edge
-        box = geom.box_world(low, high)
-        for lo, hi in ([] if box is None else _slabs(*box)):
-            _render_lung_slab(_region(volume, lo, hi), geom, lo, hi, anatomy, lung)
-
-
-def _render_lung_slab(view, geom: Geometry, lo, hi, anatomy: Anatomy, lung: int) -> None:
-    """Parenchyma (denser towards the back) and its fissures in one slab of a lung's box."""
-    edge = geom.partial_volume_mm
-    centre = anatomy.lung_centers[lung]
-    u, v, w = geom.offsets(lo, hi, centre)
-    inside = kernels.lung_fraction(lung_parameters(anatomy)[lung], geom.origin, geom.index_to_world_matrix,
-                                   np.asarray(lo, np.int64), np.array(v.shape, np.int64), edge)
-    lung_hu = np.float32(anatomy.hu_lung) + np.float32(anatomy.hu_lung_gradient / anatomy.cavity_axes[1]) * v
-    _blend(view, inside, lung_hu)
-    for fissure in (f for f in anatomy.fissures if f.lung == lung):
-        shift = (fissure.point - centre).astype(np.float32)
-        sheet = _sheet_alpha(fissure, u - shift[0], v - shift[1], w - shift[2], edge)
-        if fissure.only_front_of is not None:
-            other = fissure.only_front_of
-            back = (other.point - centre).astype(np.float32)
-            sheet *= _edge_alpha(-other.signed(u - back[0], v - back[1], w - back[2]), edge)
-        sheet *= inside
-        _blend(view, sheet, fissure.hu)
-
-
-def _sheet_alpha(fissure: Fissure, x, y, z, edge: float) -> np.ndarray:
-    """Filled fraction of a sheet ``fissure.thickness_mm`` thick (a thinner sheet than the voxel shows
-    fainter)."""
-    distance = np.abs(fissure.signed(x, y, z))
-    distance -= np.float32(fissure.thickness_mm / 2.0)
-    return _edge_alpha(distance, edge) * np.float32(min(1.0, fissure.thickness_mm / edge))
-
-
-def _tube_fraction(geom: Geometry, segments: np.ndarray, extra_mm: float | np.ndarray = 0.0):
-    """Union (max) of the partial-volume fractions of tapered tubes (rows p0, p1, r0, r1; radii grown by
-    ``extra_mm``, one value or one per segment): ``(lo_ijk, hi_ijk, fraction [z, y, x])`` over the box holding
-    them, or None when they miss the grid."""
-    if not len(segments):
-        return None
-    edge = geom.partial_volume_mm
-    extra = np.ascontiguousarray(np.broadcast_to(np.asarray(extra_mm, dtype=np.float64), (len(segments),)))
-    reach = float((np.maximum(segments[:, 6], segments[:, 7]) + extra).max()) + 2 * edge
-    ends = segments[:, :6].reshape(-1, 3)
-    box = geom.box_world(ends.min(axis=0) - reach, ends.max(axis=0) + reach)
-    if box is None:
-        return None
-    lo, hi = box
-    fraction = np.zeros(tuple((hi - lo)[::-1]), dtype=np.float32)
-    kernels.tube_union(fraction, lo.astype(np.int64), geom.origin, geom.index_to_world_matrix,
-                       geom.world_to_index_matrix, np.ascontiguousarray(segments, dtype=np.float64),
-                       extra, edge)
-    return lo, hi, fraction
-
-
-def _render_tree(volume: np.ndarray, geom: Geometry, tree: VesselTree, extra_mm=0.0,
-                 hu: float | None = None) -> None:
-    """One blend of the tree's tubes (radii grown by ``extra_mm``) with ``hu`` (default: the tree's HU)."""
-    drawn = _tube_fraction(geom, tree.segments, extra_mm)
-    if drawn is not None:
-        lo, hi, fraction = drawn
-        _blend(_region(volume, lo, hi), fraction, tree.hu if hu is None else hu)
-
-
-def _render_airways(volume: np.ndarray, geom: Geometry, airways: list) -> None:
-    """Every airway's wall first, then every lumen (air), so no wall of one tree closes another's lumen."""
-    for tree in airways:
-        _render_tree(volume, geom, tree, airway_wall_mm(np.maximum(tree.segments[:, 6], tree.segments[:, 7])))
-    for tree in airways:
-        _render_tree(volume, geom, tree, 0.0, AIR_HU)
-
-
-def _render_finding(volume, geom: Geometry, finding: Finding) -> None:
-    """The nodule's partial-volume fractions blended towards its HU (its core's where it has one); where the
-    scan is already brighter (a vessel through a ground-glass nodule, the chest wall) it stays so."""
-    drawn = nodule_shapes.render_fractions(finding.nodule, geom.origin, geom.spacing, geom.direction,
-                                           volume.shape)
-    if drawn is None:
-        return
-    lo, hi, fraction, core = drawn
-    view = _region(volume, lo, hi)
-    _blend(view, fraction, np.maximum(nodule_shapes.target_hu(finding.nodule, core), view))
-
-
-# --- noise ----------------------------------------------------------------------
-
-def _gaussian_taps(sigma_voxels: float) -> np.ndarray:
-    """Normalised 1-D Gaussian weights (float32) out to 3 sigma; a single tap for a sigma under 0.15 voxel."""
-    if sigma_voxels < 0.15:
-        return np.ones(1, dtype=np.float32)
-    half = min(8, int(math.ceil(3.0 * sigma_voxels)))
-    x = np.arange(-half, half + 1, dtype=np.float64)
-    weights = np.exp(-0.5 * (x / sigma_voxels) ** 2)
-    return (weights / weights.sum()).astype(np.float32)
-
-
-def _filter_axis(array: np.ndarray, taps: np.ndarray, axis: int) -> np.ndarray:
-    """Correlate ``array`` with ``taps`` along one axis (edges reflected)."""
-    half = len(taps) // 2
-    if half == 0:
-        return array
-    pad = [(0, 0)] * array.ndim
-    pad[axis] = (half, half)
-    padded = np.pad(array, pad, mode="reflect")
-    out = np.zeros_like(array)
-    window = [slice(None)] * array.ndim
-    for t, weight in enumerate(taps):
-        window[axis] = slice(t, t + array.shape[axis])
-        out += weight * padded[tuple(window)]
-    return out
-
-
-def _noise_planes(seed: int, k0: int, k1: int, shape_yx: tuple) -> np.ndarray:
-    """White noise planes ``k0..k1`` (may run past the scan), each from its own seeded stream, so a slab and
-    its halo come out the same whichever slab asks."""
-    return np.stack([np.random.default_rng([seed, k + 64]).standard_normal(shape_yx, dtype=np.float32)
-                     for k in range(k0, k1)])
-
-
-def _add_noise_and_quantise(rng, volume: np.ndarray, noise_std: float,
-                            geom: Geometry | None = None) -> np.ndarray:
-    """int16 HU: volume + spatially correlated Gaussian noise of standard deviation ``noise_std`` HU (white
-    noise smoothed by a Gaussian of NOISE_SIGMA_MM along each index axis, then rescaled), rounded and clipped
-    to the CT range. Made in z-slabs; without ``geom`` the noise is white."""
-    nz, ny, nx = volume.shape
-    sigma_mm = rng.uniform(*NOISE_SIGMA_MM)
-    spacing = geom.spacing if geom is not None else np.full(3, np.inf)
-    taps_x, taps_y, taps_z = (_gaussian_taps(sigma_mm / s) for s in spacing)
-    gain = math.sqrt(float(np.sum(taps_x ** 2) * np.sum(taps_y ** 2) * np.sum(taps_z ** 2)))
-    scale = np.float32(noise_std / gain)
-    seed = int(rng.integers(0, 2**63))
-    half = len(taps_z) // 2
-    slab = max(1, SLAB_VOXELS // (ny * nx))
-    out = np.empty(volume.shape, dtype=np.int16)
-    for k0 in range(0, nz, slab):
-        k1 = min(nz, k0 + slab)
-        planes = _filter_axis(_filter_axis(_noise_planes(seed, k0 - half, k1 + half, (ny, nx)), taps_x, 2),
-                              taps_y, 1)
-        noise = np.zeros((k1 - k0, ny, nx), dtype=np.float32)
-        for t, weight in enumerate(taps_z):
-            noise += weight * planes[t:t + k1 - k0]
-        view = volume[k0:k1]
-        noise *= scale
-        view += noise
-        np.clip(np.rint(view, out=view), HU_MIN, HU_MAX, out=view)
-        out[k0:k1] = view
-    return out
-
-
 # --- public API -----------------------------------------------------------------
 
 def _series_uid(rng: np.random.Generator) -> str:
@@ -1209,30 +694,15 @@ def make_phantom_scan(rng: np.random.Generator, shape_zyx: tuple = SIZES["small"
                               int(rng.integers(nodules_per_scan[0], nodules_per_scan[1] + 1)))
     excluded = _random_excluded(rng, anatomy, geom, nodules,
                                 int(rng.integers(excluded_per_scan[0], excluded_per_scan[1] + 1)))
-    volume = _render(geom, anatomy, _random_ribs(rng, anatomy), vessels, airways, nodules + excluded)
+    volume = render_scene(geom, anatomy, _random_ribs(rng, anatomy), vessels, airways, nodules + excluded)
     negatives = int(round(negatives_per_scan * rng.uniform(0.6, 1.4)))
     candidates = _random_candidates(rng, anatomy, geom, vessels, _vessel_crossings(vessels), nodules,
                                     excluded, negatives, negative_mix, volume)
-    hu = _add_noise_and_quantise(rng, volume, float(rng.uniform(*noise_std)), geom)
+    hu = add_noise_and_quantise(rng, volume, float(rng.uniform(*noise_std)), geom)
     scan = CTScan(hu=hu, origin=geom.origin.copy(), spacing=geom.spacing.copy(),
                   direction=geom.direction.copy(), name=uid)
     return PhantomCase(scan=scan, nodules=nodules + excluded, candidates=candidates, geometry=geom,
                        anatomy=anatomy, vessels=vessels, airways=airways)
-
-
-def _render(geom: Geometry, anatomy: Anatomy, ribs: VesselTree, vessels: list, airways: list,
-            findings: list) -> np.ndarray:
-    """The noise-free scan, float32 HU ``[z, y, x]``: background, ribs, vessels, airways, then the
-    findings."""
-    volume = np.empty(geom.shape_zyx, dtype=np.float32)
-    _render_background(volume, geom, anatomy)
-    _render_tree(volume, geom, ribs)
-    for tree in vessels:
-        _render_tree(volume, geom, tree)
-    _render_airways(volume, geom, airways)
-    for finding in findings:
-        _render_finding(volume, geom, finding)
-    return volume
 
 
 def _check_shape(shape_zyx) -> tuple:

@@ -14,7 +14,7 @@ import numpy as np
 
 _JIT = dict(nogil=True, cache=True, error_model="numpy", boundscheck=False)
 
-# Layout of one lung's parameter row (see lung_parameters in phantom.py).
+# Layout of one lung's parameter row (see lung_parameters in phantom_scene.py).
 LUNG_CENTRE, LUNG_AXES, CAVITY_CENTRE, CAVITY_AXES, SIDE, BAND_X, BAND_HALF = 0, 3, 6, 8, 10, 11, 12
 HEART_CENTRE, HEART_AXES, DOME_CENTRE, DOME_AXES, SPINE_CENTRE, SPINE_CLEAR = 13, 16, 19, 22, 25, 27
 MEDIASTINUM_CENTRE, MEDIASTINUM_AXES = 28, 30
