@@ -23,6 +23,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Dict, Optional, Sequence, Tuple, Union
 
+import calibration
 import followup
 from common import UserError, format_subsets, parse_subsets
 
@@ -204,9 +205,11 @@ OPTIONS: Dict[str, Option] = {o.name: o for o in (
                                            "highest-scoring."},
            {"detect": 300, "predict": 300, "mining": 20}, low=1),
     Option("screen", bool, "Without --coord and --points, with more than one view: score every detected "
-           "candidate at one view first, and at the full views only those whose one-view score reaches the "
-           "screening cutoff validation stored (none of the validation candidates above the cutoff falls "
-           "below it); --no-screen scores every candidate at the full views.", {"predict": True}),
+           "candidate at one view first, and at the full views only those whose one-view score comes within "
+           f"{calibration.SCREEN_MARGIN:g} logits of the screening cutoff validation stored (none of the "
+           "validation candidates above the cutoff falls below that cutoff); --no-screen scores every "
+           "candidate at the full views.",
+           {"predict": True}),
     Option("guideline", str, "Size table for the follow-up category: fleischner (Fleischner 2017, incidental "
            "nodules) or lung-rads (Lung-RADS v2022, baseline screening scan).", {"predict": "fleischner"},
            choices=tuple(followup.GUIDELINES)),

@@ -390,10 +390,14 @@ class WindowAttention(nn.Module):
             masks = masks + self._shift_masks(geometry, table.device)
         masks = _aligned_mask(masks.to(dtype).contiguous())
         if cacheable:
-            if len(self._mask_cache) >= 8:
-                self._mask_cache.clear()
-            self._mask_cache[key] = masks
+            self._remember(key, masks)
         return masks
+
+    def _remember(self, key: tuple, masks) -> None:
+        """Keep masks for ``key`` in the cache, which holds a few geometries at most."""
+        if len(self._mask_cache) >= 8:
+            self._mask_cache.clear()
+        self._mask_cache[key] = masks
 
     def forward(self, x: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
         """Attention over windows of normalised tokens ``(B, d, h, w, C)``; returns the same shape.
@@ -457,7 +461,7 @@ class WindowAttention(nn.Module):
             pooled = torch.logsumexp(to_real[..., padding].float(), dim=-1, keepdim=True).to(mask.dtype)
             chosen.append(torch.cat([to_real[..., real], pooled], dim=-1).contiguous())
         if not self.training:
-            self._mask_cache[key] = chosen
+            self._remember(key, chosen)
         return chosen
 
     def _attend_real_tokens(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geometry: WindowGeometry,
