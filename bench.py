@@ -4,6 +4,7 @@ Each benchmark prints a rich table of medians and side-by-side ratios, and names
 """
 from __future__ import annotations
 
+import common
 import froc
 import os
 import statistics
@@ -23,6 +24,7 @@ bench_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Timing
 @bench_app.callback()
 def main() -> None:
     """Timing benchmarks of the toolkit's stages; each prints medians, ratios and the machine."""
+    common.keep_freed_memory()
 
 
 def median_seconds(func, repeats: int = 5, warmup: int = 1) -> float:

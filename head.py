@@ -123,6 +123,19 @@ class MLPHead(nn.Module):
         return logits, self.size(hidden).squeeze(-1) + math.log(SIZE_REFERENCE_MM)
 
 
+# Bytes of first-stage tokens that one CPU forward pass without gradients works on: with more, its two dozen
+# passes over them run from memory rather than cache (a 64^3 patch at feature size 48 has 6.3 MB of them; 2 a
+# pass were 1.6x faster a patch than 64 on 2 CPUs, BENCHMARKS).
+CPU_BATCH_BYTES = 16 * 2 ** 20
+
+
+def cpu_batch(encoder: nn.Module, x: torch.Tensor) -> int:
+    """How many of the inputs ``x`` ``(B, C, D, H, W)`` the encoder takes in one CPU forward pass without
+    gradients: those whose first-stage tokens fit :data:`CPU_BATCH_BYTES` (at least one)."""
+    tokens = math.prod(n // encoder.patch_size for n in x.shape[2:])
+    return max(1, CPU_BATCH_BYTES // (tokens * encoder.feature_size * x.element_size()))
+
+
 class Classifier(nn.Module):
     """Swin encoder + MLP head on the encoder's last stage (``16 * feature_size`` channels at ``P / 32``).
 
@@ -149,7 +162,15 @@ class Classifier(nn.Module):
         self.compiled_encoder: Optional[CompiledOrEager] = None   # compile_encoder; not part of the weights
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 1, P, P, P)`` unit-scaled patches ``[z, y, x]`` -> ``(B, F)`` features."""
+        """``(B, 1, P, P, P)`` unit-scaled patches ``[z, y, x]`` -> ``(B, F)`` features. On the CPU without
+        gradients the encoder sees :func:`cpu_batch` inputs at a time, whatever the batch."""
+        on_cpu = x.device.type == "cpu" and not torch.is_grad_enabled()
+        step = cpu_batch(self.encoder, x) if on_cpu else len(x)
+        if len(x) > step:
+            return torch.cat([self._features(part) for part in x.split(step)])
+        return self._features(x)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
         x = to_encoder_layout(x, self.input_layout)
         encode = self.compiled_encoder or self.encoder
         if self.pooling == "centre":
@@ -399,36 +420,38 @@ def check_views(views: int) -> int:
     return OPTIONS["views"].check(views)
 
 
-def flipped_views(x: torch.Tensor, views: int):
-    """The first ``views`` flips of ``(B, P, P, P)`` ``[z, y, x]`` patches, each as model input
+def flipped_views(x: torch.Tensor, views: int, first: int = 0):
+    """Flips ``first`` to ``views - 1`` of ``(B, P, P, P)`` ``[z, y, x]`` patches, each as model input
     ``(B, 1, P, P, P)`` (still ``[z, y, x]``: the model applies its input layout)."""
-    for flip in VIEW_FLIPS[:views]:
+    for flip in VIEW_FLIPS[first:views]:
         yield (torch.flip(x, flip) if flip else x).unsqueeze(1)
 
 
 def view_outputs(model: Classifier, patches, preprocess: Dict[str, Any], device: str = "cpu",
-                 batch_size: int = 64, views: int = 1, precision: str = "fp32", with_size: bool = False):
+                 batch_size: int = 64, views: int = 1, precision: str = "fp32", with_size: bool = False,
+                 first: int = 0):
     """Per flip: nodule probabilities (float64, sigmoid in float64) of int16 HU patches ``(N, P, P, P)``
-    ``[z, y, x]`` under each of the first ``views`` flips, ``(N, views)`` (column v: ``VIEW_FLIPS[v]``), and
-    with ``with_size`` the log-diameters (mm) ``(N, views)`` (None without, or for a model without a size
-    output). The flips of several patches go through the model together, ``batch_size`` inputs a forward pass
-    at most. ``precision`` (resolved) applies to the encoder only: the head, its logits and size run in
-    float32."""
+    ``[z, y, x]`` under flips ``first`` to ``views - 1``, ``(N, views - first)`` (column v:
+    ``VIEW_FLIPS[first + v]``), and with ``with_size`` the log-diameters (mm) of the same shape (None without,
+    or for a model without a size output). The flips of several patches go through the model together,
+    ``batch_size`` inputs a forward pass at most. ``precision`` (resolved) applies to the encoder only:
+    the head, its logits and size run in float32."""
     patches = torch.as_tensor(patches)
     sized = with_size and model.has_size
-    device, chunk = torch.device(device), max(1, batch_size // views)
+    count = views - first
+    device, chunk = torch.device(device), max(1, batch_size // count)
     probabilities, log_sizes = [], []   # kept on the device, copied once: no wait for it after each batch
     with torch.inference_mode():
-        for first in range(0, len(patches), chunk):
-            hu = patches[first:first + chunk].to(device, non_blocking=True)
+        for start in range(0, len(patches), chunk):
+            hu = patches[start:start + chunk].to(device, non_blocking=True)
             x = hu_to_unit(hu, preprocess.get("hu_min", -1000.0), preprocess.get("hu_max", 1000.0))
-            logits, size = _forward_in_batches(model, torch.cat(list(flipped_views(x, views))), batch_size,
-                                               device, precision, sized)
-            probabilities.append(torch.sigmoid(logits.double()).reshape(views, -1).T)
+            logits, size = _forward_in_batches(model, torch.cat(list(flipped_views(x, views, first))),
+                                               batch_size, device, precision, sized)
+            probabilities.append(torch.sigmoid(logits.double()).reshape(count, -1).T)
             if sized:
-                log_sizes.append(size.double().reshape(views, -1).T)
+                log_sizes.append(size.double().reshape(count, -1).T)
     if not probabilities:
-        return np.empty((0, views), np.float64), np.empty((0, views), np.float64) if sized else None
+        return np.empty((0, count), np.float64), np.empty((0, count), np.float64) if sized else None
     return (torch.cat(probabilities).cpu().numpy(),
             torch.cat(log_sizes).cpu().numpy() if sized else None)
 
@@ -507,13 +530,18 @@ def mean_of_views(per_view: np.ndarray, views: Optional[int] = None) -> np.ndarr
 
 
 def predict_patches(model: Classifier, patches, preprocess: Dict[str, Any], device: str = "cpu",
-                    batch_size: int = 64, views: int = 1, precision: str = "fp32", with_size: bool = False):
+                    batch_size: int = 64, views: int = 1, precision: str = "fp32", with_size: bool = False,
+                    known: Optional[tuple] = None):
     """Nodule probabilities (float64) of int16 HU patches ``(N, P, P, P)`` ``[z, y, x]``, averaged over the
     first ``views`` flips of each patch (:func:`view_outputs`). With ``with_size``:
     ``(probability, diameter_mm)``, the diameter from the mean log-diameter over the views (all NaN when the
-    model has no size output)."""
+    model has no size output). ``known``: :func:`view_outputs` of the same patches for their first k views
+    (with ``with_size``, when the model has a size output), which are not computed again."""
     probability, log_size = view_outputs(model, patches, preprocess, device, batch_size, views, precision,
-                                         with_size)
+                                         with_size, first=0 if known is None else known[0].shape[1])
+    if known is not None:
+        probability = np.concatenate([known[0], probability], axis=1)
+        log_size = None if log_size is None else np.concatenate([known[1], log_size], axis=1)
     probability = mean_of_views(probability)
     if not with_size:
         return probability

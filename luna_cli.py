@@ -114,6 +114,7 @@ def renamed(**moves: str):
 @app.callback()
 def main() -> None:
     """LUNA16 false-positive reduction: world-mm candidates in, follow-up decisions out."""
+    common.keep_freed_memory()
 
 
 # --- commands, in pipeline order ----------------------------------------------

@@ -338,16 +338,19 @@ def predict_detected(chosen: ModelSet, scan: data.CTScan, world_xyz: np.ndarray,
     patches = data.extract_patches(scan, world_xyz, int(preprocess["patch_size"]), spacing)
     kept, how = np.arange(len(world_xyz)), f"detect: {len(world_xyz)} candidates"
     screen_logit = screening_cutoff(chosen) if screen else None
+    known = None   # the one-view outputs of the screened candidates, the first of their full views
     if screen_logit is not None:
-        one_view = ModelSet(chosen.models, [1] * len(chosen.models), chosen.cutoff)
-        first = calibration.logit(_model_outputs(one_view, patches, device, batch_size, precision)[0])
-        kept = np.flatnonzero(first >= screen_logit)
+        (_, model, meta), = chosen.models
+        first = head.view_outputs(model, patches, meta["preprocess"], device, batch_size, 1,
+                                  head.resolve_precision(precision, device), with_size=True)
+        kept = np.flatnonzero(calibration.logit(first[0][:, 0]) >= screen_logit)
+        known = [tuple(None if part is None else part[kept] for part in first)]
         how += (f", {len(kept)} of them at or above the one-view screening cutoff {screen_logit:.3f} (chosen "
                 f"on validation) scored at {chosen.views[0]} views")
     if not len(kept):
         return [], [], how
     patches, world_xyz = patches[kept], world_xyz[kept]
-    outputs = _model_outputs(chosen, patches, device, batch_size, precision)
+    outputs = _model_outputs(chosen, patches, device, batch_size, precision, known)
     scored = _point_rows(chosen, scan, world_xyz, patches, outputs, options, "detect")
     findings = distinct_findings(scored)
     # the categories of distinct nodules: "multiple" counts the findings, not every candidate above the cutoff
@@ -374,16 +377,17 @@ def _calibration_note(chosen: ModelSet, points: str) -> str:
     return note
 
 
-def _model_outputs(chosen: ModelSet, patches: np.ndarray, device, batch_size: int,
-                   precision: str) -> tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
+def _model_outputs(chosen: ModelSet, patches: np.ndarray, device, batch_size: int, precision: str,
+                   known: Optional[list] = None
+                   ) -> tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
     """The mean raw probability of the models, the mean of their calibrated probabilities (None when one has
     no recorded prior), and the diameter (mm) from the mean log-diameter of those with a size output (None
-    when none has one)."""
+    when none has one). ``known``: per model, ``head.predict_patches``' outputs of views already scored."""
     probabilities, calibrated, log_sizes = [], [], []
-    for (_, model, meta), views in zip(chosen.models, chosen.views):
+    for i, ((_, model, meta), views) in enumerate(zip(chosen.models, chosen.views)):
         probability, diameter = head.predict_patches(model, patches, meta["preprocess"], device, batch_size,
                                                      views, head.resolve_precision(precision, device),
-                                                     with_size=True)
+                                                     with_size=True, known=known and known[i])
         probabilities.append(probability)
         calibrated.append(calibration.calibrated_probability(probability, meta.get("calibration")))
         if model.has_size:

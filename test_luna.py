@@ -3544,13 +3544,17 @@ def test_predict_scan_screens_at_one_view_and_finds_what_all_views_find(phantom_
     checkpoint = _tiny_checkpoint(tmp_path / "screened.pt", views=2, operating_point={
         "cutoff_logits": {"1": float(np.median(logits[1])), "2": cutoff}, "screen_logits": screens,
         "target_sensitivity": 0.9, "basis": "nodule"})
-    scored = []   # (patches, views) of each scoring call
-    monkeypatch.setattr(head, "predict_patches", lambda model, patches, *a, _score=head.predict_patches, **k:
-                        scored.append((len(patches), a[3])) or _score(model, patches, *a, **k))
+    scored = []   # (patches, views, first view) of each scoring call
+    def recorded(model, patches, *a, _score=head.view_outputs, **k):
+        scored.append((len(patches), a[3], k.get("first", 0)))
+        return _score(model, patches, *a, **k)
+    monkeypatch.setattr(head, "view_outputs", recorded)
     screened = predict.predict_scan(checkpoint, mhd, device="cpu", max_per_scan=40)
     calls, scored[:] = list(scored), []
     every = predict.predict_scan(checkpoint, mhd, device="cpu", max_per_scan=40, screen=False)
-    assert scored == [(40, 2)] and calls[0] == (40, 1) and calls[1][1] == 2 and 6 <= calls[1][0] < 40, calls
+    # the screened candidates' one-view scores are the first of their full views, not computed again
+    assert scored == [(40, 2, 0)] and calls[0] == (40, 1, 0), calls
+    assert calls[1][1:] == (2, 1) and 6 <= calls[1][0] < 40, calls
     assert len(screened) == len(every) >= 1
     for a, b in zip(screened, every):
         assert a.keys() == b.keys() and a["follow_up"] and a["category"] == b["category"]
