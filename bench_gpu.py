@@ -27,6 +27,7 @@ from rich.table import Table
 import features
 import head
 import swin_encoder
+import train
 
 # Dense bf16 tensor-core peak (TFLOP/s, without sparsity) by the card's name, from the makers' data sheets.
 BF16_PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0),
@@ -126,19 +127,18 @@ def inference_step(model: head.Classifier, batch: int, size: int, device: torch.
 
 
 def training_step(model: head.Classifier, batch: int, size: int, device: torch.device, precision: str):
-    """The fine-tuning step of train.py on one in-memory batch: augmentation on the device, forward under
-    autocast, loss, backward, AdamW (fused on CUDA)."""
+    """The fine-tuning step of train.py on one in-memory batch: augmentation on the device, its loss
+    (``train.batch_loss``: forward under autocast), backward, AdamW (fused on CUDA)."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     generator = torch.Generator().manual_seed(0)
     hu = torch.randint(-1000, 400, (batch, size, size, size), dtype=torch.int16, device=device)
     labels = (torch.arange(batch, device=device) % 2).float()
+    no_sizes = torch.full((batch,), float("nan"), device=device)
 
     def step() -> None:
         x = features.training_inputs(hu, generator, -1000.0, 1000.0, True, 3)
-        with head.autocast(device, precision):
-            logits = model(x)
-        torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels).backward()
+        train.batch_loss(model, x, labels, no_sizes, 0.0, device, precision).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step

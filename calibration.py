@@ -25,9 +25,10 @@ one that applies, or refuses a number of views without one.
 Screening. For each stored number of views above one, validation also stores a screening cutoff, a one-view
 logit (:func:`screening_cutoffs`): the lowest one-view score of a validation candidate whose score at those
 views reaches their cutoff. ``predict --scan`` without points scores every detected candidate at one view and
-the full views only where that score reaches the screening cutoff less :data:`SCREEN_MARGIN` (2 logits: on
-a real chest CT, a phantom-trained model put one candidate above the 8-view cutoff whose one-view score was
-1.1 logits below the validated screening cutoff).
+the full views only where that score reaches the screening cutoff less a margin (:func:`stored_screen`): at
+least :data:`SCREEN_MARGIN` (2 logits: on a real chest CT, a phantom-trained model put one candidate above the
+8-view cutoff whose one-view score was 1.1 logits below the validated screening cutoff), and more for a model
+whose views disagree more on validation.
 """
 from __future__ import annotations
 
@@ -181,11 +182,20 @@ def screening_cutoffs(view_logits: Dict[int, np.ndarray], cutoffs: Dict[int, Opt
 
 def stored_screen(meta: dict, views: int) -> Optional[float]:
     """The one-view logit at which to screen candidates for ``views`` views: the one a checkpoint's validation
-    chose (:func:`screening_cutoffs`) less :data:`SCREEN_MARGIN`; None for one view, for checkpoints made
-    before screening cutoffs, and where validation put no candidate above the cutoff."""
+    chose (:func:`screening_cutoffs`) less a margin, the larger of :data:`SCREEN_MARGIN` and that logit's
+    distance below the cutoff for ``views`` views; None for one view, for checkpoints made before screening
+    cutoffs, and where validation put no candidate above the cutoff.
+
+    The distance measures how far one view can fall short of the full views for this model. On a real chest
+    CT, a model whose screening logit was 7.3 logits below its cutoff put a candidate above the cutoff whose
+    one-view score was 2.7 logits below that screening logit: a margin of 2 lost it (BENCHMARKS)."""
     point = meta.get("operating_point") or {}
     screen = (point.get("screen_logits") or {}).get(str(views))
-    return None if views == 1 or screen is None else float(screen) - SCREEN_MARGIN
+    if views == 1 or screen is None:
+        return None
+    cutoff = (point.get("cutoff_logits") or {}).get(str(views))
+    gap = 0.0 if cutoff is None else float(cutoff) - float(screen)
+    return float(screen) - max(SCREEN_MARGIN, gap)
 
 
 @dataclass

@@ -141,7 +141,8 @@ OPTIONS: Dict[str, Option] = {o.name: o for o in (
            low=1),
     Option("batch_size", int, {"head": "Feature vectors per step.",
                                "finetune": "Patches per step in each process.",
-                               **{s: "Patches per forward pass." for s in ("features",) + SCORING}},
+                               **{s: "Patches per forward pass (on the CPU the encoder takes a few at a "
+                                     "time, as many as its cache holds)." for s in ("features",) + SCORING}},
            {"head": 256, "finetune": 32, "features": 32, "evaluate": 64, "predict": 64, "mining": 64}, low=1),
     Option("accumulate", int, "Steps of gradient accumulation per optimiser update.", {s: 1 for s in BOTH},
            low=1),
@@ -206,9 +207,9 @@ OPTIONS: Dict[str, Option] = {o.name: o for o in (
            {"detect": 300, "predict": 300, "mining": 20}, low=1),
     Option("screen", bool, "Without --coord and --points, with more than one view: score every detected "
            "candidate at one view first, and at the full views only those whose one-view score comes within "
-           f"{calibration.SCREEN_MARGIN:g} logits of the screening cutoff validation stored (none of the "
-           "validation candidates above the cutoff falls below that cutoff); --no-screen scores every "
-           "candidate at the full views.",
+           "a margin of the screening cutoff validation stored (none of the validation candidates above the "
+           f"cutoff falls below that one; the margin is at least {calibration.SCREEN_MARGIN:g} logits, and "
+           "as much as that one lies below the cutoff); --no-screen scores every candidate at all views.",
            {"predict": True}),
     Option("guideline", str, "Size table for the follow-up category: fleischner (Fleischner 2017, incidental "
            "nodules) or lung-rads (Lung-RADS v2022, baseline screening scan).", {"predict": "fleischner"},

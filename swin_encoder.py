@@ -51,6 +51,8 @@ class WindowGeometry:
         padded); ``group_masks[g]`` is that ``(N, N)`` mask (0 or -100), None when nothing is shifted.
     real_tokens: per box, the positions (in window order) of its windows' real tokens, the others being
         padding; None where every token is real.
+    by_padding: an inference geometry (boxes split by their padding), which
+        :meth:`WindowAttention._attend_gathered` runs.
     """
     size: Tuple[int, int, int]
     window: Tuple[int, int, int]
@@ -59,6 +61,7 @@ class WindowGeometry:
     groups: Tuple[Tuple[Tuple[int, int], ...], ...]
     group_masks: Optional[torch.Tensor]
     real_tokens: Tuple[Optional[torch.Tensor], ...] = (None,)
+    by_padding: bool = False
 
     @property
     def counts(self) -> Tuple[int, ...]:
@@ -113,7 +116,7 @@ def build_geometry(size: Tuple[int, int, int], window: int, shifted: bool = True
     real_tokens = tuple(_real_positions([real[first] for real, (first, _) in zip(real_along, box)])
                         if by_padding else None for box in boxes)
     if not any(shifts):
-        return WindowGeometry(size, windows, shifts, padded, boxes, None, real_tokens)
+        return WindowGeometry(size, windows, shifts, padded, boxes, None, real_tokens, by_padding)
     labels = region_labels(padded, windows, shifts)[None, ..., None]
     labels = partition_windows(labels, plain, 1, 1).reshape(*counts, -1)  # (nd, nh, nw, N)
     all_masks = (labels.unsqueeze(-1) != labels.unsqueeze(-2))  # (nd, nh, nw, N, N)
@@ -126,7 +129,7 @@ def build_geometry(size: Tuple[int, int, int], window: int, shifted: bool = True
         if not bool((block == first).all()):
             raise RuntimeError(f"windows of box {box} do not share one shift mask")
         masks.append(first.to(torch.float32) * MASKED_SCORE)
-    return WindowGeometry(size, windows, shifts, padded, boxes, torch.stack(masks), real_tokens)
+    return WindowGeometry(size, windows, shifts, padded, boxes, torch.stack(masks), real_tokens, by_padding)
 
 
 def _axis_runs(n: int, padded: int, window: int, shift: int, by_padding: bool) -> Tuple[list, list]:
@@ -154,6 +157,37 @@ def _real_positions(real_along: Sequence[torch.Tensor]) -> Optional[torch.Tensor
     d, h, w = real_along
     real = (d[:, None, None] & h[None, :, None] & w[None, None, :]).reshape(-1)
     return None if bool(real.all()) else torch.nonzero(real).squeeze(1)
+
+
+@functools.lru_cache(maxsize=64)
+def gather_index(size: Tuple[int, int, int], window: Tuple[int, int, int], shift: Tuple[int, int, int],
+                 padded: Tuple[int, int, int], groups: tuple, batch: int, device: torch.device
+                 ) -> Tuple[Tuple[torch.Tensor, torch.Tensor], ...]:
+    """Inference: where each box's windows find their tokens in a table of ``batch * d * h * w`` token rows
+    (``(B, d, h, w)`` row-major) followed by one row of zeros. Per box of ``groups``: ``(keys, queries)``,
+    ``keys`` ``(windows * K,)``: each window's real tokens in window order (row-major d, h, w of the window
+    cut from the grid padded and rolled by ``-shift``), then the zero row when the box has padding tokens;
+    ``queries`` ``(windows * R,)``: its real tokens only, where its attention output goes."""
+    rolled = [(torch.arange(p) + s) % p for p, s in zip(padded, shift)]   # rolled position -> original one
+    (d, h, w), tokens = size, math.prod(size)
+    flat = (rolled[0][:, None, None] * h + rolled[1][None, :, None]) * w + rolled[2][None, None, :]
+    real = (rolled[0] < d)[:, None, None] & (rolled[1] < h)[None, :, None] & (rolled[2] < w)[None, None, :]
+    flat[~real] = -1
+    counts = [p // k for p, k in zip(padded, window)]
+    grid = flat.reshape(counts[0], window[0], counts[1], window[1], counts[2], window[2])
+    grid = grid.permute(0, 2, 4, 1, 3, 5).reshape(*counts, -1)    # (nd, nh, nw, N)
+    offsets = tokens * torch.arange(batch)[:, None, None]
+    index = []
+    for box in groups:
+        rows = grid[tuple(slice(*span) for span in box)].reshape(-1, grid.shape[-1])
+        keep = rows[0] >= 0
+        if not bool(((rows >= 0) == keep).all()):
+            raise RuntimeError(f"windows of box {box} do not share their padding")
+        queries = (rows[:, keep][None] + offsets).reshape(-1, int(keep.sum()))
+        keys = queries if bool(keep.all()) else torch.cat(
+            [queries, torch.full((len(queries), 1), batch * tokens)], dim=1)
+        index.append((keys.reshape(-1).to(device), queries.reshape(-1).to(device)))
+    return tuple(index)
 
 
 def _shift_pieces(geometry: WindowGeometry) -> Iterator[Tuple[tuple, tuple]]:
@@ -406,6 +440,8 @@ class WindowAttention(nn.Module):
         and the value bias passes through attention unchanged (weights sum to one) and is folded into
         ``proj``; so the projection runs on the unpadded tokens and padding stays zero.
         """
+        if geometry.by_padding:
+            return self._attend_gathered(x, geometry)
         batch, heads = x.shape[0], self.num_heads
         pad = functools.partial(pad_and_roll, geometry=geometry)
         crop = functools.partial(unroll_and_crop, geometry=geometry)
@@ -416,9 +452,7 @@ class WindowAttention(nn.Module):
                                      lambda grad: merge_windows(grad, geometry, batch))
         q, k, v = windows.unbind(0)  # each (windows, heads, N, hd)
         masks = self._masks(geometry, q.dtype)
-        if any(real is not None for real in geometry.real_tokens):   # inference geometries only (BasicLayer)
-            attended = self._attend_real_tokens(q, k, v, geometry, batch)
-        elif len(geometry.groups) == 1:
+        if len(geometry.groups) == 1:
             attended = window_attention(q, k, v, masks)
         else:
             sizes = [rows.stop - rows.start for rows, _, _ in geometry.boxes(batch)]
@@ -442,7 +476,7 @@ class WindowAttention(nn.Module):
         return [mask.unsqueeze(0) for mask in masks.unbind(0)]
 
     def _real_masks(self, geometry: WindowGeometry, dtype: torch.dtype) -> List[torch.Tensor]:
-        """Each box's mask for :meth:`_attend_real_tokens`: ``(1, heads, N, N)`` where every token is real,
+        """Each box's mask for :meth:`_attend_gathered`: ``(1, heads, N, N)`` where every token is real,
         else ``(1, heads, R, R + 1)``: the scores' masks among its R real tokens, then for each real query the
         log-sum-exp of its masks to the padding tokens (cached as :meth:`_masks` is)."""
         key = ("real",) + self._cache_key(geometry, dtype)
@@ -464,28 +498,34 @@ class WindowAttention(nn.Module):
             self._remember(key, chosen)
         return chosen
 
-    def _attend_real_tokens(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geometry: WindowGeometry,
-                            batch: int) -> torch.Tensor:
-        """Inference: attention computed for the real tokens only, equal to that over every token. A padding
-        token is zero after the projection (no key or value bias), so its score for a query is the mask alone
-        and its value zero: a window's padding tokens count as one key of value zero whose score is the
-        log-sum-exp of their masks (:meth:`_real_masks`). The outputs at padding positions, cropped away
-        later, are zero."""
-        outputs = []
-        for (rows, _, _), real, mask in zip(geometry.boxes(batch), geometry.real_tokens,
-                                            self._real_masks(geometry, q.dtype), strict=True):
-            qb, kb, vb = q[rows], k[rows], v[rows]
-            if real is None:
-                outputs.append(window_attention(qb, kb, vb, mask))
-                continue
-            real = real.to(q.device)
-            zero = qb.new_zeros(qb.shape[0], qb.shape[1], 1, qb.shape[3])
-            attended = window_attention(qb[:, :, real], torch.cat([kb[:, :, real], zero], dim=2),
-                                        torch.cat([vb[:, :, real], zero], dim=2), mask)
-            full = qb.new_zeros(qb.shape)
-            full[:, :, real] = attended
-            outputs.append(full)
-        return torch.cat(outputs)
+    def _attend_gathered(self, x: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
+        """Inference: :meth:`forward` over the real tokens only, with one gather and one scatter of the tokens
+        per box of windows (:func:`gather_index`) in place of padding, rolling and cutting windows and their
+        inverses. A padding token is zero after the projection (no key or value bias), so its score for a
+        query is the mask alone and its value zero: a window's padding tokens count as one zero key, whose
+        mask is the log-sum-exp of theirs (:meth:`_real_masks`). Under autocast the layers run in its dtype,
+        as they would through it."""
+        device, channels, heads = x.device.type, self.dim, self.num_heads
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        weight, proj = self.qkv.weight.to(dtype), self.proj.weight.to(dtype)
+        value_bias = self.qkv.bias[2 * channels:]
+        with torch.autocast(device, enabled=False):
+            table = x.new_empty((x[..., 0].numel() + 1, 3 * channels), dtype=dtype)   # then a zero row
+            table[-1].zero_()
+            torch.addmm((self.qkv.bias * self.query_bias_only).to(dtype), x.reshape(-1, channels).to(dtype),
+                        weight.t(), out=table[:-1])
+            attended = table.new_empty((len(table) - 1, channels))
+            index = gather_index(geometry.size, geometry.window, geometry.shift, geometry.padded,
+                                 geometry.groups, x.shape[0], x.device)
+            for (keys, queries), mask in zip(index, self._real_masks(geometry, dtype), strict=True):
+                n_keys, n_queries = mask.shape[-1], mask.shape[-2]
+                windows = table.index_select(0, keys).view(-1, n_keys, 3, heads, channels // heads)
+                q, k, v = (windows[:, :n_queries, 0], windows[:, :, 1], windows[:, :, 2])
+                out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                     attn_mask=mask)
+                attended.index_copy_(0, queries, out.transpose(1, 2).reshape(-1, channels))
+            return F.linear(attended.view(*x.shape[:-1], channels), proj,
+                            (self.proj.bias + F.linear(value_bias, self.proj.weight)).to(dtype))
 
 
 class MLPBlock(nn.Module):
@@ -629,7 +669,7 @@ def attention_flops(encoder: SwinEncoder, spatial: Sequence[int], inference: boo
     """FLOPs of the window attention of one input of spatial size ``(D, H, W)``: the scores and the weighted
     sum, ``4 * queries * keys * C`` per window (C channels over all heads). In training every window has N
     queries and keys, padding included; in ``inference`` a window with padding has R real queries and R + 1
-    keys (``WindowAttention._attend_real_tokens``). FLOP counters that do not see the fused attention kernels
+    keys (``WindowAttention._attend_gathered``). FLOP counters that do not see the fused attention kernels
     (torch's, on the CPU) leave this out."""
     size = tuple(int(n) // encoder.patch_size for n in spatial)
     total = 0

@@ -1550,6 +1550,9 @@ def test_the_screening_cutoff_keeps_every_validation_candidate_the_full_views_pu
     assert calibration.screening_cutoffs({1: one, 2: full}, {2: 9.0}) == {"2": None}
     meta = {"operating_point": {"cutoff_logits": {"1": 0.0, "2": 0.9}, "screen_logits": screens}}
     assert calibration.stored_screen(meta, 2) == -1.0 - calibration.SCREEN_MARGIN
+    # a screening cutoff far below the cutoff (views that disagree) widens the margin to that distance
+    far = {"operating_point": {"cutoff_logits": {"2": 5.0}, "screen_logits": {"2": -1.0}}}
+    assert calibration.stored_screen(far, 2) == -1.0 - 6.0
     assert calibration.stored_screen(meta, 1) is None
     assert calibration.stored_screen({"cutoff": 0.5}, 2) is None
 
@@ -2135,8 +2138,19 @@ def test_inference_over_real_tokens_equals_attention_over_the_padded_windows():
         skipped_after = again(x)
     for a, b in ((skipped, full), (skipped_after, full_first), (skipped, skipped_after)):
         assert max(float((p - q).abs().max() / q.abs().max()) for p, q in zip(a, b)) < 1e-5
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # the inference path keeps autocast's dtypes
+        with torch.no_grad():
+            skipped_bf16 = encoder(x)
+        full_bf16 = [o.detach() for o in encoder(x)]
+    for p, q in zip(skipped_bf16, full_bf16):
+        assert p.dtype == q.dtype
+        assert float((p.float() - q.float()).abs().max() / q.float().abs().max()) < 5e-2
     geometry = swin_encoder.build_geometry((32, 16, 16), 7, True, by_padding=True)
     assert any(real is not None for real in geometry.real_tokens)   # the stage really has padding
+    index = swin_encoder.gather_index(geometry.size, geometry.window, geometry.shift, geometry.padded,
+                                      geometry.groups, 2, torch.device("cpu"))
+    every_token = torch.cat([queries for _, queries in index]).sort().values
+    assert torch.equal(every_token, torch.arange(2 * 32 * 16 * 16))   # each real token attends once
     flops = [swin_encoder.attention_flops(encoder, (64, 32, 32), inference) for inference in (False, True)]
     assert flops[1] < flops[0]
 
@@ -3540,10 +3554,12 @@ def test_predict_scan_screens_at_one_view_and_finds_what_all_views_find(phantom_
     lowest = calibration.screening_cutoffs(logits, {2: cutoff})["2"]
     below = logits[1][logits[1] < lowest]   # stored so that, less the margin, it screens between two scores
     between = float((lowest + below.max()) / 2 if len(below) else lowest - 1)
-    screens = {"2": between + calibration.SCREEN_MARGIN}
-    checkpoint = _tiny_checkpoint(tmp_path / "screened.pt", views=2, operating_point={
-        "cutoff_logits": {"1": float(np.median(logits[1])), "2": cutoff}, "screen_logits": screens,
-        "target_sensitivity": 0.9, "basis": "nodule"})
+    margin = calibration.SCREEN_MARGIN   # the stored screen, less its margin, is `between`
+    screens = {"2": between + margin if cutoff - between <= 2 * margin else (between + cutoff) / 2}
+    point = {"cutoff_logits": {"1": float(np.median(logits[1])), "2": cutoff}, "screen_logits": screens,
+             "target_sensitivity": 0.9, "basis": "nodule"}
+    assert calibration.stored_screen({"operating_point": point}, 2) == pytest.approx(between)
+    checkpoint = _tiny_checkpoint(tmp_path / "screened.pt", views=2, operating_point=point)
     scored = []   # (patches, views, first view) of each scoring call
     def recorded(model, patches, *a, _score=head.view_outputs, **k):
         scored.append((len(patches), a[3], k.get("first", 0)))

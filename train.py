@@ -287,9 +287,17 @@ NAN_CHECK_STEPS = 16
 
 def _step_loss(fit: Fit, x: torch.Tensor, y: torch.Tensor, d: torch.Tensor,
                size_weight: float) -> torch.Tensor:
-    """The training loss of one batch (classification, plus the weighted size loss)."""
-    with autocast(fit.device, fit.precision):
-        logits, log_size = _outputs(fit.module, x, size_weight > 0)
+    """The training loss of one batch of ``fit`` (:func:`batch_loss`)."""
+    return batch_loss(fit.module, x, y, d, size_weight, fit.device, fit.precision)
+
+
+def batch_loss(module: nn.Module, x: torch.Tensor, y: torch.Tensor, d: torch.Tensor, size_weight: float,
+               device: torch.device, precision: str) -> torch.Tensor:
+    """The training loss of one batch: classification of labels ``y``, plus the weighted size loss on
+    diameters ``d`` (mm, NaN where unknown) when ``size_weight`` > 0; forward under ``precision`` autocast,
+    the loss in float32."""
+    with autocast(device, precision):
+        logits, log_size = _outputs(module, x, size_weight > 0)
     loss = F.binary_cross_entropy_with_logits(logits.float(), y)
     if log_size is not None:
         loss = loss + size_weight * head_mod.size_loss(log_size, y, d)
