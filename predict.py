@@ -382,7 +382,7 @@ def _model_outputs(chosen: ModelSet, patches: np.ndarray, device, batch_size: in
                    ) -> tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
     """The mean raw probability of the models, the mean of their calibrated probabilities (None when one has
     no recorded prior), and the diameter (mm) from the mean log-diameter of those with a size output (None
-    when none has one). ``known``: per model, ``head.predict_patches``' outputs of views already scored."""
+    when none has one). ``known``: per model, ``head.view_outputs`` of the views already scored."""
     probabilities, calibrated, log_sizes = [], [], []
     for i, ((_, model, meta), views) in enumerate(zip(chosen.models, chosen.views)):
         probability, diameter = head.predict_patches(model, patches, meta["preprocess"], device, batch_size,

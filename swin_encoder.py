@@ -159,7 +159,7 @@ def _real_positions(real_along: Sequence[torch.Tensor]) -> Optional[torch.Tensor
     return None if bool(real.all()) else torch.nonzero(real).squeeze(1)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)   # two batch sizes of a model's 8 geometries (large at a GPU's batch 256)
 def gather_index(size: Tuple[int, int, int], window: Tuple[int, int, int], shift: Tuple[int, int, int],
                  padded: Tuple[int, int, int], groups: tuple, batch: int, device: torch.device
                  ) -> Tuple[Tuple[torch.Tensor, torch.Tensor], ...]:
