@@ -17,7 +17,7 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -200,6 +200,24 @@ def kernel_breakdown(step: Callable[[], None], device: torch.device) -> Dict[str
     return {name: times.get(name, 0.0) / total for name, _ in KERNEL_CATEGORIES + (("other", ""),)}
 
 
+# Candidates of the pipeline's scans keep this far (voxels, z, y, x) from the scan's faces, inside the body.
+BODY_MARGIN_VOX = (8, 40, 40)
+
+
+def check_scan_shape(text: str) -> Tuple[int, int, int]:
+    """``--scan-shape`` ``"Z,Y,X"`` (voxels) as integers, each more than twice :data:`BODY_MARGIN_VOX`;
+    ValueError naming the option otherwise."""
+    try:
+        shape = tuple(int(n) for n in text.split(","))
+    except ValueError:
+        raise ValueError(f"--scan-shape {text!r}: expected three integers Z,Y,X") from None
+    least = tuple(2 * m + 1 for m in BODY_MARGIN_VOX)
+    if len(shape) != 3 or any(n < low for n, low in zip(shape, least)):
+        raise ValueError(f"--scan-shape {text!r}: expected three integers Z,Y,X of at least "
+                         f"{','.join(map(str, least))} voxels")
+    return shape
+
+
 def pipeline_rate(model: head.Classifier, size: int, device: torch.device, precision: str, scans: int,
                   distinct: int, per_scan: int, shape: tuple, readers: int, batch: int,
                   deadline: Deadline) -> Dict[str, float]:
@@ -219,7 +237,7 @@ def pipeline_rate(model: head.Classifier, size: int, device: torch.device, preci
     todo = []
     for i in range(scans):
         path, scan = made[i % distinct]
-        zyx = rng.uniform([8, 40, 40], np.array(scan.hu.shape) - [8, 40, 40], (per_scan, 3))
+        zyx = rng.uniform(BODY_MARGIN_VOX, np.array(scan.hu.shape) - BODY_MARGIN_VOX, (per_scan, 3))
         todo.append((f"scan{i}", path, data.index_to_world(zyx[:, ::-1], scan)))
     run = evaluate.ModelRun(model.eval(), {"patch_size": size, "spacing_mm": 1.0, "hu_min": -1000.0,
                                            "hu_max": 1000.0}, 1, batch, readers, device, precision, None)

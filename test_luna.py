@@ -1035,6 +1035,16 @@ def test_predict_cli_reads_a_candidates_file_and_rejects_bad_points(eval_phantom
     assert result.exit_code == 1 and "bad.csv line 3" in str(_user_error(result)), _why(result)
 
 
+def test_bench_gpu_refuses_a_scan_shape_too_small_for_its_candidates_before_running():
+    from typer.testing import CliRunner
+    import bench
+    import bench_gpu
+    for shape in ("40,64,64", "60,x,128", "60,128"):
+        result = CliRunner().invoke(bench.bench_app, ["gpu", "--device", "cpu", "--scan-shape", shape])
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), _why(result)
+    assert bench_gpu.check_scan_shape("17,81,81") == (17, 81, 81)
+
+
 def test_compile_that_fails_falls_back_with_one_warning(eval_phantom, tmp_path, monkeypatch):
     import warnings
     import torch
