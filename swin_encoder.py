@@ -39,7 +39,7 @@ NUM_STAGES = 4
 
 # --- geometry of windows ------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)   # compared and hashed as the object build_geometry caches
 class WindowGeometry:
     """How one stage's token grid ``size = (d, h, w)`` is cut into attention windows.
 
@@ -160,31 +160,26 @@ def _real_positions(real_along: Sequence[torch.Tensor]) -> Optional[torch.Tensor
 
 
 @functools.lru_cache(maxsize=16)   # two batch sizes of a model's 8 geometries (large at a GPU's batch 256)
-def gather_index(size: Tuple[int, int, int], window: Tuple[int, int, int], shift: Tuple[int, int, int],
-                 padded: Tuple[int, int, int], groups: tuple, batch: int, device: torch.device
+def gather_index(geometry: WindowGeometry, batch: int, device: torch.device
                  ) -> Tuple[Tuple[torch.Tensor, torch.Tensor], ...]:
-    """Inference: where each box's windows find their tokens in a table of ``batch * d * h * w`` token rows
-    (``(B, d, h, w)`` row-major) followed by one row of zeros. Per box of ``groups``: ``(keys, queries)``,
-    ``keys`` ``(windows * K,)``: each window's real tokens in window order (row-major d, h, w of the window
-    cut from the grid padded and rolled by ``-shift``), then the zero row when the box has padding tokens;
-    ``queries`` ``(windows * R,)``: its real tokens only, where its attention output goes."""
-    rolled = [(torch.arange(p) + s) % p for p, s in zip(padded, shift)]   # rolled position -> original one
-    (d, h, w), tokens = size, math.prod(size)
+    """Inference: where each box's windows of ``geometry`` (built ``by_padding``) find their tokens in a table
+    of ``batch * d * h * w`` token rows (``(B, d, h, w)`` row-major) followed by one row of zeros. Per box:
+    ``(keys, queries)``, ``keys`` ``(windows * K,)``: each window's real tokens (``geometry.real_tokens``) in
+    window order (row-major d, h, w of the window cut from the grid padded and rolled by ``-shift``), then the
+    zero row when the box has padding tokens; ``queries`` ``(windows * R,)``: its real tokens only, where its
+    attention output goes."""
+    # the original position of each rolled one (padding positions are cut out below, through real_tokens)
+    rolled = [(torch.arange(p) + s) % p for p, s in zip(geometry.padded, geometry.shift)]
+    (_, h, w), tokens = geometry.size, math.prod(geometry.size)
     flat = (rolled[0][:, None, None] * h + rolled[1][None, :, None]) * w + rolled[2][None, None, :]
-    real = (rolled[0] < d)[:, None, None] & (rolled[1] < h)[None, :, None] & (rolled[2] < w)[None, None, :]
-    flat[~real] = -1
-    counts = [p // k for p, k in zip(padded, window)]
-    grid = flat.reshape(counts[0], window[0], counts[1], window[1], counts[2], window[2])
-    grid = grid.permute(0, 2, 4, 1, 3, 5).reshape(*counts, -1)    # (nd, nh, nw, N)
+    (nd, nh, nw), (w0, w1, w2) = geometry.counts, geometry.window
+    grid = flat.reshape(nd, w0, nh, w1, nw, w2).permute(0, 2, 4, 1, 3, 5).reshape(nd, nh, nw, -1)
     offsets = tokens * torch.arange(batch)[:, None, None]
     index = []
-    for box in groups:
+    for box, real in zip(geometry.groups, geometry.real_tokens, strict=True):
         rows = grid[tuple(slice(*span) for span in box)].reshape(-1, grid.shape[-1])
-        keep = rows[0] >= 0
-        if not bool(((rows >= 0) == keep).all()):
-            raise RuntimeError(f"windows of box {box} do not share their padding")
-        queries = (rows[:, keep][None] + offsets).reshape(-1, int(keep.sum()))
-        keys = queries if bool(keep.all()) else torch.cat(
+        queries = ((rows if real is None else rows[:, real])[None] + offsets).reshape(len(rows) * batch, -1)
+        keys = queries if real is None else torch.cat(
             [queries, torch.full((len(queries), 1), batch * tokens)], dim=1)
         index.append((keys.reshape(-1).to(device), queries.reshape(-1).to(device)))
     return tuple(index)
@@ -445,7 +440,7 @@ class WindowAttention(nn.Module):
         batch, heads = x.shape[0], self.num_heads
         pad = functools.partial(pad_and_roll, geometry=geometry)
         crop = functools.partial(unroll_and_crop, geometry=geometry)
-        qkv = F.linear(x, self.qkv.weight, self.qkv.bias * self.query_bias_only)
+        qkv = F.linear(x, self.qkv.weight, self._qkv_bias())
         if geometry.needs_padding:
             qkv = _WithAdjoint.apply(qkv, pad, crop)  # (B, Dp, Hp, Wp, 3C)
         windows = _WithAdjoint.apply(qkv, lambda t: partition_windows(t, geometry, 3, heads),
@@ -464,8 +459,15 @@ class WindowAttention(nn.Module):
                                  lambda grad: partition_windows(grad, geometry, 1, heads))
         if geometry.needs_padding:
             out = _WithAdjoint.apply(out, crop, pad)
-        value_bias = self.qkv.bias[2 * self.dim:]
-        return F.linear(out, self.proj.weight, self.proj.bias + F.linear(value_bias, self.proj.weight))
+        return F.linear(out, self.proj.weight, self._proj_bias())
+
+    def _qkv_bias(self) -> torch.Tensor:
+        """``qkv``'s bias with the key and value parts zeroed (see :meth:`forward`)."""
+        return self.qkv.bias * self.query_bias_only
+
+    def _proj_bias(self) -> torch.Tensor:
+        """``proj``'s bias with ``qkv``'s value bias folded in (see :meth:`forward`)."""
+        return self.proj.bias + F.linear(self.qkv.bias[2 * self.dim:], self.proj.weight)
 
     @staticmethod
     def _box_masks(masks: torch.Tensor, geometry: WindowGeometry) -> List[torch.Tensor]:
@@ -508,24 +510,21 @@ class WindowAttention(nn.Module):
         device, channels, heads = x.device.type, self.dim, self.num_heads
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         weight, proj = self.qkv.weight.to(dtype), self.proj.weight.to(dtype)
-        value_bias = self.qkv.bias[2 * channels:]
         with torch.autocast(device, enabled=False):
             table = x.new_empty((x[..., 0].numel() + 1, 3 * channels), dtype=dtype)   # then a zero row
             table[-1].zero_()
-            torch.addmm((self.qkv.bias * self.query_bias_only).to(dtype), x.reshape(-1, channels).to(dtype),
-                        weight.t(), out=table[:-1])
+            torch.addmm(self._qkv_bias().to(dtype), x.reshape(-1, channels).to(dtype), weight.t(),
+                        out=table[:-1])
             attended = table.new_empty((len(table) - 1, channels))
-            index = gather_index(geometry.size, geometry.window, geometry.shift, geometry.padded,
-                                 geometry.groups, x.shape[0], x.device)
-            for (keys, queries), mask in zip(index, self._real_masks(geometry, dtype), strict=True):
+            for (keys, queries), mask in zip(gather_index(geometry, x.shape[0], x.device),
+                                             self._real_masks(geometry, dtype), strict=True):
                 n_keys, n_queries = mask.shape[-1], mask.shape[-2]
                 windows = table.index_select(0, keys).view(-1, n_keys, 3, heads, channels // heads)
                 q, k, v = (windows[:, :n_queries, 0], windows[:, :, 1], windows[:, :, 2])
                 out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                      attn_mask=mask)
                 attended.index_copy_(0, queries, out.transpose(1, 2).reshape(-1, channels))
-            return F.linear(attended.view(*x.shape[:-1], channels), proj,
-                            (self.proj.bias + F.linear(value_bias, self.proj.weight)).to(dtype))
+            return F.linear(attended.view(*x.shape[:-1], channels), proj, self._proj_bias().to(dtype))
 
 
 class MLPBlock(nn.Module):

@@ -2157,8 +2157,7 @@ def test_inference_over_real_tokens_equals_attention_over_the_padded_windows():
         assert float((p.float() - q.float()).abs().max() / q.float().abs().max()) < 5e-2
     geometry = swin_encoder.build_geometry((32, 16, 16), 7, True, by_padding=True)
     assert any(real is not None for real in geometry.real_tokens)   # the stage really has padding
-    index = swin_encoder.gather_index(geometry.size, geometry.window, geometry.shift, geometry.padded,
-                                      geometry.groups, 2, torch.device("cpu"))
+    index = swin_encoder.gather_index(geometry, 2, torch.device("cpu"))
     every_token = torch.cat([queries for _, queries in index]).sort().values
     assert torch.equal(every_token, torch.arange(2 * 32 * 16 * 16))   # each real token attends once
     flops = [swin_encoder.attention_flops(encoder, (64, 32, 32), inference) for inference in (False, True)]
