@@ -383,10 +383,10 @@ def bench_gpu(device: str = "cuda", size: int = 64, feature_size: int = 48, wind
     if not set(chosen) <= set(bench_gpu.PATHS):
         raise typer.BadParameter(f"--paths: choose from {', '.join(bench_gpu.PATHS)}")
     try:
-        shape = bench_gpu.check_scan_shape(scan_shape)
+        shape, sizes = bench_gpu.check_scan_shape(scan_shape), bench_gpu.check_batches(batches)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
-    bench_gpu.run(device, size, feature_size, window, tuple(int(b) for b in batches.split(",")), chosen,
+    bench_gpu.run(device, size, feature_size, window, sizes, chosen,
                   precision, repeats, scans, distinct_scans, per_scan, shape, readers, budget_s, out, console)
     console.print(f"machine: {machine_description()}")
 

@@ -218,6 +218,17 @@ def check_scan_shape(text: str) -> Tuple[int, int, int]:
     return shape
 
 
+def check_batches(text: str) -> Tuple[int, ...]:
+    """``--batches`` ``"32,64,..."`` as positive integers; ValueError naming the option otherwise."""
+    try:
+        batches = tuple(int(n) for n in text.split(","))
+    except ValueError:
+        batches = ()
+    if not batches or min(batches) < 1:
+        raise ValueError(f"--batches {text!r}: expected positive integers separated by commas, e.g. 32,64")
+    return batches
+
+
 def pipeline_rate(model: head.Classifier, size: int, device: torch.device, precision: str, scans: int,
                   distinct: int, per_scan: int, shape: tuple, readers: int, batch: int,
                   deadline: Deadline) -> Dict[str, float]:

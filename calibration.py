@@ -22,13 +22,15 @@ logit of the mean probability over the views), compared as ``logit >= cutoff``. 
 nodule, for each number of views in :data:`STORED_VIEWS` (and the run's own); :func:`resolve_cutoff` picks the
 one that applies, or refuses a number of views without one.
 
-Screening. For each stored number of views above one, validation also stores a screening cutoff, a one-view
-logit (:func:`screening_cutoffs`): the lowest one-view score of a validation candidate whose score at those
-views reaches their cutoff. ``predict --scan`` without points scores every detected candidate at one view and
-the full views only where that score reaches the screening cutoff less a margin (:func:`stored_screen`): at
-least :data:`SCREEN_MARGIN` (2 logits: on a real chest CT, a phantom-trained model put one candidate above the
-8-view cutoff whose one-view score was 1.1 logits below the validated screening cutoff), and more for a model
-whose views disagree more on validation.
+Screening in stages. For each stored number of views ``v`` above one, validation also stores screening
+cutoffs (:func:`screening_cutoffs`): for each smaller stored number ``k``, the lowest score over the first
+``k`` views (a prefix of the ``v``) of a validation candidate whose score at ``v`` views reaches their cutoff.
+``predict --scan`` without points scores every detected candidate at one view, then adds views in stages (to
+2, 4, then 8): after each, a candidate goes on only where its score so far reaches that stage's screening
+cutoff less a margin (:func:`stored_screens`). The margin is at least :data:`SCREEN_MARGIN` (2 logits: on a
+real chest CT, a phantom-trained model put one candidate above the 8-view cutoff whose one-view score was 1.1
+logits below the validated screening cutoff), and as far as that screening cutoff lies below the cutoff when
+that is more: a model whose views disagree more on validation is screened more widely.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ import common
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -165,37 +167,45 @@ def view_counts(own: int, available: int) -> Tuple[int, ...]:
 
 
 def screening_cutoffs(view_logits: Dict[int, np.ndarray], cutoffs: Dict[int, Optional[float]]
-                      ) -> Dict[str, Optional[float]]:
-    """For each view count ``v > 1`` with a cutoff: the lowest one-view logit among the validation candidates
-    that ``v`` views put at or above their cutoff (None when none is), so that screening candidates at one
-    view against it loses none of them on validation. ``view_logits``: ``{views: logits}`` of the same
-    candidates in the same order, one view among them; without it, none."""
-    one = view_logits.get(1)
-    screens: Dict[str, Optional[float]] = {}
+                      ) -> Dict[str, Dict[str, Optional[float]]]:
+    """For each view count ``v > 1`` with a cutoff, and each smaller one ``k`` in ``view_logits``: the lowest
+    ``k``-view logit among the validation candidates that ``v`` views put at or above their cutoff (None when
+    none is), ``{"v": {"k": logit}}``, so that screening candidates after their first ``k`` views against it
+    loses none of them on validation. ``view_logits``: ``{views: logits}`` of the same candidates in the same
+    order (``k`` views being the first ``k`` of any larger number); without one view among them, none."""
+    screens: Dict[str, Dict[str, Optional[float]]] = {}
+    if 1 not in view_logits:
+        return screens
     for views, logits in sorted(view_logits.items()):
-        if views == 1 or one is None or cutoffs.get(views) is None:
+        if views == 1 or cutoffs.get(views) is None:
             continue
         above = np.asarray(logits) >= cutoffs[views]
-        screens[str(views)] = float(np.asarray(one)[above].min()) if above.any() else None
+        screens[str(views)] = {str(k): float(np.asarray(view_logits[k])[above].min()) if above.any() else None
+                               for k in sorted(view_logits) if k < views}
     return screens
 
 
-def stored_screen(meta: dict, views: int) -> Optional[float]:
-    """The one-view logit at which to screen candidates for ``views`` views: the one a checkpoint's validation
-    chose (:func:`screening_cutoffs`) less a margin, the larger of :data:`SCREEN_MARGIN` and that logit's
-    distance below the cutoff for ``views`` views; None for one view, for checkpoints made before screening
-    cutoffs, and where validation put no candidate above the cutoff.
+def stored_screens(meta: dict, views: int) -> List[Tuple[int, float]]:
+    """The stages ``[(k, logit)]`` (``k`` ascending, below ``views``) at which to screen candidates for
+    ``views`` views: after its first ``k`` views a candidate goes on only where its score reaches ``logit``,
+    the screening cutoff validation chose (:func:`screening_cutoffs`) less a margin, the larger of
+    :data:`SCREEN_MARGIN` and that cutoff's distance below the cutoff for ``views`` views. Empty for one view,
+    for checkpoints made before screening cutoffs, and where validation put no candidate above the cutoff.
+    A checkpoint made before staged screening stores the one-view stage only (``screen_logits``).
 
-    The distance measures how far one view can fall short of the full views for this model. On a real chest
-    CT, a model whose screening logit was 7.3 logits below its cutoff put a candidate above the cutoff whose
-    one-view score was 2.7 logits below that screening logit: a margin of 2 lost it (BENCHMARKS)."""
+    The distance measures how far ``k`` views can fall short of the full views for this model. On a real
+    chest CT, a model whose one-view screening logit was 7.3 logits below its cutoff put a candidate above the
+    cutoff whose one-view score was 2.7 logits below that screening logit: a margin of 2 lost it
+    (BENCHMARKS)."""
     point = meta.get("operating_point") or {}
-    screen = (point.get("screen_logits") or {}).get(str(views))
-    if views == 1 or screen is None:
-        return None
+    stages = (point.get("screen_stages") or {}).get(str(views))
+    if stages is None and (point.get("screen_logits") or {}).get(str(views)) is not None:
+        stages = {"1": point["screen_logits"][str(views)]}
     cutoff = (point.get("cutoff_logits") or {}).get(str(views))
-    gap = 0.0 if cutoff is None else float(cutoff) - float(screen)
-    return float(screen) - max(SCREEN_MARGIN, gap)
+    if views == 1 or not stages or cutoff is None or any(s is None for s in stages.values()):
+        return []
+    return [(int(k), float(screen) - max(SCREEN_MARGIN, float(cutoff) - float(screen)))
+            for k, screen in sorted(stages.items(), key=lambda item: int(item[0])) if int(k) < views]
 
 
 @dataclass

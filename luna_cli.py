@@ -502,7 +502,8 @@ def predict(
     failed = {}
     if len(scans) == 1:
         rows = prediction.predict_scan(checkpoints, scans[0], coord, points, out, device=device,
-                                       ensemble=folder, report=report, compile=compile, **given)
+                                       ensemble=folder, report=report, compile=compile, console=console,
+                                       **given)
         title = prediction.results_title(scans[0], rows, detected=not coord and points is None)
     else:
         rows, failed = prediction.predict_scans(checkpoints, scans, out, device=device, ensemble=folder,

@@ -24,7 +24,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -312,17 +312,40 @@ def _point_rows(chosen: ModelSet, scan: data.CTScan, world_xyz: np.ndarray, patc
                 world_xyz.tolist(), probability, calibrated, logits, follow_up, hu_at_point, inside, sizes)]
 
 
-def screening_cutoff(chosen: ModelSet) -> Optional[float]:
-    """The one-view logit that screens detected candidates for ``chosen``'s full views
-    (``calibration.stored_screen``): for one model scored at more than one view against the cutoff its
-    validation chose; None otherwise (several models, one view, ``--cutoff``, older checkpoints)."""
+def screening_stages(chosen: ModelSet) -> List[Tuple[int, float]]:
+    """The stages ``[(views so far, logit)]`` that screen detected candidates for ``chosen``'s full views
+    (``calibration.stored_screens``): for one model scored at more than one view against the cutoff its
+    validation chose; none otherwise (several models, one view, ``--cutoff``, older checkpoints)."""
     if len(chosen.models) != 1 or chosen.views[0] == 1:
-        return None
+        return []
     meta = chosen.models[0][2]
     own = calibration.resolve_cutoff(meta, chosen.views[0], strict=False)
     if not own.validated or own.logit != chosen.cutoff.logit:
-        return None
-    return calibration.stored_screen(meta, chosen.views[0])
+        return []
+    return calibration.stored_screens(meta, chosen.views[0])
+
+
+def screen_in_stages(chosen: ModelSet, patches: np.ndarray, device, batch_size: int, precision: str,
+                     stages: Sequence[Tuple[int, float]]) -> Tuple[np.ndarray, tuple, List[int]]:
+    """Scores int16 patches ``(N, P, P, P)`` view by view in ``stages`` (``(k, logit)``, ``k`` ascending):
+    after its first ``k`` views a candidate goes on only where the logit of its mean probability so far
+    reaches ``logit``. Returns ``(kept, known, counts)``: the indices of the patches that passed every stage,
+    ``head.view_outputs`` of their views so far (the first of their full views, not computed again) and the
+    number of candidates scored at each stage."""
+    (_, model, meta), = chosen.models
+    kept, known, counts = np.arange(len(patches)), None, []
+    for views, screen in stages:
+        first = 0 if known is None else known[0].shape[1]
+        more = head.view_outputs(model, patches[kept], meta["preprocess"], device, batch_size, views,
+                                 head.resolve_precision(precision, device), with_size=True, first=first)
+        known = more if known is None else tuple(
+            None if part is None else np.concatenate([part, new], axis=1) for part, new in zip(known, more))
+        counts.append(len(kept))
+        passed = calibration.logit(head.mean_of_views(known[0])) >= screen
+        kept, known = kept[passed], tuple(None if part is None else part[passed] for part in known)
+        if not len(kept):
+            break
+    return kept, known, counts
 
 
 def predict_detected(chosen: ModelSet, scan: data.CTScan, world_xyz: np.ndarray, device, batch_size: int,
@@ -330,23 +353,22 @@ def predict_detected(chosen: ModelSet, scan: data.CTScan, world_xyz: np.ndarray,
     """Detected candidates of one scan (world mm ``(N, 3)``) -> ``(findings, scored, how)``. ``scored``: the
     rows of :func:`predict_points` of the candidates scored at the full views; ``findings``: the distinct ones
     at or above the cutoff (:func:`distinct_findings`), their follow-up categories for that number of nodules;
-    ``how``: which candidates were scored how. With ``screen`` and a :func:`screening_cutoff`, every candidate
-    is scored at one view first and only those reaching the screening cutoff at the full views; the others
-    stay below it, where validation saw no candidate that the full views put above the cutoff."""
+    ``how``: which candidates were scored how. With ``screen`` and :func:`screening_stages`, candidates are
+    scored at one view first and views are added in stages (:func:`screen_in_stages`); only those that pass
+    every stage get the full views. Those left out stay below their stage's screening cutoff, where validation
+    saw no candidate that the full views put above the cutoff."""
     preprocess = chosen.models[0][2]["preprocess"]
     spacing = float(preprocess["spacing_mm"])
     patches = data.extract_patches(scan, world_xyz, int(preprocess["patch_size"]), spacing)
     kept, how = np.arange(len(world_xyz)), f"detect: {len(world_xyz)} candidates"
-    screen_logit = screening_cutoff(chosen) if screen else None
-    known = None   # the one-view outputs of the screened candidates, the first of their full views
-    if screen_logit is not None:
-        (_, model, meta), = chosen.models
-        first = head.view_outputs(model, patches, meta["preprocess"], device, batch_size, 1,
-                                  head.resolve_precision(precision, device), with_size=True)
-        kept = np.flatnonzero(calibration.logit(first[0][:, 0]) >= screen_logit)
-        known = [tuple(None if part is None else part[kept] for part in first)]
-        how += (f", {len(kept)} of them at or above the one-view screening cutoff {screen_logit:.3f} (chosen "
-                f"on validation) scored at {chosen.views[0]} views")
+    stages = screening_stages(chosen) if screen else []
+    known = None   # the screened candidates' outputs at their views so far, the first of their full views
+    if stages:
+        kept, views_so_far, counts = screen_in_stages(chosen, patches, device, batch_size, precision, stages)
+        known = [views_so_far]
+        how += ("; screened in stages (cutoffs chosen on validation): "
+                + ", ".join(f"{n} scored at {views} view(s)" for n, (views, _) in zip(counts, stages))
+                + f"; {len(kept)} scored at {chosen.views[0]} views")
     if not len(kept):
         return [], [], how
     patches, world_xyz = patches[kept], world_xyz[kept]
@@ -503,7 +525,7 @@ def _apart(rows, kept: list, unknown_diameter_mm: float = 5.0) -> list:
 
 def predict_scan(checkpoint, scan_path, coords: Sequence[str] = (), points=None, out=None, *,
                  device: str = "auto", ensemble: Optional[Path] = None, report: Optional[Path] = None,
-                 compile: bool = False, **settings: Any) -> list[dict]:
+                 compile: bool = False, console=None, **settings: Any) -> list[dict]:
     """Points from ``--coord X,Y,Z`` strings or a points CSV (``--points``) -> :func:`predict_points` (one
     checkpoint or a list, averaged, or a crossval ``ensemble``; ``cutoff`` a raw logit; ``guideline``,
     ``nodule_type`` and ``risk`` for the follow-up category), written to ``out``. With neither,
@@ -513,16 +535,16 @@ def predict_scan(checkpoint, scan_path, coords: Sequence[str] = (), points=None,
     (batch size, views, precision, cutoff, max_per_scan, guideline, nodule_type, risk); those left out take
     their defaults there. ``report``: also write the findings page and viewer files into this folder
     (findings.py), with the candidates just below the cutoff. ``compile``: the encoders through torch.compile
-    (``head.compile_encoder``)."""
+    (``head.compile_encoder``). ``console``: where to say how detected candidates were scored (screening)."""
     chosen = {**options_mod.defaults("predict"), **options_mod.given("predict", settings)}
     return _predict_scan(checkpoint, scan_path, coords, points, out, device, ensemble, report, compile,
-                         **chosen)
+                         console=console, **chosen)
 
 
 def _predict_scan(checkpoint, scan_path, coords: Sequence[str], points, out, device: str,
                   ensemble: Optional[Path], report: Optional[Path], compile: bool, *, batch_size: int,
                   views: Optional[int], precision: str, guideline: str, nodule_type: str, risk: str,
-                  max_per_scan: int, cutoff: Optional[float], screen: bool) -> list[dict]:
+                  max_per_scan: int, cutoff: Optional[float], screen: bool, console=None) -> list[dict]:
     if coords and points is not None:
         raise UserError("give either --coord X,Y,Z (one or more) or --points FILE.csv, not both")
     torch_device = head.resolve_device(device)
@@ -543,6 +565,8 @@ def _predict_scan(checkpoint, scan_path, coords: Sequence[str], points, out, dev
             raise UserError(found.warning or f"scan {scan_name(scan_path)}: detect found no candidates")
         predictions, candidates, how = predict_detected(chosen, scan, found.world_xyz, torch_device,
                                                         batch_size, precision, options, screen)
+        if console is not None:
+            console.print(how)
     else:
         predictions = candidates = predict_points(chosen, scan, world_xyz, torch_device, batch_size, views,
                                                   precision, points=how, **options)

@@ -1035,14 +1035,17 @@ def test_predict_cli_reads_a_candidates_file_and_rejects_bad_points(eval_phantom
     assert result.exit_code == 1 and "bad.csv line 3" in str(_user_error(result)), _why(result)
 
 
-def test_bench_gpu_refuses_a_scan_shape_too_small_for_its_candidates_before_running():
+def test_bench_gpu_refuses_a_bad_scan_shape_or_batch_list_before_running():
     from typer.testing import CliRunner
     import bench
     import bench_gpu
-    for shape in ("40,64,64", "60,x,128", "60,128"):
-        result = CliRunner().invoke(bench.bench_app, ["gpu", "--device", "cpu", "--scan-shape", shape])
+    bad = [["--scan-shape", shape] for shape in ("40,64,64", "60,x,128", "60,128")]
+    bad += [["--batches", batches] for batches in ("32,6.4", "0,32", "")]
+    for option in bad:
+        result = CliRunner().invoke(bench.bench_app, ["gpu", "--device", "cpu", *option])
         assert result.exit_code == 2 and isinstance(result.exception, SystemExit), _why(result)
     assert bench_gpu.check_scan_shape("17,81,81") == (17, 81, 81)
+    assert bench_gpu.check_batches("32, 64") == (32, 64)
 
 
 def test_compile_that_fails_falls_back_with_one_warning(eval_phantom, tmp_path, monkeypatch):
@@ -1547,24 +1550,35 @@ def test_per_nodule_cutoff_counts_a_nodule_once_and_a_nodule_without_candidate_a
     assert train.CutoffChooser(pool, nodules, 0.9).choose(logits) == (0.5, pytest.approx(2 / 3))
     point = chooser.operating_point({1: logits, 8: logits - 1.0}, None, epoch=3)
     assert point["cutoff_logits"] == {"1": 0.5, "8": -0.5} and point["n_nodules_without_candidate"] == 1
-    assert point["screen_logits"] == {"8": 0.5}   # the lowest one-view logit of those 8 views put above -0.5
+    assert point["screen_stages"] == {"8": {"1": 0.5}}   # lowest one-view logit of those 8 views put above
 
 
-def test_the_screening_cutoff_keeps_every_validation_candidate_the_full_views_put_above_theirs():
+def test_the_screening_cutoffs_keep_every_validation_candidate_the_full_views_put_above_theirs():
     import calibration
-    one, full = np.array([0.2, 3.0, -1.0, 0.5]), np.array([1.0, 2.0, 0.9, -2.0])
-    screens = calibration.screening_cutoffs({1: one, 2: full, 8: full - 5.0}, {1: 0.0, 2: 0.9, 8: None})
-    assert screens == {"2": -1.0}
-    assert (one[full >= 0.9] >= screens["2"]).all()
-    assert calibration.screening_cutoffs({2: full}, {2: 0.9}) == {}
-    assert calibration.screening_cutoffs({1: one, 2: full}, {2: 9.0}) == {"2": None}
-    meta = {"operating_point": {"cutoff_logits": {"1": 0.0, "2": 0.9}, "screen_logits": screens}}
-    assert calibration.stored_screen(meta, 2) == -1.0 - calibration.SCREEN_MARGIN
-    # a screening cutoff far below the cutoff (views that disagree) widens the margin to that distance
-    far = {"operating_point": {"cutoff_logits": {"2": 5.0}, "screen_logits": {"2": -1.0}}}
-    assert calibration.stored_screen(far, 2) == -1.0 - 6.0
-    assert calibration.stored_screen(meta, 1) is None
-    assert calibration.stored_screen({"cutoff": 0.5}, 2) is None
+    one, two = np.array([0.2, 3.0, -1.0, 0.5, 1.5]), np.array([0.6, 2.5, 0.1, -0.5, 1.0])
+    full = np.array([1.0, 2.0, 0.9, -2.0, 0.8])
+    screens = calibration.screening_cutoffs({1: one, 2: two, 4: full, 8: full - 5.0},
+                                            {1: 0.0, 2: 0.5, 4: 0.9, 8: None})
+    # for 4 views: the lowest one- and two-view logits of the candidates 4 views put at or above 0.9
+    assert screens == {"2": {"1": 0.2}, "4": {"1": -1.0, "2": 0.1}}
+    assert (one[full >= 0.9] >= screens["4"]["1"]).all() and (two[full >= 0.9] >= screens["4"]["2"]).all()
+    assert calibration.screening_cutoffs({2: two, 4: full}, {4: 0.9}) == {}      # no one-view logits
+    assert calibration.screening_cutoffs({1: one, 2: full}, {2: 9.0}) == {"2": {"1": None}}
+    point = {"cutoff_logits": {"1": 0.0, "2": 0.5, "4": 0.9}, "screen_stages": screens}
+    margin = calibration.SCREEN_MARGIN
+    assert calibration.stored_screens({"operating_point": point}, 4) == [(1, -1.0 - margin),
+                                                                         (2, 0.1 - margin)]
+    assert calibration.stored_screens({"operating_point": point}, 2) == [(1, 0.2 - margin)]
+    # a screening cutoff far below the cutoff (views that disagree) widens its margin to that distance
+    far = {"operating_point": {"cutoff_logits": {"4": 5.0}, "screen_stages": {"4": {"1": -1.0, "2": 4.0}}}}
+    assert calibration.stored_screens(far, 4) == [(1, -1.0 - 6.0), (2, 4.0 - margin)]
+    # a checkpoint made before stages stores the one-view screen only
+    older = {"operating_point": {"cutoff_logits": {"2": 5.0}, "screen_logits": {"2": -1.0}}}
+    assert calibration.stored_screens(older, 2) == [(1, -7.0)]
+    assert calibration.stored_screens({"operating_point": point}, 1) == []
+    assert calibration.stored_screens({"cutoff": 0.5}, 2) == []
+    none_above = {"operating_point": {"cutoff_logits": {"2": 9.0}, "screen_stages": {"2": {"1": None}}}}
+    assert calibration.stored_screens(none_above, 2) == []
 
 
 def test_sensitivity_cutoff_and_training_metrics():
@@ -3547,7 +3561,13 @@ def test_predict_scan_without_points_lists_the_detected_nodules(phantom_root, tm
         assert (((points - centre) ** 2).sum(axis=1) < (diameter / 2) ** 2).any()
 
 
-def test_predict_scan_screens_at_one_view_and_finds_what_all_views_find(phantom_root, tmp_path, monkeypatch):
+def _threshold_between_scores(lowest: float, scores: np.ndarray) -> float:
+    """Halfway between a screening cutoff and the highest score below it (1 below it when none is)."""
+    below = scores[scores < lowest]
+    return float((lowest + below.max()) / 2 if len(below) else lowest - 1)
+
+
+def test_predict_scan_screens_in_stages_and_finds_what_all_views_find(phantom_root, tmp_path, monkeypatch):
     import calibration
     import data
     import detect
@@ -3556,19 +3576,27 @@ def test_predict_scan_screens_at_one_view_and_finds_what_all_views_find(phantom_
     mhd = sorted((phantom_root / "subset0").glob("*.mhd"))[0]
     scan = data.read_ct(mhd)
     points = detect.detect_scan(scan, 40).world_xyz
-    plain = _tiny_checkpoint(tmp_path / "plain.pt", views=2)
-    logits = {v: np.array([r["logit"] for r in predict.predict_points(plain, scan, points, device="cpu",
-                                                                     views=v, cutoff=0.0)]) for v in (1, 2)}
-    cutoff = float(np.sort(logits[2])[-7:-5].mean())          # six candidates above it at two views
-    lowest = calibration.screening_cutoffs(logits, {2: cutoff})["2"]
-    below = logits[1][logits[1] < lowest]   # stored so that, less the margin, it screens between two scores
-    between = float((lowest + below.max()) / 2 if len(below) else lowest - 1)
-    margin = calibration.SCREEN_MARGIN   # the stored screen, less its margin, is `between`
-    screens = {"2": between + margin if cutoff - between <= 2 * margin else (between + cutoff) / 2}
-    point = {"cutoff_logits": {"1": float(np.median(logits[1])), "2": cutoff}, "screen_logits": screens,
+    plain = _tiny_checkpoint(tmp_path / "plain.pt", views=4)
+    def logits_at(views: int) -> np.ndarray:
+        rows = predict.predict_points(plain, scan, points, device="cpu", views=views, cutoff=0.0)
+        return np.array([row["logit"] for row in rows])
+    logits = {v: logits_at(v) for v in (1, 2, 4)}
+    cutoff = float(np.sort(logits[4])[-7:-5].mean())          # six candidates above it at four views
+    lowest = calibration.screening_cutoffs(logits, {4: cutoff})["4"]
+    # stored so that, less its margin, each stage screens halfway between two scores: one view lets 20 or
+    # more candidates on, so that two views have some to leave out
+    margin, stages = calibration.SCREEN_MARGIN, {}
+    for k in ("1", "2"):
+        between = _threshold_between_scores(lowest[k], logits[int(k)])
+        if k == "1":
+            between = min(between, float(np.sort(logits[1])[::-1][19:21].mean()))
+        stages[k] = between + margin if cutoff - between <= 2 * margin else (between + cutoff) / 2
+        assert calibration.stored_screens({"operating_point": {"cutoff_logits": {"4": cutoff},
+                                                               "screen_stages": {"4": stages}}}, 4)[-1] \
+            == (int(k), pytest.approx(between))
+    point = {"cutoff_logits": {"1": float(np.median(logits[1])), "4": cutoff}, "screen_stages": {"4": stages},
              "target_sensitivity": 0.9, "basis": "nodule"}
-    assert calibration.stored_screen({"operating_point": point}, 2) == pytest.approx(between)
-    checkpoint = _tiny_checkpoint(tmp_path / "screened.pt", views=2, operating_point=point)
+    checkpoint = _tiny_checkpoint(tmp_path / "screened.pt", views=4, operating_point=point)
     scored = []   # (patches, views, first view) of each scoring call
     def recorded(model, patches, *a, _score=head.view_outputs, **k):
         scored.append((len(patches), a[3], k.get("first", 0)))
@@ -3577,16 +3605,15 @@ def test_predict_scan_screens_at_one_view_and_finds_what_all_views_find(phantom_
     screened = predict.predict_scan(checkpoint, mhd, device="cpu", max_per_scan=40)
     calls, scored[:] = list(scored), []
     every = predict.predict_scan(checkpoint, mhd, device="cpu", max_per_scan=40, screen=False)
-    # the screened candidates' one-view scores are the first of their full views, not computed again
-    assert scored == [(40, 2, 0)] and calls[0] == (40, 1, 0), calls
-    assert calls[1][1:] == (2, 1) and 6 <= calls[1][0] < 40, calls
+    # views are added stage by stage to fewer candidates, and never computed twice
+    assert scored == [(40, 4, 0)]
+    assert [call[1:] for call in calls] == [(1, 0), (2, 1), (4, 2)], calls
+    assert 40 > calls[1][0] > calls[2][0] >= 6, calls
     assert len(screened) == len(every) >= 1
     for a, b in zip(screened, every):
         assert a.keys() == b.keys() and a["follow_up"] and a["category"] == b["category"]
         assert [a[k] - b[k] for k in ("coordX", "coordY", "coordZ")] == [0.0, 0.0, 0.0]
         assert a["logit"] == pytest.approx(b["logit"], abs=1e-5)
-    # one model pass: the findings' follow-up categories come from the same scores, not a second scoring
-    assert len(calls) == 2
 
 
 def test_detect_bad_input_is_named_and_the_other_scans_go_on(phantom_root, tmp_path):

@@ -159,7 +159,7 @@ class CutoffChooser:
                    "n_nodules_without_candidate": sum(not len(h) for h in self.hits)})
         cutoffs = {v: c for v, (c, _) in chosen.items()}
         return {"cutoff_logits": cutoffs, "sensitivity": {v: sens for v, (_, sens) in chosen.items()},
-                "screen_logits": calibration.screening_cutoffs(
+                "screen_stages": calibration.screening_cutoffs(
                     view_logits, {int(v): c for v, c in cutoffs.items()}),
                 "target_sensitivity": self.target, "basis": self.basis, "epoch": epoch, **counts}
 
