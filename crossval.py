@@ -43,7 +43,6 @@ import froc
 import head
 import mining
 import options as options_mod
-import runs
 import train
 from common import UserError
 from features import extracted_subsets
@@ -113,7 +112,7 @@ def _given_training(stage: str, training: Dict[str, Any], precision: Optional[st
 def _started(work_dir: Path, out_dir: Path, name: str) -> bool:
     """Whether a fold of this cross-validation has trained an epoch or finished its evaluation."""
     return (any(out_dir.glob("fold*/metrics.json")) or
-            any(runs.runs_dir(work_dir).glob(f"{name}-fold*/last.pt")))
+            any(head.runs_dir(work_dir).glob(f"{name}-fold*/last.pt")))
 
 
 def _settings(out_dir: Path, name: str, wanted: Dict[str, Any], given: Dict[str, Any], views: Optional[int],
@@ -159,7 +158,7 @@ def _fold_done(fold_dir: Path, scans: Sequence[str]) -> Optional[Dict[str, Any]]
 def _train_fold(work_dir: Path, fold: Fold, run: str, stage: str, training: Dict[str, Any],
                 runtime: Dict[str, Any]) -> Path:
     """Train (or continue, or leave as it is when finished) the fold's run ``run``; returns its best.pt."""
-    run_dir = runs.runs_dir(work_dir) / run
+    run_dir = head.runs_dir(work_dir) / run
     resume = (run_dir / "last.pt").is_file() and (run_dir / "config.json").is_file()
     options = dict(training, val_subsets=[fold.val], test_subsets=[fold.test])
     if stage == "head":
@@ -206,7 +205,7 @@ def _run_fold(work_dir: Path, data_dir: Path, out_dir: Path, fold: Fold, scans: 
 def fold_head(work_dir: Path, head_cv: str, fold: Fold) -> Path:
     """``--head-from CV`` for fold k: ``W/runs/<CV>-fold<k>/best.pt``, a model that never saw subset k;
     UserError when it is missing or was tested on another subset."""
-    best = runs.runs_dir(work_dir) / f"{head_cv}-fold{fold.test}" / "best.pt"
+    best = head.runs_dir(work_dir) / f"{head_cv}-fold{fold.test}" / "best.pt"
     try:
         tested = json.loads((best.parent / "config.json").read_text())["options"]["test_subsets"]
     except (OSError, ValueError, KeyError):

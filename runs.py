@@ -25,7 +25,6 @@ import common
 import head as head_mod
 import options as options_mod
 from common import UserError
-from head import runs_dir
 
 console = Console()
 STAGE_OF = {"train-head": "head", "finetune": "finetune"}  # run kind -> options stage
@@ -117,7 +116,7 @@ def resolve_run_dir(work_dir: Path, run: str) -> Path:
         return candidate.parent
     if candidate.is_dir() and (candidate / "config.json").is_file():
         return candidate
-    return runs_dir(work_dir) / run
+    return head_mod.runs_dir(work_dir) / run
 
 
 def write_history(run_dir: Path, history: List[Dict[str, float]], plot: bool = True) -> None:
@@ -189,10 +188,11 @@ def seed_everything(seed: int, rank: int = 0) -> None:
 # --- run set-up shared by train-head and finetune ----------------------------------------------------
 
 def latest_run(work_dir: Path, kind: str) -> Path:
-    found = [p.parent for p in sorted(runs_dir(work_dir).glob("*/last.pt"), key=lambda p: p.stat().st_mtime)
+    found = [p.parent for p in sorted(head_mod.runs_dir(work_dir).glob("*/last.pt"),
+                                      key=lambda p: p.stat().st_mtime)
              if run_kind(p.parent) == kind]
     if not found:
-        raise UserError(f"--resume: no {kind} run with a last.pt under {runs_dir(work_dir)}")
+        raise UserError(f"--resume: no {kind} run with a last.pt under {head_mod.runs_dir(work_dir)}")
     return found[-1]
 
 
@@ -203,7 +203,7 @@ def open_run(work_dir: Path, kind: str, defaults: Dict[str, Any], given: Dict[st
     differs."""
     if not resume:
         name = broadcast_object(job, run or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
-        run_dir = resolve_run_dir(work_dir, name) if run else runs_dir(work_dir) / name
+        run_dir = resolve_run_dir(work_dir, name) if run else head_mod.runs_dir(work_dir) / name
         if (run_dir / "last.pt").exists():
             raise UserError(f"run folder {run_dir} already holds a run; add --resume to continue it or "
                             f"choose another --run name")

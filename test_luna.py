@@ -2830,7 +2830,7 @@ def test_predict_averages_several_checkpoints_and_the_crossval_ensemble(crossval
 
 
 def test_crossval_finetune_passes_its_options_to_each_fold(crossval_run, tmp_path, monkeypatch):
-    import runs
+    import head
     import json
     import crossval
     import train
@@ -2839,7 +2839,7 @@ def test_crossval_finetune_passes_its_options_to_each_fold(crossval_run, tmp_pat
 
     def fake_finetune(work_dir, **kwargs):  # a fold "trains" by writing a small checkpoint
         calls.append(kwargs)
-        run_dir = runs.runs_dir(work_dir) / kwargs["run"]
+        run_dir = head.runs_dir(work_dir) / kwargs["run"]
         run_dir.mkdir(parents=True, exist_ok=True)
         return _tiny_checkpoint(run_dir / "best.pt", cutoff=0.4).parent
     monkeypatch.setattr(train, "finetune", fake_finetune)
@@ -2854,7 +2854,7 @@ def test_crossval_finetune_passes_its_options_to_each_fold(crossval_run, tmp_pat
                               precision="fp32", device="cpu", workers=0, readers=0, bootstrap=0, quiet=True,
                               **every)
     for fold in (0, 1):   # a head-stage cross-validation "cvh" over the same folds
-        run_dir = runs.runs_dir(work) / f"cvh-fold{fold}"
+        run_dir = head.runs_dir(work) / f"cvh-fold{fold}"
         run_dir.mkdir(parents=True, exist_ok=True)
         _tiny_checkpoint(run_dir / "best.pt")
         (run_dir / "config.json").write_text(json.dumps({"options": {"test_subsets": [fold]}}))
@@ -2865,7 +2865,7 @@ def test_crossval_finetune_passes_its_options_to_each_fold(crossval_run, tmp_pat
         [("ft-fold0", [1], [0], False), ("ft-fold1", [0], [1], False)]
     assert all(c["views"] == 2 and c["precision"] == "fp32" and c["workers"] == 0 and "features" not in c
                and all(c[k] == v for k, v in every.items() if v is not None) for c in calls)
-    assert [Path(c["head_from"]) for c in calls] == [runs.runs_dir(work) / f"cvh-fold{k}" / "best.pt"
+    assert [Path(c["head_from"]) for c in calls] == [head.runs_dir(work) / f"cvh-fold{k}" / "best.pt"
                                                      for k in (0, 1)]
     assert result["views"] == 2 and result["stage"] == "finetune" and len(result["fold_cpm"]) == 2
     assert (work / "crossval" / "ft" / "fold1" / "metrics.json").is_file()
