@@ -39,6 +39,7 @@ The data are synthetic; only the folder layout follows the LUNA16 challenge.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -52,12 +53,13 @@ import numpy as np
 import nodules as nodule_shapes
 import phantom_kernels as kernels
 from data import CTScan, write_mhd
-from common import UserError, atomic_write_text, item_table
+from common import UserError, atomic_write_text, item_table, usable_cpus
 from phantom_render import HU_MAX as HU_MAX, HU_MIN as HU_MIN, add_noise_and_quantise, render_scene
 from phantom_scene import (Anatomy, Finding, Fissure, Geometry, VesselTree, airway_wall_mm, lung_core,
                            lung_depth_mm, lung_normals, lung_sdf_points, lung_shortfall_mm, surface_along)
 
 SIZES = {"small": (80, 224, 224), "realistic": (250, 512, 512)}
+MAX_DRAW_THREADS = 8     # scans drawn side by side by synth (one in memory per thread)
 DIRECTION_KINDS = ("identity", "flip", "rotate", "flip_rotate")
 # Share of each negative-candidate type (vessel trees, their branch points and crossings are the hard
 # negatives).
@@ -757,6 +759,24 @@ def _fmt(value: float) -> str:
     return f"{value:.4f}"
 
 
+def _drawn_in_threads(make, keys: list):
+    """``(key, make(*key))`` for each key, in order, drawn on threads (the kernels release the GIL; each scan
+    has its own generator, so the files do not depend on the threads) while the caller writes the one before;
+    at most one scan a thread, plus the one being written, is held in memory."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+    threads = max(1, min(usable_cpus(), len(keys), MAX_DRAW_THREADS))
+    with ThreadPoolExecutor(threads) as pool:
+        waiting, pending = iter(keys), deque()
+        for key in itertools.islice(waiting, threads):
+            pending.append((key, pool.submit(make, *key)))
+        while pending:
+            key, drawn = pending.popleft()
+            for more in itertools.islice(waiting, 1):
+                pending.append((more, pool.submit(make, *more)))
+            yield key, drawn.result()
+
+
 def write_luna_folder(root: Path, n_subsets: int = 3, scans_per_subset: int = 4, shape=SIZES["small"],
                       seed: int = 0, negatives_per_scan: int = 40, nodules_per_scan: tuple = (2, 5),
                       excluded_per_scan: tuple = (0, 2), force: bool = False,
@@ -780,32 +800,38 @@ def write_luna_folder(root: Path, n_subsets: int = 3, scans_per_subset: int = 4,
                                         "rerun synth with --force to finish it\n")
     start = time.perf_counter()
     annotations, excluded_rows, candidate_rows, source_rows, uids, scans_meta = [], [], [], [], [], []
+
+    def kind_of(subset: int, index: int) -> str:
+        return DIRECTION_KINDS[(subset * scans_per_subset + index) % len(DIRECTION_KINDS)]
+
+    def make(subset: int, index: int) -> PhantomCase:
+        rng = np.random.default_rng(np.random.SeedSequence([seed, subset, index]))
+        return make_phantom_scan(rng, shape, direction_kind=kind_of(subset, index),
+                                 nodules_per_scan=nodules_per_scan,
+                                 negatives_per_scan=negatives_per_scan, excluded_per_scan=excluded_per_scan,
+                                 negative_mix=negative_mix)
     for subset in range(n_subsets):
-        folder = root / f"subset{subset}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for index in range(scans_per_subset):
-            rng = np.random.default_rng(np.random.SeedSequence([seed, subset, index]))
-            kind = DIRECTION_KINDS[(subset * scans_per_subset + index) % len(DIRECTION_KINDS)]
-            case = make_phantom_scan(rng, shape, direction_kind=kind, nodules_per_scan=nodules_per_scan,
-                                     negatives_per_scan=negatives_per_scan,
-                                     excluded_per_scan=excluded_per_scan, negative_mix=negative_mix)
-            _write_scan_mhd(case.scan, folder)
-            uid = case.scan.name
-            uids.append(uid)
-            for finding in case.nodules:
-                row = [uid, *map(_fmt, finding.center_xyz), f"{finding.csv_diameter:g}"]
-                (excluded_rows if finding.excluded else annotations).append(row)
-            for cand in case.candidates:
-                candidate_rows.append([uid, *map(_fmt, cand.center_xyz), str(cand.label)])
-                source_rows.append([uid, *map(_fmt, cand.center_xyz), str(cand.label), cand.source,
-                                    cand.placement])
-            scans_meta.append({"seriesuid": uid, "subset": subset, "shape_zyx": list(shape),
-                               "spacing_xyz": case.scan.spacing.tolist(),
-                               "origin_xyz": case.scan.origin.tolist(),
-                               "direction": case.scan.direction.tolist(), "direction_kind": kind,
-                               "nodules": sum(not f.excluded for f in case.nodules),
-                               "candidates": len(case.candidates),
-                               "findings": [f.manifest_entry() for f in case.nodules]})
+        (root / f"subset{subset}").mkdir(parents=True, exist_ok=True)
+    scans = [(subset, index) for subset in range(n_subsets) for index in range(scans_per_subset)]
+    for (subset, index), case in _drawn_in_threads(make, scans):
+        kind = kind_of(subset, index)
+        _write_scan_mhd(case.scan, root / f"subset{subset}")
+        uid = case.scan.name
+        uids.append(uid)
+        for finding in case.nodules:
+            row = [uid, *map(_fmt, finding.center_xyz), f"{finding.csv_diameter:g}"]
+            (excluded_rows if finding.excluded else annotations).append(row)
+        for cand in case.candidates:
+            candidate_rows.append([uid, *map(_fmt, cand.center_xyz), str(cand.label)])
+            source_rows.append([uid, *map(_fmt, cand.center_xyz), str(cand.label), cand.source,
+                                cand.placement])
+        scans_meta.append({"seriesuid": uid, "subset": subset, "shape_zyx": list(shape),
+                           "spacing_xyz": case.scan.spacing.tolist(),
+                           "origin_xyz": case.scan.origin.tolist(),
+                           "direction": case.scan.direction.tolist(), "direction_kind": kind,
+                           "nodules": sum(not f.excluded for f in case.nodules),
+                           "candidates": len(case.candidates),
+                           "findings": [f.manifest_entry() for f in case.nodules]})
     _write_tables(root, annotations, excluded_rows, candidate_rows, source_rows, uids)
     placements = {name: sum(f["placement"] == name and not f["excluded"] for scan in scans_meta
                             for f in scan["findings"]) for name, _ in PLACEMENTS}

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 import numba
 import numpy as np
 
+import common
+
 AIR_HU = -1000
 
 
@@ -103,10 +105,8 @@ def _kernel_threads(n_cubes: int, cubes_per_thread: int = CUBES_PER_THREAD):
     threads (the kernels release the GIL), each thread taking every T-th entry of the arrays in
     ``items`` so that neighbouring cubes are cut at the same time. The threads live as long as the
     ``with`` block, never across a fork."""
-    import os
     from concurrent.futures import ThreadPoolExecutor
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, min(_extraction_threads or cpus, n_cubes // cubes_per_thread))
+    threads = max(1, min(_extraction_threads or common.usable_cpus(), n_cubes // cubes_per_thread))
     pool = ThreadPoolExecutor(threads) if threads > 1 else None
 
     def run(kernel, items: tuple, *args) -> None:

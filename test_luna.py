@@ -1119,7 +1119,9 @@ def _csv_rows(path: Path) -> tuple[list[str], list[list[str]]]:
     return lines[0].split(","), [line.split(",") for line in lines[1:]]
 
 
-def test_phantom_same_seed_gives_byte_identical_folder(phantom_root, tmp_path):
+def test_phantom_same_seed_gives_byte_identical_folder(phantom_root, tmp_path, monkeypatch):
+    import phantom
+    monkeypatch.setattr(phantom, "MAX_DRAW_THREADS", 1)   # the fixture drew its scans side by side
     _phantom_folder(tmp_path / "again")
     files = sorted(p.relative_to(phantom_root) for p in phantom_root.rglob("*") if p.is_file())
     assert (len([f for f in files if f.suffix == ".mhd"]) == 4
@@ -3614,6 +3616,12 @@ def test_predict_scan_screens_in_stages_and_finds_what_all_views_find(phantom_ro
         assert a.keys() == b.keys() and a["follow_up"] and a["category"] == b["category"]
         assert [a[k] - b[k] for k in ("coordX", "coordY", "coordZ")] == [0.0, 0.0, 0.0]
         assert a["logit"] == pytest.approx(b["logit"], abs=1e-5)
+    # a stage that no candidate passes ends the screening: nothing more is scored, and nothing is found
+    closed = dict(point, screen_stages={"4": {"1": 100.0, "2": 100.0}})
+    scored[:] = []
+    closed_checkpoint = _tiny_checkpoint(tmp_path / "closed.pt", views=4, operating_point=closed)
+    assert predict.predict_scan(closed_checkpoint, mhd, device="cpu", max_per_scan=40) == []
+    assert scored == [(40, 1, 0)]
 
 
 def test_detect_bad_input_is_named_and_the_other_scans_go_on(phantom_root, tmp_path):
