@@ -204,13 +204,20 @@ def kernel_breakdown(step: Callable[[], None], device: torch.device) -> Dict[str
 BODY_MARGIN_VOX = (8, 40, 40)
 
 
+def _integers(text: str) -> Tuple[int, ...]:
+    """Integers separated by commas; () when the text is not that."""
+    try:
+        return tuple(int(n) for n in text.split(","))
+    except ValueError:
+        return ()
+
+
 def check_scan_shape(text: str) -> Tuple[int, int, int]:
     """``--scan-shape`` ``"Z,Y,X"`` (voxels) as integers, each more than twice :data:`BODY_MARGIN_VOX`;
     ValueError naming the option otherwise."""
-    try:
-        shape = tuple(int(n) for n in text.split(","))
-    except ValueError:
-        raise ValueError(f"--scan-shape {text!r}: expected three integers Z,Y,X") from None
+    shape = _integers(text)
+    if not shape:
+        raise ValueError(f"--scan-shape {text!r}: expected three integers Z,Y,X")
     least = tuple(2 * m + 1 for m in BODY_MARGIN_VOX)
     if len(shape) != 3 or any(n < low for n, low in zip(shape, least)):
         raise ValueError(f"--scan-shape {text!r}: expected three integers Z,Y,X of at least "
@@ -220,10 +227,7 @@ def check_scan_shape(text: str) -> Tuple[int, int, int]:
 
 def check_batches(text: str) -> Tuple[int, ...]:
     """``--batches`` ``"32,64,..."`` as positive integers; ValueError naming the option otherwise."""
-    try:
-        batches = tuple(int(n) for n in text.split(","))
-    except ValueError:
-        batches = ()
+    batches = _integers(text)
     if not batches or min(batches) < 1:
         raise ValueError(f"--batches {text!r}: expected positive integers separated by commas, e.g. 32,64")
     return batches

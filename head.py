@@ -529,6 +529,20 @@ def mean_of_views(per_view: np.ndarray, views: Optional[int] = None) -> np.ndarr
     return total / views
 
 
+def more_views(model: Classifier, patches, preprocess: Dict[str, Any], device: str = "cpu",
+               batch_size: int = 64, views: int = 1, precision: str = "fp32", with_size: bool = False,
+               known: Optional[tuple] = None):
+    """:func:`view_outputs` of the first ``views`` flips of the patches, where ``known`` (its outputs for
+    their first k flips; None: none) is not computed again: flips k to ``views - 1`` go through the model and
+    follow ``known``'s columns."""
+    if known is None:
+        return view_outputs(model, patches, preprocess, device, batch_size, views, precision, with_size)
+    probability, log_size = view_outputs(model, patches, preprocess, device, batch_size, views, precision,
+                                         with_size, first=known[0].shape[1])
+    return (np.concatenate([known[0], probability], axis=1),
+            None if log_size is None else np.concatenate([known[1], log_size], axis=1))
+
+
 def predict_patches(model: Classifier, patches, preprocess: Dict[str, Any], device: str = "cpu",
                     batch_size: int = 64, views: int = 1, precision: str = "fp32", with_size: bool = False,
                     known: Optional[tuple] = None):
@@ -537,11 +551,8 @@ def predict_patches(model: Classifier, patches, preprocess: Dict[str, Any], devi
     ``(probability, diameter_mm)``, the diameter from the mean log-diameter over the views (all NaN when the
     model has no size output). ``known``: :func:`view_outputs` of the same patches for their first k views
     (with ``with_size``, when the model has a size output), which are not computed again."""
-    probability, log_size = view_outputs(model, patches, preprocess, device, batch_size, views, precision,
-                                         with_size, first=0 if known is None else known[0].shape[1])
-    if known is not None:
-        probability = np.concatenate([known[0], probability], axis=1)
-        log_size = None if log_size is None else np.concatenate([known[1], log_size], axis=1)
+    probability, log_size = more_views(model, patches, preprocess, device, batch_size, views, precision,
+                                       with_size, known)
     probability = mean_of_views(probability)
     if not with_size:
         return probability

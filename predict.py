@@ -335,11 +335,8 @@ def screen_in_stages(chosen: ModelSet, patches: np.ndarray, device, batch_size: 
     (_, model, meta), = chosen.models
     kept, known, counts = np.arange(len(patches)), None, []
     for views, screen in stages:
-        first = 0 if known is None else known[0].shape[1]
-        more = head.view_outputs(model, patches[kept], meta["preprocess"], device, batch_size, views,
-                                 head.resolve_precision(precision, device), with_size=True, first=first)
-        known = more if known is None else tuple(
-            None if part is None else np.concatenate([part, new], axis=1) for part, new in zip(known, more))
+        known = head.more_views(model, patches[kept], meta["preprocess"], device, batch_size, views,
+                                head.resolve_precision(precision, device), with_size=True, known=known)
         counts.append(len(kept))
         passed = calibration.logit(head.mean_of_views(known[0])) >= screen
         kept, known = kept[passed], tuple(None if part is None else part[passed] for part in known)
