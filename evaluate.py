@@ -59,33 +59,77 @@ def default_eval_dir(work_dir, name: str, subsets: Sequence[int], views: Optiona
 
 
 class ScanPatchStream(torch.utils.data.IterableDataset):
-    """Iterable over ``(seriesuid, first_row, patches int16 (n, P, P, P) tensor, error)`` chunks.
+    """Iterable over ``(spans, patches, error)`` chunks of candidates' int16 HU patches ``[z, y, x]``.
 
-    Each scan is opened once (``data.read_and_extract`` cuts the first chunk straight from the mapped
-    file) and cut into patches around its candidates' world mm points in chunks of at most ``chunk``;
-    with DataLoader workers, worker w takes scans w, w + W, ... A scan that cannot be read or cut
-    yields an item with ``patches`` None and the reason in ``error``.
+    Each scan is opened once (``data.read_and_extract`` cuts its first piece straight from the mapped file)
+    and cut around its candidates' world mm points. The pieces fill chunks of ``chunk`` patches across
+    scans, so that every model batch but the last of each reader is full: ``patches`` is an ``(n, P, P, P)``
+    tensor and ``spans`` says whose they are, ``((seriesuid, first, count), ...)`` in order (candidates
+    ``first .. first + count`` of that scan's list). Without ``fill`` a chunk holds one scan's patches and a
+    scan's last chunk is handed on when it is cut, so that its part can be saved at once. With DataLoader
+    workers, worker w takes scans w, w + W, ... A scan that cannot be read or cut yields
+    ``(((seriesuid, 0, 0),), None, reason)``, and none of its patches that still wait in a chunk.
     """
 
-    def __init__(self, scans: list, patch_size: int, spacing_mm: float, chunk: int = 256):
+    def __init__(self, scans: list, patch_size: int, spacing_mm: float, chunk: int = 256, fill: bool = True):
         super().__init__()
         self.scans = scans  # [(seriesuid, path, world_xyz (n, 3))]
-        self.patch_size, self.spacing_mm, self.chunk = patch_size, spacing_mm, chunk
+        self.patch_size, self.spacing_mm, self.chunk, self.fill = patch_size, spacing_mm, chunk, fill
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         mine = self.scans[info.id::info.num_workers] if info else self.scans
+        waiting = _ChunkFiller(self.chunk)
         for uid, path, world_xyz in mine:
             try:
-                scan, patches = data.read_and_extract(path, world_xyz[:self.chunk], self.patch_size,
-                                                      self.spacing_mm)
-                for first in range(0, len(world_xyz), self.chunk):
-                    if first:
-                        patches = data.extract_patches(scan, world_xyz[first:first + self.chunk],
-                                                       self.patch_size, self.spacing_mm)
-                    yield uid, first, torch.from_numpy(patches), ""
+                for first, piece in self._pieces(path, world_xyz, waiting.room):
+                    yield from waiting.add(uid, first, piece)
             except (UserError, ValueError, RuntimeError, OSError, MemoryError) as err:
-                yield uid, 0, None, str(err) or type(err).__name__
+                waiting.drop(uid)
+                yield ((uid, 0, 0),), None, str(err) or type(err).__name__
+            if not self.fill:
+                yield from waiting.flush()
+        yield from waiting.flush()
+
+    def _pieces(self, path, world_xyz: np.ndarray, room):
+        """``(first, int16 patches)`` of the scan's candidates in order, each piece as large as the chunk
+        being filled has room for (``room()``, asked before each cut)."""
+        first, scan = 0, None
+        while first < len(world_xyz):
+            points = world_xyz[first:first + room()]
+            if scan is None:
+                scan, patches = data.read_and_extract(path, points, self.patch_size, self.spacing_mm)
+            else:
+                patches = data.extract_patches(scan, points, self.patch_size, self.spacing_mm)
+            yield first, patches
+            first += len(points)
+
+
+class _ChunkFiller:
+    """The chunk a reader is filling: pieces of scans joined until ``size`` patches, then handed on (a piece
+    that fills a chunk on its own is handed on as it is, without a copy)."""
+
+    def __init__(self, size: int):
+        self.size, self.spans, self.pieces = size, [], []
+
+    def room(self) -> int:
+        return self.size - sum(len(p) for p in self.pieces)
+
+    def add(self, uid: str, first: int, patches: np.ndarray):
+        self.spans.append((uid, first, len(patches)))
+        self.pieces.append(patches)
+        if self.room() <= 0:
+            yield from self.flush()
+
+    def drop(self, uid: str) -> None:
+        kept = [k for k, span in enumerate(self.spans) if span[0] != uid]
+        self.spans, self.pieces = [self.spans[k] for k in kept], [self.pieces[k] for k in kept]
+
+    def flush(self):
+        if self.pieces:
+            patches = self.pieces[0] if len(self.pieces) == 1 else np.concatenate(self.pieces)
+            yield tuple(self.spans), torch.from_numpy(patches), ""
+        self.spans, self.pieces = [], []
 
 
 def _as_is(item):
@@ -99,13 +143,16 @@ def _one_thread(_worker_id: int) -> None:
 
 
 def stream_scan_patches(scans: list, patch_size: int, spacing_mm: float, readers: int, chunk: int = 256,
-                        pin: bool = False):
-    """Chunks of :class:`ScanPatchStream`, prefetched by ``readers`` processes (0: in this process); with
-    ``pin`` (a GPU will take them) in page-locked memory, so that their copies to it need not wait."""
+                        for_gpu: bool = False):
+    """Chunks of :class:`ScanPatchStream`, prefetched by ``readers`` processes (0: in this process). With
+    ``for_gpu`` (a GPU will score them) they are filled across scans, so that every batch it runs is full,
+    and put in page-locked memory, so that their copies to it need not wait. On the CPU the encoder takes a
+    few patches at a time whatever the batch, and a chunk per scan lets its part be saved once it is scored.
+    """
     loader = torch.utils.data.DataLoader(
-        ScanPatchStream(scans, patch_size, spacing_mm, chunk), batch_size=None,
+        ScanPatchStream(scans, patch_size, spacing_mm, chunk, fill=for_gpu), batch_size=None,
         num_workers=readers, collate_fn=_as_is, worker_init_fn=_one_thread if readers else None,
-        prefetch_factor=2 if readers else None, pin_memory=pin)
+        prefetch_factor=2 if readers else None, pin_memory=for_gpu)
     return iter(loader)
 
 
@@ -152,21 +199,35 @@ class ScoredChunk:
     diameter_mm: Optional[np.ndarray]
 
 
+def chunk_patches(batch_size: int, views: int, least: int = 256) -> int:
+    """Patches a reader's chunk holds: the fewest whole model batches (``batch_size // views`` patches, each
+    with its ``views`` flips) that make at least ``least`` (fewer chunks pass between the processes)."""
+    per_batch = max(1, batch_size // views)
+    return per_batch * max(1, math.ceil(least / per_batch))
+
+
 def scored_chunks(run: ModelRun, todo: list, with_size: bool = False):
     """The scoring service of evaluate and mining: ``(seriesuid, ScoredChunk or None, reason)`` for the
     candidates of each scan of ``todo`` (``[(seriesuid, path, world_xyz (n, 3))]``), each scan read once and
-    cut around its world points (:func:`stream_scan_patches`), each chunk scored by ``run``'s model at its
-    views and precision."""
+    cut around its world points (:func:`stream_scan_patches`), each chunk (whole model batches, filled
+    across scans on a GPU) scored by ``run``'s model at its views and precision and handed on scan by
+    scan."""
     chunks = stream_scan_patches(todo, int(run.preprocess["patch_size"]), float(run.preprocess["spacing_mm"]),
-                                 run.readers, chunk=max(run.batch_size, 256),
-                                 pin=run.device.type == "cuda") if todo else []
-    for uid, first, patches, error in chunks:
+                                 run.readers, chunk=chunk_patches(run.batch_size, run.views),
+                                 for_gpu=run.device.type == "cuda") if todo else []
+    for spans, patches, error in chunks:
         if patches is None:
-            yield uid, None, error
+            yield spans[0][0], None, error
             continue
         scored = head.predict_patches(run.model, patches, run.preprocess, run.device, run.batch_size,
                                       run.views, run.precision, with_size=with_size)
-        yield uid, ScoredChunk(first, patches, *(scored if with_size else (scored, None))), ""
+        probability, diameter_mm = scored if with_size else (scored, None)
+        start = 0
+        for uid, first, count in spans:
+            part = slice(start, start + count)
+            yield uid, ScoredChunk(first, patches[part], probability[part],
+                                   None if diameter_mm is None else diameter_mm[part]), ""
+            start += count
 
 
 def _score_scans(run: ModelRun, todo: list, rows_of: dict, scores: np.ndarray, measure: np.ndarray,

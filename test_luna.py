@@ -761,6 +761,60 @@ def test_evaluate_model_scores_every_candidate_and_resumes(eval_phantom, tmp_pat
     np.testing.assert_allclose([float(r[4]) for r in again[1:]], [float(r[4]) for r in rows[1:]], rtol=1e-6)
 
 
+def test_scan_chunks_fill_across_scans_for_the_gpu_and_scoring_hands_them_back_scan_by_scan(
+        eval_phantom, tmp_path, monkeypatch):
+    import data
+    import evaluate
+    import head
+    assert [evaluate.chunk_patches(*a) for a in ((64, 8), (100, 1), (512, 1), (3, 8))] == [256, 300, 512, 256]
+    rows = _subset_candidates(eval_phantom, 0) + _subset_candidates(eval_phantom, 1)
+    paths = data.subset_scans(eval_phantom, [0, 1])
+    todo = []
+    for uid in dict.fromkeys(r[0] for r in rows):
+        todo.append((uid, paths[uid], np.array([[float(v) for v in r[1:4]] for r in rows if r[0] == uid])))
+    todo.insert(2, ("missing", tmp_path / "missing.mhd", todo[0][2]))
+    direct = {uid: data.extract_patches(data.read_ct(path), xyz, 32, 1.25)
+              for uid, path, xyz in todo if uid != "missing"}
+    for fill in (True, False):
+        items = list(evaluate.ScanPatchStream(todo, 32, 1.25, chunk=5, fill=fill))
+        errors = [spans[0][0] for spans, patches, _ in items if patches is None]
+        chunks = [(spans, patches) for spans, patches, _ in items if patches is not None]
+        assert errors == ["missing"]
+        sizes = [len(patches) for _, patches in chunks]
+        assert all(sum(s[2] for s in spans) == len(patches) for spans, patches in chunks)
+        if fill:    # every chunk but the last is full, and some hold two scans
+            assert set(sizes[:-1]) == {5} and sizes[-1] <= 5 and max(len(spans) for spans, _ in chunks) > 1
+        else:       # one scan a chunk
+            assert all(len(spans) == 1 for spans, _ in chunks)
+        got = {}
+        for spans, patches in chunks:
+            start = 0
+            for uid, first, count in spans:
+                assert first == sum(len(p) for p in got.get(uid, []))    # each scan's candidates in order
+                got.setdefault(uid, []).append(patches[start:start + count].numpy())
+                start += count
+        assert set(got) == set(direct)
+        for uid, want in direct.items():
+            np.testing.assert_array_equal(np.concatenate(got[uid]), want)
+    # scoring splits the filled chunks back into each scan's candidates, with the scores of scoring it alone
+    model, meta = head.load_classifier(_tiny_checkpoint(tmp_path / "tiny.pt"))
+    run = evaluate.ModelRun(model.eval(), meta["preprocess"], views=2, batch_size=4, readers=0,
+                            device=head.resolve_device("cpu"), precision="fp32", parts=None)
+    monkeypatch.setattr(evaluate, "stream_scan_patches",
+                        lambda scans, size, spacing, readers, chunk, for_gpu: iter(
+                            evaluate.ScanPatchStream(scans, size, spacing, chunk=5, fill=True)))
+    scored = {}
+    for uid, chunk, reason in evaluate.scored_chunks(run, todo, with_size=True):
+        assert (chunk is None) == (uid == "missing") and bool(reason) == (uid == "missing")
+        if chunk is not None:
+            assert chunk.first == sum(len(p) for p in scored.get(uid, []))
+            scored.setdefault(uid, []).append(chunk.probability)
+            assert np.isnan(chunk.diameter_mm).all() and len(chunk.diameter_mm) == len(chunk.patches)
+    for uid, patches in direct.items():
+        alone = head.predict_patches(model, patches, meta["preprocess"], batch_size=4, views=2)
+        np.testing.assert_allclose(np.concatenate(scored[uid]), alone, rtol=1e-5, atol=1e-7)
+
+
 def test_evaluate_cli_model_skips_an_unreadable_scan(eval_phantom, tmp_path):
     import json
     import shutil
