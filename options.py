@@ -54,6 +54,7 @@ class Option:
     words: Tuple[str, ...] = ()  # words accepted besides the values ("auto")
     multiple_of: int = 0
     cli: str = ""  # the flag, when not the name's (``--type`` for nodule_type)
+    crossval_help: str = ""  # what the option means to crossval, where that differs from the stage's help
 
     @property
     def flag(self) -> str:
@@ -132,7 +133,9 @@ OPTIONS: Dict[str, Option] = {o.name: o for o in (
            {"finetune": None, "features": None}),
     Option("subsets", "subsets", "Subsets to encode (default: every extracted one but the test subsets).",
            {"features": None}),
-    Option("head_from", str, "Start from this run's best.pt (a run name or a .pt path).", {"finetune": None}),
+    Option("head_from", str, "Start from this run's best.pt (a run name or a .pt path).", {"finetune": None},
+           crossval_help="Start each fold from the same fold of this head-stage cross-validation (its "
+                         "--name)."),
     Option("val_subsets", "subsets", "Validation subsets, e.g. 8 or 7,8 (each must be extracted); auto: "
            "80:20 split of the training scans by seriesuid.", {s: [8] for s in BOTH}, words=("auto",)),
     Option("test_subsets", "subsets", "Held-out test subsets, never read here: neither trained on nor "
@@ -309,7 +312,8 @@ def typer_parameters(names: Sequence[str], stages: Union[str, Sequence[str], Non
         stage = None if stages is None else next(s for s in ([stages] if isinstance(stages, str) else stages)
                                                  if s in option.defaults)
         owner = stage or training[0]
-        help_text = option.text(owner) + _range(option)
+        own_text = option.crossval_help if stage is None and option.crossval_help else option.text(owner)
+        help_text = own_text + _range(option)
         if stage is None and len(training) == 1:
             help_text = f"{owner}: {help_text}"
         if stage is None:

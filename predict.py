@@ -563,7 +563,7 @@ def _predict_scan(checkpoint, scan_path, coords: Sequence[str], points, out, dev
         predictions, candidates, how = predict_detected(chosen, scan, found.world_xyz, torch_device,
                                                         batch_size, precision, options, screen)
         if console is not None:
-            console.print(how)
+            console.print(f"{scan_name(scan_path)}: {how}")
     else:
         predictions = candidates = predict_points(chosen, scan, world_xyz, torch_device, batch_size, views,
                                                   precision, points=how, **options)
@@ -582,7 +582,8 @@ def predict_scans(checkpoint, scan_paths: Sequence, out=None, *, device: str = "
     scans): each scan's findings as :func:`predict_scan` gives them, its ``scan`` column naming it, all in one
     CSV at ``out`` and, with ``report``, one page per scan and ``report/index.html``. Each finished scan is
     kept in ``report/parts`` (else beside ``out``), so a rerun of the same call skips it; an unreadable scan
-    is named and the others go on. Returns ``(rows, {scan: reason} of the scans that failed)``."""
+    is named and the others go on; ``console`` also hears how each scan's detected candidates were scored.
+    Returns ``(rows, {scan: reason} of the scans that failed)``."""
     import findings
     chosen = {**options_mod.defaults("predict"), **options_mod.given("predict", settings)}
     paths = data.find_scans(scan_paths)
@@ -595,7 +596,8 @@ def predict_scans(checkpoint, scan_paths: Sequence, out=None, *, device: str = "
                                      chosen["cutoff"], ensemble, compile)   # loaded (and compiled) once
 
     def predicted(path: Path):
-        return _predict_scan(models, path, (), None, None, device, ensemble, report, compile, **chosen)
+        return _predict_scan(models, path, (), None, None, device, ensemble, report, compile, console=console,
+                             **chosen)
 
     def keep(name: str, rows: list) -> None:
         if parts is not None:

@@ -1822,6 +1822,9 @@ def test_every_option_is_defined_once_and_maps_to_the_command_line(tmp_path):
     params = {p.name: p for p in commands["crossval"].params if not p.name.startswith("old_")}
     assert set(params) - own["crossval"] == set(options.crossval_names()) == set(crossval.TRAINING_OPTIONS)
     assert all(params[name].default is None for name in options.crossval_names())
+    # crossval's --head-from names a head-stage cross-validation, not a run
+    assert "cross-validation" in params["head_from"].help and "cross-validation" not in \
+        {p.name: p for p in commands["finetune"].params}["head_from"].help
     # and back: every option reaches some command, with its flag
     exposed = {p.opts[0] for c in ("train-head", "finetune", "crossval", "cache-features", "evaluate",
                                    "predict", "extract", "detect") for p in commands[c].params}
