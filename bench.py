@@ -16,7 +16,7 @@ from typing import Optional
 import typer
 
 import bench_detect
-from bench_common import MINING_SETTINGS, console, machine_description
+from bench_common import MINING_SETTINGS, console, machine_description, scratch_folder
 
 bench_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Timing benchmarks.")
 
@@ -95,8 +95,6 @@ def bench_extract(patch_size: int = 64, spacing_mm: float = 1.0, repeats: int = 
     """Patch extraction on a 512 x 512 x 250 phantom scan: 30 and 800 candidates, against the bare
     read and against resampling the whole scan first. The same voxels are timed at the phantom's
     own fine spacing and at a coarser one."""
-    import tempfile
-    from pathlib import Path
     import numpy as np
     import SimpleITK as sitk
     from rich.table import Table
@@ -104,7 +102,7 @@ def bench_extract(patch_size: int = 64, spacing_mm: float = 1.0, repeats: int = 
     import phantom
     rng = np.random.default_rng(seed)
     case = phantom.make_phantom_scan(rng, phantom.SIZES["realistic"], direction_kind="identity")
-    folder = Path(tempfile.mkdtemp(prefix="bench_extract_"))
+    folder = scratch_folder("bench_extract_")
     coarse = data.CTScan(case.scan.hu, case.scan.origin, np.array([0.70, 0.70, 1.25]), case.scan.direction)
     scans = {"fine": case.scan, "coarse": coarse}
     for name, scan in scans.items():
@@ -177,10 +175,8 @@ def bench_froc(rows: int = 754_975, repeats: int = 3, bootstrap: int = 1000, see
     """LUNA16 FROC/CPM scoring of a candidates_V2-sized submission: parsing (ours against csv.DictReader),
     scoring, and the bootstrap intervals timed separately."""
     import csv
-    import tempfile
-    from pathlib import Path
     from rich.table import Table
-    folder = Path(tempfile.mkdtemp(prefix="bench_froc_"))
+    folder = scratch_folder("bench_froc_")
     submission = folder / "submission.csv"
     annotations, excluded, seriesuids = _synthetic_submission(submission, rows, seed)
     import data
@@ -225,15 +221,13 @@ def bench_evaluate(device: str = "cpu", precision: str = "fp32", size: int = 32,
     """Whole-subset model evaluation (read, extract, model) in candidates/s on a phantom subset: with worker
     processes reading ahead against none, and the model alone on ready patches; projects all 754,975
     LUNA16 candidates. GPU: --device cuda --precision bf16 --size 64 --feature-size 48."""
-    import tempfile
-    from pathlib import Path
     import numpy as np
     import torch
     import data
     import evaluate
     import head
     import phantom
-    folder = Path(tempfile.mkdtemp(prefix="bench_evaluate_"))
+    folder = scratch_folder("bench_evaluate_")
     phantom.write_luna_folder(folder / "luna16", n_subsets=1, scans_per_subset=scans,
                               shape=phantom.SIZES[scan_shape], seed=seed,
                               negatives_per_scan=negatives_per_scan)
@@ -514,11 +508,9 @@ def bench_mining(seeds: str = "0,1", scans_per_subset: int = 12, negatives_per_s
     """Held-out CPM of the default negative sample, rounds of hard-negative mining and every candidate, for
     the frozen-feature head and for fine-tuning from it, on phantoms with LUNA16-like candidates (mostly easy
     lung points, a few look-alikes a scan): subsets 0-1 train, 2 validates, 3 is held out."""
-    import tempfile
-    from pathlib import Path
     import numpy as np
     from rich.table import Table
-    base = Path(tempfile.mkdtemp(prefix="bench_mining_"))
+    base = scratch_folder("bench_mining_")
     by_seed = {int(s): _mining_seed(base / f"seed{s}", int(s), scans_per_subset, negatives_per_scan,
                                     max_per_scan, rounds, head_epochs, finetune_epochs, views, finetune_lr)
                for s in seeds.split(",")}
@@ -579,10 +571,8 @@ def bench_crossval_mining(seeds: str = "0,1", scans_per_subset: int = 12, negati
     """Pooled four-fold cross-validated CPM of the frozen-feature head with and without one round of mining
     inside each fold (``crossval --mine-rounds 1``), on phantoms with LUNA16-like candidates, and the paired
     bootstrap interval of the difference."""
-    import tempfile
-    from pathlib import Path
     from rich.table import Table
-    base = Path(tempfile.mkdtemp(prefix="bench_crossval_mining_"))
+    base = scratch_folder("bench_crossval_mining_")
     started = time.perf_counter()
     by_seed = {int(s): _crossval_mining_seed(base / f"seed{s}", int(s), scans_per_subset, negatives_per_scan,
                                              max_per_scan, head_epochs, views) for s in seeds.split(",")}

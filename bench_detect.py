@@ -18,7 +18,7 @@ import numpy as np
 import typer
 
 import common
-from bench_common import MINING_SETTINGS, console, machine_description
+from bench_common import MINING_SETTINGS, console, machine_description, scratch_folder
 
 
 # --- detect: candidate sensitivity, real scans, speed and memory, end to end -------------
@@ -172,7 +172,6 @@ def bench_detect(scans: int = 24, seed: int = 13, repeats: int = 3, e2e_scans_pe
     juxtapleural), the rank of each real LIDC-IDRI nodule's first hit (when ../shared/data holds them),
     time and peak memory for a 512 x 512 x 300 scan, and end to end (detect, extract, features, head,
     evaluate on subset 3) against the same pipeline on the generator's own candidates_V2.csv."""
-    import tempfile
     from pathlib import Path
     from rich.table import Table
     import detect
@@ -193,7 +192,7 @@ def bench_detect(scans: int = 24, seed: int = 13, repeats: int = 3, e2e_scans_pe
         console.print(table)
     else:
         console.print("real LIDC-IDRI series not found under ../shared/data/real_ct: skipped")
-    folder = Path(tempfile.mkdtemp(prefix="bench_detect_"))
+    folder = scratch_folder("bench_detect_")
     speed = _detect_speed(folder, repeats)
     console.print(f"512 x 512 x 300 phantom at 0.7 x 0.7 x 1.25 mm: detection median {speed['seconds']:.1f} "
                   f"s of {repeats} ({', '.join(f'{s:.1f}' for s in speed['all'])}), "
@@ -340,7 +339,7 @@ def _real_anatomy_table(rows: list, limits: tuple, title: str):
 def bench_real_anatomy(copies: int = 10, nodules_per_scan: int = 10, seed: int = 1001,
                        max_per_scan: int = 300,
                        folder: str = typer.Option("", help="reuse or write the inserted folder here "
-                                                           "(default: temp)"),
+                                                           "(default: a temporary one, removed at the end)"),
                        demo_dir: str = typer.Option("demo_work", help="the demo's work folder, "
                                                                       "for end to end")):
     """Detection on real anatomy: nodules inserted into the real LIDC-IDRI CTs of ../shared/data/real_ct
@@ -348,7 +347,6 @@ def bench_real_anatomy(copies: int = 10, nodules_per_scan: int = 10, seed: int =
     sensitivity at 50 and ``max_per_scan`` candidates a scan by size, placement, type and shape (95% Wilson
     intervals), the real nodules, and the detection time a scan; then, when the demo's models are there,
     end to end (their AUC, CPM and size error on the folder's own candidates and on the detected ones)."""
-    import tempfile
     from pathlib import Path
     import insert
     shared = Path(__file__).resolve().parent.parent / "shared" / "data"
@@ -356,7 +354,7 @@ def bench_real_anatomy(copies: int = 10, nodules_per_scan: int = 10, seed: int =
     if not backgrounds:
         console.print("real LIDC-IDRI series not found under ../shared/data/real_ct: nothing to measure")
         raise typer.Exit(1)
-    root = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="bench_real_")) / "inserted"
+    root = Path(folder) if folder else scratch_folder("bench_real_") / "inserted"
     if not (root / "phantom_manifest.json").is_file():
         start = time.perf_counter()
         summary = insert.write_inserted_folder(root, backgrounds, copies, nodules_per_scan,

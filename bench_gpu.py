@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -24,10 +23,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+import common
 import features
 import head
 import swin_encoder
 import train
+from bench_common import scratch_folder
 
 # Dense bf16 tensor-core peak (TFLOP/s, without sparsity) by the card's name, from the makers' data sheets.
 BF16_PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0),
@@ -148,7 +149,7 @@ def fixture_errors(paths: List[str], device: torch.device) -> Dict[str, float]:
     """Per path, the largest relative error of the encoder's five outputs against MONAI's, fp32, on the
     fixture's window-7 case."""
     case = torch.load(Path(__file__).resolve().parent / "swin_fixture.pt", weights_only=True)["w7"]
-    path = Path(tempfile.mkdtemp(prefix="bench_gpu_")) / "swin_unetr.pt"
+    path = scratch_folder("bench_gpu_") / "swin_unetr.pt"
     torch.save(case["checkpoint"], path)
     encoder = swin_encoder.SwinEncoder(case["in_channels"], 12, window_size=case["window"])
     swin_encoder.load_pretrained(encoder, path)
@@ -243,7 +244,7 @@ def pipeline_rate(model: head.Classifier, size: int, device: torch.device, preci
     import data
     import evaluate
     import phantom   # imported here: bench.py train measures its process's peak memory with this module
-    folder = Path(tempfile.mkdtemp(prefix="bench_gpu_scans_"))
+    folder = scratch_folder("bench_gpu_scans_")
     rng = np.random.default_rng(0)
     made = []
     for k in range(distinct):
@@ -272,58 +273,84 @@ def run(device_name: str = "cuda", size: int = 64, feature_size: int = 48, windo
         scans: int = 100, distinct_scans: int = 4, per_scan: int = 850, scan_shape: tuple = (300, 512, 512),
         readers: int = 8, budget_s: float = 330.0, out: Optional[Path] = None,
         console: Optional[Console] = None) -> dict:
-    """Every measurement of the module docstring; returns them (and writes them to ``out`` as JSON)."""
+    """Every measurement of the module docstring; returns them. With ``out``, the figures so far are written
+    there (JSON, atomically) after each part, so that a call stopped by its time limit keeps them; a part
+    that fails is named with its error in ``failed`` and the others go on."""
     console = console or Console()
     device = head.resolve_device(device_name)
     deadline = Deadline(budget_s)
     result: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                     "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "size": size,
                     "feature_size": feature_size, "window": window, "precision": precision, "rows": [],
-                    "skipped": []}
-    result["fixture_relative_error"] = fixture_errors(list(paths), device)
+                    "kernels": {}, "pipeline": {}, "skipped": [], "failed": []}
+
+    def save() -> None:
+        if out is not None:
+            common.atomic_write_text(Path(out), json.dumps(result, indent=1))
+
+    def part(name: str, measure: Callable[[], None]) -> None:
+        try:
+            measure()
+        except Exception as err:  # one part failing on a card must not lose the others' figures
+            first_line = (str(err).strip().splitlines() or [""])[0]
+            result["failed"].append(f"{name}: {type(err).__name__}: {first_line}")
+            console.print(f"[red]failed: {result['failed'][-1]}[/]")
+        save()
+
+    part("fixture", lambda: result.update(fixture_relative_error=fixture_errors(list(paths), device)))
     if "compiled" in paths:
-        result["compiled_vs_eager"] = compiled_against_eager(size, feature_size, window, device)
-    flops = forward_flops(build_model("eager", size, feature_size, window, device).eval(), size, device)
-    result["forward_flops"], peak = flops, peak_tflops(device)
-    result["peak_tflops"] = peak
+        part("compiled against eager", lambda: result.update(
+            compiled_vs_eager=compiled_against_eager(size, feature_size, window, device)))
+    part("FLOP count", lambda: result.update(
+        forward_flops=forward_flops(build_model("eager", size, feature_size, window, device).eval(), size,
+                                    device), peak_tflops=peak_tflops(device)))
+    flops = result.get("forward_flops")
     models = {path: build_model(path, size, feature_size, window, device) for path in paths}  # compiled once
     for path, model in models.items():
         for batch in batches:
-            for kind, make, per_sample in (("inference", inference_step, flops["total"]),
-                                           ("training", training_step, 3 * flops["training"])):
+            for kind, make, per_sample in (("inference", inference_step, flops and flops["total"]),
+                                           ("training", training_step, flops and 3 * flops["training"])):
                 if deadline.left() < budget_s * 0.3:   # keep time for the breakdown and the pipeline
                     result["skipped"].append(f"{path} {kind} batch {batch}: out of time")
                     continue
-                reset_peak(device)
-                try:
-                    rate = timed_rate(make(model, batch, size, device, precision), batch, device, 2, repeats)
-                except torch.OutOfMemoryError:
-                    result["skipped"].append(f"{path} {kind} batch {batch}: out of memory")
-                    continue
-                row = {"path": path, "kind": kind, "batch": batch, "samples_per_s": rate,
-                       "peak_mib": peak_mib(device),
-                       "mfu": None if peak is None else rate * per_sample / (peak * 1e12)}
-                result["rows"].append(row)
-    result["kernels"] = {}
+                part(f"{path} {kind} batch {batch}",
+                     lambda: _rate_row(result, path, kind, batch, make(model, batch, size, device, precision),
+                                       device, repeats, per_sample))
     for path, model in models.items():
         if deadline.left() < budget_s * 0.2:
             result["skipped"].append(f"{path} kernel breakdown: out of time")
             continue
-        result["kernels"][path] = {
+        part(f"{path} kernel breakdown", lambda: result["kernels"].update({path: {
             kind: kernel_breakdown(make(model, batches[0], size, device, precision), device)
-            for kind, make in (("inference", inference_step), ("training", training_step))}
-    result["pipeline"] = {}
+            for kind, make in (("inference", inference_step), ("training", training_step))}}))
     for path, model in models.items():
         if deadline.left() < 20:
             result["skipped"].append(f"{path} evaluate pipeline: out of time")
             continue
         share = Deadline(deadline.left() / (len(paths) - list(paths).index(path)))
-        result["pipeline"][path] = pipeline_rate(model, size, device, precision, scans, distinct_scans,
-                                                 per_scan, scan_shape, readers, max(batches), share)
+        part(f"{path} evaluate pipeline", lambda: result["pipeline"].update({path: pipeline_rate(
+            model, size, device, precision, scans, distinct_scans, per_scan, scan_shape, readers,
+            max(batches), share)}))
+    save()
     print_tables(result, console)
-    if out is not None:
-        Path(out).write_text(json.dumps(result, indent=1))
     return result
+
+
+def _rate_row(result: dict, path: str, kind: str, batch: int, step: Callable[[], None], device: torch.device,
+              repeats: int, flops_per_sample: Optional[float]) -> None:
+    """One row of samples/s, peak memory and MFU (None without the card's peak or the FLOP count); a batch
+    that does not fit is noted as skipped."""
+    reset_peak(device)
+    try:
+        rate = timed_rate(step, batch, device, 2, repeats)
+    except torch.OutOfMemoryError:
+        result["skipped"].append(f"{path} {kind} batch {batch}: out of memory")
+        return
+    peak = result.get("peak_tflops")
+    result["rows"].append({"path": path, "kind": kind, "batch": batch, "samples_per_s": rate,
+                           "peak_mib": peak_mib(device),
+                           "mfu": None if not peak or not flops_per_sample
+                           else rate * flops_per_sample / (peak * 1e12)})
 
 
 def print_tables(result: dict, console: Console) -> None:
@@ -337,14 +364,17 @@ def print_tables(result: dict, console: Console) -> None:
                       "-" if row["peak_mib"] is None else f"{row['peak_mib']:.0f}",
                       "-" if row["mfu"] is None else f"{row['mfu']:.1%}")
     console.print(table)
-    flops = result["forward_flops"]
-    counted = "saw the attention" if flops["attention_counted_by_torch"] else "did not see the attention"
-    console.print(f"forward: {flops['total'] / 1e9:.2f} GFLOP a sample in inference, of which window "
-                  f"attention {flops['attention'] / 1e9:.2f}; {flops['training'] / 1e9:.2f} in training "
-                  f"(attention {flops['training_attention'] / 1e9:.2f}, padding included), 3x for a step; "
-                  f"torch's counter: {counted}; peak {result['peak_tflops'] or 'unknown'} TFLOP/s")
-    console.print("fixture (MONAI outputs, fp32), largest relative error: "
-                  + ", ".join(f"{p} {e:.1e}" for p, e in result["fixture_relative_error"].items()))
+    flops = result.get("forward_flops")
+    if flops:
+        counted = "saw the attention" if flops["attention_counted_by_torch"] else "did not see the attention"
+        peak = result.get("peak_tflops") or "unknown"
+        console.print(f"forward: {flops['total'] / 1e9:.2f} GFLOP a sample in inference, of which window "
+                      f"attention {flops['attention'] / 1e9:.2f}; {flops['training'] / 1e9:.2f} in training "
+                      f"(attention {flops['training_attention'] / 1e9:.2f}, padding included), 3x for a "
+                      f"step; torch's counter: {counted}; peak {peak} TFLOP/s")
+    if "fixture_relative_error" in result:
+        console.print("fixture (MONAI outputs, fp32), largest relative error: "
+                      + ", ".join(f"{p} {e:.1e}" for p, e in result["fixture_relative_error"].items()))
     if "compiled_vs_eager" in result:
         console.print("compiled against eager, largest relative difference: "
                       + ", ".join(f"{p} {e:.1e}" for p, e in result["compiled_vs_eager"].items()))
@@ -357,3 +387,5 @@ def print_tables(result: dict, console: Console) -> None:
                       f"{rate['scans']} scans ({rate['candidates']} candidates, {rate['seconds']:.1f} s)")
     for note in result["skipped"]:
         console.print(f"[yellow]skipped: {note}[/]")
+    for note in result["failed"]:
+        console.print(f"[red]failed: {note}[/]")

@@ -1102,6 +1102,34 @@ def test_bench_gpu_refuses_a_bad_scan_shape_or_batch_list_before_running():
     assert bench_gpu.check_batches("32, 64") == (32, 64)
 
 
+def test_bench_gpu_runs_every_part_on_the_cpu_and_keeps_what_it_measured(tmp_path, monkeypatch):
+    """The GPU benchmark at small sizes on the CPU: every part runs; a part that fails is named and the others
+    go on; the figures are on disk before the call ends (a device call stopped at its limit keeps them)."""
+    import json
+    import bench_gpu
+
+    def broken(step, device):
+        raise RuntimeError("no profiler here")
+
+    def stopped(result, console):
+        raise KeyboardInterrupt   # the call killed after its last part
+    monkeypatch.setattr(bench_gpu, "kernel_breakdown", broken)
+    monkeypatch.setattr(bench_gpu, "print_tables", stopped)
+    out = tmp_path / "gpu.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench_gpu.run("cpu", size=32, feature_size=12, window=4, batches=(2,), paths=("eager",),
+                      precision="fp32", repeats=1, scans=2, distinct_scans=1, per_scan=6,
+                      scan_shape=(60, 128, 128), readers=0, budget_s=120, out=out)
+    saved = json.loads(out.read_text())
+    assert {(r["path"], r["kind"], r["batch"]) for r in saved["rows"]} == {("eager", "inference", 2),
+                                                                          ("eager", "training", 2)}
+    assert all(r["samples_per_s"] > 0 for r in saved["rows"])
+    assert saved["fixture_relative_error"]["eager"] < 1e-5 and saved["forward_flops"]["attention"] > 0
+    assert saved["failed"] == ["eager kernel breakdown: RuntimeError: no profiler here"]
+    assert saved["kernels"] == {} and saved["skipped"] == []
+    assert saved["pipeline"]["eager"]["candidates"] == 12 and saved["pipeline"]["eager"]["scans"] == 2
+
+
 def test_compile_that_fails_falls_back_with_one_warning(eval_phantom, tmp_path, monkeypatch):
     import warnings
     import torch
