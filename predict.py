@@ -437,8 +437,8 @@ def write_predictions_csv(predictions: Sequence[dict], path) -> None:
 
 
 def _table_caption(predictions: Sequence[dict], n_models: int) -> str:
-    """The cutoff and its source, where the calibration's prior comes from, the guideline and the assumptions
-    of the size and category, the disclaimer."""
+    """The cutoff and its source, where the calibration's prior comes from, the guideline, each category's
+    recommendation, the assumptions of the size and category, the disclaimer."""
     lines = []
     if predictions:
         first = predictions[0]
@@ -452,27 +452,30 @@ def _table_caption(predictions: Sequence[dict], n_models: int) -> str:
         source = ("the model's size output (the plain measurement beside it)"
                   if first["size_source"] == SIZE_FROM_MODEL
                   else "the plain measurement: the model has no size output")
-        lines += [f"category and recommendation (follow-up points only): "
+        lines += [f"category (follow-up points only): "
                   f"{GUIDELINE_NAMES.get(first['guideline'], first['guideline'])}; diameter (mm): {source}; "
-                  f"'-': not measurable",
-                  "assumptions: " + "; ".join(first["assumptions"]), followup.DISCLAIMER]
+                  f"'-': not measurable"]
+        advice = dict.fromkeys((r["category"], r["recommendation"]) for r in predictions if r.get("category"))
+        lines += [f"  {category}: {recommendation}" for category, recommendation in advice]
+        lines += ["assumptions: " + "; ".join(first["assumptions"]), followup.DISCLAIMER]
     return "\n".join(lines)
 
 
 def prediction_table(predictions: Sequence[dict], title: str = "", n_models: int = 1, by_scan: bool = False):
     """A rich table: coordinates, calibrated and raw probability, follow-up at the cutoff, HU at the point,
-    the diameter, the guideline's category and recommendation (follow-up points only) and warnings; the
-    caption names the cutoff and its source, the calibration's prior, the guideline, the assumptions and
-    followup.DISCLAIMER. ``n_models`` > 1: the probabilities are the average of that many checkpoints.
-    ``by_scan``: a last column names each row's scan."""
+    the diameter, the guideline's category (follow-up points only) and warnings (a column only when a row has
+    one); the caption names the cutoff and its source, the calibration's prior, each category's
+    recommendation once, the guideline, the assumptions and followup.DISCLAIMER. ``n_models`` > 1: the
+    probabilities are the average of that many checkpoints. ``by_scan``: a last column names each row's
+    scan."""
     from rich.table import Table
-    table = Table(title=title or None, caption=_table_caption(predictions, n_models))
+    table = Table(title=title or None, caption=_table_caption(predictions, n_models), caption_justify="left")
     sized = bool(predictions) and predictions[0].get("size_source") == SIZE_FROM_MODEL
+    warned = any(row["warning"] for row in predictions)
     for name in ("#", "x (mm)", "y (mm)", "z (mm)", "probability", "raw", "follow-up", "HU", "diameter (mm)",
-                 *(("plain (mm)",) if sized else ()), "category", "recommendation", "warning",
+                 *(("plain (mm)",) if sized else ()), "category", *(("warning",) if warned else ()),
                  *(("scan",) if by_scan else ())):
-        table.add_column(name,
-                         justify="left" if name in ("category", "recommendation", "warning") else "right",
+        table.add_column(name, justify="left" if name in ("category", "warning") else "right",
                          overflow="fold")   # a narrow terminal folds cells rather than cropping columns
     for n, row in enumerate(predictions, start=1):
         diameter, calibrated = row.get("diameter_mm"), row.get("calibrated_probability")
@@ -482,7 +485,7 @@ def prediction_table(predictions: Sequence[dict], title: str = "", n_models: int
                       "-" if row["hu_at_point"] is None else f"{row['hu_at_point']:.0f}",
                       _mm(diameter),
                       *((_mm(row.get("plain_diameter_mm")),) if sized else ()), row.get("category", ""),
-                      row.get("recommendation", ""), f"[yellow]{row['warning']}[/]" if row["warning"] else "",
+                      *((f"[yellow]{row['warning']}[/]" if row["warning"] else "",) if warned else ()),
                       *((row.get("scan", ""),) if by_scan else ()))
     return table
 

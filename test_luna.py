@@ -3320,8 +3320,12 @@ def test_predict_cli_shows_size_category_and_disclaimer_and_writes_them(eval_pha
     assert "size unknown" in [dict(zip(predict.OUTPUT_COLUMNS, line.split(",")))["category"]
                               for line in (tmp_path / "preds.csv").read_text().splitlines()[1:]]
     # the table the command prints, from the rows of the function it calls
-    table = predict.prediction_table(predict.predict_scan([checkpoint], mhd, coords, device="cpu"))
-    assert {"diameter (mm)", "category", "recommendation"} <= {str(column.header) for column in table.columns}
+    shown = predict.predict_scan([checkpoint], mhd, coords, device="cpu")
+    table = predict.prediction_table(shown)
+    assert {"diameter (mm)", "category"} <= {str(column.header) for column in table.columns}
+    assert all(row["category"] for row in shown)   # cutoff 0: every point is followed up
+    for row in shown:   # each category's recommendation, once, under the table
+        assert table.caption.count(f"{row['category']}: {row['recommendation']}") == 1
     for expected in (followup.DISCLAIMER, "Fleischner 2017",
                      "nodule type assumed solid (not measured; solid unless --type is given)",
                      "patient risk assumed low", "the model has no size output", "(multiple)"):
