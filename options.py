@@ -209,10 +209,11 @@ OPTIONS: Dict[str, Option] = {o.name: o for o in (
                                            "highest-scoring."},
            {"detect": 300, "predict": 300, "mining": 20}, low=1),
     Option("screen", bool, "Without --coord and --points, with more than one view: score every detected "
-           "candidate at one view first, and at the full views only those whose one-view score comes within "
-           "a margin of the screening cutoff validation stored (none of the validation candidates above the "
-           f"cutoff falls below that one; the margin is at least {calibration.SCREEN_MARGIN:g} logits, and "
-           "as much as that one lies below the cutoff); --no-screen scores every candidate at all views.",
+           "candidate at one view first and add views in stages (the view counts validation stored: 1, 2, 4 "
+           "of 8), a candidate going on while its score so far comes within a margin of that stage's "
+           "screening cutoff (below which validation saw no candidate that all views put above the cutoff; "
+           f"the margin is at least {calibration.SCREEN_MARGIN:g} logits, and as much as that screening "
+           "cutoff lies below the cutoff); --no-screen scores every candidate at all views.",
            {"predict": True}),
     Option("guideline", str, "Size table for the follow-up category: fleischner (Fleischner 2017, incidental "
            "nodules) or lung-rads (Lung-RADS v2022, baseline screening scan).", {"predict": "fleischner"},
