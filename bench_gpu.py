@@ -6,17 +6,20 @@ torch.compile). For each path and batch size it measures samples/s of inference 
 against the card's dense bf16 peak; FLOPs are counted on the ops the model runs (torch's FLOP counter) plus
 the window attention wherever that counter does not see it (:func:`swin_encoder.attention_flops`). It checks
 every path against the MONAI reference outputs of ``swin_fixture.pt`` in fp32, and the compiled path against
-the eager one; it breaks the device time of each path down by kernel category; and it times the evaluate
+the eager one; it times the eager path with each attention kernel alone (:data:`SDPA_BACKENDS`), so that
+the kernel is chosen by measurement; it breaks the device time of each path down by kernel category; and it
+times the evaluate
 pipeline (reading, cutting, scoring: ``evaluate.scored_chunks``) over LUNA16-sized phantom scans. Each part
 keeps to a share of ``--budget-s`` and says what it skipped, so that the whole call fits one device session.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -34,6 +37,10 @@ from bench_common import scratch_folder
 BF16_PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0),
                     ("A10", 125.0))
 PATHS = ("eager", "compiled")
+# The attention kernels timed against each other (``torch.nn.attention.SDPBackend`` names; "default" is
+# torch's own choice): the window attention passes an additive float mask (bias and shift mask), which some
+# kernels do not take; those are noted with their error.
+SDPA_BACKENDS = ("default", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "FLASH_ATTENTION", "MATH")
 # Kernel categories of the device-time breakdown: the first whose pattern matches a kernel's name.
 KERNEL_CATEGORIES = (("attention", r"fmha|flash|attention|sdpa|softmax"),
                      ("GEMM", r"gemm|cutlass|xmma|matmul|cublas|sm\d+_|wgmma|Kernel2|conv|addmm|::mm|bmm"),
@@ -179,6 +186,25 @@ def compiled_against_eager(size: int, feature_size: int, window: int,
     return differences
 
 
+def attention_backend_rates(model: head.Classifier, batch: int, size: int, device: torch.device,
+                            precision: str, repeats: int) -> Dict[str, Dict[str, Any]]:
+    """Per attention kernel of :data:`SDPA_BACKENDS`, samples/s of inference and of the training step of the
+    eager path with only that kernel allowed, or the error where it cannot run this model's attention."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    rates: Dict[str, Dict[str, Any]] = {}
+    for name in SDPA_BACKENDS:
+        rates[name] = {}
+        for kind, make in (("inference", inference_step), ("training", training_step)):
+            only = contextlib.nullcontext() if name == "default" else sdpa_kernel(getattr(SDPBackend, name))
+            try:
+                with only:
+                    rates[name][kind] = timed_rate(make(model, batch, size, device, precision), batch, device,
+                                                   1, repeats)
+            except (RuntimeError, AttributeError) as err:   # no such kernel here, or not for these inputs
+                rates[name][kind] = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+    return rates
+
+
 def kernel_breakdown(step: Callable[[], None], device: torch.device) -> Dict[str, float]:
     """Share of the device time (CPU time without a GPU) of one profiled call of ``step``, by kernel
     category (:data:`KERNEL_CATEGORIES`, the rest as "other")."""
@@ -316,6 +342,11 @@ def run(device_name: str = "cuda", size: int = 64, feature_size: int = 48, windo
                 part(f"{path} {kind} batch {batch}",
                      lambda: _rate_row(result, path, kind, batch, make(model, batch, size, device, precision),
                                        device, repeats, per_sample))
+    if "eager" in models and deadline.left() >= budget_s * 0.3:
+        part("attention kernels", lambda: result.update(attention_kernels={"batch": batches[0], "rates":
+             attention_backend_rates(models["eager"], batches[0], size, device, precision, repeats)}))
+    elif "eager" in models:
+        result["skipped"].append("attention kernels: out of time")
     for path, model in models.items():
         if deadline.left() < budget_s * 0.2:
             result["skipped"].append(f"{path} kernel breakdown: out of time")
@@ -378,6 +409,12 @@ def print_tables(result: dict, console: Console) -> None:
     if "compiled_vs_eager" in result:
         console.print("compiled against eager, largest relative difference: "
                       + ", ".join(f"{p} {e:.1e}" for p, e in result["compiled_vs_eager"].items()))
+    if "attention_kernels" in result:
+        chosen = result["attention_kernels"]
+        console.print(f"eager samples/s by attention kernel, batch {chosen['batch']}: " + "; ".join(
+            f"{name} " + ", ".join(f"{kind} {rate:.1f}" if isinstance(rate, float) else f"{kind} cannot run"
+                                   for kind, rate in kinds.items())
+            for name, kinds in chosen["rates"].items()))
     for path, kinds in result["kernels"].items():
         for kind, shares in kinds.items():
             console.print(f"{path} {kind} device time: "

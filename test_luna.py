@@ -1127,6 +1127,12 @@ def test_bench_gpu_runs_every_part_on_the_cpu_and_keeps_what_it_measured(tmp_pat
     assert saved["fixture_relative_error"]["eager"] < 1e-5 and saved["forward_flops"]["attention"] > 0
     assert saved["failed"] == ["eager kernel breakdown: RuntimeError: no profiler here"]
     assert saved["kernels"] == {} and saved["skipped"] == []
+    rates = saved["attention_kernels"]["rates"]   # each kernel timed, or why it cannot run these inputs
+    assert set(rates) == set(bench_gpu.SDPA_BACKENDS) and all(
+        isinstance(rate, float) and rate > 0 or isinstance(rate, str) and rate
+        for kinds in rates.values() for rate in kinds.values())
+    assert all(isinstance(rates[name][kind], float) for name in ("default", "MATH")
+               for kind in ("inference", "training"))
     assert saved["pipeline"]["eager"]["candidates"] == 12 and saved["pipeline"]["eager"]["scans"] == 2
 
 
