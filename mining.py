@@ -78,10 +78,10 @@ def _score_and_keep(run: evaluate.ModelRun, todo: list, max_per_scan: int, in_ca
         first, cut = chunk.first, chunk.patches
         scores[uid][first:first + len(cut)] = chunk.probability
         # the scan's top so far: a negative that drops out of it never comes back, so only these patches are
-        # kept
+        # kept, as copies (a view would keep its whole chunk, page-locked on a GPU, until the scan is done)
         top = _top_of_scan(np.nan_to_num(scores[uid], nan=-np.inf), max_per_scan).tolist()
         kept = patches[uid]
-        patches[uid] = {n: kept[n] if n in kept else cut[n - first].numpy() for n in top}
+        patches[uid] = {n: kept[n] if n in kept else cut[n - first].numpy().copy() for n in top}
         if not np.isnan(scores[uid]).any():
             fresh = [n for n in top if _key(uid, negatives.world_xyz[rows_of[uid][n]]) not in in_cache]
             picked = rows_of[uid][fresh]
