@@ -8,9 +8,9 @@ the window attention wherever that counter does not see it (:func:`swin_encoder.
 every path against the MONAI reference outputs of ``swin_fixture.pt`` in fp32, and the compiled path against
 the eager one; it times the eager path with each attention kernel alone (:data:`SDPA_BACKENDS`), so that
 the kernel is chosen by measurement; it breaks the device time of each path down by kernel category; and it
-times the evaluate
-pipeline (reading, cutting, scoring: ``evaluate.scored_chunks``) over LUNA16-sized phantom scans. Each part
-keeps to a share of ``--budget-s`` and says what it skipped, so that the whole call fits one device session.
+times the evaluate pipeline (reading, cutting, scoring: ``evaluate.scored_chunks``) over LUNA16-sized phantom
+scans. Each part keeps to a share of ``--budget-s`` and says what it skipped, so that the whole call fits one
+device session.
 """
 from __future__ import annotations
 
