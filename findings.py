@@ -2,7 +2,8 @@
 
 ``write_report`` writes ``DIR/<scan>/``:
 
-* ``index.html``: self-contained (images embedded). A summary of the scan and the call, an overview (coronal
+* ``index.html``: self-contained (images embedded as PNGs, one pixel a sample, with their orientation letters,
+  circles and numbers drawn over them as SVG). A summary of the scan and the call, an overview (coronal
   and axial maximum-intensity projections with each finding numbered), then one section per finding,
   likeliest first: axial, coronal and sagittal crops of ``CROP_MM`` around it in a lung and a soft-tissue
   window, a circle at its diameter, and its probability, diameters, category, recommendation and world and
@@ -215,37 +216,45 @@ def _view(cube: np.ndarray, name: str, project: bool = False) -> np.ndarray:
     return image[::-1] if upwards else image
 
 
-_EDGES = ((0.01, 0.5, "left", "center"), (0.99, 0.5, "right", "center"), (0.5, 0.99, "center", "top"),
-          (0.5, 0.01, "center", "bottom"))   # where the left, right, top and bottom letters go
-
-
-def _png(image: np.ndarray, window: tuple, name: str, circles=(), marks=(), note: str = "") -> str:
-    """The image as an embedded PNG (``data:`` URI): a grey window, orientation letters, circles
-    ``(row, col, radius px)`` and numbered marks ``(row, col, text)``."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    _, letters, _ = VIEWS[name]
-    fig, ax = plt.subplots(figsize=(2.6, 2.6), dpi=100)
-    ax.imshow(image, cmap="gray", vmin=window[0], vmax=window[1], interpolation="bilinear")
-    for row, col, radius in circles:
-        ax.add_patch(plt.Circle((col, row), radius, fill=False, color="#ffb000", lw=1.2))
-    for row, col, text in marks:
-        ax.add_patch(plt.Circle((col, row), image.shape[0] / 40, fill=False, color="#ffb000", lw=1.0))
-        ax.text(col + image.shape[1] / 30, row, text, color="#ffb000", fontsize=8, va="center")
-    size = image.shape
-    for (x, y, ha, va), letter in zip(_EDGES, letters):
-        ax.text(x, y, letter, transform=ax.transAxes, color="#7fd4ff", fontsize=9, ha=ha, va=va,
-                weight="bold")
-    if note:
-        ax.text(0.5, 0.08, note, transform=ax.transAxes, color="#ff6060", fontsize=7, ha="center")
-    ax.set_xlim(-0.5, size[1] - 0.5)
-    ax.set_ylim(size[0] - 0.5, -0.5)
-    ax.axis("off")
+def _png(image: np.ndarray, window: tuple) -> str:
+    """The image in a grey window as an embedded PNG (``data:`` URI), one pixel a sample: the page scales it
+    and draws the letters and marks over it (:func:`_overlay`). Drawn by the browser rather than by a
+    plotting library, a page of a hundred findings takes seconds, not minutes of figures."""
+    from matplotlib.image import imsave
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", bbox_inches="tight", pad_inches=0.02)
-    plt.close(fig)
+    imsave(buffer, np.asarray(image, np.float32), cmap="gray", vmin=window[0], vmax=window[1], format="png")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _overlay(shape: tuple, name: str, circles=(), marks=(), note: str = "") -> str:
+    """An SVG over an image of ``shape`` (rows, columns), in its pixel coordinates: the orientation letters
+    at its edges, circles ``(row, col, radius px)``, numbered marks ``(row, col, text)`` and a note; sizes
+    are shares of the image's width, so they scale with it."""
+    rows, cols = shape
+    unit = cols / 100.0
+    _, letters, _ = VIEWS[name]
+    edges = ((unit, rows / 2, "start", "middle"), (cols - 1 - unit, rows / 2, "end", "middle"),
+             (cols / 2, unit, "middle", "hanging"), (cols / 2, rows - 1 - unit, "middle", "text-after-edge"))
+    parts = [f"<svg viewBox='-0.5 -0.5 {cols} {rows}' aria-hidden='true' font-size='{6 * unit:.2f}'>"]
+    parts += [f"<circle class='ring' cx='{col:.1f}' cy='{row:.1f}' r='{radius:.1f}' "
+              f"stroke-width='{0.8 * unit:.2f}'/>" for row, col, radius in circles]
+    for row, col, text in marks:
+        parts.append(f"<circle class='ring' cx='{col:.1f}' cy='{row:.1f}' r='{rows / 40:.1f}' "
+                     f"stroke-width='{0.6 * unit:.2f}'/><text class='mark' x='{col + cols / 30:.1f}' "
+                     f"y='{row:.1f}' dominant-baseline='middle'>{html.escape(text)}</text>")
+    parts += [f"<text class='edge' x='{x:.1f}' y='{y:.1f}' text-anchor='{anchor}' "
+              f"dominant-baseline='{baseline}'>{letter}</text>"
+              for (x, y, anchor, baseline), letter in zip(edges, letters)]
+    if note:
+        parts.append(f"<text class='alert' x='{cols / 2:.1f}' y='{0.92 * rows:.1f}' text-anchor='middle' "
+                     f"font-size='{4.5 * unit:.2f}'>{html.escape(note)}</text>")
+    return "".join(parts) + "</svg>"
+
+
+def _figure(png: str, overlay: str, caption: str) -> str:
+    """One image of the page, its overlay and caption."""
+    return (f"<figure><div class='view'><img src='{png}' alt='{html.escape(caption)}'>{overlay}</div>"
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
 def _lungs_only(cube: np.ndarray, spacing: float) -> np.ndarray:
@@ -262,17 +271,20 @@ def _lungs_only(cube: np.ndarray, spacing: float) -> np.ndarray:
 
 
 def _overview(scan: data.CTScan, rows: Sequence[dict]) -> list:
-    """Coronal and axial maximum-intensity projections of the lungs, lung window, findings numbered."""
+    """The figures of the coronal and axial maximum-intensity projections of the lungs, lung window, findings
+    numbered."""
     centre, edge = _scan_box(scan)
     cube, _ = _cube(scan, centre, edge, max(OVERVIEW_SPACING_MM, edge / 256))
     spacing = edge / cube.shape[0]
     cube = _lungs_only(cube, spacing)
-    images = []
+    figures = []
     for name in ("coronal", "axial"):
         marks = [(*_position(_world(r), centre, spacing, cube.shape[0], name), str(r["number"]))
                  for r in rows]
-        images.append((name, _png(_view(cube, name, project=True), LUNG_WINDOW, name, marks=marks)))
-    return images
+        image = _view(cube, name, project=True)
+        figures.append(_figure(_png(image, LUNG_WINDOW), _overlay(image.shape, name, marks=marks),
+                               f"{name} maximum-intensity projection, lung window"))
+    return figures
 
 
 def _position(world: np.ndarray, centre: np.ndarray, spacing: float, edge: int, name: str) -> tuple:
@@ -284,20 +296,20 @@ def _position(world: np.ndarray, centre: np.ndarray, spacing: float, edge: int, 
 
 
 def _finding_images(scan: data.CTScan, row: dict) -> tuple:
-    """``([(view, lung png, soft-tissue png)], padded)`` for one finding."""
+    """``(figures, padded)`` for one finding: each view in a lung and a soft-tissue window."""
     centre = _world(row)
     cube, padded = _cube(scan, centre, CROP_MM, CROP_SPACING_MM)
     radius = (_diameter(row) or UNKNOWN_DIAMETER_MM) / 2.0 / CROP_SPACING_MM
     mid = cube.shape[0] // 2
     note = "padded with air: the scan ends here" if padded else ""
-    images = []
+    figures = []
     for name in ("axial", "coronal", "sagittal"):
         image = _view(cube, name)
         row_at = (cube.shape[0] - 1 - mid) if VIEWS[name][2] else mid
-        circle = [(row_at, mid, radius)]
-        images.append((name, _png(image, LUNG_WINDOW, name, circles=circle, note=note),
-                       _png(image, SOFT_WINDOW, name, circles=circle, note=note)))
-    return images, padded
+        overlay = _overlay(image.shape, name, circles=[(row_at, mid, radius)], note=note)
+        figures += [_figure(_png(image, window), overlay, f"{name}, {window_name} window")
+                    for window, window_name in ((LUNG_WINDOW, "lung"), (SOFT_WINDOW, "soft-tissue"))]
+    return figures, padded
 
 
 # --- the page ------------------------------------------------------------------------------------------
@@ -307,6 +319,8 @@ body{font-family:system-ui,sans-serif;margin:0 auto;max-width:1100px;padding:12p
 h1{font-size:1.3em;word-break:break-all}h2{font-size:1.1em;margin-top:1.4em}
 .grid{display:flex;flex-wrap:wrap;gap:8px}.grid figure{margin:0;flex:1 1 160px;max-width:260px}
 figure img{width:100%;height:auto;background:#000;display:block}figcaption{font-size:.8em;color:#555}
+.view{position:relative}.view svg{position:absolute;left:0;top:0;width:100%;height:100%;overflow:visible}
+.ring{fill:none;stroke:#ffb000}.mark{fill:#ffb000}.edge{fill:#7fd4ff;font-weight:bold}.alert{fill:#ff6060}
 table{border-collapse:collapse;font-size:.9em;max-width:100%}
 td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}td{overflow-wrap:anywhere}th{white-space:nowrap}
 section.finding{border-top:2px solid #ddd;margin-top:1em}.warn{color:#a00}.note{font-size:.85em;color:#555}
@@ -334,19 +348,12 @@ def _facts(row: dict) -> str:
                                for k, v in cells) + "</table>"
 
 
-def _figures(images: list) -> str:
-    return "<div class='grid'>" + "".join(
-        f"<figure><img src='{lung}' alt='{name}, lung window'><figcaption>{name}, lung window</figcaption>"
-        f"</figure><figure><img src='{soft}' alt='{name}, soft-tissue window'><figcaption>{name}, "
-        f"soft-tissue window</figcaption></figure>" for name, lung, soft in images) + "</div>"
-
-
 def _finding_section(scan: data.CTScan, row: dict, title: str) -> str:
-    images, padded = _finding_images(scan, row)
+    figures, padded = _finding_images(scan, row)
     edge = " <span class='warn'>(at the scan's edge: padded with air)</span>" if padded else ""
     anchor = f"finding-{row['number']}" if "number" in row else "near"
     return (f"<section class='finding' id='{anchor}'><h2>{html.escape(title)}{edge}</h2>"
-            f"{_facts(row)}{_figures(images)}</section>")
+            f"{_facts(row)}<div class='grid'>{''.join(figures)}</div></section>")
 
 
 def _summary(scan: data.CTScan, scan_path, uid: str, rows: list, info: dict) -> str:
@@ -369,10 +376,7 @@ def _page(scan: data.CTScan, scan_path, uid: str, rows: list, near: list, info: 
              f"<style>{STYLE}</style></head><body>",
              f"<h1>Findings: {html.escape(uid)}</h1><p class='warn'>{html.escape(RESEARCH_ONLY)}</p>",
              _summary(scan, scan_path, uid, rows, info),
-             "<h2>Overview</h2><div class='grid'>"
-             + "".join(f"<figure><img src='{png}' alt='{name} maximum-intensity projection'><figcaption>"
-                       f"{name} maximum-intensity projection, lung window</figcaption></figure>"
-                       for name, png in _overview(scan, rows)) + "</div>"]
+             "<h2>Overview</h2><div class='grid'>" + "".join(_overview(scan, rows)) + "</div>"]
     if not rows:
         parts.append("<p>No finding at or above the cutoff.</p>")
     parts += [_finding_section(scan, row, f"Finding {row['number']}") for row in rows]

@@ -4103,10 +4103,10 @@ def test_predict_report_writes_a_page_per_scan_and_files_that_viewers_read(eval_
     # the tiny model follows every point up
     assert len(rows) == 2 and [r["number"] for r in rows] == [1, 2]
     page = (folder / "index.html").read_text()
-    for row in rows:   # a section per finding, its six crops embedded
+    for row in rows:   # a section per finding, its six crops embedded, each with its circle drawn over it
         section = page.split(f"id='finding-{row['number']}'")[1].split("</section>")[0]
-        assert section.count("src='data:image/png;base64,") == 6
-    assert page.count("maximum-intensity projection'") == 2 and "padded with air" in page
+        assert section.count("src='data:image/png;base64,") == 6 and section.count("<circle ") == 6
+    assert page.count("maximum-intensity projection, lung window'") == 2 and "padded with air" in page
     # the markups give the predicted world points back, in LPS
     markup = json.loads((folder / "findings.mrk.json").read_text())["markups"][0]
     assert markup["coordinateSystem"] == "LPS"
