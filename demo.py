@@ -218,8 +218,10 @@ def _report_html(metrics: dict, cutoff: float, groups: dict) -> str:
                 "measurement; grey lines: the 6 and 8 mm Fleischner bands)", "size.png")]
     figures += [(f"{name.capitalize()} (axial, coronal, sagittal centre slices)",
                  f"{name.replace(' ', '_')}.png") for name in groups]
-    blocks = "\n".join(f'<figure><img src="{src}" alt="{html.escape(title)}"><figcaption>{html.escape(title)}'
-                       "</figcaption></figure>" for title, src in figures)
+    # the training curves are two plots side by side: shown at their own width, where the others share a row
+    blocks = "\n".join(f'<figure class="{"wide" if src == "training.png" else "plot"}"><img src="{src}" '
+                       f'alt="{html.escape(title)}"><figcaption>{html.escape(title)}</figcaption></figure>'
+                       for title, src in figures)
     return (f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>LUNA16 candidate classification report</title>
 <style>
@@ -228,6 +230,7 @@ table {{ border-collapse: collapse; margin-bottom: 1.5em; }}
 th, td {{ border: 1px solid #ccc; padding: 0.3em 0.8em; text-align: left; }}
 figure {{ display: inline-block; vertical-align: top; margin: 0.5em; }}
 img {{ max-width: 520px; border: 1px solid #ddd; }}
+figure.wide {{ display: block; }} figure.wide img {{ max-width: 100%; }}
 figcaption {{ font-size: 0.9em; color: #555; max-width: 520px; }}
 </style></head><body>
 <h1>LUNA16 candidate classification</h1>
