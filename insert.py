@@ -467,8 +467,8 @@ def write_inserted_folder(root, backgrounds: Sequence, copies: int = 1, nodules_
         path = Path(path)
         try:
             scan = data.read_ct(path)
-        except UserError as err:
-            skipped.append((str(path), str(err)))
+        except UserError as err:   # the reader's message names the file; it is listed under it
+            skipped.append((str(path), str(err).removeprefix(f"{path}: ")))
             unreadable.append(str(path))
             continue
         background = Background(path, series_uid_of(path))
