@@ -265,6 +265,9 @@ def _simpleitk_errors(path: Path):
         yield
     except RuntimeError as err:
         reason = " ".join(str(err).split())
+        if "Unable to determine ImageIO reader" in reason:
+            raise UserError(f"{path}: not a CT format this toolkit reads (.mhd with its .raw, .mha, NIfTI, "
+                            f".nrrd, or a folder of one DICOM series)") from None
         raise UserError(f"{path}: cannot read this scan ({reason[-300:]})") from None
 
 

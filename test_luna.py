@@ -3745,7 +3745,9 @@ def test_detect_bad_input_is_named_and_the_other_scans_go_on(phantom_root, tmp_p
                        (["detect", "--subsets", "0", "--data-dir", str(root), "--out", str(out)],
                         "max_per_scan"),
                        (["detect", "--scan", str(good), "--out", str(phantom_root / "candidates_V2.csv")],
-                        "not a file written by detect")):
+                        "not a file written by detect"),
+                       (["detect", "--scan", str(phantom_root / "candidates_V2.csv"), "--out", str(out)],
+                        "candidates_V2.csv: not a CT format this toolkit reads")):
         result = CliRunner().invoke(luna_cli.app, bad)
         assert isinstance(result.exception, SystemExit) and result.exit_code == 1, _why(result)
         assert words in str(_user_error(result)), _why(result)
