@@ -2083,6 +2083,9 @@ def test_mining_adds_each_scans_top_negatives_once_and_features_follow(eval_phan
         mining.mine_subset(eval_phantom, work, 1, str(foreign), max_per_scan=2, readers=0, device="cpu")
     with pytest.raises(common.UserError, match="--hard-negatives nothing: no checkpoint"):
         mining.mine_subset(eval_phantom, work, 1, "nothing", max_per_scan=2, readers=0, device="cpu")
+    annotations = str(eval_phantom / "annotations.csv")   # a file, but not a checkpoint
+    with pytest.raises(common.UserError, match="annotations.csv: a file that is not a .pt checkpoint"):
+        mining.mine_subset(eval_phantom, work, 1, annotations, max_per_scan=2, readers=0, device="cpu")
 
 
 # --- swin encoder ---------------------------------------------------------------
