@@ -434,17 +434,23 @@ def training_inputs(hu: torch.Tensor, generator: torch.Generator, hu_min: float,
 
 # --- encoder weights and feature caches ---------------------------------------------------
 
+def weights_file(weights) -> Path:
+    """``--weights`` as a path; UserError when no such file is there."""
+    weights = Path(weights)
+    if not weights.is_file():
+        raise UserError(f"--weights {weights}: no such file")
+    return weights
+
+
 def load_encoder_weights(encoder: nn.Module, weights: Path) -> Dict[str, Any]:
     """Load pretrained Swin UNETR weights into ``encoder`` via ``swin_encoder.load_pretrained``; UserError
     when the file is missing, not a checkpoint, or does not fit the encoder's configuration."""
     import swin_encoder
-    weights = Path(weights)
-    if not weights.is_file():
-        raise UserError(f"--weights {weights}: no such file")
+    weights = weights_file(weights)
     try:
         report = swin_encoder.load_pretrained(encoder, weights)
-    except UserError as err:
-        raise UserError(f"--weights {weights}: {err}") from None
+    except UserError as err:   # its message names the file
+        raise UserError(f"--weights {err}") from None
     except Exception as err:  # unpickling, zip or shape errors: a file that is not (this kind of) checkpoint
         first_line = str(err).splitlines()[0] if str(err) else ""
         raise UserError(f"--weights {weights} is not a Swin UNETR checkpoint that fits this encoder "
@@ -474,8 +480,8 @@ def feature_identity(encoder_cfg: Dict[str, Any], pooling: str, weights: Optiona
     identities stored without it are of feature sets made in the legacy layout, and hash to other tags."""
     architecture = {k: v for k, v in encoder_cfg.items() if k != "use_checkpoint"}
     architecture.setdefault("input_layout", head_mod.PRETRAINING_LAYOUT)
-    weights_part = ({"weights": str(weights), "weights_sha256": common.file_sha256(weights)} if weights
-                    else {"weights": None, "init_seed": int(seed)})
+    weights_part = ({"weights": str(weights), "weights_sha256": common.file_sha256(weights_file(weights))}
+                    if weights else {"weights": None, "init_seed": int(seed)})
     views_part = {"views": int(views)} if views > 1 else {}
     return {"encoder": architecture, "pooling": pooling, "hu_min": float(hu_min), "hu_max": float(hu_max),
             **weights_part, **views_part}

@@ -1940,6 +1940,10 @@ def test_training_refuses_bad_inputs(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="weights.pt"):
         train.finetune(work, weights=text, run="bad", **common)
     assert not (work / "runs" / "bad" / "last.pt").exists()
+    import features   # a missing file is named before the feature set's identity hashes it
+    with pytest.raises(UserError, match=r"--weights \S*missing.pt: no such file"):
+        features.cache_features(work, weights=tmp_path / "missing.pt", test_subsets=[], quiet=True,
+                                device="cpu", **SMALL_MODEL)
     import swin_encoder
     other = tmp_path / "other.pt"
     torch.save(swin_encoder.SwinEncoder(feature_size=24, window_size=4).state_dict(), other)
