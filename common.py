@@ -4,6 +4,7 @@ inside the functions that draw), so any module can use it without pulling in a C
 """
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -250,3 +251,12 @@ def over_scans(items, work, *, total: int, label: str, console=None, show_progre
             work(uid, payload)
             progress.advance(task, step(payload) if step else 1)
     return failed
+
+
+def plain_folder_name(name, option: str) -> str:
+    """``name`` when it is a plain folder name (letters, digits, '.', '_', '-'; no path): what ``--run``,
+    crossval's ``--name`` and ``--ensemble`` name under the work folder. UserError naming ``option``."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(name or "")):
+        raise UserError(f"{option} must be a plain folder name (letters, digits, '.', '_', '-'), "
+                        f"got {name!r}")
+    return name

@@ -27,7 +27,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -71,10 +70,7 @@ class Fold:
 def check_name(name: str, option: str = "--name") -> str:
     """``--name`` (or ``option``): a plain folder name under ``W/crossval`` (its runs are ``<name>-fold<k>``).
     """
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(name or "")):
-        raise UserError(f"{option} must be a plain folder name (letters, digits, '.', '_', '-'), "
-                        f"got {name!r}")
-    return name
+    return common.plain_folder_name(name, option)
 
 
 def plan_folds(folds: Sequence[int], name: str, val_offset: int = 1) -> List[Fold]:

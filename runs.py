@@ -201,9 +201,10 @@ def open_run(work_dir: Path, kind: str, defaults: Dict[str, Any], given: Dict[st
     """The run folder, its options and, when resuming, the ``last.pt`` payload. A new run takes the given
     options over the defaults; a resumed run keeps its saved options and refuses any given one that
     differs."""
-    if not resume:
-        name = broadcast_object(job, run or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
-        run_dir = resolve_run_dir(work_dir, name) if run else head_mod.runs_dir(work_dir) / name
+    if not resume:   # a new run is a folder of W/runs, named by a plain name
+        name = broadcast_object(job, common.plain_folder_name(run, "--run") if run
+                                else f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = head_mod.runs_dir(work_dir) / name
         if (run_dir / "last.pt").exists():
             raise UserError(f"run folder {run_dir} already holds a run; add --resume to continue it or "
                             f"choose another --run name")

@@ -1940,6 +1940,10 @@ def test_training_refuses_bad_inputs(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="weights.pt"):
         train.finetune(work, weights=text, run="bad", **common)
     assert not (work / "runs" / "bad" / "last.pt").exists()
+    for name in ("../escape", "/tmp/elsewhere", "a/b"):   # a new run is a folder of W/runs, by name
+        with pytest.raises(UserError, match="--run must be a plain folder name"):
+            train.finetune(work, run=name, **common)
+    assert not (work / "escape").exists() and not (work / "runs" / "a").exists()
     import features   # a missing file is named before the feature set's identity hashes it
     with pytest.raises(UserError, match=r"--weights \S*missing.pt: no such file"):
         features.cache_features(work, weights=tmp_path / "missing.pt", test_subsets=[], quiet=True,
