@@ -61,12 +61,14 @@ def parse_subsets(text, option: str = "--subsets", required: bool = False) -> li
     """Subset numbers from ``"9"``, ``"7,8"`` or ``"0-7,9"`` (sorted, unique); ``""``/``"none"`` -> []."""
     text = str(text).strip().lower().replace(" ", "")
     subsets: set = set()
-    try:
-        for part in filter(None, text.split(",") if text != "none" else []):
-            low, _, high = part.partition("-")
-            subsets.update(range(int(low), int(high or low) + 1))
-    except ValueError:
-        raise UserError(f"{option} takes subset numbers like 9, 7,8 or 0-7,9; got {text!r}") from None
+    for part in filter(None, text.split(",") if text != "none" else []):
+        bounds = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if bounds is None:
+            raise UserError(f"{option} takes subset numbers like 9, 7,8 or 0-7,9; got {text!r}")
+        low, high = int(bounds[1]), int(bounds[2] or bounds[1])
+        if high < low:
+            raise UserError(f"{option}: the range {part} runs backwards; give {high}-{low}")
+        subsets.update(range(low, high + 1))
     if required and not subsets:
         raise UserError(f"{option} must name at least one subset, got {text!r}")
     return sorted(subsets)

@@ -1819,6 +1819,15 @@ def test_resume_refuses_changed_options_and_the_cli_passes_only_given_ones(tmp_p
     assert [row["epoch"] for row in runs.read_history(work / "runs" / "r" / "history.csv")] == [1, 2]
 
 
+def test_subset_lists_parse_ranges_and_refuse_what_is_not_one():
+    import common
+    assert common.parse_subsets(" 0-2 , 9,1") == [0, 1, 2, 9] and common.parse_subsets("none") == []
+    for text, words in (("0-", "takes subset numbers"), ("3-1", "the range 3-1 runs backwards; give 1-3"),
+                        ("-1", "takes subset numbers"), ("1.5", "takes subset numbers")):
+        with pytest.raises(common.UserError, match=words):
+            common.parse_subsets(text, "--folds")
+
+
 def test_every_option_is_defined_once_and_maps_to_the_command_line(tmp_path):
     import typer
     from typer.testing import CliRunner
