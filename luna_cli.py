@@ -433,8 +433,8 @@ def crossval(
     data_dir: DataDir = None,
     work_dir: WorkDir = None,
 ):
-    """Cross-validate over subsets: per fold train, evaluate every candidate of its test subset; pool the FROC
-    (resumable)."""
+    """Cross-validate over subsets (resumable): per fold train, then evaluate every candidate of its test
+    subset; pool the FROC."""
     import crossval as cv
     import froc
     result = cv.run_crossval(work_dir_option(work_dir), data_dir_option(data_dir),
