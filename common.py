@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -262,3 +263,31 @@ def plain_folder_name(name, option: str) -> str:
         raise UserError(f"{option} must be a plain folder name (letters, digits, '.', '_', '-'), "
                         f"got {name!r}")
     return name
+
+
+def output_file(path, option: str) -> Optional[Path]:
+    """``path`` (None stays None) of a file a command will write, checked before any work: refused, naming
+    ``option``, when it is a folder or when what should be its folder is a file."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder; give a file name")
+    _folders_above(path, path.parents, option)
+    return path
+
+
+def output_folder(path, option: str) -> Optional[Path]:
+    """``path`` (None stays None) of a folder a command will write into, checked before any work: refused,
+    naming ``option``, when it or the nearest existing folder above it is a file."""
+    if path is None:
+        return None
+    path = Path(path)
+    _folders_above(path, (path, *path.parents), option)
+    return path
+
+
+def _folders_above(path: Path, folders, option: str) -> None:
+    existing = next((p for p in folders if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UserError(f"{option} {path}: {existing} is a file, not a folder")

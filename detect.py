@@ -530,9 +530,7 @@ def _finished_rows(out_csv: Path, key: dict) -> tuple[dict, dict]:
 def check_output(out_csv) -> Path:
     """``out_csv`` as a Path; refused when it exists and is not a candidates file of this stage (never
     overwrite, say, LUNA16's own candidates_V2.csv)."""
-    out_csv = Path(out_csv)
-    if out_csv.is_dir():
-        raise UserError(f"--out {out_csv} is a folder; give a CSV file name")
+    out_csv = common.output_file(out_csv, "--out")
     if out_csv.is_file():
         with open(out_csv, errors="replace") as handle:
             header = handle.readline().strip()

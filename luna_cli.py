@@ -86,6 +86,9 @@ def friendly_errors(func):
         except KeyboardInterrupt:
             console.print("[yellow]interrupted: finished work is kept, rerun the same command to resume[/]")
             raise typer.Exit(130)
+        except OSError as err:   # a file that could not be read or written: named, not a traceback
+            console.print(f"[bold red]error:[/] {err.filename or ''}: {err.strerror or err}")
+            raise typer.Exit(1) from err
     return wrapper
 
 
@@ -351,6 +354,7 @@ def evaluate(
         raise UserError("give either --submission FILE or --model (a run name or a .pt file)")
     root, work = data_dir_option(data_dir), work_dir_option(work_dir)
     subset_list = parse_subsets(subsets, "--subsets", required=True) if subsets is not None else None
+    json_out, out = common.output_file(json_out, "--json"), common.output_folder(out, "--out")
     settings = {**options.defaults("evaluate"), **given}
     if submission is not None and (given.keys() - {"bootstrap", "bootstrap_seed", "allow_missing"}):
         raise UserError("--candidates, --cutoff, --views, --batch-size and --precision are for evaluating a "
@@ -442,8 +446,9 @@ def crossval(
                              val_offset=val_offset, views=views,
                              precision=None if precision is None else precision.value,
                              mine_rounds=mine_rounds, max_per_scan=max_per_scan, device=device,
-                             workers=workers, readers=readers, bootstrap=bootstrap, json_out=json_out,
-                             console=console, compile=compile, **given)
+                             workers=workers, readers=readers, bootstrap=bootstrap,
+                             json_out=common.output_file(json_out, "--json"), console=console,
+                             compile=compile, **given)
     console.print(cv.fold_table(result))
     froc.print_froc(console, result["froc"], f"LUNA16 FROC, cross-validation {name} (all folds)")
     console.print(f"files in {cv.crossval_dir(work_dir_option(work_dir), name)}: submission.csv, "
@@ -492,6 +497,7 @@ def predict(
         raise UserError("give --model (a run name or a .pt file; one or more) or --ensemble NAME of a "
                         "crossval")
     checkpoints = [head.model_checkpoint(work_dir_option(work_dir), m) for m in model]
+    out, report = common.output_file(out, "--out"), common.output_folder(report, "--report")
     folder = None if ensemble is None else \
         cv.crossval_dir(work_dir_option(work_dir), cv.check_name(ensemble, "--ensemble"))
     import data

@@ -18,12 +18,12 @@ SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
 # Command-line tests read exit codes, the exception behind an exit, returned values and written files, never
 # the console text: rich wraps that text at the terminal's width (COLUMNS, the length of temporary paths).
 
-def _user_error(result):
-    """The UserError behind a command's exit code 1 (``luna_cli.friendly_errors`` chains it to the exit),
-    or None."""
+def _user_error(result, kind=None):
+    """The UserError (or other ``kind``) behind a command's exit code 1 (``luna_cli.friendly_errors`` chains
+    it to the exit), or None."""
     from data import UserError
     error = result.exception
-    while error is not None and not isinstance(error, UserError):
+    while error is not None and not isinstance(error, kind or UserError):
         error = error.__cause__ or error.__context__
     return error
 
@@ -1087,6 +1087,31 @@ def test_predict_cli_reads_a_candidates_file_and_rejects_bad_points(eval_phantom
     bad.write_text("coordX,coordY,coordZ\n1,2,3\n4,five,6\n")
     result = CliRunner().invoke(luna_cli.app, base + ["--points", str(bad)])
     assert result.exit_code == 1 and "bad.csv line 3" in str(_user_error(result)), _why(result)
+    # output paths are checked before any work: a folder for a file, a file for a folder
+    for extra, words in ((["--out", str(tmp_path)], "is a folder; give a file name"),
+                         (["--out", str(bad / "p.csv")], "bad.csv is a file, not a folder"),
+                         (["--report", str(bad)], "bad.csv is a file, not a folder")):
+        result = CliRunner().invoke(luna_cli.app, base + ["--coord", "1,2,3", *extra])
+        assert result.exit_code == 1 and words in str(_user_error(result)), _why(result)
+    result = CliRunner().invoke(luna_cli.app, ["evaluate", "--submission", str(bad), "--json", str(tmp_path),
+                                               "--data-dir", str(eval_phantom)])
+    assert result.exit_code == 1 and "--json" in str(_user_error(result)), _why(result)
+
+
+def test_a_file_the_command_cannot_write_is_named_not_a_traceback(eval_phantom, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+    import common
+    import luna_cli
+
+    def refused(path, text):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(common, "atomic_write_text", refused)
+    mhd = sorted((eval_phantom / "subset1").glob("*.mhd"))[0]
+    result = CliRunner().invoke(luna_cli.app, ["predict", "--model", str(_tiny_checkpoint(tmp_path / "t.pt")),
+                                               "--scan", str(mhd), "--coord", "1,2,3", "--device", "cpu",
+                                               "--out", str(tmp_path / "p.csv")])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), _why(result)
+    assert _user_error(result, PermissionError).filename == str(tmp_path / "p.csv")
 
 
 def test_bench_gpu_refuses_a_bad_scan_shape_or_batch_list_before_running():
