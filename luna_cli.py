@@ -70,8 +70,9 @@ def data_dir_option(value: Optional[Path]) -> Path:
 
 
 def work_dir_option(value: Optional[Path]) -> Path:
-    """--work-dir, else $LUNA16_WORK, else ./work."""
-    return Path(value or os.environ.get("LUNA16_WORK", "work"))
+    """--work-dir, else $LUNA16_WORK, else ./work; refused when it (or the folder it would be made in) is a
+    file."""
+    return common.output_folder(Path(value or os.environ.get("LUNA16_WORK", "work")), "--work-dir")
 
 
 def friendly_errors(func):
@@ -545,7 +546,7 @@ def demo(
                                        finetune_epochs=finetune_epochs, seed=seed)
     console.print("[bold]Demo on synthetic chest phantoms[/] (not patient data; LUNA16 folder layout). "
                   "No pretrained weights are used: the encoder starts from random weights.")
-    result = demo_stage.run_demo(work_dir, settings, console=console)
+    result = demo_stage.run_demo(common.output_folder(work_dir, "--work-dir"), settings, console=console)
     console.print(demo_stage.result_table(result, n_subsets))
     console.print(f"report: [bold]{result['report']}[/]")
 

@@ -1096,6 +1096,9 @@ def test_predict_cli_reads_a_candidates_file_and_rejects_bad_points(eval_phantom
     result = CliRunner().invoke(luna_cli.app, ["evaluate", "--submission", str(bad), "--json", str(tmp_path),
                                                "--data-dir", str(eval_phantom)])
     assert result.exit_code == 1 and "--json" in str(_user_error(result)), _why(result)
+    result = CliRunner().invoke(luna_cli.app, ["extract", "--subsets", "1", "--data-dir", str(eval_phantom),
+                                               "--work-dir", str(bad)])
+    assert result.exit_code == 1 and "--work-dir" in str(_user_error(result)), _why(result)
 
 
 def test_a_file_the_command_cannot_write_is_named_not_a_traceback(eval_phantom, tmp_path, monkeypatch):
