@@ -67,12 +67,6 @@ class Fold:
     run: str
 
 
-def check_name(name: str, option: str = "--name") -> str:
-    """``--name`` (or ``option``): a plain folder name under ``W/crossval`` (its runs are ``<name>-fold<k>``).
-    """
-    return common.plain_folder_name(name, option)
-
-
 def plan_folds(folds: Sequence[int], name: str, val_offset: int = 1) -> List[Fold]:
     """The folds of a cross-validation: fold i tests on ``folds[i]`` and validates on
     ``folds[(i - val_offset) % len(folds)]``; UserError for fewer than 2 folds or an offset that lands on
@@ -323,7 +317,7 @@ def write_operating_point(out_dir: Path, data_dir: Path, plan: List[Fold],
 def _prepare(work_dir: Path, data_dir: Path, folds: Sequence[int], name: str, stage: str, val_offset: int,
              given: Dict[str, Any], views: Optional[int], mine_rounds: int = 0, max_per_scan: int = 20):
     """Check the request before any work: ``(plan, settings, out_dir, {subset: seriesuids})``."""
-    plan = plan_folds(folds, check_name(name), val_offset)
+    plan = plan_folds(folds, common.plain_folder_name(name, "--name"), val_offset)  # W/crossval/NAME
     if mine_rounds < 0 or max_per_scan < 1:
         raise UserError(f"--mine-rounds must be 0 or more and --max-per-scan at least 1, "
                         f"got {mine_rounds} and {max_per_scan}")

@@ -314,15 +314,14 @@ def model_checkpoint(work_dir, model, option: str = "--model") -> Path:
     ``W/runs/NAME/best.pt``) or a run folder (its ``best.pt``). UserError naming the option when it is
     missing."""
     path = Path(model)
+    advice = f"give a run name under {runs_dir(work_dir)}, a run folder or a .pt file"
     if path.is_file() and path.suffix != ".pt":
-        raise UserError(f"{option} {model}: a file that is not a .pt checkpoint (give a run name under "
-                        f"{runs_dir(work_dir)}, a run folder or a .pt file)")
+        raise UserError(f"{option} {model}: a file that is not a .pt checkpoint ({advice})")
     if path.suffix != ".pt":
         run_folder = path.is_dir() and (path / "config.json").is_file()
         path = (path if run_folder else runs_dir(work_dir) / str(model)) / "best.pt"
     if not path.is_file():
-        raise UserError(f"{option} {model}: no checkpoint {path} (give a run name under "
-                        f"{runs_dir(work_dir)}, a run folder or a .pt file)")
+        raise UserError(f"{option} {model}: no checkpoint {path} ({advice})")
     return path
 
 

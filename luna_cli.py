@@ -88,7 +88,8 @@ def friendly_errors(func):
             console.print("[yellow]interrupted: finished work is kept, rerun the same command to resume[/]")
             raise typer.Exit(130)
         except OSError as err:   # a file that could not be read or written: named, not a traceback
-            console.print(f"[bold red]error:[/] {err.filename or ''}: {err.strerror or err}")
+            where = f"{err.filename}: " if err.filename else ""
+            console.print(f"[bold red]error:[/] {where}{err.strerror or err}")
             raise typer.Exit(1) from err
     return wrapper
 
@@ -252,18 +253,18 @@ def extract(
                         f"dir's candidates file and the cache's patches)" if hard_negatives else
                         f"{foreign}: an option of --hard-negatives (mining), not of extraction")
     any_failed = False
+    root, work = data_dir_option(data_dir), work_dir_option(work_dir)
     for k in parse_subsets(subsets, "--subsets", required=True):
         if hard_negatives:
             import mining
-            mined = mining.mine_subset(data_dir_option(data_dir), work_dir_option(work_dir), k,
+            mined = mining.mine_subset(root, work, k,
                                        hard_negatives, readers=readers, device=device, console=console,
                                        compile=compile, **given)
             console.print(f"subset {k}: [bold]{mined.added}[/] hard negatives of {mined.run} added "
                           f"({mined.scans} scans scored); the cache holds {mined.n_patches} patches")
             failed = mined.unreadable
         else:
-            summary = data.extract_subset(data_dir_option(data_dir), work_dir_option(work_dir), k,
-                                          console=console, **given)
+            summary = data.extract_subset(root, work, k, console=console, **given)
             console.print(f"subset {k}: [bold]{summary.n_patches}[/] patches ({summary.n_positive} positive) "
                           f"from {summary.scans_done} scans ({summary.scans_new} new) in {summary.cache_dir}")
             failed = summary.failed
@@ -442,7 +443,8 @@ def crossval(
     subset; pool the FROC."""
     import crossval as cv
     import froc
-    result = cv.run_crossval(work_dir_option(work_dir), data_dir_option(data_dir),
+    work = work_dir_option(work_dir)
+    result = cv.run_crossval(work, data_dir_option(data_dir),
                              parse_subsets(folds, "--folds", required=True), name, stage=stage.value,
                              val_offset=val_offset, views=views,
                              precision=None if precision is None else precision.value,
@@ -452,7 +454,7 @@ def crossval(
                              compile=compile, **given)
     console.print(cv.fold_table(result))
     froc.print_froc(console, result["froc"], f"LUNA16 FROC, cross-validation {name} (all folds)")
-    console.print(f"files in {cv.crossval_dir(work_dir_option(work_dir), name)}: submission.csv, "
+    console.print(f"files in {cv.crossval_dir(work, name)}: submission.csv, "
                   f"metrics.json, folds.csv, froc.png, operating_point.json")
     if result["unreadable_scans"]:
         console.print(f"[red]{len(result['unreadable_scans'])} unreadable scan(s) skipped (named above); "
@@ -497,10 +499,11 @@ def predict(
     if not model and ensemble is None:
         raise UserError("give --model (a run name or a .pt file; one or more) or --ensemble NAME of a "
                         "crossval")
-    checkpoints = [head.model_checkpoint(work_dir_option(work_dir), m) for m in model]
+    work = work_dir_option(work_dir)
+    checkpoints = [head.model_checkpoint(work, m) for m in model]
     out, report = common.output_file(out, "--out"), common.output_folder(report, "--report")
     folder = None if ensemble is None else \
-        cv.crossval_dir(work_dir_option(work_dir), cv.check_name(ensemble, "--ensemble"))
+        cv.crossval_dir(work, common.plain_folder_name(ensemble, "--ensemble"))
     import data
     scans = data.find_scans(scan)
     if len(scans) > 1 and (coord or points is not None):
